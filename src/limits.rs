@@ -1,0 +1,52 @@
+//! Every limit of the gateway in one place, with its default and the reason
+//! for it. Runtime-configurable limits live in `Config`; these are the
+//! defaults and the compile-time bounds the configuration is checked against.
+
+/// Largest request head (request line + headers + blank line) we read before
+/// answering 431. Browsers send well under 2 KiB; 8 KiB leaves room for long
+/// cookies without letting a client park large buffers on us.
+pub const HEAD_BYTES_MAX: usize = 8 * 1024;
+
+/// Most headers a request may carry; the parser's header array lives on the
+/// stack, so this is also its size.
+pub const HEADERS_MAX: usize = 64;
+
+/// Time a client has to send a complete request head.
+pub const HEAD_TIMEOUT_MS: u64 = 10_000;
+
+/// Default largest client WebSocket message (after reassembly of fragments).
+pub const CLIENT_MESSAGE_BYTES_MAX: usize = 64 * 1024;
+
+/// Largest control frame payload (RFC 6455 §5.5).
+pub const CONTROL_PAYLOAD_BYTES_MAX: usize = 125;
+
+/// Largest server frame header: 2 bytes + 8 bytes extended length + 4 bytes mask.
+pub const FRAME_HEADER_BYTES_MAX: usize = 14;
+
+/// Bad client messages in a row before the connection is closed with 1008.
+pub const BAD_MESSAGES_IN_A_ROW_MAX: u32 = 20;
+
+/// Default subscriptions per connection.
+pub const SUBSCRIPTIONS_PER_CONNECTION_MAX: usize = 256;
+
+/// Default bytes queued to one connection before it is closed with 1013.
+pub const SEND_QUEUE_BYTES_MAX: usize = 1024 * 1024;
+
+/// Default largest publish request body.
+pub const PUBLISH_BODY_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Default connections per org.
+pub const CONNECTIONS_PER_ORG_MAX: usize = 100_000;
+
+/// Default heartbeat interval.
+pub const HEARTBEAT_MS: u64 = 30_000;
+
+/// Largest channel or resource id (`[A-Za-z0-9_.-]{1,128}`).
+pub const ID_BYTES_MAX: usize = 128;
+
+/// Largest org id (`[A-Za-z0-9_-]{1,64}`).
+pub const ORG_ID_BYTES_MAX: usize = 64;
+
+const _: () = assert!(CLIENT_MESSAGE_BYTES_MAX >= CONTROL_PAYLOAD_BYTES_MAX);
+const _: () = assert!(SEND_QUEUE_BYTES_MAX >= CLIENT_MESSAGE_BYTES_MAX);
+const _: () = assert!(HEAD_BYTES_MAX >= 1024);
