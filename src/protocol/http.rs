@@ -161,7 +161,7 @@ pub fn error_code(status: u16) -> &'static str {
 /// A complete, parsed request head. Every string borrows from the read
 /// buffer (`'b`); the header slice borrows from the caller's stack array
 /// (`'h`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Head<'b, 'h> {
     /// The request method exactly as sent (methods are case-sensitive).
     pub method: &'b str,
