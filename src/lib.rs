@@ -1,2 +1,36 @@
+//! hookstream: a self-hosted real-time push gateway. The external contract
+//! is `PROTOCOL.md` (copied from the project's shared contract); the design
+//! is `docs/ARCHITECTURE.md`.
+//!
+//! # Layout
+//!
+//! - [`limits`]: every limit and default in one place, with compile-time
+//!   checks of how they relate.
+//! - [`config`]: the command line, `HOOKSTREAM_*` environment and TOML file,
+//!   merged into one validated `Config`.
+//! - [`protocol`]: pure parsers and writers, no I/O: the HTTP/1.1 request
+//!   head and WebSocket upgrade (`protocol::http`), and the RFC 6455 frame
+//!   codec (`protocol::ws`). Fuzzed and property-tested.
+//! - [`registry`]: one shard's connections (slab of compact records with
+//!   generation-checked keys), per-org channel tables (names interned to
+//!   bits), send queues of shared pre-rendered frames, and the fan-out. No
+//!   runtime, so it is benchable over a million records.
+//! - [`publish`]: parsing and all-or-nothing validation of publish bodies,
+//!   keeping `data` as the publisher's own bytes.
+//! - [`auth`]: the API key store (hashes only, atomic writes under a lock)
+//!   and the admin token.
+//! - [`shard`]: the glommio runtime: one pinned executor per CPU with its own
+//!   listeners (SO_REUSEPORT), socket handoff to the org's owner shard over a
+//!   channel mesh, connection tasks, heartbeat, key reload, graceful drain.
+//! - [`metrics`]: per-shard counters and their Prometheus rendering.
+//! - [`demo`]: `serve --demo`: a demo org, key and synthetic traffic.
+
+pub mod auth;
+pub mod config;
+pub mod demo;
 pub mod limits;
+pub mod metrics;
 pub mod protocol;
+pub mod publish;
+pub mod registry;
+pub mod shard;

@@ -1,1 +1,170 @@
-fn main() {}
+//! The `hookstream` binary: parse the command line, validate, run.
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+
+use clap::Parser;
+use hookstream::auth::keys::KeyStore;
+use hookstream::config::{self, ApiKeysCommand, Cli, Command, Config, PublishArgs};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::ApiKeys(command) => api_keys(command),
+        Command::Publish(args) => publish(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("hookstream: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: config::ServeArgs) -> Result<(), String> {
+    let config = Config::from_serve_args(args)?;
+    let demo_key = if config.demo {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| format!("data directory {}: {e}", config.data_dir.display()))?;
+        Some(hookstream::demo::ensure_demo_key(&config.data_dir)?)
+    } else {
+        None
+    };
+    hookstream::shard::run(config, |config, _admin_token| {
+        if let Some(key) = &demo_key {
+            let ws = format!("ws://{}/v1/ws?token={key}", config.listen);
+            println!("hookstream demo: org \"demo\", publishing an event, a delivery and an issue every second.");
+            println!("Watch them arrive:");
+            println!("  websocat '{ws}'");
+            println!("  then type: {{\"type\":\"subscribe\",\"channel\":\"events\"}}");
+            println!("Dashboard: http://{}/", config.listen);
+            println!(
+                "Admin token: {}",
+                config.data_dir.join("admin-token").display()
+            );
+            let _ = std::io::stdout().flush();
+        }
+    })
+}
+
+fn api_keys(command: ApiKeysCommand) -> Result<(), String> {
+    match command {
+        ApiKeysCommand::Create {
+            name,
+            org,
+            json,
+            common,
+        } => {
+            let store = KeyStore::new(&config::data_dir_of(&common)?);
+            let created = store.create(&name, &org).map_err(|e| e.to_string())?;
+            if json {
+                let value = serde_json::json!({
+                    "id": created.record.id,
+                    "name": created.record.name,
+                    "org_id": created.record.org_id,
+                    "key": created.key,
+                    "created_at": created.record.created_at,
+                });
+                println!("{value}");
+            } else {
+                eprintln!(
+                    "created key {} for org {} (shown once; only its hash is stored)",
+                    created.record.id, created.record.org_id
+                );
+                println!("{}", created.key);
+            }
+            Ok(())
+        }
+        ApiKeysCommand::List { json, common } => {
+            let store = KeyStore::new(&config::data_dir_of(&common)?);
+            let file = store.load().map_err(|e| e.to_string())?;
+            if json {
+                let rows: Vec<_> = file
+                    .keys
+                    .iter()
+                    .map(|k| {
+                        serde_json::json!({
+                            "id": k.id, "name": k.name, "org_id": k.org_id,
+                            "created_at": k.created_at, "last_used_at": k.last_used_at,
+                            "revoked_at": k.revoked_at,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::from(rows));
+            } else {
+                println!(
+                    "{:<22} {:<20} {:<20} {:<22} {:<22} status",
+                    "id", "name", "org", "created", "last used"
+                );
+                for k in &file.keys {
+                    println!(
+                        "{:<22} {:<20} {:<20} {:<22} {:<22} {}",
+                        k.id,
+                        k.name,
+                        k.org_id,
+                        k.created_at,
+                        k.last_used_at.as_deref().unwrap_or("-"),
+                        if k.revoked_at.is_some() {
+                            "revoked"
+                        } else {
+                            "active"
+                        }
+                    );
+                }
+            }
+            Ok(())
+        }
+        ApiKeysCommand::Revoke { id, common } => {
+            let store = KeyStore::new(&config::data_dir_of(&common)?);
+            if store.revoke(&id).map_err(|e| e.to_string())? {
+                eprintln!("revoked {id}");
+                Ok(())
+            } else {
+                Err(format!("no key with id {id}"))
+            }
+        }
+    }
+}
+
+fn publish(args: PublishArgs) -> Result<(), String> {
+    let addr = config::admin_listen_of(&args)?;
+    let data_dir = config::data_dir_of(&args.common)?;
+    let token = hookstream::auth::keys::admin_token(&data_dir).map_err(|e| e.to_string())?;
+    let data_text = match args.data.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?,
+        None => args.data.clone(),
+    };
+    let data: serde_json::Value =
+        serde_json::from_str(&data_text).map_err(|e| format!("--data is not JSON: {e}"))?;
+    let mut message =
+        serde_json::json!({"org_id": args.org, "type": args.message_type, "data": data});
+    if let Some(collection) = &args.collection_id {
+        message["collection_id"] = serde_json::Value::from(collection.as_str());
+    }
+    let body = message.to_string();
+    let mut stream = std::net::TcpStream::connect(addr)
+        .map_err(|e| format!("cannot reach the admin listener at {addr}: {e}"))?;
+    let request = format!(
+        "POST /v1/publish HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("send failed: {e}"))?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| format!("read failed: {e}"))?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    println!("{body}");
+    if head.starts_with("HTTP/1.1 202") {
+        Ok(())
+    } else {
+        Err(head.lines().next().unwrap_or("no answer").to_string())
+    }
+}

@@ -1,0 +1,396 @@
+//! The API key store: `<data-dir>/keys.json`, holding only SHA-256 hashes of
+//! keys. Writers take an exclusive `flock` on `<data-dir>/keys.lock`, read,
+//! modify, and replace the file atomically (temp file, fsync, rename, fsync
+//! of the directory), so two CLI calls at once lose nothing. The running
+//! server re-reads the file when its modification time changes.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Every key starts with this, so a leaked key is recognisable in scans.
+pub const KEY_PREFIX: &str = "hsk_";
+
+/// File name of the store inside the data directory.
+pub const KEYS_FILE: &str = "keys.json";
+
+/// One stored key. The key itself is never stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// Public identifier, used to revoke and list.
+    pub id: String,
+    /// Human name given at creation.
+    pub name: String,
+    /// The org every connection with this key belongs to.
+    pub org_id: String,
+    /// Hex SHA-256 of the key.
+    pub hash: String,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+    /// RFC 3339 time of the last accepted use, if any.
+    #[serde(default)]
+    pub last_used_at: Option<String>,
+    /// RFC 3339 revocation time; a revoked key is refused everywhere.
+    #[serde(default)]
+    pub revoked_at: Option<String>,
+}
+
+/// The whole file.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct KeyFile {
+    /// All keys ever created, revoked ones included.
+    pub keys: Vec<KeyRecord>,
+}
+
+/// What `create` returns: the record and the key, shown once.
+#[derive(Debug, Clone)]
+pub struct CreatedKey {
+    /// The stored record.
+    pub record: KeyRecord,
+    /// The secret key, never stored.
+    pub key: String,
+}
+
+/// Errors of the key store, with the path involved.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyStoreError {
+    /// Reading, writing or locking failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// The file is not a key store.
+    #[error("{path}: not a valid key store: {reason}")]
+    Corrupt {
+        /// The file involved.
+        path: PathBuf,
+        /// What the JSON parser said.
+        reason: String,
+    },
+    /// Bad input from the command line.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> KeyStoreError + '_ {
+    move |source| KeyStoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Hex SHA-256 of a key.
+pub fn hash_key(key: &str) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    let mut out = String::with_capacity(64);
+    for byte in digest.iter() {
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out
+}
+
+/// True when `org` matches `[A-Za-z0-9_-]{1,64}`.
+pub fn is_valid_org_id(org: &str) -> bool {
+    !org.is_empty()
+        && org.len() <= crate::limits::ORG_ID_BYTES_MAX
+        && org
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// RFC 3339 UTC timestamp of now, to the second.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes).expect("the operating system's random source failed");
+    bytes
+}
+
+/// A new random 256-bit key with the recognisable prefix.
+pub fn generate_key() -> String {
+    let bytes: [u8; 32] = random_bytes();
+    format!(
+        "{KEY_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
+}
+
+/// A random token of 32 bytes, base64url; used for the admin token and secrets.
+pub fn generate_token() -> String {
+    let bytes: [u8; 32] = random_bytes();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn generate_id() -> String {
+    let bytes: [u8; 8] = random_bytes();
+    let mut id = String::from("key_");
+    for byte in bytes {
+        id.push_str(&format!("{byte:02x}"));
+    }
+    id
+}
+
+/// The key store of one data directory.
+#[derive(Debug, Clone)]
+pub struct KeyStore {
+    dir: PathBuf,
+}
+
+/// Holds the store's exclusive lock until dropped.
+struct LockGuard {
+    _file: File,
+}
+
+impl KeyStore {
+    /// The store in `dir`; the directory is created on first write.
+    pub fn new(dir: &Path) -> KeyStore {
+        KeyStore {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Path of the keys file.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(KEYS_FILE)
+    }
+
+    fn lock(&self) -> Result<LockGuard, KeyStoreError> {
+        fs::create_dir_all(&self.dir).map_err(io_error(&self.dir))?;
+        let path = self.dir.join("keys.lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_error(&path))?;
+        // SAFETY: flock on a file descriptor we own; blocks until we hold it.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc != 0 {
+            return Err(io_error(&path)(std::io::Error::last_os_error()));
+        }
+        Ok(LockGuard { _file: file })
+    }
+
+    /// Reads the file; a missing file is an empty store.
+    pub fn load(&self) -> Result<KeyFile, KeyStoreError> {
+        let path = self.path();
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| KeyStoreError::Corrupt {
+                path,
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(KeyFile::default()),
+            Err(e) => Err(io_error(&path)(e)),
+        }
+    }
+
+    fn store(&self, file: &KeyFile) -> Result<(), KeyStoreError> {
+        let path = self.path();
+        let temp = self.dir.join(format!("{KEYS_FILE}.tmp"));
+        let bytes = serde_json::to_vec_pretty(file).expect("key records always serialize");
+        {
+            let mut out = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(&temp)
+                .map_err(io_error(&temp))?;
+            out.write_all(&bytes).map_err(io_error(&temp))?;
+            out.sync_all().map_err(io_error(&temp))?;
+        }
+        fs::rename(&temp, &path).map_err(io_error(&path))?;
+        File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io_error(&self.dir))?;
+        Ok(())
+    }
+
+    /// Creates a key for `org`.
+    pub fn create(&self, name: &str, org: &str) -> Result<CreatedKey, KeyStoreError> {
+        if !is_valid_org_id(org) {
+            return Err(KeyStoreError::Invalid(format!(
+                "org id {org:?} must match [A-Za-z0-9_-]{{1,64}}"
+            )));
+        }
+        if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
+            return Err(KeyStoreError::Invalid(
+                "--name must be 1 to 256 printable characters".to_string(),
+            ));
+        }
+        let _lock = self.lock()?;
+        let mut file = self.load()?;
+        let key = generate_key();
+        let record = KeyRecord {
+            id: generate_id(),
+            name: name.to_string(),
+            org_id: org.to_string(),
+            hash: hash_key(&key),
+            created_at: now_rfc3339(),
+            last_used_at: None,
+            revoked_at: None,
+        };
+        file.keys.push(record.clone());
+        self.store(&file)?;
+        Ok(CreatedKey { record, key })
+    }
+
+    /// Revokes the key with `id`; false if there is none.
+    pub fn revoke(&self, id: &str) -> Result<bool, KeyStoreError> {
+        let _lock = self.lock()?;
+        let mut file = self.load()?;
+        let Some(record) = file.keys.iter_mut().find(|r| r.id == id) else {
+            return Ok(false);
+        };
+        if record.revoked_at.is_none() {
+            record.revoked_at = Some(now_rfc3339());
+            self.store(&file)?;
+        }
+        Ok(true)
+    }
+
+    /// Records last-used times for the given key ids, in one write.
+    pub fn touch(&self, used: &HashMap<String, String>) -> Result<(), KeyStoreError> {
+        if used.is_empty() {
+            return Ok(());
+        }
+        let _lock = self.lock()?;
+        let mut file = self.load()?;
+        let mut changed = false;
+        for record in &mut file.keys {
+            if let Some(at) = used.get(&record.id) {
+                record.last_used_at = Some(at.clone());
+                changed = true;
+            }
+        }
+        if changed {
+            self.store(&file)?;
+        }
+        Ok(())
+    }
+
+    /// Modification time of the file, to notice changes cheaply.
+    pub fn modified(&self) -> Option<SystemTime> {
+        fs::metadata(self.path()).and_then(|m| m.modified()).ok()
+    }
+}
+
+/// What the server needs to authenticate: active keys by hash.
+#[derive(Debug, Default, Clone)]
+pub struct KeyIndex {
+    by_hash: HashMap<String, ActiveKey>,
+}
+
+/// An active (not revoked) key as the server sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveKey {
+    /// The key's id, to close its connections when it is revoked.
+    pub id: String,
+    /// The org it belongs to.
+    pub org_id: String,
+}
+
+impl KeyIndex {
+    /// Builds the index of every key that is not revoked.
+    pub fn from_file(file: &KeyFile) -> KeyIndex {
+        let by_hash = file
+            .keys
+            .iter()
+            .filter(|r| r.revoked_at.is_none())
+            .map(|r| {
+                (
+                    r.hash.clone(),
+                    ActiveKey {
+                        id: r.id.clone(),
+                        org_id: r.org_id.clone(),
+                    },
+                )
+            })
+            .collect();
+        KeyIndex { by_hash }
+    }
+
+    /// Looks a presented key up by its hash.
+    pub fn authenticate(&self, key: &str) -> Option<&ActiveKey> {
+        if !key.starts_with(KEY_PREFIX) || key.len() > 128 {
+            return None;
+        }
+        self.by_hash.get(&hash_key(key))
+    }
+
+    /// True while a key id is active.
+    pub fn is_active(&self, id: &str) -> bool {
+        self.by_hash.values().any(|k| k.id == id)
+    }
+
+    /// Number of active keys.
+    pub fn len(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    /// True when there is no active key.
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+}
+
+/// Compares two secrets in time that depends only on their hashes.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let a = Sha256::digest(a);
+    let b = Sha256::digest(b);
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// The admin token: `HOOKSTREAM_ADMIN_TOKEN`, or `<data-dir>/admin-token`,
+/// generated once with mode 0600.
+pub fn admin_token(data_dir: &Path) -> Result<String, KeyStoreError> {
+    if let Ok(token) = std::env::var("HOOKSTREAM_ADMIN_TOKEN") {
+        if !token.is_empty() {
+            return Ok(token);
+        }
+    }
+    let path = data_dir.join("admin-token");
+    match fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_error(&path)(e)),
+    }
+    fs::create_dir_all(data_dir).map_err(io_error(data_dir))?;
+    let token = generate_token();
+    let out = OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(&path);
+    match out {
+        Ok(mut file) => {
+            file.write_all(token.as_bytes()).map_err(io_error(&path))?;
+            file.sync_all().map_err(io_error(&path))?;
+            Ok(token)
+        }
+        // Another process created it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => fs::read_to_string(&path)
+            .map(|t| t.trim().to_string())
+            .map_err(io_error(&path)),
+        Err(e) => Err(io_error(&path)(e)),
+    }
+}

@@ -1,0 +1,3 @@
+//! Authentication: the hashed API key store and the admin token.
+
+pub mod keys;

@@ -1,0 +1,364 @@
+//! Command line, environment and TOML configuration, merged into one
+//! validated [`Config`]. Precedence: flag, then `HOOKSTREAM_<FLAG>`, then the
+//! `--config` file, then the embedded default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::limits;
+
+/// The `hookstream` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "hookstream",
+    version,
+    about = "Self-hosted real-time push gateway"
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands of the contract (PROTOCOL.md §1).
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve(ServeArgs),
+    /// Manage API keys in the data directory.
+    #[command(name = "api-keys", subcommand)]
+    ApiKeys(ApiKeysCommand),
+    /// Post one message to a running server's admin API.
+    Publish(PublishArgs),
+}
+
+/// `hookstream api-keys …`
+#[derive(Debug, Subcommand)]
+pub enum ApiKeysCommand {
+    /// Create a key; prints the key alone on stdout.
+    Create {
+        /// A name to recognise the key by.
+        #[arg(long)]
+        name: String,
+        /// The org the key belongs to.
+        #[arg(long, default_value = "default")]
+        org: String,
+        /// Print `{"id","name","org_id","key","created_at"}` instead.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        common: DataDirArgs,
+    },
+    /// List keys (never the key itself).
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        common: DataDirArgs,
+    },
+    /// Revoke a key by id.
+    Revoke {
+        /// The key id (as printed by `create --json` or `list`).
+        id: String,
+        #[command(flatten)]
+        common: DataDirArgs,
+    },
+}
+
+/// The data directory and config file, for commands that only need those.
+#[derive(Debug, Args, Clone)]
+pub struct DataDirArgs {
+    /// Data directory (default `./hookstream-data`).
+    #[arg(long, env = "HOOKSTREAM_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// TOML configuration file.
+    #[arg(long, env = "HOOKSTREAM_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// `hookstream publish …`
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Org to publish to.
+    #[arg(long)]
+    pub org: String,
+    /// Message type: event, delivery, issue or sync.
+    #[arg(long = "type")]
+    pub message_type: String,
+    /// The `data` object as JSON, or `@file` to read it from a file.
+    #[arg(long, default_value = "{}")]
+    pub data: String,
+    /// Collection id, for `sync` messages.
+    #[arg(long)]
+    pub collection_id: Option<String>,
+    /// Admin listener address of the running server.
+    #[arg(long, env = "HOOKSTREAM_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    #[command(flatten)]
+    pub common: DataDirArgs,
+}
+
+/// Flags of `hookstream serve`. Every one is optional here so that the
+/// config file can fill what neither flag nor environment set.
+#[derive(Debug, Args, Default)]
+pub struct ServeArgs {
+    /// Also create an org `demo` with a key and publish synthetic messages.
+    #[arg(long)]
+    pub demo: bool,
+    /// TOML configuration file.
+    #[arg(long, env = "HOOKSTREAM_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Public listener (WebSocket, polling).
+    #[arg(long, env = "HOOKSTREAM_LISTEN")]
+    pub listen: Option<String>,
+    /// Admin listener (publish, metrics, probes).
+    #[arg(long, env = "HOOKSTREAM_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// Data directory.
+    #[arg(long, env = "HOOKSTREAM_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Number of shards (default: one per online CPU).
+    #[arg(long, env = "HOOKSTREAM_SHARDS")]
+    pub shards: Option<usize>,
+    /// Comma-separated origins allowed for cookie-authenticated requests.
+    #[arg(long, env = "HOOKSTREAM_ALLOWED_ORIGINS")]
+    pub allowed_origins: Option<String>,
+    /// WebSocket ping interval in milliseconds.
+    #[arg(long, env = "HOOKSTREAM_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// TLS certificate (PEM).
+    #[arg(long, env = "HOOKSTREAM_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "HOOKSTREAM_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Most open client connections (default: what the open-files limit allows).
+    #[arg(long, env = "HOOKSTREAM_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Most connections per org.
+    #[arg(long, env = "HOOKSTREAM_CONNECTIONS_PER_ORG")]
+    pub connections_per_org: Option<usize>,
+    /// Most subscriptions per connection.
+    #[arg(long, env = "HOOKSTREAM_SUBSCRIPTIONS_MAX")]
+    pub subscriptions_max: Option<usize>,
+    /// Most bytes queued to one connection before it is closed with 1013.
+    #[arg(long, env = "HOOKSTREAM_SEND_QUEUE_BYTES")]
+    pub send_queue_bytes: Option<usize>,
+    /// Largest client WebSocket message in bytes.
+    #[arg(long, env = "HOOKSTREAM_CLIENT_MESSAGE_BYTES")]
+    pub client_message_bytes: Option<usize>,
+    /// Largest publish request body in bytes.
+    #[arg(long, env = "HOOKSTREAM_PUBLISH_BODY_BYTES")]
+    pub publish_body_bytes: Option<usize>,
+}
+
+/// What the TOML file may hold: the same names as the flags, with `_`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    shards: Option<usize>,
+    allowed_origins: Option<String>,
+    heartbeat_ms: Option<u64>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    max_connections: Option<usize>,
+    connections_per_org: Option<usize>,
+    subscriptions_max: Option<usize>,
+    send_queue_bytes: Option<usize>,
+    client_message_bytes: Option<usize>,
+    publish_body_bytes: Option<usize>,
+}
+
+/// The validated configuration of a running server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Public listener address.
+    pub listen: SocketAddr,
+    /// Admin listener address.
+    pub admin_listen: SocketAddr,
+    /// Where keys, the admin token and (later) history live.
+    pub data_dir: PathBuf,
+    /// Number of shards, one executor pinned per CPU.
+    pub shards: usize,
+    /// Origins allowed for cookie-authenticated requests; empty means the
+    /// request's own `Host`.
+    pub allowed_origins: Vec<String>,
+    /// WebSocket ping interval.
+    pub heartbeat_ms: u64,
+    /// Most open client connections; `None` means what the open-files limit
+    /// allows, decided at startup.
+    pub max_connections: Option<usize>,
+    /// Most connections per org (503 past it).
+    pub connections_per_org: usize,
+    /// Most subscriptions per connection.
+    pub subscriptions_max: usize,
+    /// Most bytes queued to one connection (1013 past it).
+    pub send_queue_bytes: usize,
+    /// Largest client message (1009 past it).
+    pub client_message_bytes: usize,
+    /// Largest publish body (413 past it).
+    pub publish_body_bytes: usize,
+    /// Whether `--demo` was asked for.
+    pub demo: bool,
+}
+
+/// Default public listener.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default admin listener.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "./hookstream-data";
+
+fn read_file_config(path: Option<&Path>) -> Result<FileConfig, String> {
+    let Some(path) = path else {
+        return Ok(FileConfig::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+}
+
+fn parse_addr(what: &str, value: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    value
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| format!("--{what} {value:?} is not a valid address (expected host:port)"))
+}
+
+/// The data directory for commands other than `serve`.
+pub fn data_dir_of(args: &DataDirArgs) -> Result<PathBuf, String> {
+    let file = read_file_config(args.config.as_deref())?;
+    Ok(args
+        .data_dir
+        .clone()
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)))
+}
+
+/// The admin address for `hookstream publish`.
+pub fn admin_listen_of(args: &PublishArgs) -> Result<SocketAddr, String> {
+    let file = read_file_config(args.common.config.as_deref())?;
+    let value = args
+        .admin_listen
+        .clone()
+        .or(file.admin_listen)
+        .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.to_string());
+    parse_addr("admin-listen", &value)
+}
+
+impl Config {
+    /// Merges flags/env with the config file and the defaults, then validates.
+    pub fn from_serve_args(args: ServeArgs) -> Result<Config, String> {
+        let file = read_file_config(args.config.as_deref())?;
+        let listen = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let admin_listen = args
+            .admin_listen
+            .or(file.admin_listen)
+            .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.to_string());
+        let online_cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let origins = args.allowed_origins.or(file.allowed_origins);
+        let config = Config {
+            listen: parse_addr("listen", &listen)?,
+            admin_listen: parse_addr("admin-listen", &admin_listen)?,
+            data_dir: args
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            shards: args.shards.or(file.shards).unwrap_or(online_cpus),
+            allowed_origins: origins
+                .map(|list| {
+                    list.split(',')
+                        .map(|s| s.trim().trim_end_matches('/').to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            heartbeat_ms: args
+                .heartbeat_ms
+                .or(file.heartbeat_ms)
+                .unwrap_or(limits::HEARTBEAT_MS),
+            max_connections: args.max_connections.or(file.max_connections),
+            connections_per_org: args
+                .connections_per_org
+                .or(file.connections_per_org)
+                .unwrap_or(limits::CONNECTIONS_PER_ORG_MAX),
+            subscriptions_max: args
+                .subscriptions_max
+                .or(file.subscriptions_max)
+                .unwrap_or(limits::SUBSCRIPTIONS_PER_CONNECTION_MAX),
+            send_queue_bytes: args
+                .send_queue_bytes
+                .or(file.send_queue_bytes)
+                .unwrap_or(limits::SEND_QUEUE_BYTES_MAX),
+            client_message_bytes: args
+                .client_message_bytes
+                .or(file.client_message_bytes)
+                .unwrap_or(limits::CLIENT_MESSAGE_BYTES_MAX),
+            publish_body_bytes: args
+                .publish_body_bytes
+                .or(file.publish_body_bytes)
+                .unwrap_or(limits::PUBLISH_BODY_BYTES_MAX),
+            demo: args.demo,
+        };
+        if args.tls_cert.or(file.tls_cert).is_some() || args.tls_key.or(file.tls_key).is_some() {
+            return Err(
+                "TLS is not built into this version yet: terminate TLS in front of hookstream \
+                 (e.g. nginx or haproxy) and run it without --tls-cert/--tls-key"
+                    .to_string(),
+            );
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks how the values relate; one clear line per problem.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.shards == 0 || self.shards > 1024 {
+            return Err(format!(
+                "--shards {} must be between 1 and 1024",
+                self.shards
+            ));
+        }
+        if self.heartbeat_ms < 100 {
+            return Err(format!(
+                "--heartbeat-ms {} is too small (at least 100)",
+                self.heartbeat_ms
+            ));
+        }
+        if self.subscriptions_max == 0 || self.subscriptions_max > 65_536 {
+            return Err("--subscriptions-max must be between 1 and 65536".to_string());
+        }
+        if self.client_message_bytes < limits::CONTROL_PAYLOAD_BYTES_MAX
+            || self.client_message_bytes > 16 * 1024 * 1024
+        {
+            return Err("--client-message-bytes must be between 125 and 16 MiB".to_string());
+        }
+        if self.send_queue_bytes < 4096 {
+            return Err("--send-queue-bytes must be at least 4096".to_string());
+        }
+        if self.publish_body_bytes == 0 || self.publish_body_bytes > 1 << 30 {
+            return Err("--publish-body-bytes must be between 1 and 1 GiB".to_string());
+        }
+        if self.connections_per_org == 0 {
+            return Err("--connections-per-org must be at least 1".to_string());
+        }
+        if self.listen == self.admin_listen {
+            return Err("--listen and --admin-listen must differ".to_string());
+        }
+        Ok(())
+    }
+}

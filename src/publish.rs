@@ -1,0 +1,222 @@
+//! Parsing and validating `POST /v1/publish` bodies (PROTOCOL.md §3): one
+//! object, a JSON array of objects, or NDJSON. Validation is all-or-nothing:
+//! the first bad message makes the whole request a 400 and nothing is
+//! published.
+//!
+//! `data` is kept as the publisher's own JSON text (`serde_json::RawValue`),
+//! never re-serialized, so every digit of every number arrives as sent.
+//! (simd-json was the first choice for this parse, but its value model does
+//! not give the byte span of a sub-value, which is exactly what forwarding
+//! `data` verbatim needs; see docs/ARCHITECTURE.md.)
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::registry::{MessageKind, Outgoing};
+
+/// Why a request was refused; `index` is the message's position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishError {
+    /// Position of the first bad message (0 for a body that is not JSON at all).
+    pub index: usize,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl PublishError {
+    fn at(index: usize, reason: impl Into<String>) -> PublishError {
+        PublishError {
+            index,
+            reason: reason.into(),
+        }
+    }
+
+    /// The 400 body of the contract.
+    pub fn to_json(&self) -> String {
+        serde_json::json!({
+            "error": "invalid_message",
+            "index": self.index,
+            "reason": self.reason,
+        })
+        .to_string()
+    }
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    org_id: Option<&'a str>,
+    #[serde(rename = "type")]
+    kind: Option<&'a str>,
+    collection_id: Option<&'a str>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct RouteIds {
+    source_id: Option<serde_json::Value>,
+    destination_id: Option<serde_json::Value>,
+}
+
+/// True when `id` matches `[A-Za-z0-9_.-]{1,128}`.
+pub fn is_valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= crate::limits::ID_BYTES_MAX
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
+}
+
+fn string_id(value: Option<serde_json::Value>, field: &str) -> Result<String, String> {
+    match value {
+        Some(serde_json::Value::String(id)) if is_valid_id(&id) => Ok(id),
+        Some(serde_json::Value::String(_)) => {
+            Err(format!("data.{field} must match [A-Za-z0-9_.-]{{1,128}}"))
+        }
+        Some(_) => Err(format!("data.{field} must be a string")),
+        None => Err(format!("data.{field} is required")),
+    }
+}
+
+fn validate(index: usize, raw: &str) -> Result<Outgoing, PublishError> {
+    let envelope: Envelope<'_> = serde_json::from_str(raw)
+        .map_err(|e| PublishError::at(index, format!("not a message object: {e}")))?;
+    let org_id = envelope
+        .org_id
+        .ok_or_else(|| PublishError::at(index, "org_id is required"))?;
+    if !crate::auth::keys::is_valid_org_id(org_id) {
+        return Err(PublishError::at(
+            index,
+            "org_id must match [A-Za-z0-9_-]{1,64}",
+        ));
+    }
+    let kind = envelope
+        .kind
+        .and_then(MessageKind::parse)
+        .ok_or_else(|| PublishError::at(index, "type must be event, delivery, issue or sync"))?;
+    let data = envelope
+        .data
+        .ok_or_else(|| PublishError::at(index, "data is required"))?;
+    if !data.get().starts_with('{') {
+        return Err(PublishError::at(index, "data must be a JSON object"));
+    }
+    let route_id = match kind {
+        MessageKind::Event | MessageKind::Delivery => {
+            let ids: RouteIds = serde_json::from_str(data.get())
+                .map_err(|e| PublishError::at(index, format!("data: {e}")))?;
+            let (value, field) = if kind == MessageKind::Event {
+                (ids.source_id, "source_id")
+            } else {
+                (ids.destination_id, "destination_id")
+            };
+            Some(string_id(value, field).map_err(|reason| PublishError::at(index, reason))?)
+        }
+        MessageKind::Issue => None,
+        MessageKind::Sync => {
+            let id = envelope
+                .collection_id
+                .ok_or_else(|| PublishError::at(index, "collection_id is required for sync"))?;
+            if !is_valid_id(id) {
+                return Err(PublishError::at(
+                    index,
+                    "collection_id must match [A-Za-z0-9_.-]{1,128}",
+                ));
+            }
+            Some(id.to_string())
+        }
+    };
+    Ok(Outgoing {
+        org_id: org_id.to_string(),
+        kind,
+        route_id,
+        data: data.get().into(),
+    })
+}
+
+/// Parses a publish body. `ndjson` is true for `application/x-ndjson`.
+pub fn parse_body(body: &[u8], ndjson: bool) -> Result<Vec<Outgoing>, PublishError> {
+    let text = std::str::from_utf8(body).map_err(|_| PublishError::at(0, "body is not UTF-8"))?;
+    if ndjson {
+        let mut out = Vec::new();
+        for line in text.split('\n') {
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            out.push(validate(out.len(), line)?);
+        }
+        return Ok(out);
+    }
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('[') {
+        let items: Vec<&RawValue> = serde_json::from_str(text)
+            .map_err(|e| PublishError::at(0, format!("invalid JSON: {e}")))?;
+        items
+            .iter()
+            .enumerate()
+            .map(|(index, raw)| validate(index, raw.get()))
+            .collect()
+    } else {
+        // Check the whole body is one JSON value before looking inside.
+        let raw: &RawValue = serde_json::from_str(text)
+            .map_err(|e| PublishError::at(0, format!("invalid JSON: {e}")))?;
+        Ok(vec![validate(0, raw.get())?])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_array_and_ndjson() {
+        let one = br#"{"org_id":"o","type":"issue","data":{"id":"i"}}"#;
+        assert_eq!(parse_body(one, false).unwrap().len(), 1);
+        let many = br#"[{"org_id":"o","type":"issue","data":{}},{"org_id":"o","type":"event","data":{"source_id":"s"}}]"#;
+        let parsed = parse_body(many, false).unwrap();
+        assert_eq!(parsed[1].route_id.as_deref(), Some("s"));
+        let nd = b"{\"org_id\":\"o\",\"type\":\"issue\",\"data\":{}}\n\n{\"org_id\":\"o\",\"type\":\"sync\",\"collection_id\":\"c\",\"data\":{}}\n";
+        assert_eq!(parse_body(nd, true).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn first_bad_message_is_reported_with_its_index() {
+        let body = br#"[{"org_id":"o","type":"issue","data":{}},{"org_id":"o","type":"event","data":{"source_id":5}}]"#;
+        let err = parse_body(body, false).unwrap_err();
+        assert_eq!(err.index, 1);
+        assert!(err.reason.contains("source_id"));
+        for (body, needle) in [
+            (&br#"{"type":"issue","data":{}}"#[..], "org_id"),
+            (br#"{"org_id":"o!","type":"issue","data":{}}"#, "org_id"),
+            (br#"{"org_id":"o","type":"nope","data":{}}"#, "type"),
+            (br#"{"org_id":"o","type":"issue","data":[1]}"#, "object"),
+            (
+                br#"{"org_id":"o","type":"sync","data":{}}"#,
+                "collection_id",
+            ),
+            (
+                br#"{"org_id":"o","type":"delivery","data":{}}"#,
+                "destination_id",
+            ),
+            (br#"{"org_id":"o","#, "invalid JSON"),
+        ] {
+            let err = parse_body(body, false).unwrap_err();
+            assert!(
+                err.reason.contains(needle),
+                "{} -> {}",
+                String::from_utf8_lossy(body),
+                err.reason
+            );
+        }
+    }
+
+    #[test]
+    fn data_is_kept_verbatim() {
+        let body = br#"{"org_id":"o","type":"issue","data":{"big":123456789012345678901234567890,"d":0.10000000000000000000001}}"#;
+        let parsed = parse_body(body, false).unwrap();
+        assert_eq!(
+            &*parsed[0].data,
+            r#"{"big":123456789012345678901234567890,"d":0.10000000000000000000001}"#
+        );
+    }
+}

@@ -1,0 +1,922 @@
+//! One shard's connections, orgs, channel tables and send queues. Pure data:
+//! no runtime, no sockets (sending goes through a caller-supplied function),
+//! so it is testable and benchable over a million records.
+//!
+//! Connections live in a `slab` of compact records; a [`ConnKey`] carries a
+//! generation so a stale key can never reach a reused slot. Each org interns
+//! the channel names its connections subscribe to into bit positions, and a
+//! connection's subscriptions are a bitmask, so matching a message to a
+//! connection is one AND. A published message is rendered once per target
+//! channel into one complete WebSocket frame held by an `Rc<[u8]>`, and that
+//! same buffer is queued to every matching connection.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::os::unix::io::RawFd;
+use std::rc::Rc;
+use std::task::Waker;
+
+use ahash::AHashMap;
+use slab::Slab;
+use smallvec::SmallVec;
+
+use crate::protocol::ws;
+
+/// A complete server frame (or, once, the 101 answer), shared by every
+/// connection it is queued to.
+pub type Frame = Rc<[u8]>;
+
+/// Typed key of a connection: slab index plus the generation of the record
+/// that was there when the key was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// Slot in the slab.
+    pub index: u32,
+    /// Generation of the record; a reused slot has a different one.
+    pub generation: u32,
+}
+
+/// Why the server is closing a connection (the close code to send).
+pub type CloseCode = u16;
+
+/// One connection's record.
+#[derive(Debug)]
+pub struct Connection {
+    /// Generation of this record (see [`ConnKey`]).
+    pub generation: u32,
+    /// The socket, for direct non-blocking sends from the fan-out.
+    pub fd: RawFd,
+    /// Index of the org in the registry's org slab.
+    pub org: u32,
+    /// Position of this connection in its org's connection list, for O(1) removal.
+    pub org_position: u32,
+    /// Index of the API key in the registry's key-id table (for revocation).
+    pub key: u32,
+    /// Subscriptions as bits of the org's channel table.
+    pub subscriptions: SmallVec<[u64; 1]>,
+    /// Number of bits set in `subscriptions`.
+    pub subscription_count: u16,
+    /// Bad client messages in a row (closed with 1008 at the limit).
+    pub bad_messages_in_row: u8,
+    /// Pings sent without any frame received since.
+    pub missed_pongs: u8,
+    /// Frames waiting to be written, oldest first.
+    pub queue: VecDeque<Frame>,
+    /// Bytes of the front frame already written.
+    pub front_sent: u32,
+    /// Unwritten bytes in `queue`.
+    pub queue_bytes: u32,
+    /// True while the socket refused more bytes; the connection task then
+    /// waits for writability and the fan-out only queues.
+    pub write_blocked: bool,
+    /// Set when the server decided to close; the task sends the close frame.
+    pub close: Option<CloseCode>,
+    /// Wakes the connection task (new close request, writability wait).
+    pub waker: Option<Waker>,
+}
+
+impl Connection {
+    /// True when subscribed to channel `bit`.
+    #[inline]
+    pub fn has(&self, bit: u32) -> bool {
+        let word = (bit / 64) as usize;
+        word < self.subscriptions.len() && self.subscriptions[word] & (1u64 << (bit % 64)) != 0
+    }
+
+    fn set(&mut self, bit: u32) {
+        let word = (bit / 64) as usize;
+        if word >= self.subscriptions.len() {
+            self.subscriptions.resize(word + 1, 0);
+        }
+        self.subscriptions[word] |= 1u64 << (bit % 64);
+    }
+
+    fn clear(&mut self, bit: u32) {
+        let word = (bit / 64) as usize;
+        if word < self.subscriptions.len() {
+            self.subscriptions[word] &= !(1u64 << (bit % 64));
+        }
+    }
+}
+
+/// The fixed channels every org has; their bits are never freed.
+pub const FIXED_CHANNELS: [&str; 3] = ["events", "deliveries", "issues"];
+
+/// An org's channel names interned to bit positions.
+#[derive(Debug, Default)]
+pub struct ChannelTable {
+    /// Name → bit.
+    by_name: AHashMap<Box<str>, u32>,
+    /// Bit → name (None for a free bit).
+    names: Vec<Option<Box<str>>>,
+    /// Bit → number of subscribed connections.
+    subscribers: Vec<u32>,
+    /// Freed bits, reused first so masks stay short.
+    free: Vec<u32>,
+}
+
+impl ChannelTable {
+    fn new() -> ChannelTable {
+        let mut table = ChannelTable::default();
+        for name in FIXED_CHANNELS {
+            table.intern(name);
+        }
+        table
+    }
+
+    /// The bit of `name`, if any connection of the org ever needed it.
+    pub fn lookup(&self, name: &str) -> Option<u32> {
+        self.by_name.get(name).copied()
+    }
+
+    /// Number of connections subscribed to `bit`.
+    pub fn subscribers(&self, bit: u32) -> u32 {
+        self.subscribers.get(bit as usize).copied().unwrap_or(0)
+    }
+
+    /// Name of `bit`.
+    pub fn name(&self, bit: u32) -> Option<&str> {
+        self.names.get(bit as usize).and_then(|n| n.as_deref())
+    }
+
+    fn intern(&mut self, name: &str) -> u32 {
+        if let Some(bit) = self.by_name.get(name) {
+            return *bit;
+        }
+        let bit = match self.free.pop() {
+            Some(bit) => {
+                self.names[bit as usize] = Some(name.into());
+                bit
+            }
+            None => {
+                self.names.push(Some(name.into()));
+                self.subscribers.push(0);
+                (self.names.len() - 1) as u32
+            }
+        };
+        self.by_name.insert(name.into(), bit);
+        bit
+    }
+
+    fn release(&mut self, bit: u32) {
+        let count = &mut self.subscribers[bit as usize];
+        assert!(*count > 0, "channel subscriber count underflow");
+        *count -= 1;
+        if *count == 0 && bit as usize >= FIXED_CHANNELS.len() {
+            if let Some(name) = self.names[bit as usize].take() {
+                self.by_name.remove(&name);
+            }
+            self.free.push(bit);
+        }
+    }
+}
+
+/// One org on this shard.
+#[derive(Debug)]
+pub struct Org {
+    /// The org id.
+    pub id: Rc<str>,
+    /// Latest sequence number given to a message of this org.
+    pub seq: u64,
+    /// Slab indexes of its connections.
+    pub connections: Vec<u32>,
+    /// Its channel names.
+    pub channels: ChannelTable,
+}
+
+/// Message types of the contract and the channel prefix each routes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    /// `event` → `events`, `events:<source_id>`.
+    Event,
+    /// `delivery` → `deliveries`, `deliveries:<destination_id>`.
+    Delivery,
+    /// `issue` → `issues`.
+    Issue,
+    /// `sync` → `collections:<collection_id>`.
+    Sync,
+}
+
+impl MessageKind {
+    /// The `type` string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageKind::Event => "event",
+            MessageKind::Delivery => "delivery",
+            MessageKind::Issue => "issue",
+            MessageKind::Sync => "sync",
+        }
+    }
+
+    /// Parses the `type` string.
+    pub fn parse(text: &str) -> Option<MessageKind> {
+        match text {
+            "event" => Some(MessageKind::Event),
+            "delivery" => Some(MessageKind::Delivery),
+            "issue" => Some(MessageKind::Issue),
+            "sync" => Some(MessageKind::Sync),
+            _ => None,
+        }
+    }
+}
+
+/// A validated message ready to be sequenced and fanned out.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// Org it belongs to.
+    pub org_id: String,
+    /// Its type.
+    pub kind: MessageKind,
+    /// `source_id`, `destination_id` or `collection_id`, by kind.
+    pub route_id: Option<String>,
+    /// The publisher's `data` JSON text, forwarded as is.
+    pub data: Box<str>,
+}
+
+impl Outgoing {
+    /// The channels this message goes to, broadest first.
+    pub fn channels(&self) -> SmallVec<[String; 2]> {
+        let mut out = SmallVec::new();
+        match self.kind {
+            MessageKind::Event => {
+                out.push("events".to_string());
+                if let Some(id) = &self.route_id {
+                    out.push(format!("events:{id}"));
+                }
+            }
+            MessageKind::Delivery => {
+                out.push("deliveries".to_string());
+                if let Some(id) = &self.route_id {
+                    out.push(format!("deliveries:{id}"));
+                }
+            }
+            MessageKind::Issue => out.push("issues".to_string()),
+            MessageKind::Sync => {
+                if let Some(id) = &self.route_id {
+                    out.push(format!("collections:{id}"));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Registry-level errors when adding a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddError {
+    /// The org already holds its maximum of connections (503).
+    OrgFull,
+    /// The shard holds its maximum of connections (503).
+    ShardFull,
+}
+
+/// Subscription outcomes, mapped to the contract's replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeError {
+    /// `too_many_subscriptions`.
+    TooMany,
+}
+
+/// What a flush attempt ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flush {
+    /// Everything queued was written.
+    Drained,
+    /// The socket would block; the rest stays queued.
+    Blocked,
+    /// The socket failed; the connection is done.
+    Failed,
+}
+
+/// Counters the registry updates; the shard copies them into metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counters {
+    /// Frames queued to connections (deliveries).
+    pub delivered: u64,
+    /// Bytes written to sockets.
+    pub bytes_sent: u64,
+    /// Connections closed for passing their queue limit.
+    pub slow_consumer_closes: u64,
+    /// Messages sequenced (published) on this shard.
+    pub published: u64,
+    /// `send` calls made.
+    pub sends: u64,
+}
+
+/// Limits the registry enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct RegistryLimits {
+    /// Most connections per org.
+    pub connections_per_org: usize,
+    /// Most connections on this shard.
+    pub connections_max: usize,
+    /// Most subscriptions per connection.
+    pub subscriptions_max: usize,
+    /// Most unwritten bytes per connection.
+    pub send_queue_bytes: usize,
+}
+
+/// Close code for a connection that passed its send queue limit.
+pub const CLOSE_SLOW_CONSUMER: u16 = 1013;
+
+/// One shard's registry.
+#[derive(Debug)]
+pub struct Registry {
+    /// Connection records.
+    pub connections: Slab<Connection>,
+    /// Org records.
+    pub orgs: Slab<Org>,
+    /// Org id → org slab index.
+    org_by_id: AHashMap<Rc<str>, u32>,
+    /// Key ids of connected clients, interned (index stored per connection).
+    key_ids: Vec<Rc<str>>,
+    /// Key id → index in `key_ids`.
+    key_by_id: AHashMap<Rc<str>, u32>,
+    /// Next generation to hand out.
+    next_generation: u32,
+    /// Connections with newly queued frames, to flush after a batch.
+    dirty: Vec<u32>,
+    /// Limits.
+    pub limits: RegistryLimits,
+    /// Counters.
+    pub counters: Counters,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(limits: RegistryLimits) -> Registry {
+        Registry {
+            connections: Slab::new(),
+            orgs: Slab::new(),
+            org_by_id: AHashMap::new(),
+            key_ids: Vec::new(),
+            key_by_id: AHashMap::new(),
+            next_generation: 1,
+            dirty: Vec::new(),
+            limits,
+            counters: Counters::default(),
+        }
+    }
+
+    /// The org's slab index, created on first use.
+    pub fn org_index(&mut self, org_id: &str) -> u32 {
+        if let Some(index) = self.org_by_id.get(org_id) {
+            return *index;
+        }
+        let id: Rc<str> = org_id.into();
+        let index = self.orgs.insert(Org {
+            id: id.clone(),
+            seq: 0,
+            connections: Vec::new(),
+            channels: ChannelTable::new(),
+        }) as u32;
+        self.org_by_id.insert(id, index);
+        index
+    }
+
+    /// The org's latest seq (0 when it never published).
+    pub fn org_seq(&self, org_id: &str) -> u64 {
+        self.org_by_id
+            .get(org_id)
+            .map(|i| self.orgs[*i as usize].seq)
+            .unwrap_or(0)
+    }
+
+    /// Sets the org's latest seq (used when history restores it).
+    pub fn set_org_seq(&mut self, org_id: &str, seq: u64) {
+        let index = self.org_index(org_id);
+        let org = &mut self.orgs[index as usize];
+        org.seq = org.seq.max(seq);
+    }
+
+    fn key_index(&mut self, key_id: &str) -> u32 {
+        if let Some(index) = self.key_by_id.get(key_id) {
+            return *index;
+        }
+        let id: Rc<str> = key_id.into();
+        self.key_ids.push(id.clone());
+        let index = (self.key_ids.len() - 1) as u32;
+        self.key_by_id.insert(id, index);
+        index
+    }
+
+    /// Adds a connection of `org_id` authenticated with key `key_id`.
+    /// Returns its key and the org's seq at this moment (the welcome's
+    /// `seq`: everything published later has a larger one).
+    pub fn add(
+        &mut self,
+        org_id: &str,
+        key_id: &str,
+        fd: RawFd,
+    ) -> Result<(ConnKey, u64), AddError> {
+        if self.connections.len() >= self.limits.connections_max {
+            return Err(AddError::ShardFull);
+        }
+        let org = self.org_index(org_id);
+        if self.orgs[org as usize].connections.len() >= self.limits.connections_per_org {
+            return Err(AddError::OrgFull);
+        }
+        let key = self.key_index(key_id);
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        let org_position = self.orgs[org as usize].connections.len() as u32;
+        let index = self.connections.insert(Connection {
+            generation,
+            fd,
+            org,
+            org_position,
+            key,
+            subscriptions: SmallVec::new(),
+            subscription_count: 0,
+            bad_messages_in_row: 0,
+            missed_pongs: 0,
+            queue: VecDeque::new(),
+            front_sent: 0,
+            queue_bytes: 0,
+            write_blocked: false,
+            close: None,
+            waker: None,
+        }) as u32;
+        let org_record = &mut self.orgs[org as usize];
+        org_record.connections.push(index);
+        Ok((ConnKey { index, generation }, org_record.seq))
+    }
+
+    /// The record behind `key`, if it is still that connection.
+    pub fn get(&self, key: ConnKey) -> Option<&Connection> {
+        self.connections
+            .get(key.index as usize)
+            .filter(|c| c.generation == key.generation)
+    }
+
+    /// Mutable record behind `key`, if it is still that connection.
+    pub fn get_mut(&mut self, key: ConnKey) -> Option<&mut Connection> {
+        self.connections
+            .get_mut(key.index as usize)
+            .filter(|c| c.generation == key.generation)
+    }
+
+    /// Org id of a connection.
+    pub fn org_id_of(&self, key: ConnKey) -> Option<Rc<str>> {
+        self.get(key).map(|c| self.orgs[c.org as usize].id.clone())
+    }
+
+    /// Removes a connection and releases its channel bits.
+    pub fn remove(&mut self, key: ConnKey) {
+        let Some(conn) = self.get(key) else {
+            return;
+        };
+        let org = conn.org;
+        let position = conn.org_position as usize;
+        let bits: SmallVec<[u32; 8]> = (0..conn.subscriptions.len() as u32 * 64)
+            .filter(|b| conn.has(*b))
+            .collect();
+        let conn = self.connections.remove(key.index as usize);
+        drop(conn);
+        let org_record = &mut self.orgs[org as usize];
+        for bit in bits {
+            org_record.channels.release(bit);
+        }
+        assert_eq!(org_record.connections[position], key.index);
+        org_record.connections.swap_remove(position);
+        if let Some(moved) = org_record.connections.get(position).copied() {
+            self.connections[moved as usize].org_position = position as u32;
+        }
+    }
+
+    /// Subscribes; `Ok(false)` when it already was.
+    pub fn subscribe(&mut self, key: ConnKey, channel: &str) -> Result<bool, SubscribeError> {
+        let limit = self.limits.subscriptions_max;
+        let Some(conn) = self.connections.get(key.index as usize) else {
+            return Ok(false);
+        };
+        let org = conn.org as usize;
+        if let Some(bit) = self.orgs[org].channels.lookup(channel) {
+            if conn.has(bit) {
+                return Ok(false);
+            }
+        }
+        if conn.subscription_count as usize >= limit {
+            return Err(SubscribeError::TooMany);
+        }
+        let bit = self.orgs[org].channels.intern(channel);
+        self.orgs[org].channels.subscribers[bit as usize] += 1;
+        let conn = &mut self.connections[key.index as usize];
+        conn.set(bit);
+        conn.subscription_count += 1;
+        Ok(true)
+    }
+
+    /// Unsubscribes; false when it was not subscribed.
+    pub fn unsubscribe(&mut self, key: ConnKey, channel: &str) -> bool {
+        let Some(conn) = self.get(key) else {
+            return false;
+        };
+        let org = conn.org as usize;
+        let Some(bit) = self.orgs[org].channels.lookup(channel) else {
+            return false;
+        };
+        if !conn.has(bit) {
+            return false;
+        }
+        let conn = &mut self.connections[key.index as usize];
+        conn.clear(bit);
+        conn.subscription_count -= 1;
+        self.orgs[org].channels.release(bit);
+        true
+    }
+
+    /// Names of a connection's channels.
+    pub fn channels_of(&self, key: ConnKey) -> Vec<String> {
+        let Some(conn) = self.get(key) else {
+            return Vec::new();
+        };
+        let table = &self.orgs[conn.org as usize].channels;
+        (0..conn.subscriptions.len() as u32 * 64)
+            .filter(|b| conn.has(*b))
+            .filter_map(|b| table.name(b).map(str::to_string))
+            .collect()
+    }
+
+    /// Queues one frame to one connection, closing it as a slow consumer
+    /// when its queue would pass the limit. Marks it for the next flush.
+    pub fn enqueue(&mut self, index: u32, frame: &Frame) {
+        let limit = self.limits.send_queue_bytes;
+        let conn = &mut self.connections[index as usize];
+        if conn.close.is_some() {
+            return;
+        }
+        if conn.queue_bytes as usize + frame.len() > limit {
+            conn.queue.clear();
+            conn.queue.shrink_to_fit();
+            conn.queue_bytes = 0;
+            conn.front_sent = 0;
+            conn.close = Some(CLOSE_SLOW_CONSUMER);
+            self.counters.slow_consumer_closes += 1;
+            if let Some(waker) = conn.waker.take() {
+                waker.wake();
+            }
+            return;
+        }
+        if conn.queue.is_empty() {
+            self.dirty.push(index);
+        }
+        conn.queue.push_back(frame.clone());
+        conn.queue_bytes += frame.len() as u32;
+    }
+
+    /// Gives `message` the org's next seq and queues its frames to every
+    /// subscriber of its channels. Returns the seq.
+    pub fn publish(&mut self, message: &Outgoing) -> u64 {
+        let org = self.org_index(&message.org_id);
+        let record = &mut self.orgs[org as usize];
+        record.seq += 1;
+        let seq = record.seq;
+        self.counters.published += 1;
+        let mut targets: SmallVec<[(u32, Frame); 2]> = SmallVec::new();
+        for channel in message.channels() {
+            if let Some(bit) = record.channels.lookup(&channel) {
+                if record.channels.subscribers(bit) > 0 {
+                    let frame = render_message(message.kind, &channel, seq, &message.data);
+                    targets.push((bit, frame.into()));
+                }
+            }
+        }
+        if targets.is_empty() {
+            return seq;
+        }
+        // The org's connection list is cloned out only as a range walk: the
+        // registry is borrowed mutably per connection inside.
+        let count = self.orgs[org as usize].connections.len();
+        for i in 0..count {
+            let index = self.orgs[org as usize].connections[i];
+            for (bit, frame) in &targets {
+                if self.connections[index as usize].has(*bit) {
+                    self.enqueue(index, frame);
+                    self.counters.delivered += 1;
+                }
+            }
+        }
+        seq
+    }
+
+    /// Takes the list of connections with newly queued frames.
+    pub fn take_dirty(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Gives a drained dirty list back so its allocation is reused.
+    pub fn return_dirty(&mut self, mut list: Vec<u32>) {
+        if self.dirty.is_empty() {
+            list.clear();
+            self.dirty = list;
+        }
+    }
+
+    /// Writes as much of connection `index`'s queue as `send` takes.
+    /// `send` is a non-blocking vectored write: Ok(n) bytes written, or an
+    /// error whose kind is WouldBlock when the socket is full.
+    pub fn flush(
+        &mut self,
+        index: u32,
+        send: &mut impl FnMut(RawFd, &[IoSlice<'_>]) -> std::io::Result<usize>,
+    ) -> Flush {
+        let Some(conn) = self.connections.get_mut(index as usize) else {
+            return Flush::Failed;
+        };
+        loop {
+            if conn.queue.is_empty() {
+                conn.write_blocked = false;
+                return Flush::Drained;
+            }
+            let mut slices: SmallVec<[IoSlice<'_>; 64]> = SmallVec::new();
+            for (i, frame) in conn.queue.iter().take(64).enumerate() {
+                let start = if i == 0 { conn.front_sent as usize } else { 0 };
+                slices.push(IoSlice::new(&frame[start..]));
+            }
+            self.counters.sends += 1;
+            match send(conn.fd, &slices) {
+                Ok(written) => {
+                    drop(slices);
+                    self.counters.bytes_sent += written as u64;
+                    advance(conn, written);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    conn.write_blocked = true;
+                    return Flush::Blocked;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return Flush::Failed,
+            }
+        }
+    }
+
+    /// Records `written` bytes sent from the front of a connection's queue
+    /// by someone other than [`Registry::flush`].
+    pub fn wrote(&mut self, key: ConnKey, written: usize) {
+        self.counters.bytes_sent += written as u64;
+        if let Some(conn) = self.get_mut(key) {
+            advance(conn, written);
+        }
+    }
+
+    /// Asks the connection's task to close it with `code`.
+    pub fn request_close(&mut self, key: ConnKey, code: CloseCode) {
+        if let Some(conn) = self.get_mut(key) {
+            if conn.close.is_none() {
+                conn.close = Some(code);
+            }
+            if let Some(waker) = conn.waker.take() {
+                waker.wake();
+            }
+        }
+    }
+
+    /// Keys of every connection, to walk without holding a borrow.
+    pub fn keys(&self) -> Vec<ConnKey> {
+        self.connections
+            .iter()
+            .map(|(index, c)| ConnKey {
+                index: index as u32,
+                generation: c.generation,
+            })
+            .collect()
+    }
+
+    /// Keys of the connections authenticated with API key `key_id`.
+    pub fn keys_of_api_key(&self, key_id: &str) -> Vec<ConnKey> {
+        let Some(key) = self.key_by_id.get(key_id).copied() else {
+            return Vec::new();
+        };
+        self.connections
+            .iter()
+            .filter(|(_, c)| c.key == key)
+            .map(|(index, c)| ConnKey {
+                index: index as u32,
+                generation: c.generation,
+            })
+            .collect()
+    }
+
+    /// Key ids of every open connection.
+    pub fn connected_key_ids(&self) -> Vec<Rc<str>> {
+        let mut used = vec![false; self.key_ids.len()];
+        for (_, c) in self.connections.iter() {
+            used[c.key as usize] = true;
+        }
+        self.key_ids
+            .iter()
+            .zip(used)
+            .filter(|(_, u)| *u)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+}
+
+/// Drops `written` bytes from the front of a connection's queue.
+fn advance(conn: &mut Connection, mut written: usize) {
+    assert!(written <= conn.queue_bytes as usize);
+    conn.queue_bytes -= written as u32;
+    while written > 0 {
+        let front = conn
+            .queue
+            .front()
+            .expect("written bytes came from the queue");
+        let left = front.len() - conn.front_sent as usize;
+        if written >= left {
+            written -= left;
+            conn.front_sent = 0;
+            conn.queue.pop_front();
+        } else {
+            conn.front_sent += written as u32;
+            written = 0;
+        }
+    }
+    if conn.queue.is_empty() && conn.queue.capacity() > 16 {
+        // An idle connection keeps no large queue allocation.
+        conn.queue = VecDeque::new();
+    }
+}
+
+/// Appends the decimal digits of `n`.
+pub fn push_u64(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// A complete server text frame holding `json`.
+pub fn text_frame(json: &[u8]) -> Vec<u8> {
+    let mut header = [0u8; 14];
+    let header_len =
+        ws::encode_header(&mut header, true, ws::Opcode::Text, json.len() as u64, None);
+    let mut out = Vec::with_capacity(header_len + json.len());
+    out.extend_from_slice(&header[..header_len]);
+    out.extend_from_slice(json);
+    out
+}
+
+/// Renders `{"type":…,"channel":…,"seq":…,"data":…}` as one complete text
+/// frame. Channel names are restricted to `[A-Za-z0-9_.:-]`, so they need no
+/// escaping; `data` is the publisher's JSON text.
+pub fn render_message(kind: MessageKind, channel: &str, seq: u64, data: &str) -> Vec<u8> {
+    debug_assert!(channel
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b)));
+    let mut json = Vec::with_capacity(64 + channel.len() + data.len());
+    json.extend_from_slice(b"{\"type\":\"");
+    json.extend_from_slice(kind.as_str().as_bytes());
+    json.extend_from_slice(b"\",\"channel\":\"");
+    json.extend_from_slice(channel.as_bytes());
+    json.extend_from_slice(b"\",\"seq\":");
+    push_u64(&mut json, seq);
+    json.extend_from_slice(b",\"data\":");
+    json.extend_from_slice(data.as_bytes());
+    json.push(b'}');
+    let mut header = [0u8; 14];
+    let header_len =
+        ws::encode_header(&mut header, true, ws::Opcode::Text, json.len() as u64, None);
+    let mut frame = Vec::with_capacity(header_len + json.len());
+    frame.extend_from_slice(&header[..header_len]);
+    frame.extend_from_slice(&json);
+    frame
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> RegistryLimits {
+        RegistryLimits {
+            connections_per_org: 3,
+            connections_max: 100,
+            subscriptions_max: 2,
+            send_queue_bytes: 4096,
+        }
+    }
+
+    fn event(org: &str, source: &str) -> Outgoing {
+        Outgoing {
+            org_id: org.to_string(),
+            kind: MessageKind::Event,
+            route_id: Some(source.to_string()),
+            data: format!("{{\"source_id\":\"{source}\"}}").into(),
+        }
+    }
+
+    #[test]
+    fn subscribe_routes_by_bit_and_counts_twice_for_two_channels() {
+        let mut r = Registry::new(limits());
+        let (a, _) = r.add("org_a", "k1", -1).unwrap();
+        let (b, _) = r.add("org_a", "k1", -1).unwrap();
+        assert_eq!(r.subscribe(a, "events"), Ok(true));
+        assert_eq!(r.subscribe(a, "events"), Ok(false));
+        assert_eq!(r.subscribe(a, "events:src_1"), Ok(true));
+        assert_eq!(r.subscribe(a, "issues"), Err(SubscribeError::TooMany));
+        assert_eq!(r.subscribe(b, "events:src_2"), Ok(true));
+        assert_eq!(r.publish(&event("org_a", "src_1")), 1);
+        assert_eq!(r.get(a).unwrap().queue.len(), 2);
+        assert_eq!(r.get(b).unwrap().queue.len(), 0);
+        assert_eq!(r.publish(&event("org_b", "src_1")), 1);
+        assert_eq!(r.get(a).unwrap().queue.len(), 2);
+    }
+
+    #[test]
+    fn removed_connection_frees_bits_and_stale_keys_miss() {
+        let mut r = Registry::new(limits());
+        let (a, _) = r.add("org_a", "k1", -1).unwrap();
+        r.subscribe(a, "events:x").unwrap();
+        let bit = r.orgs[0].channels.lookup("events:x").unwrap();
+        r.remove(a);
+        assert!(r.get(a).is_none());
+        assert!(r.orgs[0].channels.lookup("events:x").is_none());
+        let (b, _) = r.add("org_a", "k1", -1).unwrap();
+        assert_eq!(b.index, a.index);
+        assert!(
+            r.get(a).is_none(),
+            "stale key must not reach the reused slot"
+        );
+        r.subscribe(b, "events:y").unwrap();
+        assert_eq!(r.orgs[0].channels.lookup("events:y"), Some(bit));
+    }
+
+    #[test]
+    fn org_connection_cap() {
+        let mut r = Registry::new(limits());
+        for _ in 0..3 {
+            r.add("org_a", "k", -1).unwrap();
+        }
+        assert_eq!(r.add("org_a", "k", -1), Err(AddError::OrgFull));
+        assert!(r.add("org_b", "k", -1).is_ok());
+    }
+
+    #[test]
+    fn slow_consumer_is_closed_and_queue_freed() {
+        let mut r = Registry::new(limits());
+        let (a, _) = r.add("org_a", "k", -1).unwrap();
+        r.subscribe(a, "events").unwrap();
+        for _ in 0..200 {
+            r.publish(&event("org_a", "s"));
+        }
+        let conn = r.get(a).unwrap();
+        assert_eq!(conn.close, Some(CLOSE_SLOW_CONSUMER));
+        assert_eq!(conn.queue_bytes, 0);
+        assert!(conn.queue.is_empty());
+    }
+
+    #[test]
+    fn flush_handles_partial_writes_and_would_block() {
+        let mut r = Registry::new(limits());
+        let (a, _) = r.add("org_a", "k", -1).unwrap();
+        r.subscribe(a, "events").unwrap();
+        r.publish(&event("org_a", "s"));
+        r.publish(&event("org_a", "s"));
+        let total = r.get(a).unwrap().queue_bytes as usize;
+        let mut sink = Vec::new();
+        let mut calls = 0;
+        let mut send = |_fd: RawFd, slices: &[IoSlice<'_>]| {
+            calls += 1;
+            if calls == 2 {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            // Write 7 bytes at a time.
+            let mut left = 7;
+            for s in slices {
+                let n = s.len().min(left);
+                sink.extend_from_slice(&s[..n]);
+                left -= n;
+                if left == 0 {
+                    break;
+                }
+            }
+            Ok(7 - left)
+        };
+        assert_eq!(r.flush(a.index, &mut send), Flush::Blocked);
+        assert!(r.get(a).unwrap().write_blocked);
+        assert_eq!(r.flush(a.index, &mut send), Flush::Drained);
+        assert_eq!(sink.len(), total);
+        let first = render_message(MessageKind::Event, "events", 1, "{\"source_id\":\"s\"}");
+        assert_eq!(&sink[..first.len()], &first[..]);
+    }
+
+    #[test]
+    fn render_is_valid_json_with_data_verbatim() {
+        let data = r#"{"n":123456789012345678901234567890,"x":1.000000000000000000001}"#;
+        let frame = render_message(MessageKind::Issue, "issues", 42, data);
+        let json = &frame[2..];
+        let text = std::str::from_utf8(json).unwrap();
+        assert!(text.contains("123456789012345678901234567890"));
+        let value: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(value["seq"], 42);
+        assert_eq!(value["channel"], "issues");
+    }
+}

@@ -1,0 +1,237 @@
+//! The admin listener: `POST /v1/publish`, `GET /metrics` (both with the
+//! admin token), and the `GET /healthz` / `GET /readyz` probes. HTTP/1.1
+//! with keep-alive; every request bounded in head size, body size and time.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+
+use super::Shard;
+use crate::auth::keys::constant_time_eq;
+use crate::limits::{HEADERS_MAX, HEAD_TIMEOUT_MS};
+use crate::protocol::http;
+
+/// Time a client has to send a whole body once its head arrived.
+const BODY_TIMEOUT_MS: u64 = 30_000;
+/// An idle keep-alive connection is closed after this long.
+const KEEP_ALIVE_IDLE_MS: u64 = 60_000;
+
+/// Accepts admin connections forever.
+pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                glommio::spawn_local(serve(shard.clone(), stream)).detach();
+            }
+            Err(_) => glommio::timer::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// What the router needs of a request, owned so the read buffer can move.
+struct Request {
+    method: String,
+    path: String,
+    authorized: bool,
+    ndjson: bool,
+    close: bool,
+    expects_continue: bool,
+    head_len: usize,
+    content_length: usize,
+}
+
+enum ReadError {
+    /// Closed, failed or idle: drop silently.
+    Gone,
+    /// Answer this status, then close.
+    Status(u16, Option<http::HttpError>),
+}
+
+async fn read_more(
+    stream: &mut TcpStream,
+    buffer: &mut Vec<u8>,
+    deadline: Instant,
+) -> Result<(), ReadError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(ReadError::Status(408, None));
+    }
+    let _ = stream.set_read_timeout(Some(left));
+    let start = buffer.len();
+    let want = (start + 16 * 1024).max(buffer.capacity());
+    buffer.resize(want, 0);
+    match stream.read(&mut buffer[start..]).await {
+        Ok(0) => {
+            buffer.truncate(start);
+            Err(ReadError::Gone)
+        }
+        Ok(read) => {
+            buffer.truncate(start + read);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            buffer.truncate(start);
+            Err(if start > 0 {
+                ReadError::Status(408, None)
+            } else {
+                ReadError::Gone
+            })
+        }
+        Err(_) => {
+            buffer.truncate(start);
+            Err(ReadError::Gone)
+        }
+    }
+}
+
+fn parse_request(shard: &Shard, buffer: &[u8]) -> Result<Option<Request>, ReadError> {
+    let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+    match http::parse_head(buffer, &mut headers, shard.config.publish_body_bytes) {
+        Ok(None) => Ok(None),
+        Err(error) => Err(ReadError::Status(error.status(), Some(error))),
+        Ok(Some(head)) => {
+            let authorized = head
+                .header("authorization")
+                .and_then(http::bearer_token)
+                .is_some_and(|token| {
+                    constant_time_eq(token.as_bytes(), shard.admin_token.as_bytes())
+                });
+            let ndjson = head
+                .header("content-type")
+                .is_some_and(|t| t.starts_with(b"application/x-ndjson"));
+            Ok(Some(Request {
+                method: head.method.to_string(),
+                path: head.path.to_string(),
+                authorized,
+                ndjson,
+                close: head.connection_close(),
+                expects_continue: head.expects_continue(),
+                head_len: head.head_len,
+                content_length: head.content_length,
+            }))
+        }
+    }
+}
+
+async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let mut buffer: Vec<u8> = Vec::new();
+    let mut out = Vec::with_capacity(1024);
+    loop {
+        // Head: idle keep-alive connections get longer than a started head.
+        let mut deadline = Instant::now() + Duration::from_millis(KEEP_ALIVE_IDLE_MS);
+        let request = loop {
+            if !buffer.is_empty() {
+                match parse_request(&shard, &buffer) {
+                    Ok(Some(request)) => break request,
+                    Ok(None) => {}
+                    Err(ReadError::Gone) => return,
+                    Err(ReadError::Status(status, error)) => {
+                        answer_error(&mut stream, &mut out, status, error).await;
+                        return;
+                    }
+                }
+                deadline = deadline.min(Instant::now() + Duration::from_millis(HEAD_TIMEOUT_MS));
+            }
+            if let Err(error) = read_more(&mut stream, &mut buffer, deadline).await {
+                if let ReadError::Status(status, e) = error {
+                    answer_error(&mut stream, &mut out, status, e).await;
+                }
+                return;
+            }
+        };
+        if request.expects_continue && buffer.len() < request.head_len + request.content_length {
+            let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+        }
+        let body_deadline = Instant::now() + Duration::from_millis(BODY_TIMEOUT_MS);
+        while buffer.len() < request.head_len + request.content_length {
+            if let Err(error) = read_more(&mut stream, &mut buffer, body_deadline).await {
+                if let ReadError::Status(status, e) = error {
+                    answer_error(&mut stream, &mut out, status, e).await;
+                }
+                return;
+            }
+        }
+        let end = request.head_len + request.content_length;
+        let body = &buffer[request.head_len..end];
+        out.clear();
+        respond(&shard, &request, body, &mut out).await;
+        if request.close {
+            let _ = stream.write_all(&out).await;
+            return;
+        }
+        if stream.write_all(&out).await.is_err() {
+            return;
+        }
+        buffer.drain(..end);
+        if buffer.capacity() > 64 * 1024 && buffer.len() < 64 * 1024 {
+            buffer.shrink_to(64 * 1024);
+        }
+    }
+}
+
+async fn answer_error(
+    stream: &mut TcpStream,
+    out: &mut Vec<u8>,
+    status: u16,
+    error: Option<http::HttpError>,
+) {
+    out.clear();
+    match error {
+        Some(error) => http::write_http_error(out, error),
+        None => http::write_error(out, status, &[("Connection", "close")]),
+    }
+    let _ = stream.write_all(out).await;
+}
+
+async fn respond(shard: &Shard, request: &Request, body: &[u8], out: &mut Vec<u8>) {
+    const JSON: &str = "application/json";
+    match (request.method.as_str(), request.path.as_str()) {
+        ("GET", "/healthz") => http::write_response(out, 200, JSON, &[], br#"{"status":"ok"}"#),
+        ("GET", "/readyz") => {
+            if shard.stopping.get() {
+                http::write_response(out, 503, JSON, &[], br#"{"status":"stopping"}"#)
+            } else {
+                http::write_response(out, 200, JSON, &[], br#"{"status":"ready"}"#)
+            }
+        }
+        (_, "/healthz" | "/readyz" | "/metrics") if request.method != "GET" => {
+            http::write_error(out, 405, &[("Allow", "GET")])
+        }
+        (_, "/metrics" | "/v1/publish") if !request.authorized => {
+            http::write_error(out, 401, &[("WWW-Authenticate", "Bearer")])
+        }
+        ("GET", "/metrics") => {
+            shard.sync_metrics();
+            let text = crate::metrics::render(&shard.all_metrics);
+            http::write_response(out, 200, "text/plain; version=0.0.4", &[], text.as_bytes())
+        }
+        ("POST", "/v1/publish") => match crate::publish::parse_body(body, request.ndjson) {
+            Err(error) => http::write_response(out, 400, JSON, &[], error.to_json().as_bytes()),
+            Ok(messages) => {
+                let count = messages.len();
+                match shard.publish(messages).await {
+                    Ok(seqs) => {
+                        let mut json = Vec::with_capacity(32 + seqs.len() * 8);
+                        json.extend_from_slice(b"{\"accepted\":");
+                        crate::registry::push_u64(&mut json, count as u64);
+                        json.extend_from_slice(b",\"seqs\":[");
+                        for (i, seq) in seqs.iter().enumerate() {
+                            if i > 0 {
+                                json.push(b',');
+                            }
+                            crate::registry::push_u64(&mut json, *seq);
+                        }
+                        json.extend_from_slice(b"]}");
+                        http::write_response(out, 202, JSON, &[], &json)
+                    }
+                    Err(_) => http::write_error(out, 503, &[]),
+                }
+            }
+        },
+        (_, "/v1/publish") => http::write_error(out, 405, &[("Allow", "POST")]),
+        _ => http::write_error(out, 404, &[]),
+    }
+}

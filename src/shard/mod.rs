@@ -1,0 +1,740 @@
+//! The shard runtime: one glommio executor pinned per CPU, each with its own
+//! public and admin listener (SO_REUSEPORT), registry, key index and
+//! metrics, joined by a channel mesh over which sockets and publishes travel
+//! to the shard that owns their org.
+
+mod admin;
+mod connection;
+mod public;
+
+use std::cell::{Cell, RefCell};
+use std::io::IoSlice;
+use std::os::unix::io::RawFd;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime};
+
+use glommio::channels::channel_mesh::{MeshBuilder, Senders};
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::auth::keys::{KeyIndex, KeyStore};
+use crate::config::Config;
+use crate::metrics::ShardMetrics;
+use crate::registry::{ConnKey, Flush, Outgoing, Registry, RegistryLimits};
+
+/// Size of a pooled read buffer: a request head fits, and most client
+/// messages; bigger frames grow a buffer that is then not pooled.
+pub const READ_BUFFER_BYTES: usize = crate::limits::HEAD_BYTES_MAX;
+
+/// Pooled buffers kept per shard beyond which returned ones are freed.
+const POOL_BUFFERS_MAX: usize = 256;
+
+/// How often each shard re-checks the key file.
+const KEY_RELOAD_MS: u64 = 500;
+
+/// Close code for a revoked key (PROTOCOL.md §2).
+pub const CLOSE_KEY_REVOKED: u16 = 4003;
+/// Close code when the server shuts down.
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// Internal: drop the socket without a close frame (never sent on the wire).
+pub const CLOSE_ABORT: u16 = 1006;
+
+/// Stable org → shard mapping (FNV-1a 64): the same org lands on the same
+/// shard index across restarts and builds.
+pub fn shard_for(org_id: &str, shards: usize) -> usize {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in org_id.bytes() {
+        hash ^= byte as u64;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % shards as u64) as usize
+}
+
+/// What shards send each other.
+pub enum ShardMessage {
+    /// A WebSocket upgrade authenticated elsewhere, for the owner to answer.
+    Adopt(Handoff),
+    /// Messages for orgs this shard owns; the reply carries their seqs.
+    Publish {
+        /// The messages, in request order.
+        messages: Vec<Outgoing>,
+        /// Where the seqs go.
+        reply: futures_channel::oneshot::Sender<Vec<u64>>,
+    },
+}
+
+/// An authenticated upgrade travelling to its org's owner shard.
+pub struct Handoff {
+    /// A duplicate of the accepted socket, owned by the message.
+    pub fd: RawFd,
+    /// Bytes read after the request head (a first frame may already be there).
+    pub leftover: Vec<u8>,
+    /// The org.
+    pub org_id: String,
+    /// The API key id, for revocation.
+    pub key_id: String,
+    /// `Sec-WebSocket-Key` of the request, for the 101 answer.
+    pub ws_key: String,
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        if self.fd >= 0 {
+            // SAFETY: the handoff owns this descriptor until adopted (fd = -1).
+            unsafe { libc::close(self.fd) };
+        }
+    }
+}
+
+/// State of one shard, shared by its tasks (never across threads).
+pub struct Shard {
+    /// This shard's index.
+    pub id: usize,
+    /// Number of shards.
+    pub count: usize,
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// Connections, orgs, channels, queues.
+    pub registry: RefCell<Registry>,
+    /// Active keys.
+    pub keys: RefCell<Rc<KeyIndex>>,
+    /// The admin token.
+    pub admin_token: Arc<str>,
+    /// Mesh to the other shards.
+    pub mesh: Option<Senders<ShardMessage>>,
+    /// This shard's counters.
+    pub metrics: Arc<ShardMetrics>,
+    /// Every shard's counters, for `/metrics`.
+    pub all_metrics: Arc<Vec<Arc<ShardMetrics>>>,
+    /// Parked read buffers.
+    pool: RefCell<Vec<Vec<u8>>>,
+    /// Set when the shard drains for shutdown.
+    pub stopping: Cell<bool>,
+}
+
+impl Shard {
+    /// A read buffer from the pool.
+    pub fn take_buffer(&self) -> Vec<u8> {
+        self.pool
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| vec![0u8; READ_BUFFER_BYTES])
+    }
+
+    /// Parks a read buffer (oversized ones are freed).
+    pub fn return_buffer(&self, buffer: Vec<u8>) {
+        let mut pool = self.pool.borrow_mut();
+        if buffer.len() == READ_BUFFER_BYTES && pool.len() < POOL_BUFFERS_MAX {
+            pool.push(buffer);
+        }
+    }
+
+    /// Copies the registry's counters into the shared metrics.
+    pub fn sync_metrics(&self) {
+        let registry = self.registry.borrow();
+        let c = registry.counters;
+        let m = &self.metrics;
+        m.connections
+            .store(registry.connections.len() as u64, Ordering::Relaxed);
+        m.published.store(c.published, Ordering::Relaxed);
+        m.delivered.store(c.delivered, Ordering::Relaxed);
+        m.bytes_sent.store(c.bytes_sent, Ordering::Relaxed);
+        m.sends.store(c.sends, Ordering::Relaxed);
+        m.slow_consumer_closes
+            .store(c.slow_consumer_closes, Ordering::Relaxed);
+    }
+
+    /// Writes every connection with newly queued frames, yielding to the
+    /// executor between chunks so one big broadcast can't stall the core.
+    pub async fn flush_dirty(&self) {
+        const CHUNK: usize = 2048;
+        let dirty = self.registry.borrow_mut().take_dirty();
+        for chunk in dirty.chunks(CHUNK) {
+            {
+                let mut registry = self.registry.borrow_mut();
+                for &index in chunk {
+                    flush_one(&mut registry, index);
+                }
+            }
+            if chunk.len() == CHUNK {
+                glommio::yield_if_needed().await;
+            }
+        }
+        self.registry.borrow_mut().return_dirty(dirty);
+    }
+
+    /// Sequences and fans out messages this shard owns; returns their seqs.
+    pub async fn publish_local(&self, messages: &[Outgoing]) -> Vec<u64> {
+        let seqs = {
+            let mut registry = self.registry.borrow_mut();
+            messages.iter().map(|m| registry.publish(m)).collect()
+        };
+        self.flush_dirty().await;
+        seqs
+    }
+
+    /// Routes messages to their owner shards; seqs come back in input order.
+    pub async fn publish(&self, messages: Vec<Outgoing>) -> Result<Vec<u64>, String> {
+        let mut by_shard: Vec<Vec<(usize, Outgoing)>> =
+            (0..self.count).map(|_| Vec::new()).collect();
+        for (index, message) in messages.into_iter().enumerate() {
+            by_shard[shard_for(&message.org_id, self.count)].push((index, message));
+        }
+        let total: usize = by_shard.iter().map(Vec::len).sum();
+        let mut seqs = vec![0u64; total];
+        for (owner, batch) in by_shard.into_iter().enumerate() {
+            if batch.is_empty() {
+                continue;
+            }
+            let (indexes, batch): (Vec<usize>, Vec<Outgoing>) = batch.into_iter().unzip();
+            let batch_seqs = if owner == self.id {
+                self.publish_local(&batch).await
+            } else {
+                let (reply, answer) = futures_channel::oneshot::channel();
+                let mesh = self.mesh.as_ref().expect("several shards have a mesh");
+                mesh.send_to(
+                    owner,
+                    ShardMessage::Publish {
+                        messages: batch,
+                        reply,
+                    },
+                )
+                .await
+                .map_err(|_| "shard mesh closed".to_string())?;
+                answer
+                    .await
+                    .map_err(|_| "owner shard stopped".to_string())?
+            };
+            for (index, seq) in indexes.into_iter().zip(batch_seqs) {
+                seqs[index] = seq;
+            }
+        }
+        Ok(seqs)
+    }
+}
+
+/// Non-blocking vectored send on a raw socket.
+pub fn send_vectored(fd: RawFd, slices: &[IoSlice<'_>]) -> std::io::Result<usize> {
+    // SAFETY: IoSlice is ABI-compatible with iovec on Unix; msghdr is plain
+    // data and every pointer in it outlives the call.
+    unsafe {
+        let mut header: libc::msghdr = std::mem::zeroed();
+        header.msg_iov = slices.as_ptr() as *mut libc::iovec;
+        header.msg_iovlen = slices.len() as _;
+        let written = libc::sendmsg(fd, &header, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+        if written < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(written as usize)
+        }
+    }
+}
+
+/// Flushes one connection unless its task is already waiting to write.
+pub fn flush_one(registry: &mut Registry, index: u32) {
+    let Some(conn) = registry.connections.get(index as usize) else {
+        return;
+    };
+    if conn.write_blocked || conn.close.is_some() || conn.queue.is_empty() {
+        return;
+    }
+    match registry.flush(index, &mut send_vectored) {
+        Flush::Drained => {}
+        Flush::Blocked => {
+            if let Some(waker) = registry.connections[index as usize].waker.as_ref() {
+                waker.wake_by_ref();
+            }
+        }
+        Flush::Failed => {
+            let conn = &mut registry.connections[index as usize];
+            let key = ConnKey {
+                index,
+                generation: conn.generation,
+            };
+            registry.request_close(key, CLOSE_ABORT);
+        }
+    }
+}
+
+/// Everything the shards share at startup.
+struct Shared {
+    config: Arc<Config>,
+    admin_token: Arc<str>,
+    keys: KeyIndex,
+    all_metrics: Arc<Vec<Arc<ShardMetrics>>>,
+    stop: Arc<AtomicBool>,
+    exited: std::sync::atomic::AtomicUsize,
+    connections_max_per_shard: usize,
+}
+
+/// Counts a shard's end, also when it panics, so the main thread notices.
+struct ExitGuard(Arc<Shared>);
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        self.0.exited.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn fail(message: String) -> String {
+    message
+}
+
+/// Raises RLIMIT_NOFILE's soft limit to the hard one and checks that it
+/// covers the configured connections. Returns the connection budget.
+fn check_open_files(config: &Config) -> Result<usize, String> {
+    // Files the server needs besides client sockets: listeners, rings,
+    // eventfds, data files, admin connections in flight.
+    let reserve = 64 + 16 * config.shards as u64;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a stack struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err("cannot read the open-files limit (getrlimit)".to_string());
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    let available = limit.rlim_cur.saturating_sub(reserve);
+    match config.max_connections {
+        Some(wanted) if wanted as u64 > available => Err(format!(
+            "the open-files limit ({}) is too low for --max-connections {wanted}: it needs at least {}; \
+             raise it (ulimit -n, or LimitNOFILE= in the systemd unit) or lower --max-connections",
+            limit.rlim_cur,
+            wanted as u64 + reserve
+        )),
+        Some(wanted) => Ok(wanted),
+        None if available < 16 => Err(format!(
+            "the open-files limit ({}) leaves no room for connections; raise it (ulimit -n)",
+            limit.rlim_cur
+        )),
+        None => Ok(available as usize),
+    }
+}
+
+/// glommio's io_uring rings need locked memory; root is exempt.
+fn check_memlock() -> Result<(), String> {
+    const NEEDED: u64 = 512 * 1024;
+    // SAFETY: geteuid and getrlimit/setrlimit on a stack struct.
+    unsafe {
+        if libc::geteuid() == 0 {
+            return Ok(());
+        }
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) != 0 {
+            return Ok(());
+        }
+        if limit.rlim_cur < NEEDED && limit.rlim_max >= NEEDED {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &raised) == 0 {
+                return Ok(());
+            }
+        }
+        if limit.rlim_cur < NEEDED {
+            return Err(format!(
+                "the locked-memory limit (RLIMIT_MEMLOCK) is {} KiB but io_uring needs at least {} KiB: \
+                 raise it with `ulimit -l unlimited` (or LimitMEMLOCK=infinity in the systemd unit) and start again",
+                limit.rlim_cur / 1024,
+                NEEDED / 1024
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Creates the data directory, checks it is writable, and locks it so a
+/// second server (which SO_REUSEPORT would otherwise let share our ports)
+/// refuses to start. The returned file holds the lock for the process's life.
+fn lock_data_dir(dir: &PathBuf) -> Result<std::fs::File, String> {
+    use std::os::unix::io::AsRawFd;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("data directory {} cannot be created: {e}", dir.display()))?;
+    let probe = dir.join(".write-probe");
+    std::fs::write(&probe, b"ok").map_err(|e| {
+        format!(
+            "data directory {} is not writable: {e}; choose another with --data-dir",
+            dir.display()
+        )
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    let lock_path = dir.join("server.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+    // SAFETY: flock on a descriptor we own.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(format!(
+            "another hookstream server is already running on data directory {}",
+            dir.display()
+        ));
+    }
+    Ok(file)
+}
+
+/// Binds a plain (non-reuseport) listener once to find out whether the
+/// address is free, and resolves port 0 to a real port.
+fn probe_bind(what: &str, addr: std::net::SocketAddr) -> Result<std::net::SocketAddr, String> {
+    match std::net::TcpListener::bind(addr) {
+        Ok(listener) => listener
+            .local_addr()
+            .map_err(|e| format!("--{what} {addr}: {e}")),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(format!(
+            "address {addr} (--{what}) is already in use: stop the other process or choose another address"
+        )),
+        Err(e) => Err(format!("cannot listen on {addr} (--{what}): {e}")),
+    }
+}
+
+/// Runs the gateway until SIGTERM or SIGINT. `on_ready` runs once every
+/// shard listens (used by `--demo` to print its instructions).
+pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(), String> {
+    check_memlock()?;
+    let connections_max = check_open_files(&config)?;
+    let _lock = lock_data_dir(&config.data_dir)?;
+    config.listen = probe_bind("listen", config.listen)?;
+    config.admin_listen = probe_bind("admin-listen", config.admin_listen)?;
+    let admin_token: Arc<str> = crate::auth::keys::admin_token(&config.data_dir)
+        .map_err(|e| format!("admin token: {e}"))?
+        .into();
+    let store = KeyStore::new(&config.data_dir);
+    let keys = KeyIndex::from_file(&store.load().map_err(|e| e.to_string())?);
+
+    // Signals are taken synchronously by the main thread: block them here,
+    // before any executor thread exists, so every thread inherits the mask.
+    // SAFETY: sigset manipulation on stack values.
+    let signals = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+
+    let shards = config.shards;
+    let config = Arc::new(config);
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        admin_token: admin_token.clone(),
+        keys,
+        all_metrics: Arc::new(
+            (0..shards)
+                .map(|_| Arc::new(ShardMetrics::default()))
+                .collect(),
+        ),
+        stop: Arc::new(AtomicBool::new(false)),
+        exited: std::sync::atomic::AtomicUsize::new(0),
+        connections_max_per_shard: connections_max.div_ceil(shards).max(1),
+    });
+    let mesh = MeshBuilder::<ShardMessage, _>::full(shards, 1024);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+    let mut handles = Vec::new();
+    for id in 0..shards {
+        let shared = shared.clone();
+        let mesh = mesh.clone();
+        let ready = ready_tx.clone();
+        let builder = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
+            .name(&format!("shard-{id}"))
+            .ring_depth(1024)
+            .io_memory(2 << 20)
+            .preempt_timer(Duration::from_millis(5))
+            .spin_before_park(Duration::from_micros(0));
+        let handle = builder
+            .spawn(move || async move { shard_main(id, shared, mesh, ready).await })
+            .map_err(|e| glommio_error(&e.to_string()))?;
+        handles.push(handle);
+    }
+    drop(ready_tx);
+    for _ in 0..shards {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(message)) => {
+                shared.stop.store(true, Ordering::SeqCst);
+                return Err(message);
+            }
+            Err(_) => {
+                return Err(glommio_error("a shard stopped during startup"));
+            }
+        }
+    }
+    let listen_line = format!(
+        "hookstream listening on ws://{}/v1/ws (admin http://{}), {} shard(s), data dir {}",
+        config.listen,
+        config.admin_listen,
+        shards,
+        config.data_dir.display()
+    );
+    eprintln!("{listen_line}");
+    on_ready(&config, &admin_token);
+
+    // Wait for a signal, or for a shard to die.
+    loop {
+        let timeout = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 200_000_000,
+        };
+        // SAFETY: sigtimedwait with a blocked set and stack values.
+        let signal = unsafe { libc::sigtimedwait(&signals, std::ptr::null_mut(), &timeout) };
+        if signal == libc::SIGTERM || signal == libc::SIGINT {
+            eprintln!("hookstream: signal received, closing connections with 1001 and stopping");
+            break;
+        }
+        if shared.exited.load(Ordering::SeqCst) > 0 {
+            shared.stop.store(true, Ordering::SeqCst);
+            for handle in handles {
+                let _ = handle.join();
+            }
+            return Err("a shard stopped unexpectedly".to_string());
+        }
+    }
+    shared.stop.store(true, Ordering::SeqCst);
+    for handle in handles {
+        let _ = handle.join();
+    }
+    Ok(())
+}
+
+fn glommio_error(text: &str) -> String {
+    if text.contains("MemLock") || text.contains("memlock") {
+        return "the locked-memory limit (RLIMIT_MEMLOCK) is too low for io_uring: raise it with \
+                `ulimit -l unlimited` (or LimitMEMLOCK=infinity in the systemd unit)"
+            .to_string();
+    }
+    format!("cannot start the shard runtime: {text}")
+}
+
+async fn shard_main(
+    id: usize,
+    shared: Arc<Shared>,
+    mesh: MeshBuilder<ShardMessage, glommio::channels::channel_mesh::Full>,
+    ready: mpsc::Sender<Result<(), String>>,
+) {
+    let _exit = ExitGuard(shared.clone());
+    let config = shared.config.clone();
+    let (senders, mut receivers) = match mesh.join().await {
+        Ok(pair) => pair,
+        Err(_) => {
+            let _ = ready.send(Err(fail("cannot join the shard mesh".to_string())));
+            return;
+        }
+    };
+    let limits = RegistryLimits {
+        connections_per_org: config.connections_per_org,
+        connections_max: shared.connections_max_per_shard,
+        subscriptions_max: config.subscriptions_max,
+        send_queue_bytes: config.send_queue_bytes,
+    };
+    let shard = Rc::new(Shard {
+        id,
+        count: config.shards,
+        config: config.clone(),
+        registry: RefCell::new(Registry::new(limits)),
+        keys: RefCell::new(Rc::new(shared.keys.clone())),
+        admin_token: shared.admin_token.clone(),
+        mesh: if config.shards > 1 {
+            Some(senders)
+        } else {
+            None
+        },
+        metrics: shared.all_metrics[id].clone(),
+        all_metrics: shared.all_metrics.clone(),
+        pool: RefCell::new(Vec::new()),
+        stopping: Cell::new(false),
+    });
+    let public_listener = match glommio::net::TcpListener::bind(config.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(format!(
+                "cannot listen on {} (--listen): {e}",
+                config.listen
+            )));
+            return;
+        }
+    };
+    let admin_listener = match glommio::net::TcpListener::bind(config.admin_listen) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(format!(
+                "cannot listen on {} (--admin-listen): {e}",
+                config.admin_listen
+            )));
+            return;
+        }
+    };
+
+    // Messages from the other shards.
+    let mut mesh_tasks = Vec::new();
+    for (_, receiver) in receivers.streams() {
+        let shard = shard.clone();
+        mesh_tasks.push(glommio::spawn_local(async move {
+            while let Some(message) = receiver.recv().await {
+                match message {
+                    ShardMessage::Adopt(mut handoff) => {
+                        let fd = std::mem::replace(&mut handoff.fd, -1);
+                        // SAFETY: the handoff owned `fd` (a dup of the accepted
+                        // socket); ownership moves into the stream here.
+                        let stream = unsafe {
+                            <glommio::net::TcpStream as std::os::unix::io::FromRawFd>::from_raw_fd(
+                                fd,
+                            )
+                        };
+                        public::adopt(shard.clone(), stream, &handoff);
+                    }
+                    ShardMessage::Publish { messages, reply } => {
+                        let shard = shard.clone();
+                        glommio::spawn_local(async move {
+                            let seqs = shard.publish_local(&messages).await;
+                            let _ = reply.send(seqs);
+                        })
+                        .detach();
+                    }
+                }
+            }
+        }));
+    }
+
+    let accept_public = glommio::spawn_local(public::accept_loop(shard.clone(), public_listener));
+    let accept_admin = glommio::spawn_local(admin::accept_loop(shard.clone(), admin_listener));
+    let heartbeat = glommio::spawn_local(heartbeat_loop(shard.clone()));
+    let key_reload = glommio::spawn_local(key_reload_loop(shard.clone()));
+    let demo = (config.demo && id == 0).then(|| glommio::spawn_local(demo_loop(shard.clone())));
+    let _ = ready.send(Ok(()));
+
+    // Wait for the stop flag, keeping metrics fresh meanwhile.
+    let mut last_sync = Instant::now();
+    while !shared.stop.load(Ordering::Relaxed) {
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+        if last_sync.elapsed() >= Duration::from_millis(200) {
+            shard.sync_metrics();
+            last_sync = Instant::now();
+        }
+    }
+
+    // Drain: stop accepting, close every connection with 1001, wait.
+    shard.stopping.set(true);
+    drop(accept_public);
+    drop(accept_admin);
+    drop(heartbeat);
+    drop(key_reload);
+    drop(demo);
+    let keys = shard.registry.borrow().keys();
+    for key in keys {
+        shard
+            .registry
+            .borrow_mut()
+            .request_close(key, CLOSE_GOING_AWAY);
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !shard.registry.borrow().connections.is_empty() && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    drop(mesh_tasks);
+}
+
+/// Pings every connection each `heartbeat_ms`; closes the ones that have not
+/// sent anything for two intervals.
+async fn heartbeat_loop(shard: Rc<Shard>) {
+    let interval = Duration::from_millis(shard.config.heartbeat_ms);
+    let mut ping_frame = [0u8; 14];
+    let len = crate::protocol::ws::encode_header(
+        &mut ping_frame,
+        true,
+        crate::protocol::ws::Opcode::Ping,
+        0,
+        None,
+    );
+    let ping: crate::registry::Frame = Rc::from(&ping_frame[..len]);
+    loop {
+        glommio::timer::sleep(interval).await;
+        {
+            let mut registry = shard.registry.borrow_mut();
+            for key in registry.keys() {
+                let Some(conn) = registry.get_mut(key) else {
+                    continue;
+                };
+                if conn.close.is_some() {
+                    continue;
+                }
+                if conn.missed_pongs >= 2 {
+                    registry.request_close(key, connection::CLOSE_HEARTBEAT);
+                } else {
+                    conn.missed_pongs += 1;
+                    registry.enqueue(key.index, &ping);
+                }
+            }
+        }
+        shard.flush_dirty().await;
+    }
+}
+
+/// Re-reads the key file when it changes; closes the connections of keys
+/// that were revoked with 4003.
+async fn key_reload_loop(shard: Rc<Shard>) {
+    let store = KeyStore::new(&shard.config.data_dir);
+    let mut seen: Option<SystemTime> = store.modified();
+    loop {
+        glommio::timer::sleep(Duration::from_millis(KEY_RELOAD_MS)).await;
+        let modified = store.modified();
+        if modified == seen {
+            continue;
+        }
+        seen = modified;
+        let file = match store.load() {
+            Ok(file) => file,
+            Err(e) => {
+                eprintln!(
+                    "hookstream: shard {}: key store not reloaded: {e}",
+                    shard.id
+                );
+                continue;
+            }
+        };
+        let index = Rc::new(KeyIndex::from_file(&file));
+        *shard.keys.borrow_mut() = index.clone();
+        let mut registry = shard.registry.borrow_mut();
+        for key_id in registry.connected_key_ids() {
+            if !index.is_active(&key_id) {
+                for key in registry.keys_of_api_key(&key_id) {
+                    registry.request_close(key, CLOSE_KEY_REVOKED);
+                }
+            }
+        }
+    }
+}
+
+/// `--demo`: a synthetic event, delivery and issue every second.
+async fn demo_loop(shard: Rc<Shard>) {
+    let mut tick = 0u64;
+    loop {
+        glommio::timer::sleep(Duration::from_secs(1)).await;
+        tick += 1;
+        if let Err(e) = shard.publish(crate::demo::messages(tick)).await {
+            eprintln!("hookstream: demo publish failed: {e}");
+        }
+    }
+}
