@@ -42,7 +42,6 @@ fn serve(args: config::ServeArgs) -> Result<(), String> {
             println!("Watch them arrive:");
             println!("  websocat '{ws}'");
             println!("  then type: {{\"type\":\"subscribe\",\"channel\":\"events\"}}");
-            println!("Dashboard: http://{}/", config.listen);
             println!(
                 "Admin token: {}",
                 config.data_dir.join("admin-token").display()

@@ -3,9 +3,11 @@
 //! metrics, joined by a channel mesh over which sockets and publishes travel
 //! to the shard that owns their org.
 
+pub mod access;
 mod admin;
 mod connection;
 mod public;
+pub mod routes;
 
 use std::cell::{Cell, RefCell};
 use std::io::IoSlice;

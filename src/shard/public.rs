@@ -72,7 +72,11 @@ async fn read_head(stream: &mut TcpStream, buffer: &mut [u8]) -> Result<usize, O
         };
         filled += read;
         let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
-        match http::parse_head(&buffer[..filled], &mut headers, 0) {
+        match http::parse_head(
+            &buffer[..filled],
+            &mut headers,
+            super::routes::PUBLIC_BODY_BYTES_MAX,
+        ) {
             Ok(None) => continue,
             Ok(Some(_)) | Err(_) => {
                 let _ = stream.set_read_timeout(None);
@@ -80,14 +84,6 @@ async fn read_head(stream: &mut TcpStream, buffer: &mut [u8]) -> Result<usize, O
             }
         }
     }
-}
-
-/// The credentials of an upgrade, checked against the key index.
-fn authenticate(shard: &Shard, upgrade: &http::Upgrade<'_>) -> Option<(String, String)> {
-    let keys = shard.keys.borrow();
-    let presented = upgrade.token.as_deref().or(upgrade.bearer)?;
-    keys.authenticate(presented)
-        .map(|key| (key.org_id.clone(), key.id.clone()))
 }
 
 async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
@@ -111,15 +107,26 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
     };
     let decision = {
         let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
-        match http::parse_head(&buffer[..filled], &mut headers, 0) {
+        match http::parse_head(
+            &buffer[..filled],
+            &mut headers,
+            super::routes::PUBLIC_BODY_BYTES_MAX,
+        ) {
             Err(error) => Err((error.status(), Some(error))),
             Ok(None) => Err((400, None)),
-            Ok(Some(head)) => route(&shard, &head),
+            Ok(Some(head)) if head.path != "/v1/ws" => Ok(None),
+            Ok(Some(head)) => route(&shard, &head).map(Some),
         }
     };
     match decision {
         Err((status, error)) => refuse(&shard, &mut stream, status, error).await,
-        Ok(accepted) => {
+        Ok(None) => {
+            // Plain HTTP (sessions, polling, SSE, pages): served here, on
+            // the accepting shard; history reads cross to the owner shard.
+            super::routes::serve(shard, stream, buffer, filled).await;
+            return;
+        }
+        Ok(Some(accepted)) => {
             let leftover = buffer[accepted.head_len..filled].to_vec();
             let owner = shard_for(&accepted.org_id, shard.count);
             if owner == shard.id {
@@ -164,15 +171,13 @@ struct Accepted {
 }
 
 fn route(shard: &Shard, head: &http::Head<'_, '_>) -> Result<Accepted, (u16, Option<HttpError>)> {
-    if head.path != "/v1/ws" {
-        return Err((404, None));
-    }
     let upgrade = http::validate_upgrade(head).map_err(|e| (e.status(), Some(e)))?;
-    let (org_id, key_id) = authenticate(shard, &upgrade).ok_or((401, None))?;
+    let principal =
+        super::access::authenticate_upgrade(shard, &upgrade).map_err(|status| (status, None))?;
     Ok(Accepted {
         head_len: head.head_len,
-        org_id,
-        key_id,
+        org_id: principal.org_id,
+        key_id: principal.key_id,
         ws_key: String::from_utf8_lossy(upgrade.key).into_owned(),
     })
 }

@@ -1,0 +1,201 @@
+//! Plain HTTP/1.1 requests on the public listener (everything but the
+//! WebSocket upgrade): keep-alive loop, bounded reads, and dispatch by path
+//! to the handlers of each capability. Handlers write their own answer (so
+//! long-polls and Server-Sent Events can stream) and say whether the
+//! connection may carry another request.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use super::Shard;
+use crate::limits::{HEADERS_MAX, HEAD_TIMEOUT_MS};
+use crate::protocol::http;
+
+/// Largest body accepted on the public listener (session requests carry
+/// none; this bounds what a client can make us buffer).
+pub const PUBLIC_BODY_BYTES_MAX: usize = 16 * 1024;
+/// An idle keep-alive connection is closed after this long.
+const KEEP_ALIVE_IDLE_MS: u64 = 30_000;
+
+/// A request, owned, so handlers can await without borrowing the buffer.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Method as sent.
+    pub method: String,
+    /// Path without the query.
+    pub path: String,
+    /// Raw query (without `?`).
+    pub query: String,
+    /// Header names (lower-cased) and raw values, in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The body.
+    pub body: Vec<u8>,
+    /// The client's address.
+    pub peer: Option<SocketAddr>,
+    /// The `Host` header.
+    pub host: Vec<u8>,
+}
+
+impl Request {
+    /// First header called `name` (give it lower-case).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// Percent-decoded query parameter.
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        for pair in self.query.split('&') {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if http::percent_decode(key).is_some_and(|k| k == name) {
+                return http::percent_decode(value).map(|v| v.into_owned());
+            }
+        }
+        None
+    }
+
+    fn from_head(head: &http::Head<'_, '_>, body: &[u8], peer: Option<SocketAddr>) -> Request {
+        Request {
+            method: head.method.to_string(),
+            path: head.path.to_string(),
+            query: head.query.to_string(),
+            headers: head
+                .headers
+                .iter()
+                .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec()))
+                .collect(),
+            body: body.to_vec(),
+            peer,
+            host: head.host.to_vec(),
+        }
+    }
+}
+
+/// What a handler leaves the connection in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    /// Another request may follow.
+    KeepAlive,
+    /// Close the connection.
+    Close,
+}
+
+/// Writes a complete response and keeps the connection.
+pub async fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> After {
+    let mut out = Vec::with_capacity(256 + body.len());
+    http::write_response(&mut out, status, content_type, headers, body);
+    match stream.write_all(&out).await {
+        Ok(()) => After::KeepAlive,
+        Err(_) => After::Close,
+    }
+}
+
+/// Writes a JSON error `{"error":…}` and keeps the connection.
+pub async fn respond_error(stream: &mut TcpStream, status: u16, headers: &[(&str, &str)]) -> After {
+    let mut out = Vec::with_capacity(256);
+    http::write_error(&mut out, status, headers);
+    match stream.write_all(&out).await {
+        Ok(()) => After::KeepAlive,
+        Err(_) => After::Close,
+    }
+}
+
+/// Serves plain HTTP requests on a public connection whose first request
+/// head is already in `buffer[..filled]`.
+pub async fn serve(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    mut buffer: Vec<u8>,
+    mut filled: usize,
+) {
+    let peer = stream.peer_addr().ok();
+    loop {
+        // Complete the head (the first one is complete on entry).
+        let deadline = Instant::now()
+            + Duration::from_millis(if filled == 0 {
+                KEEP_ALIVE_IDLE_MS
+            } else {
+                HEAD_TIMEOUT_MS
+            });
+        let (request, used) = loop {
+            let parsed = {
+                let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+                match http::parse_head(&buffer[..filled], &mut headers, PUBLIC_BODY_BYTES_MAX) {
+                    Err(error) => Err(error),
+                    Ok(None) => Ok(None),
+                    Ok(Some(head)) => {
+                        let end = head.head_len + head.content_length;
+                        if end <= filled {
+                            Ok(Some((
+                                Request::from_head(&head, &buffer[head.head_len..end], peer),
+                                end,
+                            )))
+                        } else {
+                            if end > buffer.len() {
+                                buffer.resize(end, 0);
+                            }
+                            Ok(None)
+                        }
+                    }
+                }
+            };
+            match parsed {
+                Err(error) => {
+                    let mut out = Vec::new();
+                    http::write_http_error(&mut out, error);
+                    let _ = stream.write_all(&out).await;
+                    return;
+                }
+                Ok(Some(done)) => break done,
+                Ok(None) => {}
+            }
+            if filled == buffer.len() {
+                let mut out = Vec::new();
+                http::write_http_error(&mut out, http::HttpError::HeadTooLarge);
+                let _ = stream.write_all(&out).await;
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            let _ = stream.set_read_timeout(Some(left));
+            match stream.read(&mut buffer[filled..]).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => filled += read,
+            }
+        };
+        let _ = stream.set_read_timeout(None);
+        let close_requested = request.header("connection").is_some_and(|v| {
+            String::from_utf8_lossy(v)
+                .to_ascii_lowercase()
+                .contains("close")
+        });
+        let after = dispatch(&shard, &request, &mut stream).await;
+        if after == After::Close || close_requested || shard.stopping.get() {
+            return;
+        }
+        buffer.copy_within(used..filled, 0);
+        filled -= used;
+        if buffer.len() > super::READ_BUFFER_BYTES && filled <= super::READ_BUFFER_BYTES {
+            buffer.truncate(super::READ_BUFFER_BYTES);
+        }
+    }
+}
+
+/// Picks the handler for a path.
+async fn dispatch(_shard: &Rc<Shard>, _request: &Request, stream: &mut TcpStream) -> After {
+    respond_error(stream, 404, &[]).await
+}
