@@ -356,7 +356,9 @@ impl Config {
         if self.connections_per_org == 0 {
             return Err("--connections-per-org must be at least 1".to_string());
         }
-        if self.listen == self.admin_listen {
+        // Port 0 asks the kernel for a free port, resolved at startup, so two
+        // `:0` listeners on one host never collide.
+        if self.listen == self.admin_listen && self.listen.port() != 0 {
             return Err("--listen and --admin-listen must differ".to_string());
         }
         Ok(())
