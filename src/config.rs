@@ -154,6 +154,18 @@ pub struct ServeArgs {
     /// Largest publish request body in bytes.
     #[arg(long, env = "HOOKSTREAM_PUBLISH_BODY_BYTES")]
     pub publish_body_bytes: Option<usize>,
+    /// WebSocket upgrades per source IP per second (0: unlimited).
+    #[arg(long, env = "HOOKSTREAM_UPGRADES_PER_IP_PER_SEC")]
+    pub upgrades_per_ip_per_sec: Option<u32>,
+    /// Burst of WebSocket upgrades per source IP.
+    #[arg(long, env = "HOOKSTREAM_UPGRADE_BURST_PER_IP")]
+    pub upgrade_burst_per_ip: Option<u32>,
+    /// Failed authentications per source IP per minute before 429 (0: unlimited).
+    #[arg(long, env = "HOOKSTREAM_AUTH_FAILURES_PER_IP_PER_MIN")]
+    pub auth_failures_per_ip_per_min: Option<u32>,
+    /// Lifetime of a browser session cookie in seconds.
+    #[arg(long, env = "HOOKSTREAM_SESSION_TTL_SECS")]
+    pub session_ttl_secs: Option<u64>,
 }
 
 /// What the TOML file may hold: the same names as the flags, with `_`.
@@ -174,6 +186,10 @@ struct FileConfig {
     send_queue_bytes: Option<usize>,
     client_message_bytes: Option<usize>,
     publish_body_bytes: Option<usize>,
+    upgrades_per_ip_per_sec: Option<u32>,
+    upgrade_burst_per_ip: Option<u32>,
+    auth_failures_per_ip_per_min: Option<u32>,
+    session_ttl_secs: Option<u64>,
 }
 
 /// The validated configuration of a running server.
@@ -205,6 +221,16 @@ pub struct Config {
     pub client_message_bytes: usize,
     /// Largest publish body (413 past it).
     pub publish_body_bytes: usize,
+    /// Upgrades per source IP per second, the token bucket's refill rate
+    /// (429 past it); 0 disables the limit.
+    pub upgrades_per_ip_per_sec: u32,
+    /// Upgrades per source IP at once, the token bucket's size.
+    pub upgrade_burst_per_ip: u32,
+    /// Failed authentications per source IP per minute before its requests
+    /// get 429; 0 disables the limit.
+    pub auth_failures_per_ip_per_min: u32,
+    /// Lifetime of a session cookie.
+    pub session_ttl_secs: u64,
     /// Whether `--demo` was asked for.
     pub demo: bool,
 }
@@ -312,6 +338,22 @@ impl Config {
                 .publish_body_bytes
                 .or(file.publish_body_bytes)
                 .unwrap_or(limits::PUBLISH_BODY_BYTES_MAX),
+            upgrades_per_ip_per_sec: args
+                .upgrades_per_ip_per_sec
+                .or(file.upgrades_per_ip_per_sec)
+                .unwrap_or(limits::UPGRADES_PER_IP_PER_SEC),
+            upgrade_burst_per_ip: args
+                .upgrade_burst_per_ip
+                .or(file.upgrade_burst_per_ip)
+                .unwrap_or(limits::UPGRADE_BURST_PER_IP),
+            auth_failures_per_ip_per_min: args
+                .auth_failures_per_ip_per_min
+                .or(file.auth_failures_per_ip_per_min)
+                .unwrap_or(limits::AUTH_FAILURES_PER_IP_PER_MIN),
+            session_ttl_secs: args
+                .session_ttl_secs
+                .or(file.session_ttl_secs)
+                .unwrap_or(limits::SESSION_TTL_SECS),
             demo: args.demo,
         };
         if args.tls_cert.or(file.tls_cert).is_some() || args.tls_key.or(file.tls_key).is_some() {
@@ -355,6 +397,15 @@ impl Config {
         }
         if self.connections_per_org == 0 {
             return Err("--connections-per-org must be at least 1".to_string());
+        }
+        if self.upgrades_per_ip_per_sec > 0 && self.upgrade_burst_per_ip == 0 {
+            return Err("--upgrade-burst-per-ip must be at least 1".to_string());
+        }
+        if self.session_ttl_secs == 0 || self.session_ttl_secs > limits::SESSION_TTL_SECS_MAX {
+            return Err(format!(
+                "--session-ttl-secs must be between 1 and {}",
+                limits::SESSION_TTL_SECS_MAX
+            ));
         }
         // Port 0 asks the kernel for a free port, resolved at startup, so two
         // `:0` listeners on one host never collide.

@@ -38,6 +38,31 @@ pub const PUBLISH_BODY_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Default connections per org.
 pub const CONNECTIONS_PER_ORG_MAX: usize = 100_000;
 
+/// Default WebSocket upgrades per source address per second (token bucket
+/// refill rate; PROTOCOL.md §6). 429 past it.
+pub const UPGRADES_PER_IP_PER_SEC: u32 = 200;
+
+/// Default burst of upgrades per source address (token bucket size).
+pub const UPGRADE_BURST_PER_IP: u32 = 400;
+
+/// Default failed authentications per source address per minute (also the
+/// bucket size). Past it every request of that address needing
+/// authentication gets 429 until the bucket refills: guessing costs time, and
+/// a client stuck on a revoked key reconnecting in a loop costs little.
+pub const AUTH_FAILURES_PER_IP_PER_MIN: u32 = 60;
+
+/// Source addresses each rate-limit table tracks at once, per shard.
+pub const RATE_LIMIT_ADDRESSES_MAX: usize = 65_536;
+
+/// Default lifetime of a browser session cookie: one day.
+pub const SESSION_TTL_SECS: u64 = 24 * 60 * 60;
+
+/// Longest session lifetime accepted: one year.
+pub const SESSION_TTL_SECS_MAX: u64 = 365 * 24 * 60 * 60;
+
+/// How often each shard writes the last-used times of the keys it saw.
+pub const KEY_LAST_USED_FLUSH_MS: u64 = 5_000;
+
 /// Default heartbeat interval.
 pub const HEARTBEAT_MS: u64 = 30_000;
 
@@ -50,3 +75,5 @@ pub const ORG_ID_BYTES_MAX: usize = 64;
 const _: () = assert!(CLIENT_MESSAGE_BYTES_MAX >= CONTROL_PAYLOAD_BYTES_MAX);
 const _: () = assert!(SEND_QUEUE_BYTES_MAX >= CLIENT_MESSAGE_BYTES_MAX);
 const _: () = assert!(HEAD_BYTES_MAX >= 1024);
+const _: () = assert!(UPGRADE_BURST_PER_IP >= UPGRADES_PER_IP_PER_SEC);
+const _: () = assert!(SESSION_TTL_SECS <= SESSION_TTL_SECS_MAX);

@@ -293,7 +293,11 @@ impl KeyStore {
 /// What the server needs to authenticate: active keys by hash.
 #[derive(Debug, Default, Clone)]
 pub struct KeyIndex {
+    /// Active keys by the hex hash of the key, for keys presented in clear.
     by_hash: HashMap<String, ActiveKey>,
+    /// Org of each active key by key id, for session cookies (which name
+    /// the key id) and revocation checks.
+    org_by_id: HashMap<String, String>,
 }
 
 /// An active (not revoked) key as the server sees it.
@@ -321,8 +325,12 @@ impl KeyIndex {
                     },
                 )
             })
+            .collect::<HashMap<_, _>>();
+        let org_by_id = by_hash
+            .values()
+            .map(|k| (k.id.clone(), k.org_id.clone()))
             .collect();
-        KeyIndex { by_hash }
+        KeyIndex { by_hash, org_by_id }
     }
 
     /// Looks a presented key up by its hash.
@@ -335,7 +343,12 @@ impl KeyIndex {
 
     /// True while a key id is active.
     pub fn is_active(&self, id: &str) -> bool {
-        self.by_hash.values().any(|k| k.id == id)
+        self.org_by_id.contains_key(id)
+    }
+
+    /// The org of an active key id; `None` once it is revoked.
+    pub fn org_of(&self, id: &str) -> Option<&str> {
+        self.org_by_id.get(id).map(String::as_str)
     }
 
     /// Number of active keys.

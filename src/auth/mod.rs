@@ -1,3 +1,5 @@
-//! Authentication: the hashed API key store and the admin token.
+//! Authentication: the hashed API key store, the admin token, and signed
+//! browser session cookies.
 
 pub mod keys;
+pub mod sessions;

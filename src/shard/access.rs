@@ -1,9 +1,39 @@
 //! Who may connect: credentials of an upgrade or a plain HTTP request,
-//! checked against the shard's key index. Token (`?token=`) first, then
-//! `Authorization: Bearer`; nothing here says whether an org or key exists.
+//! checked against the shard's key index, and the abuse limits in front of
+//! that check. Nothing here says whether an org or key exists: an unknown,
+//! a revoked and a malformed key, and a forged, expired or orphaned session
+//! cookie all get the same `401`.
+//!
+//! Credentials, in order (PROTOCOL.md §2): `?token=`, `Authorization:
+//! Bearer`, the `hs_session` cookie. The first one present decides; a wrong
+//! token is not rescued by a good cookie. The cookie is the one credential a
+//! browser attaches by itself, so it alone is checked against the `Origin`:
+//! on the WebSocket the `Origin` must be present and allowed (browsers always
+//! send it on upgrades; cross-site WebSocket hijacking is the attack), on
+//! plain HTTP routes it must be allowed when present (browsers omit it on
+//! same-origin GETs, and SameSite=Lax keeps the cookie off cross-site
+//! subrequests).
+//!
+//! Also here: the `/v1/sessions` route, and the last-used bookkeeping —
+//! each shard notes the key ids it authenticated and writes them to the key
+//! store every few seconds, on a blocking thread, never once per connection.
 
-use super::routes::Request;
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime};
+
+use glommio::net::TcpStream;
+
+use super::ratelimit::{Bucket, IpBuckets};
+use super::routes::{respond, respond_error, After, Request};
 use super::Shard;
+use crate::auth::keys::KeyStore;
+use crate::auth::sessions::{self, Session, SessionSigner};
+use crate::config::Config;
+use crate::limits::{KEY_LAST_USED_FLUSH_MS, RATE_LIMIT_ADDRESSES_MAX};
 use crate::protocol::http;
 
 /// An authenticated client.
@@ -13,6 +43,108 @@ pub struct Principal {
     pub org_id: String,
     /// The API key id (closing its connections on revocation).
     pub key_id: String,
+}
+
+/// One shard's access-control state.
+pub struct AccessState {
+    /// Signs and checks session cookies; the same secret on every shard.
+    signer: SessionSigner,
+    /// Upgrades per source address (PROTOCOL.md §6: 429 past it).
+    upgrades: RefCell<IpBuckets>,
+    /// Failed authentications per source address; an address with an empty
+    /// bucket gets 429 on anything that needs authentication.
+    auth_failures: RefCell<IpBuckets>,
+    /// Key ids authenticated since the last write of last-used times, with
+    /// the time of their latest use.
+    used_keys: RefCell<HashMap<String, SystemTime>>,
+}
+
+impl AccessState {
+    /// This shard's state: its share of the per-address limits of `config`
+    /// (see `ratelimit`) and the session signer.
+    pub fn new(config: &Config, signer: SessionSigner) -> AccessState {
+        let upgrades = (config.upgrades_per_ip_per_sec > 0).then(|| {
+            Bucket::per_shard(
+                f64::from(config.upgrades_per_ip_per_sec),
+                f64::from(config.upgrade_burst_per_ip),
+                config.shards,
+            )
+        });
+        let auth_failures = (config.auth_failures_per_ip_per_min > 0).then(|| {
+            let per_min = f64::from(config.auth_failures_per_ip_per_min);
+            Bucket::per_shard(per_min / 60.0, per_min, config.shards)
+        });
+        AccessState {
+            signer,
+            upgrades: RefCell::new(IpBuckets::new(upgrades, RATE_LIMIT_ADDRESSES_MAX)),
+            auth_failures: RefCell::new(IpBuckets::new(auth_failures, RATE_LIMIT_ADDRESSES_MAX)),
+            used_keys: RefCell::new(HashMap::new()),
+        }
+    }
+
+    fn note_used(&self, key_id: &str) {
+        let now = SystemTime::now();
+        let mut used = self.used_keys.borrow_mut();
+        match used.get_mut(key_id) {
+            Some(at) => *at = now,
+            None => {
+                used.insert(key_id.to_string(), now);
+            }
+        }
+    }
+}
+
+/// The credentials of a request, whichever way it came.
+struct Presented<'a> {
+    /// `?token=` or, failing that, the bearer token.
+    key: Option<Cow<'a, str>>,
+    /// The `hs_session` cookie.
+    cookie: Option<&'a str>,
+    /// The `Origin` header, trimmed.
+    origin: Option<&'a [u8]>,
+    /// The `Host` header, the default allowed origin.
+    host: &'a [u8],
+}
+
+/// Where a request arrived; decides how strict the `Origin` rule is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Surface {
+    /// `GET /v1/ws`: a cookie needs an `Origin`, and it must be allowed.
+    WebSocket,
+    /// Plain HTTP routes: a present `Origin` must be allowed.
+    Http,
+}
+
+/// True when `origin` may use the session cookie. With no
+/// `--allowed-origins` the request's own `Host` is the allowed origin, under
+/// either scheme (TLS is terminated in front of hookstream when used, so the
+/// browser's scheme can be `https` while we see plain HTTP); a default port
+/// in the origin is ignored. Comparisons are ASCII case-insensitive.
+pub fn origin_allowed(allowed_origins: &[String], origin: &[u8], host: &[u8]) -> bool {
+    if !allowed_origins.is_empty() {
+        return allowed_origins
+            .iter()
+            .any(|allowed| allowed.as_bytes().eq_ignore_ascii_case(origin));
+    }
+    let strip = |prefix: &[u8]| {
+        (origin.len() > prefix.len() && origin[..prefix.len()].eq_ignore_ascii_case(prefix))
+            .then(|| &origin[prefix.len()..])
+    };
+    let (authority, default_port): (&[u8], &[u8]) = match strip(b"http://") {
+        Some(rest) => (rest, b":80"),
+        None => match strip(b"https://") {
+            Some(rest) => (rest, b":443"),
+            None => return false,
+        },
+    };
+    let without_port = |text: &'_ [u8]| -> Vec<u8> {
+        let text = text.to_ascii_lowercase();
+        match text.strip_suffix(default_port) {
+            Some(short) => short.to_vec(),
+            None => text,
+        }
+    };
+    !host.is_empty() && without_port(authority) == without_port(host)
 }
 
 fn check_key(shard: &Shard, presented: &str) -> Result<Principal, u16> {
@@ -25,19 +157,285 @@ fn check_key(shard: &Shard, presented: &str) -> Result<Principal, u16> {
         .ok_or(401)
 }
 
-/// Authenticates a validated WebSocket upgrade; `Err` is the HTTP status.
-pub fn authenticate_upgrade(shard: &Shard, upgrade: &http::Upgrade<'_>) -> Result<Principal, u16> {
-    let presented = upgrade.token.as_deref().or(upgrade.bearer).ok_or(401u16)?;
-    check_key(shard, presented)
+fn check_cookie(shard: &Shard, cookie: &str) -> Result<Principal, u16> {
+    let Session { org_id, key_id, .. } = shard
+        .access
+        .signer
+        .verify(cookie, sessions::now_unix_secs())
+        .ok_or(401u16)?;
+    // A session dies with its key: the key must still be active, for the
+    // org the cookie names.
+    let keys = shard.keys.borrow();
+    match keys.org_of(&key_id) {
+        Some(active_org) if active_org == org_id => Ok(Principal { org_id, key_id }),
+        _ => Err(401),
+    }
 }
 
-/// Authenticates a plain HTTP request on the public listener.
+/// The common path: failed-authentication limit, credentials in order,
+/// origin rule for cookies, bookkeeping.
+fn authenticate(
+    shard: &Shard,
+    presented: Presented<'_>,
+    peer: Option<IpAddr>,
+    surface: Surface,
+) -> Result<Principal, u16> {
+    let now = Instant::now();
+    if let Some(ip) = peer {
+        if !shard.access.auth_failures.borrow_mut().has_token(ip, now) {
+            return Err(429);
+        }
+    }
+    let result = if let Some(key) = presented.key.as_deref() {
+        check_key(shard, key)
+    } else if let Some(cookie) = presented.cookie {
+        let origin_ok = match (presented.origin, surface) {
+            (Some(origin), _) => {
+                origin_allowed(&shard.config.allowed_origins, origin, presented.host)
+            }
+            (None, Surface::WebSocket) => false,
+            (None, Surface::Http) => true,
+        };
+        if origin_ok {
+            check_cookie(shard, cookie)
+        } else {
+            // Not a guess at a credential: the browser attached the cookie
+            // to a request some other site made. Not counted as a failure.
+            return Err(403);
+        }
+    } else {
+        return Err(401);
+    };
+    match &result {
+        Ok(principal) => shard.access.note_used(&principal.key_id),
+        Err(_) => {
+            if let Some(ip) = peer {
+                shard.access.auth_failures.borrow_mut().take(ip, now);
+            }
+        }
+    }
+    result
+}
+
+/// Authenticates a validated WebSocket upgrade from `peer`; `Err` is the
+/// HTTP status: 429 (upgrade or failed-authentication limit), 403 (cookie
+/// from a refused or missing origin), 401.
+pub fn authenticate_upgrade(
+    shard: &Shard,
+    upgrade: &http::Upgrade<'_>,
+    peer: Option<IpAddr>,
+) -> Result<Principal, u16> {
+    if let Some(ip) = peer {
+        if !shard.access.upgrades.borrow_mut().take(ip, Instant::now()) {
+            return Err(429);
+        }
+    }
+    let presented = Presented {
+        key: upgrade
+            .token
+            .clone()
+            .or_else(|| upgrade.bearer.map(Cow::Borrowed)),
+        cookie: upgrade.session_cookie,
+        origin: upgrade.origin,
+        host: upgrade.host,
+    };
+    authenticate(shard, presented, peer, Surface::WebSocket)
+}
+
+/// The `hs_session` cookie of a plain request, from any `Cookie` header.
+fn request_cookie(request: &Request) -> Option<&str> {
+    request
+        .headers
+        .iter()
+        .filter(|(name, _)| name == "cookie")
+        .find_map(|(_, value)| http::cookie_value(value, http::SESSION_COOKIE_NAME))
+}
+
+/// Authenticates a plain HTTP request on the public listener: token, then
+/// bearer, then the session cookie (with a present `Origin` allowed). `Err`
+/// is the HTTP status to answer: 401, 403 or 429.
 pub fn authenticate_request(shard: &Shard, request: &Request) -> Result<Principal, u16> {
     let token = request.query_param("token").filter(|t| !t.is_empty());
     let bearer = request
         .header("authorization")
         .and_then(http::bearer_token)
         .map(str::to_string);
-    let presented = token.or(bearer).ok_or(401u16)?;
-    check_key(shard, &presented)
+    let presented = Presented {
+        key: token.or(bearer).map(Cow::Owned),
+        cookie: request_cookie(request),
+        origin: request.header("origin").map(<[u8]>::trim_ascii),
+        host: &request.host,
+    };
+    authenticate(
+        shard,
+        presented,
+        request.peer.map(|p| p.ip()),
+        Surface::Http,
+    )
+}
+
+/// `POST /v1/sessions` (with a key as bearer or `?token=`) sets the session
+/// cookie; `DELETE /v1/sessions` clears it. Answers are never cached.
+pub async fn sessions_route(shard: &Shard, request: &Request, stream: &mut TcpStream) -> After {
+    // TLS is not built in (it is terminated in front, see `config`), so the
+    // cookie is never marked Secure by us.
+    const SECURE: bool = false;
+    const NO_STORE: (&str, &str) = ("Cache-Control", "no-store");
+    match request.method.as_str() {
+        "POST" => {
+            let token = request.query_param("token").filter(|t| !t.is_empty());
+            let bearer = request
+                .header("authorization")
+                .and_then(http::bearer_token)
+                .map(str::to_string);
+            let presented = Presented {
+                key: token.or(bearer).map(Cow::Owned),
+                // A session is opened with a key only, so that a stolen
+                // cookie cannot renew itself forever.
+                cookie: None,
+                origin: None,
+                host: &request.host,
+            };
+            let principal = match authenticate(
+                shard,
+                presented,
+                request.peer.map(|p| p.ip()),
+                Surface::Http,
+            ) {
+                Ok(principal) => principal,
+                Err(status) => return respond_error(stream, status, &[NO_STORE]).await,
+            };
+            let ttl_secs = shard.config.session_ttl_secs;
+            let expires_unix_secs = sessions::now_unix_secs().saturating_add(ttl_secs);
+            let cookie = shard.access.signer.issue(&Session {
+                org_id: principal.org_id.clone(),
+                key_id: principal.key_id.clone(),
+                expires_unix_secs,
+            });
+            let expires_at = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_secs(expires_unix_secs),
+            )
+            .to_string();
+            let body = serde_json::json!({
+                "org_id": principal.org_id,
+                "key_id": principal.key_id,
+                "expires_at": expires_at,
+            })
+            .to_string();
+            let set_cookie = sessions::set_cookie_value(&cookie, ttl_secs, SECURE);
+            respond(
+                stream,
+                200,
+                "application/json",
+                &[("Set-Cookie", &set_cookie), NO_STORE],
+                body.as_bytes(),
+            )
+            .await
+        }
+        "DELETE" => {
+            // Signing out needs no credential, but a page of another site
+            // may not sign the browser out either.
+            if let Some(origin) = request.header("origin").map(<[u8]>::trim_ascii) {
+                if !origin_allowed(&shard.config.allowed_origins, origin, &request.host) {
+                    return respond_error(stream, 403, &[NO_STORE]).await;
+                }
+            }
+            let clear = sessions::clear_cookie_value(SECURE);
+            respond(stream, 204, "", &[("Set-Cookie", &clear), NO_STORE], b"").await
+        }
+        _ => respond_error(stream, 405, &[("Allow", "POST, DELETE")]).await,
+    }
+}
+
+/// Writes the last-used times this shard collected, in one locked write of
+/// the key store on a blocking thread (the write fsyncs).
+pub async fn flush_last_used(shard: &Shard) {
+    let used = std::mem::take(&mut *shard.access.used_keys.borrow_mut());
+    if used.is_empty() {
+        return;
+    }
+    let stamps: HashMap<String, String> = used
+        .into_iter()
+        .map(|(id, at)| (id, humantime::format_rfc3339_seconds(at).to_string()))
+        .collect();
+    let store = KeyStore::new(&shard.config.data_dir);
+    let result = glommio::executor()
+        .spawn_blocking(move || store.touch(&stamps))
+        .await;
+    if let Err(e) = result {
+        eprintln!(
+            "hookstream: shard {}: last-used times not saved: {e}",
+            shard.id
+        );
+    }
+}
+
+/// Every `KEY_LAST_USED_FLUSH_MS`, writes the last-used times collected.
+pub async fn last_used_loop(shard: Rc<Shard>) {
+    loop {
+        glommio::timer::sleep(Duration::from_millis(KEY_LAST_USED_FLUSH_MS)).await;
+        flush_last_used(&shard).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::origin_allowed;
+
+    #[test]
+    fn default_origin_is_the_host() {
+        let none: &[String] = &[];
+        assert!(origin_allowed(none, b"http://example.com", b"example.com"));
+        assert!(origin_allowed(none, b"https://example.com", b"example.com"));
+        assert!(origin_allowed(none, b"HTTP://Example.COM", b"example.com"));
+        assert!(origin_allowed(
+            none,
+            b"http://127.0.0.1:8080",
+            b"127.0.0.1:8080"
+        ));
+        assert!(origin_allowed(
+            none,
+            b"http://example.com",
+            b"example.com:80"
+        ));
+        assert!(origin_allowed(
+            none,
+            b"https://example.com:443",
+            b"example.com"
+        ));
+        assert!(!origin_allowed(none, b"http://evil.com", b"example.com"));
+        assert!(!origin_allowed(
+            none,
+            b"http://example.com.evil.com",
+            b"example.com"
+        ));
+        assert!(!origin_allowed(
+            none,
+            b"http://127.0.0.1:8081",
+            b"127.0.0.1:8080"
+        ));
+        assert!(!origin_allowed(none, b"null", b"example.com"));
+        assert!(!origin_allowed(none, b"example.com", b"example.com"));
+        assert!(!origin_allowed(none, b"ws://example.com", b"example.com"));
+    }
+
+    #[test]
+    fn configured_origins_replace_the_default() {
+        let allowed = vec!["https://app.example.com".to_string()];
+        assert!(origin_allowed(
+            &allowed,
+            b"https://app.example.com",
+            b"gateway.example.com"
+        ));
+        assert!(origin_allowed(
+            &allowed,
+            b"HTTPS://APP.example.com",
+            b"gateway.example.com"
+        ));
+        assert!(!origin_allowed(
+            &allowed,
+            b"http://gateway.example.com",
+            b"gateway.example.com"
+        ));
+    }
 }

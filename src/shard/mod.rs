@@ -7,6 +7,7 @@ pub mod access;
 mod admin;
 mod connection;
 mod public;
+pub mod ratelimit;
 pub mod routes;
 
 use std::cell::{Cell, RefCell};
@@ -114,6 +115,9 @@ pub struct Shard {
     pool: RefCell<Vec<Vec<u8>>>,
     /// Set when the shard drains for shutdown.
     pub stopping: Cell<bool>,
+    /// Session signer, per-address limits, keys used since the last
+    /// last-used write.
+    pub access: access::AccessState,
 }
 
 impl Shard {
@@ -265,6 +269,7 @@ struct Shared {
     config: Arc<Config>,
     admin_token: Arc<str>,
     keys: KeyIndex,
+    signer: crate::auth::sessions::SessionSigner,
     all_metrics: Arc<Vec<Arc<ShardMetrics>>>,
     stop: Arc<AtomicBool>,
     exited: std::sync::atomic::AtomicUsize,
@@ -422,6 +427,7 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
         .into();
     let store = KeyStore::new(&config.data_dir);
     let keys = KeyIndex::from_file(&store.load().map_err(|e| e.to_string())?);
+    let signer = crate::auth::sessions::SessionSigner::load_or_create(&config.data_dir)?;
 
     // Signals are taken synchronously by the main thread: block them here,
     // before any executor thread exists, so every thread inherits the mask.
@@ -441,6 +447,7 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
         config: config.clone(),
         admin_token: admin_token.clone(),
         keys,
+        signer,
         all_metrics: Arc::new(
             (0..shards)
                 .map(|_| Arc::new(ShardMetrics::default()))
@@ -567,6 +574,7 @@ async fn shard_main(
         all_metrics: shared.all_metrics.clone(),
         pool: RefCell::new(Vec::new()),
         stopping: Cell::new(false),
+        access: access::AccessState::new(&config, shared.signer.clone()),
     });
     let public_listener = match glommio::net::TcpListener::bind(config.listen) {
         Ok(l) => l,
@@ -624,6 +632,7 @@ async fn shard_main(
     let accept_admin = glommio::spawn_local(admin::accept_loop(shard.clone(), admin_listener));
     let heartbeat = glommio::spawn_local(heartbeat_loop(shard.clone()));
     let key_reload = glommio::spawn_local(key_reload_loop(shard.clone()));
+    let last_used = glommio::spawn_local(access::last_used_loop(shard.clone()));
     let demo = (config.demo && id == 0).then(|| glommio::spawn_local(demo_loop(shard.clone())));
     let _ = ready.send(Ok(()));
 
@@ -643,6 +652,8 @@ async fn shard_main(
     drop(accept_admin);
     drop(heartbeat);
     drop(key_reload);
+    drop(last_used);
+    access::flush_last_used(&shard).await;
     drop(demo);
     let keys = shard.registry.borrow().keys();
     for key in keys {

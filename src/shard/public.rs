@@ -115,7 +115,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
             Err(error) => Err((error.status(), Some(error))),
             Ok(None) => Err((400, None)),
             Ok(Some(head)) if head.path != "/v1/ws" => Ok(None),
-            Ok(Some(head)) => route(&shard, &head).map(Some),
+            Ok(Some(head)) => route(&shard, &head, stream.peer_addr().ok()).map(Some),
         }
     };
     match decision {
@@ -170,10 +170,14 @@ struct Accepted {
     ws_key: String,
 }
 
-fn route(shard: &Shard, head: &http::Head<'_, '_>) -> Result<Accepted, (u16, Option<HttpError>)> {
+fn route(
+    shard: &Shard,
+    head: &http::Head<'_, '_>,
+    peer: Option<std::net::SocketAddr>,
+) -> Result<Accepted, (u16, Option<HttpError>)> {
     let upgrade = http::validate_upgrade(head).map_err(|e| (e.status(), Some(e)))?;
-    let principal =
-        super::access::authenticate_upgrade(shard, &upgrade).map_err(|status| (status, None))?;
+    let principal = super::access::authenticate_upgrade(shard, &upgrade, peer.map(|p| p.ip()))
+        .map_err(|status| (status, None))?;
     Ok(Accepted {
         head_len: head.head_len,
         org_id: principal.org_id,

@@ -196,6 +196,9 @@ pub async fn serve(
 }
 
 /// Picks the handler for a path.
-async fn dispatch(_shard: &Rc<Shard>, _request: &Request, stream: &mut TcpStream) -> After {
-    respond_error(stream, 404, &[]).await
+async fn dispatch(shard: &Rc<Shard>, request: &Request, stream: &mut TcpStream) -> After {
+    match request.path.as_str() {
+        "/v1/sessions" => super::access::sessions_route(shard, request, stream).await,
+        _ => respond_error(stream, 404, &[]).await,
+    }
 }

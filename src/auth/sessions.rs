@@ -1,0 +1,322 @@
+//! Browser sessions (PROTOCOL.md §5): the `hs_session` cookie is a signed,
+//! expiring token naming an org and an API key id. It carries no secret of
+//! its own: the server checks the HMAC-SHA256 signature with a secret kept
+//! in `<data-dir>/session-secret` (generated once, mode 0600), then checks
+//! that the key is still active, so a session dies with its key.
+//!
+//! The cookie value is `1.<org_id>.<key_id>.<expires_unix_secs>.<mac>`, with
+//! `mac` the base64url HMAC of everything before it. Org ids and key ids
+//! never contain a dot, so the split is unambiguous; every character is a
+//! cookie-octet (RFC 6265 §4.1.1), so the value needs no quoting.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use base64::Engine;
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+
+use crate::protocol::http::SESSION_COOKIE_NAME;
+
+/// File name of the signing secret inside the data directory.
+pub const SECRET_FILE: &str = "session-secret";
+
+/// Version tag, the first field of every cookie; a new format gets a new tag
+/// and old cookies are then simply refused.
+const FORMAT_TAG: &str = "1";
+
+/// Longest cookie value accepted for verification: tag, a 64-byte org id, a
+/// key id, a timestamp and a 43-byte MAC fit well within it.
+const COOKIE_BYTES_MAX: usize = 512;
+
+/// Bytes of the signing secret (the HMAC-SHA256 block is 64; 32 random bytes
+/// are the full strength of SHA-256).
+const SECRET_BYTES: usize = 32;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The signing secret of one data directory. Its `Debug` never shows it.
+#[derive(Clone)]
+pub struct SessionSigner {
+    /// The HMAC key.
+    secret: [u8; SECRET_BYTES],
+}
+
+impl std::fmt::Debug for SessionSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionSigner(..)")
+    }
+}
+
+/// What a valid cookie names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// The org the session belongs to.
+    pub org_id: String,
+    /// The API key the session was opened with; the session is refused once
+    /// that key is revoked.
+    pub key_id: String,
+    /// Seconds since the Unix epoch after which the cookie is refused.
+    pub expires_unix_secs: u64,
+}
+
+impl SessionSigner {
+    /// A signer with a given secret (tests).
+    pub fn from_secret(secret: [u8; SECRET_BYTES]) -> SessionSigner {
+        SessionSigner { secret }
+    }
+
+    /// Reads `<data-dir>/session-secret`, creating it (mode 0600) on first
+    /// use. Two processes racing to create it agree on the first one written.
+    pub fn load_or_create(data_dir: &Path) -> Result<SessionSigner, String> {
+        let path = data_dir.join(SECRET_FILE);
+        let describe = |e: std::io::Error| format!("{}: {e}", path.display());
+        match fs::read_to_string(&path) {
+            Ok(text) if !text.trim().is_empty() => return Self::decode(&path, text.trim()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(describe(e)),
+        }
+        fs::create_dir_all(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+        let mut secret = [0u8; SECRET_BYTES];
+        getrandom::fill(&mut secret).expect("the operating system's random source failed");
+        let text = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret);
+        // Written to a private temporary file and linked into place, so a
+        // reader never sees a half-written secret and the loser of a race
+        // reads the winner's.
+        let temp = data_dir.join(format!("{SECRET_FILE}.{}.tmp", std::process::id()));
+        {
+            let mut out = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(&temp)
+                .map_err(|e| format!("{}: {e}", temp.display()))?;
+            out.write_all(text.as_bytes())
+                .and_then(|()| out.sync_all())
+                .map_err(|e| format!("{}: {e}", temp.display()))?;
+        }
+        let linked = fs::hard_link(&temp, &path);
+        let _ = fs::remove_file(&temp);
+        match linked {
+            Ok(()) => Ok(SessionSigner { secret }),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let text = fs::read_to_string(&path).map_err(describe)?;
+                Self::decode(&path, text.trim())
+            }
+            Err(e) => Err(describe(e)),
+        }
+    }
+
+    fn decode(path: &Path, text: &str) -> Result<SessionSigner, String> {
+        if let Ok(meta) = fs::metadata(path) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
+            }
+        }
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(text)
+            .ok()
+            .filter(|b| b.len() == SECRET_BYTES)
+            .ok_or_else(|| {
+                format!(
+                    "{}: not a session secret; delete it to generate a new one (this signs out every browser)",
+                    path.display()
+                )
+            })?;
+        let mut secret = [0u8; SECRET_BYTES];
+        secret.copy_from_slice(&bytes);
+        Ok(SessionSigner { secret })
+    }
+
+    fn mac(&self, payload: &str) -> HmacSha256 {
+        let mut mac =
+            HmacSha256::new_from_slice(&self.secret).expect("HMAC takes a key of any length");
+        mac.update(payload.as_bytes());
+        mac
+    }
+
+    /// The cookie value for a session.
+    pub fn issue(&self, session: &Session) -> String {
+        assert!(crate::auth::keys::is_valid_org_id(&session.org_id));
+        assert!(!session.key_id.is_empty());
+        assert!(!session.key_id.contains('.'));
+        let payload = format!(
+            "{FORMAT_TAG}.{}.{}.{}",
+            session.org_id, session.key_id, session.expires_unix_secs
+        );
+        let tag = self.mac(&payload).finalize().into_bytes();
+        let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag);
+        format!("{payload}.{tag}")
+    }
+
+    /// The session a cookie value names, if its signature is ours and it has
+    /// not expired at `now_unix_secs`. Says nothing about why it failed: a
+    /// forged, tampered and expired cookie are the same to the client.
+    pub fn verify(&self, cookie: &str, now_unix_secs: u64) -> Option<Session> {
+        if cookie.len() > COOKIE_BYTES_MAX {
+            return None;
+        }
+        let (payload, tag) = cookie.rsplit_once('.')?;
+        let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(tag)
+            .ok()?;
+        // The signature is checked before any field is believed; the
+        // comparison inside `verify_slice` takes constant time.
+        self.mac(payload).verify_slice(&tag).ok()?;
+        let mut fields = payload.split('.');
+        let (Some(FORMAT_TAG), Some(org_id), Some(key_id), Some(expires), None) = (
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+        ) else {
+            return None;
+        };
+        let expires_unix_secs: u64 = expires.parse().ok()?;
+        if now_unix_secs >= expires_unix_secs {
+            return None;
+        }
+        Some(Session {
+            org_id: org_id.to_string(),
+            key_id: key_id.to_string(),
+            expires_unix_secs,
+        })
+    }
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn now_unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The `Set-Cookie` value that stores a session in the browser: not readable
+/// by scripts (HttpOnly), not sent on cross-site subrequests (SameSite=Lax),
+/// for every path, expiring with the session. `secure` adds `Secure` (when
+/// the server speaks TLS).
+pub fn set_cookie_value(cookie: &str, max_age_secs: u64, secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
+    format!(
+        "{SESSION_COOKIE_NAME}={cookie}; Max-Age={max_age_secs}; Path=/; HttpOnly; SameSite=Lax{secure}"
+    )
+}
+
+/// The `Set-Cookie` value that removes the session cookie.
+pub fn clear_cookie_value(secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
+    format!("{SESSION_COOKIE_NAME}=; Max-Age=0; Path=/; HttpOnly; SameSite=Lax{secure}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signer() -> SessionSigner {
+        SessionSigner::from_secret([7u8; SECRET_BYTES])
+    }
+
+    fn session(expires: u64) -> Session {
+        Session {
+            org_id: "org_a".to_string(),
+            key_id: "key_0123456789abcdef".to_string(),
+            expires_unix_secs: expires,
+        }
+    }
+
+    #[test]
+    fn round_trip_before_expiry() {
+        let cookie = signer().issue(&session(1_000));
+        assert_eq!(signer().verify(&cookie, 999), Some(session(1_000)));
+    }
+
+    #[test]
+    fn expired_is_refused() {
+        let cookie = signer().issue(&session(1_000));
+        assert_eq!(signer().verify(&cookie, 1_000), None);
+        assert_eq!(signer().verify(&cookie, 5_000), None);
+    }
+
+    #[test]
+    fn other_secret_is_refused() {
+        let cookie = signer().issue(&session(1_000));
+        let other = SessionSigner::from_secret([8u8; SECRET_BYTES]);
+        assert_eq!(other.verify(&cookie, 0), None);
+    }
+
+    #[test]
+    fn every_single_byte_change_is_refused() {
+        let cookie = signer().issue(&session(1_000));
+        let bytes = cookie.as_bytes();
+        for index in 0..bytes.len() {
+            for replacement in [b'A', b'0', b'.', b'_', b'z'] {
+                if bytes[index] == replacement {
+                    continue;
+                }
+                let mut changed = bytes.to_vec();
+                changed[index] = replacement;
+                let changed = String::from_utf8(changed).unwrap();
+                assert_eq!(signer().verify(&changed, 0), None, "{changed}");
+            }
+        }
+    }
+
+    #[test]
+    fn extended_expiry_is_refused() {
+        let cookie = signer().issue(&session(1_000));
+        let forged = cookie.replacen(".1000.", ".9999999999.", 1);
+        assert_ne!(forged, cookie);
+        assert_eq!(signer().verify(&forged, 0), None);
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        for text in ["", ".", "1....", "1.a.b.c.d", "x".repeat(600).as_str()] {
+            assert_eq!(signer().verify(text, 0), None);
+        }
+    }
+
+    #[test]
+    fn cookie_is_made_of_cookie_octets() {
+        let cookie = signer().issue(&session(u64::MAX));
+        assert!(cookie
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)));
+        assert!(cookie.len() <= COOKIE_BYTES_MAX);
+    }
+
+    #[test]
+    fn set_cookie_attributes() {
+        let value = set_cookie_value("abc", 60, false);
+        assert_eq!(
+            value,
+            "hs_session=abc; Max-Age=60; Path=/; HttpOnly; SameSite=Lax"
+        );
+        assert!(set_cookie_value("abc", 60, true).ends_with("; Secure"));
+        assert!(clear_cookie_value(false).starts_with("hs_session=; Max-Age=0;"));
+    }
+
+    #[test]
+    fn secret_file_is_created_once_with_mode_0600() {
+        let dir = std::env::temp_dir().join(format!(
+            "hookstream-session-test-{}-{}",
+            std::process::id(),
+            now_unix_secs()
+        ));
+        let first = SessionSigner::load_or_create(&dir).unwrap();
+        let second = SessionSigner::load_or_create(&dir).unwrap();
+        assert_eq!(first.secret, second.secret);
+        let mode = fs::metadata(dir.join(SECRET_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
