@@ -1,0 +1,570 @@
+//! `loadgen`: the load generator of issue 6, with its own client stack
+//! (tokio + tokio-tungstenite), so it shares no code with the server it
+//! measures. It speaks the contract subset every target implements: the
+//! `welcome` message, `subscribe`/`subscribed`, and `POST /v1/publish` with
+//! the admin token.
+//!
+//! Modes, each printing one JSON line per result on stdout:
+//! - `idle --conns N`: open N connections, subscribe each, wait until all are
+//!   welcomed and subscribed, then report the server's RSS delta per
+//!   connection, the kernel's socket memory delta and the connect rate;
+//! - `fanout --subs N --rate R --payload B --duration S`: N subscribers and a
+//!   publisher at R messages/s carrying its send time; delivered messages/s,
+//!   expected vs received, publish→receive latency percentiles;
+//! - `storm --conns N`: upgrades per second and connect→welcome latency;
+//! - `sendcost`: the kernel cost of one small loopback send, the floor the
+//!   fan-out latency target is measured against.
+//!
+//! One process may hold at most 20,000 files here, so the coordinator splits
+//! the connections over `--procs` worker processes (more when needed), each a
+//! single-threaded tokio runtime; every worker reports its own CPU time
+//! (getrusage) so a run where the client is the bottleneck shows. Client
+//! sockets are bound to 127.0.0.2, 127.0.0.3, … (`--source-ips`) so that
+//! many connections never exhaust one source address's ephemeral ports.
+
+mod http;
+mod stats;
+mod worker;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command as Process, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::stats::{cpu_seconds, Latency, MemorySample};
+use crate::worker::{Mode, WorkerSpec};
+
+/// Connections one worker process opens at most (files: one per socket,
+/// under the 20,000 per process the machine allows).
+const CONNECTIONS_PER_PROCESS_MAX: usize = 15_000;
+
+#[derive(Parser)]
+#[command(
+    name = "loadgen",
+    about = "Load generator for hookstream and its peer gateways"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Hold N idle, subscribed connections; report server memory per connection.
+    Idle {
+        #[command(flatten)]
+        common: Common,
+        /// Connections to open.
+        #[arg(long)]
+        conns: usize,
+        /// Milliseconds to wait after the last subscription before sampling
+        /// memory, so the server settles.
+        #[arg(long, default_value_t = 1000)]
+        settle_ms: u64,
+    },
+    /// N subscribers, one publisher at R messages/s; delivery rate, loss, latency.
+    Fanout {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        publish: PublishArgs,
+        /// Subscribers.
+        #[arg(long)]
+        subs: usize,
+        /// Messages per second offered by the publisher.
+        #[arg(long)]
+        rate: f64,
+        /// Bytes of each message's `data` JSON.
+        #[arg(long, default_value_t = 256)]
+        payload: usize,
+        /// Seconds of publishing.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Messages per publish request (a JSON array when more than one).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Seconds to wait after the last publish for every delivery.
+        #[arg(long, default_value_t = 15.0)]
+        drain_s: f64,
+    },
+    /// Open N connections as fast as the server upgrades them.
+    Storm {
+        #[command(flatten)]
+        common: Common,
+        /// Connections to open.
+        #[arg(long)]
+        conns: usize,
+    },
+    /// Measure the kernel cost of one small loopback TCP send.
+    Sendcost {
+        /// Sockets to write to per round.
+        #[arg(long, default_value_t = 2000)]
+        sockets: usize,
+        /// Bytes per send (one frame of the fan-out scenario).
+        #[arg(long, default_value_t = 320)]
+        bytes: usize,
+        /// Rounds.
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+    },
+    /// Internal: one worker process (spawned by the modes above).
+    #[command(hide = true)]
+    Worker {
+        /// The worker's specification as JSON.
+        spec: String,
+    },
+}
+
+/// Options every connection mode takes.
+#[derive(Args, Clone, Serialize, Deserialize, Debug)]
+pub struct Common {
+    /// WebSocket URL; `?token=` is appended.
+    #[arg(long, default_value = "ws://127.0.0.1:8080/v1/ws")]
+    pub url: String,
+    /// API key for `?token=`.
+    #[arg(long)]
+    pub token: String,
+    /// Name of the target, copied into the result line.
+    #[arg(long, default_value = "target")]
+    pub label: String,
+    /// Worker processes (raised to keep each under 15,000 connections).
+    #[arg(long, default_value_t = 1)]
+    pub procs: usize,
+    /// Source addresses 127.0.0.2 … 127.0.0.(1+K) to spread client sockets over.
+    #[arg(long, default_value_t = 8)]
+    pub source_ips: u8,
+    /// Connection attempts in flight at once, over all workers.
+    #[arg(long, default_value_t = 200)]
+    pub inflight: usize,
+    /// PID of the server, to read its RSS from /proc.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Channel to subscribe to.
+    #[arg(long, default_value = "events")]
+    pub channel: String,
+    /// tungstenite read buffer (bytes per socket read); default 64 KiB for
+    /// fanout, 4 KiB otherwise.
+    #[arg(long)]
+    pub read_buffer: Option<usize>,
+    /// Seconds allowed for opening every connection.
+    #[arg(long, default_value_t = 120)]
+    pub setup_timeout_s: u64,
+}
+
+/// Where and how to publish.
+#[derive(Args, Clone, Debug)]
+struct PublishArgs {
+    /// Admin listener base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8081")]
+    admin_url: String,
+    /// Admin token for `Authorization: Bearer`.
+    #[arg(long)]
+    admin_token: String,
+    /// Org to publish to (the key's org).
+    #[arg(long, default_value = "bench")]
+    org: String,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Worker { spec } => {
+            let spec: WorkerSpec = serde_json::from_str(&spec).expect("worker spec is JSON");
+            worker::run(spec);
+            return;
+        }
+        Command::Idle {
+            common,
+            conns,
+            settle_ms,
+        } => idle(common, conns, settle_ms),
+        Command::Storm { common, conns } => storm(common, conns),
+        Command::Fanout {
+            common,
+            publish,
+            subs,
+            rate,
+            payload,
+            duration,
+            batch,
+            drain_s,
+        } => fanout(
+            common,
+            publish,
+            FanoutPlan {
+                subs,
+                rate,
+                payload,
+                duration_s: duration,
+                batch: batch.max(1),
+                drain_s,
+            },
+        ),
+        Command::Sendcost {
+            sockets,
+            bytes,
+            rounds,
+        } => stats::sendcost(sockets, bytes, rounds),
+    };
+    match result {
+        Ok(line) => println!("{line}"),
+        Err(message) => {
+            println!("{}", json!({"error": message}));
+            std::process::exit(1);
+        }
+    }
+}
+
+/// The worker processes of one run and the lines they print.
+struct Workers {
+    children: Vec<Child>,
+    stdins: Vec<ChildStdin>,
+    lines: mpsc::Receiver<(usize, Value)>,
+}
+
+impl Workers {
+    /// Splits `conns` over enough processes and starts them.
+    fn spawn(common: &Common, mode: Mode, conns: usize) -> Result<Workers, String> {
+        let procs = common
+            .procs
+            .max(conns.div_ceil(CONNECTIONS_PER_PROCESS_MAX))
+            .max(1);
+        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+        let (tx, lines) = mpsc::channel();
+        let mut children = Vec::new();
+        let mut stdins = Vec::new();
+        let mut offset = 0;
+        for index in 0..procs {
+            let share = conns / procs + usize::from(index < conns % procs);
+            let spec = WorkerSpec {
+                mode,
+                common: common.clone(),
+                index,
+                offset,
+                conns: share,
+                inflight: common.inflight.div_ceil(procs).max(1),
+            };
+            offset += share;
+            let mut child = Process::new(&exe)
+                .arg("worker")
+                .arg(serde_json::to_string(&spec).expect("spec serializes"))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .map_err(|e| format!("spawn worker: {e}"))?;
+            let stdout = child.stdout.take().expect("piped");
+            stdins.push(child.stdin.take().expect("piped"));
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    match serde_json::from_str::<Value>(&line) {
+                        Ok(value) => {
+                            if tx.send((index, value)).is_err() {
+                                break;
+                            }
+                        }
+                        Err(_) => eprintln!("loadgen: worker {index}: {line}"),
+                    }
+                }
+            });
+            children.push(child);
+        }
+        Ok(Workers {
+            children,
+            stdins,
+            lines,
+        })
+    }
+
+    /// One line of the given `event` from every worker.
+    fn collect(&self, event: &str, timeout: Duration) -> Result<Vec<Value>, String> {
+        let deadline = Instant::now() + timeout;
+        let mut out: Vec<Option<Value>> = vec![None; self.children.len()];
+        while out.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((index, value)) => {
+                    if value["event"] == "fatal" {
+                        return Err(format!(
+                            "worker {index}: {}",
+                            value["error"].as_str().unwrap_or("failed")
+                        ));
+                    }
+                    if value["event"] == event {
+                        out[index] = Some(value);
+                    }
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "timed out after {} s waiting for every worker's `{event}`",
+                        timeout.as_secs()
+                    ))
+                }
+            }
+        }
+        Ok(out.into_iter().map(Option::unwrap).collect())
+    }
+
+    /// Sends one command line to every worker.
+    fn tell(&mut self, command: &Value) {
+        let line = format!("{command}\n");
+        for stdin in &mut self.stdins {
+            let _ = stdin.write_all(line.as_bytes());
+            let _ = stdin.flush();
+        }
+    }
+
+    /// Tells every worker to stop and waits for them.
+    fn stop(mut self) {
+        self.tell(&json!({"cmd": "stop"}));
+        self.stdins.clear();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for mut child in self.children {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn sum_u64(values: &[Value], field: &str) -> u64 {
+    values.iter().map(|v| v[field].as_u64().unwrap_or(0)).sum()
+}
+
+fn sum_f64(values: &[Value], field: &str) -> f64 {
+    values
+        .iter()
+        .map(|v| v[field].as_f64().unwrap_or(0.0))
+        .sum()
+}
+
+fn min_u64(values: &[Value], field: &str) -> u64 {
+    values
+        .iter()
+        .filter_map(|v| v[field].as_u64())
+        .min()
+        .unwrap_or(0)
+}
+
+fn max_u64(values: &[Value], field: &str) -> u64 {
+    values
+        .iter()
+        .filter_map(|v| v[field].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+fn first_error(values: &[Value]) -> Value {
+    values
+        .iter()
+        .find_map(|v| {
+            v["first_error"]
+                .as_str()
+                .map(|s| Value::from(s.to_string()))
+        })
+        .unwrap_or(Value::Null)
+}
+
+fn setup_timeout(common: &Common) -> Duration {
+    Duration::from_secs(common.setup_timeout_s)
+}
+
+fn idle(common: Common, conns: usize, settle_ms: u64) -> Result<String, String> {
+    let before = MemorySample::take(common.server_pid);
+    let workers = Workers::spawn(&common, Mode::Idle, conns)?;
+    let ready = match workers.collect("ready", setup_timeout(&common)) {
+        Ok(ready) => ready,
+        Err(e) => {
+            workers.stop();
+            return Err(e);
+        }
+    };
+    std::thread::sleep(Duration::from_millis(settle_ms));
+    let after = MemorySample::take(common.server_pid);
+    let opened = sum_u64(&ready, "opened");
+    let elapsed_ns = max_u64(&ready, "done_ns").saturating_sub(min_u64(&ready, "start_ns"));
+    let cpu_s = sum_f64(&ready, "cpu_s");
+    let per_conn = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (Some(a), Some(b)) if opened > 0 => Value::from((b as f64 - a as f64) / opened as f64),
+        _ => Value::Null,
+    };
+    let line = json!({
+        "mode": "idle",
+        "target": common.label,
+        "conns": conns,
+        "opened": opened,
+        "failed": sum_u64(&ready, "failed"),
+        "first_error": first_error(&ready),
+        "procs": ready.len(),
+        "connect_rate_per_s": opened as f64 / (elapsed_ns.max(1) as f64 / 1e9),
+        "server_rss_before_bytes": before.rss_bytes,
+        "server_rss_after_bytes": after.rss_bytes,
+        "server_rss_bytes_per_conn": per_conn(before.rss_bytes, after.rss_bytes),
+        "sockstat_mem_bytes_per_conn": per_conn(before.sockstat_mem_bytes, after.sockstat_mem_bytes),
+        "kernel_slab_bytes_per_conn_both_ends": per_conn(before.slab_bytes, after.slab_bytes),
+        "client_cpu_s": cpu_s,
+        "client_cpu_util": cpu_s / (elapsed_ns.max(1) as f64 / 1e9),
+    });
+    workers.stop();
+    Ok(line.to_string())
+}
+
+fn storm(common: Common, conns: usize) -> Result<String, String> {
+    let workers = Workers::spawn(&common, Mode::Storm, conns)?;
+    let ready = match workers.collect("ready", setup_timeout(&common)) {
+        Ok(ready) => ready,
+        Err(e) => {
+            workers.stop();
+            return Err(e);
+        }
+    };
+    let opened = sum_u64(&ready, "opened");
+    let elapsed_ns = max_u64(&ready, "done_ns").saturating_sub(min_u64(&ready, "start_ns"));
+    let mut latency = Latency::new();
+    for value in &ready {
+        latency.merge_json(&value["latency_us"]);
+    }
+    let cpu_s = sum_f64(&ready, "cpu_s");
+    let line = json!({
+        "mode": "storm",
+        "target": common.label,
+        "conns": conns,
+        "inflight": common.inflight,
+        "opened": opened,
+        "failed": sum_u64(&ready, "failed"),
+        "first_error": first_error(&ready),
+        "procs": ready.len(),
+        "upgrades_per_s": opened as f64 / (elapsed_ns.max(1) as f64 / 1e9),
+        "connect_to_welcome_us": latency.summary(),
+        "client_cpu_s": cpu_s,
+        "client_cpu_util": cpu_s / (elapsed_ns.max(1) as f64 / 1e9),
+    });
+    workers.stop();
+    Ok(line.to_string())
+}
+
+/// What a fan-out run offers.
+struct FanoutPlan {
+    subs: usize,
+    rate: f64,
+    payload: usize,
+    duration_s: f64,
+    batch: usize,
+    drain_s: f64,
+}
+
+fn fanout(common: Common, publish: PublishArgs, plan: FanoutPlan) -> Result<String, String> {
+    if plan.rate <= 0.0 || plan.duration_s <= 0.0 {
+        return Err("--rate and --duration must be positive".to_string());
+    }
+    let mut workers = Workers::spawn(&common, Mode::Fanout, plan.subs)?;
+    let ready = match workers.collect("ready", setup_timeout(&common)) {
+        Ok(ready) => ready,
+        Err(e) => {
+            workers.stop();
+            return Err(e);
+        }
+    };
+    let subscribed = sum_u64(&ready, "opened");
+    if subscribed < plan.subs as u64 {
+        let error = first_error(&ready);
+        workers.stop();
+        return Err(format!(
+            "only {subscribed} of {} subscribers connected: {error}",
+            plan.subs
+        ));
+    }
+    let rss_before = MemorySample::take(common.server_pid).rss_bytes;
+    let cpu_before = cpu_seconds();
+    let outcome = http::publish_for(
+        &publish.admin_url,
+        &publish.admin_token,
+        &publish.org,
+        plan.rate,
+        plan.batch,
+        plan.payload,
+        Duration::from_secs_f64(plan.duration_s),
+    );
+    let publisher_cpu_s = cpu_seconds() - cpu_before;
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            workers.stop();
+            return Err(format!("publisher: {e}"));
+        }
+    };
+    workers.tell(&json!({
+        "cmd": "finish",
+        "expected_per_sub": outcome.accepted,
+        "deadline_ms": (plan.drain_s * 1000.0) as u64,
+    }));
+    let results = match workers.collect("result", Duration::from_secs_f64(plan.drain_s + 30.0)) {
+        Ok(results) => results,
+        Err(e) => {
+            workers.stop();
+            return Err(e);
+        }
+    };
+    let rss_after = MemorySample::take(common.server_pid).rss_bytes;
+    workers.stop();
+
+    let expected = outcome.accepted * plan.subs as u64;
+    let received = sum_u64(&results, "received");
+    let last_receive_ns = max_u64(&results, "last_receive_ns");
+    let window_s = (last_receive_ns.saturating_sub(outcome.first_send_ns)).max(1) as f64 / 1e9;
+    let mut latency = Latency::new();
+    for value in &results {
+        latency.merge_json(&value["latency_us"]);
+    }
+    let worker_cpu_s = sum_f64(&results, "cpu_s");
+    let client_cpu_s = worker_cpu_s + publisher_cpu_s;
+    let lost = expected.saturating_sub(received);
+    let line = json!({
+        "mode": "fanout",
+        "target": common.label,
+        "subs": plan.subs,
+        "rate": plan.rate,
+        "payload": plan.payload,
+        "batch": plan.batch,
+        "duration_s": plan.duration_s,
+        "procs": results.len(),
+        "published": outcome.accepted,
+        "publish_requests": outcome.requests,
+        "publish_errors": outcome.errors,
+        "publish_first_error": outcome.first_error,
+        "publish_rate_achieved": outcome.accepted as f64 / outcome.elapsed.as_secs_f64(),
+        "publish_request_us": outcome.request_us.summary(),
+        "expected": expected,
+        "received": received,
+        "lost": lost,
+        "duplicates": sum_u64(&results, "duplicates"),
+        "gaps": sum_u64(&results, "gaps"),
+        "closed_early": sum_u64(&results, "closed"),
+        "zero_loss": lost == 0 && outcome.errors == 0 && received == expected,
+        "delivered_per_s": received as f64 / window_s,
+        "latency_us": latency.summary(),
+        "server_rss_before_bytes": rss_before,
+        "server_rss_after_bytes": rss_after,
+        "client_cpu_s": client_cpu_s,
+        "client_cpu_util": client_cpu_s / window_s,
+        "client_cpu_ns_per_delivery": if received > 0 { client_cpu_s * 1e9 / received as f64 } else { 0.0 },
+        "window_s": window_s,
+    });
+    Ok(line.to_string())
+}

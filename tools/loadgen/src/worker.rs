@@ -1,0 +1,371 @@
+//! One worker process: a single-threaded tokio runtime holding its share of
+//! the connections. It prints JSON lines (`ready`, `result`) on stdout and
+//! takes commands (`finish`, `stop`) as JSON lines on stdin.
+
+use std::cell::RefCell;
+use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::os::unix::io::AsRawFd;
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::io::AsyncBufReadExt;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::stats::{cpu_seconds, monotonic_ns, Latency};
+use crate::Common;
+
+/// What a worker's connections do once open.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Subscribe, then sit idle.
+    Idle,
+    /// Stop at the welcome (the upgrade is what is measured).
+    Storm,
+    /// Subscribe, then count and time every event.
+    Fanout,
+}
+
+/// A worker's share of a run.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct WorkerSpec {
+    pub mode: Mode,
+    pub common: Common,
+    /// Worker number.
+    pub index: usize,
+    /// Global number of this worker's first connection (picks source IPs).
+    pub offset: usize,
+    /// Connections to open.
+    pub conns: usize,
+    /// Connection attempts in flight at once in this worker.
+    pub inflight: usize,
+}
+
+/// Delivery counters of one worker, shared by its connection tasks.
+struct Deliveries {
+    latency: Latency,
+    received: u64,
+    duplicates: u64,
+    gaps: u64,
+    closed: u64,
+    last_receive_ns: u64,
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+pub fn run(spec: WorkerSpec) {
+    raise_open_files();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        if let Err(message) = main(spec).await {
+            println!("{}", json!({"event": "fatal", "error": message}));
+        }
+    });
+    std::process::exit(0);
+}
+
+fn raise_open_files() {
+    // SAFETY: getrlimit/setrlimit on a stack struct.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// `ws://host:port/path` → the socket address.
+fn server_addr(url: &str) -> Result<SocketAddr, String> {
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or("--url must start with ws://")?;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    authority
+        .to_socket_addrs()
+        .map_err(|e| format!("{authority}: {e}"))?
+        .find(SocketAddr::is_ipv4)
+        .ok_or_else(|| format!("{authority}: no IPv4 address"))
+}
+
+async fn main(spec: WorkerSpec) -> Result<(), String> {
+    let server = server_addr(&spec.common.url)?;
+    let separator = if spec.common.url.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    let url: Rc<str> = format!("{}{separator}token={}", spec.common.url, spec.common.token).into();
+    let read_buffer = spec.common.read_buffer.unwrap_or(match spec.mode {
+        Mode::Fanout => 64 * 1024,
+        Mode::Idle | Mode::Storm => 4 * 1024,
+    });
+    let mut config = WebSocketConfig::default();
+    config.read_buffer_size = read_buffer;
+    config.write_buffer_size = 0;
+    let subscribe: Rc<str> = json!({"type": "subscribe", "channel": spec.common.channel})
+        .to_string()
+        .into();
+    let deliveries = Rc::new(RefCell::new(Deliveries {
+        latency: Latency::new(),
+        received: 0,
+        duplicates: 0,
+        gaps: 0,
+        closed: 0,
+        last_receive_ns: 0,
+    }));
+    let gate = Rc::new(Semaphore::new(spec.inflight));
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Result<u64, String>>();
+    let source_ips = spec.common.source_ips.max(1) as usize;
+    let start_ns = monotonic_ns();
+    for i in 0..spec.conns {
+        let global = spec.offset + i;
+        let source = Ipv4Addr::new(127, 0, 0, 2 + (global % source_ips) as u8);
+        let url = url.clone();
+        let subscribe = subscribe.clone();
+        let gate = gate.clone();
+        let done = done_tx.clone();
+        let deliveries = deliveries.clone();
+        let mode = spec.mode;
+        tokio::task::spawn_local(async move {
+            let permit = gate.acquire().await.expect("semaphore open");
+            let began = monotonic_ns();
+            let opened = open(&url, source, server, config, mode, &subscribe).await;
+            drop(permit);
+            let ws = match opened {
+                Ok(ws) => {
+                    let _ = done.send(Ok((monotonic_ns() - began) / 1000));
+                    ws
+                }
+                Err(e) => {
+                    let _ = done.send(Err(e));
+                    return;
+                }
+            };
+            drop(done);
+            hold(ws, mode, &deliveries).await;
+        });
+    }
+    drop(done_tx);
+
+    let mut opened = 0u64;
+    let mut failed = 0u64;
+    let mut first_error: Option<String> = None;
+    let mut latency = Latency::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(spec.common.setup_timeout_s);
+    while opened + failed < spec.conns as u64 {
+        match tokio::time::timeout_at(deadline, done_rx.recv()).await {
+            Ok(Some(Ok(micros))) => {
+                opened += 1;
+                latency.record(micros);
+            }
+            Ok(Some(Err(e))) => {
+                failed += 1;
+                first_error.get_or_insert(e);
+            }
+            Ok(None) => break,
+            Err(_) => {
+                let pending = spec.conns as u64 - opened - failed;
+                failed += pending;
+                first_error.get_or_insert(format!(
+                    "{pending} connections still pending at the setup timeout"
+                ));
+                break;
+            }
+        }
+    }
+    let done_ns = monotonic_ns();
+    let cpu_ready = cpu_seconds();
+    println!(
+        "{}",
+        json!({
+            "event": "ready",
+            "worker": spec.index,
+            "opened": opened,
+            "failed": failed,
+            "first_error": first_error,
+            "start_ns": start_ns,
+            "done_ns": done_ns,
+            "latency_us": latency.to_json(),
+            "cpu_s": cpu_ready,
+        })
+    );
+
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let command: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        match command["cmd"].as_str() {
+            Some("finish") => {
+                let per_sub = command["expected_per_sub"].as_u64().unwrap_or(0);
+                let wait = Duration::from_millis(command["deadline_ms"].as_u64().unwrap_or(10_000));
+                let expected = per_sub * opened;
+                let until = tokio::time::Instant::now() + wait;
+                while deliveries.borrow().received < expected && tokio::time::Instant::now() < until
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let d = deliveries.borrow();
+                println!(
+                    "{}",
+                    json!({
+                        "event": "result",
+                        "worker": spec.index,
+                        "received": d.received,
+                        "duplicates": d.duplicates,
+                        "gaps": d.gaps,
+                        "closed": d.closed,
+                        "last_receive_ns": d.last_receive_ns,
+                        "latency_us": d.latency.to_json(),
+                        "cpu_s": cpu_seconds() - cpu_ready,
+                    })
+                );
+            }
+            _ => break,
+        }
+    }
+    Ok(())
+}
+
+/// Connects from `source`, upgrades, waits for the welcome and (except in
+/// storm mode) subscribes and waits for `subscribed`.
+async fn open(
+    url: &str,
+    source: Ipv4Addr,
+    server: SocketAddr,
+    config: WebSocketConfig,
+    mode: Mode,
+    subscribe: &str,
+) -> Result<Ws, String> {
+    let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+    // Let the kernel pick the source port at connect time, per destination,
+    // instead of reserving one at bind time.
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid fd and a c_int option value.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            &on as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    socket
+        .bind(SocketAddr::new(source.into(), 0))
+        .map_err(|e| format!("bind {source}: {e}"))?;
+    let stream = socket
+        .connect(server)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+        .await
+        .map_err(|e| format!("upgrade: {e}"))?;
+    expect(&mut ws, "welcome").await?;
+    if mode == Mode::Storm {
+        return Ok(ws);
+    }
+    ws.send(Message::text(subscribe))
+        .await
+        .map_err(|e| format!("send subscribe: {e}"))?;
+    expect(&mut ws, "subscribed").await?;
+    Ok(ws)
+}
+
+/// Reads until a text message of `type` arrives.
+async fn expect(ws: &mut Ws, kind: &str) -> Result<(), String> {
+    let wanted = format!("\"type\":\"{kind}\"");
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => {
+                if text.as_str().contains(&wanted) {
+                    return Ok(());
+                }
+                if text.as_str().contains("\"type\":\"error\"") {
+                    return Err(format!("server error while waiting for {kind}: {text}"));
+                }
+            }
+            Some(Ok(Message::Close(frame))) => {
+                return Err(format!("closed while waiting for {kind}: {frame:?}"))
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(format!("while waiting for {kind}: {e}")),
+            None => return Err(format!("eof while waiting for {kind}")),
+        }
+    }
+}
+
+/// Keeps a connection until the process ends: reads (answering pings, as
+/// tungstenite does while reading) and, in fan-out mode, counts and times
+/// every event.
+async fn hold(mut ws: Ws, mode: Mode, deliveries: &RefCell<Deliveries>) {
+    let mut last_seq = 0u64;
+    while let Some(message) = ws.next().await {
+        match message {
+            Ok(Message::Text(text)) if mode == Mode::Fanout => {
+                let bytes = text.as_bytes();
+                let Some(seq) = number_after(bytes, b"\"seq\":") else {
+                    continue;
+                };
+                let now = monotonic_ns();
+                let mut d = deliveries.borrow_mut();
+                if let Some(sent) = number_after(bytes, b"\"t\":") {
+                    d.latency.record(now.saturating_sub(sent) / 1000);
+                }
+                d.received += 1;
+                d.last_receive_ns = now;
+                if last_seq != 0 {
+                    if seq <= last_seq {
+                        d.duplicates += 1;
+                    } else if seq != last_seq + 1 {
+                        d.gaps += seq - last_seq - 1;
+                    }
+                }
+                last_seq = last_seq.max(seq);
+            }
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    deliveries.borrow_mut().closed += 1;
+}
+
+/// The unsigned integer right after the first `needle` in `bytes`.
+fn number_after(bytes: &[u8], needle: &[u8]) -> Option<u64> {
+    let at = memchr::memmem::find(bytes, needle)? + needle.len();
+    let mut value = 0u64;
+    let mut digits = 0;
+    for &b in &bytes[at..] {
+        if !b.is_ascii_digit() {
+            break;
+        }
+        value = value.wrapping_mul(10).wrapping_add((b - b'0') as u64);
+        digits += 1;
+    }
+    (digits > 0).then_some(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::number_after;
+
+    #[test]
+    fn finds_seq_and_send_time() {
+        let text = br#"{"type":"event","channel":"events","seq":42,"data":{"source_id":"s","t":123456789,"pad":"xx"}}"#;
+        assert_eq!(number_after(text, b"\"seq\":"), Some(42));
+        assert_eq!(number_after(text, b"\"t\":"), Some(123456789));
+        assert_eq!(number_after(text, b"\"nope\":"), None);
+    }
+}
