@@ -545,7 +545,19 @@ async fn shard_main(
 ) {
     let _exit = ExitGuard(shared.clone());
     let config = shared.config.clone();
-    let (senders, mut receivers) = match mesh.join().await {
+    // glommio's shared-channel `connect` tells the peer executor nothing: it
+    // re-polls only when its own executor wakes for some other reason. With
+    // no timer armed yet, a shard that parks before its peer connects sleeps
+    // forever (seen as an occasional startup hang with 2 shards), so a timer
+    // ticks until the join is done.
+    let ticker = glommio::spawn_local(async {
+        loop {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let joined = mesh.join().await;
+    drop(ticker);
+    let (senders, mut receivers) = match joined {
         Ok(pair) => pair,
         Err(_) => {
             let _ = ready.send(Err(fail("cannot join the shard mesh".to_string())));
