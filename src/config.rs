@@ -154,16 +154,16 @@ pub struct ServeArgs {
     /// Largest publish request body in bytes.
     #[arg(long, env = "HOOKSTREAM_PUBLISH_BODY_BYTES")]
     pub publish_body_bytes: Option<usize>,
-    /// WebSocket upgrades per source IP per second (0: unlimited).
+    /// WebSocket upgrades per source IP per second; default 200, 0 = unlimited.
     #[arg(long, env = "HOOKSTREAM_UPGRADES_PER_IP_PER_SEC")]
     pub upgrades_per_ip_per_sec: Option<u32>,
-    /// Burst of WebSocket upgrades per source IP.
+    /// Burst of WebSocket upgrades per source IP; default 400.
     #[arg(long, env = "HOOKSTREAM_UPGRADE_BURST_PER_IP")]
     pub upgrade_burst_per_ip: Option<u32>,
-    /// Failed authentications per source IP per minute before 429 (0: unlimited).
+    /// Failed authentications per source IP per minute before 429; default 60, 0 = unlimited.
     #[arg(long, env = "HOOKSTREAM_AUTH_FAILURES_PER_IP_PER_MIN")]
     pub auth_failures_per_ip_per_min: Option<u32>,
-    /// Lifetime of a browser session cookie in seconds.
+    /// Lifetime of a browser session cookie in seconds; default 86400.
     #[arg(long, env = "HOOKSTREAM_SESSION_TTL_SECS")]
     pub session_ttl_secs: Option<u64>,
 }

@@ -275,13 +275,34 @@ pub fn authenticate_request(shard: &Shard, request: &Request) -> Result<Principa
 }
 
 /// `POST /v1/sessions` (with a key as bearer or `?token=`) sets the session
-/// cookie; `DELETE /v1/sessions` clears it. Answers are never cached.
+/// cookie; `DELETE /v1/sessions` clears it; `GET /v1/sessions` says who the
+/// credentials of the request (any kind, by the rules of
+/// [`authenticate_request`]) belong to, so a page can tell whether it is
+/// signed in. Answers are never cached.
 pub async fn sessions_route(shard: &Shard, request: &Request, stream: &mut TcpStream) -> After {
     // TLS is not built in (it is terminated in front, see `config`), so the
     // cookie is never marked Secure by us.
     const SECURE: bool = false;
     const NO_STORE: (&str, &str) = ("Cache-Control", "no-store");
     match request.method.as_str() {
+        "GET" => match authenticate_request(shard, request) {
+            Ok(principal) => {
+                let body = serde_json::json!({
+                    "org_id": principal.org_id,
+                    "key_id": principal.key_id,
+                })
+                .to_string();
+                respond(
+                    stream,
+                    200,
+                    "application/json",
+                    &[NO_STORE],
+                    body.as_bytes(),
+                )
+                .await
+            }
+            Err(status) => respond_error(stream, status, &[NO_STORE]).await,
+        },
         "POST" => {
             let token = request.query_param("token").filter(|t| !t.is_empty());
             let bearer = request
@@ -343,7 +364,7 @@ pub async fn sessions_route(shard: &Shard, request: &Request, stream: &mut TcpSt
             let clear = sessions::clear_cookie_value(SECURE);
             respond(stream, 204, "", &[("Set-Cookie", &clear), NO_STORE], b"").await
         }
-        _ => respond_error(stream, 405, &[("Allow", "POST, DELETE")]).await,
+        _ => respond_error(stream, 405, &[("Allow", "GET, POST, DELETE")]).await,
     }
 }
 
