@@ -24,6 +24,8 @@ pub struct Cli {
 }
 
 /// The subcommands of the contract (PROTOCOL.md §1).
+// Parsed once at startup: the size of `serve`'s flags costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gateway.
@@ -121,6 +123,17 @@ pub struct ServeArgs {
     /// Data directory.
     #[arg(long, env = "HOOKSTREAM_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// When a publish is answered 202: `fsync` (default; after fdatasync of
+    /// its history record) or `none` (after the write only: fast, and lossy
+    /// if the machine, not just the process, crashes).
+    #[arg(long, env = "HOOKSTREAM_DURABILITY")]
+    pub durability: Option<String>,
+    /// Messages of history kept per org (default 100000).
+    #[arg(long, env = "HOOKSTREAM_HISTORY_MESSAGES")]
+    pub history_messages: Option<u64>,
+    /// Longest a message is kept in history, e.g. `24h`, `90m` (default 24h).
+    #[arg(long, env = "HOOKSTREAM_HISTORY_AGE")]
+    pub history_age: Option<String>,
     /// Number of shards (default: one per online CPU).
     #[arg(long, env = "HOOKSTREAM_SHARDS")]
     pub shards: Option<usize>,
@@ -175,6 +188,9 @@ struct FileConfig {
     listen: Option<String>,
     admin_listen: Option<String>,
     data_dir: Option<PathBuf>,
+    durability: Option<String>,
+    history_messages: Option<u64>,
+    history_age: Option<String>,
     shards: Option<usize>,
     allowed_origins: Option<String>,
     heartbeat_ms: Option<u64>,
@@ -201,6 +217,12 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// Where keys, the admin token and (later) history live.
     pub data_dir: PathBuf,
+    /// When a publish is acknowledged (`--durability`).
+    pub durability: crate::history::Durability,
+    /// Messages of history kept per org (`--history-messages`).
+    pub history_messages: u64,
+    /// Longest a message is kept in history (`--history-age`), in ms.
+    pub history_age_ms: u64,
     /// Number of shards, one executor pinned per CPU.
     pub shards: usize,
     /// Origins allowed for cookie-authenticated requests; empty means the
@@ -297,6 +319,18 @@ impl Config {
             .map(|n| n.get())
             .unwrap_or(1);
         let origins = args.allowed_origins.or(file.allowed_origins);
+        let durability_text = args.durability.or(file.durability);
+        let durability = match durability_text.as_deref() {
+            None => crate::history::Durability::Fsync,
+            Some(text) => crate::history::Durability::parse(text)
+                .ok_or_else(|| format!("--durability {text:?} must be `fsync` or `none`"))?,
+        };
+        let history_age_ms = match args.history_age.or(file.history_age) {
+            None => crate::history::HISTORY_AGE_MS_DEFAULT,
+            Some(text) => humantime::parse_duration(&text)
+                .map_err(|e| format!("--history-age {text:?}: {e} (e.g. 24h, 90m, 3600s)"))?
+                .as_millis() as u64,
+        };
         let config = Config {
             listen: parse_addr("listen", &listen)?,
             admin_listen: parse_addr("admin-listen", &admin_listen)?,
@@ -304,6 +338,12 @@ impl Config {
                 .data_dir
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            durability,
+            history_messages: args
+                .history_messages
+                .or(file.history_messages)
+                .unwrap_or(crate::history::HISTORY_MESSAGES_DEFAULT),
+            history_age_ms,
             shards: args.shards.or(file.shards).unwrap_or(online_cpus),
             allowed_origins: origins
                 .map(|list| {
@@ -369,6 +409,12 @@ impl Config {
 
     /// Checks how the values relate; one clear line per problem.
     pub fn validate(&self) -> Result<(), String> {
+        if self.history_messages == 0 {
+            return Err("--history-messages must be at least 1".to_string());
+        }
+        if self.history_age_ms < 1000 {
+            return Err("--history-age must be at least 1s".to_string());
+        }
         if self.shards == 0 || self.shards > 1024 {
             return Err(format!(
                 "--shards {} must be between 1 and 1024",

@@ -22,12 +22,16 @@
 //! - [`shard`]: the glommio runtime: one pinned executor per CPU with its own
 //!   listeners (SO_REUSEPORT), socket handoff to the org's owner shard over a
 //!   channel mesh, connection tasks, heartbeat, key reload, graceful drain.
+//! - [`history`]: message history: a checksummed, segmented log per org on
+//!   disk, group commit (one fsync per round), the in-memory index,
+//!   retention, and the reads behind `subscribe` with `after`, polling, SSE.
 //! - [`metrics`]: per-shard counters and their Prometheus rendering.
 //! - [`demo`]: `serve --demo`: a demo org, key and synthetic traffic.
 
 pub mod auth;
 pub mod config;
 pub mod demo;
+pub mod history;
 pub mod limits;
 pub mod metrics;
 pub mod protocol;

@@ -103,6 +103,12 @@ pub struct ShardMetrics {
     pub upgrades: AtomicU64,
     /// Failed handshakes, by [`HandshakeFailure`].
     pub handshake_failures: [AtomicU64; 11],
+    /// History commit rounds (group commits).
+    pub history_commits: AtomicU64,
+    /// History `fdatasync` calls.
+    pub history_fsyncs: AtomicU64,
+    /// Bytes appended to the history log.
+    pub history_bytes_written: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -116,7 +122,7 @@ impl ShardMetrics {
 pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
     let mut out = String::with_capacity(2048);
     type Field = fn(&ShardMetrics) -> &AtomicU64;
-    let simple: [(&str, &str, &str, Field); 7] = [
+    let simple: [(&str, &str, &str, Field); 10] = [
         (
             "hookstream_connections",
             "gauge",
@@ -158,6 +164,24 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
             "counter",
             "Completed WebSocket upgrades.",
             |m| &m.upgrades,
+        ),
+        (
+            "hookstream_history_commits_total",
+            "counter",
+            "History group commits (one write per org, then the fsyncs).",
+            |m| &m.history_commits,
+        ),
+        (
+            "hookstream_history_fsyncs_total",
+            "counter",
+            "History fdatasync calls.",
+            |m| &m.history_fsyncs,
+        ),
+        (
+            "hookstream_history_bytes_written_total",
+            "counter",
+            "Bytes appended to the history log.",
+            |m| &m.history_bytes_written,
         ),
     ];
     for (name, kind, help, field) in simple {

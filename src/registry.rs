@@ -568,10 +568,19 @@ impl Registry {
     /// Gives `message` the org's next seq and queues its frames to every
     /// subscriber of its channels. Returns the seq.
     pub fn publish(&mut self, message: &Outgoing) -> u64 {
+        let seq = self.org_seq(&message.org_id) + 1;
+        self.publish_as(message, seq);
+        seq
+    }
+
+    /// Queues `message` with a seq the history log gave it (and made
+    /// durable) to every subscriber of its channels; it becomes the org's
+    /// latest seq. Seqs of one org arrive here strictly increasing.
+    pub fn publish_as(&mut self, message: &Outgoing, seq: u64) {
         let org = self.org_index(&message.org_id);
         let record = &mut self.orgs[org as usize];
-        record.seq += 1;
-        let seq = record.seq;
+        assert!(seq > record.seq, "seqs of an org only grow");
+        record.seq = seq;
         self.counters.published += 1;
         let mut targets: SmallVec<[(u32, Frame); 2]> = SmallVec::new();
         for channel in message.channels() {
@@ -583,7 +592,7 @@ impl Registry {
             }
         }
         if targets.is_empty() {
-            return seq;
+            return;
         }
         // The org's connection list is cloned out only as a range walk: the
         // registry is borrowed mutably per connection inside.
@@ -597,7 +606,11 @@ impl Registry {
                 }
             }
         }
-        seq
+    }
+
+    /// Unwritten bytes of a connection; `None` when it is gone.
+    pub fn queued_bytes_of(&self, key: ConnKey) -> Option<usize> {
+        self.get(key).map(|c| c.queue_bytes as usize)
     }
 
     /// Takes the list of connections with newly queued frames.

@@ -347,8 +347,15 @@ fn client_message(
                     Some(channel),
                 ));
             }
+            if kind == "subscribe"
+                && (message.after.is_some() || shard.history.is_replaying(key, channel))
+            {
+                // Replay from history first, then live (history::replay).
+                return crate::history::replay::subscribe(shard, key, channel, message.after);
+            }
             let mut registry = shard.registry.borrow_mut();
             if kind == "unsubscribe" {
+                shard.history.cancel_replay(key, channel);
                 registry.unsubscribe(key, channel);
                 return Ok(reply(&format!(
                     r#"{{"type":"unsubscribed","channel":"{channel}"}}"#
@@ -363,20 +370,9 @@ fn client_message(
                     ),
                     Some(channel),
                 )),
-                Ok(_) => match message.after {
-                    None => Ok(reply(&format!(
-                        r#"{{"type":"subscribed","channel":"{channel}"}}"#
-                    ))),
-                    Some(after) => {
-                        // No history is kept yet: only an `after` at or above
-                        // the org's latest seq has nothing missing.
-                        let org = registry.org_id_of(key).unwrap_or_else(|| "".into());
-                        let recovered = after >= registry.org_seq(&org);
-                        Ok(reply(&format!(
-                            r#"{{"type":"subscribed","channel":"{channel}","recovered":{recovered}}}"#
-                        )))
-                    }
-                },
+                Ok(_) => Ok(reply(&format!(
+                    r#"{{"type":"subscribed","channel":"{channel}"}}"#
+                ))),
             }
         }
         _ => Err(error_reply(

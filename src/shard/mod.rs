@@ -6,6 +6,7 @@
 pub mod access;
 mod admin;
 mod connection;
+pub mod history_routes;
 mod public;
 pub mod ratelimit;
 pub mod routes;
@@ -63,8 +64,15 @@ pub enum ShardMessage {
     Publish {
         /// The messages, in request order.
         messages: Vec<Outgoing>,
-        /// Where the seqs go.
-        reply: futures_channel::oneshot::Sender<Vec<u64>>,
+        /// Where the seqs go (or why the history could not keep them).
+        reply: futures_channel::oneshot::Sender<Result<Vec<u64>, String>>,
+    },
+    /// A history read (poll, SSE, lists) for an org this shard owns.
+    History {
+        /// What to read.
+        query: crate::history::query::Query,
+        /// Where the answer goes.
+        reply: futures_channel::oneshot::Sender<crate::history::query::Answer>,
     },
 }
 
@@ -115,6 +123,8 @@ pub struct Shard {
     pool: RefCell<Vec<Vec<u8>>>,
     /// Set when the shard drains for shutdown.
     pub stopping: Cell<bool>,
+    /// The history log of the orgs this shard owns.
+    pub history: crate::history::History,
     /// Session signer, per-address limits, keys used since the last
     /// last-used write.
     pub access: access::AccessState,
@@ -150,6 +160,10 @@ impl Shard {
         m.sends.store(c.sends, Ordering::Relaxed);
         m.slow_consumer_closes
             .store(c.slow_consumer_closes, Ordering::Relaxed);
+        let h = self.history.counters.get();
+        m.history_commits.store(h.commits, Ordering::Relaxed);
+        m.history_fsyncs.store(h.fsyncs, Ordering::Relaxed);
+        m.history_bytes_written.store(h.bytes, Ordering::Relaxed);
     }
 
     /// Writes every connection with newly queued frames, yielding to the
@@ -171,14 +185,10 @@ impl Shard {
         self.registry.borrow_mut().return_dirty(dirty);
     }
 
-    /// Sequences and fans out messages this shard owns; returns their seqs.
-    pub async fn publish_local(&self, messages: &[Outgoing]) -> Vec<u64> {
-        let seqs = {
-            let mut registry = self.registry.borrow_mut();
-            messages.iter().map(|m| registry.publish(m)).collect()
-        };
-        self.flush_dirty().await;
-        seqs
+    /// Sequences messages this shard owns and returns their seqs once the
+    /// history made them durable; the history's committer fans them out.
+    pub async fn publish_local(&self, messages: &[Outgoing]) -> Result<Vec<u64>, String> {
+        self.history.append(messages).await
     }
 
     /// Routes messages to their owner shards; seqs come back in input order.
@@ -196,7 +206,7 @@ impl Shard {
             }
             let (indexes, batch): (Vec<usize>, Vec<Outgoing>) = batch.into_iter().unzip();
             let batch_seqs = if owner == self.id {
-                self.publish_local(&batch).await
+                self.publish_local(&batch).await?
             } else {
                 let (reply, answer) = futures_channel::oneshot::channel();
                 let mesh = self.mesh.as_ref().expect("several shards have a mesh");
@@ -211,7 +221,7 @@ impl Shard {
                 .map_err(|_| "shard mesh closed".to_string())?;
                 answer
                     .await
-                    .map_err(|_| "owner shard stopped".to_string())?
+                    .map_err(|_| "owner shard stopped".to_string())??
             };
             for (index, seq) in indexes.into_iter().zip(batch_seqs) {
                 seqs[index] = seq;
@@ -570,11 +580,28 @@ async fn shard_main(
         subscriptions_max: config.subscriptions_max,
         send_queue_bytes: config.send_queue_bytes,
     };
+    let history_config = crate::history::HistoryConfig {
+        dir: config.data_dir.join("history"),
+        durability: config.durability,
+        messages_max: config.history_messages,
+        age_ms: config.history_age_ms,
+    };
+    let opened = match crate::history::History::open(history_config, id, config.shards).await {
+        Ok(opened) => opened,
+        Err(e) => {
+            let _ = ready.send(Err(format!("cannot open the message history: {e}")));
+            return;
+        }
+    };
+    let mut registry = Registry::new(limits);
+    for (org_id, seq) in &opened.seqs {
+        registry.set_org_seq(org_id, *seq);
+    }
     let shard = Rc::new(Shard {
         id,
         count: config.shards,
         config: config.clone(),
-        registry: RefCell::new(Registry::new(limits)),
+        registry: RefCell::new(registry),
         keys: RefCell::new(Rc::new(shared.keys.clone())),
         admin_token: shared.admin_token.clone(),
         mesh: if config.shards > 1 {
@@ -586,6 +613,7 @@ async fn shard_main(
         all_metrics: shared.all_metrics.clone(),
         pool: RefCell::new(Vec::new()),
         stopping: Cell::new(false),
+        history: opened.history,
         access: access::AccessState::new(&config, shared.signer.clone()),
     });
     let public_listener = match glommio::net::TcpListener::bind(config.listen) {
@@ -635,6 +663,14 @@ async fn shard_main(
                         })
                         .detach();
                     }
+                    ShardMessage::History { query, reply } => {
+                        let shard = shard.clone();
+                        glommio::spawn_local(async move {
+                            let answer = crate::history::query::run(&shard.history, query).await;
+                            let _ = reply.send(answer);
+                        })
+                        .detach();
+                    }
                 }
             }
         }));
@@ -643,6 +679,11 @@ async fn shard_main(
     let accept_public = glommio::spawn_local(public::accept_loop(shard.clone(), public_listener));
     let accept_admin = glommio::spawn_local(admin::accept_loop(shard.clone(), admin_listener));
     let heartbeat = glommio::spawn_local(heartbeat_loop(shard.clone()));
+    let _history_tasks = [
+        glommio::spawn_local(crate::history::commit_loop(shard.clone())),
+        glommio::spawn_local(crate::history::retention_loop(shard.clone())),
+        glommio::spawn_local(crate::history::replay::worker(shard.clone())),
+    ];
     let key_reload = glommio::spawn_local(key_reload_loop(shard.clone()));
     let last_used = glommio::spawn_local(access::last_used_loop(shard.clone()));
     let demo = (config.demo && id == 0).then(|| glommio::spawn_local(demo_loop(shard.clone())));

@@ -199,6 +199,9 @@ pub async fn serve(
 async fn dispatch(shard: &Rc<Shard>, request: &Request, stream: &mut TcpStream) -> After {
     match request.path.as_str() {
         "/v1/sessions" => super::access::sessions_route(shard, request, stream).await,
-        _ => respond_error(stream, 404, &[]).await,
+        _ => match super::history_routes::handle(shard, request, stream).await {
+            Some(after) => after,
+            None => respond_error(stream, 404, &[]).await,
+        },
     }
 }

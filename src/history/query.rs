@@ -1,0 +1,131 @@
+//! History reads for the HTTP routes (`/v1/poll`, `/v1/sse`, the resource
+//! lists), run on the org's owner shard. Queries and answers are plain
+//! owned data so they can cross the shard mesh.
+
+use std::time::{Duration, Instant};
+
+use super::{channel_matches, History, Item};
+use crate::registry::MessageKind;
+
+/// Which messages a query wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Range {
+    /// Seq above this, oldest first; `None`: only what is published from now.
+    After(Option<u64>),
+    /// Seq below this (all when `None`), newest first.
+    Before(Option<u64>),
+}
+
+/// A history query of one org.
+#[derive(Debug, Clone)]
+pub struct Query {
+    /// The org (its owner shard answers).
+    pub org_id: String,
+    /// Channels, valid and without duplicates.
+    pub channels: Vec<String>,
+    /// Which messages.
+    pub range: Range,
+    /// Most envelopes in the answer (a message is never split across
+    /// answers, so one message matching more channels than this still
+    /// comes whole).
+    pub limit: usize,
+    /// With [`Range::After`]: wait up to this long for a first match.
+    pub wait_ms: u64,
+}
+
+/// One message on one channel.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// Its seq.
+    pub seq: u64,
+    /// Its type.
+    pub kind: MessageKind,
+    /// The channel it matched.
+    pub channel: String,
+    /// The publisher's JSON text.
+    pub data: String,
+}
+
+/// The answer to a [`Query`].
+#[derive(Debug, Clone, Default)]
+pub struct Answer {
+    /// Envelopes, in the query's order.
+    pub messages: Vec<Envelope>,
+    /// With [`Range::After`]: where the next query continues (never repeats
+    /// a message, never skips one).
+    pub next_after: u64,
+    /// With [`Range::Before`]: whether older matches exist.
+    pub has_more: bool,
+}
+
+/// Expands messages into one envelope per matching channel, stopping
+/// before a message that would pass `limit` (unless nothing was taken
+/// yet). Returns the envelopes and the seq of the last message taken, or
+/// `None` when every message was taken.
+fn expand(items: &[Item], channels: &[String], limit: usize) -> (Vec<Envelope>, Option<u64>) {
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let matching: Vec<&String> = channels
+            .iter()
+            .filter(|c| channel_matches(c, item.kind, item.route.as_deref()))
+            .collect();
+        if !out.is_empty() && out.len() + matching.len() > limit {
+            return (out, Some(items[i - 1].seq));
+        }
+        for channel in matching {
+            out.push(Envelope {
+                seq: item.seq,
+                kind: item.kind,
+                channel: channel.clone(),
+                data: item.data.to_string(),
+            });
+        }
+    }
+    (out, None)
+}
+
+/// Runs a query on the owner shard's history.
+pub async fn run(history: &History, query: Query) -> Answer {
+    let channels = query.channels.clone();
+    let filter =
+        move |kind, route: Option<&str>| channels.iter().any(|c| channel_matches(c, kind, route));
+    let limit = query.limit.max(1);
+    match query.range {
+        Range::Before(before) => {
+            let (items, has_more) = history
+                .read_backward(&query.org_id, before, limit, &filter)
+                .await;
+            let (messages, cut) = expand(&items, &query.channels, limit);
+            Answer {
+                messages,
+                next_after: 0,
+                has_more: has_more || cut.is_some(),
+            }
+        }
+        Range::After(after) => {
+            let deadline = Instant::now() + Duration::from_millis(query.wait_ms);
+            let mut after = after.unwrap_or_else(|| history.committed(&query.org_id));
+            loop {
+                let seen = history.committed_notify.generation();
+                let upto = history.committed(&query.org_id);
+                let (items, scanned) = history
+                    .read_forward(&query.org_id, after, upto, limit, &filter)
+                    .await;
+                let left = deadline.saturating_duration_since(Instant::now());
+                if !items.is_empty() || left.is_zero() {
+                    let (messages, cut) = expand(&items, &query.channels, limit);
+                    return Answer {
+                        messages,
+                        next_after: cut.unwrap_or(scanned),
+                        has_more: false,
+                    };
+                }
+                after = scanned;
+                futures_lite::future::or(history.committed_notify.wait(seen), async {
+                    glommio::timer::sleep(left).await;
+                })
+                .await;
+            }
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! `subscribe` with `after`: replay the retained messages of one channel
+//! to one connection, then switch it to live delivery with no gap and no
+//! duplicate, even while publishes continue.
+//!
+//! The switch is the one step without an await: the committer indexes a
+//! batch and fans it out in one synchronous step, so at any await point
+//! every committed message is either in the index (and `committed` counts
+//! it) or not committed at all. The replay reads `(last, committed]` from
+//! disk in chunks, paced by the connection's send queue, until what remains
+//! is in the in-memory tail of the log; then, synchronously, it queues that
+//! rest and sets the subscription bit. Every later commit reaches the
+//! connection through the normal fan-out.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use super::{channel_matches, History, Item, ReplayJob};
+use crate::registry::{render_message, text_frame, ConnKey, Frame, SubscribeError};
+use crate::shard::Shard;
+
+/// Messages read from disk per step.
+const REPLAY_CHUNK_MESSAGES: usize = 512;
+/// How long the replay waits between checks of a full send queue.
+const DRAIN_POLL_MS: u64 = 1;
+
+fn json_frame(json: &str) -> Frame {
+    Frame::from(text_frame(json.as_bytes()))
+}
+
+fn subscribed(channel: &str, recovered: Option<bool>) -> Frame {
+    match recovered {
+        None => json_frame(&format!(r#"{{"type":"subscribed","channel":"{channel}"}}"#)),
+        Some(recovered) => json_frame(&format!(
+            r#"{{"type":"subscribed","channel":"{channel}","recovered":{recovered}}}"#
+        )),
+    }
+}
+
+fn too_many(channel: &str, max: usize) -> Frame {
+    json_frame(&format!(
+        r#"{{"type":"error","code":"too_many_subscriptions","message":"at most {max} subscriptions per connection","channel":"{channel}"}}"#
+    ))
+}
+
+/// Handles `subscribe` with `after` (or a plain `subscribe` of a channel
+/// being replayed) for a connection of this shard. `channel` is valid.
+/// `Ok` is the `subscribed` reply (queued before any replayed message),
+/// `Err` an error reply.
+pub fn subscribe(
+    shard: &Shard,
+    key: ConnKey,
+    channel: &str,
+    after: Option<u64>,
+) -> Result<Frame, Frame> {
+    let history = &shard.history;
+    let registry = shard.registry.borrow();
+    let Some(conn) = registry.get(key) else {
+        return Ok(subscribed(channel, after.map(|_| true)));
+    };
+    let org = &registry.orgs[conn.org as usize];
+    let org_id = org.id.clone();
+    let already = org
+        .channels
+        .lookup(channel)
+        .is_some_and(|bit| conn.has(bit));
+    if already || history.is_replaying(key, channel) {
+        // Subscribing twice is harmless: no second replay.
+        return Ok(subscribed(channel, after.map(|_| true)));
+    }
+    let max = registry.limits.subscriptions_max;
+    if conn.subscription_count as usize + history.replays_of(key) >= max {
+        return Err(too_many(channel, max));
+    }
+    let Some(after) = after else {
+        // Only reached for a channel being replayed (handled above).
+        return Ok(subscribed(channel, None));
+    };
+    let recovered = after >= history.trimmed_through(&org_id);
+    drop(registry);
+    history.start_replay(ReplayJob {
+        key,
+        org_id,
+        channel: channel.to_string(),
+        after,
+    });
+    Ok(subscribed(channel, Some(recovered)))
+}
+
+/// Starts a task per replay request, for the life of the shard.
+pub async fn worker(shard: Rc<Shard>) {
+    loop {
+        let seen = shard.history.replay_notify.generation();
+        loop {
+            let job = shard.history.replay_jobs.borrow_mut().pop_front();
+            let Some(job) = job else { break };
+            glommio::spawn_local(run(shard.clone(), job)).detach();
+        }
+        shard.history.replay_notify.wait(seen).await;
+    }
+}
+
+/// True while the replay should go on (connection open, not unsubscribed).
+fn wanted(shard: &Shard, job: &ReplayJob) -> bool {
+    shard.history.is_replaying(job.key, &job.channel)
+        && shard
+            .registry
+            .borrow()
+            .get(job.key)
+            .is_some_and(|c| c.close.is_none())
+}
+
+fn frame_of(job: &ReplayJob, item: &Item) -> Frame {
+    Frame::from(render_message(
+        item.kind,
+        &job.channel,
+        item.seq,
+        &item.data,
+    ))
+}
+
+/// Queues frames, waiting for the send queue to drain below half its limit
+/// whenever the next frame would pass three quarters of it, so a long
+/// replay never trips the slow-consumer limit of a reader that keeps up.
+/// False when the connection went away.
+async fn queue_paced(shard: &Shard, job: &ReplayJob, items: &[Item]) -> bool {
+    let limit = shard.registry.borrow().limits.send_queue_bytes;
+    for item in items {
+        let frame = frame_of(job, item);
+        loop {
+            if !wanted(shard, job) {
+                return false;
+            }
+            let queued = shard
+                .registry
+                .borrow()
+                .queued_bytes_of(job.key)
+                .unwrap_or(0);
+            if queued == 0 || queued + frame.len() <= limit / 4 * 3 {
+                break;
+            }
+            shard.flush_dirty().await;
+            let queued = shard
+                .registry
+                .borrow()
+                .queued_bytes_of(job.key)
+                .unwrap_or(0);
+            if queued > limit / 2 {
+                glommio::timer::sleep(Duration::from_millis(DRAIN_POLL_MS)).await;
+            }
+        }
+        shard.registry.borrow_mut().enqueue(job.key.index, &frame);
+    }
+    shard.flush_dirty().await;
+    true
+}
+
+async fn run(shard: Rc<Shard>, job: ReplayJob) {
+    let history: &History = &shard.history;
+    let channel = job.channel.clone();
+    let filter = move |kind, route: Option<&str>| channel_matches(&channel, kind, route);
+    let mut last = job.after;
+    loop {
+        if !wanted(&shard, &job) {
+            history.cancel_replay(job.key, &job.channel);
+            return;
+        }
+        let committed = history.committed(&job.org_id);
+        let rest = history.read_cached(&job.org_id, last, committed, &filter);
+        if let Some(rest) = rest {
+            let queued: usize = rest.iter().map(|i| i.data.len() + 64).sum();
+            let room = {
+                let registry = shard.registry.borrow();
+                let limit = registry.limits.send_queue_bytes;
+                registry
+                    .queued_bytes_of(job.key)
+                    .map_or(0, |queued| limit.saturating_sub(queued))
+            };
+            if rest.is_empty() || queued <= room / 2 {
+                // The switch to live: no await from here to the subscription.
+                {
+                    let mut registry = shard.registry.borrow_mut();
+                    history.cancel_replay(job.key, &job.channel);
+                    for item in &rest {
+                        registry.enqueue(job.key.index, &frame_of(&job, item));
+                    }
+                    if let Err(SubscribeError::TooMany) = registry.subscribe(job.key, &job.channel)
+                    {
+                        let max = registry.limits.subscriptions_max;
+                        registry.enqueue(job.key.index, &too_many(&job.channel, max));
+                    }
+                }
+                shard.flush_dirty().await;
+                return;
+            }
+            // Too much to queue at once: send part of it paced, then retry.
+            let part = rest.len().min(REPLAY_CHUNK_MESSAGES);
+            if !queue_paced(&shard, &job, &rest[..part]).await {
+                history.cancel_replay(job.key, &job.channel);
+                return;
+            }
+            last = rest[part - 1].seq;
+            continue;
+        }
+        let (items, scanned) = history
+            .read_forward(&job.org_id, last, committed, REPLAY_CHUNK_MESSAGES, &filter)
+            .await;
+        if !queue_paced(&shard, &job, &items).await {
+            history.cancel_replay(job.key, &job.channel);
+            return;
+        }
+        last = scanned;
+    }
+}

@@ -1,0 +1,324 @@
+//! History on the public listener (PROTOCOL.md §4): `GET /v1/poll` (with
+//! `wait_ms` long-poll), `GET /v1/sse` (Server-Sent Events resuming from
+//! `Last-Event-ID`), and the resource lists `GET /v1/events`,
+//! `/v1/deliveries`, `/v1/issues`, `/v1/collections/<id>/sync`.
+//!
+//! Requests are authenticated where they land; the read itself runs on the
+//! org's owner shard (over the mesh when that is another shard), which
+//! holds the org's log and index.
+
+use std::rc::Rc;
+
+use futures_lite::AsyncWriteExt;
+use glommio::net::TcpStream;
+
+use super::routes::{respond, respond_error, After, Request};
+use super::{shard_for, Shard, ShardMessage};
+use crate::history::query::{Answer, Envelope, Query, Range};
+use crate::registry::push_u64;
+
+/// Default `limit` of polls and lists.
+pub const LIMIT_DEFAULT: usize = 100;
+/// Largest `limit`.
+pub const LIMIT_MAX: usize = 1000;
+/// Largest `wait_ms` of a long-poll.
+pub const WAIT_MS_MAX: u64 = 30_000;
+/// How long one SSE round waits before sending a keep-alive comment.
+const SSE_KEEPALIVE_MS: u64 = 15_000;
+
+const JSON: &str = "application/json";
+
+/// Serves the request when its path is a history route; `None` otherwise.
+pub async fn handle(shard: &Rc<Shard>, request: &Request, stream: &mut TcpStream) -> Option<After> {
+    let path = request.path.as_str();
+    let resource = match path {
+        "/v1/poll" | "/v1/sse" => None,
+        "/v1/events" => Some(Resource::Events),
+        "/v1/deliveries" => Some(Resource::Deliveries),
+        "/v1/issues" => Some(Resource::Issues),
+        _ => match path
+            .strip_prefix("/v1/collections/")
+            .and_then(|rest| rest.strip_suffix("/sync"))
+        {
+            Some(id) => Some(Resource::Sync(id.to_string())),
+            None => return None,
+        },
+    };
+    if request.method != "GET" {
+        return Some(respond_error(stream, 405, &[("Allow", "GET")]).await);
+    }
+    let principal = match super::access::authenticate_request(shard, request) {
+        Ok(principal) => principal,
+        Err(status) => return Some(respond_error(stream, status, &[]).await),
+    };
+    let org_id = principal.org_id;
+    Some(match (path, resource) {
+        ("/v1/poll", _) => poll(shard, request, stream, org_id).await,
+        ("/v1/sse", _) => sse(shard, request, stream, org_id).await,
+        (_, Some(resource)) => list(shard, request, stream, org_id, resource).await,
+        (_, None) => unreachable!("every other path has a resource"),
+    })
+}
+
+/// Which list a resource route serves.
+enum Resource {
+    Events,
+    Deliveries,
+    Issues,
+    Sync(String),
+}
+
+async fn bad_request(stream: &mut TcpStream, reason: &str) -> After {
+    let body = format!(
+        r#"{{"error":"invalid_request","reason":{}}}"#,
+        serde_json::Value::from(reason)
+    );
+    respond(stream, 400, JSON, &[], body.as_bytes()).await
+}
+
+fn number(request: &Request, name: &str) -> Result<Option<u64>, String> {
+    match request.query_param(name) {
+        None => Ok(None),
+        Some(text) if text.is_empty() => Ok(None),
+        Some(text) => text
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| format!("{name} must be a non-negative integer")),
+    }
+}
+
+fn limit_of(request: &Request) -> Result<usize, String> {
+    match number(request, "limit")? {
+        None => Ok(LIMIT_DEFAULT),
+        Some(0) => Err("limit must be at least 1".to_string()),
+        Some(n) => Ok((n as usize).min(LIMIT_MAX)),
+    }
+}
+
+/// `channels=a,b`: valid, at least one, duplicates dropped.
+fn channels_of(shard: &Shard, request: &Request) -> Result<Vec<String>, String> {
+    let list = request.query_param("channels").unwrap_or_default();
+    let mut channels: Vec<String> = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        if !super::connection::is_valid_channel(name) {
+            return Err(format!("unknown channel {name:?}"));
+        }
+        if !channels.iter().any(|c| c == name) {
+            channels.push(name.to_string());
+        }
+    }
+    if channels.is_empty() {
+        return Err("channels is required (comma-separated)".to_string());
+    }
+    if channels.len() > shard.config.subscriptions_max {
+        return Err(format!(
+            "at most {} channels",
+            shard.config.subscriptions_max
+        ));
+    }
+    Ok(channels)
+}
+
+/// Runs `query` on the org's owner shard.
+async fn ask(shard: &Rc<Shard>, query: Query) -> Option<Answer> {
+    let owner = shard_for(&query.org_id, shard.count);
+    if owner == shard.id {
+        return Some(crate::history::query::run(&shard.history, query).await);
+    }
+    let (reply, answer) = futures_channel::oneshot::channel();
+    let mesh = shard.mesh.as_ref()?;
+    mesh.send_to(owner, ShardMessage::History { query, reply })
+        .await
+        .ok()?;
+    answer.await.ok()
+}
+
+/// `{"type":…,"channel":…,"seq":…,"data":…}`, as on the WebSocket.
+fn push_envelope(out: &mut Vec<u8>, envelope: &Envelope) {
+    out.extend_from_slice(b"{\"type\":\"");
+    out.extend_from_slice(envelope.kind.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"channel\":\"");
+    out.extend_from_slice(envelope.channel.as_bytes());
+    out.extend_from_slice(b"\",\"seq\":");
+    push_u64(out, envelope.seq);
+    out.extend_from_slice(b",\"data\":");
+    out.extend_from_slice(envelope.data.as_bytes());
+    out.push(b'}');
+}
+
+async fn poll(
+    shard: &Rc<Shard>,
+    request: &Request,
+    stream: &mut TcpStream,
+    org_id: String,
+) -> After {
+    let parsed = (|| {
+        let channels = channels_of(shard, request)?;
+        let after = number(request, "after")?.unwrap_or(0);
+        let limit = limit_of(request)?;
+        let wait_ms = number(request, "wait_ms")?.unwrap_or(0).min(WAIT_MS_MAX);
+        Ok::<_, String>((channels, after, limit, wait_ms))
+    })();
+    let (channels, after, limit, wait_ms) = match parsed {
+        Ok(parsed) => parsed,
+        Err(reason) => return bad_request(stream, &reason).await,
+    };
+    let query = Query {
+        org_id: org_id.clone(),
+        channels,
+        range: Range::After(Some(after)),
+        limit,
+        wait_ms,
+    };
+    let Some(answer) = ask(shard, query).await else {
+        return respond_error(stream, 503, &[]).await;
+    };
+    let mut body = Vec::with_capacity(
+        64 + answer
+            .messages
+            .iter()
+            .map(|m| m.data.len() + 64)
+            .sum::<usize>(),
+    );
+    body.extend_from_slice(b"{\"org_id\":");
+    body.extend_from_slice(serde_json::Value::from(org_id).to_string().as_bytes());
+    body.extend_from_slice(b",\"messages\":[");
+    for (i, envelope) in answer.messages.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        push_envelope(&mut body, envelope);
+    }
+    body.extend_from_slice(b"],\"next_after\":");
+    push_u64(&mut body, answer.next_after);
+    body.push(b'}');
+    respond(stream, 200, JSON, &[("Cache-Control", "no-store")], &body).await
+}
+
+async fn sse(
+    shard: &Rc<Shard>,
+    request: &Request,
+    stream: &mut TcpStream,
+    org_id: String,
+) -> After {
+    let channels = match channels_of(shard, request) {
+        Ok(channels) => channels,
+        Err(reason) => return bad_request(stream, &reason).await,
+    };
+    let resume = request
+        .header("last-event-id")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(|v| v.trim().to_string())
+        .or_else(|| request.query_param("last_event_id"))
+        .filter(|v| !v.is_empty());
+    let mut after = match resume.map(|v| v.parse::<u64>()) {
+        None => None,
+        Some(Ok(seq)) => Some(seq),
+        Some(Err(_)) => return bad_request(stream, "Last-Event-ID must be a seq").await,
+    };
+    let head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nConnection: close\r\nX-Accel-Buffering: no\r\n\r\nretry: 1000\n\n";
+    if stream.write_all(head).await.is_err() {
+        return After::Close;
+    }
+    let mut out = Vec::new();
+    while !shard.stopping.get() {
+        let query = Query {
+            org_id: org_id.clone(),
+            channels: channels.clone(),
+            range: Range::After(after),
+            limit: LIMIT_MAX,
+            wait_ms: SSE_KEEPALIVE_MS,
+        };
+        let Some(answer) = ask(shard, query).await else {
+            break;
+        };
+        out.clear();
+        for envelope in &answer.messages {
+            out.extend_from_slice(b"id: ");
+            push_u64(&mut out, envelope.seq);
+            out.extend_from_slice(b"\ndata: ");
+            push_envelope(&mut out, envelope);
+            out.extend_from_slice(b"\n\n");
+        }
+        if answer.messages.is_empty() {
+            out.extend_from_slice(b": keep-alive\n\n");
+        }
+        if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
+            break;
+        }
+        after = Some(answer.next_after);
+    }
+    After::Close
+}
+
+async fn list(
+    shard: &Rc<Shard>,
+    request: &Request,
+    stream: &mut TcpStream,
+    org_id: String,
+    resource: Resource,
+) -> After {
+    let filter_id = |name: &str| -> Result<Option<String>, String> {
+        match request.query_param(name).filter(|v| !v.is_empty()) {
+            None => Ok(None),
+            Some(id) if crate::publish::is_valid_id(&id) => Ok(Some(id)),
+            Some(_) => Err(format!("{name} must match [A-Za-z0-9_.-]{{1,128}}")),
+        }
+    };
+    let parsed = (|| {
+        let channel = match &resource {
+            Resource::Events => match filter_id("source_id")? {
+                Some(id) => format!("events:{id}"),
+                None => "events".to_string(),
+            },
+            Resource::Deliveries => match filter_id("destination_id")? {
+                Some(id) => format!("deliveries:{id}"),
+                None => "deliveries".to_string(),
+            },
+            Resource::Issues => "issues".to_string(),
+            Resource::Sync(id) if crate::publish::is_valid_id(id) => format!("collections:{id}"),
+            Resource::Sync(_) => {
+                return Err("collection id must match [A-Za-z0-9_.-]{1,128}".to_string())
+            }
+        };
+        Ok::<_, String>((channel, number(request, "before")?, limit_of(request)?))
+    })();
+    let (channel, before, limit) = match parsed {
+        Ok(parsed) => parsed,
+        Err(reason) => return bad_request(stream, &reason).await,
+    };
+    let query = Query {
+        org_id,
+        channels: vec![channel],
+        range: Range::Before(before),
+        limit,
+        wait_ms: 0,
+    };
+    let Some(answer) = ask(shard, query).await else {
+        return respond_error(stream, 503, &[]).await;
+    };
+    let mut body = Vec::with_capacity(
+        32 + answer
+            .messages
+            .iter()
+            .map(|m| m.data.len() + 1)
+            .sum::<usize>(),
+    );
+    body.extend_from_slice(b"{\"data\":[");
+    for (i, envelope) in answer.messages.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(envelope.data.as_bytes());
+    }
+    body.extend_from_slice(b"],\"has_more\":");
+    body.extend_from_slice(if answer.has_more { b"true" } else { b"false" });
+    if let (true, Some(oldest)) = (answer.has_more, answer.messages.last()) {
+        // The `before` of the next page (an addition to the contract's
+        // shape: the resources themselves carry no seq).
+        body.extend_from_slice(b",\"next_before\":");
+        push_u64(&mut body, oldest.seq);
+    }
+    body.push(b'}');
+    respond(stream, 200, JSON, &[("Cache-Control", "no-store")], &body).await
+}
