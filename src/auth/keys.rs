@@ -407,3 +407,117 @@ pub fn admin_token(data_dir: &Path) -> Result<String, KeyStoreError> {
         Err(e) => Err(io_error(&path)(e)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let nanos = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        std::env::temp_dir().join(format!(
+            "hookstream-keys-{name}-{}-{nanos}",
+            std::process::id()
+        ))
+    }
+
+    #[test]
+    fn keys_are_prefixed_random_and_hash_to_hex() {
+        let a = generate_key();
+        let b = generate_key();
+        assert_ne!(a, b);
+        assert!(a.starts_with(KEY_PREFIX));
+        assert_eq!(a.len(), KEY_PREFIX.len() + 43);
+        let hash = hash_key(&a);
+        assert_eq!(hash.len(), 64);
+        assert!(hash.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(hash, hash_key(&b));
+    }
+
+    #[test]
+    fn index_holds_active_keys_only() {
+        let dir = temp_dir("index");
+        let store = KeyStore::new(&dir);
+        let kept = store.create("kept", "org_a").unwrap();
+        let gone = store.create("gone", "org_b").unwrap();
+        assert!(store.revoke(&gone.record.id).unwrap());
+        assert!(!store.revoke("key_unknown").unwrap());
+        let index = KeyIndex::from_file(&store.load().unwrap());
+        assert_eq!(index.len(), 1);
+        let found = index.authenticate(&kept.key).unwrap();
+        assert_eq!(found.id, kept.record.id);
+        assert_eq!(found.org_id, "org_a");
+        assert_eq!(index.org_of(&kept.record.id), Some("org_a"));
+        assert!(index.is_active(&kept.record.id));
+        assert_eq!(index.authenticate(&gone.key), None);
+        assert_eq!(index.org_of(&gone.record.id), None);
+        assert!(!index.is_active(&gone.record.id));
+        // Not a key at all: refused before hashing.
+        assert_eq!(index.authenticate(&kept.key[KEY_PREFIX.len()..]), None);
+        assert_eq!(index.authenticate(&"hsk_x".repeat(40)), None);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_file_holds_hashes_not_keys_and_touch_records_last_use() {
+        let dir = temp_dir("file");
+        let store = KeyStore::new(&dir);
+        let created = store.create("web", "org_a").unwrap();
+        let text = fs::read_to_string(store.path()).unwrap();
+        assert!(!text.contains(&created.key));
+        assert!(text.contains(&created.record.hash));
+        let used = HashMap::from([(created.record.id.clone(), now_rfc3339())]);
+        store.touch(&used).unwrap();
+        let file = store.load().unwrap();
+        assert_eq!(
+            file.keys[0].last_used_at,
+            used.get(&created.record.id).cloned()
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn concurrent_creates_lose_nothing() {
+        let dir = temp_dir("concurrent");
+        let threads: Vec<_> = (0..8)
+            .map(|n| {
+                let store = KeyStore::new(&dir);
+                std::thread::spawn(move || {
+                    (0..5)
+                        .map(|m| store.create(&format!("k{n}_{m}"), "org_a").unwrap())
+                        .map(|c| c.record.id)
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let ids: Vec<String> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        let file = KeyStore::new(&dir).load().unwrap();
+        assert_eq!(file.keys.len(), ids.len());
+        for id in &ids {
+            assert!(file.keys.iter().any(|k| &k.id == id), "{id} lost");
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn invalid_input_is_refused() {
+        let store = KeyStore::new(&temp_dir("invalid"));
+        assert!(store.create("web", "bad org").is_err());
+        assert!(store.create("web", &"o".repeat(65)).is_err());
+        assert!(store.create("", "org_a").is_err());
+        assert!(store.create("a\nb", "org_a").is_err());
+    }
+
+    #[test]
+    fn constant_time_eq_compares_contents() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}
