@@ -134,7 +134,7 @@ pub struct Common {
     /// Worker processes (raised to keep each under 15,000 connections).
     #[arg(long, default_value_t = 1)]
     pub procs: usize,
-    /// Source addresses 127.0.0.2 … 127.0.0.(1+K) to spread client sockets over.
+    /// Source addresses 127.0.0.2 … 127.0.0.(1+K) to spread client sockets over (K ≤ 253).
     #[arg(long, default_value_t = 8)]
     pub source_ips: u8,
     /// Connection attempts in flight at once, over all workers.

@@ -128,7 +128,7 @@ async fn main(spec: WorkerSpec) -> Result<(), String> {
     }));
     let gate = Rc::new(Semaphore::new(spec.inflight));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Result<u64, String>>();
-    let source_ips = spec.common.source_ips.max(1) as usize;
+    let source_ips = spec.common.source_ips.clamp(1, 253) as usize;
     let start_ns = monotonic_ns();
     for i in 0..spec.conns {
         let global = spec.offset + i;
