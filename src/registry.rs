@@ -39,12 +39,46 @@ pub struct ConnKey {
 /// Why the server is closing a connection (the close code to send).
 pub type CloseCode = u16;
 
-/// One connection's record.
+/// Where a connection is in its life (the close handshake of RFC 6455 §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    /// Upgraded; messages flow both ways.
+    Open,
+    /// We sent a close frame and wait (bounded) for the peer's close or EOF.
+    ClosingByUs,
+    /// The peer sent a close frame; we answered and close the socket once
+    /// the answer is written (bounded).
+    ClosingByPeer,
+}
+
+/// Unwritten frames of one connection. Boxed and present only while bytes
+/// are pending, so an idle connection pays 8 bytes for it.
+#[derive(Debug, Default)]
+pub struct SendQueue {
+    /// Frames waiting to be written, oldest first.
+    pub frames: VecDeque<Frame>,
+    /// Bytes of the front frame already written.
+    pub front_sent: u32,
+    /// Unwritten bytes in `frames`.
+    pub bytes: u32,
+}
+
+/// Read state carried between two reads: a partly received frame or a
+/// partly assembled fragmented message. Boxed and present only then.
+#[derive(Debug)]
+pub struct Partial {
+    /// The decoder holding the assembly state.
+    pub decoder: ws::Decoder,
+    /// Bytes of an incomplete frame.
+    pub bytes: Vec<u8>,
+}
+
+/// One connection's record: what an idle connection costs in user space.
 #[derive(Debug)]
 pub struct Connection {
     /// Generation of this record (see [`ConnKey`]).
     pub generation: u32,
-    /// The socket, for direct non-blocking sends from the fan-out.
+    /// The socket; the record owns it (closed when the record is removed).
     pub fd: RawFd,
     /// Index of the org in the registry's org slab.
     pub org: u32,
@@ -52,27 +86,25 @@ pub struct Connection {
     pub org_position: u32,
     /// Index of the API key in the registry's key-id table (for revocation).
     pub key: u32,
-    /// Subscriptions as bits of the org's channel table.
-    pub subscriptions: SmallVec<[u64; 1]>,
     /// Number of bits set in `subscriptions`.
     pub subscription_count: u16,
     /// Bad client messages in a row (closed with 1008 at the limit).
     pub bad_messages_in_row: u8,
     /// Pings sent without any frame received since.
     pub missed_pongs: u8,
-    /// Frames waiting to be written, oldest first.
-    pub queue: VecDeque<Frame>,
-    /// Bytes of the front frame already written.
-    pub front_sent: u32,
-    /// Unwritten bytes in `queue`.
-    pub queue_bytes: u32,
-    /// True while the socket refused more bytes; the connection task then
-    /// waits for writability and the fan-out only queues.
+    /// True while the socket refused more bytes: the reactor then waits for
+    /// writability (EPOLLOUT) and the fan-out only queues.
     pub write_blocked: bool,
-    /// Set when the server decided to close; the task sends the close frame.
+    /// Close handshake state.
+    pub state: ConnState,
+    /// Set when the server decided to close; the reactor sends the close frame.
     pub close: Option<CloseCode>,
-    /// Wakes the connection task (new close request, writability wait).
-    pub waker: Option<Waker>,
+    /// Subscriptions as bits of the org's channel table.
+    pub subscriptions: SmallVec<[u64; 1]>,
+    /// Pending output, only while there is some.
+    pub send: Option<Box<SendQueue>>,
+    /// Pending input state, only while there is some.
+    pub partial: Option<Box<Partial>>,
 }
 
 impl Connection {
@@ -96,6 +128,16 @@ impl Connection {
         if word < self.subscriptions.len() {
             self.subscriptions[word] &= !(1u64 << (bit % 64));
         }
+    }
+
+    /// Unwritten bytes.
+    pub fn queued_bytes(&self) -> usize {
+        self.send.as_ref().map_or(0, |q| q.bytes as usize)
+    }
+
+    /// True when nothing waits to be written.
+    pub fn queue_is_empty(&self) -> bool {
+        self.send.is_none()
     }
 }
 
@@ -336,6 +378,10 @@ pub struct Registry {
     next_generation: u32,
     /// Connections with newly queued frames, to flush after a batch.
     dirty: Vec<u32>,
+    /// Connections the server decided to close, for the reactor to act on.
+    pub closing: Vec<ConnKey>,
+    /// Wakes the reactor when `closing` gets an entry.
+    pub reactor_waker: Option<Waker>,
     /// Limits.
     pub limits: RegistryLimits,
     /// Counters.
@@ -353,6 +399,8 @@ impl Registry {
             key_by_id: AHashMap::new(),
             next_generation: 1,
             dirty: Vec::new(),
+            closing: Vec::new(),
+            reactor_waker: None,
             limits,
             counters: Counters::default(),
         }
@@ -426,16 +474,15 @@ impl Registry {
             org,
             org_position,
             key,
-            subscriptions: SmallVec::new(),
             subscription_count: 0,
             bad_messages_in_row: 0,
             missed_pongs: 0,
-            queue: VecDeque::new(),
-            front_sent: 0,
-            queue_bytes: 0,
             write_blocked: false,
+            state: ConnState::Open,
             close: None,
-            waker: None,
+            subscriptions: SmallVec::new(),
+            send: None,
+            partial: None,
         }) as u32;
         let org_record = &mut self.orgs[org as usize];
         org_record.connections.push(index);
@@ -543,26 +590,48 @@ impl Registry {
     pub fn enqueue(&mut self, index: u32, frame: &Frame) {
         let limit = self.limits.send_queue_bytes;
         let conn = &mut self.connections[index as usize];
-        if conn.close.is_some() {
+        if conn.close.is_some() || conn.state != ConnState::Open {
             return;
         }
-        if conn.queue_bytes as usize + frame.len() > limit {
-            conn.queue.clear();
-            conn.queue.shrink_to_fit();
-            conn.queue_bytes = 0;
-            conn.front_sent = 0;
-            conn.close = Some(CLOSE_SLOW_CONSUMER);
-            self.counters.slow_consumer_closes += 1;
-            if let Some(waker) = conn.waker.take() {
-                waker.wake();
+        if conn.queued_bytes() + frame.len() > limit {
+            // Free the queue, but keep the rest of a frame the socket has
+            // already taken part of: the close frame that follows must
+            // start on a frame boundary.
+            if let Some(queue) = conn.send.as_mut() {
+                if queue.front_sent > 0 {
+                    queue.frames.truncate(1);
+                    queue.frames.shrink_to_fit();
+                    let front = queue.frames.front().map_or(0, |f| f.len());
+                    queue.bytes = (front - queue.front_sent as usize) as u32;
+                } else {
+                    conn.send = None;
+                }
             }
+            self.counters.slow_consumer_closes += 1;
+            let key = ConnKey {
+                index,
+                generation: conn.generation,
+            };
+            self.request_close(key, CLOSE_SLOW_CONSUMER);
             return;
         }
-        if conn.queue.is_empty() {
+        self.push_frame(index, frame);
+    }
+
+    /// Queues a frame without the open-state and limit checks: the close
+    /// frame itself, which must go out whatever the queue holds.
+    pub fn enqueue_final(&mut self, index: u32, frame: &Frame) {
+        self.push_frame(index, frame);
+    }
+
+    fn push_frame(&mut self, index: u32, frame: &Frame) {
+        let conn = &mut self.connections[index as usize];
+        let queue = conn.send.get_or_insert_with(Box::default);
+        if queue.frames.is_empty() {
             self.dirty.push(index);
         }
-        conn.queue.push_back(frame.clone());
-        conn.queue_bytes += frame.len() as u32;
+        queue.frames.push_back(frame.clone());
+        queue.bytes += frame.len() as u32;
     }
 
     /// Gives `message` the org's next seq and queues its frames to every
@@ -610,7 +679,7 @@ impl Registry {
 
     /// Unwritten bytes of a connection; `None` when it is gone.
     pub fn queued_bytes_of(&self, key: ConnKey) -> Option<usize> {
-        self.get(key).map(|c| c.queue_bytes as usize)
+        self.get(key).map(|c| c.queued_bytes())
     }
 
     /// Takes the list of connections with newly queued frames.
@@ -638,13 +707,13 @@ impl Registry {
             return Flush::Failed;
         };
         loop {
-            if conn.queue.is_empty() {
+            let Some(queue) = conn.send.as_mut() else {
                 conn.write_blocked = false;
                 return Flush::Drained;
-            }
+            };
             let mut slices: SmallVec<[IoSlice<'_>; 64]> = SmallVec::new();
-            for (i, frame) in conn.queue.iter().take(64).enumerate() {
-                let start = if i == 0 { conn.front_sent as usize } else { 0 };
+            for (i, frame) in queue.frames.iter().take(64).enumerate() {
+                let start = if i == 0 { queue.front_sent as usize } else { 0 };
                 slices.push(IoSlice::new(&frame[start..]));
             }
             self.counters.sends += 1;
@@ -673,15 +742,19 @@ impl Registry {
         }
     }
 
-    /// Asks the connection's task to close it with `code`.
+    /// Asks the reactor to close the connection with `code` (the first
+    /// request wins).
     pub fn request_close(&mut self, key: ConnKey, code: CloseCode) {
-        if let Some(conn) = self.get_mut(key) {
-            if conn.close.is_none() {
-                conn.close = Some(code);
-            }
-            if let Some(waker) = conn.waker.take() {
-                waker.wake();
-            }
+        let Some(conn) = self.get_mut(key) else {
+            return;
+        };
+        if conn.close.is_some() || conn.state != ConnState::Open {
+            return;
+        }
+        conn.close = Some(code);
+        self.closing.push(key);
+        if let Some(waker) = self.reactor_waker.take() {
+            waker.wake();
         }
     }
 
@@ -726,28 +799,33 @@ impl Registry {
     }
 }
 
-/// Drops `written` bytes from the front of a connection's queue.
+/// Drops `written` bytes from the front of a connection's queue; frees the
+/// queue when it empties.
 fn advance(conn: &mut Connection, mut written: usize) {
-    assert!(written <= conn.queue_bytes as usize);
-    conn.queue_bytes -= written as u32;
+    let queue = conn
+        .send
+        .as_mut()
+        .expect("written bytes came from the queue");
+    assert!(written <= queue.bytes as usize);
+    queue.bytes -= written as u32;
     while written > 0 {
-        let front = conn
-            .queue
+        let front = queue
+            .frames
             .front()
             .expect("written bytes came from the queue");
-        let left = front.len() - conn.front_sent as usize;
+        let left = front.len() - queue.front_sent as usize;
         if written >= left {
             written -= left;
-            conn.front_sent = 0;
-            conn.queue.pop_front();
+            queue.front_sent = 0;
+            queue.frames.pop_front();
         } else {
-            conn.front_sent += written as u32;
+            queue.front_sent += written as u32;
             written = 0;
         }
     }
-    if conn.queue.is_empty() && conn.queue.capacity() > 16 {
-        // An idle connection keeps no large queue allocation.
-        conn.queue = VecDeque::new();
+    if queue.frames.is_empty() {
+        // An idle connection keeps no queue allocation.
+        conn.send = None;
     }
 }
 
@@ -837,10 +915,17 @@ mod tests {
         assert_eq!(r.subscribe(a, "issues"), Err(SubscribeError::TooMany));
         assert_eq!(r.subscribe(b, "events:src_2"), Ok(true));
         assert_eq!(r.publish(&event("org_a", "src_1")), 1);
-        assert_eq!(r.get(a).unwrap().queue.len(), 2);
-        assert_eq!(r.get(b).unwrap().queue.len(), 0);
+        let frames = |r: &Registry, k| {
+            r.get(k)
+                .unwrap()
+                .send
+                .as_ref()
+                .map_or(0, |q| q.frames.len())
+        };
+        assert_eq!(frames(&r, a), 2);
+        assert_eq!(frames(&r, b), 0);
         assert_eq!(r.publish(&event("org_b", "src_1")), 1);
-        assert_eq!(r.get(a).unwrap().queue.len(), 2);
+        assert_eq!(frames(&r, a), 2);
     }
 
     #[test]
@@ -882,8 +967,36 @@ mod tests {
         }
         let conn = r.get(a).unwrap();
         assert_eq!(conn.close, Some(CLOSE_SLOW_CONSUMER));
-        assert_eq!(conn.queue_bytes, 0);
-        assert!(conn.queue.is_empty());
+        assert_eq!(conn.queued_bytes(), 0);
+        assert!(conn.send.is_none());
+        assert_eq!(r.closing, vec![a]);
+    }
+
+    #[test]
+    fn slow_consumer_keeps_the_rest_of_a_partly_written_frame() {
+        let mut r = Registry::new(limits());
+        let (a, _) = r.add("org_a", "k", -1).unwrap();
+        r.subscribe(a, "events").unwrap();
+        r.publish(&event("org_a", "s"));
+        let first_len = r.get(a).unwrap().queued_bytes();
+        let mut send = |_fd: RawFd, _slices: &[IoSlice<'_>]| Ok(5);
+        let mut once = true;
+        let mut send_once = |fd: RawFd, slices: &[IoSlice<'_>]| {
+            if once {
+                once = false;
+                send(fd, slices)
+            } else {
+                Err(std::io::ErrorKind::WouldBlock.into())
+            }
+        };
+        assert_eq!(r.flush(a.index, &mut send_once), Flush::Blocked);
+        for _ in 0..200 {
+            r.publish(&event("org_a", "s"));
+        }
+        let conn = r.get(a).unwrap();
+        assert_eq!(conn.close, Some(CLOSE_SLOW_CONSUMER));
+        assert_eq!(conn.queued_bytes(), first_len - 5);
+        assert_eq!(conn.send.as_ref().unwrap().frames.len(), 1);
     }
 
     #[test]
@@ -893,7 +1006,7 @@ mod tests {
         r.subscribe(a, "events").unwrap();
         r.publish(&event("org_a", "s"));
         r.publish(&event("org_a", "s"));
-        let total = r.get(a).unwrap().queue_bytes as usize;
+        let total = r.get(a).unwrap().queued_bytes();
         let mut sink = Vec::new();
         let mut calls = 0;
         let mut send = |_fd: RawFd, slices: &[IoSlice<'_>]| {

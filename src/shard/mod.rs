@@ -9,6 +9,7 @@ mod connection;
 pub mod history_routes;
 mod public;
 pub mod ratelimit;
+pub mod reactor;
 pub mod routes;
 
 use std::cell::{Cell, RefCell};
@@ -125,6 +126,10 @@ pub struct Shard {
     pub stopping: Cell<bool>,
     /// The history log of the orgs this shard owns.
     pub history: crate::history::History,
+    /// The epoll set of this shard's connections.
+    pub reactor: reactor::Reactor,
+    /// Closing connections and when their linger ends.
+    pub lingering: RefCell<Vec<(ConnKey, Instant)>>,
     /// Session signer, per-address limits, keys used since the last
     /// last-used write.
     pub access: access::AccessState,
@@ -144,6 +149,14 @@ impl Shard {
         let mut pool = self.pool.borrow_mut();
         if buffer.len() == READ_BUFFER_BYTES && pool.len() < POOL_BUFFERS_MAX {
             pool.push(buffer);
+        }
+    }
+
+    /// Decoder limits for client frames.
+    pub fn decoder_config(&self) -> crate::protocol::ws::DecoderConfig {
+        crate::protocol::ws::DecoderConfig {
+            message_bytes_max: self.config.client_message_bytes,
+            require_mask: true,
         }
     }
 
@@ -175,7 +188,7 @@ impl Shard {
             {
                 let mut registry = self.registry.borrow_mut();
                 for &index in chunk {
-                    flush_one(&mut registry, index);
+                    flush_one(&mut registry, &self.reactor, index);
                 }
             }
             if chunk.len() == CHUNK {
@@ -248,29 +261,25 @@ pub fn send_vectored(fd: RawFd, slices: &[IoSlice<'_>]) -> std::io::Result<usize
     }
 }
 
-/// Flushes one connection unless its task is already waiting to write.
-pub fn flush_one(registry: &mut Registry, index: u32) {
+/// Flushes one connection unless the reactor already waits for it to be
+/// writable. A socket that refuses bytes gets EPOLLOUT interest; one that
+/// fails is closed without a close frame.
+pub fn flush_one(registry: &mut Registry, reactor: &reactor::Reactor, index: u32) {
     let Some(conn) = registry.connections.get(index as usize) else {
         return;
     };
-    if conn.write_blocked || conn.close.is_some() || conn.queue.is_empty() {
+    if conn.write_blocked || conn.queue_is_empty() {
         return;
     }
+    let key = ConnKey {
+        index,
+        generation: conn.generation,
+    };
+    let fd = conn.fd;
     match registry.flush(index, &mut send_vectored) {
         Flush::Drained => {}
-        Flush::Blocked => {
-            if let Some(waker) = registry.connections[index as usize].waker.as_ref() {
-                waker.wake_by_ref();
-            }
-        }
-        Flush::Failed => {
-            let conn = &mut registry.connections[index as usize];
-            let key = ConnKey {
-                index,
-                generation: conn.generation,
-            };
-            registry.request_close(key, CLOSE_ABORT);
-        }
+        Flush::Blocked => reactor.want_write(fd, key, true),
+        Flush::Failed => registry.request_close(key, CLOSE_ABORT),
     }
 }
 
@@ -408,6 +417,29 @@ fn lock_data_dir(dir: &PathBuf) -> Result<std::fs::File, String> {
         ));
     }
     Ok(file)
+}
+
+/// Accept backlog of each shard's listeners (the kernel caps it at
+/// `net.core.somaxconn`).
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A listener with SO_REUSEPORT (every shard binds the same address) and
+/// SO_REUSEADDR. glommio's own `bind` sets only the first; without the second,
+/// the TIME_WAIT sockets a stopped server leaves behind make a restart on the
+/// same port fail for a minute.
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<glommio::net::TcpListener> {
+    use std::os::unix::io::{FromRawFd, IntoRawFd};
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    // SAFETY: the listener takes ownership of the descriptor.
+    Ok(unsafe { glommio::net::TcpListener::from_raw_fd(socket.into_raw_fd()) })
 }
 
 /// Binds a plain (non-reuseport) listener once to find out whether the
@@ -580,6 +612,13 @@ async fn shard_main(
         subscriptions_max: config.subscriptions_max,
         send_queue_bytes: config.send_queue_bytes,
     };
+    let reactor = match reactor::Reactor::new() {
+        Ok(reactor) => reactor,
+        Err(e) => {
+            let _ = ready.send(Err(format!("cannot create the shard's epoll set: {e}")));
+            return;
+        }
+    };
     let history_config = crate::history::HistoryConfig {
         dir: config.data_dir.join("history"),
         durability: config.durability,
@@ -614,9 +653,11 @@ async fn shard_main(
         pool: RefCell::new(Vec::new()),
         stopping: Cell::new(false),
         history: opened.history,
+        reactor,
+        lingering: RefCell::new(Vec::new()),
         access: access::AccessState::new(&config, shared.signer.clone()),
     });
-    let public_listener = match glommio::net::TcpListener::bind(config.listen) {
+    let public_listener = match listen(config.listen) {
         Ok(l) => l,
         Err(e) => {
             let _ = ready.send(Err(format!(
@@ -626,7 +667,7 @@ async fn shard_main(
             return;
         }
     };
-    let admin_listener = match glommio::net::TcpListener::bind(config.admin_listen) {
+    let admin_listener = match listen(config.admin_listen) {
         Ok(l) => l,
         Err(e) => {
             let _ = ready.send(Err(format!(
@@ -644,17 +685,7 @@ async fn shard_main(
         mesh_tasks.push(glommio::spawn_local(async move {
             while let Some(message) = receiver.recv().await {
                 match message {
-                    ShardMessage::Adopt(mut handoff) => {
-                        let fd = std::mem::replace(&mut handoff.fd, -1);
-                        // SAFETY: the handoff owned `fd` (a dup of the accepted
-                        // socket); ownership moves into the stream here.
-                        let stream = unsafe {
-                            <glommio::net::TcpStream as std::os::unix::io::FromRawFd>::from_raw_fd(
-                                fd,
-                            )
-                        };
-                        public::adopt(shard.clone(), stream, &handoff);
-                    }
+                    ShardMessage::Adopt(handoff) => public::adopt(&shard, handoff),
                     ShardMessage::Publish { messages, reply } => {
                         let shard = shard.clone();
                         glommio::spawn_local(async move {
@@ -684,6 +715,7 @@ async fn shard_main(
         glommio::spawn_local(crate::history::retention_loop(shard.clone())),
         glommio::spawn_local(crate::history::replay::worker(shard.clone())),
     ];
+    let reactor_task = glommio::spawn_local(reactor::run(shard.clone()));
     let key_reload = glommio::spawn_local(key_reload_loop(shard.clone()));
     let last_used = glommio::spawn_local(access::last_used_loop(shard.clone()));
     let demo = (config.demo && id == 0).then(|| glommio::spawn_local(demo_loop(shard.clone())));
@@ -718,6 +750,10 @@ async fn shard_main(
     let deadline = Instant::now() + Duration::from_secs(3);
     while !shard.registry.borrow().connections.is_empty() && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    drop(reactor_task);
+    for key in shard.registry.borrow().keys() {
+        reactor::remove_now(&shard, key);
     }
     drop(mesh_tasks);
 }

@@ -13,7 +13,6 @@ use super::{shard_for, Handoff, Shard, ShardMessage};
 use crate::limits::{HEADERS_MAX, HEAD_BYTES_MAX, HEAD_TIMEOUT_MS};
 use crate::metrics::HandshakeFailure;
 use crate::protocol::http::{self, HttpError};
-use crate::registry::{AddError, Frame};
 
 /// Accepts forever; on running out of file descriptors it waits and retries
 /// instead of failing, so existing connections keep working.
@@ -127,32 +126,25 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
             return;
         }
         Ok(Some(accepted)) => {
-            let leftover = buffer[accepted.head_len..filled].to_vec();
-            let owner = shard_for(&accepted.org_id, shard.count);
-            if owner == shard.id {
+            // The connection's life is spent in the owner's reactor on a raw
+            // descriptor: take a duplicate and let glommio's stream go.
+            // SAFETY: dup of a socket we own; the handoff owns the copy.
+            let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+            if fd < 0 {
+                refuse(&shard, &mut stream, 503, None).await;
+            } else {
+                drop(stream);
                 let handoff = Handoff {
-                    fd: -1,
-                    leftover,
+                    fd,
+                    leftover: buffer[accepted.head_len..filled].to_vec(),
                     org_id: accepted.org_id,
                     key_id: accepted.key_id,
                     ws_key: accepted.ws_key,
                 };
-                adopt(shard.clone(), stream, &handoff);
-            } else {
-                // SAFETY: dup of a socket we own; the handoff owns the copy
-                // and our stream (closing the original) is dropped below.
-                let fd = unsafe { libc::dup(stream.as_raw_fd()) };
-                if fd < 0 {
-                    refuse(&shard, &mut stream, 503, None).await;
+                let owner = shard_for(&handoff.org_id, shard.count);
+                if owner == shard.id {
+                    adopt(&shard, handoff);
                 } else {
-                    let handoff = Handoff {
-                        fd,
-                        leftover,
-                        org_id: accepted.org_id,
-                        key_id: accepted.key_id,
-                        ws_key: accepted.ws_key,
-                    };
-                    drop(stream);
                     let mesh = shard.mesh.as_ref().expect("several shards have a mesh");
                     let _ = mesh.send_to(owner, ShardMessage::Adopt(handoff)).await;
                 }
@@ -186,50 +178,46 @@ fn route(
     })
 }
 
-/// On the owner shard: register the connection, answer 101 and the welcome
-/// in one write, and start its task.
-pub fn adopt(shard: Rc<Shard>, mut stream: TcpStream, handoff: &Handoff) {
+/// On the owner shard: register the connection with the reactor, which
+/// answers 101 and the welcome in one write; 503 when a connection cap is
+/// reached.
+pub fn adopt(shard: &Shard, mut handoff: Handoff) {
+    let fd = std::mem::replace(&mut handoff.fd, -1);
     if shard.stopping.get() {
+        // SAFETY: we own `fd` (moved out of the handoff).
+        unsafe { libc::close(fd) };
         return;
     }
-    let added =
-        shard
-            .registry
-            .borrow_mut()
-            .add(&handoff.org_id, &handoff.key_id, stream.as_raw_fd());
-    let (key, seq) = match added {
-        Ok(pair) => pair,
-        Err(AddError::OrgFull) | Err(AddError::ShardFull) => {
-            glommio::spawn_local(async move {
-                refuse(&shard, &mut stream, 503, None).await;
-            })
-            .detach();
-            return;
+    let leftover = std::mem::take(&mut handoff.leftover);
+    match super::reactor::adopt(
+        shard,
+        fd,
+        &handoff.org_id,
+        &handoff.key_id,
+        &handoff.ws_key,
+        leftover,
+    ) {
+        Ok(()) => {
+            shard
+                .metrics
+                .upgrades
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-    };
-    let mut answer = [0u8; http::SWITCHING_PROTOCOLS_LEN_MAX];
-    let answer_len = http::write_switching_protocols(&mut answer, handoff.ws_key.as_bytes());
-    let mut first = Vec::with_capacity(answer_len + 160);
-    first.extend_from_slice(&answer[..answer_len]);
-    let welcome = format!(
-        r#"{{"type":"welcome","org_id":"{}","connection_id":"c_{}_{}_{}","seq":{},"heartbeat_ms":{}}}"#,
-        handoff.org_id, shard.id, key.index, key.generation, seq, shard.config.heartbeat_ms
-    );
-    first.extend_from_slice(&crate::registry::text_frame(welcome.as_bytes()));
-    {
-        let mut registry = shard.registry.borrow_mut();
-        registry.enqueue(key.index, &Frame::from(first));
-        super::flush_one(&mut registry, key.index);
+        Err(fd) => {
+            shard.metrics.handshake_failed(HandshakeFailure::Capacity);
+            let mut out = Vec::with_capacity(160);
+            http::write_error(&mut out, 503, &[("Connection", "close")]);
+            // Best effort: a fresh socket's buffer takes a small answer.
+            // SAFETY: send on and close of a descriptor we own.
+            unsafe {
+                libc::send(
+                    fd,
+                    out.as_ptr().cast(),
+                    out.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                );
+                libc::close(fd);
+            }
+        }
     }
-    shard
-        .metrics
-        .upgrades
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    glommio::spawn_local(super::connection::run(
-        shard.clone(),
-        key,
-        stream,
-        handoff.leftover.clone(),
-    ))
-    .detach();
 }

@@ -1,0 +1,532 @@
+//! The shard's connection reactor: hibernation without a task per
+//! connection.
+//!
+//! Every upgraded socket of the shard sits in one level-triggered epoll set,
+//! keyed by its slab key. One task per shard waits for that set to become
+//! ready — through glommio's io_uring poll on a duplicate of the epoll
+//! descriptor, so the shard thread never blocks — then takes the ready
+//! sockets with a non-blocking `epoll_wait` and reads each once into a
+//! pooled buffer. An idle connection therefore costs its slab record and the
+//! kernel's socket and epoll entry: no task, no future, no buffer.
+//!
+//! Writes happen where frames are queued (the fan-out's non-blocking
+//! `sendmsg`); only a socket that refused bytes gets EPOLLOUT interest until
+//! it drains. Closing follows RFC 6455 §7 with a bounded linger.
+
+use std::future::poll_fn;
+use std::os::unix::io::{FromRawFd, RawFd};
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use futures_lite::AsyncReadExt;
+
+use super::connection::{self, Outcome};
+use super::{Shard, CLOSE_ABORT};
+use crate::protocol::ws::{self, Decoder};
+use crate::registry::{ConnKey, ConnState, Flush, Frame, Partial, Registry};
+
+/// Most events taken per `epoll_wait`.
+const EVENTS_MAX: usize = 512;
+/// How long a closing connection may take to finish the close handshake.
+pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// How long a slow consumer's socket is kept for its close frame: its
+/// queue is already freed, so waiting costs only the socket, and a client
+/// that resumes reading then learns why it was cut off (1013).
+pub const CLOSE_LINGER_SLOW_CONSUMER: Duration = Duration::from_secs(30);
+
+/// The epoll set of one shard.
+#[derive(Debug)]
+pub struct Reactor {
+    epoll: RawFd,
+}
+
+fn key_data(key: ConnKey) -> u64 {
+    (u64::from(key.generation) << 32) | u64::from(key.index)
+}
+
+fn key_of(data: u64) -> ConnKey {
+    ConnKey {
+        index: data as u32,
+        generation: (data >> 32) as u32,
+    }
+}
+
+impl Reactor {
+    /// A new, empty epoll set.
+    pub fn new() -> std::io::Result<Reactor> {
+        // SAFETY: plain syscall; the descriptor is owned by the Reactor.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epoll < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Reactor { epoll })
+    }
+
+    fn control(
+        &self,
+        op: libc::c_int,
+        fd: RawFd,
+        key: ConnKey,
+        write: bool,
+    ) -> std::io::Result<()> {
+        let mut events = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+        if write {
+            events |= libc::EPOLLOUT as u32;
+        }
+        let mut event = libc::epoll_event {
+            events,
+            u64: key_data(key),
+        };
+        // SAFETY: epoll_ctl on descriptors we own, with a stack event.
+        if unsafe { libc::epoll_ctl(self.epoll, op, fd, &mut event) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Watches a new connection for input.
+    pub fn add(&self, fd: RawFd, key: ConnKey) -> std::io::Result<()> {
+        self.control(libc::EPOLL_CTL_ADD, fd, key, false)
+    }
+
+    /// Starts or stops waiting for writability.
+    pub fn want_write(&self, fd: RawFd, key: ConnKey, write: bool) {
+        let _ = self.control(libc::EPOLL_CTL_MOD, fd, key, write);
+    }
+
+    /// Stops watching a socket (before it is closed).
+    pub fn remove(&self, fd: RawFd) {
+        let mut event = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: as above.
+        unsafe { libc::epoll_ctl(self.epoll, libc::EPOLL_CTL_DEL, fd, &mut event) };
+    }
+}
+
+impl Drop for Reactor {
+    fn drop(&mut self) {
+        // SAFETY: we own the epoll descriptor.
+        unsafe { libc::close(self.epoll) };
+    }
+}
+
+/// Resolves once the epoll set has events. glommio offers no readiness wait
+/// on arbitrary descriptors, but a `TcpStream` built on a descriptor
+/// registers an io_uring poll for readability at once; on an epoll
+/// descriptor that poll fires when the set is ready (the `recv` that follows
+/// then fails with ENOTSOCK, which is the signal). A duplicate is used so
+/// dropping the stream closes only the duplicate.
+async fn epoll_ready(epoll: RawFd) {
+    // SAFETY: dup of our own descriptor; the stream owns the duplicate.
+    let duplicate = unsafe { libc::dup(epoll) };
+    if duplicate < 0 {
+        // Out of descriptors: poll again shortly instead of spinning.
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+        return;
+    }
+    // SAFETY: `duplicate` is a fresh descriptor we own.
+    let mut stream = unsafe { glommio::net::TcpStream::from_raw_fd(duplicate) };
+    let mut byte = [0u8; 1];
+    let _ = stream.read(&mut byte).await;
+}
+
+/// Resolves when the registry has connections to close.
+async fn close_requested(shard: &Shard) {
+    poll_fn(|cx| {
+        let mut registry = shard.registry.borrow_mut();
+        if registry.closing.is_empty() {
+            registry.reactor_waker = Some(cx.waker().clone());
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await
+}
+
+/// The shard's reactor task.
+pub async fn run(shard: Rc<Shard>) {
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_MAX];
+    loop {
+        handle_close_requests(&shard);
+        let next_deadline = sweep_lingering(&shard);
+        // SAFETY: epoll_wait into our own buffer, without blocking.
+        let ready = unsafe {
+            libc::epoll_wait(
+                shard.reactor.epoll,
+                events.as_mut_ptr(),
+                EVENTS_MAX as libc::c_int,
+                0,
+            )
+        };
+        if ready <= 0 {
+            shard.flush_dirty().await;
+            let linger = async {
+                match next_deadline {
+                    Some(deadline) => {
+                        glommio::timer::sleep(deadline.saturating_duration_since(Instant::now()))
+                            .await
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            futures_lite::future::or(
+                epoll_ready(shard.reactor.epoll),
+                futures_lite::future::or(close_requested(&shard), linger),
+            )
+            .await;
+            continue;
+        }
+        for event in &events[..ready as usize] {
+            on_event(&shard, event.events, key_of(event.u64));
+        }
+        shard.flush_dirty().await;
+        glommio::yield_if_needed().await;
+    }
+}
+
+fn on_event(shard: &Shard, events: u32, key: ConnKey) {
+    let writable = events & libc::EPOLLOUT as u32 != 0;
+    let readable =
+        events & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR | libc::EPOLLRDHUP) as u32 != 0;
+    if writable {
+        let mut registry = shard.registry.borrow_mut();
+        let Some(conn) = registry.get(key) else {
+            return;
+        };
+        if conn.write_blocked {
+            let fd = conn.fd;
+            match registry.flush(key.index, &mut super::send_vectored) {
+                Flush::Blocked => {}
+                Flush::Failed => {
+                    drop(registry);
+                    remove_now(shard, key);
+                    return;
+                }
+                Flush::Drained => {
+                    shard.reactor.want_write(fd, key, false);
+                    if registry
+                        .get(key)
+                        .is_some_and(|c| c.state == ConnState::ClosingByPeer)
+                    {
+                        drop(registry);
+                        remove_now(shard, key);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    if readable {
+        read_ready(shard, key, true);
+    }
+}
+
+/// Reads once (when `receive`) and handles every complete frame buffered
+/// for the connection.
+pub fn read_ready(shard: &Shard, key: ConnKey, receive: bool) {
+    let (fd, partial) = {
+        let mut registry = shard.registry.borrow_mut();
+        let Some(conn) = registry.get_mut(key) else {
+            return;
+        };
+        (conn.fd, conn.partial.take())
+    };
+    let (mut decoder, mut buffer, mut filled) = match partial {
+        Some(partial) => {
+            let Partial { decoder, bytes } = *partial;
+            let filled = bytes.len();
+            let mut buffer = shard.take_buffer();
+            if buffer.len() < filled {
+                buffer.resize(filled, 0);
+            }
+            buffer[..filled].copy_from_slice(&bytes);
+            (decoder, buffer, filled)
+        }
+        None => (Decoder::new(shard.decoder_config()), shard.take_buffer(), 0),
+    };
+    if receive {
+        if filled == buffer.len() {
+            let needed = Decoder::frame_len_hint(&buffer[..filled]).unwrap_or(filled * 2);
+            buffer.resize(needed.max(filled + 1), 0);
+        }
+        // SAFETY: recv into the unfilled part of our own buffer.
+        let received = unsafe {
+            libc::recv(
+                fd,
+                buffer[filled..].as_mut_ptr().cast(),
+                buffer.len() - filled,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if received == 0 {
+            shard.return_buffer(buffer);
+            remove_now(shard, key);
+            return;
+        }
+        if received < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() != std::io::ErrorKind::WouldBlock
+                && error.kind() != std::io::ErrorKind::Interrupted
+            {
+                shard.return_buffer(buffer);
+                remove_now(shard, key);
+                return;
+            }
+        } else {
+            filled += received as usize;
+        }
+    }
+    let outcome = process_frames(shard, key, &mut decoder, &mut buffer, &mut filled);
+    if filled > 0 || decoder.is_assembling() {
+        let partial = Partial {
+            decoder,
+            bytes: buffer[..filled].to_vec(),
+        };
+        if let Some(conn) = shard.registry.borrow_mut().get_mut(key) {
+            conn.partial = Some(Box::new(partial));
+        }
+    }
+    shard.return_buffer(buffer);
+    match outcome {
+        Some(outcome) => act(shard, key, outcome),
+        // Replies leave at once (adopt calls this outside the reactor loop,
+        // whose own flush would otherwise wait for the next event).
+        None => super::flush_one(&mut shard.registry.borrow_mut(), &shard.reactor, key.index),
+    }
+}
+
+/// Decodes and handles the complete frames in `buffer[..filled]`, leaving
+/// the bytes of an incomplete frame at its front.
+fn process_frames(
+    shard: &Shard,
+    key: ConnKey,
+    decoder: &mut Decoder,
+    buffer: &mut [u8],
+    filled: &mut usize,
+) -> Option<Outcome> {
+    let mut start = 0;
+    let mut outcome = None;
+    while start < *filled {
+        match decoder.decode(&mut buffer[start..*filled]) {
+            Ok(None) => break,
+            Ok(Some(decoded)) => {
+                start += decoded.consumed;
+                let Some(message) = decoded.message else {
+                    continue;
+                };
+                let state = shard.registry.borrow().get(key).map(|c| c.state);
+                let result = match state {
+                    None => Some(Outcome::Abort),
+                    Some(ConnState::Open) => connection::handle(shard, key, message),
+                    // Closing: only the peer's close (or EOF) matters now.
+                    Some(_) => match message {
+                        ws::Message::Close(_) => Some(Outcome::Abort),
+                        _ => None,
+                    },
+                };
+                if result.is_some() {
+                    outcome = result;
+                    break;
+                }
+            }
+            Err(error) => {
+                outcome = Some(Outcome::CloseByUs(
+                    error.close_code(),
+                    connection::error_reason(error),
+                ));
+                break;
+            }
+        }
+    }
+    buffer.copy_within(start..*filled, 0);
+    *filled -= start;
+    if outcome.is_some() {
+        *filled = 0;
+    }
+    outcome
+}
+
+/// Carries out how a connection ends.
+pub fn act(shard: &Shard, key: ConnKey, outcome: Outcome) {
+    match outcome {
+        Outcome::Abort => remove_now(shard, key),
+        Outcome::CloseByUs(code, reason) => {
+            start_close(shard, key, code, reason, ConnState::ClosingByUs)
+        }
+        Outcome::CloseByPeer(code) => {
+            let code = if ws::is_valid_close_code(code) {
+                code
+            } else {
+                1000
+            };
+            start_close(shard, key, code, "", ConnState::ClosingByPeer);
+        }
+    }
+}
+
+/// Queues the close frame, moves to `state`, and lingers (bounded).
+fn start_close(shard: &Shard, key: ConnKey, code: u16, reason: &str, state: ConnState) {
+    let drained = {
+        let mut registry = shard.registry.borrow_mut();
+        let Some(conn) = registry.get_mut(key) else {
+            return;
+        };
+        if conn.state != ConnState::Open {
+            return;
+        }
+        conn.state = state;
+        conn.close.get_or_insert(code);
+        conn.partial = None;
+        let mut close = [0u8; ws::CLOSE_FRAME_BYTES_MAX];
+        let len = ws::encode_close_frame(&mut close, code, reason);
+        registry.enqueue_final(key.index, &Frame::from(&close[..len]));
+        flush_now(shard, &mut registry, key)
+    };
+    if drained == Some(true) && state == ConnState::ClosingByPeer {
+        remove_now(shard, key);
+        return;
+    }
+    if drained.is_none() {
+        remove_now(shard, key);
+        return;
+    }
+    let linger = if code == crate::registry::CLOSE_SLOW_CONSUMER {
+        CLOSE_LINGER_SLOW_CONSUMER
+    } else {
+        CLOSE_LINGER
+    };
+    shard
+        .lingering
+        .borrow_mut()
+        .push((key, Instant::now() + linger));
+}
+
+/// Flushes one connection now; Some(true) when drained, Some(false) when
+/// blocked (EPOLLOUT armed), None when the socket failed.
+fn flush_now(shard: &Shard, registry: &mut Registry, key: ConnKey) -> Option<bool> {
+    let fd = registry.get(key)?.fd;
+    let was_blocked = registry.get(key)?.write_blocked;
+    match registry.flush(key.index, &mut super::send_vectored) {
+        Flush::Drained => Some(true),
+        Flush::Blocked => {
+            if !was_blocked {
+                shard.reactor.want_write(fd, key, true);
+            }
+            Some(false)
+        }
+        Flush::Failed => None,
+    }
+}
+
+/// Acts on the registry's close requests (slow consumers, revoked keys,
+/// heartbeat, shutdown).
+fn handle_close_requests(shard: &Shard) {
+    let requests = std::mem::take(&mut shard.registry.borrow_mut().closing);
+    for key in requests {
+        let code = match shard.registry.borrow().get(key) {
+            Some(conn) if conn.state == ConnState::Open => conn.close.unwrap_or(CLOSE_ABORT),
+            _ => continue,
+        };
+        // A fresh close request resets the record's close so start_close sets it.
+        if code == CLOSE_ABORT {
+            remove_now(shard, key);
+        } else {
+            start_close(
+                shard,
+                key,
+                code,
+                connection::close_reason(code),
+                ConnState::ClosingByUs,
+            );
+        }
+    }
+}
+
+/// Removes connections whose linger ran out; returns the next deadline.
+fn sweep_lingering(shard: &Shard) -> Option<Instant> {
+    let now = Instant::now();
+    let mut expired = Vec::new();
+    let next = {
+        let mut lingering = shard.lingering.borrow_mut();
+        let registry = shard.registry.borrow();
+        lingering.retain(|(key, deadline)| {
+            if registry.get(*key).is_none() {
+                return false;
+            }
+            if *deadline <= now {
+                expired.push(*key);
+                return false;
+            }
+            true
+        });
+        lingering.iter().map(|(_, deadline)| *deadline).min()
+    };
+    for key in expired {
+        remove_now(shard, key);
+    }
+    next
+}
+
+/// Closes the socket and removes the record.
+pub fn remove_now(shard: &Shard, key: ConnKey) {
+    let mut registry = shard.registry.borrow_mut();
+    let Some(conn) = registry.get(key) else {
+        return;
+    };
+    let fd = conn.fd;
+    shard.reactor.remove(fd);
+    // SAFETY: the record owns its socket; it is removed right after.
+    unsafe { libc::close(fd) };
+    registry.remove(key);
+}
+
+/// Registers an upgraded socket (owned `fd`) of `org_id`: queues `101` and
+/// the welcome as its first bytes, watches it, and handles any bytes the
+/// client sent right after its request head.
+pub fn adopt(
+    shard: &Shard,
+    fd: RawFd,
+    org_id: &str,
+    key_id: &str,
+    ws_key: &str,
+    leftover: Vec<u8>,
+) -> Result<(), RawFd> {
+    let added = shard.registry.borrow_mut().add(org_id, key_id, fd);
+    let Ok((key, seq)) = added else {
+        return Err(fd);
+    };
+    if shard.reactor.add(fd, key).is_err() {
+        shard.registry.borrow_mut().remove(key);
+        return Err(fd);
+    }
+    let mut answer = [0u8; crate::protocol::http::SWITCHING_PROTOCOLS_LEN_MAX];
+    let answer_len =
+        crate::protocol::http::write_switching_protocols(&mut answer, ws_key.as_bytes());
+    let welcome = format!(
+        r#"{{"type":"welcome","org_id":"{}","connection_id":"c_{}_{}_{}","seq":{},"heartbeat_ms":{}}}"#,
+        org_id, shard.id, key.index, key.generation, seq, shard.config.heartbeat_ms
+    );
+    let mut first = Vec::with_capacity(answer_len + welcome.len() + 4);
+    first.extend_from_slice(&answer[..answer_len]);
+    first.extend_from_slice(&crate::registry::text_frame(welcome.as_bytes()));
+    {
+        let mut registry = shard.registry.borrow_mut();
+        registry.enqueue(key.index, &Frame::from(first));
+        if flush_now(shard, &mut registry, key).is_none() {
+            drop(registry);
+            remove_now(shard, key);
+            return Ok(());
+        }
+    }
+    if !leftover.is_empty() {
+        if let Some(conn) = shard.registry.borrow_mut().get_mut(key) {
+            conn.partial = Some(Box::new(Partial {
+                decoder: Decoder::new(shard.decoder_config()),
+                bytes: leftover,
+            }));
+        }
+        read_ready(shard, key, false);
+    }
+    Ok(())
+}
