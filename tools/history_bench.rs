@@ -137,7 +137,7 @@ fn start(options: &Options) -> (Server, String) {
         }
     });
     let line = rx
-        .recv_timeout(Duration::from_secs(20))
+        .recv_timeout(Duration::from_secs(60))
         .expect("server started");
     let rest = line.strip_prefix("hookstream listening on ws://").unwrap();
     let (ws, rest) = rest.split_once("/v1/ws (admin http://").unwrap();
