@@ -79,6 +79,9 @@ const RECENT_MESSAGES_MAX: usize = 1024;
 const RECENT_BYTES_MAX: usize = 1 << 20;
 /// Largest single read of a segment when serving history.
 const READ_CHUNK_BYTES: usize = 4 << 20;
+/// An org's open segment is closed after this long without a write, so
+/// idle orgs hold no file descriptor.
+const WRITER_IDLE_MS: u64 = 30_000;
 /// How often retention by age runs.
 const RETENTION_INTERVAL_MS: u64 = 1000;
 
@@ -195,6 +198,8 @@ struct OrgLog {
     segments: VecDeque<Segment>,
     /// The active segment, open for appending.
     writer: Option<Rc<BufferedFile>>,
+    /// When `writer` was last written.
+    last_write_ms: u64,
     /// Retained messages, oldest first.
     entries: VecDeque<Entry>,
     /// Last seq handed out (maybe not yet durable).
@@ -219,6 +224,7 @@ impl OrgLog {
             dir_ready: false,
             segments: VecDeque::new(),
             writer: None,
+            last_write_ms: 0,
             entries: VecDeque::new(),
             assigned: 0,
             committed: 0,
@@ -972,13 +978,15 @@ pub async fn commit_loop(shard: Rc<Shard>) {
 async fn commit(history: &History, records: &[PendingRecord]) -> Result<(), String> {
     // Group by org, keeping order.
     let mut by_org: Vec<(Rc<str>, Vec<&PendingRecord>)> = Vec::new();
+    let mut position: AHashMap<&str, usize> = AHashMap::new();
     for record in records {
-        match by_org
-            .iter_mut()
-            .find(|(o, _)| **o == *record.message.org_id)
-        {
-            Some((_, list)) => list.push(record),
-            None => by_org.push((record.message.org_id.as_str().into(), vec![record])),
+        let org_id = record.message.org_id.as_str();
+        match position.get(org_id) {
+            Some(&at) => by_org[at].1.push(record),
+            None => {
+                position.insert(org_id, by_org.len());
+                by_org.push((org_id.into(), vec![record]));
+            }
         }
     }
     let fsync = history.config.durability == Durability::Fsync;
@@ -1026,6 +1034,7 @@ async fn commit(history: &History, records: &[PendingRecord]) -> Result<(), Stri
             let org = orgs.get_mut(&**org_id).expect("prepared");
             let segment = org.segments.back_mut().expect("prepared");
             segment.size = offset + len;
+            org.last_write_ms = now_ms();
         }
         written.push((org_id.clone(), segment_first, offset));
         if fsync {
@@ -1211,6 +1220,12 @@ pub async fn retention_loop(shard: Rc<Shard>) {
         let now = now_ms();
         let deleted: Vec<PathBuf> = {
             let mut orgs = history.orgs.borrow_mut();
+            for org in orgs.values_mut() {
+                if org.writer.is_some() && now.saturating_sub(org.last_write_ms) >= WRITER_IDLE_MS {
+                    // Dropping closes it (asynchronously); the next commit reopens.
+                    org.writer = None;
+                }
+            }
             orgs.values_mut()
                 .flat_map(|org| org.trim(&history.config, now))
                 .collect()
