@@ -11,6 +11,7 @@ mod public;
 pub mod ratelimit;
 pub mod reactor;
 pub mod routes;
+mod web;
 
 use std::cell::{Cell, RefCell};
 use std::io::IoSlice;

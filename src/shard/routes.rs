@@ -199,6 +199,7 @@ pub async fn serve(
 async fn dispatch(shard: &Rc<Shard>, request: &Request, stream: &mut TcpStream) -> After {
     match request.path.as_str() {
         "/v1/sessions" => super::access::sessions_route(shard, request, stream).await,
+        path if super::web::is_asset_path(path) => super::web::serve(request, stream).await,
         _ => match super::history_routes::handle(shard, request, stream).await {
             Some(after) => after,
             None => respond_error(stream, 404, &[]).await,

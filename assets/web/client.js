@@ -1,0 +1,464 @@
+// hookstream browser client (PROTOCOL.md §5), served as GET /v1/client.js.
+// A dependency-free ES module:
+//
+//   import { connect } from "/v1/client.js";
+//   const stream = connect({ token, url });  // both optional: url defaults to
+//                                            // the page's origin, no token =
+//                                            // the hs_session cookie
+//   stream.on("state", (s) => …);   // "connecting" | "open" | "polling" | "closed"
+//   stream.on("message", (m) => …); // {type, channel, seq, data}, each seq once
+//   stream.subscribe("events");
+//   stream.unsubscribe("events");
+//   stream.close();
+//
+// How it keeps every message exactly once:
+// - Each subscribed channel has a high-water mark, the largest seq of that
+//   channel handed to the page. A message at or below it is a duplicate and
+//   dropped; one above it is handed over and raises the mark. Both sources
+//   (the WebSocket and /v1/poll) deliver a channel's messages in seq order
+//   without gaps, so the mark never skips a message.
+// - A new subscription starts at the newest seq the client knows of (the
+//   welcome's `seq`, or the newest seen), and every (re)subscribe sends
+//   `after` = the channel's mark, so the server replays what was missed.
+// - A poll answer with `next_after` N covers every message of the polled
+//   channels up to N, so each polled channel's mark moves to N.
+//
+// Timing: on a drop the WebSocket reconnects after 1 s, 2 s, 4 s … capped at
+// 30 s, each delay drawn from [half, all] of that step ("equal jitter"), so a
+// reconnect never comes later than the schedule and a crowd of clients does
+// not come back in step. /v1/poll runs every 30 s while the socket is open
+// (a safety net) and every 5 s while it is not; a disconnected poll waits up
+// to 4 s on the server (`wait_ms`) so a message published between two polls
+// arrives at once instead of up to 5 s later.
+
+/** Reconnect delay of the first retry. */
+export const BACKOFF_FIRST_MS = 1000;
+/** Reconnect delays stop growing here. */
+export const BACKOFF_MAX_MS = 30000;
+/** Poll period while the WebSocket is open. */
+export const POLL_OPEN_MS = 30000;
+/** Poll period while it is not. */
+export const POLL_DISCONNECTED_MS = 5000;
+/** How long a disconnected poll may wait on the server for news. */
+const POLL_WAIT_MS = 4000;
+/** Messages per poll request (the server's maximum). */
+const POLL_LIMIT = 1000;
+/** Poll pages read in one go when catching up before giving up till next time. */
+const POLL_PAGES_MAX = 50;
+/** Close code of a revoked key: reconnecting cannot help. */
+const CLOSE_KEY_REVOKED = 4003;
+/** Message types that carry a channel's data. */
+const DATA_TYPES = new Set(["event", "delivery", "issue", "sync"]);
+
+/** The reconnect delay before retry `attempt` (0 = first), without jitter. */
+export function backoffStepMs(attempt) {
+  return Math.min(BACKOFF_MAX_MS, BACKOFF_FIRST_MS * 2 ** Math.min(attempt, 16));
+}
+
+/** Opens a stream; see the top of this file. */
+export function connect(options = {}) {
+  return new Stream(options);
+}
+
+/**
+ * `url` (http, https, ws or wss; with or without a trailing /v1/ws) to the
+ * base URLs of both transports.
+ */
+function endpoints(url) {
+  const base = new URL(url || globalThis.location.origin, globalThis.location.href);
+  let path = base.pathname.replace(/\/v1\/ws$/, "").replace(/\/+$/, "");
+  const secure = base.protocol === "https:" || base.protocol === "wss:";
+  const host = base.host;
+  return {
+    ws: `${secure ? "wss" : "ws"}://${host}${path}/v1/ws`,
+    poll: `${secure ? "https" : "http"}://${host}${path}/v1/poll`,
+  };
+}
+
+class Stream {
+  constructor(options) {
+    const { ws, poll } = endpoints(options.url);
+    /** The API key, or null to use the session cookie. */
+    this.token = options.token || null;
+    this.wsUrl = ws;
+    this.pollUrl = poll;
+    /** "connecting" | "open" | "polling" | "closed". */
+    this.state = "connecting";
+    /** Whether the last attempt to reach the server (socket or poll) worked. */
+    this.reachable = true;
+    /** Counters for dashboards and tests. */
+    this.stats = {
+      received: 0, // messages handed to the page
+      viaSocket: 0, // … of which came over the WebSocket
+      viaPoll: 0, // … and over /v1/poll
+      duplicates: 0, // dropped because their seq was already seen
+      connects: 0, // welcomes received
+      drops: 0, // sockets lost after or before opening
+      polls: 0, // poll answers received
+      pollFailures: 0, // polls without an answer
+      backoffMs: [], // every reconnect delay chosen, in order (last 50)
+    };
+    this.listeners = new Map();
+    /** channel -> high-water mark (largest seq handed over), or null = not yet known. */
+    this.marks = new Map();
+    /** Newest org seq known (welcome, messages, poll answers); null until one arrives. */
+    this.knownSeq = null;
+    this.socket = null;
+    this.attempt = 0;
+    this.reconnectTimer = null;
+    this.pollTimer = null;
+    this.pollAbort = null;
+    this.polling = false;
+    this.heartbeatTimer = null;
+    this.heardSinceCheck = false;
+    this.closed = false;
+    // Let the caller subscribe and add listeners before the first event.
+    queueMicrotask(() => {
+      if (this.closed) return;
+      this.emit("state", this.state);
+      this.open();
+      // The first poll waits for the socket to have had its chance.
+      this.schedulePoll(POLL_DISCONNECTED_MS);
+    });
+  }
+
+  /** Adds a listener; returns a function that removes it. */
+  on(event, listener) {
+    if (!this.listeners.has(event)) this.listeners.set(event, new Set());
+    this.listeners.get(event).add(listener);
+    return () => this.off(event, listener);
+  }
+
+  /** Removes a listener. */
+  off(event, listener) {
+    this.listeners.get(event)?.delete(listener);
+  }
+
+  emit(event, value) {
+    for (const listener of this.listeners.get(event) || []) {
+      try {
+        listener(value);
+      } catch (error) {
+        // A page's listener must not break the stream.
+        setTimeout(() => {
+          throw error;
+        });
+      }
+    }
+  }
+
+  setState(state) {
+    if (this.state === state) return;
+    this.state = state;
+    this.emit("state", state);
+  }
+
+  setReachable(reachable) {
+    if (this.reachable === reachable) return;
+    this.reachable = reachable;
+    this.emit("reachable", reachable);
+  }
+
+  /** The channels subscribed to. */
+  channels() {
+    return [...this.marks.keys()];
+  }
+
+  subscribe(channel) {
+    if (this.closed || this.marks.has(channel)) return;
+    this.marks.set(channel, this.knownSeq);
+    this.sendSubscribe(channel);
+  }
+
+  unsubscribe(channel) {
+    if (!this.marks.delete(channel)) return;
+    this.send({ type: "unsubscribe", channel });
+  }
+
+  close() {
+    if (this.closed) return;
+    this.closed = true;
+    clearTimeout(this.reconnectTimer);
+    clearTimeout(this.pollTimer);
+    clearInterval(this.heartbeatTimer);
+    this.pollAbort?.abort();
+    if (this.socket) {
+      const socket = this.socket;
+      this.socket = null;
+      socket.close(1000);
+    }
+    this.setState("closed");
+  }
+
+  // --- WebSocket -----------------------------------------------------------
+
+  isOpen() {
+    return this.state === "open" && this.socket !== null;
+  }
+
+  send(message) {
+    if (this.isOpen()) this.socket.send(JSON.stringify(message));
+  }
+
+  sendSubscribe(channel) {
+    const mark = this.marks.get(channel);
+    // Without a mark (nothing known yet) the welcome will supply one.
+    if (mark === null || mark === undefined) return;
+    this.send({ type: "subscribe", channel, after: mark });
+  }
+
+  open() {
+    this.setState("connecting");
+    const url = this.token ? `${this.wsUrl}?token=${encodeURIComponent(this.token)}` : this.wsUrl;
+    let socket;
+    try {
+      socket = new WebSocket(url);
+    } catch (error) {
+      this.emit("error", { code: "invalid_url", message: String(error) });
+      this.dropped(null);
+      return;
+    }
+    this.socket = socket;
+    socket.onmessage = (event) => this.received(socket, event.data);
+    socket.onclose = (event) => {
+      if (this.socket === socket) this.dropped(event.code);
+    };
+    // Failures are followed by onclose, which handles them.
+    socket.onerror = () => {};
+  }
+
+  received(socket, text) {
+    if (this.socket !== socket) return;
+    this.heardSinceCheck = true;
+    let message;
+    try {
+      message = JSON.parse(text);
+    } catch {
+      return;
+    }
+    if (message.type === "welcome") {
+      this.welcomed(message);
+    } else if (DATA_TYPES.has(message.type)) {
+      this.deliver(message, "socket");
+    } else if (message.type === "error") {
+      this.serverError(message);
+    }
+    // subscribed, unsubscribed and pong need nothing.
+  }
+
+  welcomed(welcome) {
+    this.attempt = 0;
+    this.stats.connects += 1;
+    this.raiseKnown(welcome.seq);
+    for (const [channel, mark] of this.marks) {
+      if (mark === null) this.marks.set(channel, this.knownSeq);
+    }
+    this.setReachable(true);
+    this.setState("open");
+    for (const channel of this.marks.keys()) this.sendSubscribe(channel);
+    this.startHeartbeat(welcome.heartbeat_ms);
+    // From now on the slow poll period.
+    this.schedulePoll(POLL_OPEN_MS);
+  }
+
+  serverError(error) {
+    // The retained history no longer reaches back to our mark: take what is
+    // there from now on, and say that some messages were not seen.
+    if (error.code === "history_unavailable" && this.marks.has(error.channel)) {
+      this.send({ type: "subscribe", channel: error.channel });
+    }
+    this.emit("error", error);
+  }
+
+  /** Our own liveness check: a ping each heartbeat, and a socket that said nothing for a whole period is closed (and so reconnected). */
+  startHeartbeat(heartbeatMs) {
+    clearInterval(this.heartbeatTimer);
+    const periodMs = Math.max(1000, Number(heartbeatMs) || 30000);
+    this.heardSinceCheck = true;
+    this.heartbeatTimer = setInterval(() => {
+      if (!this.isOpen()) return;
+      if (!this.heardSinceCheck) {
+        this.socket.close(4000, "no answer to ping");
+        this.dropped(null);
+        return;
+      }
+      this.heardSinceCheck = false;
+      this.send({ type: "ping" });
+    }, periodMs);
+  }
+
+  dropped(code) {
+    clearInterval(this.heartbeatTimer);
+    if (this.socket) {
+      this.socket.onmessage = null;
+      this.socket.onclose = null;
+      this.socket = null;
+    }
+    if (this.closed) return;
+    this.stats.drops += 1;
+    if (code === CLOSE_KEY_REVOKED) {
+      this.emit("error", { code: "key_revoked", message: "the API key was revoked" });
+      this.close();
+      return;
+    }
+    const wasOpen = this.state === "open";
+    if (!wasOpen) this.setReachable(false);
+    this.setState("polling");
+    const stepMs = backoffStepMs(this.attempt);
+    const delayMs = Math.round(stepMs / 2 + (Math.random() * stepMs) / 2);
+    this.attempt += 1;
+    this.stats.backoffMs.push(delayMs);
+    if (this.stats.backoffMs.length > 50) this.stats.backoffMs.shift();
+    this.emit("reconnect", { delayMs, attempt: this.attempt });
+    clearTimeout(this.reconnectTimer);
+    this.reconnectTimer = setTimeout(() => {
+      if (!this.closed) this.open();
+    }, delayMs);
+    // On losing an open socket, or when the very first one fails, catch up
+    // by polling right away; then every 5 s till the socket is back.
+    if (wasOpen || (this.stats.connects === 0 && this.stats.drops === 1)) this.schedulePoll(0);
+  }
+
+  // --- Delivery ------------------------------------------------------------
+
+  raiseKnown(seq) {
+    if (typeof seq === "number" && (this.knownSeq === null || seq > this.knownSeq)) {
+      this.knownSeq = seq;
+    }
+  }
+
+  deliver(message, via) {
+    const mark = this.marks.get(message.channel);
+    if (mark === undefined) return; // unsubscribed meanwhile
+    if (mark !== null && message.seq <= mark) {
+      this.stats.duplicates += 1;
+      return;
+    }
+    this.marks.set(message.channel, message.seq);
+    this.raiseKnown(message.seq);
+    this.stats.received += 1;
+    if (via === "socket") this.stats.viaSocket += 1;
+    else this.stats.viaPoll += 1;
+    this.emit("message", message);
+  }
+
+  // --- Polling -------------------------------------------------------------
+
+  schedulePoll(delayMs) {
+    clearTimeout(this.pollTimer);
+    if (this.closed) return;
+    this.pollTimer = setTimeout(() => this.pollNow(), delayMs);
+  }
+
+  async pollNow() {
+    if (this.closed) return;
+    if (this.polling) return; // the running poll schedules the next
+    this.polling = true;
+    const startedAt = Date.now();
+    try {
+      await this.pollPages();
+    } finally {
+      this.polling = false;
+      if (!this.closed) {
+        // Fixed rate: the period counts from the start of this poll.
+        const periodMs = this.isOpen() ? POLL_OPEN_MS : POLL_DISCONNECTED_MS;
+        this.schedulePoll(Math.max(0, periodMs - (Date.now() - startedAt)));
+      }
+    }
+  }
+
+  /** Reads poll pages until caught up. */
+  async pollPages() {
+    // Channels without a mark yet (subscribed before any welcome or poll
+    // answer): read their history to the end to find one, handing over
+    // nothing, since a new subscription starts now, not at the oldest
+    // retained message. Rare: the welcome gives marks within milliseconds
+    // unless the WebSocket cannot open at all.
+    const unknown = this.channels().filter((channel) => this.marks.get(channel) === null);
+    if (unknown.length > 0) {
+      let after = 0;
+      for (let page = 0; ; page += 1) {
+        const answer = await this.fetchPoll(unknown, after, 0);
+        if (answer === null) return;
+        after = answer.next_after;
+        if (answer.messages.length < POLL_LIMIT || page + 1 >= POLL_PAGES_MAX) break;
+      }
+      this.raiseKnown(after);
+      for (const channel of unknown) {
+        if (this.marks.get(channel) === null) this.marks.set(channel, after);
+      }
+      for (const channel of unknown) this.sendSubscribe(channel);
+    }
+    for (let page = 0; page < POLL_PAGES_MAX && !this.closed; page += 1) {
+      const polled = this.channels().filter((channel) => this.marks.get(channel) !== null);
+      if (polled.length === 0) return;
+      const after = Math.min(...polled.map((channel) => this.marks.get(channel)));
+      const waitMs = page === 0 && !this.isOpen() ? POLL_WAIT_MS : 0;
+      const answer = await this.fetchPoll(polled, after, waitMs);
+      if (answer === null) return;
+      for (const message of answer.messages) this.deliver(message, "poll");
+      // Everything of the polled channels up to next_after is handed over.
+      for (const channel of polled) {
+        const mark = this.marks.get(channel);
+        if (mark !== undefined && mark !== null && answer.next_after > mark) {
+          this.marks.set(channel, answer.next_after);
+        }
+      }
+      this.raiseKnown(answer.next_after);
+      if (answer.messages.length < POLL_LIMIT) return;
+    }
+  }
+
+  async fetchPoll(channels, after, waitMs) {
+    const query = new URLSearchParams({
+      channels: channels.join(","),
+      after: String(after),
+      limit: String(POLL_LIMIT),
+    });
+    if (waitMs > 0) query.set("wait_ms", String(waitMs));
+    const headers = this.token ? { Authorization: `Bearer ${this.token}` } : {};
+    this.pollAbort = new AbortController();
+    const timeout = setTimeout(() => this.pollAbort?.abort(), waitMs + 10000);
+    let response;
+    try {
+      response = await fetch(`${this.pollUrl}?${query}`, {
+        headers,
+        credentials: "same-origin",
+        cache: "no-store",
+        signal: this.pollAbort.signal,
+      });
+    } catch (error) {
+      if (!this.closed) {
+        this.stats.pollFailures += 1;
+        this.setReachable(false);
+      }
+      return null;
+    } finally {
+      clearTimeout(timeout);
+    }
+    if (response.status === 401 || response.status === 403) {
+      this.stats.pollFailures += 1;
+      this.setReachable(true);
+      this.emit("error", {
+        code: "unauthorized",
+        message: `the server refused the credentials (${response.status})`,
+      });
+      return null;
+    }
+    if (!response.ok) {
+      this.stats.pollFailures += 1;
+      this.emit("error", { code: "poll_failed", message: `GET /v1/poll answered ${response.status}` });
+      return null;
+    }
+    let answer;
+    try {
+      answer = await response.json();
+    } catch {
+      this.stats.pollFailures += 1;
+      return null;
+    }
+    this.stats.polls += 1;
+    this.setReachable(true);
+    return answer;
+  }
+}
