@@ -122,14 +122,28 @@ fn error_reply(code: &str, message: &str, channel: Option<&str>) -> Frame {
     reply(&json)
 }
 
+/// True when `text` starts (after JSON whitespace) like a JSON object.
+/// serde's derived `Deserialize` also accepts a struct written as an array
+/// of its fields in order, so `["subscribe","events",null]` would otherwise
+/// pass as a subscribe; every client message is an object.
+fn looks_like_object(text: &str) -> bool {
+    text.trim_start_matches([' ', '\t', '\n', '\r'])
+        .starts_with('{')
+}
+
 fn handle_text(shard: &Shard, key: ConnKey, text: &str) -> Option<Outcome> {
-    let answer = match serde_json::from_str::<ClientMessage<'_>>(text) {
-        Err(_) => Err(error_reply(
+    let parsed = if looks_like_object(text) {
+        serde_json::from_str::<ClientMessage<'_>>(text).ok()
+    } else {
+        None
+    };
+    let answer = match parsed {
+        None => Err(error_reply(
             "invalid_json",
             "message is not a JSON object",
             None,
         )),
-        Ok(message) => client_message(shard, key, &message),
+        Some(message) => client_message(shard, key, &message),
     };
     let mut registry = shard.registry.borrow_mut();
     let conn = registry.get_mut(key)?;
