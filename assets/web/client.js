@@ -27,9 +27,10 @@
 // 30 s, each delay drawn from [half, all] of that step ("equal jitter"), so a
 // reconnect never comes later than the schedule and a crowd of clients does
 // not come back in step. /v1/poll runs every 30 s while the socket is open
-// (a safety net) and every 5 s while it is not; a disconnected poll waits up
-// to 4 s on the server (`wait_ms`) so a message published between two polls
-// arrives at once instead of up to 5 s later.
+// (a safety net) and every 5 s while it is not. A disconnected poll waits up
+// to 4 s on the server (`wait_ms`) for news, and one that returned messages
+// is followed by the next at once, so a message published while the socket
+// is down shows within about a second, not up to 5 s later.
 
 /** Reconnect delay of the first retry. */
 export const BACKOFF_FIRST_MS = 1000;
@@ -332,6 +333,7 @@ class Stream {
     if (mark === undefined) return; // unsubscribed meanwhile
     if (mark !== null && message.seq <= mark) {
       this.stats.duplicates += 1;
+      this.emit("duplicate", { message, via, mark });
       return;
     }
     this.marks.set(message.channel, message.seq);
@@ -355,14 +357,20 @@ class Stream {
     if (this.polling) return; // the running poll schedules the next
     this.polling = true;
     const startedAt = Date.now();
+    let delivered = 0;
     try {
+      const before = this.stats.viaPoll;
       await this.pollPages();
+      delivered = this.stats.viaPoll - before;
     } finally {
       this.polling = false;
       if (!this.closed) {
-        // Fixed rate: the period counts from the start of this poll.
+        // Fixed rate: the period counts from the start of this poll. A
+        // disconnected long-poll that returned news is followed at once by
+        // the next one, so a burst is not followed by a blind spot.
         const periodMs = this.isOpen() ? POLL_OPEN_MS : POLL_DISCONNECTED_MS;
-        this.schedulePoll(Math.max(0, periodMs - (Date.now() - startedAt)));
+        const again = delivered > 0 && !this.isOpen();
+        this.schedulePoll(again ? 0 : Math.max(0, periodMs - (Date.now() - startedAt)));
       }
     }
   }

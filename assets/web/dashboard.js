@@ -189,7 +189,7 @@ function tick() {
   if (down && !stream.reachable) {
     setBanner(
       `Cannot reach the hookstream server at ${location.origin}. ` +
-        (stream.state === "connecting" ? "Trying to reconnect now… " : `Next attempt in ${waitingS} s. `) +
+        (stream.state === "connecting" || waitingS === 0 ? "Trying to reconnect now… " : `Next attempt in ${waitingS} s. `) +
         "Messages published meanwhile will be shown once it is back.",
       true,
     );

@@ -1,0 +1,432 @@
+//! The dashboard page and `/v1/client.js` in a real headless Chromium
+//! (PROTOCOL.md §5): sign in and see a published message; reconnect by
+//! itself after the server restarts and show what was missed once (resume
+//! by seq); fall back to polling when WebSockets are blocked; refuse a
+//! cookie-authenticated socket to a page of another origin.
+//!
+//! Each scenario starts a real `hookstream serve` and runs
+//! `node tests/browser/dashboard.mjs` (playwright-core driving Debian's
+//! `/usr/bin/chromium`) against it, with the addresses, key and admin token
+//! in its environment. The script asks for server restarts by printing
+//! `CONTROL <command>` lines, answered here on its stdin. It ends with
+//! `PASS <scenario> <facts>` or `FAIL <reason>`.
+//!
+//! Chromium and the npm packages are installed by `tools/setup-browser-tests`
+//! (run by `.ci/run`); without them these tests fail, naming that script.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{create_key, Server, ServerBuilder, TestDir};
+
+/// A scenario (browser start included) must finish within this.
+const SCENARIO_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a (re)started server may take to print its listening line.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// The org of every scenario.
+const ORG: &str = "org_browser";
+
+/// Browser scenarios run one at a time: each one measures latencies, and
+/// two Chromiums on a 2-core box would make those measure each other.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Where screenshots go (the dashboard's, and one per failed scenario).
+fn screenshots_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser")
+}
+
+fn chromium() -> PathBuf {
+    std::env::var_os("CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"))
+}
+
+/// Fails, naming the setup script, when Chromium, Node.js or the npm
+/// packages are missing: a browser test that silently skips is a test that
+/// never runs.
+fn require_setup() {
+    let mut missing = Vec::new();
+    if !chromium().exists() {
+        missing.push(format!(
+            "{} (Debian package chromium)",
+            chromium().display()
+        ));
+    }
+    if Command::new("node")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_or(true, |status| !status.success())
+    {
+        missing.push("node (Node.js 20 or newer)".to_string());
+    }
+    let modules = repo().join("tests/browser/node_modules/playwright-core");
+    if !modules.exists() {
+        missing.push(format!("{} (npm ci in tests/browser)", modules.display()));
+    }
+    assert!(
+        missing.is_empty(),
+        "the browser tests cannot run: missing {}. Run tools/setup-browser-tests \
+         (installs them, and does nothing when they are there), then run the tests again.",
+        missing.join(", ")
+    );
+}
+
+/// What the script is pointed at.
+struct Target {
+    public: SocketAddr,
+    admin: SocketAddr,
+    admin_token: String,
+    key: String,
+}
+
+impl Target {
+    fn of(server: &Server) -> Target {
+        Target {
+            public: server.ws_addr,
+            admin: server.admin_addr,
+            admin_token: server.admin_token.clone(),
+            key: server.key(ORG).to_string(),
+        }
+    }
+}
+
+/// Runs one scenario of `dashboard.mjs`; `control` answers its `CONTROL`
+/// lines (with the JSON to send back). Returns the `PASS` line.
+fn run_scenario(
+    scenario: &str,
+    target: &Target,
+    mut control: impl FnMut(&str) -> Result<String, String>,
+) -> String {
+    let mut command = Command::new("node");
+    command
+        .arg("dashboard.mjs")
+        .current_dir(repo().join("tests/browser"))
+        .env("SCENARIO", scenario)
+        .env("HS_URL", format!("http://{}", target.public))
+        .env("HS_ADMIN_URL", format!("http://{}", target.admin))
+        .env("HS_ADMIN_TOKEN", &target.admin_token)
+        .env("HS_KEY", &target.key)
+        .env("HS_ORG", ORG)
+        .env("HS_SAMPLES", repo().join("assets/samples"))
+        .env("HS_SCREENSHOTS", screenshots_dir())
+        .env("CHROMIUM", chromium())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: prctl is async-signal-safe and touches only the child.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = command
+        .spawn()
+        .expect("spawn node tests/browser/dashboard.mjs");
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let (lines_tx, lines_rx) = mpsc::channel();
+    let stdout = child.stdout.take().expect("stdout is piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let stderr_text = Arc::new(Mutex::new(String::new()));
+    {
+        let stderr_text = stderr_text.clone();
+        let stderr = child.stderr.take().expect("stderr is piped");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut text = stderr_text.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+    }
+
+    let deadline = Instant::now() + SCENARIO_TIMEOUT;
+    let mut output = Vec::new();
+    let mut timed_out = false;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines_rx.recv_timeout(left) {
+            Ok(line) => {
+                eprintln!("browser {scenario}: {line}");
+                if let Some(request) = line.strip_prefix("CONTROL ") {
+                    let answer = match control(request) {
+                        Ok(json) => format!("OK {json}\n"),
+                        Err(message) => format!("ERR {message}\n"),
+                    };
+                    let _ = stdin.write_all(answer.as_bytes());
+                }
+                output.push(line);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                timed_out = true;
+                let _ = child.kill();
+                break;
+            }
+        }
+    }
+    drop(stdin);
+    let status = child.wait().expect("wait for node");
+    // Let the stderr reader drain.
+    std::thread::sleep(Duration::from_millis(50));
+    let transcript = format!(
+        "stdout:\n{}\nstderr:\n{}",
+        output.join("\n"),
+        stderr_text.lock().unwrap()
+    );
+    assert!(
+        !timed_out,
+        "browser scenario {scenario} took longer than {SCENARIO_TIMEOUT:?}; {transcript}"
+    );
+    let pass = output
+        .iter()
+        .find(|line| line.starts_with(&format!("PASS {scenario}")))
+        .cloned();
+    assert!(
+        status.success() && pass.is_some(),
+        "browser scenario {scenario} failed ({status}); screenshots in {}; {transcript}",
+        screenshots_dir().display()
+    );
+    pass.unwrap()
+}
+
+fn no_control(request: &str) -> Result<String, String> {
+    Err(format!("this scenario takes no CONTROL {request}"))
+}
+
+fn server() -> Server {
+    ServerBuilder::new().org(ORG).start()
+}
+
+#[test]
+fn signs_in_subscribes_and_shows_a_published_message() {
+    require_setup();
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = server();
+    let pass = run_scenario("live", &Target::of(&server), no_control);
+    println!("{pass}");
+    // The README's screenshot: refreshed when missing or when asked to.
+    let shot = screenshots_dir().join("dashboard.png");
+    let docs = repo().join("docs/dashboard.png");
+    if !docs.exists() || std::env::var_os("HOOKSTREAM_UPDATE_SCREENSHOT").is_some() {
+        std::fs::copy(&shot, &docs).expect("copy the screenshot to docs/dashboard.png");
+    }
+}
+
+#[test]
+fn falls_back_to_polling_when_websockets_are_blocked() {
+    require_setup();
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = server();
+    let pass = run_scenario("polling", &Target::of(&server), no_control);
+    println!("{pass}");
+}
+
+#[test]
+fn another_origin_cannot_open_a_cookie_socket() {
+    require_setup();
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = server();
+    let pass = run_scenario("cross-origin", &Target::of(&server), no_control);
+    println!("{pass}");
+}
+
+// ---------------------------------------------------------------------------
+// Restarts over one data directory
+// ---------------------------------------------------------------------------
+
+/// A `hookstream serve` process over a data directory that outlives it.
+struct Run {
+    child: Child,
+    public: SocketAddr,
+    admin: SocketAddr,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Run {
+    /// Starts on `listen` (`127.0.0.1:0` for any port); retried when a
+    /// start hangs before listening (see `ServerBuilder::start`).
+    fn start(dir: &Path, listen: &str) -> Run {
+        let mut hung = Vec::new();
+        for _ in 0..3 {
+            match Run::try_start(dir, listen) {
+                Ok(run) => return run,
+                Err(stderr) => hung.push(stderr),
+            }
+        }
+        panic!("hookstream serve --listen {listen} did not start: {hung:?}");
+    }
+
+    fn try_start(dir: &Path, listen: &str) -> Result<Run, String> {
+        let mut command = Command::new(common::binary());
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("HOOKSTREAM_") {
+                command.env_remove(name);
+            }
+        }
+        command
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--listen", listen, "--admin-listen", "127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe and touches only the child.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().expect("spawn hookstream serve");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                let mut ready = Some(ready_tx);
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if line.starts_with("hookstream listening on ") {
+                        if let Some(ready) = ready.take() {
+                            let _ = ready.send(line.clone());
+                        }
+                    }
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        let line = match ready_rx.recv_timeout(START_TIMEOUT) {
+            Ok(line) => line,
+            Err(why) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(50));
+                let stderr = lines.lock().unwrap().join("\n");
+                assert!(
+                    why == mpsc::RecvTimeoutError::Timeout,
+                    "hookstream serve exited before listening: {stderr}"
+                );
+                return Err(stderr);
+            }
+        };
+        let parsed = (|| {
+            let rest = line.strip_prefix("hookstream listening on ws://")?;
+            let (public, rest) = rest.split_once("/v1/ws (admin http://")?;
+            let (admin, _) = rest.split_once(')')?;
+            Some((public.parse().ok()?, admin.parse().ok()?))
+        })();
+        let (public, admin) = parsed.unwrap_or_else(|| panic!("unexpected line {line:?}"));
+        Ok(Run {
+            child,
+            public,
+            admin,
+            stderr: lines,
+        })
+    }
+
+    /// SIGTERM (the graceful drain: sockets closed with 1001), then wait.
+    fn stop(mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                assert!(
+                    status.success(),
+                    "drain exited {status}: {}",
+                    self.stderr.lock().unwrap().join("\n")
+                );
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("hookstream did not exit within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn reconnects_after_a_restart_and_shows_missed_messages_once() {
+    require_setup();
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TestDir::new();
+    let key = create_key(dir.path(), ORG);
+    let first = Run::start(dir.path(), "127.0.0.1:0");
+    let public = first.public;
+    let admin_token = || {
+        std::fs::read_to_string(dir.path().join("admin-token"))
+            .expect("admin-token")
+            .trim()
+            .to_string()
+    };
+    let target = Target {
+        public,
+        admin: first.admin,
+        admin_token: admin_token(),
+        key,
+    };
+    // The page's server (restarted on its port) and the run on another port.
+    let mut main = Some(first);
+    let mut aside: Option<Run> = None;
+    let pass = run_scenario("resume", &target, |request| match request {
+        "stop" => {
+            main.take().ok_or("not running")?.stop();
+            Ok(String::new())
+        }
+        "start" => {
+            let run = Run::start(dir.path(), &public.to_string());
+            assert_eq!(run.public, public, "restarted on the same port");
+            let json =
+                serde_json::json!({"url": format!("http://{}", run.admin), "token": admin_token()});
+            main = Some(run);
+            Ok(json.to_string())
+        }
+        "start-aside" => {
+            let run = Run::start(dir.path(), "127.0.0.1:0");
+            let json =
+                serde_json::json!({"url": format!("http://{}", run.admin), "token": admin_token()});
+            aside = Some(run);
+            Ok(json.to_string())
+        }
+        "stop-aside" => {
+            aside.take().ok_or("no run aside")?.stop();
+            Ok(String::new())
+        }
+        other => Err(format!("unknown CONTROL {other}")),
+    });
+    println!("{pass}");
+}
