@@ -42,6 +42,8 @@ fn serve(args: config::ServeArgs) -> Result<(), String> {
             println!("Watch them arrive:");
             println!("  websocat '{ws}'");
             println!("  then type: {{\"type\":\"subscribe\",\"channel\":\"events\"}}");
+            println!("Or open the dashboard and sign in with the key {key}:");
+            println!("  http://{}/", config.listen);
             println!(
                 "Admin token: {}",
                 config.data_dir.join("admin-token").display()
