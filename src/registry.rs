@@ -979,7 +979,7 @@ mod tests {
         r.subscribe(a, "events").unwrap();
         r.publish(&event("org_a", "s"));
         let first_len = r.get(a).unwrap().queued_bytes();
-        let mut send = |_fd: RawFd, _slices: &[IoSlice<'_>]| Ok(5);
+        let send = |_fd: RawFd, _slices: &[IoSlice<'_>]| Ok(5);
         let mut once = true;
         let mut send_once = |fd: RawFd, slices: &[IoSlice<'_>]| {
             if once {
