@@ -485,6 +485,30 @@ fn session_cookie_works_from_an_allowed_origin_only() {
     );
     assert_eq!(foreign.status, 403);
     assert_eq!(whoami(&server, &[]).status, 401);
+    // The history routes apply the same rules.
+    let poll = |headers: &[(&str, String)]| {
+        http_request(
+            server.ws_addr,
+            "GET",
+            "/v1/poll?channels=events",
+            headers,
+            b"",
+        )
+        .status
+    };
+    assert_eq!(
+        poll(&[cookie_header(&cookie), ("Origin", own_origin.clone())]),
+        200
+    );
+    assert_eq!(poll(&[cookie_header(&cookie)]), 200);
+    assert_eq!(
+        poll(&[
+            cookie_header(&cookie),
+            ("Origin", "http://evil.example".to_string())
+        ]),
+        403
+    );
+    assert_eq!(poll(&[]), 401);
 
     // Signing out clears the cookie.
     let out = http_request(
