@@ -675,6 +675,7 @@ fn upgrade_rate_limit_gives_429_and_recovers() {
     let refused = refused_upgrade(server.ws_addr, &path, &[]);
     assert_eq!(refused.status, 429);
     assert_eq!(refused.json(), serde_json::json!({"error":"rate_limited"}));
+    assert_eq!(refused.header("retry-after"), Some("1"));
 
     // Tokens come back: within a few seconds upgrades work again.
     std::thread::sleep(Duration::from_millis(1_200));
