@@ -46,6 +46,8 @@ const POLL_WAIT_MS = 4000;
 const POLL_LIMIT = 1000;
 /** Poll pages read in one go when catching up before giving up till next time. */
 const POLL_PAGES_MAX = 50;
+/** A socket open this long counts as stable: the next drop starts the backoff over. */
+const STABLE_MS = 5000;
 /** Close code of a revoked key: reconnecting cannot help. */
 const CLOSE_KEY_REVOKED = 4003;
 /** Message types that carry a channel's data. */
@@ -85,7 +87,7 @@ class Stream {
     this.pollUrl = poll;
     /** "connecting" | "open" | "polling" | "closed". */
     this.state = "connecting";
-    /** Whether the last attempt to reach the server (socket or poll) worked. */
+    /** Whether the server answered the last poll (or a welcome came since). */
     this.reachable = true;
     /** Counters for dashboards and tests. */
     this.stats = {
@@ -112,6 +114,8 @@ class Stream {
     this.polling = false;
     this.heartbeatTimer = null;
     this.heardSinceCheck = false;
+    /** When the current socket was welcomed. */
+    this.openedAt = 0;
     this.closed = false;
     // Let the caller subscribe and add listeners before the first event.
     queueMicrotask(() => {
@@ -248,7 +252,7 @@ class Stream {
   }
 
   welcomed(welcome) {
-    this.attempt = 0;
+    this.openedAt = Date.now();
     this.stats.connects += 1;
     this.raiseKnown(welcome.seq);
     for (const [channel, mark] of this.marks) {
@@ -303,7 +307,11 @@ class Stream {
       return;
     }
     const wasOpen = this.state === "open";
-    if (!wasOpen) this.setReachable(false);
+    // The schedule starts over after a connection that lasted; one that
+    // keeps dropping right after opening keeps backing off.
+    if (wasOpen && Date.now() - this.openedAt >= STABLE_MS) this.attempt = 0;
+    // Whether the server is reachable is for the polls to say: a socket can
+    // fail where plain HTTP gets through (a proxy refusing upgrades).
     this.setState("polling");
     const stepMs = backoffStepMs(this.attempt);
     const delayMs = Math.round(stepMs / 2 + (Math.random() * stepMs) / 2);

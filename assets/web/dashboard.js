@@ -195,7 +195,7 @@ function tick() {
     );
   } else if (down && stream.state === "polling" && stream.stats.polls > 0) {
     setBanner(
-      "The WebSocket cannot connect (a proxy may be blocking it); messages arrive by polling instead.",
+      `The WebSocket is not connected (a proxy may be blocking it); messages arrive by polling every ${POLL_DISCONNECTED_MS / 1000} s until it is.`,
       false,
     );
   } else if (stream.state === "open") {
