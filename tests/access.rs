@@ -510,6 +510,39 @@ fn session_cookie_works_from_an_allowed_origin_only() {
     );
     assert_eq!(poll(&[]), 401);
 
+    // Opening a session: bearer only, and not from another site's page.
+    let by_query = http_request(
+        server.ws_addr,
+        "POST",
+        &format!("/v1/sessions?token={}", server.key("org_a")),
+        &[],
+        b"",
+    );
+    assert_eq!(by_query.status, 401);
+    let cross_site_sign_in = http_request(
+        server.ws_addr,
+        "POST",
+        "/v1/sessions",
+        &[
+            ("Authorization", format!("Bearer {}", server.key("org_a"))),
+            ("Origin", "http://evil.example".to_string()),
+        ],
+        b"",
+    );
+    assert_eq!(cross_site_sign_in.status, 403);
+    assert!(cross_site_sign_in.header("set-cookie").is_none());
+    let same_site_sign_in = http_request(
+        server.ws_addr,
+        "POST",
+        "/v1/sessions",
+        &[
+            ("Authorization", format!("Bearer {}", server.key("org_a"))),
+            ("Origin", own_origin.clone()),
+        ],
+        b"",
+    );
+    assert_eq!(same_site_sign_in.status, 200);
+
     // Signing out clears the cookie.
     let out = http_request(
         server.ws_addr,
@@ -881,7 +914,13 @@ fn logs_of_a_run_hold_no_token_query_or_cookie() {
     client.subscribe("events");
     let (status, _) = upgrade_status(addr, &format!("/v1/ws?token={wrong}"), &[]);
     assert_eq!(status, 401);
-    let session = http_request(addr, "POST", &format!("/v1/sessions?token={key}"), &[], b"");
+    let session = http_request(
+        addr,
+        "POST",
+        "/v1/sessions",
+        &[("Authorization", format!("Bearer {key}"))],
+        b"",
+    );
     assert_eq!(session.status, 200);
     let cookie = session
         .header("set-cookie")

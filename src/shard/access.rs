@@ -274,7 +274,7 @@ pub fn authenticate_request(shard: &Shard, request: &Request) -> Result<Principa
     )
 }
 
-/// `POST /v1/sessions` (with a key as bearer or `?token=`) sets the session
+/// `POST /v1/sessions` (with a key as bearer token) sets the session
 /// cookie; `DELETE /v1/sessions` clears it; `GET /v1/sessions` says who the
 /// credentials of the request (any kind, by the rules of
 /// [`authenticate_request`]) belong to, so a page can tell whether it is
@@ -304,13 +304,21 @@ pub async fn sessions_route(shard: &Shard, request: &Request, stream: &mut TcpSt
             Err(status) => respond_error(stream, status, &[NO_STORE]).await,
         },
         "POST" => {
-            let token = request.query_param("token").filter(|t| !t.is_empty());
+            // Only as a bearer token, and from an allowed origin when the
+            // request has one: a page of another site can neither set the
+            // header without a CORS preflight (never granted) nor, with a
+            // plain form, sign the browser in to the other site's org.
+            if let Some(origin) = request.header("origin").map(<[u8]>::trim_ascii) {
+                if !origin_allowed(&shard.config.allowed_origins, origin, &request.host) {
+                    return respond_error(stream, 403, &[NO_STORE]).await;
+                }
+            }
             let bearer = request
                 .header("authorization")
                 .and_then(http::bearer_token)
                 .map(str::to_string);
             let presented = Presented {
-                key: token.or(bearer).map(Cow::Owned),
+                key: bearer.map(Cow::Owned),
                 // A session is opened with a key only, so that a stolen
                 // cookie cannot renew itself forever.
                 cookie: None,
