@@ -29,9 +29,12 @@ pub struct PublishOutcome {
 }
 
 /// Publishes `rate` messages/s in requests of `batch` messages for
-/// `duration`. A request that takes longer than its interval delays the
-/// next one (missed ticks are skipped, not bunched): the achieved rate is
-/// then below the offered one, and the result line says so.
+/// `duration`, over `publishers` keep-alive connections each offering an
+/// equal share with staggered ticks. On each connection a request that
+/// takes longer than its interval delays the next one (missed ticks are
+/// skipped, not bunched): the achieved rate is then below the offered one,
+/// and the result line says so.
+#[allow(clippy::too_many_arguments)]
 pub fn publish_for(
     admin_url: &str,
     admin_token: &str,
@@ -40,20 +43,42 @@ pub fn publish_for(
     batch: usize,
     payload: usize,
     duration: Duration,
+    publishers: usize,
 ) -> Result<PublishOutcome, String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    runtime.block_on(run(
-        admin_url,
-        admin_token,
-        org,
-        rate,
-        batch,
-        payload,
-        duration,
-    ))
+    let publishers = publishers.max(1);
+    let share = rate / publishers as f64;
+    let stagger = Duration::from_secs_f64(batch as f64 / rate);
+    let outcomes = runtime.block_on(futures_util::future::join_all((0..publishers).map(|i| {
+        let delay = stagger * i as u32;
+        async move {
+            tokio::time::sleep(delay).await;
+            run(admin_url, admin_token, org, share, batch, payload, duration).await
+        }
+    })));
+    let mut outcomes = outcomes.into_iter().collect::<Result<Vec<_>, String>>()?;
+    let first_ns = outcomes.iter().map(|o| o.first_send_ns).min().unwrap_or(0);
+    let end_ns = outcomes
+        .iter()
+        .map(|o| o.first_send_ns + o.elapsed.as_nanos() as u64)
+        .max()
+        .unwrap_or(0);
+    let mut total = outcomes.pop().ok_or("no publisher")?;
+    for outcome in outcomes {
+        total.accepted += outcome.accepted;
+        total.requests += outcome.requests;
+        total.errors += outcome.errors;
+        if total.first_error.is_none() {
+            total.first_error = outcome.first_error;
+        }
+        total.request_us.add(&outcome.request_us);
+    }
+    total.first_send_ns = first_ns;
+    total.elapsed = Duration::from_nanos(end_ns.saturating_sub(first_ns));
+    Ok(total)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -87,6 +87,9 @@ enum Command {
         /// Messages per publish request (a JSON array when more than one).
         #[arg(long, default_value_t = 1)]
         batch: usize,
+        /// Concurrent publisher connections sharing the rate.
+        #[arg(long, default_value_t = 1)]
+        publishers: usize,
         /// Seconds to wait after the last publish for every delivery.
         #[arg(long, default_value_t = 15.0)]
         drain_s: f64,
@@ -191,6 +194,7 @@ fn main() {
             payload,
             duration,
             batch,
+            publishers,
             drain_s,
         } => fanout(
             common,
@@ -201,6 +205,7 @@ fn main() {
                 payload,
                 duration_s: duration,
                 batch: batch.max(1),
+                publishers,
                 drain_s,
             },
         ),
@@ -466,6 +471,7 @@ struct FanoutPlan {
     payload: usize,
     duration_s: f64,
     batch: usize,
+    publishers: usize,
     drain_s: f64,
 }
 
@@ -500,6 +506,7 @@ fn fanout(common: Common, publish: PublishArgs, plan: FanoutPlan) -> Result<Stri
         plan.batch,
         plan.payload,
         Duration::from_secs_f64(plan.duration_s),
+        plan.publishers,
     );
     let publisher_cpu_s = cpu_seconds() - cpu_before;
     let outcome = match outcome {
@@ -542,6 +549,7 @@ fn fanout(common: Common, publish: PublishArgs, plan: FanoutPlan) -> Result<Stri
         "rate": plan.rate,
         "payload": plan.payload,
         "batch": plan.batch,
+        "publishers": plan.publishers,
         "duration_s": plan.duration_s,
         "procs": results.len(),
         "published": outcome.accepted,

@@ -49,6 +49,10 @@ impl Latency {
         self.histogram.saturating_record(micros.max(1));
     }
 
+    pub fn add(&mut self, other: &Latency) {
+        let _ = self.histogram.add(&other.histogram);
+    }
+
     /// Every recorded value and its count, for the coordinator to merge.
     pub fn to_json(&self) -> Value {
         let pairs: Vec<[u64; 2]> = self
