@@ -35,7 +35,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::stats::{cpu_seconds, Latency, MemorySample};
+use crate::stats::{cpu_seconds, process_cpu_seconds, Latency, MemorySample};
 use crate::worker::{Mode, WorkerSpec};
 
 /// Connections one worker process opens at most (files: one per socket,
@@ -386,12 +386,17 @@ fn first_error(values: &[Value]) -> Value {
         .unwrap_or(Value::Null)
 }
 
+fn server_cpu_delta(before: Option<f64>, after: Option<f64>) -> Option<f64> {
+    Some(after? - before?)
+}
+
 fn setup_timeout(common: &Common) -> Duration {
     Duration::from_secs(common.setup_timeout_s)
 }
 
 fn idle(common: Common, conns: usize, settle_ms: u64) -> Result<String, String> {
     let before = MemorySample::take(common.server_pid);
+    let server_cpu_before = process_cpu_seconds(common.server_pid);
     let workers = Workers::spawn(&common, Mode::Idle, conns)?;
     let ready = match workers.collect("ready", setup_timeout(&common)) {
         Ok(ready) => ready,
@@ -402,6 +407,7 @@ fn idle(common: Common, conns: usize, settle_ms: u64) -> Result<String, String> 
     };
     std::thread::sleep(Duration::from_millis(settle_ms));
     let after = MemorySample::take(common.server_pid);
+    let server_cpu_s = server_cpu_delta(server_cpu_before, process_cpu_seconds(common.server_pid));
     let opened = sum_u64(&ready, "opened");
     let elapsed_ns = max_u64(&ready, "done_ns").saturating_sub(min_u64(&ready, "start_ns"));
     let cpu_s = sum_f64(&ready, "cpu_s");
@@ -411,6 +417,7 @@ fn idle(common: Common, conns: usize, settle_ms: u64) -> Result<String, String> 
     };
     let line = json!({
         "mode": "idle",
+        "server_cpu_s": server_cpu_s,
         "target": common.label,
         "conns": conns,
         "opened": opened,
@@ -431,6 +438,7 @@ fn idle(common: Common, conns: usize, settle_ms: u64) -> Result<String, String> 
 }
 
 fn storm(common: Common, conns: usize) -> Result<String, String> {
+    let server_cpu_before = process_cpu_seconds(common.server_pid);
     let workers = Workers::spawn(&common, Mode::Storm, conns)?;
     let ready = match workers.collect("ready", setup_timeout(&common)) {
         Ok(ready) => ready,
@@ -446,8 +454,11 @@ fn storm(common: Common, conns: usize) -> Result<String, String> {
         latency.merge_json(&value["latency_us"]);
     }
     let cpu_s = sum_f64(&ready, "cpu_s");
+    let server_cpu_s = server_cpu_delta(server_cpu_before, process_cpu_seconds(common.server_pid));
     let line = json!({
         "mode": "storm",
+        "server_cpu_s": server_cpu_s,
+        "server_cpu_us_per_upgrade": server_cpu_s.map(|s| s * 1e6 / opened.max(1) as f64),
         "target": common.label,
         "conns": conns,
         "inflight": common.inflight,
@@ -497,6 +508,7 @@ fn fanout(common: Common, publish: PublishArgs, plan: FanoutPlan) -> Result<Stri
         ));
     }
     let rss_before = MemorySample::take(common.server_pid).rss_bytes;
+    let server_cpu_before = process_cpu_seconds(common.server_pid);
     let cpu_before = cpu_seconds();
     let outcome = http::publish_for(
         &publish.admin_url,
@@ -529,6 +541,7 @@ fn fanout(common: Common, publish: PublishArgs, plan: FanoutPlan) -> Result<Stri
         }
     };
     let rss_after = MemorySample::take(common.server_pid).rss_bytes;
+    let server_cpu_s = server_cpu_delta(server_cpu_before, process_cpu_seconds(common.server_pid));
     workers.stop();
 
     let expected = outcome.accepted * plan.subs as u64;
@@ -569,6 +582,9 @@ fn fanout(common: Common, publish: PublishArgs, plan: FanoutPlan) -> Result<Stri
         "latency_us": latency.summary(),
         "server_rss_before_bytes": rss_before,
         "server_rss_after_bytes": rss_after,
+        "server_cpu_s": server_cpu_s,
+        "server_cpu_util": server_cpu_s.map(|s| s / window_s),
+        "server_cpu_ns_per_delivery": server_cpu_s.filter(|_| received > 0).map(|s| s * 1e9 / received as f64),
         "client_cpu_s": client_cpu_s,
         "client_cpu_util": client_cpu_s / window_s,
         "client_cpu_ns_per_delivery": if received > 0 { client_cpu_s * 1e9 / received as f64 } else { 0.0 },

@@ -33,6 +33,21 @@ pub fn cpu_seconds() -> f64 {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
+/// User + system CPU seconds process `pid` (all its threads) has used,
+/// from /proc/PID/stat: the server's own cost, which stays meaningful when
+/// other users' processes compete for its core.
+pub fn process_cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
+    // Fields after the command name (which may hold spaces) start at state.
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime + stime) / ticks)
+}
+
 /// A latency histogram in microseconds (1 µs .. 10 minutes, 3 digits).
 pub struct Latency {
     histogram: Histogram<u64>,
