@@ -234,6 +234,40 @@ fn signs_in_subscribes_and_shows_a_published_message() {
     }
 }
 
+/// The client's timing and bookkeeping under Node.js with a fake clock,
+/// socket and fetch (`tests/browser/client.unit.mjs`): the whole backoff
+/// schedule up to its cap, truncated poll pages, a revoked key, expired
+/// history, a silent socket — what a real browser would take minutes for.
+#[test]
+fn client_module_logic_with_a_fake_clock() {
+    require_setup();
+    let mut child = Command::new("node")
+        .arg("client.unit.mjs")
+        .current_dir(repo().join("tests/browser"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn node tests/browser/client.unit.mjs");
+    let deadline = Instant::now() + SCENARIO_TIMEOUT;
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().expect("node output");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("PASS client-unit"),
+        "client.unit.mjs failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    println!("{}", stdout.trim());
+}
+
 #[test]
 fn falls_back_to_polling_when_websockets_are_blocked() {
     require_setup();
