@@ -11,6 +11,13 @@
 //   stream.unsubscribe("events");
 //   stream.close();
 //
+// Beyond the contract, for dashboards: `on("reachable", (bool) => …)` (did
+// the last poll get an answer), `on("error", (e) => …)` (server `error`
+// messages, and {code: "unauthorized" | "key_revoked" | "poll_failed"}),
+// `on("reconnect", ({delayMs, attempt}) => …)`, `on("duplicate", …)`, and
+// the counters in `stream.stats`. Every `on` returns a function that
+// removes the listener.
+//
 // How it keeps every message exactly once:
 // - Each subscribed channel has a high-water mark, the largest seq of that
 //   channel handed to the page. A message at or below it is a duplicate and

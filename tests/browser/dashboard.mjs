@@ -246,6 +246,9 @@ async function resume() {
   const aside = await control("start-aside");
   const missed = await publish([event("evt_missed_1", "src_1"), event("evt_missed_2", "src_2")], aside);
   await control("stop-aside");
+  // Stay down through two failed attempts, so the delays have grown
+  // (≤ 1 s, ≤ 2 s, then ≤ 4 s pending) before the server comes back.
+  await until(async () => (await stats(page)).backoffMs.length >= 3, 10000, "two failed reconnect attempts");
   // The restarted server listens on the same public port; its admin
   // listener is on a new one.
   const restarted = await control("start");
