@@ -23,6 +23,11 @@ use std::time::Instant;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use hookstream::registry::{Connection, Flush, MessageKind, Outgoing, Registry, RegistryLimits};
 
+/// The server's allocator (src/main.rs), so queue allocations cost here what
+/// they cost in production.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Connection records in the registry.
 const CONNECTIONS: usize = 1_000_000;
 
