@@ -265,7 +265,7 @@ fn replay_during_concurrent_publishing_has_no_gap_or_duplicate() {
     let addr = server.ws_addr;
     let key = server.key("org_r").to_string();
     let sent: Arc<Mutex<BTreeMap<u64, Sent>>> = Arc::default();
-    // More than the in-memory tail (1024) and the replay chunk (512), so
+    // More than the in-memory tail (512) and the replay chunk (512), so
     // replays start on disk and cross into memory.
     let mut n = 0u64;
     for _ in 0..15 {

@@ -73,10 +73,14 @@ pub const HISTORY_AGE_MS_DEFAULT: u64 = 24 * 60 * 60 * 1000;
 /// Largest segment file before a new one is started.
 const SEGMENT_BYTES_MAX: u64 = 64 << 20;
 /// Newest messages of each org kept in memory, so replay can finish and
-/// long-polls answer without touching the disk.
-const RECENT_MESSAGES_MAX: usize = 1024;
+/// long-polls answer without touching the disk. Dropped when the org has
+/// been idle for `WRITER_IDLE_MS`, so memory follows the orgs publishing now.
+const RECENT_MESSAGES_MAX: usize = 512;
 /// Bytes of `data` kept in memory per org for those messages.
-const RECENT_BYTES_MAX: usize = 1 << 20;
+const RECENT_BYTES_MAX: usize = 512 << 10;
+/// Waiters of a [`Notify`] past which all are woken (they re-check), so
+/// wakers of tasks that ended do not pile up between two notifications.
+const NOTIFY_WAKERS_MAX: usize = 4096;
 /// Largest single read of a segment when serving history.
 const READ_CHUNK_BYTES: usize = 4 << 20;
 /// An org's open segment is closed after this long without a write, so
@@ -384,6 +388,11 @@ impl Notify {
                 return Poll::Ready(());
             }
             let mut wakers = self.wakers.borrow_mut();
+            if wakers.len() >= NOTIFY_WAKERS_MAX {
+                for waker in wakers.drain(..) {
+                    waker.wake();
+                }
+            }
             if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
                 wakers.push(cx.waker().clone());
             }
@@ -1221,9 +1230,12 @@ pub async fn retention_loop(shard: Rc<Shard>) {
         let deleted: Vec<PathBuf> = {
             let mut orgs = history.orgs.borrow_mut();
             for org in orgs.values_mut() {
-                if org.writer.is_some() && now.saturating_sub(org.last_write_ms) >= WRITER_IDLE_MS {
-                    // Dropping closes it (asynchronously); the next commit reopens.
+                if now.saturating_sub(org.last_write_ms) >= WRITER_IDLE_MS {
+                    // Dropping closes the file (asynchronously); the next
+                    // commit reopens it. The in-memory tail goes too.
                     org.writer = None;
+                    org.recent = VecDeque::new();
+                    org.recent_bytes = 0;
                 }
             }
             orgs.values_mut()
