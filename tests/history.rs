@@ -925,13 +925,24 @@ fn restart_with_other_shard_counts_serves_everything_and_continues_seq() {
 
 #[test]
 fn kill_9_while_publishing_loses_no_acknowledged_message() {
+    crash_while_publishing("fsync");
+}
+
+/// `--durability none` answers after the write without fsync: a crash of
+/// the process (not of the machine) still loses nothing answered.
+#[test]
+fn kill_9_with_durability_none_loses_no_acknowledged_message() {
+    crash_while_publishing("none");
+}
+
+fn crash_while_publishing(durability: &str) {
     let dir = TestDir::new();
     let orgs = ["org_x", "org_y"];
     let keys: HashMap<&str, String> = orgs
         .iter()
         .map(|o| (*o, create_key(dir.path(), o)))
         .collect();
-    let mut node = Node::start(dir.path(), &["--shards", "2"]);
+    let mut node = Node::start(dir.path(), &["--shards", "2", "--durability", durability]);
     let admin = node.admin;
     let token = node.token.clone();
     // (org, seq) → data id of every answered publish.
@@ -991,7 +1002,7 @@ fn kill_9_while_publishing_loses_no_acknowledged_message() {
         "only {} messages were acknowledged",
         acked.len()
     );
-    let node = Node::start(dir.path(), &["--shards", "2"]);
+    let node = Node::start(dir.path(), &["--shards", "2", "--durability", durability]);
     for org in orgs {
         let all = poll_all(node.ws, &keys[org], "issues", 0, 1000);
         let stored: HashMap<u64, String> = all
@@ -1022,4 +1033,41 @@ fn kill_9_while_publishing_loses_no_acknowledged_message() {
             next[0]
         );
     }
+}
+
+#[test]
+fn bad_history_flags_stop_the_server_with_one_line() {
+    for (flag, value, needle) in [
+        ("--durability", "sometimes", "--durability"),
+        ("--history-age", "5 parsecs", "--history-age"),
+        ("--history-messages", "0", "--history-messages"),
+    ] {
+        let dir = TestDir::new();
+        let output = Command::new(common::binary())
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args([flag, value])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run hookstream serve");
+        assert!(!output.status.success(), "{flag} {value} was accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(needle), "{flag} {value}: {stderr}");
+    }
+}
+
+#[test]
+fn metrics_count_commits_and_fsyncs() {
+    let server = ServerBuilder::new().org("org_m").start();
+    for i in 0..5 {
+        server.publish_ok(&issue("org_m", &format!("i{i}")));
+    }
+    // Each shard refreshes its metrics every 200 ms (a scrape refreshes
+    // only the shard that answers it).
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(server.metric_sum("hookstream_history_commits_total") >= 5);
+    assert!(server.metric_sum("hookstream_history_fsyncs_total") >= 5);
+    assert!(server.metric_sum("hookstream_history_bytes_written_total") >= 5 * 40);
 }
