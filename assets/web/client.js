@@ -11,6 +11,10 @@
 //   stream.unsubscribe("events");
 //   stream.close();
 //
+// Each message also carries `dataText`: the exact JSON text of `data` as the
+// server sent it. `data` comes from JSON.parse, which rounds numbers past
+// 2^53 and long decimals; the text keeps every digit (PROTOCOL.md §2).
+//
 // Beyond the contract, for dashboards: `on("reachable", (bool) => …)` (did
 // the last poll get an answer), `on("error", (e) => …)` (server `error`
 // messages, and {code: "unauthorized" | "key_revoked" | "poll_failed"}),
@@ -63,6 +67,82 @@ const DATA_TYPES = new Set(["event", "delivery", "issue", "sync"]);
 /** The reconnect delay before retry `attempt` (0 = first), without jitter. */
 export function backoffStepMs(attempt) {
   return Math.min(BACKOFF_MAX_MS, BACKOFF_FIRST_MS * 2 ** Math.min(attempt, 16));
+}
+
+// --- Exact data text ---------------------------------------------------------
+// A minimal scanner over JSON text that already parsed, so it needs no
+// error handling: it finds where values start and end.
+
+function skipSpace(text, i) {
+  while (i < text.length && (text[i] === " " || text[i] === "\n" || text[i] === "\r" || text[i] === "\t")) i += 1;
+  return i;
+}
+
+/** The index just past the value that starts at or after `i`. */
+function skipValue(text, i) {
+  i = skipSpace(text, i);
+  const first = text[i];
+  if (first === '"') {
+    i += 1;
+    while (i < text.length && text[i] !== '"') i += text[i] === "\\" ? 2 : 1;
+    return i + 1;
+  }
+  if (first === "{" || first === "[") {
+    let depth = 0;
+    while (i < text.length) {
+      const c = text[i];
+      if (c === '"') {
+        i = skipValue(text, i);
+        continue;
+      }
+      if (c === "{" || c === "[") depth += 1;
+      else if (c === "}" || c === "]") {
+        depth -= 1;
+        if (depth === 0) return i + 1;
+      }
+      i += 1;
+    }
+    return i;
+  }
+  while (i < text.length && !",}] \n\r\t".includes(text[i])) i += 1;
+  return i;
+}
+
+/** The members of the object at `i`: key -> [start, end) of its value. */
+function memberSpans(text, i) {
+  const spans = new Map();
+  i = skipSpace(text, i) + 1;
+  for (;;) {
+    i = skipSpace(text, i);
+    if (text[i] !== '"') return spans;
+    const keyEnd = skipValue(text, i);
+    const key = JSON.parse(text.slice(i, keyEnd));
+    const start = skipSpace(text, skipSpace(text, keyEnd) + 1);
+    const end = skipValue(text, start);
+    spans.set(key, [start, end]);
+    i = skipSpace(text, end);
+    if (text[i] === ",") i += 1;
+  }
+}
+
+/** The elements of the array at `i`, as [start, end) spans. */
+function elementSpans(text, i) {
+  const spans = [];
+  i = skipSpace(text, i) + 1;
+  for (;;) {
+    i = skipSpace(text, i);
+    if (text[i] === "]" || i >= text.length) return spans;
+    const end = skipValue(text, i);
+    spans.push([i, end]);
+    i = skipSpace(text, end);
+    if (text[i] === ",") i += 1;
+  }
+}
+
+/** The exact text of the `data` member of the envelope object at `start`. */
+function dataTextOf(text, start) {
+  const span = memberSpans(text, start).get("data");
+  return span ? text.slice(span[0], span[1]) : undefined;
 }
 
 /** Opens a stream; see the top of this file. */
@@ -251,6 +331,7 @@ class Stream {
     if (message.type === "welcome") {
       this.welcomed(message);
     } else if (DATA_TYPES.has(message.type)) {
+      message.dataText = dataTextOf(text, 0);
       this.deliver(message, "socket");
     } else if (message.type === "error") {
       this.serverError(message);
@@ -475,7 +556,14 @@ class Stream {
     }
     let answer;
     try {
-      answer = await response.json();
+      const text = await response.text();
+      answer = JSON.parse(text);
+      const messages = memberSpans(text, 0).get("messages");
+      if (messages) {
+        elementSpans(text, messages[0]).forEach(([start], n) => {
+          if (answer.messages[n]) answer.messages[n].dataText = dataTextOf(text, start);
+        });
+      }
     } catch {
       this.stats.pollFailures += 1;
       return null;

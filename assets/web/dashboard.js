@@ -224,13 +224,54 @@ function drawMessage(message) {
     meta.append(span);
   }
   const body = document.createElement("pre");
-  body.textContent = JSON.stringify(message.data, null, 2);
+  // The exact text, so a 30-digit number shows every digit.
+  body.textContent =
+    message.dataText !== undefined ? indentJson(message.dataText) : JSON.stringify(message.data, null, 2);
   item.append(meta, body);
   const list = $("messages");
   list.prepend(item);
   while (list.childElementCount > MESSAGES_SHOWN_MAX) list.lastElementChild.remove();
   show($("empty"), false);
   tick();
+}
+
+/**
+ * JSON text re-indented by two spaces, tokens kept exactly as they are
+ * (JSON.stringify(JSON.parse(…)) would round long numbers).
+ */
+function indentJson(text) {
+  let out = "";
+  let depth = 0;
+  const newline = () => `\n${"  ".repeat(depth)}`;
+  for (let i = 0; i < text.length; i += 1) {
+    const c = text[i];
+    if (c === '"') {
+      let end = i + 1;
+      while (end < text.length && text[end] !== '"') end += text[end] === "\\" ? 2 : 1;
+      out += text.slice(i, end + 1);
+      i = end;
+    } else if (c === "{" || c === "[") {
+      let next = i + 1;
+      while (/\s/.test(text[next] || "")) next += 1;
+      if (text[next] === (c === "{" ? "}" : "]")) {
+        out += c + text[next];
+        i = next;
+      } else {
+        depth += 1;
+        out += c + newline();
+      }
+    } else if (c === "}" || c === "]") {
+      depth -= 1;
+      out += newline() + c;
+    } else if (c === ",") {
+      out += `,${newline()}`;
+    } else if (c === ":") {
+      out += ": ";
+    } else if (!/\s/.test(c)) {
+      out += c;
+    }
+  }
+  return out;
 }
 
 function clearMessages() {

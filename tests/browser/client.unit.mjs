@@ -74,9 +74,9 @@ class FakeWebSocket {
   close(code) {
     this.closedWith = code ?? 1005;
   }
-  /** The server sends a message. */
+  /** The server sends a message (an object, or exact text). */
   deliver(message) {
-    this.onmessage?.({ data: JSON.stringify(message) });
+    this.onmessage?.({ data: typeof message === "string" ? message : JSON.stringify(message) });
   }
   /** The connection ends (or never opened). */
   drop(code = 1006) {
@@ -104,7 +104,7 @@ globalThis.fetch = async (url, options = {}) => {
   return {
     status: answer.status,
     ok: answer.status >= 200 && answer.status < 300,
-    json: async () => answer.body,
+    text: async () => answer.text ?? JSON.stringify(answer.body),
   };
 };
 
@@ -395,6 +395,26 @@ test("a silent socket is closed after a heartbeat without an answer", async () =
   await advance(2000);
   assert.equal(socket.closedWith, 4000, "no answer for a whole period: closed");
   assert.equal(stream.state, "polling");
+  stream.close();
+});
+
+test("dataText keeps every digit, over the socket and in poll answers", async () => {
+  const { stream, seen } = await open({}, ["events", "issues"]);
+  const socket = lastSocket();
+  socket.deliver(welcome(0));
+  const data = '{"id":"e\\"}{[","n":123456789012345678901234567890,"x":[1,{"y":"]}"}],"d":0.1000000000000000000001}';
+  socket.deliver(`{"type":"event","channel":"events","seq":1,"data":${data}}`);
+  socket.deliver(`{ "data" : ${data} , "type":"event","channel":"issues","seq":2}`);
+  assert.equal(seen.messages[0].dataText, data);
+  assert.equal(seen.messages[1].dataText, data);
+  assert.equal(seen.messages[0].data.id, 'e"}{[');
+  pollHandler = () => ({
+    status: 200,
+    text: `{"org_id":"o","messages":[{"type":"event","channel":"events","seq":3,"data":${data}},\n {"type":"issue","channel":"issues","seq":4,"data":{}}],"next_after":4}`,
+  });
+  socket.drop();
+  await advance(0);
+  assert.deepEqual(seen.messages.map((m) => m.dataText), [data, data, data, "{}"]);
   stream.close();
 });
 

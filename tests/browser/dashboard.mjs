@@ -201,6 +201,21 @@ async function live() {
   mkdirSync(SHOTS, { recursive: true });
   await page.screenshot({ path: join(SHOTS, "dashboard.png") });
 
+  // Every digit survives to the page (JSON.parse alone would round these).
+  const digits = ["123456789012345678901234567890", "0.1000000000000000000001"];
+  const exact = await fetch(`${adminUrl}/v1/publish`, {
+    method: "POST",
+    headers: { Authorization: `Bearer ${adminToken}`, "Content-Type": "application/json" },
+    body: `{"org_id":"${ORG}","type":"event","data":{"id":"evt_digits","source_id":"src_9","amount":${digits[0]},"ratio":${digits[1]}}}`,
+  });
+  check(exact.status === 202, `publish of exact digits answered ${exact.status}`);
+  await waitForRow(page, "evt_digits", "events", 5000);
+  const shown = await page.evaluate(() => document.querySelector('#messages li[data-channel="events"] pre').textContent);
+  check(
+    shown.includes(`"amount": ${digits[0]}`) && shown.includes(`"ratio": ${digits[1]}`),
+    `every digit on the page: ${shown}`,
+  );
+
   // Unsubscribing stops a channel.
   await page.uncheck('.fixed-channel[value="issues"]');
   await page.evaluate(() => new Promise((resolve) => setTimeout(resolve, 300)));
