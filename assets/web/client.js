@@ -17,7 +17,8 @@
 //
 // Beyond the contract, for dashboards: `on("reachable", (bool) => …)` (did
 // the last poll get an answer), `on("error", (e) => …)` (server `error`
-// messages, and {code: "unauthorized" | "key_revoked" | "poll_failed"}),
+// messages, and {code: "unauthorized" | "key_revoked" | "poll_failed" |
+// "history_gap"}),
 // `on("reconnect", ({delayMs, attempt}) => …)`, `on("duplicate", …)`, and
 // the counters in `stream.stats`. Every `on` returns a function that
 // removes the listener.
@@ -335,6 +336,14 @@ class Stream {
       this.deliver(message, "socket");
     } else if (message.type === "error") {
       this.serverError(message);
+    } else if (message.type === "subscribed" && message.recovered === false) {
+      // Our mark is older than what the server retained: the replay starts
+      // at its oldest message, and what came before it is gone.
+      this.emit("error", {
+        code: "history_gap",
+        channel: message.channel,
+        message: `some messages of ${message.channel} were published while away and are no longer retained`,
+      });
     }
     // subscribed, unsubscribed and pong need nothing.
   }

@@ -143,6 +143,8 @@ function showLive(who) {
     if (error.code === "unauthorized" || error.code === "key_revoked") {
       stopStream();
       showSignIn("Your session ended (expired, signed out elsewhere, or its key was revoked). Sign in again.");
+    } else if (error.code === "history_gap") {
+      setBanner(`Some messages were missed: ${error.message}.`, false);
     } else if (error.code === "poll_failed") {
       setBanner(`The server answered a poll with an error: ${error.message}.`, false);
     }

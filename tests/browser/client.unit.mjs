@@ -359,6 +359,18 @@ test("expired history: subscribe again without after, and say so", async () => {
   stream.close();
 });
 
+test("a resume past retention is reported (subscribed, recovered: false)", async () => {
+  const { stream, seen } = await open();
+  const socket = lastSocket();
+  socket.deliver(welcome(1));
+  socket.deliver({ type: "subscribed", channel: "events", recovered: true });
+  assert.equal(seen.errors.length, 0);
+  socket.deliver({ type: "subscribed", channel: "events", recovered: false });
+  assert.equal(seen.errors[0].code, "history_gap");
+  assert.equal(seen.errors[0].channel, "events");
+  stream.close();
+});
+
 test("unauthorized polls are reported", async () => {
   const { stream, seen } = await open();
   pollHandler = () => ({ status: 401, body: { error: "unauthorized" } });
