@@ -24,6 +24,11 @@ struct Asset {
     body: &'static [u8],
     /// Whether it is the page (it alone gets the CSP and framing rules).
     page: bool,
+    /// Whether pages of any origin may load it (`Access-Control-Allow-Origin:
+    /// *`): the client module is for users' own pages, and a module script
+    /// from another origin needs CORS. It is public and carries no
+    /// credentials, so this shares nothing.
+    any_origin: bool,
 }
 
 const ASSETS: &[Asset] = &[
@@ -32,24 +37,28 @@ const ASSETS: &[Asset] = &[
         content_type: "text/html; charset=utf-8",
         body: include_bytes!("../../assets/web/index.html"),
         page: true,
+        any_origin: false,
     },
     Asset {
         path: "/dashboard.js",
         content_type: "text/javascript; charset=utf-8",
         body: include_bytes!("../../assets/web/dashboard.js"),
         page: false,
+        any_origin: false,
     },
     Asset {
         path: "/dashboard.css",
         content_type: "text/css; charset=utf-8",
         body: include_bytes!("../../assets/web/dashboard.css"),
         page: false,
+        any_origin: false,
     },
     Asset {
         path: "/v1/client.js",
         content_type: "text/javascript; charset=utf-8",
         body: include_bytes!("../../assets/web/client.js"),
         page: false,
+        any_origin: true,
     },
 ];
 
@@ -87,6 +96,9 @@ pub async fn serve(request: &Request, stream: &mut TcpStream) -> After {
             ("Referrer-Policy", "no-referrer"),
             ("X-Frame-Options", "DENY"),
         ];
+        respond(stream, 200, asset.content_type, &headers, asset.body).await
+    } else if asset.any_origin {
+        let headers = [COMMON[0], COMMON[1], ("Access-Control-Allow-Origin", "*")];
         respond(stream, 200, asset.content_type, &headers, asset.body).await
     } else {
         respond(stream, 200, asset.content_type, &COMMON, asset.body).await

@@ -375,7 +375,6 @@ async function polling() {
  * its Origin rule. The same socket from the dashboard's own origin opens.
  */
 async function crossOrigin() {
-  const clientJs = await (await fetch(`${hsUrl}/v1/client.js`)).text();
   const wsUrl = `${hsUrl.replace(/^http/, "ws")}/v1/ws`;
   const otherPage = `<!doctype html><meta charset="utf-8"><title>other site</title>
 <script type="module">
@@ -383,19 +382,20 @@ async function crossOrigin() {
   const socket = new WebSocket(${JSON.stringify(wsUrl)});
   socket.onopen = () => { window.results.raw = "open"; };
   socket.onclose = (event) => { if (window.results.raw === "pending") window.results.raw = "closed " + event.code; };
-  const { connect } = await import("/client.js");
+  // The module itself may be loaded from the gateway by any origin (CORS).
+  const { connect } = await import(${JSON.stringify(`${hsUrl}/v1/client.js`)});
   const stream = connect({ url: ${JSON.stringify(hsUrl)} });
   stream.on("state", (state) => window.results.states.push(state));
   stream.subscribe("events");
+  // With an API key instead of the cookie, another origin is fine: the
+  // Origin rule guards only the credential a browser attaches by itself.
+  window.results.tokenStates = [];
+  const withKey = connect({ url: ${JSON.stringify(hsUrl)}, token: ${JSON.stringify(KEY)} });
+  withKey.on("state", (state) => window.results.tokenStates.push(state));
 </script>`;
   const other = createHttpServer((request, response) => {
-    if (request.url === "/client.js") {
-      response.writeHead(200, { "Content-Type": "text/javascript" });
-      response.end(clientJs);
-    } else {
-      response.writeHead(200, { "Content-Type": "text/html" });
-      response.end(otherPage);
-    }
+    response.writeHead(200, { "Content-Type": "text/html" });
+    response.end(otherPage);
   });
   await new Promise((resolve) => other.listen(0, "127.0.0.1", resolve));
   const otherUrl = `http://127.0.0.1:${other.address().port}/`;
@@ -435,6 +435,7 @@ async function crossOrigin() {
     const results = await attacker.evaluate(() => window.results);
     check(results.raw.startsWith("closed"), `cross-origin socket did not open: ${results.raw}`);
     check(!results.states.includes("open"), `the client never reached open: ${results.states}`);
+    check(results.tokenStates.includes("open"), `with a key the other origin connects: ${results.tokenStates}`);
     await until(async () => handshakeErrors.length >= 1, 5000, "the handshake error of the refused socket");
     check(
       handshakeErrors.every((error) => error.includes("403")),
