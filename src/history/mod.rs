@@ -34,6 +34,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -186,7 +187,7 @@ pub struct Item {
     /// Route id.
     pub route: Option<Rc<str>>,
     /// The publisher's JSON text.
-    pub data: Rc<str>,
+    pub data: Arc<str>,
 }
 
 /// One org's log on its owner shard.
@@ -213,7 +214,7 @@ struct OrgLog {
     /// Highest seq dropped by retention (0: nothing ever dropped).
     trimmed_through: u64,
     /// The newest messages' data, a suffix of `entries`.
-    recent: VecDeque<(u64, Rc<str>)>,
+    recent: VecDeque<(u64, Arc<str>)>,
     /// Bytes of data in `recent`.
     recent_bytes: usize,
     /// Route ids seen, interned.
@@ -265,7 +266,7 @@ impl OrgLog {
         }
     }
 
-    fn cached_data(&self, seq: u64) -> Option<Rc<str>> {
+    fn cached_data(&self, seq: u64) -> Option<Arc<str>> {
         let front = self.recent.front()?.0;
         if seq < front {
             return None;
@@ -277,7 +278,7 @@ impl OrgLog {
             .map(|(_, d)| d.clone())
     }
 
-    fn remember(&mut self, seq: u64, data: Rc<str>) {
+    fn remember(&mut self, seq: u64, data: Arc<str>) {
         self.recent_bytes += data.len();
         self.recent.push_back((seq, data));
         while self.recent.len() > RECENT_MESSAGES_MAX
@@ -484,6 +485,37 @@ async fn read_whole(file: &BufferedFile, size: u64) -> Result<Vec<u8>, String> {
         bytes.extend_from_slice(&read);
     }
     Ok(bytes)
+}
+
+/// Bytes read from a segment: the reactor's buffer itself when one read
+/// returned them all (the usual case: no copy), else the pieces joined.
+enum Span {
+    Whole(glommio::io::ReadResult),
+    Pieces(Vec<u8>),
+}
+
+impl Span {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Span::Whole(read) => read,
+            Span::Pieces(bytes) => bytes,
+        }
+    }
+}
+
+async fn read_span(file: &BufferedFile, start: u64, span: usize) -> Span {
+    let mut bytes = Vec::new();
+    while bytes.len() < span {
+        match file
+            .read_at(start + bytes.len() as u64, span - bytes.len())
+            .await
+        {
+            Ok(read) if read.len() == span => return Span::Whole(read),
+            Ok(read) if !read.is_empty() => bytes.extend_from_slice(&read),
+            _ => break,
+        }
+    }
+    Span::Pieces(bytes)
 }
 
 async fn open_rw(path: &Path, create: bool) -> Result<BufferedFile, String> {
@@ -783,23 +815,15 @@ impl History {
             }
             let last = &missing[end_index - 1];
             let span = (last.2 + last.3 as u64 - start) as usize;
-            let bytes = match BufferedFile::open(&path).await {
+            let read = match BufferedFile::open(&path).await {
                 Ok(file) => {
-                    let mut bytes = Vec::with_capacity(span);
-                    while bytes.len() < span {
-                        match file
-                            .read_at(start + bytes.len() as u64, span - bytes.len())
-                            .await
-                        {
-                            Ok(read) if !read.is_empty() => bytes.extend_from_slice(&read),
-                            _ => break,
-                        }
-                    }
+                    let read = read_span(&file, start, span).await;
                     let _ = file.close().await;
-                    bytes
+                    read
                 }
-                Err(_) => Vec::new(),
+                Err(_) => Span::Pieces(Vec::new()),
             };
+            let bytes = read.bytes();
             for (index, _, offset, len) in &missing[at..end_index] {
                 let from = (offset - start) as usize;
                 let to = from + *len as usize;

@@ -43,7 +43,7 @@ pub struct Envelope {
     /// The channel it matched.
     pub channel: String,
     /// The publisher's JSON text.
-    pub data: String,
+    pub data: std::sync::Arc<str>,
 }
 
 /// The answer to a [`Query`].
@@ -77,7 +77,7 @@ fn expand(items: &[Item], channels: &[String], limit: usize) -> (Vec<Envelope>, 
                 seq: item.seq,
                 kind: item.kind,
                 channel: channel.clone(),
-                data: item.data.to_string(),
+                data: item.data.clone(),
             });
         }
     }
