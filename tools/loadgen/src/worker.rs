@@ -109,7 +109,7 @@ async fn main(spec: WorkerSpec) -> Result<(), String> {
     };
     let url: Rc<str> = format!("{}{separator}token={}", spec.common.url, spec.common.token).into();
     let read_buffer = spec.common.read_buffer.unwrap_or(match spec.mode {
-        Mode::Fanout => 64 * 1024,
+        Mode::Fanout => 16 * 1024,
         Mode::Idle | Mode::Storm => 4 * 1024,
     });
     let mut config = WebSocketConfig::default();
