@@ -234,6 +234,47 @@ fn signs_in_subscribes_and_shows_a_published_message() {
     }
 }
 
+/// The files themselves, without a browser: types, caching, the page's
+/// Content-Security-Policy, CORS on the module only, GET only.
+#[test]
+fn serves_the_page_and_the_module_with_their_headers() {
+    let server = server();
+    let get = |path: &str| common::http_request(server.ws_addr, "GET", path, &[], b"");
+    let page = get("/");
+    assert_eq!(page.status, 200);
+    assert_eq!(
+        page.header("content-type"),
+        Some("text/html; charset=utf-8")
+    );
+    let policy = page
+        .header("content-security-policy")
+        .expect("the page has a CSP");
+    assert!(policy.contains("script-src 'self'") && policy.contains("connect-src 'self'"));
+    assert_eq!(page.header("x-frame-options"), Some("DENY"));
+    assert!(page
+        .text()
+        .contains(r#"<script type="module" src="/dashboard.js">"#));
+    assert_eq!(page.header("access-control-allow-origin"), None);
+    let module = get("/v1/client.js");
+    assert_eq!(module.status, 200);
+    assert_eq!(
+        module.header("content-type"),
+        Some("text/javascript; charset=utf-8")
+    );
+    assert_eq!(module.header("access-control-allow-origin"), Some("*"));
+    assert_eq!(module.header("x-content-type-options"), Some("nosniff"));
+    assert!(module.text().contains("export function connect("));
+    for path in ["/dashboard.js", "/dashboard.css"] {
+        let asset = get(path);
+        assert_eq!(asset.status, 200, "{path}");
+        assert_eq!(asset.header("cache-control"), Some("no-cache"), "{path}");
+    }
+    let post = common::http_request(server.ws_addr, "POST", "/", &[], b"");
+    assert_eq!(post.status, 405);
+    assert_eq!(post.header("allow"), Some("GET"));
+    assert_eq!(get("/index.html").status, 404);
+}
+
 /// The client's timing and bookkeeping under Node.js with a fake clock,
 /// socket and fetch (`tests/browser/client.unit.mjs`): the whole backoff
 /// schedule up to its cap, truncated poll pages, a revoked key, expired
