@@ -1071,3 +1071,26 @@ fn metrics_count_commits_and_fsyncs() {
     assert!(server.metric_sum("hookstream_history_fsyncs_total") >= 5);
     assert!(server.metric_sum("hookstream_history_bytes_written_total") >= 5 * 40);
 }
+
+#[test]
+fn an_empty_last_segment_still_carries_the_seq() {
+    let dir = TestDir::new();
+    let key = create_key(dir.path(), "org_e");
+    let mut node = Node::start(dir.path(), &["--shards", "1"]);
+    let bodies: Vec<String> = (0..10).map(|i| issue("org_e", &format!("i{i}"))).collect();
+    assert_eq!(node.publish_ok(&common::array(&bodies)).last(), Some(&10));
+    node.kill9();
+    // What a crash right after starting segment 11 leaves once retention
+    // removed the older segments: one empty file named after seq 11.
+    for file in segment_files(dir.path(), "org_e") {
+        std::fs::remove_file(file).unwrap();
+    }
+    let empty = dir.path().join("history/org_e/00000000000000000011.log");
+    std::fs::write(&empty, b"").unwrap();
+    let node = Node::start(dir.path(), &["--shards", "1"]);
+    let client = Client::connect(node.ws, &format!("/v1/ws?token={key}"));
+    assert_eq!(client.welcome["seq"], 10);
+    assert_eq!(node.publish_ok(&issue("org_e", "next")), vec![11]);
+    let all = poll_all(node.ws, &key, "issues", 0, 100);
+    assert_eq!(seqs(&all), vec![11]);
+}

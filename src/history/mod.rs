@@ -918,6 +918,11 @@ async fn load_org(config: &HistoryConfig, org_id: &str, dir: PathBuf) -> Result<
         };
         let mut new_entries = Vec::new();
         let mut routes = Vec::new();
+        // A segment is named after the first seq of the batch that created
+        // it, so every seq below its name was handed out before: the org's
+        // seq never goes below that, even when retention deleted the older
+        // segments and this one is empty (a crash right after creating it).
+        previous_seq = previous_seq.max(first_seq.saturating_sub(1));
         let stop = log::scan(&bytes, org_id, previous_seq, |record, offset, len| {
             if segment.records == 0 {
                 segment.first_time_ms = record.time_ms;
