@@ -569,7 +569,7 @@ impl History {
             if shard_for(&org_id, shards) != shard {
                 continue;
             }
-            let mut org = load_org(&config, &org_id, config.dir.join(&name)).await?;
+            let mut org = load_org(&org_id, config.dir.join(&name)).await?;
             for path in org.trim(&config, now) {
                 let _ = std::fs::remove_file(path);
             }
@@ -887,7 +887,7 @@ impl History {
 }
 
 /// Reads one org's segments at startup.
-async fn load_org(config: &HistoryConfig, org_id: &str, dir: PathBuf) -> Result<OrgLog, String> {
+async fn load_org(org_id: &str, dir: PathBuf) -> Result<OrgLog, String> {
     let mut org = OrgLog::new(org_id.into(), dir.clone());
     org.dir_ready = true;
     let mut files: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
@@ -973,7 +973,6 @@ async fn load_org(config: &HistoryConfig, org_id: &str, dir: PathBuf) -> Result<
     org.assigned = previous_seq;
     org.committed = previous_seq;
     org.trimmed_through = org.entries.front().map_or(previous_seq, |e| e.seq - 1);
-    let _ = config;
     Ok(org)
 }
 
@@ -1030,7 +1029,7 @@ async fn commit(history: &History, records: &[PendingRecord]) -> Result<(), Stri
     let fsync = history.config.durability == Durability::Fsync;
     let mut to_sync: Vec<Rc<BufferedFile>> = Vec::new();
     let mut dirs_to_sync: Vec<PathBuf> = Vec::new();
-    // (org, segment first_seq, offset of the batch in it, encoded records)
+    // (org, segment first_seq, offset of the batch in the segment)
     let mut written: Vec<(Rc<str>, u64, u64)> = Vec::new();
     let mut bytes_total = 0u64;
     for (org_id, list) in &by_org {
