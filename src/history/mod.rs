@@ -599,7 +599,7 @@ impl History {
     /// Gives each message its org's next seq and waits until the committer
     /// made them durable (per `--durability`), indexed and fanned out.
     /// Returns the seqs in input order.
-    pub async fn append(&self, messages: &[Outgoing]) -> Result<Vec<u64>, String> {
+    pub async fn append(&self, messages: Vec<Outgoing>) -> Result<Vec<u64>, String> {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
@@ -613,7 +613,7 @@ impl History {
                 org.assigned += 1;
                 seqs.push(org.assigned);
                 pending.records.push(PendingRecord {
-                    message: message.clone(),
+                    message,
                     seq: org.assigned,
                     time_ms,
                 });

@@ -201,7 +201,7 @@ impl Shard {
 
     /// Sequences messages this shard owns and returns their seqs once the
     /// history made them durable; the history's committer fans them out.
-    pub async fn publish_local(&self, messages: &[Outgoing]) -> Result<Vec<u64>, String> {
+    pub async fn publish_local(&self, messages: Vec<Outgoing>) -> Result<Vec<u64>, String> {
         self.history.append(messages).await
     }
 
@@ -220,7 +220,7 @@ impl Shard {
             }
             let (indexes, batch): (Vec<usize>, Vec<Outgoing>) = batch.into_iter().unzip();
             let batch_seqs = if owner == self.id {
-                self.publish_local(&batch).await?
+                self.publish_local(batch).await?
             } else {
                 let (reply, answer) = futures_channel::oneshot::channel();
                 let mesh = self.mesh.as_ref().expect("several shards have a mesh");
@@ -690,7 +690,7 @@ async fn shard_main(
                     ShardMessage::Publish { messages, reply } => {
                         let shard = shard.clone();
                         glommio::spawn_local(async move {
-                            let seqs = shard.publish_local(&messages).await;
+                            let seqs = shard.publish_local(messages).await;
                             let _ = reply.send(seqs);
                         })
                         .detach();
