@@ -128,7 +128,6 @@ async fn ask(shard: &Rc<Shard>, query: Query) -> Option<Answer> {
     let (reply, answer) = futures_channel::oneshot::channel();
     let mesh = shard.mesh.as_ref()?;
     mesh.send_to(owner, ShardMessage::History { query, reply })
-        .await
         .ok()?;
     answer.await.ok()
 }

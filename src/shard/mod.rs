@@ -7,6 +7,7 @@ pub mod access;
 mod admin;
 mod connection;
 pub mod history_routes;
+mod mesh;
 mod public;
 pub mod ratelimit;
 pub mod reactor;
@@ -22,7 +23,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
-use glommio::channels::channel_mesh::{MeshBuilder, Senders};
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::auth::keys::{KeyIndex, KeyStore};
@@ -115,8 +115,8 @@ pub struct Shard {
     pub keys: RefCell<Rc<KeyIndex>>,
     /// The admin token.
     pub admin_token: Arc<str>,
-    /// Mesh to the other shards.
-    pub mesh: Option<Senders<ShardMessage>>,
+    /// Inboxes of every shard (None with one shard).
+    pub mesh: Option<mesh::Mesh>,
     /// This shard's counters.
     pub metrics: Arc<ShardMetrics>,
     /// Every shard's counters, for `/metrics`.
@@ -231,8 +231,7 @@ impl Shard {
                         reply,
                     },
                 )
-                .await
-                .map_err(|_| "shard mesh closed".to_string())?;
+                .map_err(|_| "owner shard stopped".to_string())?;
                 answer
                     .await
                     .map_err(|_| "owner shard stopped".to_string())??
@@ -303,10 +302,6 @@ impl Drop for ExitGuard {
     fn drop(&mut self) {
         self.0.exited.fetch_add(1, Ordering::SeqCst);
     }
-}
-
-fn fail(message: String) -> String {
-    message
 }
 
 /// Raises RLIMIT_NOFILE's soft limit to the hard one and checks that it
@@ -420,6 +415,10 @@ fn lock_data_dir(dir: &PathBuf) -> Result<std::fs::File, String> {
     Ok(file)
 }
 
+/// How long the shards may take to open history and bind before startup is
+/// declared stuck.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Accept backlog of each shard's listeners (the kernel caps it at
 /// `net.core.somaxconn`).
 const LISTEN_BACKLOG: i32 = 4096;
@@ -500,7 +499,8 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
         exited: std::sync::atomic::AtomicUsize::new(0),
         connections_max_per_shard: connections_max.div_ceil(shards).max(1),
     });
-    let mesh = MeshBuilder::<ShardMessage, _>::full(shards, 1024);
+    let mesh =
+        mesh::Mesh::new(shards).map_err(|e| format!("cannot create the shard inboxes: {e}"))?;
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -522,14 +522,25 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
         handles.push(handle);
     }
     drop(ready_tx);
+    // Opening history scans segments, so a large data directory may take a
+    // while; a shard that says nothing for this long is stuck, and the
+    // process ends with a line instead of hanging.
+    let startup_deadline = Instant::now() + STARTUP_TIMEOUT;
     for _ in 0..shards {
-        match ready_rx.recv() {
+        let left = startup_deadline.saturating_duration_since(Instant::now());
+        match ready_rx.recv_timeout(left) {
             Ok(Ok(())) => {}
             Ok(Err(message)) => {
                 shared.stop.store(true, Ordering::SeqCst);
                 return Err(message);
             }
-            Err(_) => {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                return Err(format!(
+                    "the shards did not start within {} s; see the lines above",
+                    STARTUP_TIMEOUT.as_secs()
+                ));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
                 return Err(glommio_error("a shard stopped during startup"));
             }
         }
@@ -583,30 +594,11 @@ fn glommio_error(text: &str) -> String {
 async fn shard_main(
     id: usize,
     shared: Arc<Shared>,
-    mesh: MeshBuilder<ShardMessage, glommio::channels::channel_mesh::Full>,
+    mesh: mesh::Mesh,
     ready: mpsc::Sender<Result<(), String>>,
 ) {
     let _exit = ExitGuard(shared.clone());
     let config = shared.config.clone();
-    // glommio's shared-channel `connect` tells the peer executor nothing: it
-    // re-polls only when its own executor wakes for some other reason. With
-    // no timer armed yet, a shard that parks before its peer connects sleeps
-    // forever (seen as an occasional startup hang with 2 shards), so a timer
-    // ticks until the join is done.
-    let ticker = glommio::spawn_local(async {
-        loop {
-            glommio::timer::sleep(Duration::from_millis(5)).await;
-        }
-    });
-    let joined = mesh.join().await;
-    drop(ticker);
-    let (senders, mut receivers) = match joined {
-        Ok(pair) => pair,
-        Err(_) => {
-            let _ = ready.send(Err(fail("cannot join the shard mesh".to_string())));
-            return;
-        }
-    };
     let limits = RegistryLimits {
         connections_per_org: config.connections_per_org,
         connections_max: shared.connections_max_per_shard,
@@ -644,11 +636,7 @@ async fn shard_main(
         registry: RefCell::new(registry),
         keys: RefCell::new(Rc::new(shared.keys.clone())),
         admin_token: shared.admin_token.clone(),
-        mesh: if config.shards > 1 {
-            Some(senders)
-        } else {
-            None
-        },
+        mesh: (config.shards > 1).then(|| mesh.clone()),
         metrics: shared.all_metrics[id].clone(),
         all_metrics: shared.all_metrics.clone(),
         pool: RefCell::new(Vec::new()),
@@ -680,33 +668,36 @@ async fn shard_main(
     };
 
     // Messages from the other shards.
-    let mut mesh_tasks = Vec::new();
-    for (_, receiver) in receivers.streams() {
+    let mesh_task = {
         let shard = shard.clone();
-        mesh_tasks.push(glommio::spawn_local(async move {
-            while let Some(message) = receiver.recv().await {
-                match message {
-                    ShardMessage::Adopt(handoff) => public::adopt(&shard, handoff),
-                    ShardMessage::Publish { messages, reply } => {
-                        let shard = shard.clone();
-                        glommio::spawn_local(async move {
-                            let seqs = shard.publish_local(messages).await;
-                            let _ = reply.send(seqs);
-                        })
-                        .detach();
-                    }
-                    ShardMessage::History { query, reply } => {
-                        let shard = shard.clone();
-                        glommio::spawn_local(async move {
-                            let answer = crate::history::query::run(&shard.history, query).await;
-                            let _ = reply.send(answer);
-                        })
-                        .detach();
+        let mesh = mesh.clone();
+        glommio::spawn_local(async move {
+            loop {
+                for message in mesh.receive(shard.id).await {
+                    match message {
+                        ShardMessage::Adopt(handoff) => public::adopt(&shard, handoff),
+                        ShardMessage::Publish { messages, reply } => {
+                            let shard = shard.clone();
+                            glommio::spawn_local(async move {
+                                let seqs = shard.publish_local(messages).await;
+                                let _ = reply.send(seqs);
+                            })
+                            .detach();
+                        }
+                        ShardMessage::History { query, reply } => {
+                            let shard = shard.clone();
+                            glommio::spawn_local(async move {
+                                let answer =
+                                    crate::history::query::run(&shard.history, query).await;
+                                let _ = reply.send(answer);
+                            })
+                            .detach();
+                        }
                     }
                 }
             }
-        }));
-    }
+        })
+    };
 
     let accept_public = glommio::spawn_local(public::accept_loop(shard.clone(), public_listener));
     let accept_admin = glommio::spawn_local(admin::accept_loop(shard.clone(), admin_listener));
@@ -756,7 +747,10 @@ async fn shard_main(
     for key in shard.registry.borrow().keys() {
         reactor::remove_now(&shard, key);
     }
-    drop(mesh_tasks);
+    if let Some(mesh) = &shard.mesh {
+        mesh.close(shard.id);
+    }
+    drop(mesh_task);
 }
 
 /// Pings every connection each `heartbeat_ms`; closes the ones that have not

@@ -153,7 +153,8 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
                     adopt(&shard, handoff);
                 } else {
                     let mesh = shard.mesh.as_ref().expect("several shards have a mesh");
-                    let _ = mesh.send_to(owner, ShardMessage::Adopt(handoff)).await;
+                    // A stopped owner drops the handoff, closing the socket.
+                    let _ = mesh.send_to(owner, ShardMessage::Adopt(handoff));
                 }
             }
         }

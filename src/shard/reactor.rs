@@ -110,17 +110,18 @@ impl Drop for Reactor {
     }
 }
 
-/// Resolves once the epoll set has events. glommio offers no readiness wait
-/// on arbitrary descriptors, but a `TcpStream` built on a descriptor
-/// registers an io_uring poll for readability at once; on an epoll
-/// descriptor that poll fires when the set is ready (the `recv` that follows
-/// then fails with ENOTSOCK, which is the signal). A duplicate is used so
-/// dropping the stream closes only the duplicate.
-async fn epoll_ready(epoll: RawFd) {
-    // SAFETY: dup of our own descriptor; the stream owns the duplicate.
-    let duplicate = unsafe { libc::dup(epoll) };
+/// Resolves once `fd` is readable. glommio offers no readiness wait on
+/// arbitrary descriptors, but a `TcpStream` built on a descriptor registers
+/// an io_uring poll for readability at once; on an epoll set or an eventfd
+/// that poll fires when it is ready (the `recv` glommio then tries fails
+/// with ENOTSOCK, which is the signal). A duplicate is used so dropping the
+/// stream closes only the duplicate.
+pub async fn wait_readable(fd: RawFd) {
+    // SAFETY: dup of a descriptor the caller keeps open; the stream owns the
+    // duplicate.
+    let duplicate = unsafe { libc::dup(fd) };
     if duplicate < 0 {
-        // Out of descriptors: poll again shortly instead of spinning.
+        // Out of descriptors: look again shortly instead of spinning.
         glommio::timer::sleep(Duration::from_millis(5)).await;
         return;
     }
@@ -171,7 +172,7 @@ pub async fn run(shard: Rc<Shard>) {
                 }
             };
             futures_lite::future::or(
-                epoll_ready(shard.reactor.epoll),
+                wait_readable(shard.reactor.epoll),
                 futures_lite::future::or(close_requested(&shard), linger),
             )
             .await;
