@@ -1032,6 +1032,9 @@ async fn commit(history: &History, records: &[PendingRecord]) -> Result<(), Stri
     // (org, segment first_seq, offset of the batch in the segment)
     let mut written: Vec<(Rc<str>, u64, u64)> = Vec::new();
     let mut bytes_total = 0u64;
+    // Prepare and encode every org's part, then write them all at once.
+    let mut parts: Vec<(Rc<BufferedFile>, u64, u64)> = Vec::with_capacity(by_org.len());
+    let mut writes = Vec::with_capacity(by_org.len());
     for (org_id, list) in &by_org {
         let first_seq = list[0].seq;
         let (writer, offset, segment_first) = prepare_segment(
@@ -1060,23 +1063,36 @@ async fn commit(history: &History, records: &[PendingRecord]) -> Result<(), Stri
                 },
             );
         }
-        let len = buffer.len() as u64;
-        write_all(&writer, buffer, offset).await.map_err(|e| {
-            // Leave the segment as it was: the next write starts at the same offset.
-            format!("writing history of org {org_id}: {e}")
-        })?;
-        bytes_total += len;
-        {
-            let mut orgs = history.orgs.borrow_mut();
+        written.push((org_id.clone(), segment_first, offset));
+        parts.push((writer.clone(), offset, buffer.len() as u64));
+        // Started now, awaited below: the writes of all orgs overlap.
+        writes.push(glommio::spawn_local(async move {
+            write_all(&writer, buffer, offset).await
+        }));
+    }
+    let mut failure = None;
+    for write in writes {
+        if let Err(e) = write.await {
+            failure = Some(e);
+        }
+    }
+    if let Some(e) = failure {
+        // No segment size moved: the next commit writes over the same offsets.
+        return Err(format!("writing history: {e}"));
+    }
+    {
+        let now = now_ms();
+        let mut orgs = history.orgs.borrow_mut();
+        for ((org_id, _), (_, offset, len)) in by_org.iter().zip(&parts) {
             let org = orgs.get_mut(&**org_id).expect("prepared");
             let segment = org.segments.back_mut().expect("prepared");
             segment.size = offset + len;
-            org.last_write_ms = now_ms();
+            org.last_write_ms = now;
+            bytes_total += len;
         }
-        written.push((org_id.clone(), segment_first, offset));
-        if fsync {
-            to_sync.push(writer);
-        }
+    }
+    if fsync {
+        to_sync.extend(parts.into_iter().map(|(writer, _, _)| writer));
     }
     if fsync {
         let mut tasks = Vec::new();
