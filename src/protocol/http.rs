@@ -379,42 +379,71 @@ pub fn validate_upgrade<'b>(head: &Head<'b, '_>) -> Result<Upgrade<'b>, HttpErro
     if head.content_length != 0 {
         return Err(HttpError::UpgradeWithBody);
     }
-    if !head.header_has_token("upgrade", "websocket") {
+    // One pass over the headers (the upgrade is on every connection's
+    // path): note what each relevant header says, then check in the order
+    // documented above.
+    let mut upgrade_websocket = false;
+    let mut connection_upgrade = false;
+    let mut version_seen = false;
+    let mut version_wrong = false;
+    let mut key: Option<&'b [u8]> = None;
+    let mut key_count = 0usize;
+    let mut authorization: Option<&'b [u8]> = None;
+    let mut origin: Option<&'b [u8]> = None;
+    let mut session_cookie: Option<&'b str> = None;
+    for header in head.headers {
+        let name = header.name.as_bytes();
+        let value = header.value;
+        // Dispatch on length first: most headers are rejected by one compare.
+        match name.len() {
+            7 if name.eq_ignore_ascii_case(b"upgrade") => {
+                upgrade_websocket |= token_list_contains(value, "websocket");
+            }
+            10 if name.eq_ignore_ascii_case(b"connection") => {
+                connection_upgrade |= token_list_contains(value, "upgrade");
+            }
+            21 if name.eq_ignore_ascii_case(b"sec-websocket-version") => {
+                version_seen = true;
+                version_wrong |= value.trim_ascii() != WEBSOCKET_VERSION.as_bytes();
+            }
+            17 if name.eq_ignore_ascii_case(b"sec-websocket-key") => {
+                key_count += 1;
+                key = Some(value.trim_ascii());
+            }
+            13 if name.eq_ignore_ascii_case(b"authorization") => {
+                authorization = authorization.or(Some(value));
+            }
+            6 if name.eq_ignore_ascii_case(b"origin") => {
+                origin = origin.or(Some(value.trim_ascii()));
+            }
+            6 if name.eq_ignore_ascii_case(b"cookie") => {
+                if session_cookie.is_none() {
+                    session_cookie = cookie_value(value, SESSION_COOKIE_NAME);
+                }
+            }
+            _ => {}
+        }
+    }
+    if !upgrade_websocket {
         return Err(HttpError::NotAnUpgrade);
     }
-    if !head.header_has_token("connection", "upgrade") {
+    if !connection_upgrade {
         return Err(HttpError::ConnectionNotUpgrade);
     }
-
-    let mut version_seen = false;
-    for value in head.headers_named("sec-websocket-version") {
-        if value.trim_ascii() != WEBSOCKET_VERSION.as_bytes() {
-            return Err(HttpError::UnsupportedWebSocketVersion);
-        }
-        version_seen = true;
-    }
-    if !version_seen {
+    if !version_seen || version_wrong {
         return Err(HttpError::UnsupportedWebSocketVersion);
     }
-
-    let mut keys = head.headers_named("sec-websocket-key");
-    let key = match (keys.next(), keys.next()) {
-        (Some(key), None) => key.trim_ascii(),
+    let key = match (key, key_count) {
+        (Some(key), 1) if is_valid_websocket_key(key) => key,
         _ => return Err(HttpError::BadWebSocketKey),
     };
-    if !is_valid_websocket_key(key) {
-        return Err(HttpError::BadWebSocketKey);
-    }
 
     let token = head.query_param("token").filter(|token| !token.is_empty());
-    let bearer = head.header("authorization").and_then(bearer_token);
-    let session_cookie = head
-        .headers_named("cookie")
-        .find_map(|cookies| cookie_value(cookies, SESSION_COOKIE_NAME));
+    let bearer = authorization.and_then(bearer_token);
     Ok(Upgrade {
         key,
         host: head.host,
-        origin: head.header("origin").map(<[u8]>::trim_ascii),
+        origin,
         token,
         bearer,
         session_cookie,
