@@ -416,10 +416,8 @@ pub fn validate_upgrade<'b>(head: &Head<'b, '_>) -> Result<Upgrade<'b>, HttpErro
             6 if name.eq_ignore_ascii_case(b"origin") => {
                 origin = origin.or(Some(value.trim_ascii()));
             }
-            6 if name.eq_ignore_ascii_case(b"cookie") => {
-                if session_cookie.is_none() {
-                    session_cookie = cookie_value(value, SESSION_COOKIE_NAME);
-                }
+            6 if session_cookie.is_none() && name.eq_ignore_ascii_case(b"cookie") => {
+                session_cookie = cookie_value(value, SESSION_COOKIE_NAME);
             }
             _ => {}
         }
