@@ -354,73 +354,20 @@ impl Run {
     }
 
     fn try_start(dir: &Path, listen: &str) -> Result<Run, String> {
-        let mut command = Command::new(common::binary());
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("HOOKSTREAM_") {
-                command.env_remove(name);
-            }
+        let args: Vec<String> = ["--listen", listen, "--admin-listen", "127.0.0.1:0"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        match common::spawn_serve(dir, &args, START_TIMEOUT) {
+            Ok(spawned) => Ok(Run {
+                child: spawned.child,
+                public: spawned.ws_addr,
+                admin: spawned.admin_addr,
+                stderr: spawned.stderr,
+            }),
+            Err(common::StartError::Hung(stderr)) => Err(stderr),
+            Err(common::StartError::Exited(message)) => panic!("{message}"),
         }
-        command
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(dir)
-            .args(["--listen", listen, "--admin-listen", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        // SAFETY: prctl is async-signal-safe and touches only the child.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = command.spawn().expect("spawn hookstream serve");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (ready_tx, ready_rx) = mpsc::channel();
-        {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                let mut ready = Some(ready_tx);
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    if line.starts_with("hookstream listening on ") {
-                        if let Some(ready) = ready.take() {
-                            let _ = ready.send(line.clone());
-                        }
-                    }
-                    lines.lock().unwrap().push(line);
-                }
-            });
-        }
-        let line = match ready_rx.recv_timeout(START_TIMEOUT) {
-            Ok(line) => line,
-            Err(why) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                std::thread::sleep(Duration::from_millis(50));
-                let stderr = lines.lock().unwrap().join("\n");
-                assert!(
-                    why == mpsc::RecvTimeoutError::Timeout,
-                    "hookstream serve exited before listening: {stderr}"
-                );
-                return Err(stderr);
-            }
-        };
-        let parsed = (|| {
-            let rest = line.strip_prefix("hookstream listening on ws://")?;
-            let (public, rest) = rest.split_once("/v1/ws (admin http://")?;
-            let (admin, _) = rest.split_once(')')?;
-            Some((public.parse().ok()?, admin.parse().ok()?))
-        })();
-        let (public, admin) = parsed.unwrap_or_else(|| panic!("unexpected line {line:?}"));
-        Ok(Run {
-            child,
-            public,
-            admin,
-            stderr: lines,
-        })
     }
 
     /// SIGTERM (the graceful drain: sockets closed with 1001), then wait.

@@ -7,13 +7,12 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
@@ -37,69 +36,23 @@ struct Node {
 
 impl Node {
     fn start(dir: &Path, args: &[&str]) -> Node {
-        let mut command = Command::new(common::binary());
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("HOOKSTREAM_") {
-                command.env_remove(name);
-            }
-        }
-        command
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(dir)
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        // SAFETY: prctl is async-signal-safe and touches only the child.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = command.spawn().expect("spawn hookstream serve");
-        let stderr = child.stderr.take().expect("piped");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (ready_tx, ready_rx) = mpsc::channel();
-        {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                let mut ready = Some(ready_tx);
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    if line.starts_with("hookstream listening on ") {
-                        if let Some(ready) = ready.take() {
-                            let _ = ready.send(line.clone());
-                        }
-                    }
-                    lines.lock().unwrap().push(line);
-                }
-            });
-        }
-        let Ok(line) = ready_rx.recv_timeout(Duration::from_secs(20)) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            std::thread::sleep(Duration::from_millis(50));
-            panic!(
-                "server did not start:\n{}",
-                lines.lock().unwrap().join("\n")
-            );
-        };
-        let rest = line.strip_prefix("hookstream listening on ws://").unwrap();
-        let (ws, rest) = rest.split_once("/v1/ws (admin http://").unwrap();
-        let (admin, _) = rest.split_once(')').unwrap();
+        let all: Vec<String> = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
+            .iter()
+            .chain(args)
+            .map(|a| a.to_string())
+            .collect();
+        let spawned = common::spawn_serve(dir, &all, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("server did not start: {e:?}"));
         let token = std::fs::read_to_string(dir.join("admin-token"))
             .unwrap()
             .trim()
             .to_string();
         Node {
-            child,
-            ws: ws.parse().unwrap(),
-            admin: admin.parse().unwrap(),
+            child: spawned.child,
+            ws: spawned.ws_addr,
+            admin: spawned.admin_addr,
             token,
-            stderr: lines,
+            stderr: spawned.stderr,
         }
     }
 

@@ -180,83 +180,120 @@ impl ServerBuilder {
             .iter()
             .map(|org| (org.clone(), create_key(dir.path(), org)))
             .collect();
-        let mut command = hookstream_command();
-        command
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        // SAFETY: prctl is async-signal-safe and touches only the child.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = command.spawn().expect("spawn hookstream serve");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (ready_tx, ready_rx) = mpsc::channel();
-        {
-            let lines = lines.clone();
-            // Reads stderr for the process's whole life so the pipe never
-            // fills and blocks the server.
-            std::thread::spawn(move || {
-                let mut ready = Some(ready_tx);
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    if line.starts_with("hookstream listening on ") {
-                        if let Some(ready) = ready.take() {
-                            let _ = ready.send(line.clone());
-                        }
-                    }
-                    lines.lock().unwrap().push(line);
-                }
-            });
-        }
-        let line = match ready_rx.recv_timeout(STARTUP_TIMEOUT) {
-            Ok(line) => line,
-            Err(timeout_or_gone) => {
-                let hung = timeout_or_gone == mpsc::RecvTimeoutError::Timeout;
-                let _ = child.kill();
-                let status = child.wait();
-                // Give the reader thread a moment to collect the last lines.
-                std::thread::sleep(Duration::from_millis(50));
-                let stderr = lines.lock().unwrap().join("\n");
-                return Err(if hung {
-                    StartError::Hung(stderr)
-                } else {
-                    StartError::Exited(format!(
-                        "hookstream serve exited before listening ({status:?}); stderr:\n{stderr}"
-                    ))
-                });
-            }
-        };
-        let (ws_addr, admin_addr, shards) = parse_listening_line(&line);
+        let mut args: Vec<String> = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        args.extend(self.args.iter().cloned());
+        let spawned = spawn_serve(dir.path(), &args, STARTUP_TIMEOUT)?;
         let admin_token = std::fs::read_to_string(dir.path().join("admin-token"))
             .expect("admin-token is created at startup")
             .trim()
             .to_string();
         Ok(Server {
-            child,
-            ws_addr,
-            admin_addr,
-            shards,
+            child: spawned.child,
+            ws_addr: spawned.ws_addr,
+            admin_addr: spawned.admin_addr,
+            shards: spawned.shards,
             admin_token,
             keys,
-            stderr: lines,
+            stderr: spawned.stderr,
             exit_status: None,
             dir,
         })
     }
 }
 
+/// A `hookstream serve` process that printed its listening line.
+pub struct Spawned {
+    /// The process (not killed on drop: the caller decides).
+    pub child: Child,
+    /// Public listener.
+    pub ws_addr: SocketAddr,
+    /// Admin listener.
+    pub admin_addr: SocketAddr,
+    /// Shard count as printed.
+    pub shards: usize,
+    /// Every stderr line so far, collected for the process's whole life.
+    pub stderr: Arc<Mutex<Vec<String>>>,
+}
+
+/// Starts `hookstream serve --data-dir DIR ARGS…` (no `HOOKSTREAM_*`
+/// environment, stdout discarded, killed with the test thread that started
+/// it) and waits up to `timeout` for its listening line.
+pub fn spawn_serve(
+    data_dir: &Path,
+    args: &[String],
+    timeout: Duration,
+) -> Result<Spawned, StartError> {
+    let mut command = hookstream_command();
+    command
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: prctl is async-signal-safe and touches only the child.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().expect("spawn hookstream serve");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let (ready_tx, ready_rx) = mpsc::channel();
+    {
+        let lines = lines.clone();
+        // Reads stderr for the process's whole life so the pipe never
+        // fills and blocks the server.
+        std::thread::spawn(move || {
+            let mut ready = Some(ready_tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.starts_with("hookstream listening on ") {
+                    if let Some(ready) = ready.take() {
+                        let _ = ready.send(line.clone());
+                    }
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
+    let line = match ready_rx.recv_timeout(timeout) {
+        Ok(line) => line,
+        Err(timeout_or_gone) => {
+            let hung = timeout_or_gone == mpsc::RecvTimeoutError::Timeout;
+            let _ = child.kill();
+            let status = child.wait();
+            // Give the reader thread a moment to collect the last lines.
+            std::thread::sleep(Duration::from_millis(50));
+            let stderr = lines.lock().unwrap().join("\n");
+            return Err(if hung {
+                StartError::Hung(stderr)
+            } else {
+                StartError::Exited(format!(
+                    "hookstream serve exited before listening ({status:?}); stderr:\n{stderr}"
+                ))
+            });
+        }
+    };
+    let (ws_addr, admin_addr, shards) = parse_listening_line(&line);
+    Ok(Spawned {
+        child,
+        ws_addr,
+        admin_addr,
+        shards,
+        stderr: lines,
+    })
+}
+
 /// Why one start attempt failed.
-enum StartError {
+#[derive(Debug)]
+pub enum StartError {
     /// Still running, silent, after [`STARTUP_TIMEOUT`] (stderr so far).
     Hung(String),
     /// Exited before listening: a real error, never retried.
