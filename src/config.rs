@@ -270,7 +270,17 @@ fn read_file_config(path: Option<&Path>) -> Result<FileConfig, String> {
     };
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+    // toml's Display draws a multi-line snippet; startup errors are one line.
+    toml::from_str(&text).map_err(|e: toml::de::Error| {
+        let line = e
+            .span()
+            .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+        let message = e.message().trim().replace('\n', " ");
+        match line {
+            Some(line) => format!("config file {} line {line}: {message}", path.display()),
+            None => format!("config file {}: {message}", path.display()),
+        }
+    })
 }
 
 fn parse_addr(what: &str, value: &str) -> Result<SocketAddr, String> {

@@ -317,3 +317,81 @@ fn a_stopped_server_restarts_on_the_same_port_at_once() {
     let _ = child.wait();
     assert!(listening, "the restarted server never listened on {addr}");
 }
+
+/// Starts a server with `args` and `env`, connects one client of `org_a`
+/// and returns the `heartbeat_ms` its welcome announces.
+fn welcome_heartbeat(dir: &TestDir, args: &[&str], env: &[(&str, &str)]) -> u64 {
+    let key = common::create_key(dir.path(), "org_a");
+    let mut all: Vec<String> = vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--admin-listen".into(),
+        "127.0.0.1:0".into(),
+    ];
+    all.extend(args.iter().map(|a| a.to_string()));
+    let mut spawned = common::spawn_serve_with_env(dir.path(), &all, env, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("server did not start: {e:?}"));
+    let client = common::Client::connect(spawned.ws_addr, &format!("/v1/ws?token={key}"));
+    let heartbeat = client.welcome["heartbeat_ms"]
+        .as_u64()
+        .expect("heartbeat_ms");
+    drop(client);
+    let _ = spawned.child.kill();
+    let _ = spawned.child.wait();
+    heartbeat
+}
+
+#[test]
+fn flags_win_over_environment_and_environment_over_the_config_file() {
+    let dir = TestDir::new();
+    let config = dir.path().join("hookstream.toml");
+    std::fs::write(&config, "heartbeat_ms = 11111\nsubscriptions_max = 3\n").unwrap();
+    let config = config.to_str().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let data_dir = TestDir::new();
+    // File alone.
+    assert_eq!(
+        welcome_heartbeat(&data_dir, &["--config", config], &[]),
+        11111
+    );
+    // Environment over file.
+    assert_eq!(
+        welcome_heartbeat(
+            &data_dir,
+            &["--config", config],
+            &[("HOOKSTREAM_HEARTBEAT_MS", "22222")]
+        ),
+        22222
+    );
+    // Flag over environment.
+    assert_eq!(
+        welcome_heartbeat(
+            &data_dir,
+            &["--config", config, "--heartbeat-ms", "33333"],
+            &[("HOOKSTREAM_HEARTBEAT_MS", "22222")]
+        ),
+        33333
+    );
+}
+
+#[test]
+fn a_config_file_with_an_unknown_key_is_one_line() {
+    let dir = TestDir::new();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "heartbeat = 5\n").unwrap();
+    let output = serve_failing(
+        &[],
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+        ],
+    );
+    let line = one_error_line(&output);
+    assert!(
+        line.contains("bad.toml") && line.contains("heartbeat"),
+        "{line}"
+    );
+}

@@ -226,7 +226,18 @@ pub fn spawn_serve(
     args: &[String],
     timeout: Duration,
 ) -> Result<Spawned, StartError> {
+    spawn_serve_with_env(data_dir, args, &[], timeout)
+}
+
+/// [`spawn_serve`] with these `HOOKSTREAM_*` (or other) variables set.
+pub fn spawn_serve_with_env(
+    data_dir: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<Spawned, StartError> {
     let mut command = hookstream_command();
+    command.envs(env.iter().copied());
     command
         .arg("serve")
         .arg("--data-dir")
