@@ -347,8 +347,6 @@ fn flags_win_over_environment_and_environment_over_the_config_file() {
     let config = dir.path().join("hookstream.toml");
     std::fs::write(&config, "heartbeat_ms = 11111\nsubscriptions_max = 3\n").unwrap();
     let config = config.to_str().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
     let data_dir = TestDir::new();
     // File alone.
     assert_eq!(
