@@ -17,11 +17,15 @@
 //!   runtime, so it is benchable over a million records.
 //! - [`publish`]: parsing and all-or-nothing validation of publish bodies,
 //!   keeping `data` as the publisher's own bytes.
-//! - [`auth`]: the API key store (hashes only, atomic writes under a lock)
-//!   and the admin token.
+//! - [`auth`]: the API key store (hashes only, atomic writes under a lock),
+//!   the admin token, and signed session cookies.
 //! - [`shard`]: the glommio runtime: one pinned executor per CPU with its own
-//!   listeners (SO_REUSEPORT), socket handoff to the org's owner shard over a
-//!   channel mesh, connection tasks, heartbeat, key reload, graceful drain.
+//!   listeners (SO_REUSEPORT); socket handoff to the org's owner shard through
+//!   per-shard inboxes (mutex queue + eventfd); an epoll reactor per shard
+//!   instead of a task per connection (hibernation: an idle connection is its
+//!   slab record); request authentication, origin rule and per-IP limits;
+//!   the plain-HTTP routes (sessions, polling, SSE, dashboard); heartbeat,
+//!   key reload, graceful drain.
 //! - [`history`]: message history: a checksummed, segmented log per org on
 //!   disk, group commit (one fsync per round), the in-memory index,
 //!   retention, and the reads behind `subscribe` with `after`, polling, SSE.
