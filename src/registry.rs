@@ -358,6 +358,10 @@ pub struct RegistryLimits {
     pub send_queue_bytes: usize,
 }
 
+/// Most connection records reserved up front per shard (80 MB of address
+/// space); past it the slab grows as usual.
+const CONNECTIONS_RESERVED_MAX: usize = 1 << 20;
+
 /// Close code for a connection that passed its send queue limit.
 pub const CLOSE_SLOW_CONSUMER: u16 = 1013;
 
@@ -392,7 +396,12 @@ impl Registry {
     /// An empty registry.
     pub fn new(limits: RegistryLimits) -> Registry {
         Registry {
-            connections: Slab::new(),
+            // Reserved once for the shard's whole budget: the pages are
+            // touched only as records are written, so an unused reservation
+            // costs address space, not memory, and the slab never doubles
+            // (a doubling copies every record and, until the allocator
+            // gives it back, keeps the old half resident too).
+            connections: Slab::with_capacity(limits.connections_max.min(CONNECTIONS_RESERVED_MAX)),
             orgs: Slab::new(),
             org_by_id: AHashMap::new(),
             key_ids: Vec::new(),

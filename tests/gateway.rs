@@ -462,6 +462,27 @@ fn public_listener_answers_404_400_and_426() {
     assert_eq!(response.header("sec-websocket-version"), Some("13"));
 }
 
+#[test]
+fn long_request_heads_upgrade_and_heads_over_8_kib_get_431() {
+    let server = Server::start(&["org_a"]);
+    let key = server.key("org_a");
+    // A 6 KiB cookie: the head outgrows the first read buffer (1 KiB) but
+    // stays under the 8 KiB limit.
+    let cookie = format!("big={}", "c".repeat(6 * 1024));
+    let mut client = Client::connect_with(
+        server.ws_addr,
+        &format!("/v1/ws?token={key}"),
+        &[("Cookie", &cookie)],
+    );
+    assert_eq!(client.welcome["type"], "welcome");
+    client.subscribe("events");
+
+    // Over the limit: 431 and no upgrade.
+    let huge = format!("Cookie: big={}", "c".repeat(9 * 1024));
+    let response = refused_upgrade(&server, &format!("/v1/ws?token={key}"), &[&huge]);
+    assert_eq!(response.status, 431, "{response:?}");
+}
+
 // ---------------------------------------------------------------------------
 // Client messages: error replies and close codes
 // ---------------------------------------------------------------------------

@@ -35,7 +35,7 @@ use crate::registry::{ConnKey, Flush, Outgoing, Registry, RegistryLimits};
 pub const READ_BUFFER_BYTES: usize = crate::limits::HEAD_BYTES_MAX;
 
 /// Pooled buffers kept per shard beyond which returned ones are freed.
-const POOL_BUFFERS_MAX: usize = 256;
+const POOL_BUFFERS_MAX: usize = 32;
 
 /// How often each shard re-checks the key file.
 const KEY_RELOAD_MS: u64 = 500;

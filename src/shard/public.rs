@@ -14,6 +14,9 @@ use crate::limits::{HEADERS_MAX, HEAD_BYTES_MAX, HEAD_TIMEOUT_MS};
 use crate::metrics::HandshakeFailure;
 use crate::protocol::http::{self, HttpError};
 
+/// First read buffer of a handshake; grown up to `HEAD_BYTES_MAX`.
+const HANDSHAKE_BUFFER_BYTES: usize = 1024;
+
 /// Accepts forever; on running out of file descriptors it waits and retries
 /// instead of failing, so existing connections keep working.
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
@@ -59,13 +62,19 @@ async fn refuse(shard: &Shard, stream: &mut TcpStream, status: u16, error: Optio
 }
 
 /// Reads one request head within the deadline. `Ok(filled)` when complete.
-async fn read_head(stream: &mut TcpStream, buffer: &mut [u8]) -> Result<usize, Option<u16>> {
+async fn read_head(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Result<usize, Option<u16>> {
     let deadline = Instant::now() + Duration::from_millis(HEAD_TIMEOUT_MS);
     let mut filled = 0;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(if filled > 0 { Some(408) } else { None });
+        }
+        if filled == buffer.len() {
+            // Only a head still incomplete below the limit gets here
+            // (parse_head refuses one that reached it).
+            let grown = (buffer.len() * 2).clamp(HANDSHAKE_BUFFER_BYTES, HEAD_BYTES_MAX);
+            buffer.resize(grown, 0);
         }
         let _ = stream.set_read_timeout(Some(left));
         let read = match stream.read(&mut buffer[filled..]).await {
@@ -97,8 +106,10 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
         return;
     }
     let _ = stream.set_nodelay(true);
-    let mut buffer = shard.take_buffer();
-    debug_assert!(buffer.len() >= HEAD_BYTES_MAX);
+    // Most upgrade requests are a few hundred bytes: start small and grow
+    // to the 8 KiB limit only for a long head, so a connect storm does not
+    // park 8 KiB per handshake in flight.
+    let mut buffer = vec![0u8; HANDSHAKE_BUFFER_BYTES];
     let filled = match read_head(&mut stream, &mut buffer).await {
         Ok(filled) => filled,
         Err(status) => {
@@ -129,6 +140,9 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
         Ok(None) => {
             // Plain HTTP (sessions, polling, SSE, pages): served here, on
             // the accepting shard; history reads cross to the owner shard.
+            if buffer.len() < super::READ_BUFFER_BYTES {
+                buffer.resize(super::READ_BUFFER_BYTES, 0);
+            }
             super::routes::serve(shard, stream, buffer, filled).await;
             return;
         }
