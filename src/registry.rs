@@ -742,15 +742,6 @@ impl Registry {
         }
     }
 
-    /// Records `written` bytes sent from the front of a connection's queue
-    /// by someone other than [`Registry::flush`].
-    pub fn wrote(&mut self, key: ConnKey, written: usize) {
-        self.counters.bytes_sent += written as u64;
-        if let Some(conn) = self.get_mut(key) {
-            advance(conn, written);
-        }
-    }
-
     /// Asks the reactor to close the connection with `code` (the first
     /// request wins).
     pub fn request_close(&mut self, key: ConnKey, code: CloseCode) {
