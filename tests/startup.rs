@@ -46,6 +46,26 @@ fn serve_failing(prefix: &[&str], args: &[&str]) -> Output {
     }
 }
 
+/// `--data-dir DIR` on kernel-chosen ports, then `extra`.
+fn on_any_port(data_dir: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "--data-dir".into(),
+        data_dir.to_str().expect("UTF-8 temp path").into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--admin-listen".into(),
+        "127.0.0.1:0".into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// `serve_failing` with owned arguments.
+fn serve_failing_owned(prefix: &[&str], args: &[String]) -> Output {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    serve_failing(prefix, &args)
+}
+
 /// The one error line; asserts there is exactly one line on stderr.
 fn one_error_line(output: &Output) -> String {
     assert!(!output.status.success(), "expected a failing exit status");
@@ -96,17 +116,7 @@ fn data_dir_that_cannot_be_created_is_one_line() {
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
     let data = file.join("data");
-    let output = serve_failing(
-        &[],
-        &[
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ],
-    );
+    let output = serve_failing_owned(&[], &on_any_port(&data, &[]));
     let line = one_error_line(&output);
     assert!(
         line.contains("data directory") && line.contains("data"),
@@ -129,17 +139,7 @@ fn data_dir_not_writable_is_one_line() {
         std::fs::create_dir(&data).unwrap();
         std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o555))
             .unwrap();
-        let output = serve_failing(
-            &[],
-            &[
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ],
-        );
+        let output = serve_failing_owned(&[], &on_any_port(&data, &[]));
         let line = one_error_line(&output);
         assert!(line.contains("not writable"), "{line}");
         return;
@@ -155,7 +155,7 @@ fn data_dir_not_writable_is_one_line() {
     )
     .unwrap();
     std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let output = serve_failing(
+    let output = serve_failing_owned(
         &[
             "setpriv",
             "--reuid=nobody",
@@ -163,14 +163,7 @@ fn data_dir_not_writable_is_one_line() {
             "--clear-groups",
             "--",
         ],
-        &[
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ],
+        &on_any_port(&data, &[]),
     );
     let line = one_error_line(&output);
     assert!(
@@ -191,7 +184,7 @@ fn locked_memory_limit_too_low_is_one_line_naming_the_fix() {
         std::os::unix::fs::PermissionsExt::from_mode(0o777),
     )
     .unwrap();
-    let output = serve_failing(
+    let output = serve_failing_owned(
         &[
             "prlimit",
             "--memlock=65536:65536",
@@ -201,14 +194,7 @@ fn locked_memory_limit_too_low_is_one_line_naming_the_fix() {
             "--clear-groups",
             "--",
         ],
-        &[
-            "--data-dir",
-            dir.path().to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ],
+        &on_any_port(dir.path(), &[]),
     );
     let line = one_error_line(&output);
     assert!(
@@ -221,18 +207,9 @@ fn locked_memory_limit_too_low_is_one_line_naming_the_fix() {
 #[test]
 fn open_files_limit_below_max_connections_is_one_line() {
     let dir = TestDir::new();
-    let output = serve_failing(
+    let output = serve_failing_owned(
         &["prlimit", "--nofile=1024:1024", "--"],
-        &[
-            "--data-dir",
-            dir.path().to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--max-connections",
-            "5000",
-        ],
+        &on_any_port(dir.path(), &["--max-connections", "5000"]),
     );
     let line = one_error_line(&output);
     assert!(
@@ -245,17 +222,7 @@ fn open_files_limit_below_max_connections_is_one_line() {
 #[test]
 fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     let server = ServerBuilder::new().org("org_a").start();
-    let output = serve_failing(
-        &[],
-        &[
-            "--data-dir",
-            server.data_dir().to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ],
-    );
+    let output = serve_failing_owned(&[], &on_any_port(server.data_dir(), &[]));
     let line = one_error_line(&output);
     assert!(line.contains("already running"), "{line}");
 }
