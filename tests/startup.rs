@@ -360,3 +360,49 @@ fn a_config_file_with_an_unknown_key_is_one_line() {
         "{line}"
     );
 }
+
+#[test]
+fn a_relative_data_dir_keeps_history_working() {
+    // The default data directory is relative (`./hookstream-data`); history
+    // must commit there like anywhere else (glommio's directory API needs
+    // an absolute path, so the server resolves it at startup).
+    let cwd = TestDir::new();
+    let mut child = Command::new(binary())
+        .current_dir(cwd.path())
+        .args([
+            "serve",
+            "--data-dir",
+            "relative-data",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+    let (_, admin, _) = common::parse_listening_line(line.trim_end());
+    let token = std::fs::read_to_string(cwd.path().join("relative-data/admin-token")).unwrap();
+    let body = br#"{"org_id":"org_rel","type":"issue","data":{"id":"iss_1"}}"#;
+    let response = common::http_request(
+        admin,
+        "POST",
+        "/v1/publish",
+        &[("Authorization", format!("Bearer {}", token.trim()))],
+        body,
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    assert_eq!(response.status, 202, "{response:?}");
+    assert!(cwd.path().join("relative-data/history/org_rel").is_dir());
+    assert!(
+        line.contains(cwd.path().to_str().unwrap()),
+        "resolved: {line}"
+    );
+}

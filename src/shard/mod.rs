@@ -462,6 +462,15 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
     check_memlock()?;
     let connections_max = check_open_files(&config)?;
     let _lock = lock_data_dir(&config.data_dir)?;
+    // glommio opens history directories with openat(-1, path), which only
+    // works for absolute paths: resolve `./hookstream-data` (the default)
+    // once, here, for every file API alike.
+    config.data_dir = std::fs::canonicalize(&config.data_dir).map_err(|e| {
+        format!(
+            "data directory {} cannot be resolved: {e}",
+            config.data_dir.display()
+        )
+    })?;
     config.listen = probe_bind("listen", config.listen)?;
     config.admin_listen = probe_bind("admin-listen", config.admin_listen)?;
     let admin_token: Arc<str> = crate::auth::keys::admin_token(&config.data_dir)

@@ -312,7 +312,7 @@ pub enum StartError {
 }
 
 /// Parses `hookstream listening on ws://ADDR/v1/ws (admin http://ADDR2), N shard(s), data dir DIR`.
-fn parse_listening_line(line: &str) -> (SocketAddr, SocketAddr, usize) {
+pub fn parse_listening_line(line: &str) -> (SocketAddr, SocketAddr, usize) {
     let parsed = (|| {
         let rest = line.strip_prefix("hookstream listening on ws://")?;
         let (ws, rest) = rest.split_once("/v1/ws (admin http://")?;
