@@ -3,8 +3,8 @@
 //! writing the 101 answer, counted by a global allocator that wraps the
 //! system one. Its own test binary, so no other test shares the allocator.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+mod counting_alloc;
+
 use std::hint::black_box;
 
 use hookstream::limits::HEADERS_MAX;
@@ -13,57 +13,7 @@ use hookstream::protocol::http::{
     SWITCHING_PROTOCOLS_LEN_MAX,
 };
 
-/// Counts allocations of the current thread, so the test harness's own
-/// threads cannot disturb the count.
-struct CountingAllocator;
-
-thread_local! {
-    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
-}
-
-fn count_one() {
-    // try_with: the allocator can be called while thread-locals are torn
-    // down, and must not panic then.
-    let _ = ALLOCATIONS.try_with(|count| count.set(count.get() + 1));
-}
-
-// SAFETY: every method forwards to `System` unchanged; counting touches only
-// a const-initialized thread-local `Cell`, which never allocates.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count_one();
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        count_one();
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, pointer: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count_one();
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(pointer, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(pointer, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: CountingAllocator = CountingAllocator;
-
-/// Allocations made by this thread while running `work`.
-fn allocations_during<R>(work: impl FnOnce() -> R) -> (usize, R) {
-    let before = ALLOCATIONS.with(Cell::get);
-    let result = work();
-    let after = ALLOCATIONS.with(Cell::get);
-    (after - before, result)
-}
+use counting_alloc::allocations_during;
 
 /// What Chrome sends for `new WebSocket("wss://…/v1/ws?token=…")` from a
 /// page of another origin, with the session cookie present as well.
@@ -116,7 +66,7 @@ fn upgrade_path_allocates_nothing() {
     assert_eq!(warm.0, SWITCHING_PROTOCOLS_LEN_MAX);
     assert_eq!(&warm.5, b"HSmrc0sMlYUkAGmm5OPpG2HaGWk=");
 
-    let (allocations, result) = allocations_during(|| {
+    let (result, allocations) = allocations_during(|| {
         let mut last = None;
         for _ in 0..100 {
             last = Some(upgrade_path(black_box(BROWSER_UPGRADE)));
@@ -137,7 +87,7 @@ fn bearer_upgrade_allocates_nothing() {
 Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
 Authorization: Bearer hs_live_4f9a2c7e1b8d3a6f\r\n\r\n";
     upgrade_path(request);
-    let (allocations, result) = allocations_during(|| upgrade_path(black_box(request)));
+    let (result, allocations) = allocations_during(|| upgrade_path(black_box(request)));
     assert_eq!(allocations, 0, "the upgrade path allocated");
     assert!(result.4);
 }
@@ -149,14 +99,14 @@ fn escaped_token_is_the_one_allocation() {
     let request = b"GET /v1/ws?token=hs_live_a%2Bb HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\n\
 Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
     upgrade_path(request);
-    let (allocations, _) = allocations_during(|| upgrade_path(black_box(request)));
+    let (_, allocations) = allocations_during(|| upgrade_path(black_box(request)));
     assert_eq!(allocations, 1);
 }
 
 #[test]
 fn error_answer_into_a_reserved_buffer_allocates_nothing() {
     let mut out = Vec::with_capacity(512);
-    let (allocations, ()) = allocations_during(|| {
+    let ((), allocations) = allocations_during(|| {
         write_error(&mut out, 426, &[("Connection", "close")]);
         out.clear();
         write_error(&mut out, 401, &[]);

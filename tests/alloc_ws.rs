@@ -5,8 +5,7 @@
 //! allocator. The count is per thread, so tests running in parallel (and
 //! the harness's own threads) do not disturb each other's counts.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+mod counting_alloc;
 
 use hookstream::limits::FRAME_HEADER_BYTES_MAX;
 use hookstream::protocol::ws::{
@@ -14,59 +13,7 @@ use hookstream::protocol::ws::{
     Message, Opcode,
 };
 
-thread_local! {
-    /// Allocations (including reallocations) made by this thread. A `const`
-    /// `Cell<usize>` needs no destructor and no lazy initialisation, so the
-    /// allocator can touch it without allocating or recursing.
-    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
-}
-
-/// Forwards to the system allocator, counting every allocation.
-struct CountingAllocator;
-
-fn count_one() {
-    // `try_with` so that an allocation during thread teardown cannot panic.
-    let _ = ALLOCATIONS.try_with(|count| count.set(count.get() + 1));
-}
-
-// SAFETY: every method forwards to `System` with the caller's arguments
-// unchanged, so `System`'s guarantees carry over; counting touches only a
-// thread-local `Cell`.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count_one();
-        // SAFETY: forwarded unchanged (see the impl's comment).
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        count_one();
-        // SAFETY: forwarded unchanged.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count_one();
-        // SAFETY: forwarded unchanged.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded unchanged.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: CountingAllocator = CountingAllocator;
-
-/// Runs `f` and returns its result with the allocations it made.
-fn allocations_during<R>(f: impl FnOnce() -> R) -> (R, usize) {
-    let before = ALLOCATIONS.with(Cell::get);
-    let result = f();
-    let after = ALLOCATIONS.with(Cell::get);
-    (result, after - before)
-}
+use counting_alloc::allocations_during;
 
 const MASK: [u8; 4] = [0x37, 0xFA, 0x21, 0x3D];
 
