@@ -36,7 +36,9 @@ pub fn close_reason(code: u16) -> &'static str {
         1001 => "server shutting down",
         1013 => "slow consumer",
         4003 => "key revoked",
-        1008 => "policy violation",
+        // The only server-requested 1008 is the heartbeat's (too many bad
+        // messages closes with its own reason, straight from the decoder).
+        CLOSE_HEARTBEAT => "heartbeat timeout",
         _ => "",
     }
 }

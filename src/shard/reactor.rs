@@ -429,7 +429,7 @@ fn handle_close_requests(shard: &Shard) {
             Some(conn) if conn.state == ConnState::Open => conn.close.unwrap_or(CLOSE_ABORT),
             _ => continue,
         };
-        // A fresh close request resets the record's close so start_close sets it.
+        // A socket that failed gets no close frame; every other code does.
         if code == CLOSE_ABORT {
             remove_now(shard, key);
         } else {
