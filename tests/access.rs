@@ -10,7 +10,6 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -802,28 +801,10 @@ struct Captured {
 
 impl Captured {
     fn start(data_dir: &Path, extra: &[&str]) -> Captured {
-        let mut command = Command::new(common::binary());
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("HOOKSTREAM_") {
-                command.env_remove(name);
-            }
-        }
-        command
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // SAFETY: prctl is async-signal-safe and touches only the child.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        let mut args = vec!["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let mut command = common::serve_command(data_dir, &args);
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = command.spawn().expect("spawn hookstream serve");
         let output = Arc::new(Mutex::new(String::new()));
         let stdout = child.stdout.take().unwrap();

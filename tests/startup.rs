@@ -367,22 +367,15 @@ fn a_relative_data_dir_keeps_history_working() {
     // must commit there like anywhere else (glommio's directory API needs
     // an absolute path, so the server resolves it at startup).
     let cwd = TestDir::new();
-    let mut child = Command::new(binary())
-        .current_dir(cwd.path())
-        .args([
-            "serve",
-            "--data-dir",
-            "relative-data",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start");
+    let mut child = common::serve_command(
+        std::path::Path::new("relative-data"),
+        &["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+    )
+    .current_dir(cwd.path())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start");
     let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();

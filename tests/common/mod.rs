@@ -204,6 +204,28 @@ impl ServerBuilder {
     }
 }
 
+/// `hookstream serve --data-dir DIR ARGS…` with no `HOOKSTREAM_*`
+/// environment and stdin closed, killed with the test thread that starts it
+/// (PR_SET_PDEATHSIG) even when the test panics before cleaning up. The
+/// caller chooses stdout and stderr.
+pub fn serve_command<S: AsRef<std::ffi::OsStr>>(data_dir: &Path, args: &[S]) -> Command {
+    let mut command = hookstream_command();
+    command
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .stdin(Stdio::null());
+    // SAFETY: prctl is async-signal-safe and touches only the child.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    command
+}
+
 /// A `hookstream serve` process that printed its listening line.
 pub struct Spawned {
     /// The process (not killed on drop: the caller decides).
@@ -236,23 +258,11 @@ pub fn spawn_serve_with_env(
     env: &[(&str, &str)],
     timeout: Duration,
 ) -> Result<Spawned, StartError> {
-    let mut command = hookstream_command();
-    command.envs(env.iter().copied());
+    let mut command = serve_command(data_dir, args);
     command
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(args)
-        .stdin(Stdio::null())
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    // SAFETY: prctl is async-signal-safe and touches only the child.
-    unsafe {
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
     let mut child = command.spawn().expect("spawn hookstream serve");
     let stderr = child.stderr.take().expect("stderr is piped");
     let lines = Arc::new(Mutex::new(Vec::new()));
