@@ -512,11 +512,6 @@ impl Registry {
             .filter(|c| c.generation == key.generation)
     }
 
-    /// Org id of a connection.
-    pub fn org_id_of(&self, key: ConnKey) -> Option<Rc<str>> {
-        self.get(key).map(|c| self.orgs[c.org as usize].id.clone())
-    }
-
     /// Removes a connection and releases its channel bits.
     pub fn remove(&mut self, key: ConnKey) {
         let Some(conn) = self.get(key) else {
@@ -580,18 +575,6 @@ impl Registry {
         conn.subscription_count -= 1;
         self.orgs[org].channels.release(bit);
         true
-    }
-
-    /// Names of a connection's channels.
-    pub fn channels_of(&self, key: ConnKey) -> Vec<String> {
-        let Some(conn) = self.get(key) else {
-            return Vec::new();
-        };
-        let table = &self.orgs[conn.org as usize].channels;
-        (0..conn.subscriptions.len() as u32 * 64)
-            .filter(|b| conn.has(*b))
-            .filter_map(|b| table.name(b).map(str::to_string))
-            .collect()
     }
 
     /// Queues one frame to one connection, closing it as a slow consumer
