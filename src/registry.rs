@@ -224,6 +224,40 @@ pub struct Org {
     pub connections: Vec<u32>,
     /// Its channel names.
     pub channels: ChannelTable,
+    /// Broadcasts of this org being delivered (staged, not yet finished).
+    /// While one is, a removed connection leaves a [`VACANT`] in
+    /// `connections` instead of moving the last one into its place, so the
+    /// positions a delivery walks stay put across its yields.
+    pub delivering: u32,
+    /// Positions left [`VACANT`] while delivering, filled when it ends.
+    vacant: Vec<u32>,
+}
+
+/// A position in an org's connection list whose connection left while a
+/// broadcast was being delivered.
+pub const VACANT: u32 = u32::MAX;
+
+/// One commit round's messages for one org, rendered once, ready to be
+/// written to every subscriber by [`Registry::deliver`].
+#[derive(Debug)]
+pub struct Broadcast {
+    /// The org's slab index.
+    pub org: u32,
+    /// (channel bit, frame) in seq order.
+    pub targets: Vec<(u32, Frame)>,
+    /// Positions of the org's connection list to walk: the connections that
+    /// were there when it was staged (later ones are not subscribed yet).
+    pub positions: usize,
+}
+
+/// What writing a broadcast left for the caller to act on.
+#[derive(Debug, Default)]
+pub struct Delivered {
+    /// Connections whose socket refused bytes: the rest is queued and they
+    /// need writability (EPOLLOUT) to go on.
+    pub blocked: Vec<(ConnKey, RawFd)>,
+    /// Connections whose socket failed: to close without a close frame.
+    pub failed: Vec<ConnKey>,
 }
 
 /// Message types of the contract and the channel prefix each routes to.
@@ -362,6 +396,9 @@ pub struct RegistryLimits {
 /// space); past it the slab grows as usual.
 const CONNECTIONS_RESERVED_MAX: usize = 1 << 20;
 
+/// Most frames in one vectored send.
+const SEND_SLICES_MAX: usize = 64;
+
 /// Close code for a connection that passed its send queue limit.
 pub const CLOSE_SLOW_CONSUMER: u16 = 1013;
 
@@ -426,6 +463,8 @@ impl Registry {
             seq: 0,
             connections: Vec::new(),
             channels: ChannelTable::new(),
+            delivering: 0,
+            vacant: Vec::new(),
         }) as u32;
         self.org_by_id.insert(id, index);
         index
@@ -470,7 +509,9 @@ impl Registry {
             return Err(AddError::ShardFull);
         }
         let org = self.org_index(org_id);
-        if self.orgs[org as usize].connections.len() >= self.limits.connections_per_org {
+        let org_record = &self.orgs[org as usize];
+        if org_record.connections.len() - org_record.vacant.len() >= self.limits.connections_per_org
+        {
             return Err(AddError::OrgFull);
         }
         let key = self.key_index(key_id);
@@ -529,6 +570,11 @@ impl Registry {
             org_record.channels.release(bit);
         }
         assert_eq!(org_record.connections[position], key.index);
+        if org_record.delivering > 0 {
+            org_record.connections[position] = VACANT;
+            org_record.vacant.push(position as u32);
+            return;
+        }
         org_record.connections.swap_remove(position);
         if let Some(moved) = org_record.connections.get(position).copied() {
             self.connections[moved as usize].org_position = position as u32;
@@ -626,47 +672,222 @@ impl Registry {
         queue.bytes += frame.len() as u32;
     }
 
-    /// Gives `message` the org's next seq and queues its frames to every
-    /// subscriber of its channels. Returns the seq.
-    pub fn publish(&mut self, message: &Outgoing) -> u64 {
+    /// Gives `message` the org's next seq and writes it to every subscriber
+    /// through `send` (what a socket refuses is queued). Returns the seq.
+    pub fn publish(
+        &mut self,
+        message: &Outgoing,
+        send: &mut impl FnMut(RawFd, &[IoSlice<'_>]) -> std::io::Result<usize>,
+    ) -> (u64, Delivered) {
         let seq = self.org_seq(&message.org_id) + 1;
-        self.publish_as(message, seq);
-        seq
+        let mut staged = Vec::new();
+        self.stage(message, seq, &mut staged);
+        let mut outcome = Delivered::default();
+        for broadcast in &staged {
+            self.deliver(broadcast, 0..broadcast.positions, send, &mut outcome);
+            self.finish(broadcast);
+        }
+        (seq, outcome)
     }
 
-    /// Queues `message` with a seq the history log gave it (and made
-    /// durable) to every subscriber of its channels; it becomes the org's
-    /// latest seq. Seqs of one org arrive here strictly increasing.
-    pub fn publish_as(&mut self, message: &Outgoing, seq: u64) {
+    /// Renders `message`, with the seq the history log gave it (and made
+    /// durable), once per channel of it that has subscribers, and adds the
+    /// frames to its org's broadcast in `staged` (begun here when it has
+    /// none yet). The message becomes the org's latest seq. Seqs of one org
+    /// arrive here strictly increasing. Every broadcast staged must be
+    /// walked by [`Registry::deliver`] and then ended by [`Registry::finish`].
+    pub fn stage(&mut self, message: &Outgoing, seq: u64, staged: &mut Vec<Broadcast>) {
         let org = self.org_index(&message.org_id);
         let record = &mut self.orgs[org as usize];
         assert!(seq > record.seq, "seqs of an org only grow");
         record.seq = seq;
         self.counters.published += 1;
-        let mut targets: SmallVec<[(u32, Frame); 2]> = SmallVec::new();
+        let position = match staged.iter().rposition(|b| b.org == org) {
+            Some(position) => position,
+            None => {
+                record.delivering += 1;
+                staged.push(Broadcast {
+                    org,
+                    targets: Vec::new(),
+                    positions: record.connections.len(),
+                });
+                staged.len() - 1
+            }
+        };
         for channel in message.channels() {
             if let Some(bit) = record.channels.lookup(&channel) {
                 if record.channels.subscribers(bit) > 0 {
                     let frame = render_message(message.kind, &channel, seq, &message.data);
-                    targets.push((bit, frame.into()));
+                    staged[position].targets.push((bit, frame.into()));
                 }
             }
         }
-        if targets.is_empty() {
+    }
+
+    /// Writes `broadcast` to the connections at `positions` of its org's
+    /// list (a part of `0..broadcast.positions`, so a large broadcast can be
+    /// walked in parts with yields between them). Each subscriber gets its
+    /// frames in one vectored `send` straight from the shared frames; only
+    /// what its socket refuses is queued (and counted against its queue
+    /// limit). A connection that already has queued bytes gets the frames
+    /// queued behind them. Blocked and failed sockets are added to `outcome`.
+    pub fn deliver(
+        &mut self,
+        broadcast: &Broadcast,
+        positions: std::ops::Range<usize>,
+        send: &mut impl FnMut(RawFd, &[IoSlice<'_>]) -> std::io::Result<usize>,
+        outcome: &mut Delivered,
+    ) {
+        if broadcast.targets.is_empty() {
             return;
         }
-        // The org's connection list is cloned out only as a range walk: the
-        // registry is borrowed mutably per connection inside.
-        let count = self.orgs[org as usize].connections.len();
-        for i in 0..count {
-            let index = self.orgs[org as usize].connections[i];
-            for (bit, frame) in &targets {
-                if self.connections[index as usize].has(*bit) {
-                    self.enqueue(index, frame);
-                    self.counters.delivered += 1;
+        let org = broadcast.org as usize;
+        let mut matched: SmallVec<[u32; 16]> = SmallVec::new();
+        for position in positions {
+            let index = self.orgs[org].connections[position];
+            if index == VACANT {
+                continue;
+            }
+            let conn = &self.connections[index as usize];
+            if conn.close.is_some() || conn.state != ConnState::Open {
+                continue;
+            }
+            matched.clear();
+            for (t, (bit, _)) in broadcast.targets.iter().enumerate() {
+                if conn.has(*bit) {
+                    matched.push(t as u32);
+                }
+            }
+            if matched.is_empty() {
+                continue;
+            }
+            self.counters.delivered += matched.len() as u64;
+            if conn.send.is_some() {
+                for &t in &matched {
+                    self.enqueue(index, &broadcast.targets[t as usize].1);
+                }
+                continue;
+            }
+            self.write_direct(index, broadcast, &matched, send, outcome);
+        }
+    }
+
+    /// Writes the `matched` frames of `broadcast` to a connection with an
+    /// empty queue; queues what the socket refuses.
+    fn write_direct(
+        &mut self,
+        index: u32,
+        broadcast: &Broadcast,
+        matched: &[u32],
+        send: &mut impl FnMut(RawFd, &[IoSlice<'_>]) -> std::io::Result<usize>,
+        outcome: &mut Delivered,
+    ) {
+        let conn = &mut self.connections[index as usize];
+        let key = ConnKey {
+            index,
+            generation: conn.generation,
+        };
+        // Next matched frame to write, and bytes of it already written.
+        let mut next = 0usize;
+        let mut front_sent = 0usize;
+        while next < matched.len() {
+            let mut slices: SmallVec<[IoSlice<'_>; SEND_SLICES_MAX]> = SmallVec::new();
+            for (i, &t) in matched[next..].iter().take(SEND_SLICES_MAX).enumerate() {
+                let frame = &broadcast.targets[t as usize].1;
+                let start = if i == 0 { front_sent } else { 0 };
+                slices.push(IoSlice::new(&frame[start..]));
+            }
+            self.counters.sends += 1;
+            match send(conn.fd, &slices) {
+                Ok(mut written) => {
+                    drop(slices);
+                    self.counters.bytes_sent += written as u64;
+                    while written > 0 {
+                        let left = broadcast.targets[matched[next] as usize].1.len() - front_sent;
+                        if written >= left {
+                            written -= left;
+                            front_sent = 0;
+                            next += 1;
+                        } else {
+                            front_sent += written;
+                            written = 0;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let rest = matched[next..]
+                        .iter()
+                        .map(|&t| broadcast.targets[t as usize].1.len())
+                        .sum::<usize>()
+                        - front_sent;
+                    let mut queue = Box::<SendQueue>::default();
+                    if rest > self.limits.send_queue_bytes {
+                        // A slow consumer: keep only the rest of a frame the
+                        // socket has taken part of, so the close frame that
+                        // follows starts on a frame boundary.
+                        if front_sent > 0 {
+                            let frame = &broadcast.targets[matched[next] as usize].1;
+                            queue.frames.push_back(frame.clone());
+                            queue.front_sent = front_sent as u32;
+                            queue.bytes = (frame.len() - front_sent) as u32;
+                            conn.send = Some(queue);
+                        }
+                        conn.write_blocked = true;
+                        outcome.blocked.push((key, conn.fd));
+                        self.counters.slow_consumer_closes += 1;
+                        self.request_close(key, CLOSE_SLOW_CONSUMER);
+                        return;
+                    }
+                    queue.frames.extend(
+                        matched[next..]
+                            .iter()
+                            .map(|&t| broadcast.targets[t as usize].1.clone()),
+                    );
+                    queue.front_sent = front_sent as u32;
+                    queue.bytes = rest as u32;
+                    conn.send = Some(queue);
+                    conn.write_blocked = true;
+                    outcome.blocked.push((key, conn.fd));
+                    return;
+                }
+                Err(_) => {
+                    outcome.failed.push(key);
+                    return;
                 }
             }
         }
+    }
+
+    /// Ends the delivery of `broadcast`: fills the positions of connections
+    /// that left meanwhile.
+    pub fn finish(&mut self, broadcast: &Broadcast) {
+        let org_record = &mut self.orgs[broadcast.org as usize];
+        org_record.delivering -= 1;
+        if org_record.delivering > 0 {
+            return;
+        }
+        let mut vacant = std::mem::take(&mut org_record.vacant);
+        // Highest first: every vacancy above the one being filled is gone,
+        // so the last entry moved into it is a live connection (or itself).
+        vacant.sort_unstable_by(|a, b| b.cmp(a));
+        for position in vacant.iter().map(|&p| p as usize) {
+            org_record.connections.swap_remove(position);
+            if let Some(moved) = org_record.connections.get(position).copied() {
+                self.connections[moved as usize].org_position = position as u32;
+            }
+        }
+        vacant.clear();
+        org_record.vacant = vacant;
+    }
+
+    /// True while a broadcast of org `org_id` is being delivered: a
+    /// subscription that replays history waits for it to finish, so the
+    /// switch from replayed to live messages has no gap and no duplicate.
+    pub fn is_delivering(&self, org_id: &str) -> bool {
+        self.org_by_id
+            .get(org_id)
+            .is_some_and(|i| self.orgs[*i as usize].delivering > 0)
     }
 
     /// Unwritten bytes of a connection; `None` when it is gone.
@@ -703,8 +924,8 @@ impl Registry {
                 conn.write_blocked = false;
                 return Flush::Drained;
             };
-            let mut slices: SmallVec<[IoSlice<'_>; 64]> = SmallVec::new();
-            for (i, frame) in queue.frames.iter().take(64).enumerate() {
+            let mut slices: SmallVec<[IoSlice<'_>; SEND_SLICES_MAX]> = SmallVec::new();
+            for (i, frame) in queue.frames.iter().take(SEND_SLICES_MAX).enumerate() {
                 let start = if i == 0 { queue.front_sent as usize } else { 0 };
                 slices.push(IoSlice::new(&frame[start..]));
             }
@@ -878,6 +1099,15 @@ mod tests {
         }
     }
 
+    /// A socket that never takes a byte: everything published is queued.
+    fn refuse(_fd: RawFd, _slices: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        Err(std::io::ErrorKind::WouldBlock.into())
+    }
+
+    fn publish(r: &mut Registry, message: &Outgoing) -> u64 {
+        r.publish(message, &mut refuse).0
+    }
+
     fn event(org: &str, source: &str) -> Outgoing {
         Outgoing {
             org_id: org.to_string(),
@@ -897,7 +1127,7 @@ mod tests {
         assert_eq!(r.subscribe(a, "events:src_1"), Ok(true));
         assert_eq!(r.subscribe(a, "issues"), Err(SubscribeError::TooMany));
         assert_eq!(r.subscribe(b, "events:src_2"), Ok(true));
-        assert_eq!(r.publish(&event("org_a", "src_1")), 1);
+        assert_eq!(publish(&mut r, &event("org_a", "src_1")), 1);
         let frames = |r: &Registry, k| {
             r.get(k)
                 .unwrap()
@@ -907,7 +1137,7 @@ mod tests {
         };
         assert_eq!(frames(&r, a), 2);
         assert_eq!(frames(&r, b), 0);
-        assert_eq!(r.publish(&event("org_b", "src_1")), 1);
+        assert_eq!(publish(&mut r, &event("org_b", "src_1")), 1);
         assert_eq!(frames(&r, a), 2);
     }
 
@@ -946,7 +1176,7 @@ mod tests {
         let (a, _) = r.add("org_a", "k", -1).unwrap();
         r.subscribe(a, "events").unwrap();
         for _ in 0..200 {
-            r.publish(&event("org_a", "s"));
+            publish(&mut r, &event("org_a", "s"));
         }
         let conn = r.get(a).unwrap();
         assert_eq!(conn.close, Some(CLOSE_SLOW_CONSUMER));
@@ -960,7 +1190,7 @@ mod tests {
         let mut r = Registry::new(limits());
         let (a, _) = r.add("org_a", "k", -1).unwrap();
         r.subscribe(a, "events").unwrap();
-        r.publish(&event("org_a", "s"));
+        publish(&mut r, &event("org_a", "s"));
         let first_len = r.get(a).unwrap().queued_bytes();
         let send = |_fd: RawFd, _slices: &[IoSlice<'_>]| Ok(5);
         let mut once = true;
@@ -974,7 +1204,7 @@ mod tests {
         };
         assert_eq!(r.flush(a.index, &mut send_once), Flush::Blocked);
         for _ in 0..200 {
-            r.publish(&event("org_a", "s"));
+            publish(&mut r, &event("org_a", "s"));
         }
         let conn = r.get(a).unwrap();
         assert_eq!(conn.close, Some(CLOSE_SLOW_CONSUMER));
@@ -987,8 +1217,8 @@ mod tests {
         let mut r = Registry::new(limits());
         let (a, _) = r.add("org_a", "k", -1).unwrap();
         r.subscribe(a, "events").unwrap();
-        r.publish(&event("org_a", "s"));
-        r.publish(&event("org_a", "s"));
+        publish(&mut r, &event("org_a", "s"));
+        publish(&mut r, &event("org_a", "s"));
         let total = r.get(a).unwrap().queued_bytes();
         let mut sink = Vec::new();
         let mut calls = 0;
@@ -1015,6 +1245,125 @@ mod tests {
         assert_eq!(sink.len(), total);
         let first = render_message(MessageKind::Event, "events", 1, "{\"source_id\":\"s\"}");
         assert_eq!(&sink[..first.len()], &first[..]);
+    }
+
+    #[test]
+    fn delivery_writes_straight_from_the_shared_frames_and_queues_only_the_rest() {
+        let mut r = Registry::new(limits());
+        let (a, _) = r.add("org_a", "k", 7).unwrap();
+        let (b, _) = r.add("org_a", "k", 8).unwrap();
+        r.subscribe(a, "events").unwrap();
+        r.subscribe(b, "events").unwrap();
+        r.subscribe(b, "events:s").unwrap();
+        let mut staged = Vec::new();
+        r.stage(&event("org_a", "s"), 1, &mut staged);
+        r.stage(&event("org_a", "t"), 2, &mut staged);
+        assert_eq!(staged.len(), 1, "one broadcast per org");
+        assert_eq!(staged[0].targets.len(), 3);
+        let mut written: Vec<(RawFd, Vec<u8>)> = Vec::new();
+        // fd 7 takes everything; fd 8 takes 10 bytes, then refuses.
+        let mut send = |fd: RawFd, slices: &[IoSlice<'_>]| {
+            let all: Vec<u8> = slices.iter().flat_map(|s| s.iter().copied()).collect();
+            let n = if fd == 7 { all.len() } else { 10 };
+            if fd == 8 && written.iter().any(|(f, _)| *f == 8) {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            written.push((fd, all[..n].to_vec()));
+            Ok(n)
+        };
+        let mut outcome = Delivered::default();
+        r.deliver(&staged[0], 0..2, &mut send, &mut outcome);
+        r.finish(&staged[0]);
+        let frame = |ch: &str, seq, src: &str| {
+            render_message(
+                MessageKind::Event,
+                ch,
+                seq,
+                &format!("{{\"source_id\":\"{src}\"}}"),
+            )
+        };
+        let mut expected_a = frame("events", 1, "s");
+        expected_a.extend(frame("events", 2, "t"));
+        assert_eq!(written[0], (7, expected_a));
+        assert!(r.get(a).unwrap().send.is_none(), "nothing queued for a");
+        let conn_b = r.get(b).unwrap();
+        assert!(conn_b.write_blocked);
+        assert_eq!(outcome.blocked, vec![(b, 8)]);
+        let queue = conn_b.send.as_ref().unwrap();
+        assert_eq!(queue.frames.len(), 3, "events:1, events:s:1, events:2");
+        assert_eq!(queue.front_sent, 10);
+        let total_b = 2 * frame("events", 1, "s").len() + frame("events:s", 1, "s").len();
+        assert_eq!(queue.bytes as usize, total_b - 10);
+        assert_eq!(r.counters.delivered, 5);
+    }
+
+    #[test]
+    fn a_connection_leaving_during_a_delivery_moves_no_one_until_it_ends() {
+        let mut r = Registry::new(RegistryLimits {
+            connections_per_org: 10,
+            ..limits()
+        });
+        let keys: Vec<ConnKey> = (0..4).map(|i| r.add("org_a", "k", i).unwrap().0).collect();
+        for k in &keys {
+            r.subscribe(*k, "events").unwrap();
+        }
+        let mut staged = Vec::new();
+        r.stage(&event("org_a", "s"), 1, &mut staged);
+        let mut got = Vec::new();
+        let mut send = |fd: RawFd, slices: &[IoSlice<'_>]| {
+            got.push(fd);
+            Ok(slices.iter().map(|s| s.len()).sum())
+        };
+        let mut outcome = Delivered::default();
+        r.deliver(&staged[0], 0..2, &mut send, &mut outcome);
+        // Connection 0 (walked) and 3 (not yet) leave between two parts.
+        r.remove(keys[0]);
+        r.remove(keys[3]);
+        assert!(r.is_delivering("org_a"));
+        r.deliver(&staged[0], 2..4, &mut send, &mut outcome);
+        r.finish(&staged[0]);
+        assert!(!r.is_delivering("org_a"));
+        assert_eq!(
+            got,
+            vec![0, 1, 2],
+            "each connection still there got it once"
+        );
+        let org = &r.orgs[0];
+        assert_eq!(org.connections.len(), 2);
+        for (position, &index) in org.connections.iter().enumerate() {
+            assert_eq!(r.connections[index as usize].org_position, position as u32);
+        }
+        // Removal works as before once nothing is being delivered.
+        r.remove(keys[1]);
+        assert_eq!(r.orgs[0].connections.len(), 1);
+        assert_eq!(r.get(keys[2]).unwrap().org_position, 0);
+    }
+
+    #[test]
+    fn a_direct_write_past_the_queue_limit_closes_on_a_frame_boundary() {
+        let mut r = Registry::new(limits());
+        let (a, _) = r.add("org_a", "k", 5).unwrap();
+        r.subscribe(a, "events").unwrap();
+        let big = Outgoing {
+            data: format!("{{\"pad\":\"{}\"}}", "x".repeat(5000)).into(),
+            ..event("org_a", "s")
+        };
+        let mut calls = 0;
+        let mut send = |_fd: RawFd, _slices: &[IoSlice<'_>]| {
+            calls += 1;
+            if calls == 1 {
+                Ok(100)
+            } else {
+                Err(std::io::ErrorKind::WouldBlock.into())
+            }
+        };
+        let (_, outcome) = r.publish(&big, &mut send);
+        let conn = r.get(a).unwrap();
+        assert_eq!(conn.close, Some(CLOSE_SLOW_CONSUMER));
+        let queue = conn.send.as_ref().unwrap();
+        assert_eq!((queue.frames.len(), queue.front_sent), (1, 100));
+        assert_eq!(outcome.blocked, vec![(a, 5)]);
+        assert_eq!(r.closing, vec![a]);
     }
 
     #[test]

@@ -453,6 +453,8 @@ pub struct History {
     pending_notify: Notify,
     /// Wakes readers after each commit.
     pub committed_notify: Notify,
+    /// Wakes replays waiting for a broadcast to be delivered.
+    pub delivered_notify: Notify,
     /// Replays waiting for the replay worker.
     replay_jobs: RefCell<VecDeque<ReplayJob>>,
     /// Wakes the replay worker.
@@ -587,6 +589,7 @@ impl History {
                 pending: RefCell::new(Pending::default()),
                 pending_notify: Notify::default(),
                 committed_notify: Notify::default(),
+                delivered_notify: Notify::default(),
                 replay_jobs: RefCell::new(VecDeque::new()),
                 replay_notify: Notify::default(),
                 replaying: RefCell::new(AHashSet::new()),
@@ -991,14 +994,19 @@ pub async fn commit_loop(shard: Rc<Shard>) {
         let outcome = commit(history, &batch.records).await;
         match &outcome {
             Ok(()) => {
-                {
+                // Staged in the same step as the commit (no await since it
+                // returned), so every committed record is being delivered.
+                let staged = {
                     let mut registry = shard.registry.borrow_mut();
+                    let mut staged = Vec::new();
                     for record in &batch.records {
-                        registry.publish_as(&record.message, record.seq);
+                        registry.stage(&record.message, record.seq, &mut staged);
                     }
-                }
+                    staged
+                };
                 history.committed_notify.notify();
-                shard.flush_dirty().await;
+                shard.deliver(staged).await;
+                history.delivered_notify.notify();
             }
             Err(e) => eprintln!(
                 "hookstream: history: shard {}: commit failed: {e}",

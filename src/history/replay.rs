@@ -164,6 +164,15 @@ async fn run(shard: Rc<Shard>, job: ReplayJob) {
             history.cancel_replay(job.key, &job.channel);
             return;
         }
+        if shard.registry.borrow().is_delivering(&job.org_id) {
+            // A committed broadcast is still being written, a part at a
+            // time: switching to live now could put this subscription in
+            // the part not yet walked (a duplicate) or miss it in the part
+            // already walked. Wait until it is done.
+            let seen = history.delivered_notify.generation();
+            history.delivered_notify.wait(seen).await;
+            continue;
+        }
         let committed = history.committed(&job.org_id);
         let rest = history.read_cached(&job.org_id, last, committed, &filter);
         if let Some(rest) = rest {

@@ -28,7 +28,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use crate::auth::keys::{KeyIndex, KeyStore};
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
-use crate::registry::{ConnKey, Flush, Outgoing, Registry, RegistryLimits};
+use crate::registry::{Broadcast, ConnKey, Delivered, Flush, Outgoing, Registry, RegistryLimits};
 
 /// Size of a pooled read buffer: a request head fits, and most client
 /// messages; bigger frames grow a buffer that is then not pooled.
@@ -197,6 +197,38 @@ impl Shard {
             }
         }
         self.registry.borrow_mut().return_dirty(dirty);
+    }
+
+    /// Writes staged broadcasts to their subscribers, a part of each org's
+    /// connection list at a time with yields between, so one big broadcast
+    /// can't stall the core; then ends each (see [`Registry::finish`]).
+    pub async fn deliver(&self, staged: Vec<Broadcast>) {
+        const CHUNK: usize = 2048;
+        let mut outcome = Delivered::default();
+        for broadcast in &staged {
+            let mut from = 0;
+            loop {
+                let to = (from + CHUNK).min(broadcast.positions);
+                {
+                    let mut registry = self.registry.borrow_mut();
+                    registry.deliver(broadcast, from..to, &mut send_vectored, &mut outcome);
+                    for (key, fd) in outcome.blocked.drain(..) {
+                        self.reactor.want_write(fd, key, true);
+                    }
+                    for key in outcome.failed.drain(..) {
+                        registry.request_close(key, CLOSE_ABORT);
+                    }
+                }
+                from = to;
+                if from >= broadcast.positions {
+                    break;
+                }
+                glommio::yield_if_needed().await;
+            }
+            self.registry.borrow_mut().finish(broadcast);
+        }
+        // Connections that had queued bytes got the frames queued.
+        self.flush_dirty().await;
     }
 
     /// Sequences messages this shard owns and returns their seqs once the
