@@ -602,8 +602,21 @@ fn resource_lists_are_newest_first_with_before_and_filters() {
 // Server-Sent Events
 // ---------------------------------------------------------------------------
 
-/// Reads SSE events (`id`, `data`) until `count` arrived.
+/// Reads SSE events until `count` arrived; returns each one's seq (from
+/// its data) and data. An `id:`, when present, must be the seq.
 fn read_sse(stream: &mut TcpStream, buffer: &mut Vec<u8>, count: usize) -> Vec<(u64, Value)> {
+    read_sse_events(stream, buffer, count)
+        .into_iter()
+        .map(|(_, data)| (data["seq"].as_u64().unwrap(), data))
+        .collect()
+}
+
+/// Reads SSE events (an optional `id`, `data`) until `count` arrived.
+fn read_sse_events(
+    stream: &mut TcpStream,
+    buffer: &mut Vec<u8>,
+    count: usize,
+) -> Vec<(Option<u64>, Value)> {
     let deadline = Instant::now() + STEP_TIMEOUT;
     let mut events = Vec::new();
     loop {
@@ -619,8 +632,10 @@ fn read_sse(stream: &mut TcpStream, buffer: &mut Vec<u8>, count: usize) -> Vec<(
                     data = Some(serde_json::from_str::<Value>(v).unwrap());
                 }
             }
-            if let (Some(id), Some(data)) = (id, data) {
-                assert_eq!(data["seq"], id);
+            if let Some(data) = data {
+                if let Some(id) = id {
+                    assert_eq!(data["seq"], id);
+                }
                 events.push((id, data));
                 if events.len() == count {
                     return events;
@@ -712,6 +727,74 @@ fn sse_resumes_from_last_event_id() {
     let fresh = read_sse(&mut stream, &mut buffer, 1);
     assert_eq!(fresh[0].0, 8);
     assert_eq!(get(addr, "/v1/sse?channels=issues").status, 401);
+}
+
+/// A message matching two listed channels is two events with one seq: only
+/// the last carries `id:`, so a connection lost between them resumes (like
+/// a browser, from the last id it saw) before that seq and gets both again
+/// instead of losing the second.
+#[test]
+fn sse_resume_between_two_events_of_one_seq_loses_nothing() {
+    let server = ServerBuilder::new().org("org_m").arg("--shards", 2).start();
+    let key = server.key("org_m").to_string();
+    let addr = server.ws_addr;
+    // Each event of source s1 matches both `events` and `events:s1`.
+    let bodies: Vec<String> = (0..2)
+        .map(|i| event("org_m", &format!("e{i}"), "s1"))
+        .collect();
+    assert_eq!(server.publish_ok(&common::array(&bodies)), vec![1, 2]);
+    let path = format!("/v1/sse?channels=events,events:s1&token={key}");
+    let (mut stream, mut buffer) = open_sse(addr, &path, Some(0));
+    let events = read_sse_events(&mut stream, &mut buffer, 4);
+    let shape: Vec<(Option<u64>, u64, &str)> = events
+        .iter()
+        .map(|(id, data)| {
+            (
+                *id,
+                data["seq"].as_u64().unwrap(),
+                data["channel"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        vec![
+            (None, 1, "events"),
+            (Some(1), 1, "events:s1"),
+            (None, 2, "events"),
+            (Some(2), 2, "events:s1"),
+        ]
+    );
+    // The connection drops after the first event of seq 2: a browser's
+    // last event id is then the last `id:` it processed before it.
+    drop(stream);
+    let last_event_id = events[..3].iter().rev().find_map(|(id, _)| *id);
+    assert_eq!(last_event_id, Some(1));
+    let (mut stream, mut buffer) = open_sse(addr, &path, last_event_id);
+    // Something after seq 2, so a stream that lost seq 2 fails the
+    // comparison instead of waiting.
+    assert_eq!(server.publish_ok(&issue("org_m", "i3")), vec![3]);
+    assert_eq!(server.publish_ok(&event("org_m", "e4", "s2")), vec![4]);
+    let resumed = read_sse_events(&mut stream, &mut buffer, 3);
+    let shape: Vec<(Option<u64>, u64, &str)> = resumed
+        .iter()
+        .map(|(id, data)| {
+            (
+                *id,
+                data["seq"].as_u64().unwrap(),
+                data["channel"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        vec![
+            (None, 2, "events"),
+            (Some(2), 2, "events:s1"),
+            (Some(4), 4, "events"),
+        ]
+    );
+    assert_eq!(resumed[1].1["data"]["id"], "e1");
 }
 
 // ---------------------------------------------------------------------------

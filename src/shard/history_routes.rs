@@ -145,6 +145,29 @@ fn push_envelope(out: &mut Vec<u8>, envelope: &Envelope) {
     out.push(b'}');
 }
 
+/// One SSE event per envelope. A message matching several of the listed
+/// channels is several events with the same seq, adjacent (an answer never
+/// splits a message): only the last of them carries `id:`. An event
+/// without `id` leaves the client's last event id as it was, so a
+/// connection lost between two events of one seq resumes before that seq
+/// and gets all of its events again (at least once) instead of losing the
+/// rest, as `Last-Event-ID: seq` would mean "all of seq seen".
+fn push_sse_events(out: &mut Vec<u8>, envelopes: &[Envelope]) {
+    for (i, envelope) in envelopes.iter().enumerate() {
+        let last_of_seq = envelopes
+            .get(i + 1)
+            .is_none_or(|next| next.seq != envelope.seq);
+        if last_of_seq {
+            out.extend_from_slice(b"id: ");
+            push_u64(out, envelope.seq);
+            out.push(b'\n');
+        }
+        out.extend_from_slice(b"data: ");
+        push_envelope(out, envelope);
+        out.extend_from_slice(b"\n\n");
+    }
+}
+
 async fn poll(
     shard: &Rc<Shard>,
     request: &Request,
@@ -232,13 +255,7 @@ async fn sse(
             break;
         };
         out.clear();
-        for envelope in &answer.messages {
-            out.extend_from_slice(b"id: ");
-            push_u64(&mut out, envelope.seq);
-            out.extend_from_slice(b"\ndata: ");
-            push_envelope(&mut out, envelope);
-            out.extend_from_slice(b"\n\n");
-        }
+        push_sse_events(&mut out, &answer.messages);
         if answer.messages.is_empty() {
             out.extend_from_slice(b": keep-alive\n\n");
         }
