@@ -564,6 +564,194 @@ fn session_cookie_works_from_an_allowed_origin_only() {
     assert_eq!(cross_site.status, 403);
 }
 
+/// The answer head of a request that streams (SSE): status line and headers.
+fn head_of(addr: SocketAddr, request: &str) -> String {
+    let mut stream = tcp_connect(addr);
+    stream.write_all(request.as_bytes()).expect("send request");
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            return String::from_utf8_lossy(&buffer[..at]).to_string();
+        }
+        assert!(Instant::now() < deadline, "no answer head");
+        match stream.read(&mut chunk) {
+            Ok(0) => panic!("closed: {}", String::from_utf8_lossy(&buffer)),
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            Err(_) => {}
+        }
+    }
+}
+
+/// A page of another origin holding a key can read the polling and history
+/// routes (`Access-Control-Allow-Origin: *`, preflight answered), but never
+/// with credentials the browser attaches by itself: no
+/// `Access-Control-Allow-Credentials`, no reflected origin, the cookie from
+/// another origin still refused, and `/v1/sessions` grants no preflight.
+#[test]
+fn history_routes_allow_any_origin_with_a_key_but_never_credentials() {
+    let server = Server::start(&["org_a"]);
+    let key = server.key("org_a").to_string();
+    let foreign = ("Origin", "http://other.example".to_string());
+    let no_credentials = |response: &HttpResponse, what: &str| {
+        assert_eq!(
+            response.header("access-control-allow-credentials"),
+            None,
+            "{what}"
+        );
+    };
+    let routes = [
+        "/v1/poll",
+        "/v1/sse",
+        "/v1/events",
+        "/v1/deliveries",
+        "/v1/issues",
+        "/v1/collections/c1/sync",
+    ];
+    for path in routes {
+        let preflight = http_request(
+            server.ws_addr,
+            "OPTIONS",
+            &format!("{path}?channels=events"),
+            &[
+                foreign.clone(),
+                ("Access-Control-Request-Method", "GET".to_string()),
+                (
+                    "Access-Control-Request-Headers",
+                    "authorization".to_string(),
+                ),
+            ],
+            b"",
+        );
+        assert_eq!(preflight.status, 204, "{path}: {}", preflight.text());
+        assert_eq!(
+            preflight.header("access-control-allow-origin"),
+            Some("*"),
+            "{path}"
+        );
+        assert_eq!(
+            preflight.header("access-control-allow-methods"),
+            Some("GET"),
+            "{path}"
+        );
+        let allowed_headers = preflight
+            .header("access-control-allow-headers")
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        assert!(
+            allowed_headers
+                .split(',')
+                .any(|h| h.trim() == "authorization"),
+            "{path}: {allowed_headers}"
+        );
+        let max_age: u64 = preflight
+            .header("access-control-max-age")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{path}: a numeric Access-Control-Max-Age"));
+        assert!(max_age > 0);
+        no_credentials(&preflight, path);
+    }
+
+    // The fallback of a page of another origin: bearer (after the
+    // preflight) or token, and the answer is readable.
+    let publish = http_request(
+        server.admin_addr,
+        "POST",
+        "/v1/publish",
+        &[("Authorization", format!("Bearer {}", server.admin_token))],
+        br#"{"org_id":"org_a","type":"event","data":{"id":"e1","source_id":"s1"}}"#,
+    );
+    assert_eq!(publish.status, 202, "{}", publish.text());
+    let by_bearer = http_request(
+        server.ws_addr,
+        "GET",
+        "/v1/poll?channels=events",
+        &[foreign.clone(), ("Authorization", format!("Bearer {key}"))],
+        b"",
+    );
+    assert_eq!(by_bearer.status, 200, "{}", by_bearer.text());
+    assert_eq!(by_bearer.json()["messages"][0]["data"]["id"], "e1");
+    assert_eq!(by_bearer.header("access-control-allow-origin"), Some("*"));
+    no_credentials(&by_bearer, "poll by bearer");
+    let list = http_request(
+        server.ws_addr,
+        "GET",
+        &format!("/v1/events?token={key}"),
+        std::slice::from_ref(&foreign),
+        b"",
+    );
+    assert_eq!(list.status, 200, "{}", list.text());
+    assert_eq!(list.header("access-control-allow-origin"), Some("*"));
+    no_credentials(&list, "events list");
+    // Refusals are readable too (a page can tell a bad key from a network
+    // error), and say nothing more than before.
+    let refused = http_request(
+        server.ws_addr,
+        "GET",
+        "/v1/poll?channels=events&token=hsk_wrong",
+        std::slice::from_ref(&foreign),
+        b"",
+    );
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.header("access-control-allow-origin"), Some("*"));
+    no_credentials(&refused, "401");
+    let sse_head = head_of(
+        server.ws_addr,
+        &format!(
+            "GET /v1/sse?channels=events&token={key} HTTP/1.1\r\nHost: {}\r\nOrigin: http://other.example\r\n\r\n",
+            server.ws_addr
+        ),
+    )
+    .to_ascii_lowercase();
+    assert!(sse_head.starts_with("http/1.1 200"), "{sse_head}");
+    assert!(
+        sse_head.contains("\r\naccess-control-allow-origin: *"),
+        "{sse_head}"
+    );
+    assert!(
+        !sse_head.contains("access-control-allow-credentials"),
+        "{sse_head}"
+    );
+
+    // The cookie from another origin is still refused (and a browser would
+    // not show a credentialed answer under `*` anyway).
+    let cookie = open_session(&server, &key);
+    let with_cookie = http_request(
+        server.ws_addr,
+        "GET",
+        "/v1/poll?channels=events",
+        &[cookie_header(&cookie), foreign.clone()],
+        b"",
+    );
+    assert_eq!(with_cookie.status, 403);
+    no_credentials(&with_cookie, "cookie");
+    // Sessions are not opened to other origins: no preflight granted.
+    let sessions_preflight = http_request(
+        server.ws_addr,
+        "OPTIONS",
+        "/v1/sessions",
+        &[
+            foreign,
+            ("Access-Control-Request-Method", "POST".to_string()),
+            (
+                "Access-Control-Request-Headers",
+                "authorization".to_string(),
+            ),
+        ],
+        b"",
+    );
+    assert_ne!(sessions_preflight.status / 100, 2);
+    assert_eq!(
+        sessions_preflight.header("access-control-allow-origin"),
+        None
+    );
+    // Other methods on a history route: 405, naming the preflight too.
+    let post = http_request(server.ws_addr, "POST", "/v1/poll", &[], b"");
+    assert_eq!(post.status, 405);
+    assert_eq!(post.header("allow"), Some("GET, OPTIONS"));
+}
+
 #[test]
 fn allowed_origins_flag_replaces_the_default() {
     let server = ServerBuilder::new()

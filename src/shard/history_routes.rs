@@ -6,6 +6,15 @@
 //! Requests are authenticated where they land; the read itself runs on the
 //! org's owner shard (over the mesh when that is another shard), which
 //! holds the org's log and index.
+//!
+//! CORS: every answer of these routes carries `Access-Control-Allow-Origin:
+//! *`, and `OPTIONS` is the preflight (204), so a page of any origin holding
+//! a key (`?token=` or `Authorization: Bearer`) can read what that key may
+//! read, as it already can over the WebSocket. Never with
+//! `Access-Control-Allow-Credentials` nor a reflected `Origin`: browsers
+//! then refuse a cross-origin page the answer to a request that carried the
+//! session cookie, so the cookie (the one credential a browser attaches by
+//! itself) still reads nothing cross-origin.
 
 use std::rc::Rc;
 
@@ -28,6 +37,11 @@ const SSE_KEEPALIVE_MS: u64 = 15_000;
 
 const JSON: &str = "application/json";
 
+/// On every answer of these routes (see the module comment).
+const CORS_ORIGIN: (&str, &str) = ("Access-Control-Allow-Origin", "*");
+/// How long a browser may cache the preflight (Chromium caps it at 7200).
+const CORS_MAX_AGE_SECS: &str = "7200";
+
 /// Serves the request when its path is a history route; `None` otherwise.
 pub async fn handle(shard: &Rc<Shard>, request: &Request, stream: &mut TcpStream) -> Option<After> {
     let path = request.path.as_str();
@@ -44,12 +58,15 @@ pub async fn handle(shard: &Rc<Shard>, request: &Request, stream: &mut TcpStream
             None => return None,
         },
     };
+    if request.method == "OPTIONS" {
+        return Some(preflight(stream).await);
+    }
     if request.method != "GET" {
-        return Some(respond_error(stream, 405, &[("Allow", "GET")]).await);
+        return Some(respond_error(stream, 405, &[("Allow", "GET, OPTIONS"), CORS_ORIGIN]).await);
     }
     let principal = match super::access::authenticate_request(shard, request) {
         Ok(principal) => principal,
-        Err(status) => return Some(respond_error(stream, status, &[]).await),
+        Err(status) => return Some(respond_error(stream, status, &[CORS_ORIGIN]).await),
     };
     let org_id = principal.org_id;
     Some(match (path, resource) {
@@ -58,6 +75,29 @@ pub async fn handle(shard: &Rc<Shard>, request: &Request, stream: &mut TcpStream
         (_, Some(resource)) => list(shard, request, stream, org_id, resource).await,
         (_, None) => unreachable!("every other path has a resource"),
     })
+}
+
+/// The CORS preflight of a history route: GET, with `Authorization` (a
+/// key as bearer token) and `Last-Event-ID` (an SSE resume). Needs no
+/// credentials (browsers send none on a preflight) and grants none.
+async fn preflight(stream: &mut TcpStream) -> After {
+    respond(
+        stream,
+        204,
+        "",
+        &[
+            CORS_ORIGIN,
+            ("Access-Control-Allow-Methods", "GET"),
+            (
+                "Access-Control-Allow-Headers",
+                "Authorization, Last-Event-ID",
+            ),
+            ("Access-Control-Max-Age", CORS_MAX_AGE_SECS),
+            ("Allow", "GET, OPTIONS"),
+        ],
+        b"",
+    )
+    .await
 }
 
 /// Which list a resource route serves.
@@ -73,7 +113,7 @@ async fn bad_request(stream: &mut TcpStream, reason: &str) -> After {
         r#"{{"error":"invalid_request","reason":{}}}"#,
         serde_json::Value::from(reason)
     );
-    respond(stream, 400, JSON, &[], body.as_bytes()).await
+    respond(stream, 400, JSON, &[CORS_ORIGIN], body.as_bytes()).await
 }
 
 fn number(request: &Request, name: &str) -> Result<Option<u64>, String> {
@@ -193,7 +233,7 @@ async fn poll(
         wait_ms,
     };
     let Some(answer) = ask(shard, query).await else {
-        return respond_error(stream, 503, &[]).await;
+        return respond_error(stream, 503, &[CORS_ORIGIN]).await;
     };
     let mut body = Vec::with_capacity(
         64 + answer
@@ -214,7 +254,14 @@ async fn poll(
     body.extend_from_slice(b"],\"next_after\":");
     push_u64(&mut body, answer.next_after);
     body.push(b'}');
-    respond(stream, 200, JSON, &[("Cache-Control", "no-store")], &body).await
+    respond(
+        stream,
+        200,
+        JSON,
+        &[("Cache-Control", "no-store"), CORS_ORIGIN],
+        &body,
+    )
+    .await
 }
 
 async fn sse(
@@ -238,7 +285,7 @@ async fn sse(
         Some(Ok(seq)) => Some(seq),
         Some(Err(_)) => return bad_request(stream, "Last-Event-ID must be a seq").await,
     };
-    let head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nConnection: close\r\nX-Accel-Buffering: no\r\n\r\nretry: 1000\n\n";
+    let head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nConnection: close\r\nX-Accel-Buffering: no\r\nAccess-Control-Allow-Origin: *\r\n\r\nretry: 1000\n\n";
     if stream.write_all(head).await.is_err() {
         return After::Close;
     }
@@ -311,7 +358,7 @@ async fn list(
         wait_ms: 0,
     };
     let Some(answer) = ask(shard, query).await else {
-        return respond_error(stream, 503, &[]).await;
+        return respond_error(stream, 503, &[CORS_ORIGIN]).await;
     };
     let mut body = Vec::with_capacity(
         32 + answer
@@ -336,5 +383,12 @@ async fn list(
         push_u64(&mut body, oldest.seq);
     }
     body.push(b'}');
-    respond(stream, 200, JSON, &[("Cache-Control", "no-store")], &body).await
+    respond(
+        stream,
+        200,
+        JSON,
+        &[("Cache-Control", "no-store"), CORS_ORIGIN],
+        &body,
+    )
+    .await
 }
