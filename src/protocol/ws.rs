@@ -4,9 +4,9 @@
 //!
 //! - this file: opcodes, the frame header (parse and encode), the error enum
 //!   with its close codes, close payloads and the close handshake state;
-//! - [`mask`]: XOR masking, a word-at-a-time fast path checked against a
+//! - `mask`: XOR masking, a word-at-a-time fast path checked against a
 //!   byte-by-byte one;
-//! - [`decoder`]: the per-connection [`Decoder`] that turns bytes of the
+//! - `decoder`: the per-connection [`Decoder`] that turns bytes of the
 //!   caller's read buffer into [`Message`]s, enforcing every rule of the RFC
 //!   with its close code.
 //!
