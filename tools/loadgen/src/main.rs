@@ -1,6 +1,7 @@
 //! `loadgen`: the load generator of issue 6, with its own client stack
-//! (tokio + tokio-tungstenite), so it shares no code with the server it
-//! measures. It speaks the contract subset every target implements: the
+//! (tokio + tokio-tungstenite, and the hand-written WebSocket client of
+//! `raw` for the fan-out subscribers), so it shares no code with the server
+//! it measures. It speaks the contract subset every target implements: the
 //! `welcome` message, `subscribe`/`subscribed`, and `POST /v1/publish` with
 //! the admin token.
 //!
@@ -23,6 +24,7 @@
 //! many connections never exhaust one source address's ephemeral ports.
 
 mod http;
+mod raw;
 mod stats;
 mod worker;
 
@@ -149,10 +151,10 @@ pub struct Common {
     /// Channel to subscribe to.
     #[arg(long, default_value = "events")]
     pub channel: String,
-    /// tungstenite read buffer (bytes per socket read); default 16 KiB for
-    /// fanout (about 50 frames of the scenario per read), 4 KiB otherwise.
-    /// tungstenite zero-fills this much before every read, so a bigger one
-    /// costs the client microseconds per delivery when reads carry one frame.
+    /// Bytes per socket read. fanout: the read buffer every subscriber of a
+    /// worker shares (default 256 KiB; never zero-filled). idle and storm:
+    /// tungstenite's per-connection read buffer (default 4 KiB), which it
+    /// zero-fills before every read.
     #[arg(long)]
     pub read_buffer: Option<usize>,
     /// Seconds allowed for opening every connection.
@@ -549,7 +551,12 @@ fn fanout(common: Common, publish: PublishArgs, plan: FanoutPlan) -> Result<Stri
     let expected = outcome.accepted * plan.subs as u64;
     let received = sum_u64(&results, "received");
     let last_receive_ns = max_u64(&results, "last_receive_ns");
-    let window_s = (last_receive_ns.saturating_sub(outcome.first_send_ns)).max(1) as f64 / 1e9;
+    // First publish → last receive; the publishing time when nothing arrived.
+    let window_ns = match last_receive_ns.saturating_sub(outcome.first_send_ns) {
+        0 => outcome.elapsed.as_nanos() as u64,
+        ns => ns,
+    };
+    let window_s = window_ns.max(1) as f64 / 1e9;
     let mut latency = Latency::new();
     for value in &results {
         latency.merge_json(&value["latency_us"]);
@@ -557,6 +564,7 @@ fn fanout(common: Common, publish: PublishArgs, plan: FanoutPlan) -> Result<Stri
     let worker_cpu_s = sum_f64(&results, "cpu_s");
     let client_cpu_s = worker_cpu_s + publisher_cpu_s;
     let lost = expected.saturating_sub(received);
+    let protocol_errors = sum_u64(&results, "protocol_errors");
     let line = json!({
         "mode": "fanout",
         "target": common.label,
@@ -579,7 +587,9 @@ fn fanout(common: Common, publish: PublishArgs, plan: FanoutPlan) -> Result<Stri
         "duplicates": sum_u64(&results, "duplicates"),
         "gaps": sum_u64(&results, "gaps"),
         "closed_early": sum_u64(&results, "closed"),
-        "zero_loss": lost == 0 && outcome.errors == 0 && received == expected,
+        "first_close": results.iter().find_map(|v| v["first_close"].as_str()),
+        "protocol_errors": protocol_errors,
+        "zero_loss": lost == 0 && outcome.errors == 0 && received == expected && protocol_errors == 0,
         "delivered_per_s": received as f64 / window_s,
         "latency_us": latency.summary(),
         "server_rss_before_bytes": rss_before,

@@ -18,6 +18,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+use memchr::memmem::Finder;
+
+use crate::raw::{End, RawConn, ReadError};
 use crate::stats::{cpu_seconds, monotonic_ns, Latency};
 use crate::Common;
 
@@ -54,8 +57,38 @@ struct Deliveries {
     received: u64,
     duplicates: u64,
     gaps: u64,
+    /// Connections that ended before the process did (close frame, EOF,
+    /// read error or bad frame).
     closed: u64,
+    /// Connections abandoned on bytes that are not valid frames.
+    protocol_errors: u64,
+    /// The first reason a connection ended early.
+    first_close: Option<String>,
     last_receive_ns: u64,
+}
+
+impl Deliveries {
+    fn ended(&mut self, why: String, protocol_error: bool) {
+        self.closed += 1;
+        self.protocol_errors += u64::from(protocol_error);
+        self.first_close.get_or_insert(why);
+    }
+}
+
+/// What a worker's connection holds once open: fan-out subscribers use the
+/// hand-written client of `raw`, the other modes tungstenite.
+enum Conn {
+    Tungstenite(Box<Ws>),
+    Raw(RawConn),
+}
+
+/// What every connection task of a worker shares.
+struct Shared {
+    deliveries: RefCell<Deliveries>,
+    /// The fan-out read buffer (its capacity is the largest read).
+    buffer: RefCell<Vec<u8>>,
+    seq: Finder<'static>,
+    t: Finder<'static>,
 }
 
 type Ws = WebSocketStream<TcpStream>;
@@ -109,23 +142,36 @@ async fn main(spec: WorkerSpec) -> Result<(), String> {
     };
     let url: Rc<str> = format!("{}{separator}token={}", spec.common.url, spec.common.token).into();
     let read_buffer = spec.common.read_buffer.unwrap_or(match spec.mode {
-        Mode::Fanout => 16 * 1024,
+        Mode::Fanout => 256 * 1024,
         Mode::Idle | Mode::Storm => 4 * 1024,
     });
     let mut config = WebSocketConfig::default();
     config.read_buffer_size = read_buffer;
     config.write_buffer_size = 0;
+    let (host, target) = split_url(&url)?;
+    let (host, target): (Rc<str>, Rc<str>) = (host.into(), target.into());
     let subscribe: Rc<str> = json!({"type": "subscribe", "channel": spec.common.channel})
         .to_string()
         .into();
-    let deliveries = Rc::new(RefCell::new(Deliveries {
-        latency: Latency::new(),
-        received: 0,
-        duplicates: 0,
-        gaps: 0,
-        closed: 0,
-        last_receive_ns: 0,
-    }));
+    let shared = Rc::new(Shared {
+        deliveries: RefCell::new(Deliveries {
+            latency: Latency::new(),
+            received: 0,
+            duplicates: 0,
+            gaps: 0,
+            closed: 0,
+            protocol_errors: 0,
+            first_close: None,
+            last_receive_ns: 0,
+        }),
+        buffer: RefCell::new(Vec::with_capacity(if spec.mode == Mode::Fanout {
+            read_buffer.max(4096)
+        } else {
+            0
+        })),
+        seq: Finder::new(b"\"seq\":"),
+        t: Finder::new(b"\"t\":"),
+    });
     let gate = Rc::new(Semaphore::new(spec.inflight));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Result<u64, String>>();
     let source_ips = spec.common.source_ips.clamp(1, 253) as usize;
@@ -134,20 +180,28 @@ async fn main(spec: WorkerSpec) -> Result<(), String> {
         let global = spec.offset + i;
         let source = Ipv4Addr::new(127, 0, 0, 2 + (global % source_ips) as u8);
         let url = url.clone();
+        let (host, target) = (host.clone(), target.clone());
         let subscribe = subscribe.clone();
         let gate = gate.clone();
         let done = done_tx.clone();
-        let deliveries = deliveries.clone();
+        let shared = shared.clone();
         let mode = spec.mode;
         tokio::task::spawn_local(async move {
             let permit = gate.acquire().await.expect("semaphore open");
             let began = monotonic_ns();
-            let opened = open(&url, source, server, config, mode, &subscribe).await;
+            let opened = match mode {
+                Mode::Fanout => open_raw(&host, &target, source, server, &subscribe, &shared)
+                    .await
+                    .map(Conn::Raw),
+                Mode::Idle | Mode::Storm => open(&url, source, server, config, mode, &subscribe)
+                    .await
+                    .map(|ws| Conn::Tungstenite(Box::new(ws))),
+            };
             drop(permit);
-            let ws = match opened {
-                Ok(ws) => {
+            let conn = match opened {
+                Ok(conn) => {
                     let _ = done.send(Ok((monotonic_ns() - began) / 1000));
-                    ws
+                    conn
                 }
                 Err(e) => {
                     let _ = done.send(Err(e));
@@ -155,7 +209,10 @@ async fn main(spec: WorkerSpec) -> Result<(), String> {
                 }
             };
             drop(done);
-            hold(ws, mode, &deliveries).await;
+            match conn {
+                Conn::Tungstenite(ws) => hold(*ws, &shared.deliveries).await,
+                Conn::Raw(conn) => hold_raw(conn, &shared).await,
+            }
         });
     }
     drop(done_tx);
@@ -212,11 +269,12 @@ async fn main(spec: WorkerSpec) -> Result<(), String> {
                 let wait = Duration::from_millis(command["deadline_ms"].as_u64().unwrap_or(10_000));
                 let expected = per_sub * opened;
                 let until = tokio::time::Instant::now() + wait;
-                while deliveries.borrow().received < expected && tokio::time::Instant::now() < until
+                while shared.deliveries.borrow().received < expected
+                    && tokio::time::Instant::now() < until
                 {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                let d = deliveries.borrow();
+                let d = shared.deliveries.borrow();
                 println!(
                     "{}",
                     json!({
@@ -226,6 +284,8 @@ async fn main(spec: WorkerSpec) -> Result<(), String> {
                         "duplicates": d.duplicates,
                         "gaps": d.gaps,
                         "closed": d.closed,
+                        "protocol_errors": d.protocol_errors,
+                        "first_close": d.first_close,
                         "last_receive_ns": d.last_receive_ns,
                         "latency_us": d.latency.to_json(),
                         "cpu_s": cpu_seconds() - cpu_ready,
@@ -248,6 +308,24 @@ async fn open(
     mode: Mode,
     subscribe: &str,
 ) -> Result<Ws, String> {
+    let stream = connect(source, server).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+        .await
+        .map_err(|e| format!("upgrade: {e}"))?;
+    expect(&mut ws, "welcome").await?;
+    if mode == Mode::Storm {
+        return Ok(ws);
+    }
+    ws.send(Message::text(subscribe))
+        .await
+        .map_err(|e| format!("send subscribe: {e}"))?;
+    expect(&mut ws, "subscribed").await?;
+    Ok(ws)
+}
+
+/// A TCP connection from `source` (port chosen at connect time) to `server`,
+/// with Nagle off.
+async fn connect(source: Ipv4Addr, server: SocketAddr) -> Result<TcpStream, String> {
     let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
     // Let the kernel pick the source port at connect time, per destination,
     // instead of reserving one at bind time.
@@ -270,18 +348,7 @@ async fn open(
         .await
         .map_err(|e| format!("connect: {e}"))?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
-        .await
-        .map_err(|e| format!("upgrade: {e}"))?;
-    expect(&mut ws, "welcome").await?;
-    if mode == Mode::Storm {
-        return Ok(ws);
-    }
-    ws.send(Message::text(subscribe))
-        .await
-        .map_err(|e| format!("send subscribe: {e}"))?;
-    expect(&mut ws, "subscribed").await?;
-    Ok(ws)
+    Ok(stream)
 }
 
 /// Reads until a text message of `type` arrives.
@@ -307,44 +374,119 @@ async fn expect(ws: &mut Ws, kind: &str) -> Result<(), String> {
     }
 }
 
-/// Keeps a connection until the process ends: reads (answering pings, as
-/// tungstenite does while reading) and, in fan-out mode, counts and times
-/// every event.
-async fn hold(mut ws: Ws, mode: Mode, deliveries: &RefCell<Deliveries>) {
-    let mut last_seq = 0u64;
-    while let Some(message) = ws.next().await {
-        match message {
-            Ok(Message::Text(text)) if mode == Mode::Fanout => {
-                let bytes = text.as_bytes();
-                let Some(seq) = number_after(bytes, b"\"seq\":") else {
-                    continue;
-                };
-                let now = monotonic_ns();
-                let mut d = deliveries.borrow_mut();
-                if let Some(sent) = number_after(bytes, b"\"t\":") {
-                    d.latency.record(now.saturating_sub(sent) / 1000);
-                }
-                d.received += 1;
-                d.last_receive_ns = now;
-                if last_seq != 0 {
-                    if seq <= last_seq {
-                        d.duplicates += 1;
-                    } else if seq != last_seq + 1 {
-                        d.gaps += seq - last_seq - 1;
-                    }
-                }
-                last_seq = last_seq.max(seq);
-            }
-            Ok(Message::Close(_)) | Err(_) => break,
-            Ok(_) => {}
+/// Keeps a tungstenite connection (idle and storm modes) until the process
+/// ends, reading (tungstenite answers pings while reading).
+async fn hold(mut ws: Ws, deliveries: &RefCell<Deliveries>) {
+    let why = loop {
+        match ws.next().await {
+            Some(Ok(Message::Close(frame))) => break format!("closed by the server: {frame:?}"),
+            Some(Err(e)) => break format!("read: {e}"),
+            None => break "eof".to_string(),
+            Some(Ok(_)) => {}
         }
+    };
+    deliveries.borrow_mut().ended(why, false);
+}
+
+/// Connects from `source` and upgrades with the hand-written client, waits
+/// for the welcome, subscribes and waits for `subscribed`.
+async fn open_raw(
+    host: &str,
+    target: &str,
+    source: Ipv4Addr,
+    server: SocketAddr,
+    subscribe: &str,
+    shared: &Shared,
+) -> Result<RawConn, String> {
+    let stream = connect(source, server).await?;
+    let mut conn = RawConn::upgrade(stream, host, target).await?;
+    expect_raw(&mut conn, shared, "welcome").await?;
+    conn.send_text(subscribe)
+        .await
+        .map_err(|e| format!("send subscribe: {e}"))?;
+    expect_raw(&mut conn, shared, "subscribed").await?;
+    Ok(conn)
+}
+
+/// Reads until a text message of `type` arrives.
+async fn expect_raw(conn: &mut RawConn, shared: &Shared, kind: &str) -> Result<(), String> {
+    let wanted = format!("\"type\":\"{kind}\"");
+    let wanted = Finder::new(wanted.as_bytes());
+    let error = Finder::new(b"\"type\":\"error\"");
+    let mut refused = None;
+    let end = conn
+        .read(&shared.buffer, &mut |text, _| {
+            if wanted.find(text).is_some() {
+                return false;
+            }
+            if error.find(text).is_some() {
+                refused = Some(String::from_utf8_lossy(text).into_owned());
+                return false;
+            }
+            true
+        })
+        .await
+        .map_err(|e| format!("while waiting for {kind}: {e}"))?;
+    match (end, refused) {
+        (_, Some(text)) => Err(format!("server error while waiting for {kind}: {text}")),
+        (End::Stopped, None) => Ok(()),
+        (End::Closed(code), None) => Err(format!("closed ({code:?}) while waiting for {kind}")),
+        (End::Eof, None) => Err(format!("eof while waiting for {kind}")),
     }
-    deliveries.borrow_mut().closed += 1;
+}
+
+/// Keeps a fan-out subscriber until the process ends: counts and times
+/// every event (`"seq":` and `"t":` found by scanning, not by parsing the
+/// JSON), in the order the frames arrive.
+async fn hold_raw(mut conn: RawConn, shared: &Shared) {
+    let mut last_seq = 0u64;
+    let result = conn
+        .read(&shared.buffer, &mut |bytes, now| {
+            let Some(seq) = number_after(bytes, &shared.seq) else {
+                return true;
+            };
+            let mut d = shared.deliveries.borrow_mut();
+            if let Some(sent) = number_after(bytes, &shared.t) {
+                d.latency.record(now.saturating_sub(sent) / 1000);
+            }
+            d.received += 1;
+            d.last_receive_ns = now;
+            if last_seq != 0 {
+                if seq <= last_seq {
+                    d.duplicates += 1;
+                } else if seq != last_seq + 1 {
+                    d.gaps += seq - last_seq - 1;
+                }
+            }
+            last_seq = last_seq.max(seq);
+            true
+        })
+        .await;
+    let mut d = shared.deliveries.borrow_mut();
+    match result {
+        Ok(End::Closed(code)) => d.ended(format!("closed by the server ({code:?})"), false),
+        Ok(End::Eof) => d.ended("eof without a close frame".to_string(), false),
+        Ok(End::Stopped) => d.ended("stopped".to_string(), false),
+        Err(ReadError::Protocol(e)) => d.ended(format!("bad frame: {e}"), true),
+        Err(e @ ReadError::Io(_)) => d.ended(e.to_string(), false),
+    }
+}
+
+/// `ws://host:port/path?query` → (`host:port`, `/path?query`).
+fn split_url(url: &str) -> Result<(String, String), String> {
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or("--url must start with ws://")?;
+    Ok(match rest.find(['/', '?']) {
+        Some(at) if rest[at..].starts_with('/') => (rest[..at].to_string(), rest[at..].to_string()),
+        Some(at) => (rest[..at].to_string(), format!("/{}", &rest[at..])),
+        None => (rest.to_string(), "/".to_string()),
+    })
 }
 
 /// The unsigned integer right after the first `needle` in `bytes`.
-fn number_after(bytes: &[u8], needle: &[u8]) -> Option<u64> {
-    let at = memchr::memmem::find(bytes, needle)? + needle.len();
+fn number_after(bytes: &[u8], needle: &Finder<'_>) -> Option<u64> {
+    let at = needle.find(bytes)? + needle.needle().len();
     let mut value = 0u64;
     let mut digits = 0;
     for &b in &bytes[at..] {
@@ -359,13 +501,28 @@ fn number_after(bytes: &[u8], needle: &[u8]) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::number_after;
+    use super::{number_after, split_url, Finder};
 
     #[test]
     fn finds_seq_and_send_time() {
         let text = br#"{"type":"event","channel":"events","seq":42,"data":{"source_id":"s","t":123456789,"pad":"xx"}}"#;
-        assert_eq!(number_after(text, b"\"seq\":"), Some(42));
-        assert_eq!(number_after(text, b"\"t\":"), Some(123456789));
-        assert_eq!(number_after(text, b"\"nope\":"), None);
+        assert_eq!(number_after(text, &Finder::new(b"\"seq\":")), Some(42));
+        assert_eq!(number_after(text, &Finder::new(b"\"t\":")), Some(123456789));
+        assert_eq!(number_after(text, &Finder::new(b"\"nope\":")), None);
+    }
+
+    #[test]
+    fn splits_the_url() {
+        let split = |url| split_url(url).unwrap();
+        assert_eq!(
+            split("ws://127.0.0.1:8080/v1/ws?token=k"),
+            ("127.0.0.1:8080".into(), "/v1/ws?token=k".into())
+        );
+        assert_eq!(
+            split("ws://h:1?token=k"),
+            ("h:1".into(), "/?token=k".into())
+        );
+        assert_eq!(split("ws://h:1"), ("h:1".into(), "/".into()));
+        assert!(split_url("http://h/").is_err());
     }
 }
