@@ -794,10 +794,20 @@ async fn shard_main(
     drop(mesh_task);
 }
 
+/// Most slices the heartbeat interval is cut into.
+const HEARTBEAT_SLICES_MAX: u64 = 30;
+
 /// Pings every connection each `heartbeat_ms`; closes the ones that have not
-/// sent anything for two intervals.
+/// sent anything for two intervals. The interval is cut into slices (one
+/// per 100 ms, at most [`HEARTBEAT_SLICES_MAX`]) and each tick pings the
+/// connections of one slice (slab index modulo the slice count), so every
+/// connection is still pinged once per interval but a shard never pings
+/// all of its connections at once: 100,000 pings in one go would hold the
+/// core for most of a second and delay every broadcast behind them.
 async fn heartbeat_loop(shard: Rc<Shard>) {
     let interval = Duration::from_millis(shard.config.heartbeat_ms);
+    let slices = (shard.config.heartbeat_ms / 100).clamp(1, HEARTBEAT_SLICES_MAX);
+    let tick = interval / slices as u32;
     let mut ping_frame = [0u8; 14];
     let len = crate::protocol::ws::encode_header(
         &mut ping_frame,
@@ -807,17 +817,26 @@ async fn heartbeat_loop(shard: Rc<Shard>) {
         None,
     );
     let ping: crate::registry::Frame = Rc::from(&ping_frame[..len]);
+    let mut next = Instant::now() + tick;
+    let mut slice = 0u64;
     loop {
-        glommio::timer::sleep(interval).await;
+        glommio::timer::sleep(next.saturating_duration_since(Instant::now())).await;
+        next += tick;
         {
             let mut registry = shard.registry.borrow_mut();
-            for key in registry.keys() {
+            let due: Vec<ConnKey> = registry
+                .connections
+                .iter()
+                .filter(|(index, conn)| *index as u64 % slices == slice && conn.close.is_none())
+                .map(|(index, conn)| ConnKey {
+                    index: index as u32,
+                    generation: conn.generation,
+                })
+                .collect();
+            for key in due {
                 let Some(conn) = registry.get_mut(key) else {
                     continue;
                 };
-                if conn.close.is_some() {
-                    continue;
-                }
                 if conn.missed_pongs >= 2 {
                     registry.request_close(key, connection::CLOSE_HEARTBEAT);
                 } else {
@@ -826,6 +845,7 @@ async fn heartbeat_loop(shard: Rc<Shard>) {
                 }
             }
         }
+        slice = (slice + 1) % slices;
         shard.flush_dirty().await;
     }
 }
