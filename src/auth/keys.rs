@@ -284,10 +284,26 @@ impl KeyStore {
         Ok(())
     }
 
-    /// Modification time of the file, to notice changes cheaply.
-    pub fn modified(&self) -> Option<SystemTime> {
-        fs::metadata(self.path()).and_then(|m| m.modified()).ok()
+    /// What identifies this version of the file, to notice changes
+    /// cheaply: every write replaces the file by a rename, so the inode
+    /// changes even when two writes fall in one tick of the mtime clock.
+    pub fn stamp(&self) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(self.path()).ok()?;
+        Some(FileStamp {
+            modified: meta.modified().ok(),
+            inode: meta.ino(),
+            len: meta.len(),
+        })
     }
+}
+
+/// One version of the key file (see [`KeyStore::stamp`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    modified: Option<SystemTime>,
+    inode: u64,
+    len: u64,
 }
 
 /// What the server needs to authenticate: active keys by hash.

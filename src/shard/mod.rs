@@ -21,11 +21,11 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use glommio::{LocalExecutorBuilder, Placement};
 
-use crate::auth::keys::{KeyIndex, KeyStore};
+use crate::auth::keys::{FileStamp, KeyIndex, KeyStore};
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
 use crate::registry::{Broadcast, ConnKey, Delivered, Flush, Outgoing, Registry, RegistryLimits};
@@ -320,6 +320,8 @@ struct Shared {
     config: Arc<Config>,
     admin_token: Arc<str>,
     keys: KeyIndex,
+    /// The key file's version that `keys` was loaded from.
+    keys_stamp: Option<FileStamp>,
     signer: crate::auth::sessions::SessionSigner,
     all_metrics: Arc<Vec<Arc<ShardMetrics>>>,
     stop: Arc<AtomicBool>,
@@ -474,17 +476,48 @@ fn listen(addr: std::net::SocketAddr) -> std::io::Result<glommio::net::TcpListen
     Ok(unsafe { glommio::net::TcpListener::from_raw_fd(socket.into_raw_fd()) })
 }
 
-/// Binds a plain (non-reuseport) listener once to find out whether the
-/// address is free, and resolves port 0 to a real port.
-fn probe_bind(what: &str, addr: std::net::SocketAddr) -> Result<std::net::SocketAddr, String> {
-    match std::net::TcpListener::bind(addr) {
+/// Finds out whether the address is free (a plain, non-reuseport bind
+/// fails while anything listens there) and resolves port 0 to a real port,
+/// then keeps that port: the returned socket (SO_REUSEPORT but not
+/// SO_REUSEADDR, bound, not listening) must live until every shard has
+/// bound its listener. Without it the port is free between this probe and
+/// the shards' binds (the history opens in between): another process's
+/// `bind(:0)`, or another server's probe of the same explicit port, can
+/// take it; both servers then bind it with SO_REUSEPORT (allowed for one
+/// user) and the kernel splits connections between them. The held socket
+/// keeps `bind(:0)` and any bind without SO_REUSEPORT off the port (not
+/// SO_REUSEADDR: with it, a SO_REUSEADDR probe could share the port while
+/// neither listens), lets the shards' SO_REUSEPORT listeners join, and,
+/// not listening, takes no connection.
+fn probe_bind(
+    what: &str,
+    addr: std::net::SocketAddr,
+) -> Result<(std::net::SocketAddr, socket2::Socket), String> {
+    let probed = match std::net::TcpListener::bind(addr) {
         Ok(listener) => listener
             .local_addr()
-            .map_err(|e| format!("--{what} {addr}: {e}")),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(format!(
-            "address {addr} (--{what}) is already in use: stop the other process or choose another address"
-        )),
-        Err(e) => Err(format!("cannot listen on {addr} (--{what}): {e}")),
+            .map_err(|e| format!("--{what} {addr}: {e}"))?,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            return Err(format!(
+                "address {addr} (--{what}) is already in use: stop the other process or choose another address"
+            ))
+        }
+        Err(e) => return Err(format!("cannot listen on {addr} (--{what}): {e}")),
+    };
+    let hold = (|| {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(probed),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        socket.set_reuse_port(true)?;
+        socket.bind(&probed.into())?;
+        Ok::<_, std::io::Error>(socket)
+    })();
+    match hold {
+        Ok(socket) => Ok((probed, socket)),
+        // Taken in the microseconds since the probe.
+        Err(e) => Err(format!("cannot listen on {probed} (--{what}): {e}")),
     }
 }
 
@@ -503,12 +536,17 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
             config.data_dir.display()
         )
     })?;
-    config.listen = probe_bind("listen", config.listen)?;
-    config.admin_listen = probe_bind("admin-listen", config.admin_listen)?;
+    let (listen, listen_hold) = probe_bind("listen", config.listen)?;
+    let (admin_listen, admin_hold) = probe_bind("admin-listen", config.admin_listen)?;
+    config.listen = listen;
+    config.admin_listen = admin_listen;
     let admin_token: Arc<str> = crate::auth::keys::admin_token(&config.data_dir)
         .map_err(|e| format!("admin token: {e}"))?
         .into();
     let store = KeyStore::new(&config.data_dir);
+    // Taken before the load: a change made after it is noticed by the
+    // reload loop even when it lands before the loop starts.
+    let keys_stamp = store.stamp();
     let keys = KeyIndex::from_file(&store.load().map_err(|e| e.to_string())?);
     let signer = crate::auth::sessions::SessionSigner::load_or_create(&config.data_dir)?;
 
@@ -530,6 +568,7 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
         config: config.clone(),
         admin_token: admin_token.clone(),
         keys,
+        keys_stamp,
         signer,
         all_metrics: Arc::new(
             (0..shards)
@@ -586,6 +625,8 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
             }
         }
     }
+    // Every shard listens: the port is theirs now.
+    drop((listen_hold, admin_hold));
     let listen_line = format!(
         "hookstream listening on ws://{}/v1/ws (admin http://{}), {} shard(s), data dir {}",
         config.listen,
@@ -749,7 +790,7 @@ async fn shard_main(
         glommio::spawn_local(crate::history::replay::worker(shard.clone())),
     ];
     let reactor_task = glommio::spawn_local(reactor::run(shard.clone()));
-    let key_reload = glommio::spawn_local(key_reload_loop(shard.clone()));
+    let key_reload = glommio::spawn_local(key_reload_loop(shard.clone(), shared.keys_stamp));
     let last_used = glommio::spawn_local(access::last_used_loop(shard.clone()));
     let demo = (config.demo && id == 0).then(|| glommio::spawn_local(demo_loop(shard.clone())));
     let _ = ready.send(Ok(()));
@@ -852,16 +893,16 @@ async fn heartbeat_loop(shard: Rc<Shard>) {
 
 /// Re-reads the key file when it changes; closes the connections of keys
 /// that were revoked with 4003.
-async fn key_reload_loop(shard: Rc<Shard>) {
+async fn key_reload_loop(shard: Rc<Shard>, loaded: Option<FileStamp>) {
     let store = KeyStore::new(&shard.config.data_dir);
-    let mut seen: Option<SystemTime> = store.modified();
+    let mut seen = loaded;
     loop {
         glommio::timer::sleep(Duration::from_millis(KEY_RELOAD_MS)).await;
-        let modified = store.modified();
-        if modified == seen {
+        let stamp = store.stamp();
+        if stamp == seen {
             continue;
         }
-        seen = modified;
+        // Remembered only once loaded: a failed read is retried next time.
         let file = match store.load() {
             Ok(file) => file,
             Err(e) => {
@@ -872,6 +913,7 @@ async fn key_reload_loop(shard: Rc<Shard>) {
                 continue;
             }
         };
+        seen = stamp;
         let index = Rc::new(KeyIndex::from_file(&file));
         *shard.keys.borrow_mut() = index.clone();
         let mut registry = shard.registry.borrow_mut();
