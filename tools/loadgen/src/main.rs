@@ -115,6 +115,11 @@ enum Command {
         /// Rounds.
         #[arg(long, default_value_t = 20)]
         rounds: usize,
+        /// Drain the receiving ends from a thread pinned to this CPU as the
+        /// bytes arrive (each send then also wakes it), instead of after
+        /// each round with nobody waiting.
+        #[arg(long)]
+        reader_cpu: Option<usize>,
     },
     /// Internal: one worker process (spawned by the modes above).
     #[command(hide = true)]
@@ -217,7 +222,8 @@ fn main() {
             sockets,
             bytes,
             rounds,
-        } => stats::sendcost(sockets, bytes, rounds),
+            reader_cpu,
+        } => stats::sendcost(sockets, bytes, rounds, reader_cpu),
     };
     match result {
         Ok(line) => println!("{line}"),

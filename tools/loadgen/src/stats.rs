@@ -161,7 +161,16 @@ fn field_kib(text: &str, name: &str) -> Option<u64> {
 /// sockets". The CPU time is the figure to use when other processes share
 /// that core (wall time then includes their turns); rusage ticks are coarse,
 /// so use enough sockets per round (2,000 sends ≈ 15 ms).
-pub fn sendcost(sockets: usize, bytes: usize, rounds: usize) -> Result<String, String> {
+/// `reader_cpu`: when set, a reader thread pinned to that CPU drains the
+/// client ends as data arrives (waiting in epoll when there is none, as a
+/// subscriber does), so each send also pays for waking it; otherwise the
+/// client ends are drained after each round, with nobody waiting.
+pub fn sendcost(
+    sockets: usize,
+    bytes: usize,
+    rounds: usize,
+    reader_cpu: Option<usize>,
+) -> Result<String, String> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let mut clients = Vec::with_capacity(sockets);
@@ -178,20 +187,41 @@ pub fn sendcost(sockets: usize, bytes: usize, rounds: usize) -> Result<String, S
     let mut per_send_ns = Vec::with_capacity(rounds);
     let mut sys_per_send_ns = Vec::with_capacity(rounds);
     let mut cpu_per_send_ns = Vec::with_capacity(rounds);
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (reader, mut clients) = match reader_cpu {
+        Some(cpu) => (
+            Some(spawn_reader(clients, cpu, received.clone())?),
+            Vec::new(),
+        ),
+        None => (None, clients),
+    };
     let mut drain = vec![0u8; 1 << 16];
-    for _ in 0..rounds {
-        let sys_before = system_seconds();
-        let cpu_before = cpu_seconds();
+    for round in 0..rounds {
+        let sys_before = thread_system_seconds();
+        let cpu_before = thread_cpu_seconds();
         let start = Instant::now();
         for server in &mut servers {
             server.write_all(&payload).map_err(|e| e.to_string())?;
         }
         let elapsed = start.elapsed();
-        let sys = system_seconds() - sys_before;
-        let cpu = cpu_seconds() - cpu_before;
+        let sys = thread_system_seconds() - sys_before;
+        let cpu = thread_cpu_seconds() - cpu_before;
         cpu_per_send_ns.push(cpu * 1e9 / sockets as f64);
         per_send_ns.push(elapsed.as_nanos() as f64 / sockets as f64);
         sys_per_send_ns.push(sys * 1e9 / sockets as f64);
+        if reader.is_some() {
+            // Let the reader catch up, so every round starts with it asleep.
+            let want = (round + 1) * sockets * bytes;
+            let deadline = Instant::now() + std::time::Duration::from_secs(10);
+            while received.load(std::sync::atomic::Ordering::Relaxed) < want {
+                if Instant::now() > deadline {
+                    return Err("the reader thread fell behind by 10 s".to_string());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            continue;
+        }
         for client in &mut clients {
             let mut got = 0;
             while got < bytes {
@@ -206,6 +236,12 @@ pub fn sendcost(sockets: usize, bytes: usize, rounds: usize) -> Result<String, S
             }
         }
     }
+    drop(servers);
+    if let Some(reader) = reader {
+        reader
+            .join()
+            .map_err(|_| "reader thread panicked".to_string())??;
+    }
     per_send_ns.sort_by(f64::total_cmp);
     sys_per_send_ns.sort_by(f64::total_cmp);
     cpu_per_send_ns.sort_by(f64::total_cmp);
@@ -214,6 +250,7 @@ pub fn sendcost(sockets: usize, bytes: usize, rounds: usize) -> Result<String, S
         "sockets": sockets,
         "bytes": bytes,
         "rounds": rounds,
+        "reader_cpu": reader_cpu,
         "send_ns_median": per_send_ns[per_send_ns.len() / 2],
         "send_ns_min": per_send_ns[0],
         "send_sys_ns_median": sys_per_send_ns[sys_per_send_ns.len() / 2],
@@ -222,12 +259,106 @@ pub fn sendcost(sockets: usize, bytes: usize, rounds: usize) -> Result<String, S
     .to_string())
 }
 
-fn system_seconds() -> f64 {
-    // SAFETY: getrusage writes into the zeroed stack struct.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        usage
-    };
+/// A thread pinned to `cpu` that reads every client end through one epoll
+/// set until all of them reach EOF, adding the bytes read to `received`.
+fn spawn_reader(
+    clients: Vec<TcpStream>,
+    cpu: usize,
+    received: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> Result<std::thread::JoinHandle<Result<(), String>>, String> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: plain syscalls on descriptors this function owns; the event
+    // array outlives each epoll_wait.
+    let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if epoll < 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    for (i, client) in clients.iter().enumerate() {
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: i as u64,
+        };
+        if unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, client.as_raw_fd(), &mut event) }
+            < 0
+        {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+    }
+    Ok(std::thread::spawn(move || {
+        let mut clients = clients;
+        // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes into it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(format!("cannot pin the reader to CPU {cpu}"));
+            }
+        }
+        let mut open = clients.len();
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+        let mut buffer = vec![0u8; 1 << 16];
+        while open > 0 {
+            let ready = unsafe {
+                libc::epoll_wait(epoll, events.as_mut_ptr(), events.len() as i32, 10_000)
+            };
+            if ready < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e.to_string());
+            }
+            if ready == 0 {
+                return Err("the reader saw nothing for 10 s".to_string());
+            }
+            for event in &events[..ready as usize] {
+                let client = &mut clients[event.u64 as usize];
+                loop {
+                    match client.read(&mut buffer) {
+                        Ok(0) => {
+                            unsafe {
+                                libc::epoll_ctl(
+                                    epoll,
+                                    libc::EPOLL_CTL_DEL,
+                                    client.as_raw_fd(),
+                                    std::ptr::null_mut(),
+                                )
+                            };
+                            open -= 1;
+                            break;
+                        }
+                        Ok(n) => {
+                            received.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+            }
+        }
+        unsafe { libc::close(epoll) };
+        Ok(())
+    }))
+}
+
+/// User + system CPU seconds of the calling thread.
+fn thread_cpu_seconds() -> f64 {
+    let usage = thread_usage();
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// System CPU seconds of the calling thread.
+fn thread_system_seconds() -> f64 {
+    let usage = thread_usage();
     usage.ru_stime.tv_sec as f64 + usage.ru_stime.tv_usec as f64 / 1e6
+}
+
+fn thread_usage() -> libc::rusage {
+    // SAFETY: getrusage writes into the zeroed stack struct.
+    unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut usage);
+        usage
+    }
 }
