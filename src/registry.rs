@@ -702,24 +702,6 @@ impl Registry {
         queue.bytes += frame.len() as u32;
     }
 
-    /// Gives `message` the org's next seq and writes it to every subscriber
-    /// through `send` (what a socket refuses is queued). Returns the seq.
-    pub fn publish(
-        &mut self,
-        message: &Outgoing,
-        send: &mut impl FnMut(RawFd, &[IoSlice<'_>]) -> std::io::Result<usize>,
-    ) -> (u64, Delivered) {
-        let seq = self.org_seq(&message.org_id) + 1;
-        let mut staged = Vec::new();
-        self.stage(message, seq, &mut staged);
-        let mut outcome = Delivered::default();
-        for broadcast in &staged {
-            self.deliver(broadcast, 0..broadcast.positions, send, &mut outcome);
-            self.finish(broadcast);
-        }
-        (seq, outcome)
-    }
-
     /// Renders `message`, with the seq the history log gave it (and made
     /// durable), once per channel of it that has subscribers, and adds the
     /// frames to its org's broadcast in `staged` (begun here when it has
@@ -1142,8 +1124,26 @@ mod tests {
         Err(std::io::ErrorKind::WouldBlock.into())
     }
 
+    /// Gives `message` the org's next seq and writes it to every subscriber
+    /// through `send`, as the shard's committer does in parts.
+    fn publish_with(
+        r: &mut Registry,
+        message: &Outgoing,
+        send: &mut impl FnMut(RawFd, &[IoSlice<'_>]) -> std::io::Result<usize>,
+    ) -> (u64, Delivered) {
+        let seq = r.org_seq(&message.org_id) + 1;
+        let mut staged = Vec::new();
+        r.stage(message, seq, &mut staged);
+        let mut outcome = Delivered::default();
+        for broadcast in &staged {
+            r.deliver(broadcast, 0..broadcast.positions, send, &mut outcome);
+            r.finish(broadcast);
+        }
+        (seq, outcome)
+    }
+
     fn publish(r: &mut Registry, message: &Outgoing) -> u64 {
-        r.publish(message, &mut refuse).0
+        publish_with(r, message, &mut refuse).0
     }
 
     fn event(org: &str, source: &str) -> Outgoing {
@@ -1395,7 +1395,7 @@ mod tests {
                 Err(std::io::ErrorKind::WouldBlock.into())
             }
         };
-        let (_, outcome) = r.publish(&big, &mut send);
+        let (_, outcome) = publish_with(&mut r, &big, &mut send);
         let conn = r.get(a).unwrap();
         assert_eq!(conn.close, Some(CLOSE_SLOW_CONSUMER));
         let queue = conn.send.as_ref().unwrap();
