@@ -135,6 +135,19 @@ impl Connection {
         self.send.as_ref().map_or(0, |q| q.bytes as usize)
     }
 
+    /// Unwritten bytes behind the frame being written: what the send queue
+    /// limit bounds. The front frame is not counted, so one message larger
+    /// than the limit still reaches a reader that keeps up.
+    pub fn backlog_bytes(&self) -> usize {
+        self.send.as_ref().map_or(0, |q| {
+            let front = q
+                .frames
+                .front()
+                .map_or(0, |f| f.len() - q.front_sent as usize);
+            q.bytes as usize - front
+        })
+    }
+
     /// True when nothing waits to be written.
     pub fn queue_is_empty(&self) -> bool {
         self.send.is_none()
@@ -661,7 +674,9 @@ impl Registry {
         if conn.close.is_some() || conn.state != ConnState::Open {
             return;
         }
-        if conn.queued_bytes() + frame.len() > limit {
+        // Only bytes behind the front frame count (see `backlog_bytes`):
+        // a frame that becomes the front is always taken.
+        if conn.send.is_some() && conn.backlog_bytes() + frame.len() > limit {
             // Free the queue, but keep the rest of a frame the socket has
             // already taken part of: the close frame that follows must
             // start on a frame boundary.
@@ -836,13 +851,14 @@ impl Registry {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    let rest = matched[next..]
+                    let behind = matched[next + 1..]
                         .iter()
                         .map(|&t| broadcast.targets[t as usize].1.len())
-                        .sum::<usize>()
-                        - front_sent;
+                        .sum::<usize>();
+                    let rest =
+                        broadcast.targets[matched[next] as usize].1.len() - front_sent + behind;
                     let mut queue = Box::<SendQueue>::default();
-                    if rest > self.limits.send_queue_bytes {
+                    if behind > self.limits.send_queue_bytes {
                         // A slow consumer: keep only the rest of a frame the
                         // socket has taken part of, so the close frame that
                         // follows starts on a frame boundary.
@@ -1395,13 +1411,49 @@ mod tests {
                 Err(std::io::ErrorKind::WouldBlock.into())
             }
         };
-        let (_, outcome) = publish_with(&mut r, &big, &mut send);
+        // Two big messages in one round: the second, behind the partly
+        // written first, passes the 4 KiB limit.
+        let mut staged = Vec::new();
+        r.stage(&big, 1, &mut staged);
+        r.stage(&big, 2, &mut staged);
+        let mut outcome = Delivered::default();
+        r.deliver(&staged[0], 0..staged[0].positions, &mut send, &mut outcome);
+        r.finish(&staged[0]);
         let conn = r.get(a).unwrap();
         assert_eq!(conn.close, Some(CLOSE_SLOW_CONSUMER));
         let queue = conn.send.as_ref().unwrap();
         assert_eq!((queue.frames.len(), queue.front_sent), (1, 100));
         assert_eq!(outcome.blocked, vec![(a, 5)]);
         assert_eq!(r.closing, vec![a]);
+    }
+
+    #[test]
+    fn one_message_larger_than_the_queue_limit_is_not_a_slow_consumer() {
+        let mut r = Registry::new(limits());
+        let (a, _) = r.add("org_a", "k", 5).unwrap();
+        r.subscribe(a, "events").unwrap();
+        let big = Outgoing {
+            data: format!("{{\"pad\":\"{}\"}}", "x".repeat(5000)).into(),
+            ..event("org_a", "s")
+        };
+        let mut first = true;
+        let mut send = |_fd: RawFd, _slices: &[IoSlice<'_>]| {
+            if std::mem::take(&mut first) {
+                Ok(100)
+            } else {
+                Err(std::io::ErrorKind::WouldBlock.into())
+            }
+        };
+        publish_with(&mut r, &big, &mut send);
+        let conn = r.get(a).unwrap();
+        assert_eq!(conn.close, None, "the frame being written is not backlog");
+        assert!(conn.queued_bytes() > 4096);
+        assert_eq!(conn.backlog_bytes(), 0);
+        // A small one fits behind it; another big one does not.
+        publish(&mut r, &event("org_a", "s"));
+        assert_eq!(r.get(a).unwrap().close, None);
+        publish(&mut r, &big);
+        assert_eq!(r.get(a).unwrap().close, Some(CLOSE_SLOW_CONSUMER));
     }
 
     #[test]

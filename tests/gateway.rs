@@ -1180,3 +1180,30 @@ fn heartbeat_closes_a_client_that_never_answers_pings_but_not_one_that_reads() {
     assert!(reading.pings >= 5, "only {} pings", reading.pings);
     reading.ping_pong();
 }
+
+#[test]
+fn a_message_larger_than_the_send_queue_limit_reaches_a_reader_that_keeps_up() {
+    // 12 MiB of data against the default 1 MiB send queue: a reader that
+    // keeps reading is not a slow consumer just because one message is big.
+    let server = Server::start(&["org_a"]);
+    let mut client = server.connect("org_a");
+    client.subscribe("events");
+    let pad = "b".repeat(12 << 20);
+    let body = format!(
+        r#"{{"org_id":"org_a","type":"event","data":{{"id":"evt_big","source_id":"src_1","pad":"{pad}"}}}}"#
+    );
+    let seqs = server.publish_ok(&body);
+    match client.recv(Duration::from_secs(20)) {
+        Received::Json { value, .. } => {
+            assert_eq!(value["seq"], seqs[0]);
+            assert_eq!(value["data"]["pad"].as_str().map(str::len), Some(12 << 20));
+        }
+        other => panic!("expected the big event, got {other:?}"),
+    }
+    // And the connection is still open for the next one.
+    let seqs = server.publish_ok(&common::event("org_a", "evt_small", "src_1"));
+    match client.recv(Duration::from_secs(10)) {
+        Received::Json { value, .. } => assert_eq!(value["seq"], seqs[0]),
+        other => panic!("expected the next event, got {other:?}"),
+    }
+}
