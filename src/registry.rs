@@ -769,7 +769,7 @@ impl Registry {
             return;
         }
         let org = broadcast.org as usize;
-        let mut matched: SmallVec<[u32; 16]> = SmallVec::new();
+        let mut matched: SmallVec<[&Frame; 16]> = SmallVec::new();
         let end = positions.end;
         for position in positions {
             // The walk is memory-bound over a large org: ask for the record
@@ -788,47 +788,64 @@ impl Registry {
                 continue;
             }
             matched.clear();
-            for (t, (bit, _)) in broadcast.targets.iter().enumerate() {
+            for (bit, frame) in &broadcast.targets {
                 if conn.has(*bit) {
-                    matched.push(t as u32);
+                    matched.push(frame);
                 }
             }
             if matched.is_empty() {
                 continue;
             }
             self.counters.delivered += matched.len() as u64;
-            if conn.send.is_some() {
-                for &t in &matched {
-                    self.enqueue(index, &broadcast.targets[t as usize].1);
-                }
-                continue;
-            }
-            self.write_direct(index, broadcast, &matched, send, outcome);
+            self.write_frames(index, &matched, send, outcome);
         }
     }
 
-    /// Writes the `matched` frames of `broadcast` to a connection with an
-    /// empty queue; queues what the socket refuses.
-    fn write_direct(
+    /// Writes `frame` to connection `index` at once when nothing is queued
+    /// for it (no queue is allocated for a socket that takes it), else
+    /// queues it behind what is; like [`Registry::enqueue`], nothing is
+    /// written to a connection being closed.
+    pub fn write_or_queue(
         &mut self,
         index: u32,
-        broadcast: &Broadcast,
-        matched: &[u32],
+        frame: &Frame,
         send: &mut impl FnMut(RawFd, &[IoSlice<'_>]) -> std::io::Result<usize>,
         outcome: &mut Delivered,
     ) {
+        let conn = &self.connections[index as usize];
+        if conn.close.is_some() || conn.state != ConnState::Open {
+            return;
+        }
+        self.write_frames(index, &[frame], send, outcome);
+    }
+
+    /// Writes `frames` to an open connection in vectored sends when its
+    /// queue is empty, queueing what the socket refuses; a connection with
+    /// queued bytes gets them queued behind those.
+    fn write_frames(
+        &mut self,
+        index: u32,
+        frames: &[&Frame],
+        send: &mut impl FnMut(RawFd, &[IoSlice<'_>]) -> std::io::Result<usize>,
+        outcome: &mut Delivered,
+    ) {
+        if self.connections[index as usize].send.is_some() {
+            for frame in frames {
+                self.enqueue(index, frame);
+            }
+            return;
+        }
         let conn = &mut self.connections[index as usize];
         let key = ConnKey {
             index,
             generation: conn.generation,
         };
-        // Next matched frame to write, and bytes of it already written.
+        // Next frame to write, and bytes of it already written.
         let mut next = 0usize;
         let mut front_sent = 0usize;
-        while next < matched.len() {
+        while next < frames.len() {
             let mut slices: SmallVec<[IoSlice<'_>; SEND_SLICES_MAX]> = SmallVec::new();
-            for (i, &t) in matched[next..].iter().take(SEND_SLICES_MAX).enumerate() {
-                let frame = &broadcast.targets[t as usize].1;
+            for (i, frame) in frames[next..].iter().take(SEND_SLICES_MAX).enumerate() {
                 let start = if i == 0 { front_sent } else { 0 };
                 slices.push(IoSlice::new(&frame[start..]));
             }
@@ -838,7 +855,7 @@ impl Registry {
                     drop(slices);
                     self.counters.bytes_sent += written as u64;
                     while written > 0 {
-                        let left = broadcast.targets[matched[next] as usize].1.len() - front_sent;
+                        let left = frames[next].len() - front_sent;
                         if written >= left {
                             written -= left;
                             front_sent = 0;
@@ -851,19 +868,15 @@ impl Registry {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    let behind = matched[next + 1..]
-                        .iter()
-                        .map(|&t| broadcast.targets[t as usize].1.len())
-                        .sum::<usize>();
-                    let rest =
-                        broadcast.targets[matched[next] as usize].1.len() - front_sent + behind;
+                    let behind = frames[next + 1..].iter().map(|f| f.len()).sum::<usize>();
+                    let rest = frames[next].len() - front_sent + behind;
                     let mut queue = Box::<SendQueue>::default();
                     if behind > self.limits.send_queue_bytes {
                         // A slow consumer: keep only the rest of a frame the
                         // socket has taken part of, so the close frame that
                         // follows starts on a frame boundary.
                         if front_sent > 0 {
-                            let frame = &broadcast.targets[matched[next] as usize].1;
+                            let frame = frames[next];
                             queue.frames.push_back(frame.clone());
                             queue.front_sent = front_sent as u32;
                             queue.bytes = (frame.len() - front_sent) as u32;
@@ -875,11 +888,9 @@ impl Registry {
                         self.request_close(key, CLOSE_SLOW_CONSUMER);
                         return;
                     }
-                    queue.frames.extend(
-                        matched[next..]
-                            .iter()
-                            .map(|&t| broadcast.targets[t as usize].1.clone()),
-                    );
+                    queue
+                        .frames
+                        .extend(frames[next..].iter().map(|f| (*f).clone()));
                     queue.front_sent = front_sent as u32;
                     queue.bytes = rest as u32;
                     conn.send = Some(queue);

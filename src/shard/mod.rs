@@ -212,12 +212,7 @@ impl Shard {
                 {
                     let mut registry = self.registry.borrow_mut();
                     registry.deliver(broadcast, from..to, &mut send_vectored, &mut outcome);
-                    for (key, fd) in outcome.blocked.drain(..) {
-                        self.reactor.want_write(fd, key, true);
-                    }
-                    for key in outcome.failed.drain(..) {
-                        registry.request_close(key, CLOSE_ABORT);
-                    }
+                    self.act_on(&mut registry, &mut outcome);
                 }
                 from = to;
                 if from >= broadcast.positions {
@@ -229,6 +224,16 @@ impl Shard {
         }
         // Connections that had queued bytes got the frames queued.
         self.flush_dirty().await;
+    }
+
+    /// Sockets that refused bytes wait for writability; failed ones close.
+    fn act_on(&self, registry: &mut Registry, outcome: &mut Delivered) {
+        for (key, fd) in outcome.blocked.drain(..) {
+            self.reactor.want_write(fd, key, true);
+        }
+        for key in outcome.failed.drain(..) {
+            registry.request_close(key, CLOSE_ABORT);
+        }
     }
 
     /// Sequences messages this shard owns and returns their seqs once the
@@ -874,6 +879,7 @@ async fn heartbeat_loop(shard: Rc<Shard>) {
                     generation: conn.generation,
                 })
                 .collect();
+            let mut outcome = Delivered::default();
             for key in due {
                 let Some(conn) = registry.get_mut(key) else {
                     continue;
@@ -882,9 +888,11 @@ async fn heartbeat_loop(shard: Rc<Shard>) {
                     registry.request_close(key, connection::CLOSE_HEARTBEAT);
                 } else {
                     conn.missed_pongs += 1;
-                    registry.enqueue(key.index, &ping);
+                    // Written at once: an idle connection gets no queue.
+                    registry.write_or_queue(key.index, &ping, &mut send_vectored, &mut outcome);
                 }
             }
+            shard.act_on(&mut registry, &mut outcome);
         }
         slice = (slice + 1) % slices;
         shard.flush_dirty().await;
