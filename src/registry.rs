@@ -677,28 +677,34 @@ impl Registry {
         // Only bytes behind the front frame count (see `backlog_bytes`):
         // a frame that becomes the front is always taken.
         if conn.send.is_some() && conn.backlog_bytes() + frame.len() > limit {
-            // Free the queue, but keep the rest of a frame the socket has
-            // already taken part of: the close frame that follows must
-            // start on a frame boundary.
-            if let Some(queue) = conn.send.as_mut() {
-                if queue.front_sent > 0 {
-                    queue.frames.truncate(1);
-                    queue.frames.shrink_to_fit();
-                    let front = queue.frames.front().map_or(0, |f| f.len());
-                    queue.bytes = (front - queue.front_sent as usize) as u32;
-                } else {
-                    conn.send = None;
-                }
-            }
-            self.counters.slow_consumer_closes += 1;
-            let key = ConnKey {
-                index,
-                generation: conn.generation,
-            };
-            self.request_close(key, CLOSE_SLOW_CONSUMER);
+            self.close_slow_consumer(index);
             return;
         }
         self.push_frame(index, frame);
+    }
+
+    /// Closes a connection whose backlog passed the queue limit with 1013:
+    /// frees its queue but keeps the rest of a frame the socket has already
+    /// taken part of, since the close frame that follows must start on a
+    /// frame boundary.
+    fn close_slow_consumer(&mut self, index: u32) {
+        let conn = &mut self.connections[index as usize];
+        if let Some(queue) = conn.send.as_mut() {
+            if queue.front_sent > 0 {
+                queue.frames.truncate(1);
+                queue.frames.shrink_to_fit();
+                let front = queue.frames.front().map_or(0, |f| f.len());
+                queue.bytes = (front - queue.front_sent as usize) as u32;
+            } else {
+                conn.send = None;
+            }
+        }
+        self.counters.slow_consumer_closes += 1;
+        let key = ConnKey {
+            index,
+            generation: conn.generation,
+        };
+        self.request_close(key, CLOSE_SLOW_CONSUMER);
     }
 
     /// Queues a frame without the open-state and limit checks: the close
@@ -869,33 +875,18 @@ impl Registry {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     let behind = frames[next + 1..].iter().map(|f| f.len()).sum::<usize>();
-                    let rest = frames[next].len() - front_sent + behind;
                     let mut queue = Box::<SendQueue>::default();
-                    if behind > self.limits.send_queue_bytes {
-                        // A slow consumer: keep only the rest of a frame the
-                        // socket has taken part of, so the close frame that
-                        // follows starts on a frame boundary.
-                        if front_sent > 0 {
-                            let frame = frames[next];
-                            queue.frames.push_back(frame.clone());
-                            queue.front_sent = front_sent as u32;
-                            queue.bytes = (frame.len() - front_sent) as u32;
-                            conn.send = Some(queue);
-                        }
-                        conn.write_blocked = true;
-                        outcome.blocked.push((key, conn.fd));
-                        self.counters.slow_consumer_closes += 1;
-                        self.request_close(key, CLOSE_SLOW_CONSUMER);
-                        return;
-                    }
                     queue
                         .frames
                         .extend(frames[next..].iter().map(|f| (*f).clone()));
                     queue.front_sent = front_sent as u32;
-                    queue.bytes = rest as u32;
+                    queue.bytes = (frames[next].len() - front_sent + behind) as u32;
                     conn.send = Some(queue);
                     conn.write_blocked = true;
                     outcome.blocked.push((key, conn.fd));
+                    if behind > self.limits.send_queue_bytes {
+                        self.close_slow_consumer(index);
+                    }
                     return;
                 }
                 Err(_) => {
@@ -1173,6 +1164,26 @@ mod tests {
         publish_with(r, message, &mut refuse).0
     }
 
+    /// An event of `org_a` whose frame is over the tests' 4 KiB queue limit.
+    fn big_event() -> Outgoing {
+        Outgoing {
+            data: format!("{{\"pad\":\"{}\"}}", "x".repeat(5000)).into(),
+            ..event("org_a", "s")
+        }
+    }
+
+    /// A socket that takes 100 bytes once, then refuses everything.
+    fn takes_100_then_blocks() -> impl FnMut(RawFd, &[IoSlice<'_>]) -> std::io::Result<usize> {
+        let mut first = true;
+        move |_fd, _slices| {
+            if std::mem::take(&mut first) {
+                Ok(100)
+            } else {
+                Err(std::io::ErrorKind::WouldBlock.into())
+            }
+        }
+    }
+
     fn event(org: &str, source: &str) -> Outgoing {
         Outgoing {
             org_id: org.to_string(),
@@ -1409,19 +1420,8 @@ mod tests {
         let mut r = Registry::new(limits());
         let (a, _) = r.add("org_a", "k", 5).unwrap();
         r.subscribe(a, "events").unwrap();
-        let big = Outgoing {
-            data: format!("{{\"pad\":\"{}\"}}", "x".repeat(5000)).into(),
-            ..event("org_a", "s")
-        };
-        let mut calls = 0;
-        let mut send = |_fd: RawFd, _slices: &[IoSlice<'_>]| {
-            calls += 1;
-            if calls == 1 {
-                Ok(100)
-            } else {
-                Err(std::io::ErrorKind::WouldBlock.into())
-            }
-        };
+        let big = big_event();
+        let mut send = takes_100_then_blocks();
         // Two big messages in one round: the second, behind the partly
         // written first, passes the 4 KiB limit.
         let mut staged = Vec::new();
@@ -1443,18 +1443,8 @@ mod tests {
         let mut r = Registry::new(limits());
         let (a, _) = r.add("org_a", "k", 5).unwrap();
         r.subscribe(a, "events").unwrap();
-        let big = Outgoing {
-            data: format!("{{\"pad\":\"{}\"}}", "x".repeat(5000)).into(),
-            ..event("org_a", "s")
-        };
-        let mut first = true;
-        let mut send = |_fd: RawFd, _slices: &[IoSlice<'_>]| {
-            if std::mem::take(&mut first) {
-                Ok(100)
-            } else {
-                Err(std::io::ErrorKind::WouldBlock.into())
-            }
-        };
+        let big = big_event();
+        let mut send = takes_100_then_blocks();
         publish_with(&mut r, &big, &mut send);
         let conn = r.get(a).unwrap();
         assert_eq!(conn.close, None, "the frame being written is not backlog");
