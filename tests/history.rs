@@ -733,6 +733,20 @@ fn sse_resumes_from_last_event_id() {
 /// the last carries `id:`, so a connection lost between them resumes (like
 /// a browser, from the last id it saw) before that seq and gets both again
 /// instead of losing the second.
+/// (id, seq, channel) of each SSE event.
+fn sse_shape(events: &[(Option<u64>, Value)]) -> Vec<(Option<u64>, u64, &str)> {
+    events
+        .iter()
+        .map(|(id, data)| {
+            (
+                *id,
+                data["seq"].as_u64().unwrap(),
+                data["channel"].as_str().unwrap(),
+            )
+        })
+        .collect()
+}
+
 #[test]
 fn sse_resume_between_two_events_of_one_seq_loses_nothing() {
     let server = ServerBuilder::new().org("org_m").arg("--shards", 2).start();
@@ -746,16 +760,7 @@ fn sse_resume_between_two_events_of_one_seq_loses_nothing() {
     let path = format!("/v1/sse?channels=events,events:s1&token={key}");
     let (mut stream, mut buffer) = open_sse(addr, &path, Some(0));
     let events = read_sse_events(&mut stream, &mut buffer, 4);
-    let shape: Vec<(Option<u64>, u64, &str)> = events
-        .iter()
-        .map(|(id, data)| {
-            (
-                *id,
-                data["seq"].as_u64().unwrap(),
-                data["channel"].as_str().unwrap(),
-            )
-        })
-        .collect();
+    let shape = sse_shape(&events);
     assert_eq!(
         shape,
         vec![
@@ -776,16 +781,7 @@ fn sse_resume_between_two_events_of_one_seq_loses_nothing() {
     assert_eq!(server.publish_ok(&issue("org_m", "i3")), vec![3]);
     assert_eq!(server.publish_ok(&event("org_m", "e4", "s2")), vec![4]);
     let resumed = read_sse_events(&mut stream, &mut buffer, 3);
-    let shape: Vec<(Option<u64>, u64, &str)> = resumed
-        .iter()
-        .map(|(id, data)| {
-            (
-                *id,
-                data["seq"].as_u64().unwrap(),
-                data["channel"].as_str().unwrap(),
-            )
-        })
-        .collect();
+    let shape = sse_shape(&resumed);
     assert_eq!(
         shape,
         vec![
