@@ -180,19 +180,27 @@ impl Shard {
         m.history_bytes_written.store(h.bytes, Ordering::Relaxed);
     }
 
+    /// Connections written between two chances to yield in
+    /// [`Shard::deliver`] and [`Shard::flush_dirty`]. A send costs the
+    /// kernel 6-9 µs on loopback, so a part is about 2 ms: with the 5 ms
+    /// preempt timer, the shard's other connections (pings, other orgs'
+    /// publishes and broadcasts) wait a few ms behind a big broadcast
+    /// instead of the whole walk. With 2,048, another org's ping waited up
+    /// to 47 ms during 10,000-subscriber broadcasts (docs/benchmarks.md).
+    const WALK_PART: usize = 256;
+
     /// Writes every connection with newly queued frames, yielding to the
     /// executor between chunks so one big broadcast can't stall the core.
     pub async fn flush_dirty(&self) {
-        const CHUNK: usize = 2048;
         let dirty = self.registry.borrow_mut().take_dirty();
-        for chunk in dirty.chunks(CHUNK) {
+        for chunk in dirty.chunks(Self::WALK_PART) {
             {
                 let mut registry = self.registry.borrow_mut();
                 for &index in chunk {
                     flush_one(&mut registry, &self.reactor, index);
                 }
             }
-            if chunk.len() == CHUNK {
+            if chunk.len() == Self::WALK_PART {
                 glommio::yield_if_needed().await;
             }
         }
@@ -203,12 +211,11 @@ impl Shard {
     /// connection list at a time with yields between, so one big broadcast
     /// can't stall the core; then ends each (see [`Registry::finish`]).
     pub async fn deliver(&self, staged: Vec<Broadcast>) {
-        const CHUNK: usize = 2048;
         let mut outcome = Delivered::default();
         for broadcast in &staged {
             let mut from = 0;
             loop {
-                let to = (from + CHUNK).min(broadcast.positions);
+                let to = (from + Self::WALK_PART).min(broadcast.positions);
                 {
                     let mut registry = self.registry.borrow_mut();
                     registry.deliver(broadcast, from..to, &mut send_vectored, &mut outcome);

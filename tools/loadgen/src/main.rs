@@ -24,6 +24,7 @@
 //! many connections never exhaust one source address's ephemeral ports.
 
 mod http;
+mod probe;
 mod raw;
 mod stats;
 mod worker;
@@ -95,6 +96,12 @@ enum Command {
         /// Seconds to wait after the last publish for every delivery.
         #[arg(long, default_value_t = 15.0)]
         drain_s: f64,
+        /// Also hold one connection subscribed to nothing that pings every
+        /// N ms while publishing and reports its ping→pong round trips
+        /// (`probe_rtt_us`): how long the server's other connections wait
+        /// behind a broadcast. 0: no probe.
+        #[arg(long, default_value_t = 0)]
+        probe_ms: u64,
     },
     /// Open N connections as fast as the server upgrades them.
     Storm {
@@ -205,6 +212,7 @@ fn main() {
             batch,
             publishers,
             drain_s,
+            probe_ms,
         } => fanout(
             common,
             publish,
@@ -216,6 +224,7 @@ fn main() {
                 batch: batch.max(1),
                 publishers,
                 drain_s,
+                probe_ms,
             },
         ),
         Command::Sendcost {
@@ -494,6 +503,7 @@ struct FanoutPlan {
     batch: usize,
     publishers: usize,
     drain_s: f64,
+    probe_ms: u64,
 }
 
 fn fanout(common: Common, publish: PublishArgs, plan: FanoutPlan) -> Result<String, String> {
@@ -517,6 +527,19 @@ fn fanout(common: Common, publish: PublishArgs, plan: FanoutPlan) -> Result<Stri
             plan.subs
         ));
     }
+    let probe = if plan.probe_ms > 0 {
+        let separator = if common.url.contains('?') { '&' } else { '?' };
+        let url = format!("{}{separator}token={}", common.url, common.token);
+        match probe::Probe::start(&url, Duration::from_millis(plan.probe_ms)) {
+            Ok(probe) => Some(probe),
+            Err(e) => {
+                workers.stop();
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
     let rss_before = MemorySample::take(common.server_pid).rss_bytes;
     let server_cpu_before = process_cpu_seconds(common.server_pid);
     let cpu_before = cpu_seconds();
@@ -531,6 +554,14 @@ fn fanout(common: Common, publish: PublishArgs, plan: FanoutPlan) -> Result<Stri
         plan.publishers,
     );
     let publisher_cpu_s = cpu_seconds() - cpu_before;
+    let probe_rtt = match probe.map(probe::Probe::finish) {
+        None => Value::Null,
+        Some(Ok(rtt)) => rtt.summary(),
+        Some(Err(e)) => {
+            workers.stop();
+            return Err(e);
+        }
+    };
     let outcome = match outcome {
         Ok(outcome) => outcome,
         Err(e) => {
@@ -598,6 +629,7 @@ fn fanout(common: Common, publish: PublishArgs, plan: FanoutPlan) -> Result<Stri
         "zero_loss": lost == 0 && outcome.errors == 0 && received == expected && protocol_errors == 0,
         "delivered_per_s": received as f64 / window_s,
         "latency_us": latency.summary(),
+        "probe_rtt_us": probe_rtt,
         "server_rss_before_bytes": rss_before,
         "server_rss_after_bytes": rss_after,
         "server_cpu_s": server_cpu_s,
