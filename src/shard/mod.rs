@@ -225,6 +225,8 @@ impl Shard {
                 if from >= broadcast.positions {
                     break;
                 }
+                // The shard's other connections get a turn at every part.
+                reactor::serve_ready(self);
                 glommio::yield_if_needed().await;
             }
             self.registry.borrow_mut().finish(broadcast);

@@ -186,6 +186,33 @@ pub async fn run(shard: Rc<Shard>) {
     }
 }
 
+/// Most events [`serve_ready`] takes at once.
+const SERVE_READY_MAX: usize = 64;
+
+/// Handles the shard's connections that are ready right now (at most 64),
+/// without waiting; returns how many there were. A long broadcast walk
+/// calls this between its parts: glommio reaps the reactor's readiness poll
+/// only when it gets control back and submits the next one a turn later,
+/// so a ping that arrives mid-walk would otherwise wait two or three
+/// preemption periods (10-15 ms) instead of one part (about 2 ms).
+pub fn serve_ready(shard: &Shard) -> usize {
+    let mut events = [libc::epoll_event { events: 0, u64: 0 }; SERVE_READY_MAX];
+    // SAFETY: epoll_wait into a stack buffer, without blocking.
+    let ready = unsafe {
+        libc::epoll_wait(
+            shard.reactor.epoll,
+            events.as_mut_ptr(),
+            SERVE_READY_MAX as libc::c_int,
+            0,
+        )
+    };
+    let ready = ready.max(0) as usize;
+    for event in &events[..ready] {
+        on_event(shard, event.events, key_of(event.u64));
+    }
+    ready
+}
+
 fn on_event(shard: &Shard, events: u32, key: ConnKey) {
     let writable = events & libc::EPOLLOUT as u32 != 0;
     let readable =
