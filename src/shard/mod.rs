@@ -180,14 +180,15 @@ impl Shard {
         m.history_bytes_written.store(h.bytes, Ordering::Relaxed);
     }
 
-    /// Connections written between two chances to yield in
-    /// [`Shard::deliver`] and [`Shard::flush_dirty`]. A send costs the
-    /// kernel 6-9 µs on loopback, so a part is about 2 ms: with the 5 ms
-    /// preempt timer, the shard's other connections (pings, other orgs'
-    /// publishes and broadcasts) wait a few ms behind a big broadcast
-    /// instead of the whole walk. With 2,048, another org's ping waited up
-    /// to 47 ms during 10,000-subscriber broadcasts (docs/benchmarks.md).
+    /// Connections written between two turns for the shard's other work
+    /// in [`Shard::deliver`] and [`Shard::flush_dirty`]. A send costs the
+    /// kernel 6-9 µs on loopback, so a part is about 2 ms: the shard's other
+    /// connections (pings, other orgs' subscribers) wait about that long
+    /// behind a big broadcast instead of the whole walk (docs/ARCHITECTURE.md).
     const WALK_PART: usize = 256;
+
+    /// Most ready sockets served between two parts of a walk.
+    const SERVE_BETWEEN_PARTS: usize = 64;
 
     /// Writes every connection with newly queued frames, yielding to the
     /// executor between chunks so one big broadcast can't stall the core.
@@ -212,6 +213,7 @@ impl Shard {
     /// can't stall the core; then ends each (see [`Registry::finish`]).
     pub async fn deliver(&self, staged: Vec<Broadcast>) {
         let mut outcome = Delivered::default();
+        let mut ready = [libc::epoll_event { events: 0, u64: 0 }; Self::SERVE_BETWEEN_PARTS];
         for broadcast in &staged {
             let mut from = 0;
             loop {
@@ -226,7 +228,7 @@ impl Shard {
                     break;
                 }
                 // The shard's other connections get a turn at every part.
-                reactor::serve_ready(self);
+                reactor::serve_ready(self, &mut ready);
                 glommio::yield_if_needed().await;
             }
             self.registry.borrow_mut().finish(broadcast);

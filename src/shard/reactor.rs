@@ -151,16 +151,7 @@ pub async fn run(shard: Rc<Shard>) {
     loop {
         handle_close_requests(&shard);
         let next_deadline = sweep_lingering(&shard);
-        // SAFETY: epoll_wait into our own buffer, without blocking.
-        let ready = unsafe {
-            libc::epoll_wait(
-                shard.reactor.epoll,
-                events.as_mut_ptr(),
-                EVENTS_MAX as libc::c_int,
-                0,
-            )
-        };
-        if ready <= 0 {
+        if serve_ready(&shard, &mut events) == 0 {
             shard.flush_dirty().await;
             let linger = async {
                 match next_deadline {
@@ -178,31 +169,25 @@ pub async fn run(shard: Rc<Shard>) {
             .await;
             continue;
         }
-        for event in &events[..ready as usize] {
-            on_event(&shard, event.events, key_of(event.u64));
-        }
         shard.flush_dirty().await;
         glommio::yield_if_needed().await;
     }
 }
 
-/// Most events [`serve_ready`] takes at once.
-const SERVE_READY_MAX: usize = 64;
-
-/// Handles the shard's connections that are ready right now (at most 64),
-/// without waiting; returns how many there were. A long broadcast walk
-/// calls this between its parts: glommio reaps the reactor's readiness poll
-/// only when it gets control back and submits the next one a turn later,
-/// so a ping that arrives mid-walk would otherwise wait two or three
-/// preemption periods (10-15 ms) instead of one part (about 2 ms).
-pub fn serve_ready(shard: &Shard) -> usize {
-    let mut events = [libc::epoll_event { events: 0, u64: 0 }; SERVE_READY_MAX];
-    // SAFETY: epoll_wait into a stack buffer, without blocking.
+/// Handles the shard's connections that are ready right now (as many as
+/// `events` holds), without waiting; returns how many there were. The
+/// reactor task calls it when glommio reports the epoll set readable, and a
+/// long broadcast walk between its parts (`Shard::deliver`): glommio reaps
+/// the readiness poll only when it gets control back and submits the next
+/// one a turn later, so a ping arriving mid-walk would otherwise wait two
+/// or three preemption periods (10-15 ms) instead of one part (about 2 ms).
+pub fn serve_ready(shard: &Shard, events: &mut [libc::epoll_event]) -> usize {
+    // SAFETY: epoll_wait into the caller's buffer, without blocking.
     let ready = unsafe {
         libc::epoll_wait(
             shard.reactor.epoll,
             events.as_mut_ptr(),
-            SERVE_READY_MAX as libc::c_int,
+            events.len().min(libc::c_int::MAX as usize) as libc::c_int,
             0,
         )
     };
