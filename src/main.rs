@@ -82,7 +82,7 @@ fn api_keys(command: ApiKeysCommand) -> Result<(), String> {
             Ok(())
         }
         ApiKeysCommand::List { json, common } => {
-            let store = KeyStore::new(&config::data_dir_of(&common)?);
+            let store = KeyStore::new(&existing_data_dir(&common)?);
             let file = store.load().map_err(|e| e.to_string())?;
             if json {
                 let rows: Vec<_> = file
@@ -121,7 +121,7 @@ fn api_keys(command: ApiKeysCommand) -> Result<(), String> {
             Ok(())
         }
         ApiKeysCommand::Revoke { id, common } => {
-            let store = KeyStore::new(&config::data_dir_of(&common)?);
+            let store = KeyStore::new(&existing_data_dir(&common)?);
             if store.revoke(&id).map_err(|e| e.to_string())? {
                 eprintln!("revoked {id}");
                 Ok(())
@@ -132,22 +132,60 @@ fn api_keys(command: ApiKeysCommand) -> Result<(), String> {
     }
 }
 
+/// The data directory of a command that only reads it: a missing one is a
+/// mistyped path, not an empty server.
+fn existing_data_dir(common: &config::DataDirArgs) -> Result<std::path::PathBuf, String> {
+    let data_dir = config::data_dir_of(common)?;
+    if !data_dir.is_dir() {
+        return Err(format!(
+            "data directory {} does not exist (give the server's --data-dir)",
+            data_dir.display()
+        ));
+    }
+    Ok(data_dir)
+}
+
+/// The body `hookstream publish` sends: `data` goes as the user's own JSON
+/// text, so every digit of every number is kept (PROTOCOL.md §2).
+#[derive(serde::Serialize)]
+struct PublishBody<'a> {
+    org_id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    collection_id: Option<&'a str>,
+    data: &'a serde_json::value::RawValue,
+}
+
 fn publish(args: PublishArgs) -> Result<(), String> {
     let addr = config::admin_listen_of(&args)?;
-    let data_dir = config::data_dir_of(&args.common)?;
-    let token = hookstream::auth::keys::admin_token(&data_dir).map_err(|e| e.to_string())?;
+    let token = match std::env::var("HOOKSTREAM_ADMIN_TOKEN") {
+        Ok(token) if !token.is_empty() => token,
+        _ => {
+            let data_dir = config::data_dir_of(&args.common)?;
+            hookstream::auth::keys::existing_admin_token(&data_dir)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| {
+                    format!(
+                        "no admin token: {} does not exist; set HOOKSTREAM_ADMIN_TOKEN or give the server's --data-dir",
+                        data_dir.join("admin-token").display()
+                    )
+                })?
+        }
+    };
     let data_text = match args.data.strip_prefix('@') {
         Some(path) => std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?,
         None => args.data.clone(),
     };
-    let data: serde_json::Value =
-        serde_json::from_str(&data_text).map_err(|e| format!("--data is not JSON: {e}"))?;
-    let mut message =
-        serde_json::json!({"org_id": args.org, "type": args.message_type, "data": data});
-    if let Some(collection) = &args.collection_id {
-        message["collection_id"] = serde_json::Value::from(collection.as_str());
-    }
-    let body = message.to_string();
+    let data: Box<serde_json::value::RawValue> =
+        serde_json::from_str(data_text.trim()).map_err(|e| format!("--data is not JSON: {e}"))?;
+    let body = serde_json::to_string(&PublishBody {
+        org_id: &args.org,
+        kind: &args.message_type,
+        collection_id: args.collection_id.as_deref(),
+        data: &data,
+    })
+    .map_err(|e| e.to_string())?;
     let mut stream = std::net::TcpStream::connect(addr)
         .map_err(|e| format!("cannot reach the admin listener at {addr}: {e}"))?;
     let request = format!(

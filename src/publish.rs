@@ -9,6 +9,10 @@
 //! not give the byte span of a sub-value, which is exactly what forwarding
 //! `data` verbatim needs; see docs/ARCHITECTURE.md.)
 
+use std::borrow::Cow;
+use std::cell::Cell;
+
+use serde::de::{Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -42,12 +46,16 @@ impl PublishError {
     }
 }
 
+/// One message's fields. The strings are borrowed from the body unless
+/// they contain escapes (`"org\u005fa"` is the valid JSON for `org_a`).
 #[derive(Deserialize)]
 struct Envelope<'a> {
-    org_id: Option<&'a str>,
-    #[serde(rename = "type")]
-    kind: Option<&'a str>,
-    collection_id: Option<&'a str>,
+    #[serde(borrow)]
+    org_id: Option<Cow<'a, str>>,
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    collection_id: Option<Cow<'a, str>>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
 }
@@ -84,7 +92,7 @@ fn validate(index: usize, raw: &str) -> Result<Outgoing, PublishError> {
     let org_id = envelope
         .org_id
         .ok_or_else(|| PublishError::at(index, "org_id is required"))?;
-    if !crate::auth::keys::is_valid_org_id(org_id) {
+    if !crate::auth::keys::is_valid_org_id(&org_id) {
         return Err(PublishError::at(
             index,
             "org_id must match [A-Za-z0-9_-]{1,64}",
@@ -92,6 +100,7 @@ fn validate(index: usize, raw: &str) -> Result<Outgoing, PublishError> {
     }
     let kind = envelope
         .kind
+        .as_deref()
         .and_then(MessageKind::parse)
         .ok_or_else(|| PublishError::at(index, "type must be event, delivery, issue or sync"))?;
     let data = envelope
@@ -116,17 +125,17 @@ fn validate(index: usize, raw: &str) -> Result<Outgoing, PublishError> {
             let id = envelope
                 .collection_id
                 .ok_or_else(|| PublishError::at(index, "collection_id is required for sync"))?;
-            if !is_valid_id(id) {
+            if !is_valid_id(&id) {
                 return Err(PublishError::at(
                     index,
                     "collection_id must match [A-Za-z0-9_.-]{1,128}",
                 ));
             }
-            Some(id.to_string())
+            Some(id.into_owned())
         }
     };
     Ok(Outgoing {
-        org_id: org_id.to_string(),
+        org_id: org_id.into_owned(),
         kind,
         route_id,
         data: data.get().into(),
@@ -149,8 +158,7 @@ pub fn parse_body(body: &[u8], ndjson: bool) -> Result<Vec<Outgoing>, PublishErr
     }
     let trimmed = text.trim_start();
     if trimmed.starts_with('[') {
-        let items: Vec<&RawValue> = serde_json::from_str(text)
-            .map_err(|e| PublishError::at(0, format!("invalid JSON: {e}")))?;
+        let items = parse_array(text)?;
         items
             .iter()
             .enumerate()
@@ -162,6 +170,46 @@ pub fn parse_body(body: &[u8], ndjson: bool) -> Result<Vec<Outgoing>, PublishErr
             .map_err(|e| PublishError::at(0, format!("invalid JSON: {e}")))?;
         Ok(vec![validate(0, raw.get())?])
     }
+}
+
+/// The elements of a JSON array body, each as its own text; a syntax error
+/// is reported at the index of the element it is in.
+fn parse_array(text: &str) -> Result<Vec<&RawValue>, PublishError> {
+    struct Elements<'c> {
+        parsed: &'c Cell<usize>,
+    }
+    impl<'de> Visitor<'de> for Elements<'_> {
+        type Value = Vec<&'de RawValue>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON array")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element::<&'de RawValue>()? {
+                items.push(item);
+                self.parsed.set(items.len());
+            }
+            Ok(items)
+        }
+    }
+    let parsed = Cell::new(0);
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let items = deserializer
+        .deserialize_seq(Elements { parsed: &parsed })
+        .and_then(|items| deserializer.end().map(|()| items))
+        .map_err(|e| PublishError::at(parsed.get(), format!("invalid JSON: {e}")))?;
+    Ok(items)
+}
+
+/// True for a `Content-Type` whose media type is `application/x-ndjson`
+/// (compared without case, parameters after `;` ignored).
+pub fn is_ndjson(content_type: &[u8]) -> bool {
+    let media = content_type
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    media.eq_ignore_ascii_case(b"application/x-ndjson")
 }
 
 #[cfg(test)]
@@ -208,6 +256,37 @@ mod tests {
                 err.reason
             );
         }
+    }
+
+    #[test]
+    fn escaped_strings_are_decoded() {
+        let body = br#"{"org_id":"org\u005fa","type":"ev\u0065nt","data":{"source_id":"s"}}"#;
+        let parsed = parse_body(body, false).unwrap();
+        assert_eq!(parsed[0].org_id, "org_a");
+        assert_eq!(parsed[0].kind, MessageKind::Event);
+        let sync = br#"{"org_id":"o","type":"sync","collection_id":"col\u005f1","data":{}}"#;
+        assert_eq!(
+            parse_body(sync, false).unwrap()[0].route_id.as_deref(),
+            Some("col_1")
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_in_an_array_is_reported_at_its_element() {
+        let body = br#"[{"org_id":"o","type":"issue","data":{}},{"org_id":"o","type":"issue","data":{}},{"org_id":"o","type":"issue","data":{]"#;
+        let err = parse_body(body, false).unwrap_err();
+        assert_eq!(err.index, 2, "{}", err.reason);
+        assert!(err.reason.contains("invalid JSON"));
+        let trailing = br#"[{"org_id":"o","type":"issue","data":{}}] x"#;
+        assert!(parse_body(trailing, false).is_err());
+    }
+
+    #[test]
+    fn ndjson_media_type_is_matched_without_case_or_parameters() {
+        assert!(is_ndjson(b"application/x-ndjson"));
+        assert!(is_ndjson(b"Application/X-NDJSON; charset=utf-8"));
+        assert!(!is_ndjson(b"application/x-ndjsonx"));
+        assert!(!is_ndjson(b"application/json"));
     }
 
     #[test]

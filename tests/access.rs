@@ -934,8 +934,8 @@ fn failed_authentications_per_ip_are_limited() {
             other => panic!("unexpected status {other}"),
         }
     }
-    // Whichever shard takes a connection, no more than the limit gets
-    // through to a key check.
+    // Whichever shard takes a connection, no more than the limit of
+    // failures is answered 401; the rest get 429.
     assert!(
         unauthorized <= 4,
         "{unauthorized} failures answered 401, limit 4"
@@ -950,6 +950,27 @@ fn failed_authentications_per_ip_are_limited() {
         b"",
     );
     assert!(matches!(whoami.status, 401 | 429), "{}", whoami.status);
+    if whoami.status == 429 {
+        assert_eq!(whoami.header("Retry-After"), Some("1"));
+    }
+    // A valid key from the same address is still let in: clients behind
+    // one NAT are not locked out by one that keeps failing.
+    for _ in 0..4 {
+        let (status, head) = upgrade_status(
+            server.ws_addr,
+            &format!("/v1/ws?token={}", server.key("org_a")),
+            &[],
+        );
+        assert_eq!(status, 101, "{head}");
+    }
+    let poll = http_request(
+        server.ws_addr,
+        "GET",
+        &format!("/v1/poll?channels=events&token={}", server.key("org_a")),
+        &[],
+        b"",
+    );
+    assert_eq!(poll.status, 200, "{}", poll.text());
 }
 
 #[test]

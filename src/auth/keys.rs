@@ -388,6 +388,18 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         == 0
 }
 
+/// The admin token stored in `<data-dir>/admin-token`, if there is one
+/// (never creates it: for clients of a running server).
+pub fn existing_admin_token(data_dir: &Path) -> Result<Option<String>, KeyStoreError> {
+    let path = data_dir.join("admin-token");
+    match fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => Ok(Some(text.trim().to_string())),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_error(&path)(e)),
+    }
+}
+
 /// The admin token: `HOOKSTREAM_ADMIN_TOKEN`, or `<data-dir>/admin-token`,
 /// generated once with mode 0600.
 pub fn admin_token(data_dir: &Path) -> Result<String, KeyStoreError> {
@@ -396,13 +408,10 @@ pub fn admin_token(data_dir: &Path) -> Result<String, KeyStoreError> {
             return Ok(token);
         }
     }
-    let path = data_dir.join("admin-token");
-    match fs::read_to_string(&path) {
-        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_error(&path)(e)),
+    if let Some(token) = existing_admin_token(data_dir)? {
+        return Ok(token);
     }
+    let path = data_dir.join("admin-token");
     fs::create_dir_all(data_dir).map_err(io_error(data_dir))?;
     let token = generate_token();
     let out = OpenOptions::new()

@@ -172,8 +172,12 @@ fn check_cookie(shard: &Shard, cookie: &str) -> Result<Principal, u16> {
     }
 }
 
-/// The common path: failed-authentication limit, credentials in order,
-/// origin rule for cookies, bookkeeping.
+/// The common path: credentials in order, origin rule for cookies,
+/// failed-authentication limit, bookkeeping. A valid credential is always
+/// accepted, so clients sharing an address (NAT) with one that keeps
+/// failing are not locked out; a failure from an address over its limit
+/// is answered 429 instead of 401 (keys are 256-bit random and cookies
+/// HMAC-signed, so the limit is about load, not guessing).
 fn authenticate(
     shard: &Shard,
     presented: Presented<'_>,
@@ -181,11 +185,6 @@ fn authenticate(
     surface: Surface,
 ) -> Result<Principal, u16> {
     let now = Instant::now();
-    if let Some(ip) = peer {
-        if !shard.access.auth_failures.borrow_mut().has_token(ip, now) {
-            return Err(429);
-        }
-    }
     let result = if let Some(key) = presented.key.as_deref() {
         check_key(shard, key)
     } else if let Some(cookie) = presented.cookie {
@@ -210,7 +209,9 @@ fn authenticate(
         Ok(principal) => shard.access.note_used(&principal.key_id),
         Err(_) => {
             if let Some(ip) = peer {
-                shard.access.auth_failures.borrow_mut().take(ip, now);
+                if !shard.access.auth_failures.borrow_mut().take(ip, now) {
+                    return Err(429);
+                }
             }
         }
     }

@@ -100,7 +100,7 @@ fn parse_request(shard: &Shard, buffer: &[u8]) -> Result<Option<Request>, ReadEr
                 });
             let ndjson = head
                 .header("content-type")
-                .is_some_and(|t| t.starts_with(b"application/x-ndjson"));
+                .is_some_and(crate::publish::is_ndjson);
             Ok(Some(Request {
                 method: head.method.to_string(),
                 path: head.path.to_string(),

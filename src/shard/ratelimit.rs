@@ -127,20 +127,6 @@ impl IpBuckets {
         }
     }
 
-    /// True when `ip` has at least one token, without taking it.
-    pub fn has_token(&mut self, ip: IpAddr, now: Instant) -> bool {
-        let Some(limit) = self.limit else {
-            return true;
-        };
-        match self.table.get_mut(&bucket_key(ip)) {
-            None => true,
-            Some(state) => {
-                Self::refill(limit, state, now);
-                state.tokens >= 1.0
-            }
-        }
-    }
-
     /// Addresses tracked now.
     pub fn len(&self) -> usize {
         self.table.len()
@@ -175,7 +161,6 @@ mod tests {
             assert!(buckets.take(ip("10.0.0.1"), start));
         }
         assert!(!buckets.take(ip("10.0.0.1"), start));
-        assert!(!buckets.has_token(ip("10.0.0.1"), start));
         // Another address has its own bucket.
         assert!(buckets.take(ip("10.0.0.2"), start));
         // Half a second later one token is back, and only one.

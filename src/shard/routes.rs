@@ -102,10 +102,18 @@ pub async fn respond(
     }
 }
 
-/// Writes a JSON error `{"error":…}` and keeps the connection.
+/// Writes a JSON error `{"error":…}` and keeps the connection. A 429 (a
+/// source address over a limit) says when to come back: the limits refill
+/// by the second.
 pub async fn respond_error(stream: &mut TcpStream, status: u16, headers: &[(&str, &str)]) -> After {
     let mut out = Vec::with_capacity(256);
-    http::write_error(&mut out, status, headers);
+    if status == 429 {
+        let mut with_retry = headers.to_vec();
+        with_retry.push(("Retry-After", "1"));
+        http::write_error(&mut out, status, &with_retry);
+    } else {
+        http::write_error(&mut out, status, headers);
+    }
     match stream.write_all(&out).await {
         Ok(()) => After::KeepAlive,
         Err(_) => After::Close,
@@ -122,13 +130,17 @@ pub async fn serve(
 ) {
     let peer = stream.peer_addr().ok();
     loop {
-        // Complete the head (the first one is complete on entry).
-        let deadline = Instant::now()
-            + Duration::from_millis(if filled == 0 {
-                KEEP_ALIVE_IDLE_MS
+        // Complete the head (the first one is complete on entry). An idle
+        // keep-alive connection may wait 30 s for its next request; once a
+        // byte of it arrived, the request has 10 s like any head
+        // (PROTOCOL.md §6), and running out of it is answered 408.
+        let head_timeout = Duration::from_millis(HEAD_TIMEOUT_MS);
+        let mut deadline = Instant::now()
+            + if filled == 0 {
+                Duration::from_millis(KEEP_ALIVE_IDLE_MS)
             } else {
-                HEAD_TIMEOUT_MS
-            });
+                head_timeout
+            };
         let (request, used) = loop {
             let parsed = {
                 let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
@@ -169,12 +181,23 @@ pub async fn serve(
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
+                request_timeout(&mut stream, filled).await;
                 return;
             }
             let _ = stream.set_read_timeout(Some(left));
             match stream.read(&mut buffer[filled..]).await {
-                Ok(0) | Err(_) => return,
-                Ok(read) => filled += read,
+                Ok(0) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    request_timeout(&mut stream, filled).await;
+                    return;
+                }
+                Err(_) => return,
+                Ok(read) => {
+                    if filled == 0 {
+                        deadline = deadline.min(Instant::now() + head_timeout);
+                    }
+                    filled += read;
+                }
             }
         };
         let _ = stream.set_read_timeout(None);
@@ -192,6 +215,16 @@ pub async fn serve(
         if buffer.len() > super::READ_BUFFER_BYTES && filled <= super::READ_BUFFER_BYTES {
             buffer.truncate(super::READ_BUFFER_BYTES);
         }
+    }
+}
+
+/// A request that did not arrive whole in time: 408 when any of it came
+/// (PROTOCOL.md §6); a connection that sent nothing is just closed.
+async fn request_timeout(stream: &mut TcpStream, filled: usize) {
+    if filled > 0 {
+        let mut out = Vec::new();
+        http::write_error(&mut out, 408, &[("Connection", "close")]);
+        let _ = stream.write_all(&out).await;
     }
 }
 
