@@ -7,8 +7,9 @@
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
-use common::{issue, sync, Client, Server, ServerBuilder, STEP_TIMEOUT};
+use common::{issue, sync, Client, Received, Server, ServerBuilder, STEP_TIMEOUT};
 use serde_json::{json, Value};
 
 /// Sends `subscribe` with `after` and returns the reply (checked to be the
@@ -270,4 +271,127 @@ fn resubscribe_with_after_keeps_the_subscription_count_and_channel_bits() {
     ]));
     assert_eq!(next_seqs(&mut client, "issues", 1), vec![next[1]]);
     client.ping_pong();
+}
+
+fn expect_error(client: &mut Client, text: &str, code: &str, message: &str, channel: Option<&str>) {
+    client.send_text(text);
+    let reply = client.next_json(STEP_TIMEOUT);
+    let mut expected = json!({"type":"error","code":code,"message":message});
+    if let Some(channel) = channel {
+        expected["channel"] = json!(channel);
+    }
+    assert_eq!(reply, expected, "answer to {text}");
+}
+
+const AFTER_MESSAGE: &str = "after must be a seq: an integer from 0 to 18446744073709551615";
+
+/// Valid JSON objects whose fields have the wrong type are not "not a JSON
+/// object": the code and message name the field.
+#[test]
+fn wrong_typed_fields_get_the_error_that_names_them() {
+    let server = Server::start(&["org_e"]);
+    let mut client = server.connect("org_e");
+    let types = "type must be a string: subscribe, unsubscribe or ping";
+    for text in [
+        r#"{"type":5}"#,
+        r#"{"type":true,"channel":"events"}"#,
+        r#"{"type":{"subscribe":1},"channel":"events"}"#,
+        r#"{"type":["subscribe"],"channel":"events"}"#,
+    ] {
+        expect_error(&mut client, text, "unknown_type", types, None);
+    }
+    // An unknown type wins over a bad field: the type decides the fields.
+    expect_error(
+        &mut client,
+        r#"{"type":"dance","channel":5,"after":"x"}"#,
+        "unknown_type",
+        "type must be subscribe, unsubscribe or ping",
+        None,
+    );
+    for text in [
+        r#"{"type":"subscribe","channel":5}"#,
+        r#"{"type":"subscribe","channel":["events"]}"#,
+        r#"{"type":"unsubscribe","channel":{"name":"events"}}"#,
+        r#"{"type":"subscribe","channel":5,"after":"10"}"#,
+    ] {
+        expect_error(
+            &mut client,
+            text,
+            "unknown_channel",
+            "channel must be a string",
+            None,
+        );
+    }
+    for after in [
+        r#""10""#,
+        "-1",
+        "1.5",
+        "1e3",
+        "18446744073709551616",
+        "true",
+        "[10]",
+    ] {
+        let text = format!(r#"{{"type":"subscribe","channel":"issues","after":{after}}}"#);
+        expect_error(
+            &mut client,
+            &text,
+            "invalid_json",
+            AFTER_MESSAGE,
+            Some("issues"),
+        );
+    }
+    // None of them subscribed anything, and the connection is open.
+    client.ping_pong();
+    let seq = server.publish_ok(&issue("org_e", "i"))[0];
+    client.subscribe("issues");
+    let later = server.publish_ok(&issue("org_e", "j"))[0];
+    assert!(later > seq);
+    assert_eq!(next_seqs(&mut client, "issues", 1), vec![later]);
+    // The largest seq is a valid `after`.
+    let ack = subscribe_after(&mut client, "issues", u64::MAX);
+    assert_eq!(ack["recovered"], true, "{ack}");
+    client.ping_pong();
+}
+
+/// The new answers still count as bad messages: 20 in a row close with 1008.
+#[test]
+fn twenty_wrong_typed_messages_in_a_row_close_with_1008() {
+    let server = Server::start(&["org_e"]);
+    let mut client = server.connect("org_e");
+    let bad = [
+        r#"{"type":5}"#,
+        r#"{"type":"subscribe","channel":5}"#,
+        r#"{"type":"subscribe","channel":"issues","after":"10"}"#,
+        r#"{"type":"subscribe","channel":"issues","after":-1}"#,
+    ];
+    // 19 in a row are answered; a good message resets the count.
+    for i in 0..19 {
+        client.send_text(bad[i % bad.len()]);
+        let reply = client.next_json(STEP_TIMEOUT);
+        assert_eq!(reply["type"], "error", "{reply}");
+        assert_ne!(reply["message"], "message is not a JSON object", "{reply}");
+    }
+    client.ping_pong();
+    for i in 0..20 {
+        client.send_text(bad[i % bad.len()]);
+    }
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let mut errors = 0;
+    let code = loop {
+        match client.recv(deadline.saturating_duration_since(Instant::now())) {
+            Received::Json { value, .. } => {
+                assert_eq!(value["type"], "error", "{value}");
+                assert_ne!(value["message"], "message is not a JSON object", "{value}");
+                errors += 1;
+            }
+            Received::Close(code) => break code,
+            other => panic!("expected a close, got {other:?}"),
+        }
+    };
+    assert_eq!(code, 1008);
+    // The 20th may or may not be answered before the close.
+    assert!(
+        (19..=20).contains(&errors),
+        "{errors} answers before the close"
+    );
 }
