@@ -439,6 +439,9 @@ pub struct ReplayJob {
     pub channel: String,
     /// Replay messages with a larger seq.
     pub after: u64,
+    /// Set by [`History::start_replay`]: tells this replay from a later one
+    /// of the same connection and channel that replaced it.
+    pub id: u64,
 }
 
 /// One shard's history.
@@ -459,8 +462,11 @@ pub struct History {
     replay_jobs: RefCell<VecDeque<ReplayJob>>,
     /// Wakes the replay worker.
     replay_notify: Notify,
-    /// (connection, channel) pairs being replayed.
-    replaying: RefCell<AHashSet<(crate::registry::ConnKey, String)>>,
+    /// (connection, channel) pairs being replayed, with the id of the
+    /// replay in charge (a later subscribe with `after` replaces it).
+    replaying: RefCell<AHashMap<(crate::registry::ConnKey, String), u64>>,
+    /// Id of the next replay.
+    next_replay_id: Cell<u64>,
     /// Counters.
     pub counters: Cell<HistoryCounters>,
 }
@@ -592,7 +598,8 @@ impl History {
                 delivered_notify: Notify::default(),
                 replay_jobs: RefCell::new(VecDeque::new()),
                 replay_notify: Notify::default(),
-                replaying: RefCell::new(AHashSet::new()),
+                replaying: RefCell::new(AHashMap::new()),
+                next_replay_id: Cell::new(0),
                 counters: Cell::new(HistoryCounters::default()),
             },
             seqs,
@@ -856,11 +863,16 @@ impl History {
         items.into_iter().flatten().collect()
     }
 
-    /// Queues a replay for the replay worker and marks it in progress.
-    pub fn start_replay(&self, job: ReplayJob) {
+    /// Queues a replay for the replay worker and marks it in progress; a
+    /// replay of the same connection and channel still in progress is
+    /// replaced (it stops at its next step, see [`History::is_current_replay`]).
+    pub fn start_replay(&self, mut job: ReplayJob) {
+        let id = self.next_replay_id.get();
+        self.next_replay_id.set(id + 1);
+        job.id = id;
         self.replaying
             .borrow_mut()
-            .insert((job.key, job.channel.clone()));
+            .insert((job.key, job.channel.clone()), id);
         self.replay_jobs.borrow_mut().push_back(job);
         self.replay_notify.notify();
     }
@@ -869,14 +881,29 @@ impl History {
     pub fn is_replaying(&self, key: crate::registry::ConnKey, channel: &str) -> bool {
         self.replaying
             .borrow()
-            .contains(&(key, channel.to_string()))
+            .contains_key(&(key, channel.to_string()))
+    }
+
+    /// True while `job` is the replay in charge of its connection and
+    /// channel: not cancelled, not replaced by a later one.
+    pub fn is_current_replay(&self, job: &ReplayJob) -> bool {
+        self.replaying.borrow().get(&(job.key, job.channel.clone())) == Some(&job.id)
+    }
+
+    /// Ends `job`'s replay, unless a later one replaced it.
+    pub fn end_replay(&self, job: &ReplayJob) {
+        if self.is_current_replay(job) {
+            self.replaying
+                .borrow_mut()
+                .remove(&(job.key, job.channel.clone()));
+        }
     }
 
     /// Replays in progress for `key` (they count as subscriptions).
     pub fn replays_of(&self, key: crate::registry::ConnKey) -> usize {
         self.replaying
             .borrow()
-            .iter()
+            .keys()
             .filter(|(k, _)| *k == key)
             .count()
     }
@@ -886,6 +913,7 @@ impl History {
         self.replaying
             .borrow_mut()
             .remove(&(key, channel.to_string()))
+            .is_some()
     }
 }
 

@@ -46,6 +46,15 @@ fn too_many(channel: &str, max: usize) -> Frame {
 /// being replayed) for a connection of this shard. `channel` is valid.
 /// `Ok` is the `subscribed` reply (queued before any replayed message),
 /// `Err` an error reply.
+///
+/// `after` means the same whatever the connection's state: every retained
+/// message of the channel above it, then live. So on a channel already
+/// live, its live delivery to this connection stops here (before any later
+/// broadcast is walked) and a replay starts, which switches back to live
+/// as a fresh one does; on a channel being replayed, the replay in progress
+/// is replaced by one from the new `after`. Neither changes the number of
+/// subscriptions. A plain `subscribe` of a subscribed or replayed channel
+/// only answers `subscribed`.
 pub fn subscribe(
     shard: &Shard,
     key: ConnKey,
@@ -53,35 +62,40 @@ pub fn subscribe(
     after: Option<u64>,
 ) -> Result<Frame, Frame> {
     let history = &shard.history;
-    let registry = shard.registry.borrow();
+    let mut registry = shard.registry.borrow_mut();
     let Some(conn) = registry.get(key) else {
         return Ok(subscribed(channel, after.map(|_| true)));
     };
     let org = &registry.orgs[conn.org as usize];
     let org_id = org.id.clone();
-    let already = org
+    let live = org
         .channels
         .lookup(channel)
         .is_some_and(|bit| conn.has(bit));
-    if already || history.is_replaying(key, channel) {
-        // Subscribing twice is harmless: no second replay.
-        return Ok(subscribed(channel, after.map(|_| true)));
-    }
-    let max = registry.limits.subscriptions_max;
-    if conn.subscription_count as usize + history.replays_of(key) >= max {
-        return Err(too_many(channel, max));
-    }
+    let replaying = history.is_replaying(key, channel);
     let Some(after) = after else {
-        // Only reached for a channel being replayed (handled above).
+        // Subscribing twice is harmless. (Only reached for a channel being
+        // replayed; a plain subscribe of anything else goes to the registry.)
         return Ok(subscribed(channel, None));
     };
+    if !live && !replaying {
+        let max = registry.limits.subscriptions_max;
+        if conn.subscription_count as usize + history.replays_of(key) >= max {
+            return Err(too_many(channel, max));
+        }
+    }
     let recovered = after >= history.trimmed_through(&org_id);
+    if live {
+        // The replay counts in its place until it switches back to live.
+        registry.unsubscribe(key, channel);
+    }
     drop(registry);
     history.start_replay(ReplayJob {
         key,
         org_id,
         channel: channel.to_string(),
         after,
+        id: 0,
     });
     Ok(subscribed(channel, Some(recovered)))
 }
@@ -99,9 +113,10 @@ pub async fn worker(shard: Rc<Shard>) {
     }
 }
 
-/// True while the replay should go on (connection open, not unsubscribed).
+/// True while the replay should go on (connection open, not unsubscribed,
+/// not replaced by a later subscribe with `after`).
 fn wanted(shard: &Shard, job: &ReplayJob) -> bool {
-    shard.history.is_replaying(job.key, &job.channel)
+    shard.history.is_current_replay(job)
         && shard
             .registry
             .borrow()
@@ -161,7 +176,7 @@ async fn run(shard: Rc<Shard>, job: ReplayJob) {
     let mut last = job.after;
     loop {
         if !wanted(&shard, &job) {
-            history.cancel_replay(job.key, &job.channel);
+            history.end_replay(&job);
             return;
         }
         if shard.registry.borrow().is_delivering(&job.org_id) {
@@ -188,7 +203,7 @@ async fn run(shard: Rc<Shard>, job: ReplayJob) {
                 // The switch to live: no await from here to the subscription.
                 {
                     let mut registry = shard.registry.borrow_mut();
-                    history.cancel_replay(job.key, &job.channel);
+                    history.end_replay(&job);
                     for item in &rest {
                         registry.enqueue(job.key.index, &frame_of(&job, item));
                     }
@@ -204,7 +219,7 @@ async fn run(shard: Rc<Shard>, job: ReplayJob) {
             // Too much to queue at once: send part of it paced, then retry.
             let part = rest.len().min(REPLAY_CHUNK_MESSAGES);
             if !queue_paced(&shard, &job, &rest[..part]).await {
-                history.cancel_replay(job.key, &job.channel);
+                history.end_replay(&job);
                 return;
             }
             last = rest[part - 1].seq;
@@ -214,7 +229,7 @@ async fn run(shard: Rc<Shard>, job: ReplayJob) {
             .read_forward(&job.org_id, last, committed, REPLAY_CHUNK_MESSAGES, &filter)
             .await;
         if !queue_paced(&shard, &job, &items).await {
-            history.cancel_replay(job.key, &job.channel);
+            history.end_replay(&job);
             return;
         }
         last = scanned;

@@ -6,6 +6,7 @@
 use std::borrow::Cow;
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use super::Shard;
 use crate::limits::BAD_MESSAGES_IN_A_ROW_MAX;
@@ -86,13 +87,126 @@ pub fn handle(shard: &Shard, key: ConnKey, message: Message<'_>) -> Option<Outco
     }
 }
 
+/// A client message's fields, each kept as raw JSON so that a field of the
+/// wrong type gets its own error (the serde derive would reject the whole
+/// message). Other fields are ignored; a `null` field counts as absent.
 #[derive(Deserialize)]
-struct ClientMessage<'a> {
+struct RawClientMessage<'a> {
     #[serde(rename = "type", borrow)]
-    kind: Option<Cow<'a, str>>,
+    kind: Option<&'a RawValue>,
     #[serde(borrow)]
-    channel: Option<Cow<'a, str>>,
-    after: Option<u64>,
+    channel: Option<&'a RawValue>,
+    #[serde(borrow)]
+    after: Option<&'a RawValue>,
+}
+
+/// A JSON string, borrowed from the message when it has no escapes.
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+fn as_text(raw: &RawValue) -> Option<Cow<'_, str>> {
+    serde_json::from_str::<Text<'_>>(raw.get())
+        .ok()
+        .map(|text| text.0)
+}
+
+/// What a client asked for, once its fields have the right types.
+enum ClientMessage<'a> {
+    Ping,
+    Subscribe {
+        channel: Cow<'a, str>,
+        after: Option<u64>,
+    },
+    Unsubscribe {
+        channel: Cow<'a, str>,
+    },
+}
+
+const TYPES: &str = "type must be subscribe, unsubscribe or ping";
+
+/// Reads a client message; `Err` is the error reply. The type decides which
+/// other fields matter: `ping` ignores `channel` and `after`, `unsubscribe`
+/// ignores `after`.
+fn parse_client_message(text: &str) -> Result<ClientMessage<'_>, Frame> {
+    if !looks_like_object(text) {
+        return Err(error_reply(
+            "invalid_json",
+            "message is not a JSON object",
+            None,
+        ));
+    }
+    let raw = match serde_json::from_str::<RawClientMessage<'_>>(text) {
+        Ok(raw) => raw,
+        Err(e) if e.is_data() => {
+            // With every field raw, only a repeated field is a data error.
+            return Err(error_reply(
+                "invalid_json",
+                "message has a repeated field",
+                None,
+            ));
+        }
+        Err(_) => {
+            return Err(error_reply(
+                "invalid_json",
+                "message is not a JSON object",
+                None,
+            ))
+        }
+    };
+    let Some(kind) = raw.kind else {
+        return Err(error_reply(
+            "unknown_type",
+            "type is required; it must be subscribe, unsubscribe or ping",
+            None,
+        ));
+    };
+    let Some(kind) = as_text(kind) else {
+        return Err(error_reply(
+            "unknown_type",
+            "type must be a string: subscribe, unsubscribe or ping",
+            None,
+        ));
+    };
+    let subscribe = match kind.as_ref() {
+        "ping" => return Ok(ClientMessage::Ping),
+        "subscribe" => true,
+        "unsubscribe" => false,
+        _ => return Err(error_reply("unknown_type", TYPES, None)),
+    };
+    let Some(channel) = raw.channel else {
+        return Err(error_reply("unknown_channel", "channel is required", None));
+    };
+    let Some(channel) = as_text(channel) else {
+        return Err(error_reply(
+            "unknown_channel",
+            "channel must be a string",
+            None,
+        ));
+    };
+    if !is_valid_channel(&channel) {
+        return Err(error_reply(
+            "unknown_channel",
+            "no such channel",
+            Some(&channel),
+        ));
+    }
+    if !subscribe {
+        return Ok(ClientMessage::Unsubscribe { channel });
+    }
+    let after = match raw.after {
+        None => None,
+        Some(after) => match serde_json::from_str::<u64>(after.get()) {
+            Ok(after) => Some(after),
+            Err(_) => {
+                return Err(error_reply(
+                    "invalid_json",
+                    "after must be a seq: an integer from 0 to 18446744073709551615",
+                    Some(&channel),
+                ))
+            }
+        },
+    };
+    Ok(ClientMessage::Subscribe { channel, after })
 }
 
 /// True for the channel names of PROTOCOL.md §2.
@@ -134,19 +248,8 @@ fn looks_like_object(text: &str) -> bool {
 }
 
 fn handle_text(shard: &Shard, key: ConnKey, text: &str) -> Option<Outcome> {
-    let parsed = if looks_like_object(text) {
-        serde_json::from_str::<ClientMessage<'_>>(text).ok()
-    } else {
-        None
-    };
-    let answer = match parsed {
-        None => Err(error_reply(
-            "invalid_json",
-            "message is not a JSON object",
-            None,
-        )),
-        Some(message) => client_message(shard, key, &message),
-    };
+    let answer =
+        parse_client_message(text).and_then(|message| client_message(shard, key, &message));
     let mut registry = shard.registry.borrow_mut();
     let conn = registry.get_mut(key)?;
     let frame = match answer {
@@ -173,34 +276,14 @@ fn client_message(
     key: ConnKey,
     message: &ClientMessage<'_>,
 ) -> Result<Frame, Frame> {
-    let kind = message.kind.as_deref().unwrap_or("");
-    match kind {
-        "ping" => Ok(reply(r#"{"type":"pong"}"#)),
-        "subscribe" | "unsubscribe" => {
-            let Some(channel) = message.channel.as_deref() else {
-                return Err(error_reply("unknown_channel", "channel is required", None));
-            };
-            if !is_valid_channel(channel) {
-                return Err(error_reply(
-                    "unknown_channel",
-                    "no such channel",
-                    Some(channel),
-                ));
-            }
-            if kind == "subscribe"
-                && (message.after.is_some() || shard.history.is_replaying(key, channel))
-            {
+    match message {
+        ClientMessage::Ping => Ok(reply(r#"{"type":"pong"}"#)),
+        ClientMessage::Subscribe { channel, after } => {
+            if after.is_some() || shard.history.is_replaying(key, channel) {
                 // Replay from history first, then live (history::replay).
-                return crate::history::replay::subscribe(shard, key, channel, message.after);
+                return crate::history::replay::subscribe(shard, key, channel, *after);
             }
             let mut registry = shard.registry.borrow_mut();
-            if kind == "unsubscribe" {
-                shard.history.cancel_replay(key, channel);
-                registry.unsubscribe(key, channel);
-                return Ok(reply(&format!(
-                    r#"{{"type":"unsubscribed","channel":"{channel}"}}"#
-                )));
-            }
             match registry.subscribe(key, channel) {
                 Err(SubscribeError::TooMany) => Err(error_reply(
                     "too_many_subscriptions",
@@ -215,10 +298,12 @@ fn client_message(
                 ))),
             }
         }
-        _ => Err(error_reply(
-            "unknown_type",
-            "type must be subscribe, unsubscribe or ping",
-            None,
-        )),
+        ClientMessage::Unsubscribe { channel } => {
+            shard.history.cancel_replay(key, channel);
+            shard.registry.borrow_mut().unsubscribe(key, channel);
+            Ok(reply(&format!(
+                r#"{{"type":"unsubscribed","channel":"{channel}"}}"#
+            )))
+        }
     }
 }
