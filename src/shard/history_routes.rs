@@ -193,6 +193,7 @@ fn push_envelope(out: &mut Vec<u8>, envelope: &Envelope) {
 /// and gets all of its events again (at least once) instead of losing the
 /// rest, as `Last-Event-ID: seq` would mean "all of seq seen".
 fn push_sse_events(out: &mut Vec<u8>, envelopes: &[Envelope]) {
+    let mut envelope_text = Vec::new();
     for (i, envelope) in envelopes.iter().enumerate() {
         let last_of_seq = envelopes
             .get(i + 1)
@@ -202,10 +203,32 @@ fn push_sse_events(out: &mut Vec<u8>, envelopes: &[Envelope]) {
             push_u64(out, envelope.seq);
             out.push(b'\n');
         }
-        out.extend_from_slice(b"data: ");
-        push_envelope(out, envelope);
-        out.extend_from_slice(b"\n\n");
+        envelope_text.clear();
+        push_envelope(&mut envelope_text, envelope);
+        push_sse_data(out, &envelope_text);
+        out.push(b'\n');
     }
+}
+
+/// `payload` as SSE `data:` lines: one per line of it. `data` is the
+/// publisher's JSON text forwarded as is, so it may hold line breaks
+/// (pretty-printed JSON); a break inside a `data:` line would end the field
+/// there (and an empty line the event). The SSE parser splits on CRLF, LF
+/// and CR and joins the `data:` lines of an event with LF, so the client
+/// gets the text back with each break as LF: the same JSON value, since a
+/// raw line break can only be whitespace between JSON tokens (inside a
+/// string it must be escaped).
+fn push_sse_data(out: &mut Vec<u8>, payload: &[u8]) {
+    out.extend_from_slice(b"data: ");
+    let mut rest = payload;
+    while let Some(at) = rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(b"\ndata: ");
+        let crlf = rest[at] == b'\r' && rest.get(at + 1) == Some(&b'\n');
+        rest = &rest[at + if crlf { 2 } else { 1 }..];
+    }
+    out.extend_from_slice(rest);
+    out.push(b'\n');
 }
 
 async fn poll(
@@ -391,4 +414,27 @@ async fn list(
         &body,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_sse_data;
+
+    fn sse(payload: &str) -> String {
+        let mut out = Vec::new();
+        push_sse_data(&mut out, payload.as_bytes());
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn every_line_of_the_payload_is_its_own_data_line() {
+        assert_eq!(sse(r#"{"a":1}"#), "data: {\"a\":1}\n");
+        assert_eq!(
+            sse("{\n  \"a\": 1\n}"),
+            "data: {\ndata:   \"a\": 1\ndata: }\n"
+        );
+        assert_eq!(sse("{\r\n\r\n1\r}"), "data: {\ndata: \ndata: 1\ndata: }\n");
+        assert_eq!(sse("{\n\r}"), "data: {\ndata: \ndata: }\n");
+        assert_eq!(sse(""), "data: \n");
+    }
 }
