@@ -1,9 +1,11 @@
-//! Server-Sent Events against the contract (PROTOCOL.md §2, §4), over real
-//! sockets against a real server process:
+//! Server-Sent Events and long-polls against the contract (PROTOCOL.md §1,
+//! §2, §4), over real sockets against a real server process:
 //!
 //! - `data` is the publisher's JSON text forwarded as is, so it may hold
 //!   line breaks; every SSE event must still parse, as a browser's
-//!   `EventSource` parses it, into the same envelope as on the WebSocket.
+//!   `EventSource` parses it, into the same envelope as on the WebSocket;
+//! - a revoked key's open connections are closed: its SSE streams end and
+//!   its waiting long-polls are answered 401, while other keys' go on.
 //!
 //! Every read has a deadline; no assertion is about speed.
 
@@ -11,10 +13,51 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Instant;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use common::{tcp_connect, ServerBuilder, STEP_TIMEOUT};
+use common::{issue, read_http_response, tcp_connect, HttpResponse, ServerBuilder, STEP_TIMEOUT};
 use serde_json::{json, Value};
+
+/// Runs `hookstream ARGS… --data-dir DIR` (no `HOOKSTREAM_*` variable from
+/// the surroundings) and returns stdout; panics on failure.
+fn cli(args: &[&str], data_dir: &Path) -> String {
+    let mut command = Command::new(common::binary());
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("HOOKSTREAM_") {
+            command.env_remove(name);
+        }
+    }
+    let output = command
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run hookstream");
+    assert!(
+        output.status.success(),
+        "hookstream {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("stdout is UTF-8")
+}
+
+/// Creates a key for `org` while the server runs: (id, key).
+fn create_key(data_dir: &Path, org: &str) -> (String, String) {
+    let text = cli(
+        &[
+            "api-keys", "create", "--name", "sse", "--org", org, "--json",
+        ],
+        data_dir,
+    );
+    let created: Value = serde_json::from_str(&text).expect("create --json prints JSON");
+    (
+        created["id"].as_str().unwrap().to_string(),
+        created["key"].as_str().unwrap().to_string(),
+    )
+}
 
 /// Sends a GET with extra headers on a fresh connection (kept open).
 fn send_get(addr: SocketAddr, path: &str, headers: &[(&str, String)]) -> TcpStream {
@@ -167,6 +210,25 @@ impl Sse {
             }
         }
     }
+
+    /// Reads until the server closes the stream; returns the events that
+    /// came before the end. Panics when it stays open `STEP_TIMEOUT`.
+    fn until_end(&mut self) -> Vec<SseEvent> {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let mut events = Vec::new();
+        loop {
+            match read_until(&mut self.stream, &mut self.buffer, deadline) {
+                Some(0) => {
+                    self.parse(&mut events);
+                    return events;
+                }
+                Some(_) => self.parse(&mut events),
+                None => panic!(
+                    "the SSE stream was still open after {STEP_TIMEOUT:?}; events: {events:?}"
+                ),
+            }
+        }
+    }
 }
 
 /// The envelope in an event's data, which must be one JSON value.
@@ -248,4 +310,137 @@ fn sse_events_with_line_breaks_in_data_reach_event_source_whole() {
         envelope(&events[0]),
         json!({"type":"issue","channel":"issues","seq":live[0],"data":{"id":"iss_live"}})
     );
+}
+
+#[test]
+fn sse_streams_of_a_revoked_key_end_and_other_keys_stream_on() {
+    let server = ServerBuilder::new().org("org_r").arg("--shards", 2).start();
+    let kept = server.key("org_r").to_string();
+    let (id, revoked) = create_key(server.data_dir(), "org_r");
+    let path = "/v1/sse?channels=issues";
+    // The new key is loaded within 2 s (PROTOCOL.md §1); until then the
+    // stream is refused.
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let mut by_token = loop {
+        let probe = common::http_request(
+            server.ws_addr,
+            "GET",
+            &format!("/v1/poll?channels=issues&token={revoked}"),
+            &[],
+            b"",
+        );
+        if probe.status == 200 {
+            break Sse::open(server.ws_addr, &format!("{path}&token={revoked}"), &[]);
+        }
+        assert_eq!(probe.status, 401, "{}", probe.text());
+        assert!(Instant::now() < deadline, "the new key never worked");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut by_bearer = Sse::open(
+        server.ws_addr,
+        path,
+        &[("Authorization", format!("Bearer {revoked}"))],
+    );
+    // A session names its key: its stream ends with the key too.
+    let session = common::http_request(
+        server.ws_addr,
+        "POST",
+        "/v1/sessions",
+        &[("Authorization", format!("Bearer {revoked}"))],
+        b"",
+    );
+    assert_eq!(session.status, 200, "{}", session.text());
+    let cookie = session
+        .header("set-cookie")
+        .expect("Set-Cookie")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut by_cookie = Sse::open(server.ws_addr, path, &[("Cookie", cookie)]);
+    let mut other = Sse::open(server.ws_addr, &format!("{path}&token={kept}"), &[]);
+
+    // Each stream works before the revocation.
+    let before = server.publish_ok(&issue("org_r", "before"));
+    for sse in [&mut by_token, &mut by_bearer, &mut by_cookie, &mut other] {
+        assert_eq!(sse.events(1)[0].id, Some(before[0]));
+    }
+
+    cli(&["api-keys", "revoke", &id], server.data_dir());
+    // The revoked key's streams end: the server closes them (without the
+    // fix they stay open, silent until the next message or keep-alive).
+    for sse in [&mut by_token, &mut by_bearer, &mut by_cookie] {
+        let late = sse.until_end();
+        assert!(late.is_empty(), "nothing was published: {late:?}");
+    }
+    // Reconnecting with the revoked key is refused like any bad key.
+    let refused = common::http_request(
+        server.ws_addr,
+        "GET",
+        &format!("{path}&token={revoked}"),
+        &[],
+        b"",
+    );
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.json(), json!({"error":"unauthorized"}));
+    // The other key's stream goes on.
+    let after = server.publish_ok(&issue("org_r", "after"));
+    let events = other.events(1);
+    assert_eq!(events[0].id, Some(after[0]));
+    assert_eq!(envelope(&events[0])["data"]["id"], "after");
+}
+
+/// Sends a long-poll (the answer is read later with `read_http_response`).
+fn start_long_poll(addr: SocketAddr, query: &str, headers: &[(&str, String)]) -> TcpStream {
+    let stream = send_get(addr, &format!("/v1/poll?{query}"), headers);
+    // The head is read at once; this only gives the server a moment to
+    // start waiting, the outcome does not depend on it.
+    std::thread::sleep(Duration::from_millis(500));
+    stream
+}
+
+#[test]
+fn waiting_long_poll_of_a_revoked_key_gets_401() {
+    let server = ServerBuilder::new().org("org_p").arg("--shards", 2).start();
+    let kept = server.key("org_p").to_string();
+    let (id, revoked) = create_key(server.data_dir(), "org_p");
+    let seq = server.publish_ok(&issue("org_p", "first"))[0];
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        let probe = common::http_request(
+            server.ws_addr,
+            "GET",
+            &format!("/v1/poll?channels=issues&token={revoked}"),
+            &[],
+            b"",
+        );
+        if probe.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new key never worked");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Both wait up to 30 s, far past the read deadline of this test.
+    let query = format!("channels=issues&after={seq}&wait_ms=30000");
+    let mut waiting = start_long_poll(
+        server.ws_addr,
+        &query,
+        &[("Authorization", format!("Bearer {revoked}"))],
+    );
+    let mut other = start_long_poll(server.ws_addr, &format!("{query}&token={kept}"), &[]);
+
+    cli(&["api-keys", "revoke", &id], server.data_dir());
+    let answer: HttpResponse = read_http_response(&mut waiting);
+    assert_eq!(answer.status, 401, "{}", answer.text());
+    assert_eq!(answer.json(), json!({"error":"unauthorized"}));
+    assert_eq!(answer.header("access-control-allow-origin"), Some("*"));
+
+    // The other key's long-poll still waits, and gets the next message.
+    let next = server.publish_ok(&issue("org_p", "next"))[0];
+    let answer = read_http_response(&mut other);
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let body = answer.json();
+    assert_eq!(body["messages"][0]["seq"], next, "{body}");
+    assert_eq!(body["messages"][0]["data"]["id"], "next", "{body}");
+    assert_eq!(body["next_after"], next, "{body}");
 }

@@ -69,9 +69,10 @@ pub async fn handle(shard: &Rc<Shard>, request: &Request, stream: &mut TcpStream
         Err(status) => return Some(respond_error(stream, status, &[CORS_ORIGIN]).await),
     };
     let org_id = principal.org_id;
+    let key_id = principal.key_id;
     Some(match (path, resource) {
-        ("/v1/poll", _) => poll(shard, request, stream, org_id).await,
-        ("/v1/sse", _) => sse(shard, request, stream, org_id).await,
+        ("/v1/poll", _) => poll(shard, request, stream, org_id, &key_id).await,
+        ("/v1/sse", _) => sse(shard, request, stream, org_id, &key_id).await,
         (_, Some(resource)) => list(shard, request, stream, org_id, resource).await,
         (_, None) => unreachable!("every other path has a resource"),
     })
@@ -172,6 +173,40 @@ async fn ask(shard: &Rc<Shard>, query: Query) -> Option<Answer> {
     answer.await.ok()
 }
 
+/// Why a stream or long-poll must end before its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Interrupt {
+    /// Its key was revoked (PROTOCOL.md §1: a revoked key's open
+    /// connections are closed); a session cookie names its key, so a
+    /// session's streams end with it too.
+    Revoked,
+}
+
+/// Resolves when `key_id` is no longer active in this shard's key index.
+/// The key reload loop notifies [`Shard::http_wake`], so this notices a
+/// revocation as fast as the WebSocket path's 4003 close does.
+async fn interrupted(shard: &Shard, key_id: &str) -> Interrupt {
+    loop {
+        let seen = shard.http_wake.generation();
+        if !shard.keys.borrow().is_active(key_id) {
+            return Interrupt::Revoked;
+        }
+        shard.http_wake.wait(seen).await;
+    }
+}
+
+/// `ask`, unless interrupted first.
+async fn ask_unless(
+    shard: &Rc<Shard>,
+    query: Query,
+    key_id: &str,
+) -> Result<Option<Answer>, Interrupt> {
+    futures_lite::future::or(async { Ok(ask(shard, query).await) }, async {
+        Err(interrupted(shard, key_id).await)
+    })
+    .await
+}
+
 /// `{"type":…,"channel":…,"seq":…,"data":…}`, as on the WebSocket.
 fn push_envelope(out: &mut Vec<u8>, envelope: &Envelope) {
     out.extend_from_slice(b"{\"type\":\"");
@@ -231,11 +266,14 @@ fn push_sse_data(out: &mut Vec<u8>, payload: &[u8]) {
     out.push(b'\n');
 }
 
+/// A poll; with `wait_ms`, a long-poll. One whose key is revoked while it
+/// waits is answered 401 like any other request with that key.
 async fn poll(
     shard: &Rc<Shard>,
     request: &Request,
     stream: &mut TcpStream,
     org_id: String,
+    key_id: &str,
 ) -> After {
     let parsed = (|| {
         let channels = channels_of(shard, request)?;
@@ -255,8 +293,10 @@ async fn poll(
         limit,
         wait_ms,
     };
-    let Some(answer) = ask(shard, query).await else {
-        return respond_error(stream, 503, &[CORS_ORIGIN]).await;
+    let answer = match ask_unless(shard, query, key_id).await {
+        Ok(Some(answer)) => answer,
+        Ok(None) => return respond_error(stream, 503, &[CORS_ORIGIN]).await,
+        Err(_) => return respond_error(stream, 401, &[CORS_ORIGIN]).await,
     };
     let mut body = Vec::with_capacity(
         64 + answer
@@ -287,11 +327,14 @@ async fn poll(
     .await
 }
 
+/// An SSE stream: long-polls of up to 15 s in a loop. It ends (the
+/// connection is closed) when its key is revoked.
 async fn sse(
     shard: &Rc<Shard>,
     request: &Request,
     stream: &mut TcpStream,
     org_id: String,
+    key_id: &str,
 ) -> After {
     let channels = match channels_of(shard, request) {
         Ok(channels) => channels,
@@ -321,7 +364,7 @@ async fn sse(
             limit: LIMIT_MAX,
             wait_ms: SSE_KEEPALIVE_MS,
         };
-        let Some(answer) = ask(shard, query).await else {
+        let Ok(Some(answer)) = ask_unless(shard, query, key_id).await else {
             break;
         };
         out.clear();

@@ -125,6 +125,10 @@ pub struct Shard {
     pool: RefCell<Vec<Vec<u8>>>,
     /// Set when the shard drains for shutdown.
     pub stopping: Cell<bool>,
+    /// Notified when the key index is replaced, so SSE streams and
+    /// long-polls served here (which are not in the registry) re-check
+    /// their key.
+    pub http_wake: crate::history::Notify,
     /// The history log of the orgs this shard owns.
     pub history: crate::history::History,
     /// The epoll set of this shard's connections.
@@ -739,6 +743,7 @@ async fn shard_main(
         all_metrics: shared.all_metrics.clone(),
         pool: RefCell::new(Vec::new()),
         stopping: Cell::new(false),
+        http_wake: crate::history::Notify::default(),
         history: opened.history,
         reactor,
         lingering: RefCell::new(Vec::new()),
@@ -782,12 +787,27 @@ async fn shard_main(
                             })
                             .detach();
                         }
-                        ShardMessage::History { query, reply } => {
+                        ShardMessage::History { query, mut reply } => {
                             let shard = shard.clone();
                             glommio::spawn_local(async move {
-                                let answer =
-                                    crate::history::query::run(&shard.history, query).await;
-                                let _ = reply.send(answer);
+                                // A long-poll whose asker went away (its
+                                // key was revoked, its client left) stops
+                                // waiting here too.
+                                let answer = futures_lite::future::or(
+                                    async {
+                                        Some(
+                                            crate::history::query::run(&shard.history, query).await,
+                                        )
+                                    },
+                                    async {
+                                        reply.cancellation().await;
+                                        None
+                                    },
+                                )
+                                .await;
+                                if let Some(answer) = answer {
+                                    let _ = reply.send(answer);
+                                }
                             })
                             .detach();
                         }
@@ -911,7 +931,8 @@ async fn heartbeat_loop(shard: Rc<Shard>) {
 }
 
 /// Re-reads the key file when it changes; closes the connections of keys
-/// that were revoked with 4003.
+/// that were revoked with 4003, and wakes the SSE streams and long-polls
+/// served here, which end when their key is no longer active.
 async fn key_reload_loop(shard: Rc<Shard>, loaded: Option<FileStamp>) {
     let store = KeyStore::new(&shard.config.data_dir);
     let mut seen = loaded;
@@ -935,6 +956,7 @@ async fn key_reload_loop(shard: Rc<Shard>, loaded: Option<FileStamp>) {
         seen = stamp;
         let index = Rc::new(KeyIndex::from_file(&file));
         *shard.keys.borrow_mut() = index.clone();
+        shard.http_wake.notify();
         let mut registry = shard.registry.borrow_mut();
         for key_id in registry.connected_key_ids() {
             if !index.is_active(&key_id) {
