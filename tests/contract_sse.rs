@@ -5,7 +5,9 @@
 //!   line breaks; every SSE event must still parse, as a browser's
 //!   `EventSource` parses it, into the same envelope as on the WebSocket;
 //! - a revoked key's open connections are closed: its SSE streams end and
-//!   its waiting long-polls are answered 401, while other keys' go on.
+//!   its waiting long-polls are answered 401, while other keys' go on;
+//! - SIGTERM answers a waiting long-poll (200 with `next_after`) instead of
+//!   dropping its connection.
 //!
 //! Every read has a deadline; no assertion is about speed.
 
@@ -443,4 +445,34 @@ fn waiting_long_poll_of_a_revoked_key_gets_401() {
     assert_eq!(body["messages"][0]["seq"], next, "{body}");
     assert_eq!(body["messages"][0]["data"]["id"], "next", "{body}");
     assert_eq!(body["next_after"], next, "{body}");
+}
+
+#[test]
+fn sigterm_answers_a_waiting_long_poll_and_ends_sse() {
+    let mut server = ServerBuilder::new().org("org_t").arg("--shards", 2).start();
+    let key = server.key("org_t").to_string();
+    let seq = server.publish_ok(&issue("org_t", "only"))[0];
+    let mut sse = Sse::open(
+        server.ws_addr,
+        &format!("/v1/sse?channels=issues&token={key}"),
+        &[],
+    );
+    let mut waiting = start_long_poll(
+        server.ws_addr,
+        &format!("channels=issues&after={seq}&wait_ms=30000&token={key}"),
+        &[],
+    );
+
+    server.signal(libc::SIGTERM);
+    // Answered as a wait that ended with nothing new: the client polls
+    // again from `next_after` (here, after the server is back).
+    let answer = read_http_response(&mut waiting);
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(
+        answer.json(),
+        json!({"org_id":"org_t","messages":[],"next_after":seq})
+    );
+    assert!(sse.until_end().is_empty());
+    let status = server.wait_exit(STEP_TIMEOUT).expect("the server exits");
+    assert!(status.success(), "{status:?}");
 }

@@ -173,6 +173,23 @@ async fn ask(shard: &Rc<Shard>, query: Query) -> Option<Answer> {
     answer.await.ok()
 }
 
+/// Counts an SSE stream or poll in [`Shard::http_streams`] while it is
+/// served, so the drain waits for its answer.
+struct Serving<'a>(&'a Shard);
+
+impl<'a> Serving<'a> {
+    fn new(shard: &'a Shard) -> Serving<'a> {
+        shard.http_streams.set(shard.http_streams.get() + 1);
+        Serving(shard)
+    }
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.0.http_streams.set(self.0.http_streams.get() - 1);
+    }
+}
+
 /// Why a stream or long-poll must end before its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Interrupt {
@@ -180,16 +197,22 @@ enum Interrupt {
     /// connections are closed); a session cookie names its key, so a
     /// session's streams end with it too.
     Revoked,
+    /// The shard drains for shutdown.
+    Stopping,
 }
 
-/// Resolves when `key_id` is no longer active in this shard's key index.
-/// The key reload loop notifies [`Shard::http_wake`], so this notices a
+/// Resolves when `key_id` is no longer active in this shard's key index,
+/// or, with `on_stop`, when the shard starts draining. The key reload
+/// loop and the drain notify [`Shard::http_wake`], so this notices a
 /// revocation as fast as the WebSocket path's 4003 close does.
-async fn interrupted(shard: &Shard, key_id: &str) -> Interrupt {
+async fn interrupted(shard: &Shard, key_id: &str, on_stop: bool) -> Interrupt {
     loop {
         let seen = shard.http_wake.generation();
         if !shard.keys.borrow().is_active(key_id) {
             return Interrupt::Revoked;
+        }
+        if on_stop && shard.stopping.get() {
+            return Interrupt::Stopping;
         }
         shard.http_wake.wait(seen).await;
     }
@@ -200,9 +223,10 @@ async fn ask_unless(
     shard: &Rc<Shard>,
     query: Query,
     key_id: &str,
+    on_stop: bool,
 ) -> Result<Option<Answer>, Interrupt> {
     futures_lite::future::or(async { Ok(ask(shard, query).await) }, async {
-        Err(interrupted(shard, key_id).await)
+        Err(interrupted(shard, key_id, on_stop).await)
     })
     .await
 }
@@ -267,7 +291,11 @@ fn push_sse_data(out: &mut Vec<u8>, payload: &[u8]) {
 }
 
 /// A poll; with `wait_ms`, a long-poll. One whose key is revoked while it
-/// waits is answered 401 like any other request with that key.
+/// waits is answered 401 like any other request with that key. When the
+/// server drains, the owner shard's history stops the wait
+/// (`History::stop_waits`) and the poll is answered as if its wait had
+/// ended: 200, the messages it found (usually none) and `next_after`, which
+/// a client polls again with as usual (see `Shard::http_streams`).
 async fn poll(
     shard: &Rc<Shard>,
     request: &Request,
@@ -275,6 +303,7 @@ async fn poll(
     org_id: String,
     key_id: &str,
 ) -> After {
+    let _serving = Serving::new(shard);
     let parsed = (|| {
         let channels = channels_of(shard, request)?;
         let after = number(request, "after")?.unwrap_or(0);
@@ -293,7 +322,7 @@ async fn poll(
         limit,
         wait_ms,
     };
-    let answer = match ask_unless(shard, query, key_id).await {
+    let answer = match ask_unless(shard, query, key_id, false).await {
         Ok(Some(answer)) => answer,
         Ok(None) => return respond_error(stream, 503, &[CORS_ORIGIN]).await,
         Err(_) => return respond_error(stream, 401, &[CORS_ORIGIN]).await,
@@ -328,7 +357,8 @@ async fn poll(
 }
 
 /// An SSE stream: long-polls of up to 15 s in a loop. It ends (the
-/// connection is closed) when its key is revoked.
+/// connection is closed) when its key is revoked and when the server
+/// drains.
 async fn sse(
     shard: &Rc<Shard>,
     request: &Request,
@@ -336,6 +366,7 @@ async fn sse(
     org_id: String,
     key_id: &str,
 ) -> After {
+    let _serving = Serving::new(shard);
     let channels = match channels_of(shard, request) {
         Ok(channels) => channels,
         Err(reason) => return bad_request(stream, &reason).await,
@@ -364,7 +395,7 @@ async fn sse(
             limit: LIMIT_MAX,
             wait_ms: SSE_KEEPALIVE_MS,
         };
-        let Ok(Some(answer)) = ask_unless(shard, query, key_id).await else {
+        let Ok(Some(answer)) = ask_unless(shard, query, key_id, true).await else {
             break;
         };
         out.clear();

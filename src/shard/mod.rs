@@ -125,10 +125,13 @@ pub struct Shard {
     pool: RefCell<Vec<Vec<u8>>>,
     /// Set when the shard drains for shutdown.
     pub stopping: Cell<bool>,
-    /// Notified when the key index is replaced, so SSE streams and
-    /// long-polls served here (which are not in the registry) re-check
-    /// their key.
+    /// Notified when the key index is replaced and when the shard starts
+    /// draining, so SSE streams and long-polls served here (which are not
+    /// in the registry) re-check their key and the stop flag.
     pub http_wake: crate::history::Notify,
+    /// SSE streams and polls being served here; the drain waits for them
+    /// to be answered.
+    pub http_streams: Cell<usize>,
     /// The history log of the orgs this shard owns.
     pub history: crate::history::History,
     /// The epoll set of this shard's connections.
@@ -744,6 +747,7 @@ async fn shard_main(
         pool: RefCell::new(Vec::new()),
         stopping: Cell::new(false),
         http_wake: crate::history::Notify::default(),
+        http_streams: Cell::new(0),
         history: opened.history,
         reactor,
         lingering: RefCell::new(Vec::new()),
@@ -841,8 +845,11 @@ async fn shard_main(
         }
     }
 
-    // Drain: stop accepting, close every connection with 1001, wait.
+    // Drain: stop accepting, answer waiting long-polls and end SSE
+    // streams, close every connection with 1001, wait.
     shard.stopping.set(true);
+    shard.history.stop_waits();
+    shard.http_wake.notify();
     drop(accept_public);
     drop(accept_admin);
     drop(heartbeat);
@@ -858,7 +865,9 @@ async fn shard_main(
             .request_close(key, CLOSE_GOING_AWAY);
     }
     let deadline = Instant::now() + Duration::from_secs(3);
-    while !shard.registry.borrow().connections.is_empty() && Instant::now() < deadline {
+    while (!shard.registry.borrow().connections.is_empty() || shard.http_streams.get() > 0)
+        && Instant::now() < deadline
+    {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
     drop(reactor_task);
