@@ -469,6 +469,8 @@ pub struct History {
     next_replay_id: Cell<u64>,
     /// Counters.
     pub counters: Cell<HistoryCounters>,
+    /// Set when the shard drains: long-polls stop waiting.
+    waits_stopped: Cell<bool>,
 }
 
 /// What [`History::open`] found: the history and every org's latest seq.
@@ -601,6 +603,7 @@ impl History {
                 replaying: RefCell::new(AHashMap::new()),
                 next_replay_id: Cell::new(0),
                 counters: Cell::new(HistoryCounters::default()),
+                waits_stopped: Cell::new(false),
             },
             seqs,
         })
@@ -651,6 +654,18 @@ impl History {
             orgs.insert(id.clone(), OrgLog::new(id, dir));
         }
         orgs.get_mut(org_id).expect("inserted above")
+    }
+
+    /// Ends the waits of long-polls (the shard is draining): each answers
+    /// now with what it has, and later queries do not wait.
+    pub fn stop_waits(&self) {
+        self.waits_stopped.set(true);
+        self.committed_notify.notify();
+    }
+
+    /// True once [`History::stop_waits`] was called.
+    pub fn waits_stopped(&self) -> bool {
+        self.waits_stopped.get()
     }
 
     /// The org's last committed seq.

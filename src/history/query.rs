@@ -112,7 +112,7 @@ pub async fn run(history: &History, query: Query) -> Answer {
                     .read_forward(&query.org_id, after, upto, limit, &filter)
                     .await;
                 let left = deadline.saturating_duration_since(Instant::now());
-                if !items.is_empty() || left.is_zero() {
+                if !items.is_empty() || left.is_zero() || history.waits_stopped() {
                     let (messages, cut) = expand(&items, &query.channels, limit);
                     return Answer {
                         messages,

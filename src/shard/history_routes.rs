@@ -69,9 +69,10 @@ pub async fn handle(shard: &Rc<Shard>, request: &Request, stream: &mut TcpStream
         Err(status) => return Some(respond_error(stream, status, &[CORS_ORIGIN]).await),
     };
     let org_id = principal.org_id;
+    let key_id = principal.key_id;
     Some(match (path, resource) {
-        ("/v1/poll", _) => poll(shard, request, stream, org_id).await,
-        ("/v1/sse", _) => sse(shard, request, stream, org_id).await,
+        ("/v1/poll", _) => poll(shard, request, stream, org_id, &key_id).await,
+        ("/v1/sse", _) => sse(shard, request, stream, org_id, &key_id).await,
         (_, Some(resource)) => list(shard, request, stream, org_id, resource).await,
         (_, None) => unreachable!("every other path has a resource"),
     })
@@ -172,6 +173,64 @@ async fn ask(shard: &Rc<Shard>, query: Query) -> Option<Answer> {
     answer.await.ok()
 }
 
+/// Counts an SSE stream or poll in [`Shard::http_streams`] while it is
+/// served, so the drain waits for its answer.
+struct Serving<'a>(&'a Shard);
+
+impl<'a> Serving<'a> {
+    fn new(shard: &'a Shard) -> Serving<'a> {
+        shard.http_streams.set(shard.http_streams.get() + 1);
+        Serving(shard)
+    }
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.0.http_streams.set(self.0.http_streams.get() - 1);
+    }
+}
+
+/// Why a stream or long-poll must end before its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Interrupt {
+    /// Its key was revoked (PROTOCOL.md §1: a revoked key's open
+    /// connections are closed); a session cookie names its key, so a
+    /// session's streams end with it too.
+    Revoked,
+    /// The shard drains for shutdown.
+    Stopping,
+}
+
+/// Resolves when `key_id` is no longer active in this shard's key index,
+/// or, with `on_stop`, when the shard starts draining. The key reload
+/// loop and the drain notify [`Shard::http_wake`], so this notices a
+/// revocation as fast as the WebSocket path's 4003 close does.
+async fn interrupted(shard: &Shard, key_id: &str, on_stop: bool) -> Interrupt {
+    loop {
+        let seen = shard.http_wake.generation();
+        if !shard.keys.borrow().is_active(key_id) {
+            return Interrupt::Revoked;
+        }
+        if on_stop && shard.stopping.get() {
+            return Interrupt::Stopping;
+        }
+        shard.http_wake.wait(seen).await;
+    }
+}
+
+/// `ask`, unless interrupted first.
+async fn ask_unless(
+    shard: &Rc<Shard>,
+    query: Query,
+    key_id: &str,
+    on_stop: bool,
+) -> Result<Option<Answer>, Interrupt> {
+    futures_lite::future::or(async { Ok(ask(shard, query).await) }, async {
+        Err(interrupted(shard, key_id, on_stop).await)
+    })
+    .await
+}
+
 /// `{"type":…,"channel":…,"seq":…,"data":…}`, as on the WebSocket.
 fn push_envelope(out: &mut Vec<u8>, envelope: &Envelope) {
     out.extend_from_slice(b"{\"type\":\"");
@@ -193,6 +252,7 @@ fn push_envelope(out: &mut Vec<u8>, envelope: &Envelope) {
 /// and gets all of its events again (at least once) instead of losing the
 /// rest, as `Last-Event-ID: seq` would mean "all of seq seen".
 fn push_sse_events(out: &mut Vec<u8>, envelopes: &[Envelope]) {
+    let mut envelope_text = Vec::new();
     for (i, envelope) in envelopes.iter().enumerate() {
         let last_of_seq = envelopes
             .get(i + 1)
@@ -202,18 +262,48 @@ fn push_sse_events(out: &mut Vec<u8>, envelopes: &[Envelope]) {
             push_u64(out, envelope.seq);
             out.push(b'\n');
         }
-        out.extend_from_slice(b"data: ");
-        push_envelope(out, envelope);
-        out.extend_from_slice(b"\n\n");
+        envelope_text.clear();
+        push_envelope(&mut envelope_text, envelope);
+        push_sse_data(out, &envelope_text);
+        out.push(b'\n');
     }
 }
 
+/// `payload` as SSE `data:` lines: one per line of it. `data` is the
+/// publisher's JSON text forwarded as is, so it may hold line breaks
+/// (pretty-printed JSON); a break inside a `data:` line would end the field
+/// there (and an empty line the event). The SSE parser splits on CRLF, LF
+/// and CR and joins the `data:` lines of an event with LF, so the client
+/// gets the text back with each break as LF: the same JSON value, since a
+/// raw line break can only be whitespace between JSON tokens (inside a
+/// string it must be escaped).
+fn push_sse_data(out: &mut Vec<u8>, payload: &[u8]) {
+    out.extend_from_slice(b"data: ");
+    let mut rest = payload;
+    while let Some(at) = rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(b"\ndata: ");
+        let crlf = rest[at] == b'\r' && rest.get(at + 1) == Some(&b'\n');
+        rest = &rest[at + if crlf { 2 } else { 1 }..];
+    }
+    out.extend_from_slice(rest);
+    out.push(b'\n');
+}
+
+/// A poll; with `wait_ms`, a long-poll. One whose key is revoked while it
+/// waits is answered 401 like any other request with that key. When the
+/// server drains, the owner shard's history stops the wait
+/// (`History::stop_waits`) and the poll is answered as if its wait had
+/// ended: 200, the messages it found (usually none) and `next_after`, which
+/// a client polls again with as usual (see `Shard::http_streams`).
 async fn poll(
     shard: &Rc<Shard>,
     request: &Request,
     stream: &mut TcpStream,
     org_id: String,
+    key_id: &str,
 ) -> After {
+    let _serving = Serving::new(shard);
     let parsed = (|| {
         let channels = channels_of(shard, request)?;
         let after = number(request, "after")?.unwrap_or(0);
@@ -232,8 +322,10 @@ async fn poll(
         limit,
         wait_ms,
     };
-    let Some(answer) = ask(shard, query).await else {
-        return respond_error(stream, 503, &[CORS_ORIGIN]).await;
+    let answer = match ask_unless(shard, query, key_id, false).await {
+        Ok(Some(answer)) => answer,
+        Ok(None) => return respond_error(stream, 503, &[CORS_ORIGIN]).await,
+        Err(_) => return respond_error(stream, 401, &[CORS_ORIGIN]).await,
     };
     let mut body = Vec::with_capacity(
         64 + answer
@@ -264,12 +356,17 @@ async fn poll(
     .await
 }
 
+/// An SSE stream: long-polls of up to 15 s in a loop. It ends (the
+/// connection is closed) when its key is revoked and when the server
+/// drains.
 async fn sse(
     shard: &Rc<Shard>,
     request: &Request,
     stream: &mut TcpStream,
     org_id: String,
+    key_id: &str,
 ) -> After {
+    let _serving = Serving::new(shard);
     let channels = match channels_of(shard, request) {
         Ok(channels) => channels,
         Err(reason) => return bad_request(stream, &reason).await,
@@ -298,7 +395,7 @@ async fn sse(
             limit: LIMIT_MAX,
             wait_ms: SSE_KEEPALIVE_MS,
         };
-        let Some(answer) = ask(shard, query).await else {
+        let Ok(Some(answer)) = ask_unless(shard, query, key_id, true).await else {
             break;
         };
         out.clear();
@@ -391,4 +488,27 @@ async fn list(
         &body,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_sse_data;
+
+    fn sse(payload: &str) -> String {
+        let mut out = Vec::new();
+        push_sse_data(&mut out, payload.as_bytes());
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn every_line_of_the_payload_is_its_own_data_line() {
+        assert_eq!(sse(r#"{"a":1}"#), "data: {\"a\":1}\n");
+        assert_eq!(
+            sse("{\n  \"a\": 1\n}"),
+            "data: {\ndata:   \"a\": 1\ndata: }\n"
+        );
+        assert_eq!(sse("{\r\n\r\n1\r}"), "data: {\ndata: \ndata: 1\ndata: }\n");
+        assert_eq!(sse("{\n\r}"), "data: {\ndata: \ndata: }\n");
+        assert_eq!(sse(""), "data: \n");
+    }
 }

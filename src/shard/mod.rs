@@ -125,6 +125,13 @@ pub struct Shard {
     pool: RefCell<Vec<Vec<u8>>>,
     /// Set when the shard drains for shutdown.
     pub stopping: Cell<bool>,
+    /// Notified when the key index is replaced and when the shard starts
+    /// draining, so SSE streams and long-polls served here (which are not
+    /// in the registry) re-check their key and the stop flag.
+    pub http_wake: crate::history::Notify,
+    /// SSE streams and polls being served here; the drain waits for them
+    /// to be answered.
+    pub http_streams: Cell<usize>,
     /// The history log of the orgs this shard owns.
     pub history: crate::history::History,
     /// The epoll set of this shard's connections.
@@ -739,6 +746,8 @@ async fn shard_main(
         all_metrics: shared.all_metrics.clone(),
         pool: RefCell::new(Vec::new()),
         stopping: Cell::new(false),
+        http_wake: crate::history::Notify::default(),
+        http_streams: Cell::new(0),
         history: opened.history,
         reactor,
         lingering: RefCell::new(Vec::new()),
@@ -782,12 +791,27 @@ async fn shard_main(
                             })
                             .detach();
                         }
-                        ShardMessage::History { query, reply } => {
+                        ShardMessage::History { query, mut reply } => {
                             let shard = shard.clone();
                             glommio::spawn_local(async move {
-                                let answer =
-                                    crate::history::query::run(&shard.history, query).await;
-                                let _ = reply.send(answer);
+                                // A long-poll whose asker went away (its
+                                // key was revoked, its client left) stops
+                                // waiting here too.
+                                let answer = futures_lite::future::or(
+                                    async {
+                                        Some(
+                                            crate::history::query::run(&shard.history, query).await,
+                                        )
+                                    },
+                                    async {
+                                        reply.cancellation().await;
+                                        None
+                                    },
+                                )
+                                .await;
+                                if let Some(answer) = answer {
+                                    let _ = reply.send(answer);
+                                }
                             })
                             .detach();
                         }
@@ -821,8 +845,11 @@ async fn shard_main(
         }
     }
 
-    // Drain: stop accepting, close every connection with 1001, wait.
+    // Drain: stop accepting, answer waiting long-polls and end SSE
+    // streams, close every connection with 1001, wait.
     shard.stopping.set(true);
+    shard.history.stop_waits();
+    shard.http_wake.notify();
     drop(accept_public);
     drop(accept_admin);
     drop(heartbeat);
@@ -838,7 +865,9 @@ async fn shard_main(
             .request_close(key, CLOSE_GOING_AWAY);
     }
     let deadline = Instant::now() + Duration::from_secs(3);
-    while !shard.registry.borrow().connections.is_empty() && Instant::now() < deadline {
+    while (!shard.registry.borrow().connections.is_empty() || shard.http_streams.get() > 0)
+        && Instant::now() < deadline
+    {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
     drop(reactor_task);
@@ -911,7 +940,8 @@ async fn heartbeat_loop(shard: Rc<Shard>) {
 }
 
 /// Re-reads the key file when it changes; closes the connections of keys
-/// that were revoked with 4003.
+/// that were revoked with 4003, and wakes the SSE streams and long-polls
+/// served here, which end when their key is no longer active.
 async fn key_reload_loop(shard: Rc<Shard>, loaded: Option<FileStamp>) {
     let store = KeyStore::new(&shard.config.data_dir);
     let mut seen = loaded;
@@ -935,6 +965,7 @@ async fn key_reload_loop(shard: Rc<Shard>, loaded: Option<FileStamp>) {
         seen = stamp;
         let index = Rc::new(KeyIndex::from_file(&file));
         *shard.keys.borrow_mut() = index.clone();
+        shard.http_wake.notify();
         let mut registry = shard.registry.borrow_mut();
         for key_id in registry.connected_key_ids() {
             if !index.is_active(&key_id) {
