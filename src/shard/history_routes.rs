@@ -68,10 +68,12 @@ pub async fn handle(shard: &Rc<Shard>, request: &Request, stream: &mut TcpStream
         Ok(principal) => principal,
         Err(status) => return Some(respond_error(stream, status, &[CORS_ORIGIN]).await),
     };
+    if path == "/v1/sse" {
+        return Some(sse(shard, request, stream, principal).await);
+    }
     let org_id = principal.org_id;
     Some(match (path, resource) {
         ("/v1/poll", _) => poll(shard, request, stream, org_id).await,
-        ("/v1/sse", _) => sse(shard, request, stream, org_id).await,
         (_, Some(resource)) => list(shard, request, stream, org_id, resource).await,
         (_, None) => unreachable!("every other path has a resource"),
     })
@@ -264,12 +266,17 @@ async fn poll(
     .await
 }
 
+/// How often an SSE stream checks that its credential still holds (key not
+/// revoked, session not signed out); it ends within this much after.
+const SSE_CREDENTIAL_CHECK_MS: u64 = 500;
+
 async fn sse(
     shard: &Rc<Shard>,
     request: &Request,
     stream: &mut TcpStream,
-    org_id: String,
+    principal: super::access::Principal,
 ) -> After {
+    let org_id = principal.org_id.clone();
     let channels = match channels_of(shard, request) {
         Ok(channels) => channels,
         Err(reason) => return bad_request(stream, &reason).await,
@@ -298,9 +305,23 @@ async fn sse(
             limit: LIMIT_MAX,
             wait_ms: SSE_KEEPALIVE_MS,
         };
-        let Some(answer) = ask(shard, query).await else {
+        // The stream ends (the connection closes) once the key is revoked
+        // or the session signed out, as a WebSocket is closed with 4003.
+        let revoked = async {
+            loop {
+                glommio::timer::sleep(std::time::Duration::from_millis(SSE_CREDENTIAL_CHECK_MS))
+                    .await;
+                if !super::access::still_valid(shard, &principal) {
+                    return None;
+                }
+            }
+        };
+        let Some(answer) = futures_lite::future::or(ask(shard, query), revoked).await else {
             break;
         };
+        if !super::access::still_valid(shard, &principal) {
+            break;
+        }
         out.clear();
         push_sse_events(&mut out, &answer.messages);
         if answer.messages.is_empty() {
