@@ -458,6 +458,10 @@ pub struct Registry {
     key_ids: Vec<Rc<str>>,
     /// Key id → index in `key_ids`.
     key_by_id: AHashMap<Rc<str>, u32>,
+    /// The session of each connection that signed in with the session
+    /// cookie (`auth::revoked::session_id`), for closing them on sign-out.
+    /// Kept beside the records: key connections pay nothing for it.
+    sessions: AHashMap<ConnKey, (u128, u64)>,
     /// Next generation to hand out.
     next_generation: u32,
     /// Connections with newly queued frames, to flush after a batch.
@@ -486,6 +490,7 @@ impl Registry {
             org_by_id: AHashMap::new(),
             key_ids: Vec::new(),
             key_by_id: AHashMap::new(),
+            sessions: AHashMap::new(),
             next_generation: 1,
             dirty: Vec::new(),
             closing: Vec::new(),
@@ -608,6 +613,9 @@ impl Registry {
             .collect();
         let conn = self.connections.remove(key.index as usize);
         drop(conn);
+        if !self.sessions.is_empty() {
+            self.sessions.remove(&key);
+        }
         let org_record = &mut self.orgs[org as usize];
         for bit in bits {
             org_record.channels.release(bit);
@@ -1023,6 +1031,27 @@ impl Registry {
                 index: index as u32,
                 generation: c.generation,
             })
+            .collect()
+    }
+
+    /// Notes that connection `key` signed in with session `id`, which
+    /// expires at `expires` (Unix seconds).
+    pub fn set_session(&mut self, key: ConnKey, id: u128, expires: u64) {
+        if self.get(key).is_some() {
+            self.sessions.insert(key, (id, expires));
+        }
+    }
+
+    /// The connections that signed in with a session that `signed_out`
+    /// (given key id, session id and expiry) says is signed out.
+    pub fn keys_of_sessions(&self, signed_out: impl Fn(&str, u128, u64) -> bool) -> Vec<ConnKey> {
+        self.sessions
+            .iter()
+            .filter(|(key, (id, expires))| {
+                self.get(**key)
+                    .is_some_and(|conn| signed_out(&self.key_ids[conn.key as usize], *id, *expires))
+            })
+            .map(|(key, _)| *key)
             .collect()
     }
 

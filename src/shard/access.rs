@@ -23,6 +23,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use glommio::net::TcpStream;
@@ -31,6 +32,7 @@ use super::ratelimit::{Bucket, IpBuckets};
 use super::routes::{respond, respond_error, After, Request};
 use super::Shard;
 use crate::auth::keys::KeyStore;
+use crate::auth::revoked::{self, Revocations};
 use crate::auth::sessions::{self, Session, SessionSigner};
 use crate::config::Config;
 use crate::limits::{KEY_LAST_USED_FLUSH_MS, RATE_LIMIT_ADDRESSES_MAX};
@@ -43,12 +45,18 @@ pub struct Principal {
     pub org_id: String,
     /// The API key id (closing its connections on revocation).
     pub key_id: String,
+    /// The session, when the session cookie was the credential: its
+    /// [`revoked::session_id`] and expiry (closing its connections on
+    /// sign-out).
+    pub session: Option<(u128, u64)>,
 }
 
 /// One shard's access-control state.
 pub struct AccessState {
     /// Signs and checks session cookies; the same secret on every shard.
     signer: SessionSigner,
+    /// Signed-out sessions; one list shared by every shard.
+    pub revoked: Arc<Revocations>,
     /// Upgrades per source address (PROTOCOL.md §6: 429 past it).
     upgrades: RefCell<IpBuckets>,
     /// Failed authentications per source address; an address with an empty
@@ -62,7 +70,7 @@ pub struct AccessState {
 impl AccessState {
     /// This shard's state: its share of the per-address limits of `config`
     /// (see `ratelimit`) and the session signer.
-    pub fn new(config: &Config, signer: SessionSigner) -> AccessState {
+    pub fn new(config: &Config, signer: SessionSigner, revoked: Arc<Revocations>) -> AccessState {
         let upgrades = (config.upgrades_per_ip_per_sec > 0).then(|| {
             Bucket::per_shard(
                 f64::from(config.upgrades_per_ip_per_sec),
@@ -76,6 +84,7 @@ impl AccessState {
         });
         AccessState {
             signer,
+            revoked,
             upgrades: RefCell::new(IpBuckets::new(upgrades, RATE_LIMIT_ADDRESSES_MAX)),
             auth_failures: RefCell::new(IpBuckets::new(auth_failures, RATE_LIMIT_ADDRESSES_MAX)),
             used_keys: RefCell::new(HashMap::new()),
@@ -153,22 +162,57 @@ fn check_key(shard: &Shard, presented: &str) -> Result<Principal, u16> {
         .map(|key| Principal {
             org_id: key.org_id.clone(),
             key_id: key.id.clone(),
+            session: None,
         })
         .ok_or(401)
 }
 
 fn check_cookie(shard: &Shard, cookie: &str) -> Result<Principal, u16> {
-    let Session { org_id, key_id, .. } = shard
+    let Session {
+        org_id,
+        key_id,
+        expires_unix_secs,
+    } = shard
         .access
         .signer
         .verify(cookie, sessions::now_unix_secs())
         .ok_or(401u16)?;
+    // A signed-out session is refused like any bad credential, on every
+    // shard (the list is shared) and after a restart (it is on disk).
+    let id = revoked::session_id(cookie);
+    if shard
+        .access
+        .revoked
+        .is_revoked(id, &key_id, expires_unix_secs)
+    {
+        return Err(401);
+    }
     // A session dies with its key: the key must still be active, for the
     // org the cookie names.
     let keys = shard.keys.borrow();
     match keys.org_of(&key_id) {
-        Some(active_org) if active_org == org_id => Ok(Principal { org_id, key_id }),
+        Some(active_org) if active_org == org_id => Ok(Principal {
+            org_id,
+            key_id,
+            session: Some((id, expires_unix_secs)),
+        }),
         _ => Err(401),
+    }
+}
+
+/// True while the credential `principal` came with would still be
+/// accepted: its key is active and, for a session, it is not signed out
+/// (long-lived answers such as SSE streams check this as they go).
+pub fn still_valid(shard: &Shard, principal: &Principal) -> bool {
+    if !shard.keys.borrow().is_active(&principal.key_id) {
+        return false;
+    }
+    match principal.session {
+        Some((id, expires)) => !shard
+            .access
+            .revoked
+            .is_revoked(id, &principal.key_id, expires),
+        None => true,
     }
 }
 
@@ -371,6 +415,34 @@ pub async fn sessions_route(shard: &Shard, request: &Request, stream: &mut TcpSt
                 }
             }
             let clear = sessions::clear_cookie_value(SECURE);
+            // The cookie itself stops working: a cookie that verifies (ours,
+            // not expired) is put on the signed-out list, in memory at once
+            // (every shard refuses it from here on; each closes its
+            // connections within KEY_RELOAD_MS), then on disk before the
+            // answer. Anything else has nothing to sign out.
+            let now = sessions::now_unix_secs();
+            let session = request_cookie(request)
+                .and_then(|cookie| Some((cookie, shard.access.signer.verify(cookie, now)?)));
+            if let Some((cookie, session)) = session {
+                let revocations = shard.access.revoked.clone();
+                let pending = revocations.revoke(
+                    revoked::session_id(cookie),
+                    &session.key_id,
+                    session.expires_unix_secs,
+                    now,
+                );
+                let result = glommio::executor()
+                    .spawn_blocking(move || revocations.persist(pending, now))
+                    .await;
+                if let Err(e) = result {
+                    // Signed out in this process; a restart would forget it.
+                    eprintln!(
+                        "hookstream: shard {}: a sign-out was not saved: {e}",
+                        shard.id
+                    );
+                    return respond_error(stream, 500, &[("Set-Cookie", &clear), NO_STORE]).await;
+                }
+            }
             respond(stream, 204, "", &[("Set-Cookie", &clear), NO_STORE], b"").await
         }
         _ => respond_error(stream, 405, &[("Allow", "GET, POST, DELETE")]).await,

@@ -68,11 +68,10 @@ pub async fn handle(shard: &Rc<Shard>, request: &Request, stream: &mut TcpStream
         Ok(principal) => principal,
         Err(status) => return Some(respond_error(stream, status, &[CORS_ORIGIN]).await),
     };
-    let org_id = principal.org_id;
-    let key_id = principal.key_id;
+    let org_id = principal.org_id.clone();
     Some(match (path, resource) {
-        ("/v1/poll", _) => poll(shard, request, stream, org_id, &key_id).await,
-        ("/v1/sse", _) => sse(shard, request, stream, org_id, &key_id).await,
+        ("/v1/poll", _) => poll(shard, request, stream, org_id, &principal).await,
+        ("/v1/sse", _) => sse(shard, request, stream, org_id, &principal).await,
         (_, Some(resource)) => list(shard, request, stream, org_id, resource).await,
         (_, None) => unreachable!("every other path has a resource"),
     })
@@ -201,14 +200,19 @@ enum Interrupt {
     Stopping,
 }
 
-/// Resolves when `key_id` is no longer active in this shard's key index,
-/// or, with `on_stop`, when the shard starts draining. The key reload
-/// loop and the drain notify [`Shard::http_wake`], so this notices a
-/// revocation as fast as the WebSocket path's 4003 close does.
-async fn interrupted(shard: &Shard, key_id: &str, on_stop: bool) -> Interrupt {
+/// Resolves when the credential `principal` came with is no longer
+/// accepted (key revoked, session signed out), or, with `on_stop`, when the
+/// shard starts draining. The key reload loop (also on sign-outs) and the
+/// drain notify [`Shard::http_wake`], so this notices a revocation as fast
+/// as the WebSocket path's 4003 close does.
+async fn interrupted(
+    shard: &Shard,
+    principal: &super::access::Principal,
+    on_stop: bool,
+) -> Interrupt {
     loop {
         let seen = shard.http_wake.generation();
-        if !shard.keys.borrow().is_active(key_id) {
+        if !super::access::still_valid(shard, principal) {
             return Interrupt::Revoked;
         }
         if on_stop && shard.stopping.get() {
@@ -222,11 +226,11 @@ async fn interrupted(shard: &Shard, key_id: &str, on_stop: bool) -> Interrupt {
 async fn ask_unless(
     shard: &Rc<Shard>,
     query: Query,
-    key_id: &str,
+    principal: &super::access::Principal,
     on_stop: bool,
 ) -> Result<Option<Answer>, Interrupt> {
     futures_lite::future::or(async { Ok(ask(shard, query).await) }, async {
-        Err(interrupted(shard, key_id, on_stop).await)
+        Err(interrupted(shard, principal, on_stop).await)
     })
     .await
 }
@@ -301,7 +305,7 @@ async fn poll(
     request: &Request,
     stream: &mut TcpStream,
     org_id: String,
-    key_id: &str,
+    principal: &super::access::Principal,
 ) -> After {
     let _serving = Serving::new(shard);
     let parsed = (|| {
@@ -322,7 +326,7 @@ async fn poll(
         limit,
         wait_ms,
     };
-    let answer = match ask_unless(shard, query, key_id, false).await {
+    let answer = match ask_unless(shard, query, principal, false).await {
         Ok(Some(answer)) => answer,
         Ok(None) => return respond_error(stream, 503, &[CORS_ORIGIN]).await,
         Err(_) => return respond_error(stream, 401, &[CORS_ORIGIN]).await,
@@ -357,14 +361,14 @@ async fn poll(
 }
 
 /// An SSE stream: long-polls of up to 15 s in a loop. It ends (the
-/// connection is closed) when its key is revoked and when the server
-/// drains.
+/// connection is closed) when its key is revoked or its session signed
+/// out, and when the server drains.
 async fn sse(
     shard: &Rc<Shard>,
     request: &Request,
     stream: &mut TcpStream,
     org_id: String,
-    key_id: &str,
+    principal: &super::access::Principal,
 ) -> After {
     let _serving = Serving::new(shard);
     let channels = match channels_of(shard, request) {
@@ -395,9 +399,12 @@ async fn sse(
             limit: LIMIT_MAX,
             wait_ms: SSE_KEEPALIVE_MS,
         };
-        let Ok(Some(answer)) = ask_unless(shard, query, key_id, true).await else {
+        let Ok(Some(answer)) = ask_unless(shard, query, principal, true).await else {
             break;
         };
+        if !super::access::still_valid(shard, principal) {
+            break;
+        }
         out.clear();
         push_sse_events(&mut out, &answer.messages);
         if answer.messages.is_empty() {

@@ -88,6 +88,10 @@ pub struct Handoff {
     pub org_id: String,
     /// The API key id, for revocation.
     pub key_id: String,
+    /// The session id and expiry when the cookie was the credential, for
+    /// sign-out (boxed: most handoffs have none, and the mesh's messages
+    /// stay small).
+    pub session: Option<Box<(u128, u64)>>,
     /// `Sec-WebSocket-Key` of the request, for the 101 answer.
     pub ws_key: String,
 }
@@ -346,6 +350,8 @@ struct Shared {
     /// The key file's version that `keys` was loaded from.
     keys_stamp: Option<FileStamp>,
     signer: crate::auth::sessions::SessionSigner,
+    /// Signed-out sessions, one list for every shard.
+    revoked: Arc<crate::auth::revoked::Revocations>,
     all_metrics: Arc<Vec<Arc<ShardMetrics>>>,
     stop: Arc<AtomicBool>,
     exited: std::sync::atomic::AtomicUsize,
@@ -572,6 +578,13 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
     let keys_stamp = store.stamp();
     let keys = KeyIndex::from_file(&store.load().map_err(|e| e.to_string())?);
     let signer = crate::auth::sessions::SessionSigner::load_or_create(&config.data_dir)?;
+    let revoked = Arc::new(
+        crate::auth::revoked::Revocations::load(
+            &config.data_dir,
+            crate::auth::sessions::now_unix_secs(),
+        )
+        .map_err(|e| format!("signed-out sessions: {e}"))?,
+    );
 
     // Signals are taken synchronously by the main thread: block them here,
     // before any executor thread exists, so every thread inherits the mask.
@@ -593,6 +606,7 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
         keys,
         keys_stamp,
         signer,
+        revoked,
         all_metrics: Arc::new(
             (0..shards)
                 .map(|_| Arc::new(ShardMetrics::default()))
@@ -751,7 +765,7 @@ async fn shard_main(
         history: opened.history,
         reactor,
         lingering: RefCell::new(Vec::new()),
-        access: access::AccessState::new(&config, shared.signer.clone()),
+        access: access::AccessState::new(&config, shared.signer.clone(), shared.revoked.clone()),
     });
     let public_listener = match listen(config.listen) {
         Ok(l) => l,
@@ -939,14 +953,35 @@ async fn heartbeat_loop(shard: Rc<Shard>) {
     }
 }
 
+/// Closes with 4003 the connections of this shard that signed in with a
+/// session cookie since signed out (`DELETE /v1/sessions`), as for a
+/// revoked key: the credential they were accepted with no longer is one.
+fn close_signed_out(shard: &Shard) {
+    let revoked = &shard.access.revoked;
+    let mut registry = shard.registry.borrow_mut();
+    let closing =
+        registry.keys_of_sessions(|key_id, id, expires| revoked.is_revoked(id, key_id, expires));
+    for key in closing {
+        registry.request_close(key, CLOSE_KEY_REVOKED);
+    }
+}
+
 /// Re-reads the key file when it changes; closes the connections of keys
-/// that were revoked with 4003, and wakes the SSE streams and long-polls
-/// served here, which end when their key is no longer active.
+/// that were revoked with 4003, and those of sessions signed out since the
+/// last turn; wakes the SSE streams and long-polls served here, which end
+/// when their credential is no longer accepted.
 async fn key_reload_loop(shard: Rc<Shard>, loaded: Option<FileStamp>) {
     let store = KeyStore::new(&shard.config.data_dir);
     let mut seen = loaded;
+    let mut sign_outs = shard.access.revoked.generation();
     loop {
         glommio::timer::sleep(Duration::from_millis(KEY_RELOAD_MS)).await;
+        let generation = shard.access.revoked.generation();
+        if generation != sign_outs {
+            sign_outs = generation;
+            close_signed_out(&shard);
+            shard.http_wake.notify();
+        }
         let stamp = store.stamp();
         if stamp == seen {
             continue;

@@ -160,6 +160,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
                     leftover: buffer[accepted.head_len..filled].to_vec(),
                     org_id: accepted.org_id,
                     key_id: accepted.key_id,
+                    session: accepted.session.map(Box::new),
                     ws_key: accepted.ws_key,
                 };
                 let owner = shard_for(&handoff.org_id, shard.count);
@@ -181,6 +182,7 @@ struct Accepted {
     head_len: usize,
     org_id: String,
     key_id: String,
+    session: Option<(u128, u64)>,
     ws_key: String,
 }
 
@@ -196,6 +198,7 @@ fn route(
         head_len: head.head_len,
         org_id: principal.org_id,
         key_id: principal.key_id,
+        session: principal.session,
         ws_key: String::from_utf8_lossy(upgrade.key).into_owned(),
     })
 }
@@ -216,6 +219,7 @@ pub fn adopt(shard: &Shard, mut handoff: Handoff) {
         fd,
         &handoff.org_id,
         &handoff.key_id,
+        handoff.session.take().map(|s| *s),
         &handoff.ws_key,
         leftover,
     ) {

@@ -502,6 +502,7 @@ pub fn adopt(
     fd: RawFd,
     org_id: &str,
     key_id: &str,
+    session: Option<(u128, u64)>,
     ws_key: &str,
     leftover: Vec<u8>,
 ) -> Result<(), RawFd> {
@@ -509,6 +510,9 @@ pub fn adopt(
     let Ok((key, seq)) = added else {
         return Err(fd);
     };
+    if let Some((id, expires)) = session {
+        shard.registry.borrow_mut().set_session(key, id, expires);
+    }
     if shard.reactor.add(fd, key).is_err() {
         shard.registry.borrow_mut().remove(key);
         return Err(fd);
@@ -540,6 +544,16 @@ pub fn adopt(
             }));
         }
         read_ready(shard, key, false);
+    }
+    if let Some((id, expires)) = session {
+        // Signed out between the check on the accepting shard and now: the
+        // sign-out's sweep may have run before this record existed.
+        if shard.access.revoked.is_revoked(id, key_id, expires) {
+            let mut registry = shard.registry.borrow_mut();
+            if registry.get(key).is_some() {
+                registry.request_close(key, super::CLOSE_KEY_REVOKED);
+            }
+        }
     }
     Ok(())
 }
