@@ -168,6 +168,11 @@ pub struct ChannelTable {
     subscribers: Vec<u32>,
     /// Freed bits, reused first so masks stay short.
     free: Vec<u32>,
+    /// Bits freed while a broadcast of the org was being walked: its
+    /// frames still name them, so they are not reused until the walk ends
+    /// (a connection subscribing meanwhile to another channel would get
+    /// frames of the old one).
+    held: Vec<u32>,
 }
 
 impl ChannelTable {
@@ -213,7 +218,10 @@ impl ChannelTable {
         bit
     }
 
-    fn release(&mut self, bit: u32) {
+    /// One subscriber fewer on `bit`; a route channel's bit is freed with
+    /// its last one, for reuse at once or, with `hold` (a broadcast of the
+    /// org is being walked), once [`ChannelTable::unhold`] runs.
+    fn release(&mut self, bit: u32, hold: bool) {
         let count = &mut self.subscribers[bit as usize];
         assert!(*count > 0, "channel subscriber count underflow");
         *count -= 1;
@@ -221,8 +229,17 @@ impl ChannelTable {
             if let Some(name) = self.names[bit as usize].take() {
                 self.by_name.remove(&name);
             }
-            self.free.push(bit);
+            if hold {
+                self.held.push(bit);
+            } else {
+                self.free.push(bit);
+            }
         }
+    }
+
+    /// Makes the bits freed during walks reusable (no walk is running).
+    fn unhold(&mut self) {
+        self.free.append(&mut self.held);
     }
 }
 
@@ -617,8 +634,9 @@ impl Registry {
             self.sessions.remove(&key);
         }
         let org_record = &mut self.orgs[org as usize];
+        let hold = org_record.delivering > 0;
         for bit in bits {
-            org_record.channels.release(bit);
+            org_record.channels.release(bit, hold);
         }
         assert_eq!(org_record.connections[position], key.index);
         if org_record.delivering > 0 {
@@ -670,7 +688,8 @@ impl Registry {
         let conn = &mut self.connections[key.index as usize];
         conn.clear(bit);
         conn.subscription_count -= 1;
-        self.orgs[org].channels.release(bit);
+        let hold = self.orgs[org].delivering > 0;
+        self.orgs[org].channels.release(bit, hold);
         true
     }
 
@@ -913,6 +932,7 @@ impl Registry {
         if org_record.delivering > 0 {
             return;
         }
+        org_record.channels.unhold();
         let mut vacant = std::mem::take(&mut org_record.vacant);
         // Highest first: every vacancy above the one being filled is gone,
         // so the last entry moved into it is a live connection (or itself).
@@ -1442,6 +1462,36 @@ mod tests {
         r.remove(keys[1]);
         assert_eq!(r.orgs[0].connections.len(), 1);
         assert_eq!(r.get(keys[2]).unwrap().org_position, 0);
+    }
+
+    #[test]
+    fn a_channel_bit_freed_during_a_delivery_is_not_reused_until_it_ends() {
+        let mut r = Registry::new(limits());
+        let (a, _) = r.add("org_a", "k", 1).unwrap();
+        let (b, _) = r.add("org_a", "k", 2).unwrap();
+        r.subscribe(a, "events:src_1").unwrap();
+        let mut staged = Vec::new();
+        r.stage(&event("org_a", "src_1"), 1, &mut staged);
+        // Between the stage and the walk (or two parts of it), the last
+        // subscriber of events:src_1 leaves and another channel is taken.
+        r.unsubscribe(a, "events:src_1");
+        r.subscribe(b, "events:src_2").unwrap();
+        let mut got = Vec::new();
+        let mut send = |fd: RawFd, slices: &[IoSlice<'_>]| {
+            got.push(fd);
+            Ok(slices.iter().map(|s| s.len()).sum())
+        };
+        let mut outcome = Delivered::default();
+        r.deliver(&staged[0], 0..2, &mut send, &mut outcome);
+        r.finish(&staged[0]);
+        assert!(got.is_empty(), "events:src_1 frame went to {got:?}");
+        // Once the walk ended the bit is free again.
+        r.subscribe(a, "events:src_3").unwrap();
+        assert_eq!(r.orgs[0].channels.held.len(), 0);
+        assert!(
+            r.orgs[0].channels.free.is_empty(),
+            "the held bit was reused"
+        );
     }
 
     #[test]
