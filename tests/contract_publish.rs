@@ -169,3 +169,34 @@ fn a_second_request_that_stalls_on_a_kept_alive_connection_gets_408() {
         started.elapsed()
     );
 }
+
+#[test]
+fn health_probes_answer_head_with_the_get_head_and_no_body() {
+    let server = Server::start(&["org_a"]);
+    for path in ["/healthz", "/readyz"] {
+        let get = server.admin_get(path, false);
+        assert_eq!(get.status, 200);
+        let mut stream = tcp_connect(server.admin_addr);
+        stream
+            .write_all(
+                format!("HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .unwrap();
+        stream.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{path}: {answer:?}");
+        let (head, rest) = answer.split_once("\r\n\r\n").expect("a complete head");
+        assert_eq!(rest, "", "{path}: HEAD answer has a body");
+        let length = format!("Content-Length: {}", get.body.len());
+        assert!(
+            head.lines().any(|l| l.eq_ignore_ascii_case(&length)),
+            "{path}: {head}"
+        );
+    }
+    // Other methods are still refused, and say which are allowed.
+    let response = http_request(server.admin_addr, "POST", "/healthz", &[], b"");
+    assert_eq!(response.status, 405);
+    assert_eq!(response.header("Allow"), Some("GET, HEAD"));
+}

@@ -158,6 +158,12 @@ async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         let body = &buffer[request.head_len..end];
         out.clear();
         respond(&shard, &request, body, &mut out).await;
+        if request.method == "HEAD" {
+            // The GET answer's head (its Content-Length included), no body.
+            if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+                out.truncate(end + 4);
+            }
+        }
         if request.close {
             let _ = stream.write_all(&out).await;
             return;
@@ -189,15 +195,18 @@ async fn answer_error(
 async fn respond(shard: &Shard, request: &Request, body: &[u8], out: &mut Vec<u8>) {
     const JSON: &str = "application/json";
     match (request.method.as_str(), request.path.as_str()) {
-        ("GET", "/healthz") => http::write_response(out, 200, JSON, &[], br#"{"status":"ok"}"#),
-        ("GET", "/readyz") => {
+        ("GET" | "HEAD", "/healthz") => {
+            http::write_response(out, 200, JSON, &[], br#"{"status":"ok"}"#)
+        }
+        ("GET" | "HEAD", "/readyz") => {
             if shard.stopping.get() {
                 http::write_response(out, 503, JSON, &[], br#"{"status":"stopping"}"#)
             } else {
                 http::write_response(out, 200, JSON, &[], br#"{"status":"ready"}"#)
             }
         }
-        (_, "/healthz" | "/readyz" | "/metrics") if request.method != "GET" => {
+        (_, "/healthz" | "/readyz") => http::write_error(out, 405, &[("Allow", "GET, HEAD")]),
+        (_, "/metrics") if request.method != "GET" => {
             http::write_error(out, 405, &[("Allow", "GET")])
         }
         (_, "/metrics" | "/v1/publish") if !request.authorized => {
