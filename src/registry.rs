@@ -1222,6 +1222,16 @@ mod tests {
     }
 
     /// A socket that takes 100 bytes once, then refuses everything.
+    /// A socket that takes every byte, noting the descriptor of each send.
+    fn takes_all_into(
+        got: &mut Vec<RawFd>,
+    ) -> impl FnMut(RawFd, &[IoSlice<'_>]) -> std::io::Result<usize> + '_ {
+        move |fd, slices| {
+            got.push(fd);
+            Ok(slices.iter().map(|s| s.len()).sum())
+        }
+    }
+
     fn takes_100_then_blocks() -> impl FnMut(RawFd, &[IoSlice<'_>]) -> std::io::Result<usize> {
         let mut first = true;
         move |_fd, _slices| {
@@ -1435,10 +1445,7 @@ mod tests {
         let mut staged = Vec::new();
         r.stage(&event("org_a", "s"), 1, &mut staged);
         let mut got = Vec::new();
-        let mut send = |fd: RawFd, slices: &[IoSlice<'_>]| {
-            got.push(fd);
-            Ok(slices.iter().map(|s| s.len()).sum())
-        };
+        let mut send = takes_all_into(&mut got);
         let mut outcome = Delivered::default();
         r.deliver(&staged[0], 0..2, &mut send, &mut outcome);
         // Connection 0 (walked) and 3 (not yet) leave between two parts.
@@ -1446,6 +1453,7 @@ mod tests {
         r.remove(keys[3]);
         assert!(r.is_delivering("org_a"));
         r.deliver(&staged[0], 2..4, &mut send, &mut outcome);
+        drop(send);
         r.finish(&staged[0]);
         assert!(!r.is_delivering("org_a"));
         assert_eq!(
@@ -1477,12 +1485,10 @@ mod tests {
         r.unsubscribe(a, "events:src_1");
         r.subscribe(b, "events:src_2").unwrap();
         let mut got = Vec::new();
-        let mut send = |fd: RawFd, slices: &[IoSlice<'_>]| {
-            got.push(fd);
-            Ok(slices.iter().map(|s| s.len()).sum())
-        };
+        let mut send = takes_all_into(&mut got);
         let mut outcome = Delivered::default();
         r.deliver(&staged[0], 0..2, &mut send, &mut outcome);
+        drop(send);
         r.finish(&staged[0]);
         assert!(got.is_empty(), "events:src_1 frame went to {got:?}");
         // Once the walk ended the bit is free again.

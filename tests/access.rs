@@ -16,36 +16,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    http_raw, http_request, tcp_connect, upgrade_request, Client, HttpResponse, Server,
+    cli, http_raw, http_request, tcp_connect, upgrade_request, Client, HttpResponse, Server,
     ServerBuilder, TestDir, STEP_TIMEOUT,
 };
 use serde_json::Value;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::handshake::HandshakeError;
-
-/// Runs `hookstream ARGS…` to completion (with no `HOOKSTREAM_*` variable
-/// from the surroundings) and returns stdout; panics on failure.
-fn cli(args: &[&str], data_dir: &Path) -> String {
-    let mut command = Command::new(common::binary());
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("HOOKSTREAM_") {
-            command.env_remove(name);
-        }
-    }
-    let output = command
-        .args(args)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run hookstream");
-    assert!(
-        output.status.success(),
-        "hookstream {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("stdout is UTF-8")
-}
 
 /// `api-keys list --json`.
 fn list_keys(data_dir: &Path) -> Vec<Value> {

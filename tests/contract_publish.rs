@@ -7,7 +7,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -20,7 +19,7 @@ fn the_publish_command_forwards_data_with_every_digit() {
     let server = Server::start(&["org_a"]);
     let mut client = server.connect("org_a");
     client.subscribe("issues");
-    let output = Command::new(binary())
+    let output = hookstream_command()
         .args([
             "publish", "--org", "org_a", "--type", "issue", "--data", DIGITS,
         ])
@@ -62,7 +61,7 @@ fn the_cli_refuses_a_data_directory_that_is_not_there() {
         vec!["api-keys", "list"],
         vec!["api-keys", "revoke", "key_0000000000000000"],
     ] {
-        let output = Command::new(binary())
+        let output = hookstream_command()
             .args(&args)
             .arg("--data-dir")
             .arg(&missing)
@@ -74,7 +73,7 @@ fn the_cli_refuses_a_data_directory_that_is_not_there() {
     }
     // `publish` reads the admin token; it does not make a new one that no
     // server knows.
-    let output = Command::new(binary())
+    let output = hookstream_command()
         .args([
             "publish",
             "--org",
@@ -86,7 +85,6 @@ fn the_cli_refuses_a_data_directory_that_is_not_there() {
         ])
         .arg("--data-dir")
         .arg(&missing)
-        .env_remove("HOOKSTREAM_ADMIN_TOKEN")
         .output()
         .expect("run hookstream publish");
     assert!(!output.status.success());

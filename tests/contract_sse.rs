@@ -13,89 +13,52 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{issue, read_http_response, tcp_connect, HttpResponse, ServerBuilder, STEP_TIMEOUT};
+use common::{
+    cli, issue, read_http_response, send_get, HttpResponse, Server, ServerBuilder, STEP_TIMEOUT,
+};
 use serde_json::{json, Value};
 
-/// Runs `hookstream ARGS… --data-dir DIR` (no `HOOKSTREAM_*` variable from
-/// the surroundings) and returns stdout; panics on failure.
-fn cli(args: &[&str], data_dir: &Path) -> String {
-    let mut command = Command::new(common::binary());
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("HOOKSTREAM_") {
-            command.env_remove(name);
-        }
-    }
-    let output = command
-        .args(args)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run hookstream");
-    assert!(
-        output.status.success(),
-        "hookstream {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("stdout is UTF-8")
-}
-
-/// Creates a key for `org` while the server runs: (id, key).
-fn create_key(data_dir: &Path, org: &str) -> (String, String) {
+/// Creates a key for `org` while the server runs and waits until the
+/// server accepts it (it is loaded within 2 s, PROTOCOL.md §1; until then
+/// it gets 401): (id, key).
+fn create_key(server: &Server, org: &str) -> (String, String) {
     let text = cli(
         &[
             "api-keys", "create", "--name", "sse", "--org", org, "--json",
         ],
-        data_dir,
+        server.data_dir(),
     );
     let created: Value = serde_json::from_str(&text).expect("create --json prints JSON");
-    (
-        created["id"].as_str().unwrap().to_string(),
-        created["key"].as_str().unwrap().to_string(),
-    )
-}
-
-/// Sends a GET with extra headers on a fresh connection (kept open).
-fn send_get(addr: SocketAddr, path: &str, headers: &[(&str, String)]) -> TcpStream {
-    let mut stream = tcp_connect(addr);
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n");
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
+    let id = created["id"].as_str().unwrap().to_string();
+    let key = created["key"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        let probe = common::http_request(
+            server.ws_addr,
+            "GET",
+            &format!("/v1/poll?channels=issues&token={key}"),
+            &[],
+            b"",
+        );
+        if probe.status == 200 {
+            return (id, key);
+        }
+        assert_eq!(probe.status, 401, "{}", probe.text());
+        assert!(Instant::now() < deadline, "the new key never worked");
+        std::thread::sleep(Duration::from_millis(100));
     }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).expect("send request");
-    stream
 }
 
 /// Reads once into `buffer` within `deadline`: `Some(n)` (0 at EOF, also
 /// on a reset), `None` past the deadline.
 fn read_until(stream: &mut TcpStream, buffer: &mut Vec<u8>, deadline: Instant) -> Option<usize> {
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        match stream.read(&mut chunk) {
-            Ok(n) => {
-                buffer.extend_from_slice(&chunk[..n]);
-                return Some(n);
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                if Instant::now() >= deadline {
-                    return None;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return Some(0),
-        }
+    match common::read_some(stream, buffer, deadline) {
+        Ok(n) => Some(n),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => None,
+        Err(_) => Some(0),
     }
 }
 
@@ -124,27 +87,7 @@ struct SseEvent {
 
 impl Sse {
     fn open(addr: SocketAddr, path: &str, headers: &[(&str, String)]) -> Sse {
-        let mut stream = send_get(addr, path, headers);
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        let mut buffer = Vec::new();
-        let head_end = loop {
-            if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                break at + 4;
-            }
-            match read_until(&mut stream, &mut buffer, deadline) {
-                Some(0) => panic!("closed: {:?}", String::from_utf8_lossy(&buffer)),
-                Some(_) => {}
-                None => panic!("no SSE answer head"),
-            }
-        };
-        let head = String::from_utf8_lossy(&buffer[..head_end]).to_string();
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        assert!(
-            head.to_ascii_lowercase()
-                .contains("content-type: text/event-stream"),
-            "{head}"
-        );
-        buffer.drain(..head_end);
+        let (stream, buffer) = common::open_sse(addr, path, headers);
         Sse {
             stream,
             buffer,
@@ -318,26 +261,9 @@ fn sse_events_with_line_breaks_in_data_reach_event_source_whole() {
 fn sse_streams_of_a_revoked_key_end_and_other_keys_stream_on() {
     let server = ServerBuilder::new().org("org_r").arg("--shards", 2).start();
     let kept = server.key("org_r").to_string();
-    let (id, revoked) = create_key(server.data_dir(), "org_r");
+    let (id, revoked) = create_key(&server, "org_r");
     let path = "/v1/sse?channels=issues";
-    // The new key is loaded within 2 s (PROTOCOL.md §1); until then the
-    // stream is refused.
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    let mut by_token = loop {
-        let probe = common::http_request(
-            server.ws_addr,
-            "GET",
-            &format!("/v1/poll?channels=issues&token={revoked}"),
-            &[],
-            b"",
-        );
-        if probe.status == 200 {
-            break Sse::open(server.ws_addr, &format!("{path}&token={revoked}"), &[]);
-        }
-        assert_eq!(probe.status, 401, "{}", probe.text());
-        assert!(Instant::now() < deadline, "the new key never worked");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let mut by_token = Sse::open(server.ws_addr, &format!("{path}&token={revoked}"), &[]);
     let mut by_bearer = Sse::open(
         server.ws_addr,
         path,
@@ -405,23 +331,8 @@ fn start_long_poll(addr: SocketAddr, query: &str, headers: &[(&str, String)]) ->
 fn waiting_long_poll_of_a_revoked_key_gets_401() {
     let server = ServerBuilder::new().org("org_p").arg("--shards", 2).start();
     let kept = server.key("org_p").to_string();
-    let (id, revoked) = create_key(server.data_dir(), "org_p");
+    let (id, revoked) = create_key(&server, "org_p");
     let seq = server.publish_ok(&issue("org_p", "first"))[0];
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    loop {
-        let probe = common::http_request(
-            server.ws_addr,
-            "GET",
-            &format!("/v1/poll?channels=issues&token={revoked}"),
-            &[],
-            b"",
-        );
-        if probe.status == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the new key never worked");
-        std::thread::sleep(Duration::from_millis(100));
-    }
     // Both wait up to 30 s, far past the read deadline of this test.
     let query = format!("channels=issues&after={seq}&wait_ms=30000");
     let mut waiting = start_long_poll(

@@ -10,18 +10,27 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use common::{issue, sync, Client, Received, Server, ServerBuilder, STEP_TIMEOUT};
-use serde_json::{json, Value};
+use serde_json::json;
 
-/// Sends `subscribe` with `after` and returns the reply (checked to be the
-/// `subscribed` of `channel`).
-fn subscribe_after(client: &mut Client, channel: &str, after: u64) -> Value {
+/// Sends `subscribe` with `after` to a connection already receiving
+/// `channel` and returns the seqs that arrive before the reply, which must
+/// be `{"type":"subscribed","channel":…,"recovered":true}`.
+fn seqs_until_recovered_reply(client: &mut Client, channel: &str, after: u64) -> Vec<u64> {
     client.send_text(&format!(
         r#"{{"type":"subscribe","channel":"{channel}","after":{after}}}"#
     ));
-    let ack = client.next_json(STEP_TIMEOUT);
-    assert_eq!(ack["type"], "subscribed", "{ack}");
-    assert_eq!(ack["channel"], channel, "{ack}");
-    ack
+    let mut seqs = Vec::new();
+    loop {
+        let m = client.next_json(STEP_TIMEOUT);
+        if m["type"] == "subscribed" {
+            assert_eq!(
+                m,
+                json!({"type":"subscribed","channel":channel,"recovered":true})
+            );
+            return seqs;
+        }
+        seqs.push(m["seq"].as_u64().unwrap_or_else(|| panic!("no seq: {m}")));
+    }
 }
 
 /// The seqs of the next `count` messages, each checked to be of `channel`.
@@ -56,9 +65,9 @@ fn subscribe_with_after_on_a_live_channel_replays_like_a_fresh_subscribe() {
     assert_eq!(next_seqs(&mut live, "issues", 1), vec![newer]);
 
     let after = seqs[0];
-    let ack = subscribe_after(&mut live, "issues", after);
+    let ack = live.subscribe_after("issues", after);
     let mut fresh = server.connect("org_r");
-    let fresh_ack = subscribe_after(&mut fresh, "issues", after);
+    let fresh_ack = fresh.subscribe_after("issues", after);
     assert_eq!(
         ack,
         json!({"type":"subscribed","channel":"issues","recovered":true})
@@ -108,22 +117,10 @@ fn resubscribe_with_after_while_publishing_has_no_gap_and_no_duplicate() {
             assert_eq!(pair[1], pair[0] + 1, "live stream: {before:?}");
         }
         let after = first + 10;
-        client.send_text(&format!(
-            r#"{{"type":"subscribe","channel":"issues","after":{after}}}"#
-        ));
         // Live messages may still arrive before the reply, in order.
         let mut last_live = *before.last().unwrap();
-        loop {
-            let m = client.next_json(STEP_TIMEOUT);
-            if m["type"] == "subscribed" {
-                assert_eq!(
-                    m,
-                    json!({"type":"subscribed","channel":"issues","recovered":true})
-                );
-                break;
-            }
-            let seq = m["seq"].as_u64().unwrap();
-            assert_eq!(seq, last_live + 1, "live stream before the reply: {m}");
+        for seq in seqs_until_recovered_reply(&mut client, "issues", after) {
+            assert_eq!(seq, last_live + 1, "live stream before the reply: {seq}");
             last_live = seq;
         }
         // After the reply: after+1, after+2, … well past the switch.
@@ -162,9 +159,9 @@ fn resubscribe_with_after_reports_recovered_false_when_history_was_dropped() {
     let mut client = server.connect("org_k");
     client.subscribe("issues");
     client.ping_pong();
-    let ack = subscribe_after(&mut client, "issues", 10);
+    let ack = client.subscribe_after("issues", 10);
     let mut fresh = server.connect("org_k");
-    let fresh_ack = subscribe_after(&mut fresh, "issues", 10);
+    let fresh_ack = fresh.subscribe_after("issues", 10);
     assert_eq!(
         ack,
         json!({"type":"subscribed","channel":"issues","recovered":false})
@@ -186,22 +183,10 @@ fn a_second_after_replaces_a_replay_in_progress() {
         server.publish_ok(&issues("org_t", 500, &format!("c{chunk}_")));
     }
     let mut client = server.connect("org_t");
-    let ack = subscribe_after(&mut client, "issues", 1400);
+    let ack = client.subscribe_after("issues", 1400);
     assert_eq!(ack["recovered"], true);
     // A smaller `after` right away: the first replay cannot cover it.
-    client.send_text(r#"{"type":"subscribe","channel":"issues","after":100}"#);
-    let mut first = Vec::new();
-    loop {
-        let m = client.next_json(STEP_TIMEOUT);
-        if m["type"] == "subscribed" {
-            assert_eq!(
-                m,
-                json!({"type":"subscribed","channel":"issues","recovered":true})
-            );
-            break;
-        }
-        first.push(m["seq"].as_u64().unwrap());
-    }
+    let first = seqs_until_recovered_reply(&mut client, "issues", 100);
     // Before the second reply: a prefix of the first replay.
     assert_eq!(
         first,
@@ -236,13 +221,13 @@ fn resubscribe_with_after_keeps_the_subscription_count_and_channel_bits() {
     client.subscribe("collections:col_1");
 
     // At the limit, a re-subscribe with `after` is not a third subscription.
-    let ack = subscribe_after(&mut client, "collections:col_1", 0);
+    let ack = client.subscribe_after("collections:col_1", 0);
     assert_eq!(ack["recovered"], true, "{ack}");
     assert_eq!(
         next_seqs(&mut client, "collections:col_1", 2),
         vec![old[1], old[3]]
     );
-    let ack = subscribe_after(&mut client, "issues", old[0]);
+    let ack = client.subscribe_after("issues", old[0]);
     assert_eq!(ack["recovered"], true, "{ack}");
     assert_eq!(next_seqs(&mut client, "issues", 1), vec![old[2]]);
     client.send_text(r#"{"type":"subscribe","channel":"deliveries"}"#);
@@ -348,7 +333,7 @@ fn wrong_typed_fields_get_the_error_that_names_them() {
     assert!(later > seq);
     assert_eq!(next_seqs(&mut client, "issues", 1), vec![later]);
     // The largest seq is a valid `after`.
-    let ack = subscribe_after(&mut client, "issues", u64::MAX);
+    let ack = client.subscribe_after("issues", u64::MAX);
     assert_eq!(ack["recovered"], true, "{ack}");
     client.ping_pong();
 }

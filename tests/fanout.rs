@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{event, Client, Received, ServerBuilder, STEP_TIMEOUT};
+use common::{event, Client, Received, Server, ServerBuilder, STEP_TIMEOUT};
 
 /// Subscribers beyond one part of the walk, so every broadcast yields.
 const BYSTANDERS: usize = 2_600;
@@ -50,15 +50,19 @@ fn events_until(client: &mut Client, sentinel: &str) -> Vec<u64> {
     }
 }
 
+/// One shard (every broadcast walks the whole org on one core), org
+/// `org_big`, no upgrade rate limit for the many subscribers.
+fn big_org_server() -> Server {
+    ServerBuilder::new()
+        .org("org_big")
+        .arg("--shards", 1)
+        .arg("--upgrades-per-ip-per-sec", 0)
+        .start()
+}
+
 #[test]
 fn replays_switch_to_live_without_gap_or_duplicate_while_big_broadcasts_are_walked() {
-    let server = Arc::new(
-        ServerBuilder::new()
-            .org("org_big")
-            .arg("--shards", 1)
-            .arg("--upgrades-per-ip-per-sec", 0)
-            .start(),
-    );
+    let server = Arc::new(big_org_server());
     let addr = server.ws_addr;
     let key = server.key("org_big").to_string();
     let _bystanders = subscribers(addr, &key, BYSTANDERS);
@@ -119,13 +123,7 @@ fn replays_switch_to_live_without_gap_or_duplicate_while_big_broadcasts_are_walk
 
 #[test]
 fn connections_leaving_during_big_broadcasts_cost_no_one_a_message() {
-    let server = Arc::new(
-        ServerBuilder::new()
-            .org("org_big")
-            .arg("--shards", 1)
-            .arg("--upgrades-per-ip-per-sec", 0)
-            .start(),
-    );
+    let server = Arc::new(big_org_server());
     let addr = server.ws_addr;
     let key = server.key("org_big").to_string();
     let mut clients = subscribers(addr, &key, BYSTANDERS);

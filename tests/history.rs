@@ -145,18 +145,6 @@ fn seqs(messages: &[Value]) -> Vec<u64> {
         .collect()
 }
 
-/// Reads `count` history lines of a fresh client: the `subscribed` reply
-/// and what follows.
-fn subscribe_after(client: &mut Client, channel: &str, after: u64) -> Value {
-    client.send_text(&format!(
-        r#"{{"type":"subscribe","channel":"{channel}","after":{after}}}"#
-    ));
-    let ack = client.next_json(STEP_TIMEOUT);
-    assert_eq!(ack["type"], "subscribed", "{ack}");
-    assert_eq!(ack["channel"], channel, "{ack}");
-    ack
-}
-
 /// A tiny deterministic generator for the interleavings.
 struct Rng(u64);
 
@@ -291,7 +279,7 @@ fn replay_during_concurrent_publishing_has_no_gap_or_duplicate() {
                 after,
                 std::thread::spawn(move || {
                     let mut client = Client::connect(addr, &format!("/v1/ws?token={key}"));
-                    let ack = subscribe_after(&mut client, channel, after);
+                    let ack = client.subscribe_after(channel, after);
                     assert_eq!(ack["recovered"], true, "{ack}");
                     let mut got = Vec::new();
                     let deadline = Instant::now() + Duration::from_secs(15);
@@ -364,12 +352,12 @@ fn subscribe_twice_and_unsubscribe_during_replay_are_harmless() {
         server.publish_ok(&common::array(chunk));
     }
     let mut client = server.connect("org_t");
-    subscribe_after(&mut client, "issues", 0);
+    client.subscribe_after("issues", 0);
     client.unsubscribe_soon();
     // Whatever arrived, the connection works and a new subscription with
     // `after` replays exactly once from the given point.
     client.ping_until_pong();
-    let ack = subscribe_after(&mut client, "issues", 1490);
+    let ack = client.subscribe_after("issues", 1490);
     assert_eq!(ack["recovered"], true);
     // A second subscribe with `after`, during the replay or after it, is
     // acknowledged after a prefix of the first replay and followed by
@@ -668,37 +656,11 @@ fn read_sse_events(
 }
 
 fn open_sse(addr: SocketAddr, path: &str, last_event_id: Option<u64>) -> (TcpStream, Vec<u8>) {
-    let mut stream = common::tcp_connect(addr);
-    let mut request =
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
+    let mut headers = vec![("Accept", "text/event-stream".to_string())];
     if let Some(id) = last_event_id {
-        request.push_str(&format!("Last-Event-ID: {id}\r\n"));
+        headers.push(("Last-Event-ID", id.to_string()));
     }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut buffer = Vec::new();
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    let head_end = loop {
-        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-            break at + 4;
-        }
-        assert!(Instant::now() < deadline, "no SSE head");
-        let mut chunk = [0u8; 4096];
-        match stream.read(&mut chunk) {
-            Ok(0) => panic!("closed: {}", String::from_utf8_lossy(&buffer)),
-            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-            Err(_) => {}
-        }
-    };
-    let head = String::from_utf8_lossy(&buffer[..head_end]).to_string();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("content-type: text/event-stream"),
-        "{head}"
-    );
-    buffer.drain(..head_end);
-    (stream, buffer)
+    common::open_sse(addr, path, &headers)
 }
 
 #[test]
@@ -836,14 +798,14 @@ fn retention_drops_whole_segments_and_reports_not_recovered() {
     assert_eq!(seqs(&all), (81..=100).collect::<Vec<u64>>());
     // `after` older than what is kept: recovered false, and what exists.
     let mut client = server.connect("org_k");
-    let ack = subscribe_after(&mut client, "issues", 10);
+    let ack = client.subscribe_after("issues", 10);
     assert_eq!(ack["recovered"], false, "{ack}");
     let replayed: Vec<u64> = (0..20)
         .map(|_| client.next_json(STEP_TIMEOUT)["seq"].as_u64().unwrap())
         .collect();
     assert_eq!(replayed, (81..=100).collect::<Vec<u64>>());
     let mut client = server.connect("org_k");
-    let ack = subscribe_after(&mut client, "issues", 95);
+    let ack = client.subscribe_after("issues", 95);
     assert_eq!(ack["recovered"], true, "{ack}");
     assert_eq!(client.next_json(STEP_TIMEOUT)["seq"], 96);
 }
@@ -859,7 +821,7 @@ fn retention_by_age_expires_messages_and_keeps_the_seq() {
     assert_eq!(page["messages"], serde_json::json!([]));
     let mut client = Client::connect(node.ws, &format!("/v1/ws?token={key}"));
     assert_eq!(client.welcome["seq"], 1);
-    let ack = subscribe_after(&mut client, "issues", 0);
+    let ack = client.subscribe_after("issues", 0);
     assert_eq!(ack["recovered"], false, "{ack}");
     drop(client);
     node.kill9();

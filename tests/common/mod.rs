@@ -92,6 +92,24 @@ impl Drop for TestDir {
 // The server process
 // ---------------------------------------------------------------------------
 
+/// Runs `hookstream ARGS… --data-dir DIR` to completion (see
+/// [`hookstream_command`]) and returns stdout; panics on failure.
+pub fn cli(args: &[&str], data_dir: &Path) -> String {
+    let output = hookstream_command()
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run hookstream");
+    assert!(
+        output.status.success(),
+        "hookstream {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("stdout is UTF-8")
+}
+
 /// Creates an API key for `org` in `data_dir` with the CLI; returns the key.
 pub fn create_key(data_dir: &Path, org: &str) -> String {
     let output = hookstream_command()
@@ -124,7 +142,7 @@ pub fn create_key(data_dir: &Path, org: &str) -> String {
 
 /// A `Command` for the binary with every `HOOKSTREAM_*` variable of the
 /// surrounding environment removed, so tests see only their own flags.
-fn hookstream_command() -> Command {
+pub fn hookstream_command() -> Command {
     let mut command = Command::new(binary());
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("HOOKSTREAM_") {
@@ -820,6 +838,18 @@ impl Client {
         assert_eq!(ack["channel"], channel, "ack of {channel}: {ack}");
     }
 
+    /// Sends `subscribe` with `after` and returns the reply, checked to be
+    /// the `subscribed` of `channel`.
+    pub fn subscribe_after(&mut self, channel: &str, after: u64) -> Value {
+        self.send_text(&format!(
+            r#"{{"type":"subscribe","channel":"{channel}","after":{after}}}"#
+        ));
+        let ack = self.next_json(STEP_TIMEOUT);
+        assert_eq!(ack["type"], "subscribed", "{ack}");
+        assert_eq!(ack["channel"], channel, "{ack}");
+        ack
+    }
+
     /// Unsubscribes and checks the acknowledgement.
     pub fn unsubscribe(&mut self, channel: &str) {
         self.send_text(&format!(
@@ -1066,7 +1096,11 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// Appends what one read returns, retrying on timeouts until `deadline`.
 /// Returns the bytes read (0 at EOF); `TimedOut` past the deadline.
-fn read_some(stream: &mut TcpStream, buffer: &mut Vec<u8>, deadline: Instant) -> io::Result<usize> {
+pub fn read_some(
+    stream: &mut TcpStream,
+    buffer: &mut Vec<u8>,
+    deadline: Instant,
+) -> io::Result<usize> {
     let mut chunk = [0u8; 16 * 1024];
     loop {
         match stream.read(&mut chunk) {
@@ -1127,6 +1161,47 @@ impl HttpResponse {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.text()))
     }
+}
+
+/// Sends `GET path` with `headers` on a fresh connection and leaves it
+/// open (for streamed answers: SSE, long-polls).
+pub fn send_get(addr: SocketAddr, path: &str, headers: &[(&str, String)]) -> TcpStream {
+    let mut stream = tcp_connect(addr);
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).expect("send request");
+    stream
+}
+
+/// Opens an SSE stream: `GET path` with `headers`, then the answer head,
+/// checked to be a 200 `text/event-stream`. Returns the stream and the body
+/// bytes read with the head.
+pub fn open_sse(addr: SocketAddr, path: &str, headers: &[(&str, String)]) -> (TcpStream, Vec<u8>) {
+    let mut stream = send_get(addr, path, headers);
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let mut buffer = Vec::new();
+    let head_end = loop {
+        if let Some(at) = find(&buffer, b"\r\n\r\n") {
+            break at + 4;
+        }
+        match read_some(&mut stream, &mut buffer, deadline) {
+            Ok(0) => panic!("closed: {:?}", String::from_utf8_lossy(&buffer)),
+            Ok(_) => {}
+            Err(e) => panic!("no SSE answer head: {e}"),
+        }
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/event-stream"),
+        "{head}"
+    );
+    buffer.drain(..head_end);
+    (stream, buffer)
 }
 
 /// One request with `Content-Length` and `Connection: close`; reads the
