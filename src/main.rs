@@ -159,20 +159,15 @@ struct PublishBody<'a> {
 
 fn publish(args: PublishArgs) -> Result<(), String> {
     let addr = config::admin_listen_of(&args)?;
-    let token = match std::env::var("HOOKSTREAM_ADMIN_TOKEN") {
-        Ok(token) if !token.is_empty() => token,
-        _ => {
-            let data_dir = config::data_dir_of(&args.common)?;
-            hookstream::auth::keys::existing_admin_token(&data_dir)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| {
-                    format!(
-                        "no admin token: {} does not exist; set HOOKSTREAM_ADMIN_TOKEN or give the server's --data-dir",
-                        data_dir.join("admin-token").display()
-                    )
-                })?
-        }
-    };
+    let data_dir = config::data_dir_of(&args.common)?;
+    let token = hookstream::auth::keys::existing_admin_token(&data_dir)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| {
+            format!(
+                "no admin token: {} does not exist; set HOOKSTREAM_ADMIN_TOKEN or give the server's --data-dir",
+                data_dir.join("admin-token").display()
+            )
+        })?;
     let data_text = match args.data.strip_prefix('@') {
         Some(path) => std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?,
         None => args.data.clone(),

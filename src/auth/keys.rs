@@ -203,18 +203,8 @@ impl KeyStore {
         let path = self.path();
         let temp = self.dir.join(format!("{KEYS_FILE}.tmp"));
         let bytes = serde_json::to_vec_pretty(file).expect("key records always serialize");
-        {
-            let mut out = OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .mode(0o600)
-                .open(&temp)
-                .map_err(io_error(&temp))?;
-            out.write_all(&bytes).map_err(io_error(&temp))?;
-            out.sync_all().map_err(io_error(&temp))?;
-        }
-        fs::rename(&temp, &path).map_err(io_error(&path))?;
+        super::replace_private_file(&temp, &path, &bytes)
+            .map_err(|(path, source)| KeyStoreError::Io { path, source })?;
         File::open(&self.dir)
             .and_then(|dir| dir.sync_all())
             .map_err(io_error(&self.dir))?;
@@ -388,9 +378,15 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         == 0
 }
 
-/// The admin token stored in `<data-dir>/admin-token`, if there is one
-/// (never creates it: for clients of a running server).
+/// The admin token already set: `HOOKSTREAM_ADMIN_TOKEN`, or
+/// `<data-dir>/admin-token` if there is one (never creates it: for clients
+/// of a running server).
 pub fn existing_admin_token(data_dir: &Path) -> Result<Option<String>, KeyStoreError> {
+    if let Ok(token) = std::env::var("HOOKSTREAM_ADMIN_TOKEN") {
+        if !token.is_empty() {
+            return Ok(Some(token));
+        }
+    }
     let path = data_dir.join("admin-token");
     match fs::read_to_string(&path) {
         Ok(text) if !text.trim().is_empty() => Ok(Some(text.trim().to_string())),
@@ -403,11 +399,6 @@ pub fn existing_admin_token(data_dir: &Path) -> Result<Option<String>, KeyStoreE
 /// The admin token: `HOOKSTREAM_ADMIN_TOKEN`, or `<data-dir>/admin-token`,
 /// generated once with mode 0600.
 pub fn admin_token(data_dir: &Path) -> Result<String, KeyStoreError> {
-    if let Ok(token) = std::env::var("HOOKSTREAM_ADMIN_TOKEN") {
-        if !token.is_empty() {
-            return Ok(token);
-        }
-    }
     if let Some(token) = existing_admin_token(data_dir)? {
         return Ok(token);
     }

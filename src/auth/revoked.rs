@@ -20,7 +20,7 @@
 //! too; there is at most one per key that signed a session out.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -301,20 +301,8 @@ impl Revocations {
         };
         let path = file.path.clone();
         let temp = path.with_extension("tmp");
-        let describe = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
-        {
-            let mut out = OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .mode(0o600)
-                .open(&temp)
-                .map_err(|e| describe(&temp, e))?;
-            out.write_all(text.as_bytes())
-                .and_then(|()| out.sync_all())
-                .map_err(|e| describe(&temp, e))?;
-        }
-        fs::rename(&temp, &path).map_err(|e| describe(&path, e))?;
+        super::replace_private_file(&temp, &path, text.as_bytes())
+            .map_err(|(p, e)| format!("{}: {e}", p.display()))?;
         if let Some(dir) = path.parent() {
             if let Ok(dir) = File::open(dir) {
                 let _ = dir.sync_all();
@@ -342,6 +330,7 @@ pub struct Pending(Vec<Line>);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn revoked_until_expiry_then_forgotten() {
