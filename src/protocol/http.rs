@@ -619,13 +619,16 @@ fn write_error_parts(out: &mut Vec<u8>, status: u16, header_lists: &[&[(&str, &s
         body[body_len..body_len + part.len()].copy_from_slice(part);
         body_len += part.len();
     }
-    let version: &[(&str, &str)] = if status == 426 {
-        &[("Sec-WebSocket-Version", WEBSOCKET_VERSION)]
-    } else {
-        &[]
+    // Headers the status itself calls for: the version a 426 asks for, and
+    // when a rate-limited (429) client may retry (the per-address buckets
+    // refill continuously: a second is plenty).
+    let required: &[(&str, &str)] = match status {
+        426 => &[("Sec-WebSocket-Version", WEBSOCKET_VERSION)],
+        429 => &[("Retry-After", "1")],
+        _ => &[],
     };
-    // Room for the version header and the caller's lists, without a Vec.
-    let mut lists: [&[(&str, &str)]; 4] = [version, &[], &[], &[]];
+    // Room for those and the caller's lists, without a Vec.
+    let mut lists: [&[(&str, &str)]; 4] = [required, &[], &[], &[]];
     assert!(header_lists.len() < lists.len());
     lists[1..=header_lists.len()].copy_from_slice(header_lists);
     write_response_parts(out, status, "application/json", &lists, &body[..body_len]);

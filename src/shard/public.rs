@@ -49,13 +49,6 @@ async fn refuse(shard: &Shard, stream: &mut TcpStream, status: u16, error: Optio
     let mut out = Vec::with_capacity(256);
     match error {
         Some(error) => http::write_http_error(&mut out, error),
-        // A rate-limited client may retry once a token is back: the
-        // per-address buckets refill continuously, a second is plenty.
-        None if status == 429 => http::write_error(
-            &mut out,
-            status,
-            &[("Retry-After", "1"), ("Connection", "close")],
-        ),
         None => http::write_error(&mut out, status, &[("Connection", "close")]),
     }
     let _ = stream.write_all(&out).await;

@@ -102,18 +102,10 @@ pub async fn respond(
     }
 }
 
-/// Writes a JSON error `{"error":…}` and keeps the connection. A 429 (a
-/// source address over a limit) says when to come back: the limits refill
-/// by the second.
+/// Writes a JSON error `{"error":…}` and keeps the connection.
 pub async fn respond_error(stream: &mut TcpStream, status: u16, headers: &[(&str, &str)]) -> After {
     let mut out = Vec::with_capacity(256);
-    if status == 429 {
-        let mut with_retry = headers.to_vec();
-        with_retry.push(("Retry-After", "1"));
-        http::write_error(&mut out, status, &with_retry);
-    } else {
-        http::write_error(&mut out, status, headers);
-    }
+    http::write_error(&mut out, status, headers);
     match stream.write_all(&out).await {
         Ok(()) => After::KeepAlive,
         Err(_) => After::Close,
