@@ -38,6 +38,8 @@ pub mod demo;
 pub mod history;
 pub mod limits;
 pub mod metrics;
+pub mod notify;
+pub mod placement;
 pub mod protocol;
 pub mod publish;
 pub mod registry;

@@ -27,23 +27,21 @@
 
 mod log;
 pub mod query;
-pub mod replay;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ahash::{AHashMap, AHashSet};
 use glommio::io::{BufferedFile, OpenOptions};
 
 pub use self::log::{crc32c, RecordError};
+use crate::notify::Notify;
+use crate::placement::shard_for;
 use crate::registry::{MessageKind, Outgoing};
-use crate::shard::{shard_for, Shard};
 
 /// When a publish is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -357,94 +355,6 @@ pub fn org_of_dir_name(name: &str) -> Option<String> {
     }
 }
 
-/// A wake-up for tasks waiting on something that changes (new commits,
-/// new pending records, revocations): a generation counter and the wakers
-/// of the waiters. A waiter that is dropped before it is woken (a
-/// long-poll that got its answer another way) takes its waker out, so the
-/// list holds live waiters only, however long between two notifications.
-#[derive(Debug, Default)]
-pub struct Notify {
-    generation: Cell<u64>,
-    /// Wakers of the current generation; emptied by [`Notify::notify`].
-    wakers: RefCell<slab::Slab<Waker>>,
-}
-
-impl Notify {
-    /// The current generation, to wait for a change from.
-    pub fn generation(&self) -> u64 {
-        self.generation.get()
-    }
-
-    /// Wakes every waiter.
-    pub fn notify(&self) {
-        self.generation.set(self.generation.get() + 1);
-        let wakers = std::mem::take(&mut *self.wakers.borrow_mut());
-        for (_, waker) in wakers {
-            waker.wake();
-        }
-    }
-
-    /// Resolves once the generation differs from `seen`.
-    pub fn wait(&self, seen: u64) -> NotifyWait<'_> {
-        NotifyWait {
-            notify: self,
-            seen,
-            slot: None,
-        }
-    }
-
-    /// Waiters registered now (for tests).
-    #[cfg(test)]
-    fn waiting(&self) -> usize {
-        self.wakers.borrow().len()
-    }
-}
-
-/// The future of [`Notify::wait`].
-#[derive(Debug)]
-pub struct NotifyWait<'a> {
-    notify: &'a Notify,
-    seen: u64,
-    /// Its waker's slot, valid while the generation is still `seen` (a
-    /// notification bumps it and empties the slab).
-    slot: Option<usize>,
-}
-
-impl Future for NotifyWait<'_> {
-    type Output = ();
-
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
-        if self.notify.generation.get() != self.seen {
-            self.slot = None;
-            return Poll::Ready(());
-        }
-        let mut wakers = self.notify.wakers.borrow_mut();
-        match self.slot {
-            Some(slot) => {
-                if !wakers[slot].will_wake(cx.waker()) {
-                    wakers[slot] = cx.waker().clone();
-                }
-            }
-            None => {
-                let slot = wakers.insert(cx.waker().clone());
-                drop(wakers);
-                self.slot = Some(slot);
-            }
-        }
-        Poll::Pending
-    }
-}
-
-impl Drop for NotifyWait<'_> {
-    fn drop(&mut self) {
-        if let Some(slot) = self.slot {
-            if self.notify.generation.get() == self.seen {
-                self.notify.wakers.borrow_mut().remove(slot);
-            }
-        }
-    }
-}
-
 /// A record waiting for the committer.
 struct PendingRecord {
     message: Outgoing,
@@ -457,6 +367,33 @@ struct PendingRecord {
 struct Pending {
     records: Vec<PendingRecord>,
     waiters: Vec<futures_channel::oneshot::Sender<Result<(), String>>>,
+}
+
+/// One commit round: the messages the committer took in one go, how the
+/// commit went, and the publishers waiting for it.
+pub struct Round {
+    records: Vec<PendingRecord>,
+    waiters: Vec<futures_channel::oneshot::Sender<Result<(), String>>>,
+    outcome: Result<(), String>,
+}
+
+impl Round {
+    /// How the commit went: `Ok` when every message is durable and indexed.
+    pub fn outcome(&self) -> &Result<(), String> {
+        &self.outcome
+    }
+
+    /// The committed messages with their seqs, in commit order.
+    pub fn messages(&self) -> impl Iterator<Item = (&Outgoing, u64)> {
+        self.records.iter().map(|r| (&r.message, r.seq))
+    }
+
+    /// Tells each publisher of the round how its commit went.
+    pub fn answer(&mut self) {
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(self.outcome.clone());
+        }
+    }
 }
 
 /// Counters of the history, for `/metrics` and the benchmarks.
@@ -472,21 +409,6 @@ pub struct HistoryCounters {
     pub bytes: u64,
 }
 
-/// A request to replay a channel to a connection (see [`replay`]).
-pub struct ReplayJob {
-    /// The connection.
-    pub key: crate::registry::ConnKey,
-    /// Its org.
-    pub org_id: Rc<str>,
-    /// The channel.
-    pub channel: String,
-    /// Replay messages with a larger seq.
-    pub after: u64,
-    /// Set by [`History::start_replay`]: tells this replay from a later one
-    /// of the same connection and channel that replaced it.
-    pub id: u64,
-}
-
 /// One shard's history.
 pub struct History {
     /// Settings.
@@ -499,17 +421,6 @@ pub struct History {
     pending_notify: Notify,
     /// Wakes readers after each commit.
     pub committed_notify: Notify,
-    /// Wakes replays waiting for a broadcast to be delivered.
-    pub delivered_notify: Notify,
-    /// Replays waiting for the replay worker.
-    replay_jobs: RefCell<VecDeque<ReplayJob>>,
-    /// Wakes the replay worker.
-    replay_notify: Notify,
-    /// (connection, channel) pairs being replayed, with the id of the
-    /// replay in charge (a later subscribe with `after` replaces it).
-    replaying: RefCell<AHashMap<(crate::registry::ConnKey, String), u64>>,
-    /// Id of the next replay.
-    next_replay_id: Cell<u64>,
     /// Counters.
     pub counters: Cell<HistoryCounters>,
     /// Set when the shard drains: long-polls stop waiting.
@@ -640,11 +551,6 @@ impl History {
                 pending: RefCell::new(Pending::default()),
                 pending_notify: Notify::default(),
                 committed_notify: Notify::default(),
-                delivered_notify: Notify::default(),
-                replay_jobs: RefCell::new(VecDeque::new()),
-                replay_notify: Notify::default(),
-                replaying: RefCell::new(AHashMap::new()),
-                next_replay_id: Cell::new(0),
                 counters: Cell::new(HistoryCounters::default()),
                 waits_stopped: Cell::new(false),
             },
@@ -683,6 +589,36 @@ impl History {
             Ok(Ok(())) => Ok(seqs),
             Ok(Err(e)) => Err(e),
             Err(_) => Err("history committer stopped".to_string()),
+        }
+    }
+
+    /// Waits for publishes, then commits everything queued as one round
+    /// (one write per org touched, one fsync per file with `--durability
+    /// fsync`) and indexes it. Returns the round: on success every message
+    /// in it is durable and indexed, and the caller stages it for delivery
+    /// in the same synchronous step (no await between this returning and
+    /// the staging), so at any await point a committed message is either
+    /// being delivered or not committed at all (see `shard::replay`). The
+    /// caller answers the round's publishers with [`Round::answer`].
+    pub async fn commit_next(&self) -> Round {
+        loop {
+            let seen = self.pending_notify.generation();
+            let batch = std::mem::take(&mut *self.pending.borrow_mut());
+            if batch.records.is_empty() {
+                self.pending_notify.wait(seen).await;
+                continue;
+            }
+            let outcome = commit(self, &batch.records).await;
+            if outcome.is_ok() {
+                // Readers waiting for new commits (long-polls, SSE) run
+                // after the caller's synchronous step.
+                self.committed_notify.notify();
+            }
+            return Round {
+                records: batch.records,
+                waiters: batch.waiters,
+                outcome,
+            };
         }
     }
 
@@ -920,59 +856,6 @@ impl History {
         }
         items.into_iter().flatten().collect()
     }
-
-    /// Queues a replay for the replay worker and marks it in progress; a
-    /// replay of the same connection and channel still in progress is
-    /// replaced (it stops at its next step, see [`History::is_current_replay`]).
-    pub fn start_replay(&self, mut job: ReplayJob) {
-        let id = self.next_replay_id.get();
-        self.next_replay_id.set(id + 1);
-        job.id = id;
-        self.replaying
-            .borrow_mut()
-            .insert((job.key, job.channel.clone()), id);
-        self.replay_jobs.borrow_mut().push_back(job);
-        self.replay_notify.notify();
-    }
-
-    /// True while `channel` is being replayed to `key`.
-    pub fn is_replaying(&self, key: crate::registry::ConnKey, channel: &str) -> bool {
-        self.replaying
-            .borrow()
-            .contains_key(&(key, channel.to_string()))
-    }
-
-    /// True while `job` is the replay in charge of its connection and
-    /// channel: not cancelled, not replaced by a later one.
-    pub fn is_current_replay(&self, job: &ReplayJob) -> bool {
-        self.replaying.borrow().get(&(job.key, job.channel.clone())) == Some(&job.id)
-    }
-
-    /// Ends `job`'s replay, unless a later one replaced it.
-    pub fn end_replay(&self, job: &ReplayJob) {
-        if self.is_current_replay(job) {
-            self.replaying
-                .borrow_mut()
-                .remove(&(job.key, job.channel.clone()));
-        }
-    }
-
-    /// Replays in progress for `key` (they count as subscriptions).
-    pub fn replays_of(&self, key: crate::registry::ConnKey) -> usize {
-        self.replaying
-            .borrow()
-            .keys()
-            .filter(|(k, _)| *k == key)
-            .count()
-    }
-
-    /// Stops a replay (unsubscribe during the replay); true if there was one.
-    pub fn cancel_replay(&self, key: crate::registry::ConnKey, channel: &str) -> bool {
-        self.replaying
-            .borrow_mut()
-            .remove(&(key, channel.to_string()))
-            .is_some()
-    }
 }
 
 /// Reads one org's segments at startup.
@@ -1063,63 +946,6 @@ async fn load_org(org_id: &str, dir: PathBuf) -> Result<OrgLog, String> {
     org.committed = previous_seq;
     org.trimmed_through = org.entries.front().map_or(previous_seq, |e| e.seq - 1);
     Ok(org)
-}
-
-/// The committer: writes what publishers queued, makes it durable, then
-/// indexes it, answers the publishers and fans it out. Runs for the life
-/// of the shard.
-pub async fn commit_loop(shard: Rc<Shard>) {
-    let history = &shard.history;
-    loop {
-        let seen = history.pending_notify.generation();
-        let batch = std::mem::take(&mut *history.pending.borrow_mut());
-        if batch.records.is_empty() {
-            history.pending_notify.wait(seen).await;
-            continue;
-        }
-        let outcome = commit(history, &batch.records).await;
-        match &outcome {
-            Ok(()) => {
-                // Staged in the same step as the commit (no await since it
-                // returned), so every committed record is being delivered.
-                let staged = {
-                    let mut registry = shard.registry.borrow_mut();
-                    let mut staged = Vec::new();
-                    for record in &batch.records {
-                        registry.stage(&record.message, record.seq, &mut staged);
-                    }
-                    staged
-                };
-                history.committed_notify.notify();
-                // The publishers' answer does not wait for the walk, which
-                // takes the kernel ~75 ms per 10,000 subscribers: what was
-                // answered is durable and staged. Publishes that arrive
-                // meanwhile still wait for it, in the next round.
-                answer(batch.waiters, &outcome);
-                // Let the publishers' tasks write their answers first.
-                futures_lite::future::yield_now().await;
-                shard.deliver(staged).await;
-                history.delivered_notify.notify();
-            }
-            Err(e) => {
-                eprintln!(
-                    "hookstream: history: shard {}: commit failed: {e}",
-                    shard.id
-                );
-                answer(batch.waiters, &outcome);
-            }
-        }
-    }
-}
-
-/// Tells each publisher of a round how its commit went.
-fn answer(
-    waiters: Vec<futures_channel::oneshot::Sender<Result<(), String>>>,
-    outcome: &Result<(), String>,
-) {
-    for waiter in waiters {
-        let _ = waiter.send(outcome.clone());
-    }
 }
 
 /// Writes one batch and makes it durable; on success indexes it.
@@ -1376,11 +1202,10 @@ async fn prepare_segment(
     Ok((file, 0, first_seq))
 }
 
-/// Applies retention by age every second.
-pub async fn retention_loop(shard: Rc<Shard>) {
+/// Applies retention by age every second, for the life of the shard.
+pub async fn retention_loop(history: &History) {
     loop {
         glommio::timer::sleep(Duration::from_millis(RETENTION_INTERVAL_MS)).await;
-        let history = &shard.history;
         let now = now_ms();
         let deleted: Vec<PathBuf> = {
             let mut orgs = history.orgs.borrow_mut();
@@ -1406,47 +1231,6 @@ pub async fn retention_loop(shard: Rc<Shard>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn poll_once(wait: &mut NotifyWait<'_>) -> Poll<()> {
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        std::pin::Pin::new(wait).poll(&mut cx)
-    }
-
-    #[test]
-    fn notify_keeps_only_live_waiters_however_many() {
-        let notify = Notify::default();
-        let seen = notify.generation();
-        let mut waits: Vec<NotifyWait<'_>> = (0..5_000).map(|_| notify.wait(seen)).collect();
-        for wait in &mut waits {
-            assert!(poll_once(wait).is_pending());
-        }
-        // No cap wakes them early; polling again registers nothing new.
-        assert_eq!(notify.waiting(), 5_000);
-        assert!(poll_once(&mut waits[0]).is_pending());
-        assert_eq!(notify.waiting(), 5_000);
-        // Waiters that end without being woken take their wakers along.
-        let mut last = waits.pop().unwrap();
-        drop(waits);
-        assert_eq!(notify.waiting(), 1);
-        notify.notify();
-        assert_eq!(notify.waiting(), 0);
-        assert!(poll_once(&mut last).is_ready());
-    }
-
-    #[test]
-    fn a_waiter_from_before_a_notification_leaves_newer_ones_alone() {
-        let notify = Notify::default();
-        let mut old = notify.wait(notify.generation());
-        assert!(poll_once(&mut old).is_pending());
-        notify.notify();
-        // A new waiter may get the slot the old one had.
-        let mut new = notify.wait(notify.generation());
-        assert!(poll_once(&mut new).is_pending());
-        drop(old);
-        assert_eq!(notify.waiting(), 1);
-        notify.notify();
-        assert!(poll_once(&mut new).is_ready());
-    }
 
     #[test]
     fn org_dir_names_round_trip() {

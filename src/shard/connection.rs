@@ -279,9 +279,9 @@ fn client_message(
     match message {
         ClientMessage::Ping => Ok(reply(r#"{"type":"pong"}"#)),
         ClientMessage::Subscribe { channel, after } => {
-            if after.is_some() || shard.history.is_replaying(key, channel) {
-                // Replay from history first, then live (history::replay).
-                return crate::history::replay::subscribe(shard, key, channel, *after);
+            if after.is_some() || shard.replays.is_replaying(key, channel) {
+                // Replay from history first, then live (shard::replay).
+                return super::replay::subscribe(shard, key, channel, *after);
             }
             let mut registry = shard.registry.borrow_mut();
             match registry.subscribe(key, channel) {
@@ -299,7 +299,7 @@ fn client_message(
             }
         }
         ClientMessage::Unsubscribe { channel } => {
-            shard.history.cancel_replay(key, channel);
+            shard.replays.cancel(key, channel);
             shard.registry.borrow_mut().unsubscribe(key, channel);
             Ok(reply(&format!(
                 r#"{{"type":"unsubscribed","channel":"{channel}"}}"#

@@ -11,12 +11,106 @@
 //! rest and sets the subscription bit. Every later commit reaches the
 //! connection through the normal fan-out.
 
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Duration;
 
-use super::{channel_matches, History, Item, ReplayJob};
+use ahash::AHashMap;
+
+use super::Shard;
+use crate::history::{channel_matches, History, Item};
+use crate::notify::Notify;
 use crate::registry::{render_message, text_frame, ConnKey, Frame, SubscribeError};
-use crate::shard::Shard;
+
+/// A request to replay a channel to a connection.
+pub struct ReplayJob {
+    /// The connection.
+    pub key: ConnKey,
+    /// Its org.
+    pub org_id: Rc<str>,
+    /// The channel.
+    pub channel: String,
+    /// Replay messages with a larger seq.
+    pub after: u64,
+    /// Set by [`Replays::start`]: tells this replay from a later one of the
+    /// same connection and channel that replaced it.
+    pub id: u64,
+}
+
+/// The replays of one shard: which (connection, channel) pairs are being
+/// replayed, the jobs waiting for the worker, and the wake-up of replays
+/// waiting for a broadcast to be delivered.
+#[derive(Default)]
+pub struct Replays {
+    /// Replays waiting for the replay worker.
+    jobs: RefCell<VecDeque<ReplayJob>>,
+    /// Wakes the replay worker.
+    jobs_notify: Notify,
+    /// (connection, channel) pairs being replayed, with the id of the
+    /// replay in charge (a later subscribe with `after` replaces it).
+    replaying: RefCell<AHashMap<(ConnKey, String), u64>>,
+    /// Id of the next replay.
+    next_id: Cell<u64>,
+    /// Notified each time the committer finished delivering a round: a
+    /// replay waiting for its org's broadcast to end looks again.
+    pub delivered_notify: Notify,
+}
+
+impl Replays {
+    /// Queues a replay for the replay worker and marks it in progress; a
+    /// replay of the same connection and channel still in progress is
+    /// replaced (it stops at its next step, see [`Replays::is_current`]).
+    pub fn start(&self, mut job: ReplayJob) {
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        job.id = id;
+        self.replaying
+            .borrow_mut()
+            .insert((job.key, job.channel.clone()), id);
+        self.jobs.borrow_mut().push_back(job);
+        self.jobs_notify.notify();
+    }
+
+    /// True while `channel` is being replayed to `key`.
+    pub fn is_replaying(&self, key: ConnKey, channel: &str) -> bool {
+        self.replaying
+            .borrow()
+            .contains_key(&(key, channel.to_string()))
+    }
+
+    /// True while `job` is the replay in charge of its connection and
+    /// channel: not cancelled, not replaced by a later one.
+    pub fn is_current(&self, job: &ReplayJob) -> bool {
+        self.replaying.borrow().get(&(job.key, job.channel.clone())) == Some(&job.id)
+    }
+
+    /// Ends `job`'s replay, unless a later one replaced it.
+    pub fn end(&self, job: &ReplayJob) {
+        if self.is_current(job) {
+            self.replaying
+                .borrow_mut()
+                .remove(&(job.key, job.channel.clone()));
+        }
+    }
+
+    /// Replays in progress for `key` (they count as subscriptions).
+    pub fn of(&self, key: ConnKey) -> usize {
+        self.replaying
+            .borrow()
+            .keys()
+            .filter(|(k, _)| *k == key)
+            .count()
+    }
+
+    /// Stops a replay (unsubscribe during the replay); true if there was one.
+    pub fn cancel(&self, key: ConnKey, channel: &str) -> bool {
+        self.replaying
+            .borrow_mut()
+            .remove(&(key, channel.to_string()))
+            .is_some()
+    }
+}
 
 /// Messages read from disk per step.
 const REPLAY_CHUNK_MESSAGES: usize = 512;
@@ -62,6 +156,7 @@ pub fn subscribe(
     after: Option<u64>,
 ) -> Result<Frame, Frame> {
     let history = &shard.history;
+    let replays = &shard.replays;
     let mut registry = shard.registry.borrow_mut();
     let Some(conn) = registry.get(key) else {
         return Ok(subscribed(channel, after.map(|_| true)));
@@ -72,7 +167,7 @@ pub fn subscribe(
         .channels
         .lookup(channel)
         .is_some_and(|bit| conn.has(bit));
-    let replaying = history.is_replaying(key, channel);
+    let replaying = replays.is_replaying(key, channel);
     let Some(after) = after else {
         // Subscribing twice is harmless. (Only reached for a channel being
         // replayed; a plain subscribe of anything else goes to the registry.)
@@ -80,7 +175,7 @@ pub fn subscribe(
     };
     if !live && !replaying {
         let max = registry.limits.subscriptions_max;
-        if conn.subscription_count as usize + history.replays_of(key) >= max {
+        if conn.subscription_count as usize + replays.of(key) >= max {
             return Err(too_many(channel, max));
         }
     }
@@ -90,7 +185,7 @@ pub fn subscribe(
         registry.unsubscribe(key, channel);
     }
     drop(registry);
-    history.start_replay(ReplayJob {
+    replays.start(ReplayJob {
         key,
         org_id,
         channel: channel.to_string(),
@@ -103,20 +198,20 @@ pub fn subscribe(
 /// Starts a task per replay request, for the life of the shard.
 pub async fn worker(shard: Rc<Shard>) {
     loop {
-        let seen = shard.history.replay_notify.generation();
+        let seen = shard.replays.jobs_notify.generation();
         loop {
-            let job = shard.history.replay_jobs.borrow_mut().pop_front();
+            let job = shard.replays.jobs.borrow_mut().pop_front();
             let Some(job) = job else { break };
             glommio::spawn_local(run(shard.clone(), job)).detach();
         }
-        shard.history.replay_notify.wait(seen).await;
+        shard.replays.jobs_notify.wait(seen).await;
     }
 }
 
 /// True while the replay should go on (connection open, not unsubscribed,
 /// not replaced by a later subscribe with `after`).
 fn wanted(shard: &Shard, job: &ReplayJob) -> bool {
-    shard.history.is_current_replay(job)
+    shard.replays.is_current(job)
         && shard
             .registry
             .borrow()
@@ -176,7 +271,7 @@ async fn run(shard: Rc<Shard>, job: ReplayJob) {
     let mut last = job.after;
     loop {
         if !wanted(&shard, &job) {
-            history.end_replay(&job);
+            shard.replays.end(&job);
             return;
         }
         if shard.registry.borrow().is_delivering(&job.org_id) {
@@ -184,8 +279,8 @@ async fn run(shard: Rc<Shard>, job: ReplayJob) {
             // time: switching to live now could put this subscription in
             // the part not yet walked (a duplicate) or miss it in the part
             // already walked. Wait until it is done.
-            let seen = history.delivered_notify.generation();
-            history.delivered_notify.wait(seen).await;
+            let seen = shard.replays.delivered_notify.generation();
+            shard.replays.delivered_notify.wait(seen).await;
             continue;
         }
         let committed = history.committed(&job.org_id);
@@ -203,7 +298,7 @@ async fn run(shard: Rc<Shard>, job: ReplayJob) {
                 // The switch to live: no await from here to the subscription.
                 {
                     let mut registry = shard.registry.borrow_mut();
-                    history.end_replay(&job);
+                    shard.replays.end(&job);
                     for item in &rest {
                         registry.enqueue(job.key.index, &frame_of(&job, item));
                     }
@@ -219,7 +314,7 @@ async fn run(shard: Rc<Shard>, job: ReplayJob) {
             // Too much to queue at once: send part of it paced, then retry.
             let part = rest.len().min(REPLAY_CHUNK_MESSAGES);
             if !queue_paced(&shard, &job, &rest[..part]).await {
-                history.end_replay(&job);
+                shard.replays.end(&job);
                 return;
             }
             last = rest[part - 1].seq;
@@ -229,7 +324,7 @@ async fn run(shard: Rc<Shard>, job: ReplayJob) {
             .read_forward(&job.org_id, last, committed, REPLAY_CHUNK_MESSAGES, &filter)
             .await;
         if !queue_paced(&shard, &job, &items).await {
-            history.end_replay(&job);
+            shard.replays.end(&job);
             return;
         }
         last = scanned;
