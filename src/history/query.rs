@@ -86,14 +86,11 @@ fn expand(items: &[Item], channels: &[String], limit: usize) -> (Vec<Envelope>, 
 
 /// Runs a query on the owner shard's history.
 pub async fn run(history: &History, query: Query) -> Answer {
-    let channels = query.channels.clone();
-    let filter =
-        move |kind, route: Option<&str>| channels.iter().any(|c| channel_matches(c, kind, route));
     let limit = query.limit.max(1);
     match query.range {
         Range::Before(before) => {
             let (items, has_more) = history
-                .read_backward(&query.org_id, before, limit, &filter)
+                .read_backward(&query.org_id, before, limit, &query.channels)
                 .await;
             let (messages, cut) = expand(&items, &query.channels, limit);
             Answer {
@@ -109,7 +106,7 @@ pub async fn run(history: &History, query: Query) -> Answer {
                 let seen = history.committed_notify.generation();
                 let upto = history.committed(&query.org_id);
                 let (items, scanned) = history
-                    .read_forward(&query.org_id, after, upto, limit, &filter)
+                    .read_forward(&query.org_id, after, upto, limit, &query.channels)
                     .await;
                 let left = deadline.saturating_duration_since(Instant::now());
                 if !items.is_empty() || left.is_zero() || history.waits_stopped() {

@@ -179,7 +179,7 @@ impl Shard {
         m.sends.store(c.sends, Ordering::Relaxed);
         m.slow_consumer_closes
             .store(c.slow_consumer_closes, Ordering::Relaxed);
-        let h = self.history.counters.get();
+        let h = self.history.counters();
         m.history_commits.store(h.commits, Ordering::Relaxed);
         m.history_fsyncs.store(h.fsyncs, Ordering::Relaxed);
         m.history_bytes_written.store(h.bytes, Ordering::Relaxed);
@@ -731,15 +731,15 @@ async fn shard_main(
         messages_max: config.history_messages,
         age_ms: config.history_age_ms,
     };
-    let opened = match crate::history::History::open(history_config, id, config.shards).await {
-        Ok(opened) => opened,
+    let history = match crate::history::History::open(history_config, id, config.shards).await {
+        Ok(history) => history,
         Err(e) => {
             let _ = ready.send(Err(format!("cannot open the message history: {e}")));
             return;
         }
     };
     let mut registry = Registry::new(limits);
-    for (org_id, seq) in &opened.seqs {
+    for (org_id, seq) in &history.last_seqs() {
         registry.set_org_seq(org_id, *seq);
     }
     let shard = Rc::new(Shard {
@@ -756,7 +756,7 @@ async fn shard_main(
         stopping: Cell::new(false),
         http_wake: crate::notify::Notify::default(),
         http_streams: Cell::new(0),
-        history: opened.history,
+        history,
         replays: replay::Replays::default(),
         reactor,
         lingering: RefCell::new(Vec::new()),

@@ -19,7 +19,7 @@ use std::time::Duration;
 use ahash::AHashMap;
 
 use super::Shard;
-use crate::history::{channel_matches, History, Item};
+use crate::history::{History, Item};
 use crate::notify::Notify;
 use crate::registry::{render_message, text_frame, ConnKey, Frame, SubscribeError};
 
@@ -266,8 +266,7 @@ async fn queue_paced(shard: &Shard, job: &ReplayJob, items: &[Item]) -> bool {
 
 async fn run(shard: Rc<Shard>, job: ReplayJob) {
     let history: &History = &shard.history;
-    let channel = job.channel.clone();
-    let filter = move |kind, route: Option<&str>| channel_matches(&channel, kind, route);
+    let channels = std::slice::from_ref(&job.channel);
     let mut last = job.after;
     loop {
         if !wanted(&shard, &job) {
@@ -284,7 +283,7 @@ async fn run(shard: Rc<Shard>, job: ReplayJob) {
             continue;
         }
         let committed = history.committed(&job.org_id);
-        let rest = history.read_cached(&job.org_id, last, committed, &filter);
+        let rest = history.read_cached(&job.org_id, last, committed, channels);
         if let Some(rest) = rest {
             let queued: usize = rest.iter().map(|i| i.data.len() + 64).sum();
             let room = {
@@ -321,7 +320,13 @@ async fn run(shard: Rc<Shard>, job: ReplayJob) {
             continue;
         }
         let (items, scanned) = history
-            .read_forward(&job.org_id, last, committed, REPLAY_CHUNK_MESSAGES, &filter)
+            .read_forward(
+                &job.org_id,
+                last,
+                committed,
+                REPLAY_CHUNK_MESSAGES,
+                channels,
+            )
             .await;
         if !queue_paced(&shard, &job, &items).await {
             shard.replays.end(&job);
