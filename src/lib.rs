@@ -37,6 +37,7 @@ pub mod config;
 pub mod demo;
 pub mod history;
 pub mod limits;
+pub mod message;
 pub mod metrics;
 pub mod notify;
 pub mod placement;

@@ -40,6 +40,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub use self::log::{Appending, Log, LogCounters};
 pub use self::record::{crc32c, RecordError};
 pub use self::segmented::SegmentedLog;
+pub use crate::message::channel_matches;
 use crate::notify::Notify;
 use crate::registry::{MessageKind, Outgoing};
 
@@ -86,22 +87,6 @@ pub struct HistoryConfig {
     pub messages_max: u64,
     /// Longest a message is kept.
     pub age_ms: u64,
-}
-
-/// True when a message of `kind` with route id `route` goes to `channel`
-/// (the routing of PROTOCOL.md §3).
-pub fn channel_matches(channel: &str, kind: MessageKind, route: Option<&str>) -> bool {
-    match channel {
-        "events" => kind == MessageKind::Event,
-        "deliveries" => kind == MessageKind::Delivery,
-        "issues" => kind == MessageKind::Issue,
-        _ => match channel.split_once(':') {
-            Some(("events", id)) => kind == MessageKind::Event && route == Some(id),
-            Some(("deliveries", id)) => kind == MessageKind::Delivery && route == Some(id),
-            Some(("collections", id)) => kind == MessageKind::Sync && route == Some(id),
-            _ => false,
-        },
-    }
 }
 
 /// Milliseconds since the Unix epoch.

@@ -799,7 +799,9 @@ async fn commit(history: &SegmentedLog, records: &[Numbered<'_>]) -> Result<(), 
         .await?;
         let mut buffer = Vec::with_capacity(
             list.iter()
-                .map(|r| record::encoded_len(org_id, r.message.route_id.as_deref(), &r.message.data))
+                .map(|r| {
+                    record::encoded_len(org_id, r.message.route_id.as_deref(), &r.message.data)
+                })
                 .sum(),
         );
         for record in list {

@@ -209,16 +209,7 @@ fn parse_client_message(text: &str) -> Result<ClientMessage<'_>, Frame> {
     Ok(ClientMessage::Subscribe { channel, after })
 }
 
-/// True for the channel names of PROTOCOL.md §2.
-pub fn is_valid_channel(name: &str) -> bool {
-    match name {
-        "events" | "deliveries" | "issues" => true,
-        _ => match name.split_once(':') {
-            Some(("events" | "deliveries" | "collections", id)) => crate::publish::is_valid_id(id),
-            _ => false,
-        },
-    }
-}
+pub use crate::message::is_valid_channel;
 
 fn reply(json: &str) -> Frame {
     Frame::from(crate::registry::text_frame(json.as_bytes()))

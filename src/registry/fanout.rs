@@ -1,0 +1,184 @@
+//! Fan-out: a committed round becomes one [`Broadcast`] per org (each
+//! message rendered once per target channel that has subscribers), then the
+//! org's connection list is walked, in parts, and each subscriber gets its
+//! matching frames through the write path (`super::wire`).
+
+use std::io::IoSlice;
+use std::os::unix::io::RawFd;
+
+use slab::Slab;
+use smallvec::SmallVec;
+
+use super::{ConnKey, ConnState, Connection, Frame, Registry};
+use crate::message::{render_message, Outgoing};
+
+/// A position in an org's connection list whose connection left while a
+/// broadcast was being delivered.
+pub const VACANT: u32 = u32::MAX;
+
+/// One commit round's messages for one org, rendered once, ready to be
+/// written to every subscriber by [`Registry::deliver`].
+#[derive(Debug)]
+pub struct Broadcast {
+    /// The org's slab index.
+    pub org: u32,
+    /// (channel bit, frame) in seq order.
+    pub targets: Vec<(u32, Frame)>,
+    /// Positions of the org's connection list to walk: the connections that
+    /// were there when it was staged (later ones are not subscribed yet).
+    pub positions: usize,
+}
+
+/// What writing a broadcast left for the caller to act on.
+#[derive(Debug, Default)]
+pub struct Delivered {
+    /// Connections whose socket refused bytes: the rest is queued and they
+    /// need writability (EPOLLOUT) to go on.
+    pub blocked: Vec<(ConnKey, RawFd)>,
+    /// Connections whose socket failed: to close without a close frame.
+    pub failed: Vec<ConnKey>,
+}
+
+/// How many positions ahead [`Registry::deliver`] prefetches records.
+const PREFETCH_AHEAD: usize = 16;
+
+/// Hints the CPU to load connection record `index` into cache.
+#[inline]
+fn prefetch(connections: &Slab<Connection>, index: u32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: every index in an org's connection list other than
+        // VACANT is an occupied slot (add pushes it, remove takes it out
+        // or marks it VACANT before freeing the slot), so `get_unchecked`
+        // is in bounds and occupied; only the address is used, for a
+        // prefetch, which never faults.
+        unsafe {
+            let record = connections.get_unchecked(index as usize) as *const Connection;
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                record as *const i8,
+            );
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (connections, index);
+    }
+}
+
+impl Registry {
+    /// Renders `message`, with the seq the history log gave it (and made
+    /// durable), once per channel of it that has subscribers, and adds the
+    /// frames to its org's broadcast in `staged` (begun here when it has
+    /// none yet). The message becomes the org's latest seq. Seqs of one org
+    /// arrive here strictly increasing. Every broadcast staged must be
+    /// walked by [`Registry::deliver`] and then ended by [`Registry::finish`].
+    pub fn stage(&mut self, message: &Outgoing, seq: u64, staged: &mut Vec<Broadcast>) {
+        let org = self.org_index(&message.org_id);
+        let record = &mut self.orgs[org as usize];
+        assert!(seq > record.seq, "seqs of an org only grow");
+        record.seq = seq;
+        self.counters.published += 1;
+        let position = match staged.iter().rposition(|b| b.org == org) {
+            Some(position) => position,
+            None => {
+                record.delivering += 1;
+                staged.push(Broadcast {
+                    org,
+                    targets: Vec::new(),
+                    positions: record.connections.len(),
+                });
+                staged.len() - 1
+            }
+        };
+        for channel in message.channels() {
+            if let Some(bit) = record.channels.lookup(&channel) {
+                if record.channels.subscribers(bit) > 0 {
+                    let frame = render_message(message.kind, &channel, seq, &message.data);
+                    staged[position].targets.push((bit, frame.into()));
+                }
+            }
+        }
+    }
+
+    /// Writes `broadcast` to the connections at `positions` of its org's
+    /// list (a part of `0..broadcast.positions`, so a large broadcast can be
+    /// walked in parts with yields between them). Each subscriber gets its
+    /// frames in one vectored `send` straight from the shared frames; only
+    /// what its socket refuses is queued (and counted against its queue
+    /// limit). A connection that already has queued bytes gets the frames
+    /// queued behind them. Blocked and failed sockets are added to `outcome`.
+    pub fn deliver(
+        &mut self,
+        broadcast: &Broadcast,
+        positions: std::ops::Range<usize>,
+        send: &mut impl FnMut(RawFd, &[IoSlice<'_>]) -> std::io::Result<usize>,
+        outcome: &mut Delivered,
+    ) {
+        if broadcast.targets.is_empty() {
+            return;
+        }
+        let org = broadcast.org as usize;
+        let mut matched: SmallVec<[&Frame; 16]> = SmallVec::new();
+        let end = positions.end;
+        for position in positions {
+            // The walk is memory-bound over a large org: ask for the record
+            // a few positions ahead while this one is handled.
+            if let Some(&ahead) = self.orgs[org].connections[..end].get(position + PREFETCH_AHEAD) {
+                if ahead != VACANT {
+                    prefetch(&self.connections, ahead);
+                }
+            }
+            let index = self.orgs[org].connections[position];
+            if index == VACANT {
+                continue;
+            }
+            let conn = &self.connections[index as usize];
+            if conn.close.is_some() || conn.state != ConnState::Open {
+                continue;
+            }
+            matched.clear();
+            for (bit, frame) in &broadcast.targets {
+                if conn.has(*bit) {
+                    matched.push(frame);
+                }
+            }
+            if matched.is_empty() {
+                continue;
+            }
+            self.counters.delivered += matched.len() as u64;
+            self.write_frames(index, &matched, send, outcome);
+        }
+    }
+
+    /// Ends the delivery of `broadcast`: fills the positions of connections
+    /// that left meanwhile.
+    pub fn finish(&mut self, broadcast: &Broadcast) {
+        let org_record = &mut self.orgs[broadcast.org as usize];
+        org_record.delivering -= 1;
+        if org_record.delivering > 0 {
+            return;
+        }
+        org_record.channels.unhold();
+        let mut vacant = std::mem::take(&mut org_record.vacant);
+        // Highest first: every vacancy above the one being filled is gone,
+        // so the last entry moved into it is a live connection (or itself).
+        vacant.sort_unstable_by(|a, b| b.cmp(a));
+        for position in vacant.iter().map(|&p| p as usize) {
+            org_record.connections.swap_remove(position);
+            if let Some(moved) = org_record.connections.get(position).copied() {
+                self.connections[moved as usize].org_position = position as u32;
+            }
+        }
+        vacant.clear();
+        org_record.vacant = vacant;
+    }
+
+    /// True while a broadcast of org `org_id` is being delivered: a
+    /// subscription that replays history waits for it to finish, so the
+    /// switch from replayed to live messages has no gap and no duplicate.
+    pub fn is_delivering(&self, org_id: &str) -> bool {
+        self.org_by_id
+            .get(org_id)
+            .is_some_and(|i| self.orgs[*i as usize].delivering > 0)
+    }
+}

@@ -1,0 +1,437 @@
+//! One shard's connections, orgs, channel tables and send queues. Pure data:
+//! no runtime, no sockets (bytes reach a socket through a caller-supplied
+//! [`Wire`]), so it is testable and benchable over a million records.
+//!
+//! - this file: the [`Registry`] — the slab of connection records behind
+//!   generation-checked [`ConnKey`]s, orgs and their connection lists, API
+//!   key and session bookkeeping, subscriptions, close requests;
+//! - `connection`: one connection's record and its state;
+//! - `channels`: an org's channel names interned to bits;
+//! - `fanout`: staging a committed round once per org and walking the
+//!   org's connections to write it ([`Broadcast`]);
+//! - `wire`: the write seam — how a connection's frames become bytes on
+//!   its socket — and the send queue behind it.
+//!
+//! Connections live in a `slab` of compact records; a [`ConnKey`] carries a
+//! generation so a stale key can never reach a reused slot. Each org interns
+//! the channel names its connections subscribe to into bit positions, and a
+//! connection's subscriptions are a bitmask, so matching a message to a
+//! connection is one AND. A published message is rendered once per target
+//! channel into one complete WebSocket frame held by an `Rc<[u8]>`, and that
+//! same buffer is written (or queued) to every matching connection.
+
+mod channels;
+mod connection;
+mod fanout;
+mod wire;
+
+use std::os::unix::io::RawFd;
+use std::rc::Rc;
+use std::task::Waker;
+
+use ahash::AHashMap;
+use slab::Slab;
+use smallvec::SmallVec;
+
+pub use self::channels::{ChannelTable, FIXED_CHANNELS};
+pub use self::connection::{CloseCode, ConnState, Connection, Partial, SendQueue};
+pub use self::fanout::{Broadcast, Delivered, VACANT};
+pub use self::wire::Flush;
+pub use crate::message::{push_u64, render_message, text_frame, MessageKind, Outgoing};
+
+/// A complete server frame (or, once, the 101 answer), shared by every
+/// connection it is queued to.
+pub type Frame = Rc<[u8]>;
+
+/// Typed key of a connection: slab index plus the generation of the record
+/// that was there when the key was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// Slot in the slab.
+    pub index: u32,
+    /// Generation of the record; a reused slot has a different one.
+    pub generation: u32,
+}
+
+/// One org on this shard.
+#[derive(Debug)]
+pub struct Org {
+    /// The org id.
+    pub id: Rc<str>,
+    /// Latest sequence number given to a message of this org.
+    pub seq: u64,
+    /// Slab indexes of its connections.
+    pub connections: Vec<u32>,
+    /// Its channel names.
+    pub channels: ChannelTable,
+    /// Broadcasts of this org being delivered (staged, not yet finished).
+    /// While one is, a removed connection leaves a [`VACANT`] in
+    /// `connections` instead of moving the last one into its place, so the
+    /// positions a delivery walks stay put across its yields.
+    pub delivering: u32,
+    /// Positions left [`VACANT`] while delivering, filled when it ends.
+    pub(super) vacant: Vec<u32>,
+}
+
+/// Registry-level errors when adding a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddError {
+    /// The org already holds its maximum of connections (503).
+    OrgFull,
+    /// The shard holds its maximum of connections (503).
+    ShardFull,
+}
+
+/// Subscription outcomes, mapped to the contract's replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeError {
+    /// `too_many_subscriptions`.
+    TooMany,
+}
+
+/// Counters the registry updates; the shard copies them into metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counters {
+    /// Frames queued to connections (deliveries).
+    pub delivered: u64,
+    /// Bytes written to sockets.
+    pub bytes_sent: u64,
+    /// Connections closed for passing their queue limit.
+    pub slow_consumer_closes: u64,
+    /// Messages sequenced (published) on this shard.
+    pub published: u64,
+    /// `send` calls made.
+    pub sends: u64,
+}
+
+/// Limits the registry enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct RegistryLimits {
+    /// Most connections per org.
+    pub connections_per_org: usize,
+    /// Most connections on this shard.
+    pub connections_max: usize,
+    /// Most subscriptions per connection.
+    pub subscriptions_max: usize,
+    /// Most unwritten bytes per connection.
+    pub send_queue_bytes: usize,
+}
+
+/// Most connection records reserved up front per shard (80 MB of address
+/// space); past it the slab grows as usual.
+const CONNECTIONS_RESERVED_MAX: usize = 1 << 20;
+
+/// Close code for a connection that passed its send queue limit.
+pub const CLOSE_SLOW_CONSUMER: u16 = 1013;
+
+/// One shard's registry.
+#[derive(Debug)]
+pub struct Registry {
+    /// Connection records.
+    pub connections: Slab<Connection>,
+    /// Org records.
+    pub orgs: Slab<Org>,
+    /// Org id → org slab index.
+    org_by_id: AHashMap<Rc<str>, u32>,
+    /// Key ids of connected clients, interned (index stored per connection).
+    key_ids: Vec<Rc<str>>,
+    /// Key id → index in `key_ids`.
+    key_by_id: AHashMap<Rc<str>, u32>,
+    /// The session of each connection that signed in with the session
+    /// cookie (`auth::revoked::session_id`), for closing them on sign-out.
+    /// Kept beside the records: key connections pay nothing for it.
+    sessions: AHashMap<ConnKey, (u128, u64)>,
+    /// Next generation to hand out.
+    next_generation: u32,
+    /// Connections with newly queued frames, to flush after a batch.
+    dirty: Vec<u32>,
+    /// Connections the server decided to close, for the reactor to act on.
+    pub closing: Vec<ConnKey>,
+    /// Wakes the reactor when `closing` gets an entry.
+    pub reactor_waker: Option<Waker>,
+    /// Limits.
+    pub limits: RegistryLimits,
+    /// Counters.
+    pub counters: Counters,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(limits: RegistryLimits) -> Registry {
+        Registry {
+            // Reserved once for the shard's whole budget: the pages are
+            // touched only as records are written, so an unused reservation
+            // costs address space, not memory, and the slab never doubles
+            // (a doubling copies every record and, until the allocator
+            // gives it back, keeps the old half resident too).
+            connections: Slab::with_capacity(limits.connections_max.min(CONNECTIONS_RESERVED_MAX)),
+            orgs: Slab::new(),
+            org_by_id: AHashMap::new(),
+            key_ids: Vec::new(),
+            key_by_id: AHashMap::new(),
+            sessions: AHashMap::new(),
+            next_generation: 1,
+            dirty: Vec::new(),
+            closing: Vec::new(),
+            reactor_waker: None,
+            limits,
+            counters: Counters::default(),
+        }
+    }
+
+    /// The org's slab index, created on first use.
+    pub fn org_index(&mut self, org_id: &str) -> u32 {
+        if let Some(index) = self.org_by_id.get(org_id) {
+            return *index;
+        }
+        let id: Rc<str> = org_id.into();
+        let index = self.orgs.insert(Org {
+            id: id.clone(),
+            seq: 0,
+            connections: Vec::new(),
+            channels: ChannelTable::new(),
+            delivering: 0,
+            vacant: Vec::new(),
+        }) as u32;
+        self.org_by_id.insert(id, index);
+        index
+    }
+
+    /// The org's latest seq (0 when it never published).
+    pub fn org_seq(&self, org_id: &str) -> u64 {
+        self.org_by_id
+            .get(org_id)
+            .map(|i| self.orgs[*i as usize].seq)
+            .unwrap_or(0)
+    }
+
+    /// Sets the org's latest seq (used when history restores it).
+    pub fn set_org_seq(&mut self, org_id: &str, seq: u64) {
+        let index = self.org_index(org_id);
+        let org = &mut self.orgs[index as usize];
+        org.seq = org.seq.max(seq);
+    }
+
+    fn key_index(&mut self, key_id: &str) -> u32 {
+        if let Some(index) = self.key_by_id.get(key_id) {
+            return *index;
+        }
+        let id: Rc<str> = key_id.into();
+        self.key_ids.push(id.clone());
+        let index = (self.key_ids.len() - 1) as u32;
+        self.key_by_id.insert(id, index);
+        index
+    }
+
+    /// Adds a connection of `org_id` authenticated with key `key_id`.
+    /// Returns its key and the org's seq at this moment (the welcome's
+    /// `seq`: everything published later has a larger one).
+    pub fn add(
+        &mut self,
+        org_id: &str,
+        key_id: &str,
+        fd: RawFd,
+    ) -> Result<(ConnKey, u64), AddError> {
+        if self.connections.len() >= self.limits.connections_max {
+            return Err(AddError::ShardFull);
+        }
+        let org = self.org_index(org_id);
+        let org_record = &self.orgs[org as usize];
+        if org_record.connections.len() - org_record.vacant.len() >= self.limits.connections_per_org
+        {
+            return Err(AddError::OrgFull);
+        }
+        let key = self.key_index(key_id);
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        let org_position = self.orgs[org as usize].connections.len() as u32;
+        let index = self.connections.insert(Connection {
+            generation,
+            fd,
+            org,
+            org_position,
+            key,
+            subscription_count: 0,
+            bad_messages_in_row: 0,
+            missed_pongs: 0,
+            write_blocked: false,
+            state: ConnState::Open,
+            close: None,
+            subscriptions: SmallVec::new(),
+            send: None,
+            partial: None,
+        }) as u32;
+        let org_record = &mut self.orgs[org as usize];
+        org_record.connections.push(index);
+        Ok((ConnKey { index, generation }, org_record.seq))
+    }
+
+    /// The record behind `key`, if it is still that connection.
+    pub fn get(&self, key: ConnKey) -> Option<&Connection> {
+        self.connections
+            .get(key.index as usize)
+            .filter(|c| c.generation == key.generation)
+    }
+
+    /// Mutable record behind `key`, if it is still that connection.
+    pub fn get_mut(&mut self, key: ConnKey) -> Option<&mut Connection> {
+        self.connections
+            .get_mut(key.index as usize)
+            .filter(|c| c.generation == key.generation)
+    }
+
+    /// Removes a connection and releases its channel bits.
+    pub fn remove(&mut self, key: ConnKey) {
+        let Some(conn) = self.get(key) else {
+            return;
+        };
+        let org = conn.org;
+        let position = conn.org_position as usize;
+        let bits: SmallVec<[u32; 8]> = (0..conn.subscriptions.len() as u32 * 64)
+            .filter(|b| conn.has(*b))
+            .collect();
+        let conn = self.connections.remove(key.index as usize);
+        drop(conn);
+        if !self.sessions.is_empty() {
+            self.sessions.remove(&key);
+        }
+        let org_record = &mut self.orgs[org as usize];
+        let hold = org_record.delivering > 0;
+        for bit in bits {
+            org_record.channels.release(bit, hold);
+        }
+        assert_eq!(org_record.connections[position], key.index);
+        if org_record.delivering > 0 {
+            org_record.connections[position] = VACANT;
+            org_record.vacant.push(position as u32);
+            return;
+        }
+        org_record.connections.swap_remove(position);
+        if let Some(moved) = org_record.connections.get(position).copied() {
+            self.connections[moved as usize].org_position = position as u32;
+        }
+    }
+
+    /// Subscribes; `Ok(false)` when it already was.
+    pub fn subscribe(&mut self, key: ConnKey, channel: &str) -> Result<bool, SubscribeError> {
+        let limit = self.limits.subscriptions_max;
+        let Some(conn) = self.connections.get(key.index as usize) else {
+            return Ok(false);
+        };
+        let org = conn.org as usize;
+        if let Some(bit) = self.orgs[org].channels.lookup(channel) {
+            if conn.has(bit) {
+                return Ok(false);
+            }
+        }
+        if conn.subscription_count as usize >= limit {
+            return Err(SubscribeError::TooMany);
+        }
+        let bit = self.orgs[org].channels.intern(channel);
+        self.orgs[org].channels.subscribers[bit as usize] += 1;
+        let conn = &mut self.connections[key.index as usize];
+        conn.set(bit);
+        conn.subscription_count += 1;
+        Ok(true)
+    }
+
+    /// Unsubscribes; false when it was not subscribed.
+    pub fn unsubscribe(&mut self, key: ConnKey, channel: &str) -> bool {
+        let Some(conn) = self.get(key) else {
+            return false;
+        };
+        let org = conn.org as usize;
+        let Some(bit) = self.orgs[org].channels.lookup(channel) else {
+            return false;
+        };
+        if !conn.has(bit) {
+            return false;
+        }
+        let conn = &mut self.connections[key.index as usize];
+        conn.clear(bit);
+        conn.subscription_count -= 1;
+        let hold = self.orgs[org].delivering > 0;
+        self.orgs[org].channels.release(bit, hold);
+        true
+    }
+
+    /// Asks the reactor to close the connection with `code` (the first
+    /// request wins).
+    pub fn request_close(&mut self, key: ConnKey, code: CloseCode) {
+        let Some(conn) = self.get_mut(key) else {
+            return;
+        };
+        if conn.close.is_some() || conn.state != ConnState::Open {
+            return;
+        }
+        conn.close = Some(code);
+        self.closing.push(key);
+        if let Some(waker) = self.reactor_waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Keys of every connection, to walk without holding a borrow.
+    pub fn keys(&self) -> Vec<ConnKey> {
+        self.connections
+            .iter()
+            .map(|(index, c)| ConnKey {
+                index: index as u32,
+                generation: c.generation,
+            })
+            .collect()
+    }
+
+    /// Keys of the connections authenticated with API key `key_id`.
+    pub fn keys_of_api_key(&self, key_id: &str) -> Vec<ConnKey> {
+        let Some(key) = self.key_by_id.get(key_id).copied() else {
+            return Vec::new();
+        };
+        self.connections
+            .iter()
+            .filter(|(_, c)| c.key == key)
+            .map(|(index, c)| ConnKey {
+                index: index as u32,
+                generation: c.generation,
+            })
+            .collect()
+    }
+
+    /// Notes that connection `key` signed in with session `id`, which
+    /// expires at `expires` (Unix seconds).
+    pub fn set_session(&mut self, key: ConnKey, id: u128, expires: u64) {
+        if self.get(key).is_some() {
+            self.sessions.insert(key, (id, expires));
+        }
+    }
+
+    /// The connections that signed in with a session that `signed_out`
+    /// (given key id, session id and expiry) says is signed out.
+    pub fn keys_of_sessions(&self, signed_out: impl Fn(&str, u128, u64) -> bool) -> Vec<ConnKey> {
+        self.sessions
+            .iter()
+            .filter(|(key, (id, expires))| {
+                self.get(**key)
+                    .is_some_and(|conn| signed_out(&self.key_ids[conn.key as usize], *id, *expires))
+            })
+            .map(|(key, _)| *key)
+            .collect()
+    }
+
+    /// Key ids of every open connection.
+    pub fn connected_key_ids(&self) -> Vec<Rc<str>> {
+        let mut used = vec![false; self.key_ids.len()];
+        for (_, c) in self.connections.iter() {
+            used[c.key as usize] = true;
+        }
+        self.key_ids
+            .iter()
+            .zip(used)
+            .filter(|(_, u)| *u)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;
