@@ -3,13 +3,12 @@
 //! org's connection list is walked, in parts, and each subscriber gets its
 //! matching frames through the write path (`super::wire`).
 
-use std::io::IoSlice;
 use std::os::unix::io::RawFd;
 
 use slab::Slab;
 use smallvec::SmallVec;
 
-use super::{ConnKey, ConnState, Connection, Frame, Registry};
+use super::{ConnKey, ConnState, Connection, Frame, Registry, Wire};
 use crate::message::{render_message, Outgoing};
 
 /// A position in an org's connection list whose connection left while a
@@ -111,7 +110,7 @@ impl Registry {
         &mut self,
         broadcast: &Broadcast,
         positions: std::ops::Range<usize>,
-        send: &mut impl FnMut(RawFd, &[IoSlice<'_>]) -> std::io::Result<usize>,
+        wire: &mut impl Wire,
         outcome: &mut Delivered,
     ) {
         if broadcast.targets.is_empty() {
@@ -146,7 +145,7 @@ impl Registry {
                 continue;
             }
             self.counters.delivered += matched.len() as u64;
-            self.write_frames(index, &matched, send, outcome);
+            self.write_frames(index, &matched, wire, outcome);
         }
     }
 

@@ -1,5 +1,6 @@
-//! The write path: how a connection's frames become bytes on its socket,
-//! and the send queue that holds what the socket refused.
+//! The write path: the [`Wire`] seam (how a connection's frames become
+//! bytes on its socket), direct writes of matched frames, and the send
+//! queue that holds what the socket refused.
 
 use std::io::IoSlice;
 use std::os::unix::io::RawFd;
@@ -19,6 +20,51 @@ pub enum Flush {
     Blocked,
     /// The socket failed; the connection is done.
     Failed,
+}
+
+/// The write seam: how a connection's frames become bytes on its socket.
+///
+/// The fan-out walk and the send queue hand a wire complete WebSocket
+/// frames — shared by every subscriber, the first possibly partly written
+/// already — and learn how many of those frame bytes the socket took; they
+/// never see what went on the wire. Today's wire is plaintext: the frames
+/// themselves in one vectored, non-blocking `sendmsg`, and any
+/// `FnMut(RawFd, &[IoSlice]) -> io::Result<usize>` is such a wire (the
+/// server's `shard::send_vectored`, the tests' and benches' fake sockets).
+/// A TLS wire would encrypt the frames into that connection's records
+/// (finding its session by `key`) and count the frame bytes it sealed,
+/// keeping a record the socket took only part of for the next call; a
+/// compressing one would send a shared compressed frame instead. Neither
+/// changes the walk, the queue or its limit, which stay in frame bytes.
+pub trait Wire {
+    /// Offers `frames`, in order, to connection `key`'s socket `fd` without
+    /// blocking; returns how many bytes of them it took (a prefix), or the
+    /// socket's error: `WouldBlock` when it takes nothing now.
+    fn write<'a>(
+        &mut self,
+        key: ConnKey,
+        fd: RawFd,
+        frames: impl Iterator<Item = &'a [u8]>,
+    ) -> std::io::Result<usize>;
+}
+
+/// The plaintext wire: a non-blocking vectored send of the frames as they
+/// are, at most [`SEND_SLICES_MAX`] per call.
+impl<F> Wire for F
+where
+    F: FnMut(RawFd, &[IoSlice<'_>]) -> std::io::Result<usize>,
+{
+    #[inline]
+    fn write<'a>(
+        &mut self,
+        _key: ConnKey,
+        fd: RawFd,
+        frames: impl Iterator<Item = &'a [u8]>,
+    ) -> std::io::Result<usize> {
+        let slices: SmallVec<[IoSlice<'_>; SEND_SLICES_MAX]> =
+            frames.take(SEND_SLICES_MAX).map(IoSlice::new).collect();
+        self(fd, &slices)
+    }
 }
 
 /// Most frames in one vectored send: Linux's UIO_MAXIOV (more fails the
@@ -94,14 +140,14 @@ impl Registry {
         &mut self,
         index: u32,
         frame: &Frame,
-        send: &mut impl FnMut(RawFd, &[IoSlice<'_>]) -> std::io::Result<usize>,
+        wire: &mut impl Wire,
         outcome: &mut Delivered,
     ) {
         let conn = &self.connections[index as usize];
         if conn.close.is_some() || conn.state != ConnState::Open {
             return;
         }
-        self.write_frames(index, &[frame], send, outcome);
+        self.write_frames(index, &[frame], wire, outcome);
     }
 
     /// Writes `frames` to an open connection in vectored sends when its
@@ -111,7 +157,7 @@ impl Registry {
         &mut self,
         index: u32,
         frames: &[&Frame],
-        send: &mut impl FnMut(RawFd, &[IoSlice<'_>]) -> std::io::Result<usize>,
+        wire: &mut impl Wire,
         outcome: &mut Delivered,
     ) {
         if self.connections[index as usize].send.is_some() {
@@ -129,15 +175,13 @@ impl Registry {
         let mut next = 0usize;
         let mut front_sent = 0usize;
         while next < frames.len() {
-            let mut slices: SmallVec<[IoSlice<'_>; SEND_SLICES_MAX]> = SmallVec::new();
-            for (i, frame) in frames[next..].iter().take(SEND_SLICES_MAX).enumerate() {
+            let unwritten = frames[next..].iter().enumerate().map(|(i, frame)| {
                 let start = if i == 0 { front_sent } else { 0 };
-                slices.push(IoSlice::new(&frame[start..]));
-            }
+                &frame[start..]
+            });
             self.counters.sends += 1;
-            match send(conn.fd, &slices) {
+            match wire.write(key, conn.fd, unwritten) {
                 Ok(mut written) => {
-                    drop(slices);
                     self.counters.bytes_sent += written as u64;
                     while written > 0 {
                         let left = frames[next].len() - front_sent;
@@ -194,13 +238,12 @@ impl Registry {
         }
     }
 
-    /// Writes as much of connection `index`'s queue as `send` takes.
-    /// `send` is a non-blocking vectored write: Ok(n) bytes written, or an
-    /// error whose kind is WouldBlock when the socket is full.
+    /// Writes as much of connection `index`'s queue as its socket takes,
+    /// through `wire`.
     pub fn flush(
         &mut self,
         index: u32,
-        send: &mut impl FnMut(RawFd, &[IoSlice<'_>]) -> std::io::Result<usize>,
+        wire: &mut impl Wire,
     ) -> Flush {
         let Some(conn) = self.connections.get_mut(index as usize) else {
             return Flush::Failed;
@@ -210,15 +253,18 @@ impl Registry {
                 conn.write_blocked = false;
                 return Flush::Drained;
             };
-            let mut slices: SmallVec<[IoSlice<'_>; SEND_SLICES_MAX]> = SmallVec::new();
-            for (i, frame) in queue.frames.iter().take(SEND_SLICES_MAX).enumerate() {
-                let start = if i == 0 { queue.front_sent as usize } else { 0 };
-                slices.push(IoSlice::new(&frame[start..]));
-            }
+            let front_sent = queue.front_sent as usize;
+            let unwritten = queue.frames.iter().enumerate().map(|(i, frame)| {
+                let start = if i == 0 { front_sent } else { 0 };
+                &frame[start..]
+            });
+            let key = ConnKey {
+                index,
+                generation: conn.generation,
+            };
             self.counters.sends += 1;
-            match send(conn.fd, &slices) {
+            match wire.write(key, conn.fd, unwritten) {
                 Ok(written) => {
-                    drop(slices);
                     self.counters.bytes_sent += written as u64;
                     advance(conn, written);
                 }

@@ -225,7 +225,7 @@ impl Shard {
                 let to = (from + Self::WALK_PART).min(broadcast.positions);
                 {
                     let mut registry = self.registry.borrow_mut();
-                    registry.deliver(broadcast, from..to, &mut send_vectored, &mut outcome);
+                    registry.deliver(broadcast, from..to, &mut wire(), &mut outcome);
                     self.act_on(&mut registry, &mut outcome);
                 }
                 from = to;
@@ -297,7 +297,16 @@ impl Shard {
     }
 }
 
-/// Non-blocking vectored send on a raw socket.
+/// The wire every connection of a shard is written through: the one place
+/// that decides how frames become bytes on a socket (see
+/// [`crate::registry::Wire`]). Today plaintext frames by `sendmsg`; a TLS
+/// listener would answer with a per-connection record writer here, and
+/// nothing in the fan-out, the queues, the heartbeat or the reactor changes.
+pub fn wire() -> impl crate::registry::Wire {
+    send_vectored
+}
+
+/// Non-blocking vectored send on a raw socket: the plaintext wire.
 pub fn send_vectored(fd: RawFd, slices: &[IoSlice<'_>]) -> std::io::Result<usize> {
     // SAFETY: IoSlice is ABI-compatible with iovec on Unix; msghdr is plain
     // data and every pointer in it outlives the call.
@@ -329,7 +338,7 @@ pub fn flush_one(registry: &mut Registry, reactor: &reactor::Reactor, index: u32
         generation: conn.generation,
     };
     let fd = conn.fd;
-    match registry.flush(index, &mut send_vectored) {
+    match registry.flush(index, &mut wire()) {
         Flush::Drained => {}
         Flush::Blocked => reactor.want_write(fd, key, true),
         Flush::Failed => registry.request_close(key, CLOSE_ABORT),
@@ -978,7 +987,7 @@ async fn heartbeat_loop(shard: Rc<Shard>) {
                 } else {
                     conn.missed_pongs += 1;
                     // Written at once: an idle connection gets no queue.
-                    registry.write_or_queue(key.index, &ping, &mut send_vectored, &mut outcome);
+                    registry.write_or_queue(key.index, &ping, &mut wire(), &mut outcome);
                 }
             }
             shard.act_on(&mut registry, &mut outcome);

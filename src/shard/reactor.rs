@@ -209,7 +209,7 @@ fn on_event(shard: &Shard, events: u32, key: ConnKey) {
         };
         if conn.write_blocked {
             let fd = conn.fd;
-            match registry.flush(key.index, &mut super::send_vectored) {
+            match registry.flush(key.index, &mut super::wire()) {
                 Flush::Blocked => {}
                 Flush::Failed => {
                     drop(registry);
@@ -420,7 +420,7 @@ fn start_close(shard: &Shard, key: ConnKey, code: u16, reason: &str, state: Conn
 fn flush_now(shard: &Shard, registry: &mut Registry, key: ConnKey) -> Option<bool> {
     let fd = registry.get(key)?.fd;
     let was_blocked = registry.get(key)?.write_blocked;
-    match registry.flush(key.index, &mut super::send_vectored) {
+    match registry.flush(key.index, &mut super::wire()) {
         Flush::Drained => Some(true),
         Flush::Blocked => {
             if !was_blocked {
