@@ -45,3 +45,4 @@ pub mod protocol;
 pub mod publish;
 pub mod registry;
 pub mod shard;
+pub mod shutdown;

@@ -116,7 +116,7 @@ fn errors_allocate_nothing() {
         decoder
             .decode(&mut unmasked)
             .err()
-            .map(|error| error.close_code())
+            .map(|error| error.close_code().get())
     });
     assert_eq!(allocations, 0);
     assert_eq!(error, Some(1002));

@@ -43,6 +43,7 @@ pub use self::segmented::SegmentedLog;
 pub use crate::message::channel_matches;
 use crate::notify::Notify;
 use crate::registry::{MessageKind, Outgoing};
+use crate::shutdown::Shutdown;
 
 /// The log the shards keep their history in: the one line a clustered
 /// backend changes.
@@ -173,8 +174,9 @@ pub struct History<L: Log = Backend> {
     pending_notify: Notify,
     /// Wakes readers after each commit.
     pub committed_notify: Notify,
-    /// Set when the shard drains: long-polls stop waiting.
-    waits_stopped: std::cell::Cell<bool>,
+    /// The shard's shutdown signal: once it is triggered, long-polls stop
+    /// waiting and answer with what they have.
+    shutdown: Shutdown,
 }
 
 impl History<Backend> {
@@ -184,22 +186,23 @@ impl History<Backend> {
         config: HistoryConfig,
         shard: usize,
         shards: usize,
+        shutdown: Shutdown,
     ) -> Result<History, String> {
-        Ok(History::new(
-            SegmentedLog::open(config, shard, shards).await?,
-        ))
+        let log = SegmentedLog::open(config, shard, shards).await?;
+        Ok(History::new(log, shutdown))
     }
 }
 
 impl<L: Log> History<L> {
-    /// The history in front of `log`.
-    pub fn new(log: L) -> History<L> {
+    /// The history in front of `log`, for the shard whose shutdown
+    /// signal is `shutdown`.
+    pub fn new(log: L, shutdown: Shutdown) -> History<L> {
         History {
             log,
             pending: RefCell::new(Pending::default()),
             pending_notify: Notify::default(),
             committed_notify: Notify::default(),
-            waits_stopped: std::cell::Cell::new(false),
+            shutdown,
         }
     }
 
@@ -260,16 +263,10 @@ impl<L: Log> History<L> {
         }
     }
 
-    /// Ends the waits of long-polls (the shard is draining): each answers
-    /// now with what it has, and later queries do not wait.
-    pub fn stop_waits(&self) {
-        self.waits_stopped.set(true);
-        self.committed_notify.notify();
-    }
-
-    /// True once [`History::stop_waits`] was called.
-    pub fn waits_stopped(&self) -> bool {
-        self.waits_stopped.get()
+    /// The shard's shutdown signal: a long-poll waiting for new commits
+    /// answers at once when it is triggered, and later ones do not wait.
+    pub fn shutdown(&self) -> &Shutdown {
+        &self.shutdown
     }
 
     /// The org's last committed seq.

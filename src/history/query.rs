@@ -109,7 +109,7 @@ pub async fn run(history: &History, query: Query) -> Answer {
                     .read_forward(&query.org_id, after, upto, limit, &query.channels)
                     .await;
                 let left = deadline.saturating_duration_since(Instant::now());
-                if !items.is_empty() || left.is_zero() || history.waits_stopped() {
+                if !items.is_empty() || left.is_zero() || history.shutdown().is_stopping() {
                     let (messages, cut) = expand(&items, &query.channels, limit);
                     return Answer {
                         messages,
@@ -118,9 +118,14 @@ pub async fn run(history: &History, query: Query) -> Answer {
                     };
                 }
                 after = scanned;
-                futures_lite::future::or(history.committed_notify.wait(seen), async {
+                let timeout = async {
                     glommio::timer::sleep(left).await;
-                })
+                };
+                let stop = history.shutdown().wait();
+                futures_lite::future::or(
+                    history.committed_notify.wait(seen),
+                    futures_lite::future::or(timeout, stop),
+                )
                 .await;
             }
         }

@@ -3,7 +3,9 @@
 //! # Layout
 //!
 //! - this file: opcodes, the frame header (parse and encode), the error enum
-//!   with its close codes, close payloads and the close handshake state;
+//!   with its close codes, and close payloads;
+//! - `close`: the [`CloseCode`] type, every code's one name, which codes
+//!   may go on the wire, and the server's reason texts;
 //! - `mask`: XOR masking, a word-at-a-time fast path checked against a
 //!   byte-by-byte one;
 //! - `decoder`: the per-connection [`Decoder`] that turns bytes of the
@@ -16,9 +18,11 @@
 //! a frame header into a stack `[u8; 14]` so the payload, which the server
 //! serializes once and shares between subscribers, is never copied.
 
+mod close;
 mod decoder;
 mod mask;
 
+pub use close::{is_valid_close_code, CloseCode};
 pub use decoder::{Decoded, Decoder, DecoderConfig, Message};
 pub use mask::{unmask, unmask_bytewise};
 
@@ -126,7 +130,7 @@ pub enum WsError {
 impl WsError {
     /// The close code to fail the connection with (RFC 6455 §7.4.1): 1007
     /// for bad UTF-8, 1009 for an oversized message, 1002 for everything else.
-    pub fn close_code(self) -> u16 {
+    pub fn close_code(self) -> CloseCode {
         match self {
             WsError::Unmasked
             | WsError::ReservedBits
@@ -137,44 +141,11 @@ impl WsError {
             | WsError::UnexpectedContinuation
             | WsError::ExpectedContinuation
             | WsError::InvalidCloseCode
-            | WsError::ClosePayloadOneByte => close_code::PROTOCOL_ERROR,
-            WsError::InvalidUtf8 => close_code::INVALID_PAYLOAD,
-            WsError::MessageTooBig => close_code::MESSAGE_TOO_BIG,
+            | WsError::ClosePayloadOneByte => CloseCode::PROTOCOL_ERROR,
+            WsError::InvalidUtf8 => CloseCode::INVALID_PAYLOAD,
+            WsError::MessageTooBig => CloseCode::MESSAGE_TOO_BIG,
         }
     }
-}
-
-/// Close codes the gateway sends (PROTOCOL.md §2), named so call sites read.
-pub mod close_code {
-    /// The purpose of the connection is fulfilled.
-    pub const NORMAL: u16 = 1000;
-    /// The server is shutting down.
-    pub const GOING_AWAY: u16 = 1001;
-    /// The peer broke RFC 6455.
-    pub const PROTOCOL_ERROR: u16 = 1002;
-    /// A binary message: the protocol is JSON text only.
-    pub const UNSUPPORTED_DATA: u16 = 1003;
-    /// Text that is not UTF-8.
-    pub const INVALID_PAYLOAD: u16 = 1007;
-    /// Too many bad messages in a row.
-    pub const POLICY_VIOLATION: u16 = 1008;
-    /// A client message over the limit.
-    pub const MESSAGE_TOO_BIG: u16 = 1009;
-    /// A bug or failure on our side.
-    pub const INTERNAL_ERROR: u16 = 1011;
-    /// The connection's send queue passed its limit (slow consumer).
-    pub const TRY_AGAIN_LATER: u16 = 1013;
-    /// The API key of the connection was revoked.
-    pub const KEY_REVOKED: u16 = 4003;
-}
-
-/// Whether `code` may appear in a close frame on the wire (RFC 6455 §7.4 and
-/// the IANA registry): 1000-1003 and 1007-1014 are assigned, 1004 is
-/// reserved, 1005/1006/1015 are for local reporting only, below 1000 and
-/// 1016-2999 are unassigned, 3000-4999 belong to libraries and applications,
-/// and 5000 and above do not exist.
-pub fn is_valid_close_code(code: u16) -> bool {
-    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 /// A parsed frame header (RFC 6455 §5.2).
@@ -374,71 +345,6 @@ pub fn encode_close_frame(out: &mut [u8; CLOSE_FRAME_BYTES_MAX], code: u16, reas
     header_len + payload_len
 }
 
-/// The close handshake of one connection (RFC 6455 §7): whoever sends the
-/// first close frame waits for the other's before the TCP connection is
-/// closed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CloseState {
-    /// No close frame sent or received.
-    Open,
-    /// We sent a close frame and wait for the peer's answer; frames the peer
-    /// sent before seeing ours are still read (and data dropped by the caller).
-    ClosingByUs,
-    /// The peer sent a close frame; we owe it ours and then close. The peer
-    /// may send nothing more after its close frame.
-    ClosingByPeer,
-    /// Both close frames went through; the TCP connection can be closed.
-    Closed,
-}
-
-impl CloseState {
-    /// Whether frames from the peer are still expected.
-    pub fn can_read(self) -> bool {
-        match self {
-            CloseState::Open | CloseState::ClosingByUs => true,
-            CloseState::ClosingByPeer | CloseState::Closed => false,
-        }
-    }
-
-    /// Whether data (text, binary, ping) may still be sent: only before
-    /// either side started closing.
-    pub fn can_send_data(self) -> bool {
-        match self {
-            CloseState::Open => true,
-            CloseState::ClosingByUs | CloseState::ClosingByPeer | CloseState::Closed => false,
-        }
-    }
-
-    /// Whether we still have to send a close frame.
-    pub fn must_send_close(self) -> bool {
-        match self {
-            CloseState::Open | CloseState::ClosingByPeer => true,
-            CloseState::ClosingByUs | CloseState::Closed => false,
-        }
-    }
-
-    /// The state after we sent a close frame. Sending a second one is a
-    /// no-op for the state (the caller should not, see `must_send_close`).
-    pub fn on_close_sent(self) -> Self {
-        match self {
-            CloseState::Open => CloseState::ClosingByUs,
-            CloseState::ClosingByPeer => CloseState::Closed,
-            CloseState::ClosingByUs => CloseState::ClosingByUs,
-            CloseState::Closed => CloseState::Closed,
-        }
-    }
-
-    /// The state after a close frame arrived from the peer.
-    pub fn on_close_received(self) -> Self {
-        match self {
-            CloseState::Open => CloseState::ClosingByPeer,
-            CloseState::ClosingByUs => CloseState::Closed,
-            CloseState::ClosingByPeer => CloseState::ClosingByPeer,
-            CloseState::Closed => CloseState::Closed,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -511,26 +417,5 @@ mod tests {
         let written = encode_close_payload(&mut out, 1000, &reason);
         assert_eq!(written, 2 + 122);
         assert!(std::str::from_utf8(&out[2..written]).is_ok());
-    }
-
-    #[test]
-    fn close_state_transitions() {
-        let by_us = CloseState::Open.on_close_sent();
-        assert_eq!(by_us, CloseState::ClosingByUs);
-        assert!(by_us.can_read());
-        assert!(!by_us.can_send_data());
-        assert!(!by_us.must_send_close());
-        assert_eq!(by_us.on_close_received(), CloseState::Closed);
-
-        let by_peer = CloseState::Open.on_close_received();
-        assert_eq!(by_peer, CloseState::ClosingByPeer);
-        assert!(!by_peer.can_read());
-        assert!(!by_peer.can_send_data());
-        assert!(by_peer.must_send_close());
-        assert_eq!(by_peer.on_close_sent(), CloseState::Closed);
-
-        assert!(!CloseState::Closed.can_read());
-        assert!(CloseState::Open.can_read());
-        assert!(CloseState::Open.can_send_data());
     }
 }

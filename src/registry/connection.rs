@@ -9,19 +9,94 @@ use smallvec::SmallVec;
 use super::Frame;
 use crate::protocol::ws;
 
-/// Why the server is closing a connection (the close code to send).
-pub type CloseCode = u16;
+pub use crate::protocol::ws::CloseCode;
 
-/// Where a connection is in its life (the close handshake of RFC 6455 §7).
+/// Where a connection is in its life: the server's close decision and the
+/// close handshake of RFC 6455 §7. The one state of a connection; every
+/// question about it is a method here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnState {
     /// Upgraded; messages flow both ways.
     Open,
-    /// We sent a close frame and wait (bounded) for the peer's close or EOF.
-    ClosingByUs,
-    /// The peer sent a close frame; we answered and close the socket once
-    /// the answer is written (bounded).
+    /// The server decided to close with this code (slow consumer, revoked
+    /// key, heartbeat, shutdown, a failed socket); the reactor sends the
+    /// close frame next. Nothing more is written to it meanwhile.
+    CloseRequested(CloseCode),
+    /// We sent a close frame with this code and wait (bounded) for the
+    /// peer's close or EOF; frames the peer sent before seeing ours are
+    /// still read, and dropped.
+    ClosingByUs(CloseCode),
+    /// The peer sent a close frame; we owe it ours.
     ClosingByPeer,
+    /// Both close frames are through (ours maybe still queued): the socket
+    /// closes once the queue drains (bounded).
+    Closed,
+}
+
+impl ConnState {
+    /// Whether messages may still be queued to the connection: only while
+    /// it is open and nobody decided to close it.
+    #[inline]
+    pub fn can_send(self) -> bool {
+        self == ConnState::Open
+    }
+
+    /// Whether the client's messages are still acted on: until a close
+    /// frame went either way (a requested close is not sent yet).
+    pub fn handles_messages(self) -> bool {
+        matches!(self, ConnState::Open | ConnState::CloseRequested(_))
+    }
+
+    /// Whether frames from the peer are still expected.
+    pub fn can_read(self) -> bool {
+        matches!(
+            self,
+            ConnState::Open | ConnState::CloseRequested(_) | ConnState::ClosingByUs(_)
+        )
+    }
+
+    /// Whether we still have to send a close frame.
+    pub fn must_send_close(self) -> bool {
+        matches!(
+            self,
+            ConnState::Open | ConnState::CloseRequested(_) | ConnState::ClosingByPeer
+        )
+    }
+
+    /// The code of a close the server requested and has not sent yet.
+    pub fn close_requested(self) -> Option<CloseCode> {
+        match self {
+            ConnState::CloseRequested(code) => Some(code),
+            _ => None,
+        }
+    }
+
+    /// The state after the server decided to close with `code`; the first
+    /// decision wins, and a connection already closing stays as it is.
+    pub fn on_close_requested(self, code: CloseCode) -> ConnState {
+        match self {
+            ConnState::Open => ConnState::CloseRequested(code),
+            other => other,
+        }
+    }
+
+    /// The state after we sent (queued) a close frame with `code`.
+    pub fn on_close_sent(self, code: CloseCode) -> ConnState {
+        match self {
+            ConnState::Open | ConnState::CloseRequested(_) => ConnState::ClosingByUs(code),
+            ConnState::ClosingByPeer => ConnState::Closed,
+            other => other,
+        }
+    }
+
+    /// The state after a close frame arrived from the peer.
+    pub fn on_close_received(self) -> ConnState {
+        match self {
+            ConnState::Open | ConnState::CloseRequested(_) => ConnState::ClosingByPeer,
+            ConnState::ClosingByUs(_) => ConnState::Closed,
+            other => other,
+        }
+    }
 }
 
 /// Unwritten frames of one connection. Boxed and present only while bytes
@@ -68,10 +143,8 @@ pub struct Connection {
     /// True while the socket refused more bytes: the reactor then waits for
     /// writability (EPOLLOUT) and the fan-out only queues.
     pub write_blocked: bool,
-    /// Close handshake state.
+    /// Where it is in its life (see [`ConnState`]).
     pub state: ConnState,
-    /// Set when the server decided to close; the reactor sends the close frame.
-    pub close: Option<CloseCode>,
     /// Subscriptions as bits of the org's channel table.
     pub subscriptions: SmallVec<[u64; 1]>,
     /// Pending output, only while there is some.
@@ -124,5 +197,53 @@ impl Connection {
     /// True when nothing waits to be written.
     pub fn queue_is_empty(&self) -> bool {
         self.send.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_state_transitions() {
+        let code = CloseCode::GOING_AWAY;
+        let by_us = ConnState::Open.on_close_sent(code);
+        assert_eq!(by_us, ConnState::ClosingByUs(code));
+        assert!(by_us.can_read());
+        assert!(!by_us.can_send());
+        assert!(!by_us.must_send_close());
+        assert_eq!(by_us.on_close_received(), ConnState::Closed);
+
+        let by_peer = ConnState::Open.on_close_received();
+        assert_eq!(by_peer, ConnState::ClosingByPeer);
+        assert!(!by_peer.can_read());
+        assert!(!by_peer.can_send());
+        assert!(by_peer.must_send_close());
+        assert_eq!(by_peer.on_close_sent(code), ConnState::Closed);
+
+        assert!(!ConnState::Closed.can_read());
+        assert!(ConnState::Open.can_read());
+        assert!(ConnState::Open.can_send());
+    }
+
+    #[test]
+    fn a_requested_close_stops_sending_but_not_reading_and_the_first_wins() {
+        let requested = ConnState::Open.on_close_requested(CloseCode::SLOW_CONSUMER);
+        assert_eq!(requested.close_requested(), Some(CloseCode::SLOW_CONSUMER));
+        assert!(!requested.can_send());
+        assert!(requested.handles_messages());
+        assert!(requested.must_send_close());
+        assert_eq!(
+            requested.on_close_requested(CloseCode::GOING_AWAY),
+            requested
+        );
+        assert_eq!(
+            requested.on_close_sent(CloseCode::SLOW_CONSUMER),
+            ConnState::ClosingByUs(CloseCode::SLOW_CONSUMER)
+        );
+        assert_eq!(
+            ConnState::ClosingByPeer.on_close_requested(CloseCode::GOING_AWAY),
+            ConnState::ClosingByPeer
+        );
     }
 }

@@ -8,7 +8,7 @@ use std::os::unix::io::RawFd;
 use slab::Slab;
 use smallvec::SmallVec;
 
-use super::{ConnKey, ConnState, Connection, Frame, Registry, Wire};
+use super::{ConnKey, Connection, Frame, Registry, Wire};
 use crate::message::{render_message, Outgoing};
 
 /// A position in an org's connection list whose connection left while a
@@ -132,7 +132,7 @@ impl Registry {
                 continue;
             }
             let conn = &self.connections[index as usize];
-            if conn.close.is_some() || conn.state != ConnState::Open {
+            if !conn.state.can_send() {
                 continue;
             }
             matched.clear();

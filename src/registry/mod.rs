@@ -121,16 +121,13 @@ pub struct RegistryLimits {
 /// space); past it the slab grows as usual.
 const CONNECTIONS_RESERVED_MAX: usize = 1 << 20;
 
-/// Close code for a connection that passed its send queue limit.
-pub const CLOSE_SLOW_CONSUMER: u16 = 1013;
-
 /// One shard's registry.
 #[derive(Debug)]
 pub struct Registry {
     /// Connection records.
-    pub connections: Slab<Connection>,
+    connections: Slab<Connection>,
     /// Org records.
-    pub orgs: Slab<Org>,
+    orgs: Slab<Org>,
     /// Org id → org slab index.
     org_by_id: AHashMap<Rc<str>, u32>,
     /// Key ids of connected clients, interned (index stored per connection).
@@ -144,11 +141,11 @@ pub struct Registry {
     /// Next generation to hand out.
     next_generation: u32,
     /// Connections with newly queued frames, to flush after a batch.
-    dirty: Vec<u32>,
+    dirty: Vec<ConnKey>,
     /// Connections the server decided to close, for the reactor to act on.
-    pub closing: Vec<ConnKey>,
+    closing: Vec<ConnKey>,
     /// Wakes the reactor when `closing` gets an entry.
-    pub reactor_waker: Option<Waker>,
+    reactor_waker: Option<Waker>,
     /// Limits.
     pub limits: RegistryLimits,
     /// Counters.
@@ -256,7 +253,6 @@ impl Registry {
             missed_pongs: 0,
             write_blocked: false,
             state: ConnState::Open,
-            close: None,
             subscriptions: SmallVec::new(),
             send: None,
             partial: None,
@@ -355,16 +351,83 @@ impl Registry {
         true
     }
 
+    /// Number of connections.
+    pub fn len(&self) -> usize {
+        self.connections.len()
+    }
+
+    /// True when the shard holds no connection.
+    pub fn is_empty(&self) -> bool {
+        self.connections.is_empty()
+    }
+
+    /// The org id of connection `key`.
+    pub fn org_id_of(&self, key: ConnKey) -> Option<&Rc<str>> {
+        self.get(key).map(|conn| &self.orgs[conn.org as usize].id)
+    }
+
+    /// True when connection `key` is subscribed to `channel` (live).
+    pub fn is_subscribed(&self, key: ConnKey, channel: &str) -> bool {
+        self.get(key).is_some_and(|conn| {
+            self.orgs[conn.org as usize]
+                .channels
+                .lookup(channel)
+                .is_some_and(|bit| conn.has(bit))
+        })
+    }
+
+    /// Calls `f` with the key of every connection whose slab index is
+    /// `slice` modulo `slices` (the heartbeat's share of one tick), without
+    /// collecting them: `f` may change the registry, but the connections it
+    /// adds are not visited.
+    pub fn for_each_in_slice(
+        &mut self,
+        slice: usize,
+        slices: usize,
+        mut f: impl FnMut(&mut Registry, ConnKey),
+    ) {
+        debug_assert!(slice < slices, "slice {slice} of {slices}");
+        let end = self.connections.capacity();
+        let mut index = slice;
+        while index < end {
+            if let Some(conn) = self.connections.get(index) {
+                let key = ConnKey {
+                    index: index as u32,
+                    generation: conn.generation,
+                };
+                f(self, key);
+            }
+            index += slices;
+        }
+    }
+
+    /// True when the server decided to close connections the reactor has
+    /// not acted on yet; when there are none, `waker` is woken at the next
+    /// request.
+    pub fn has_close_requests(&mut self, waker: &Waker) -> bool {
+        if self.closing.is_empty() {
+            self.reactor_waker = Some(waker.clone());
+            return false;
+        }
+        true
+    }
+
+    /// Takes the connections the server decided to close, for the reactor
+    /// to act on.
+    pub fn take_close_requests(&mut self) -> Vec<ConnKey> {
+        std::mem::take(&mut self.closing)
+    }
+
     /// Asks the reactor to close the connection with `code` (the first
     /// request wins).
     pub fn request_close(&mut self, key: ConnKey, code: CloseCode) {
         let Some(conn) = self.get_mut(key) else {
             return;
         };
-        if conn.close.is_some() || conn.state != ConnState::Open {
+        if !conn.state.can_send() {
             return;
         }
-        conn.close = Some(code);
+        conn.state = conn.state.on_close_requested(code);
         self.closing.push(key);
         if let Some(waker) = self.reactor_waker.take() {
             waker.wake();

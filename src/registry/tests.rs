@@ -141,7 +141,7 @@ fn slow_consumer_is_closed_and_queue_freed() {
         publish(&mut r, &event("org_a", "s"));
     }
     let conn = r.get(a).unwrap();
-    assert_eq!(conn.close, Some(CLOSE_SLOW_CONSUMER));
+    assert_eq!(conn.state.close_requested(), Some(CloseCode::SLOW_CONSUMER));
     assert_eq!(conn.queued_bytes(), 0);
     assert!(conn.send.is_none());
     assert_eq!(r.closing, vec![a]);
@@ -164,12 +164,12 @@ fn slow_consumer_keeps_the_rest_of_a_partly_written_frame() {
             Err(std::io::ErrorKind::WouldBlock.into())
         }
     };
-    assert_eq!(r.flush(a.index, &mut send_once), Flush::Blocked);
+    assert_eq!(r.flush(a, &mut send_once), Flush::Blocked);
     for _ in 0..200 {
         publish(&mut r, &event("org_a", "s"));
     }
     let conn = r.get(a).unwrap();
-    assert_eq!(conn.close, Some(CLOSE_SLOW_CONSUMER));
+    assert_eq!(conn.state.close_requested(), Some(CloseCode::SLOW_CONSUMER));
     assert_eq!(conn.queued_bytes(), first_len - 5);
     assert_eq!(conn.send.as_ref().unwrap().frames.len(), 1);
 }
@@ -201,9 +201,9 @@ fn flush_handles_partial_writes_and_would_block() {
         }
         Ok(7 - left)
     };
-    assert_eq!(r.flush(a.index, &mut send), Flush::Blocked);
+    assert_eq!(r.flush(a, &mut send), Flush::Blocked);
     assert!(r.get(a).unwrap().write_blocked);
-    assert_eq!(r.flush(a.index, &mut send), Flush::Drained);
+    assert_eq!(r.flush(a, &mut send), Flush::Drained);
     assert_eq!(sink.len(), total);
     let first = render_message(MessageKind::Event, "events", 1, "{\"source_id\":\"s\"}");
     assert_eq!(&sink[..first.len()], &first[..]);
@@ -343,7 +343,7 @@ fn a_direct_write_past_the_queue_limit_closes_on_a_frame_boundary() {
     r.deliver(&staged[0], 0..staged[0].positions, &mut send, &mut outcome);
     r.finish(&staged[0]);
     let conn = r.get(a).unwrap();
-    assert_eq!(conn.close, Some(CLOSE_SLOW_CONSUMER));
+    assert_eq!(conn.state.close_requested(), Some(CloseCode::SLOW_CONSUMER));
     let queue = conn.send.as_ref().unwrap();
     assert_eq!((queue.frames.len(), queue.front_sent), (1, 100));
     assert_eq!(outcome.blocked, vec![(a, 5)]);
@@ -359,14 +359,21 @@ fn one_message_larger_than_the_queue_limit_is_not_a_slow_consumer() {
     let mut send = takes_100_then_blocks();
     publish_with(&mut r, &big, &mut send);
     let conn = r.get(a).unwrap();
-    assert_eq!(conn.close, None, "the frame being written is not backlog");
+    assert_eq!(
+        conn.state,
+        ConnState::Open,
+        "the frame being written is not backlog"
+    );
     assert!(conn.queued_bytes() > 4096);
     assert_eq!(conn.backlog_bytes(), 0);
     // A small one fits behind it; another big one does not.
     publish(&mut r, &event("org_a", "s"));
-    assert_eq!(r.get(a).unwrap().close, None);
+    assert_eq!(r.get(a).unwrap().state, ConnState::Open);
     publish(&mut r, &big);
-    assert_eq!(r.get(a).unwrap().close, Some(CLOSE_SLOW_CONSUMER));
+    assert_eq!(
+        r.get(a).unwrap().state.close_requested(),
+        Some(CloseCode::SLOW_CONSUMER)
+    );
 }
 
 #[test]

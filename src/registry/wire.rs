@@ -7,9 +7,7 @@ use std::os::unix::io::RawFd;
 
 use smallvec::SmallVec;
 
-use super::{
-    ConnKey, ConnState, Connection, Delivered, Frame, Registry, SendQueue, CLOSE_SLOW_CONSUMER,
-};
+use super::{CloseCode, ConnKey, Connection, Delivered, Frame, Registry, SendQueue};
 
 /// What a flush attempt ended with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,10 +75,18 @@ const SEND_SLICES_MAX: usize = 1024;
 impl Registry {
     /// Queues one frame to one connection, closing it as a slow consumer
     /// when its queue would pass the limit. Marks it for the next flush.
-    pub fn enqueue(&mut self, index: u32, frame: &Frame) {
+    pub fn enqueue(&mut self, key: ConnKey, frame: &Frame) {
+        if self.get(key).is_some() {
+            self.enqueue_at(key.index, frame);
+        }
+    }
+
+    /// [`Registry::enqueue`] by slab index, for the walk (which holds
+    /// indexes of live records).
+    pub(super) fn enqueue_at(&mut self, index: u32, frame: &Frame) {
         let limit = self.limits.send_queue_bytes;
         let conn = &mut self.connections[index as usize];
-        if conn.close.is_some() || conn.state != ConnState::Open {
+        if !conn.state.can_send() {
             return;
         }
         // Only bytes behind the front frame count (see `backlog_bytes`):
@@ -113,20 +119,25 @@ impl Registry {
             index,
             generation: conn.generation,
         };
-        self.request_close(key, CLOSE_SLOW_CONSUMER);
+        self.request_close(key, CloseCode::SLOW_CONSUMER);
     }
 
     /// Queues a frame without the open-state and limit checks: the close
     /// frame itself, which must go out whatever the queue holds.
-    pub fn enqueue_final(&mut self, index: u32, frame: &Frame) {
-        self.push_frame(index, frame);
+    pub fn enqueue_final(&mut self, key: ConnKey, frame: &Frame) {
+        if self.get(key).is_some() {
+            self.push_frame(key.index, frame);
+        }
     }
 
     pub(super) fn push_frame(&mut self, index: u32, frame: &Frame) {
         let conn = &mut self.connections[index as usize];
         let queue = conn.send.get_or_insert_with(Box::default);
         if queue.frames.is_empty() {
-            self.dirty.push(index);
+            self.dirty.push(ConnKey {
+                index,
+                generation: conn.generation,
+            });
         }
         queue.frames.push_back(frame.clone());
         queue.bytes += frame.len() as u32;
@@ -138,16 +149,18 @@ impl Registry {
     /// written to a connection being closed.
     pub fn write_or_queue(
         &mut self,
-        index: u32,
+        key: ConnKey,
         frame: &Frame,
         wire: &mut impl Wire,
         outcome: &mut Delivered,
     ) {
-        let conn = &self.connections[index as usize];
-        if conn.close.is_some() || conn.state != ConnState::Open {
+        let Some(conn) = self.get(key) else {
+            return;
+        };
+        if !conn.state.can_send() {
             return;
         }
-        self.write_frames(index, &[frame], wire, outcome);
+        self.write_frames(key.index, &[frame], wire, outcome);
     }
 
     /// Writes `frames` to an open connection in vectored sends when its
@@ -162,7 +175,7 @@ impl Registry {
     ) {
         if self.connections[index as usize].send.is_some() {
             for frame in frames {
-                self.enqueue(index, frame);
+                self.enqueue_at(index, frame);
             }
             return;
         }
@@ -226,26 +239,26 @@ impl Registry {
     }
 
     /// Takes the list of connections with newly queued frames.
-    pub fn take_dirty(&mut self) -> Vec<u32> {
+    pub fn take_dirty(&mut self) -> Vec<ConnKey> {
         std::mem::take(&mut self.dirty)
     }
 
     /// Gives a drained dirty list back so its allocation is reused.
-    pub fn return_dirty(&mut self, mut list: Vec<u32>) {
+    pub fn return_dirty(&mut self, mut list: Vec<ConnKey>) {
         if self.dirty.is_empty() {
             list.clear();
             self.dirty = list;
         }
     }
 
-    /// Writes as much of connection `index`'s queue as its socket takes,
+    /// Writes as much of connection `key`'s queue as its socket takes,
     /// through `wire`.
-    pub fn flush(
-        &mut self,
-        index: u32,
-        wire: &mut impl Wire,
-    ) -> Flush {
-        let Some(conn) = self.connections.get_mut(index as usize) else {
+    pub fn flush(&mut self, key: ConnKey, wire: &mut impl Wire) -> Flush {
+        let Some(conn) = self
+            .connections
+            .get_mut(key.index as usize)
+            .filter(|c| c.generation == key.generation)
+        else {
             return Flush::Failed;
         };
         loop {
@@ -258,10 +271,6 @@ impl Registry {
                 let start = if i == 0 { front_sent } else { 0 };
                 &frame[start..]
             });
-            let key = ConnKey {
-                index,
-                generation: conn.generation,
-            };
             self.counters.sends += 1;
             match wire.write(key, conn.fd, unwritten) {
                 Ok(written) => {

@@ -474,10 +474,17 @@ pub async fn flush_last_used(shard: &Shard) {
 
 /// Every `KEY_LAST_USED_FLUSH_MS`, writes the last-used times collected.
 pub async fn last_used_loop(shard: Rc<Shard>) {
-    loop {
-        glommio::timer::sleep(Duration::from_millis(KEY_LAST_USED_FLUSH_MS)).await;
+    let interval = Duration::from_millis(KEY_LAST_USED_FLUSH_MS);
+    while shard
+        .shutdown
+        .run_until(glommio::timer::sleep(interval))
+        .await
+        .is_some()
+    {
         flush_last_used(&shard).await;
     }
+    // Draining: what was used since the last write.
+    flush_last_used(&shard).await;
 }
 
 #[cfg(test)]

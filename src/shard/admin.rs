@@ -199,7 +199,7 @@ async fn respond(shard: &Shard, request: &Request, body: &[u8], out: &mut Vec<u8
             http::write_response(out, 200, JSON, &[], br#"{"status":"ok"}"#)
         }
         ("GET" | "HEAD", "/readyz") => {
-            if shard.stopping.get() {
+            if shard.shutdown.is_stopping() {
                 http::write_response(out, 503, JSON, &[], br#"{"status":"stopping"}"#)
             } else {
                 http::write_response(out, 200, JSON, &[], br#"{"status":"ready"}"#)

@@ -10,15 +10,8 @@ use serde_json::value::RawValue;
 
 use super::Shard;
 use crate::limits::BAD_MESSAGES_IN_A_ROW_MAX;
-use crate::protocol::ws::{self, Message, WsError};
+use crate::protocol::ws::{self, CloseCode, Message, WsError};
 use crate::registry::{ConnKey, Frame, SubscribeError};
-
-/// Close code after 20 bad messages in a row, and for missed heartbeats.
-pub const CLOSE_POLICY: u16 = 1008;
-/// Close code for a binary message (the protocol is JSON text only).
-pub const CLOSE_BINARY: u16 = 1003;
-/// Close code when the heartbeat went unanswered for two intervals.
-pub const CLOSE_HEARTBEAT: u16 = 1008;
 
 /// How a connection ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,29 +19,17 @@ pub enum Outcome {
     /// Drop the socket without a close frame.
     Abort,
     /// Send our close frame with this code, then wait for the peer's.
-    CloseByUs(u16, &'static str),
-    /// The peer sent a close frame: answer it and drop the socket.
+    CloseByUs(CloseCode, &'static str),
+    /// The peer sent a close frame (with this code, as it came): answer it
+    /// and drop the socket.
     CloseByPeer(u16),
-}
-
-/// The reason text sent with a server-initiated close.
-pub fn close_reason(code: u16) -> &'static str {
-    match code {
-        1001 => "server shutting down",
-        1013 => "slow consumer",
-        4003 => "key revoked",
-        // The only server-requested 1008 is the heartbeat's (too many bad
-        // messages closes with its own reason, straight from the decoder).
-        CLOSE_HEARTBEAT => "heartbeat timeout",
-        _ => "",
-    }
 }
 
 /// The reason text sent with a protocol-error close.
 pub fn error_reason(error: WsError) -> &'static str {
     match error.close_code() {
-        1007 => "invalid UTF-8",
-        1009 => "message too big",
+        CloseCode::INVALID_PAYLOAD => "invalid UTF-8",
+        CloseCode::MESSAGE_TOO_BIG => "message too big",
         _ => "protocol error",
     }
 }
@@ -64,7 +45,7 @@ pub fn handle(shard: &Shard, key: ConnKey, message: Message<'_>) -> Option<Outco
             handle_text(shard, key, text)
         }
         Message::Binary(_) => Some(Outcome::CloseByUs(
-            CLOSE_BINARY,
+            CloseCode::UNSUPPORTED_DATA,
             "binary messages are not supported",
         )),
         Message::Ping(payload) => {
@@ -79,7 +60,7 @@ pub fn handle(shard: &Shard, key: ConnKey, message: Message<'_>) -> Option<Outco
             let mut pong = Vec::with_capacity(len + payload.len());
             pong.extend_from_slice(&frame[..len]);
             pong.extend_from_slice(payload);
-            registry.enqueue(key.index, &Frame::from(pong));
+            registry.enqueue(key, &Frame::from(pong));
             None
         }
         Message::Pong(_) => None,
@@ -251,13 +232,16 @@ fn handle_text(shard: &Shard, key: ConnKey, text: &str) -> Option<Outcome> {
         Err(frame) => {
             conn.bad_messages_in_row = conn.bad_messages_in_row.saturating_add(1);
             if u32::from(conn.bad_messages_in_row) >= BAD_MESSAGES_IN_A_ROW_MAX {
-                registry.enqueue(key.index, &frame);
-                return Some(Outcome::CloseByUs(CLOSE_POLICY, "too many bad messages"));
+                registry.enqueue(key, &frame);
+                return Some(Outcome::CloseByUs(
+                    CloseCode::POLICY,
+                    "too many bad messages",
+                ));
             }
             frame
         }
     };
-    registry.enqueue(key.index, &frame);
+    registry.enqueue(key, &frame);
     None
 }
 

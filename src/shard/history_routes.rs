@@ -215,10 +215,14 @@ async fn interrupted(
         if !super::access::still_valid(shard, principal) {
             return Interrupt::Revoked;
         }
-        if on_stop && shard.stopping.get() {
+        if on_stop && shard.shutdown.is_stopping() {
             return Interrupt::Stopping;
         }
-        shard.http_wake.wait(seen).await;
+        if on_stop {
+            futures_lite::future::or(shard.http_wake.wait(seen), shard.shutdown.wait()).await;
+        } else {
+            shard.http_wake.wait(seen).await;
+        }
     }
 }
 
@@ -391,7 +395,7 @@ async fn sse(
         return After::Close;
     }
     let mut out = Vec::new();
-    while !shard.stopping.get() {
+    while !shard.shutdown.is_stopping() {
         let query = Query {
             org_id: org_id.clone(),
             channels: channels.clone(),

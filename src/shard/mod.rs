@@ -20,7 +20,7 @@ use std::io::IoSlice;
 use std::os::unix::io::RawFd;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use crate::auth::keys::{FileStamp, KeyIndex, KeyStore};
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
+use crate::protocol::ws::CloseCode;
 use crate::registry::{Broadcast, ConnKey, Delivered, Flush, Outgoing, Registry, RegistryLimits};
 
 /// Size of a pooled read buffer: a request head fits, and most client
@@ -40,13 +41,6 @@ const POOL_BUFFERS_MAX: usize = 32;
 
 /// How often each shard re-checks the key file.
 const KEY_RELOAD_MS: u64 = 500;
-
-/// Close code for a revoked key (PROTOCOL.md §2).
-pub const CLOSE_KEY_REVOKED: u16 = 4003;
-/// Close code when the server shuts down.
-pub const CLOSE_GOING_AWAY: u16 = 1001;
-/// Internal: drop the socket without a close frame (never sent on the wire).
-pub const CLOSE_ABORT: u16 = 1006;
 
 pub use crate::placement::shard_for;
 
@@ -61,6 +55,9 @@ pub enum ShardMessage {
         /// Where the seqs go (or why the history could not keep them).
         reply: futures_channel::oneshot::Sender<Result<Vec<u64>, String>>,
     },
+    /// From the main thread: drain and stop (SIGTERM, SIGINT, or another
+    /// shard died).
+    Stop,
     /// A history read (poll, SSE, lists) for an org this shard owns.
     History {
         /// What to read.
@@ -119,8 +116,9 @@ pub struct Shard {
     pub all_metrics: Arc<Vec<Arc<ShardMetrics>>>,
     /// Parked read buffers.
     pool: RefCell<Vec<Vec<u8>>>,
-    /// Set when the shard drains for shutdown.
-    pub stopping: Cell<bool>,
+    /// The shard's one shutdown signal (see [`crate::shutdown`]), held by
+    /// every task that stops or changes course when the shard drains.
+    pub shutdown: crate::shutdown::Shutdown,
     /// Notified when the key index is replaced and when the shard starts
     /// draining, so SSE streams and long-polls served here (which are not
     /// in the registry) re-check their key and the stop flag.
@@ -172,7 +170,7 @@ impl Shard {
         let c = registry.counters;
         let m = &self.metrics;
         m.connections
-            .store(registry.connections.len() as u64, Ordering::Relaxed);
+            .store(registry.len() as u64, Ordering::Relaxed);
         m.published.store(c.published, Ordering::Relaxed);
         m.delivered.store(c.delivered, Ordering::Relaxed);
         m.bytes_sent.store(c.bytes_sent, Ordering::Relaxed);
@@ -202,8 +200,8 @@ impl Shard {
         for chunk in dirty.chunks(Self::WALK_PART) {
             {
                 let mut registry = self.registry.borrow_mut();
-                for &index in chunk {
-                    flush_one(&mut registry, &self.reactor, index);
+                for &key in chunk {
+                    flush_one(&mut registry, &self.reactor, key);
                 }
             }
             if chunk.len() == Self::WALK_PART {
@@ -248,7 +246,7 @@ impl Shard {
             self.reactor.want_write(fd, key, true);
         }
         for key in outcome.failed.drain(..) {
-            registry.request_close(key, CLOSE_ABORT);
+            registry.request_close(key, CloseCode::ABNORMAL);
         }
     }
 
@@ -326,22 +324,18 @@ pub fn send_vectored(fd: RawFd, slices: &[IoSlice<'_>]) -> std::io::Result<usize
 /// Flushes one connection unless the reactor already waits for it to be
 /// writable. A socket that refuses bytes gets EPOLLOUT interest; one that
 /// fails is closed without a close frame.
-pub fn flush_one(registry: &mut Registry, reactor: &reactor::Reactor, index: u32) {
-    let Some(conn) = registry.connections.get(index as usize) else {
+pub fn flush_one(registry: &mut Registry, reactor: &reactor::Reactor, key: ConnKey) {
+    let Some(conn) = registry.get(key) else {
         return;
     };
     if conn.write_blocked || conn.queue_is_empty() {
         return;
     }
-    let key = ConnKey {
-        index,
-        generation: conn.generation,
-    };
     let fd = conn.fd;
-    match registry.flush(index, &mut wire()) {
+    match registry.flush(key, &mut wire()) {
         Flush::Drained => {}
         Flush::Blocked => reactor.want_write(fd, key, true),
-        Flush::Failed => registry.request_close(key, CLOSE_ABORT),
+        Flush::Failed => registry.request_close(key, CloseCode::ABNORMAL),
     }
 }
 
@@ -356,7 +350,7 @@ struct Shared {
     /// Signed-out sessions, one list for every shard.
     revoked: Arc<crate::auth::revoked::Revocations>,
     all_metrics: Arc<Vec<Arc<ShardMetrics>>>,
-    stop: Arc<AtomicBool>,
+    /// Shards that ended (normally or by a panic), for the main thread.
     exited: std::sync::atomic::AtomicUsize,
     connections_max_per_shard: usize,
 }
@@ -615,7 +609,6 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
                 .map(|_| Arc::new(ShardMetrics::default()))
                 .collect(),
         ),
-        stop: Arc::new(AtomicBool::new(false)),
         exited: std::sync::atomic::AtomicUsize::new(0),
         connections_max_per_shard: connections_max.div_ceil(shards).max(1),
     });
@@ -651,7 +644,7 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
         match ready_rx.recv_timeout(left) {
             Ok(Ok(())) => {}
             Ok(Err(message)) => {
-                shared.stop.store(true, Ordering::SeqCst);
+                stop_shards(&mesh, shards);
                 return Err(message);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -690,18 +683,26 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
             break;
         }
         if shared.exited.load(Ordering::SeqCst) > 0 {
-            shared.stop.store(true, Ordering::SeqCst);
+            stop_shards(&mesh, shards);
             for handle in handles {
                 let _ = handle.join();
             }
             return Err("a shard stopped unexpectedly".to_string());
         }
     }
-    shared.stop.store(true, Ordering::SeqCst);
+    stop_shards(&mesh, shards);
     for handle in handles {
         let _ = handle.join();
     }
     Ok(())
+}
+
+/// Triggers every shard's shutdown signal, through its inbox (a shard that
+/// already stopped refuses the message; nothing else to do for it).
+fn stop_shards(mesh: &mesh::Mesh, shards: usize) {
+    for id in 0..shards {
+        let _ = mesh.send_to(id, ShardMessage::Stop);
+    }
 }
 
 fn glommio_error(text: &str) -> String {
@@ -740,13 +741,17 @@ async fn shard_main(
         messages_max: config.history_messages,
         age_ms: config.history_age_ms,
     };
-    let history = match crate::history::History::open(history_config, id, config.shards).await {
-        Ok(history) => history,
-        Err(e) => {
-            let _ = ready.send(Err(format!("cannot open the message history: {e}")));
-            return;
-        }
-    };
+    let shutdown = crate::shutdown::Shutdown::new();
+    let history =
+        match crate::history::History::open(history_config, id, config.shards, shutdown.clone())
+            .await
+        {
+            Ok(history) => history,
+            Err(e) => {
+                let _ = ready.send(Err(format!("cannot open the message history: {e}")));
+                return;
+            }
+        };
     let mut registry = Registry::new(limits);
     for (org_id, seq) in &history.last_seqs() {
         registry.set_org_seq(org_id, *seq);
@@ -762,7 +767,7 @@ async fn shard_main(
         metrics: shared.all_metrics[id].clone(),
         all_metrics: shared.all_metrics.clone(),
         pool: RefCell::new(Vec::new()),
-        stopping: Cell::new(false),
+        shutdown: shutdown.clone(),
         http_wake: crate::notify::Notify::default(),
         http_streams: Cell::new(0),
         history,
@@ -801,6 +806,7 @@ async fn shard_main(
                 for message in mesh.receive(shard.id).await {
                     match message {
                         ShardMessage::Adopt(handoff) => public::adopt(&shard, handoff),
+                        ShardMessage::Stop => shard.shutdown.trigger(),
                         ShardMessage::Publish { messages, reply } => {
                             let shard = shard.clone();
                             glommio::spawn_local(async move {
@@ -839,9 +845,22 @@ async fn shard_main(
         })
     };
 
-    let accept_public = glommio::spawn_local(public::accept_loop(shard.clone(), public_listener));
-    let accept_admin = glommio::spawn_local(admin::accept_loop(shard.clone(), admin_listener));
-    let heartbeat = glommio::spawn_local(heartbeat_loop(shard.clone()));
+    // Tasks that end when the shutdown starts: the accept loops (closing
+    // their listeners), the heartbeat, the key reload, the demo traffic.
+    let stopping_tasks = [
+        spawn_until(
+            &shutdown,
+            public::accept_loop(shard.clone(), public_listener),
+        ),
+        spawn_until(&shutdown, admin::accept_loop(shard.clone(), admin_listener)),
+        spawn_until(&shutdown, heartbeat_loop(shard.clone())),
+        spawn_until(&shutdown, key_reload_loop(shard.clone(), shared.keys_stamp)),
+        spawn_until(&shutdown, sync_metrics_loop(shard.clone())),
+        spawn_until(&shutdown, demo_loop(shard.clone(), config.demo && id == 0)),
+    ];
+    // Tasks that run until the drain ends, when this function returns and
+    // drops them: the committer, retention, replays, the reactor (which
+    // carries out the 1001 closes) and the inbox.
     let _history_tasks = [
         glommio::spawn_local(commit_loop(shard.clone())),
         glommio::spawn_local({
@@ -851,42 +870,28 @@ async fn shard_main(
         glommio::spawn_local(replay::worker(shard.clone())),
     ];
     let reactor_task = glommio::spawn_local(reactor::run(shard.clone()));
-    let key_reload = glommio::spawn_local(key_reload_loop(shard.clone(), shared.keys_stamp));
+    // Writes the keys used until the shutdown, then once more.
     let last_used = glommio::spawn_local(access::last_used_loop(shard.clone()));
-    let demo = (config.demo && id == 0).then(|| glommio::spawn_local(demo_loop(shard.clone())));
     let _ = ready.send(Ok(()));
 
-    // Wait for the stop flag, keeping metrics fresh meanwhile.
-    let mut last_sync = Instant::now();
-    while !shared.stop.load(Ordering::Relaxed) {
-        glommio::timer::sleep(Duration::from_millis(50)).await;
-        if last_sync.elapsed() >= Duration::from_millis(200) {
-            shard.sync_metrics();
-            last_sync = Instant::now();
-        }
-    }
+    shutdown.wait().await;
 
-    // Drain: stop accepting, answer waiting long-polls and end SSE
-    // streams, close every connection with 1001, wait.
-    shard.stopping.set(true);
-    shard.history.stop_waits();
-    shard.http_wake.notify();
-    drop(accept_public);
-    drop(accept_admin);
-    drop(heartbeat);
-    drop(key_reload);
-    drop(last_used);
-    access::flush_last_used(&shard).await;
-    drop(demo);
+    // Drain: the accept loops, heartbeat and key reload end; waiting
+    // long-polls answer and SSE streams end (they hold the signal too);
+    // every connection is closed with 1001; then wait, bounded.
+    for task in stopping_tasks {
+        task.await;
+    }
+    last_used.await;
     let keys = shard.registry.borrow().keys();
     for key in keys {
         shard
             .registry
             .borrow_mut()
-            .request_close(key, CLOSE_GOING_AWAY);
+            .request_close(key, CloseCode::GOING_AWAY);
     }
     let deadline = Instant::now() + Duration::from_secs(3);
-    while (!shard.registry.borrow().connections.is_empty() || shard.http_streams.get() > 0)
+    while (!shard.registry.borrow().is_empty() || shard.http_streams.get() > 0)
         && Instant::now() < deadline
     {
         glommio::timer::sleep(Duration::from_millis(10)).await;
@@ -950,7 +955,7 @@ const HEARTBEAT_SLICES_MAX: u64 = 30;
 /// core for most of a second and delay every broadcast behind them.
 async fn heartbeat_loop(shard: Rc<Shard>) {
     let interval = Duration::from_millis(shard.config.heartbeat_ms);
-    let slices = (shard.config.heartbeat_ms / 100).clamp(1, HEARTBEAT_SLICES_MAX);
+    let slices = (shard.config.heartbeat_ms / 100).clamp(1, HEARTBEAT_SLICES_MAX) as usize;
     let tick = interval / slices as u32;
     let mut ping_frame = [0u8; 14];
     let len = crate::protocol::ws::encode_header(
@@ -962,34 +967,29 @@ async fn heartbeat_loop(shard: Rc<Shard>) {
     );
     let ping: crate::registry::Frame = Rc::from(&ping_frame[..len]);
     let mut next = Instant::now() + tick;
-    let mut slice = 0u64;
+    let mut slice = 0usize;
+    // Kept across ticks: its lists only grow to what one tick needs.
+    let mut outcome = Delivered::default();
     loop {
         glommio::timer::sleep(next.saturating_duration_since(Instant::now())).await;
         next += tick;
         {
             let mut registry = shard.registry.borrow_mut();
-            let due: Vec<ConnKey> = registry
-                .connections
-                .iter()
-                .filter(|(index, conn)| *index as u64 % slices == slice && conn.close.is_none())
-                .map(|(index, conn)| ConnKey {
-                    index: index as u32,
-                    generation: conn.generation,
-                })
-                .collect();
-            let mut outcome = Delivered::default();
-            for key in due {
+            registry.for_each_in_slice(slice, slices, |registry, key| {
                 let Some(conn) = registry.get_mut(key) else {
-                    continue;
+                    return;
                 };
+                if !conn.state.can_send() {
+                    return;
+                }
                 if conn.missed_pongs >= 2 {
-                    registry.request_close(key, connection::CLOSE_HEARTBEAT);
+                    registry.request_close(key, CloseCode::POLICY);
                 } else {
                     conn.missed_pongs += 1;
                     // Written at once: an idle connection gets no queue.
-                    registry.write_or_queue(key.index, &ping, &mut wire(), &mut outcome);
+                    registry.write_or_queue(key, &ping, &mut wire(), &mut outcome);
                 }
-            }
+            });
             shard.act_on(&mut registry, &mut outcome);
         }
         slice = (slice + 1) % slices;
@@ -1006,7 +1006,7 @@ fn close_signed_out(shard: &Shard) {
     let closing =
         registry.keys_of_sessions(|key_id, id, expires| revoked.is_revoked(id, key_id, expires));
     for key in closing {
-        registry.request_close(key, CLOSE_KEY_REVOKED);
+        registry.request_close(key, CloseCode::KEY_REVOKED);
     }
 }
 
@@ -1049,15 +1049,39 @@ async fn key_reload_loop(shard: Rc<Shard>, loaded: Option<FileStamp>) {
         for key_id in registry.connected_key_ids() {
             if !index.is_active(&key_id) {
                 for key in registry.keys_of_api_key(&key_id) {
-                    registry.request_close(key, CLOSE_KEY_REVOKED);
+                    registry.request_close(key, CloseCode::KEY_REVOKED);
                 }
             }
         }
     }
 }
 
-/// `--demo`: a synthetic event, delivery and issue every second.
-async fn demo_loop(shard: Rc<Shard>) {
+/// Spawns `task` on this shard, cut short when the shutdown starts.
+fn spawn_until(
+    shutdown: &crate::shutdown::Shutdown,
+    task: impl std::future::Future<Output = ()> + 'static,
+) -> glommio::Task<()> {
+    let shutdown = shutdown.clone();
+    glommio::spawn_local(async move {
+        shutdown.run_until(task).await;
+    })
+}
+
+/// Copies the registry's and the history's counters into the shared
+/// metrics every 200 ms.
+async fn sync_metrics_loop(shard: Rc<Shard>) {
+    loop {
+        glommio::timer::sleep(Duration::from_millis(200)).await;
+        shard.sync_metrics();
+    }
+}
+
+/// `--demo` (shard 0 only, `enabled`): a synthetic event, delivery and
+/// issue every second.
+async fn demo_loop(shard: Rc<Shard>, enabled: bool) {
+    if !enabled {
+        return;
+    }
     let mut tick = 0u64;
     loop {
         glommio::timer::sleep(Duration::from_secs(1)).await;

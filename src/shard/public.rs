@@ -95,7 +95,7 @@ async fn read_head(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Result<usize
 }
 
 async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
-    if shard.stopping.get() {
+    if shard.shutdown.is_stopping() {
         return;
     }
     let _ = stream.set_nodelay(true);
@@ -201,7 +201,7 @@ fn route(
 /// reached.
 pub fn adopt(shard: &Shard, mut handoff: Handoff) {
     let fd = std::mem::replace(&mut handoff.fd, -1);
-    if shard.stopping.get() {
+    if shard.shutdown.is_stopping() {
         // SAFETY: we own `fd` (moved out of the handoff).
         unsafe { libc::close(fd) };
         return;

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use futures_lite::AsyncReadExt;
 
 use super::connection::{self, Outcome};
-use super::{Shard, CLOSE_ABORT};
-use crate::protocol::ws::{self, Decoder};
+use super::Shard;
+use crate::protocol::ws::{self, CloseCode, Decoder};
 use crate::registry::{ConnKey, ConnState, Flush, Frame, Partial, Registry};
 
 /// Most events taken per `epoll_wait`.
@@ -134,12 +134,10 @@ pub async fn wait_readable(fd: RawFd) {
 /// Resolves when the registry has connections to close.
 async fn close_requested(shard: &Shard) {
     poll_fn(|cx| {
-        let mut registry = shard.registry.borrow_mut();
-        if registry.closing.is_empty() {
-            registry.reactor_waker = Some(cx.waker().clone());
-            Poll::Pending
-        } else {
+        if shard.registry.borrow_mut().has_close_requests(cx.waker()) {
             Poll::Ready(())
+        } else {
+            Poll::Pending
         }
     })
     .await
@@ -209,7 +207,7 @@ fn on_event(shard: &Shard, events: u32, key: ConnKey) {
         };
         if conn.write_blocked {
             let fd = conn.fd;
-            match registry.flush(key.index, &mut super::wire()) {
+            match registry.flush(key, &mut super::wire()) {
                 Flush::Blocked => {}
                 Flush::Failed => {
                     drop(registry);
@@ -220,7 +218,7 @@ fn on_event(shard: &Shard, events: u32, key: ConnKey) {
                     shard.reactor.want_write(fd, key, false);
                     if registry
                         .get(key)
-                        .is_some_and(|c| c.state == ConnState::ClosingByPeer)
+                        .is_some_and(|c| c.state == ConnState::Closed)
                     {
                         drop(registry);
                         remove_now(shard, key);
@@ -305,7 +303,7 @@ pub fn read_ready(shard: &Shard, key: ConnKey, receive: bool) {
         Some(outcome) => act(shard, key, outcome),
         // Replies leave at once (adopt calls this outside the reactor loop,
         // whose own flush would otherwise wait for the next event).
-        None => super::flush_one(&mut shard.registry.borrow_mut(), &shard.reactor, key.index),
+        None => super::flush_one(&mut shard.registry.borrow_mut(), &shard.reactor, key),
     }
 }
 
@@ -331,7 +329,9 @@ fn process_frames(
                 let state = shard.registry.borrow().get(key).map(|c| c.state);
                 let result = match state {
                     None => Some(Outcome::Abort),
-                    Some(ConnState::Open) => connection::handle(shard, key, message),
+                    Some(state) if state.handles_messages() => {
+                        connection::handle(shard, key, message)
+                    }
                     // Closing: only the peer's close (or EOF) matters now.
                     Some(_) => match message {
                         ws::Message::Close(_) => Some(Outcome::Abort),
@@ -364,39 +364,40 @@ fn process_frames(
 pub fn act(shard: &Shard, key: ConnKey, outcome: Outcome) {
     match outcome {
         Outcome::Abort => remove_now(shard, key),
-        Outcome::CloseByUs(code, reason) => {
-            start_close(shard, key, code, reason, ConnState::ClosingByUs)
-        }
+        Outcome::CloseByUs(code, reason) => start_close(shard, key, code, reason, false),
         Outcome::CloseByPeer(code) => {
             let code = if ws::is_valid_close_code(code) {
-                code
+                CloseCode::new(code)
             } else {
-                1000
+                CloseCode::NORMAL
             };
-            start_close(shard, key, code, "", ConnState::ClosingByPeer);
+            start_close(shard, key, code, "", true);
         }
     }
 }
 
-/// Queues the close frame, moves to `state`, and lingers (bounded).
-fn start_close(shard: &Shard, key: ConnKey, code: u16, reason: &str, state: ConnState) {
+/// Queues the close frame — ours, or the answer to the peer's when
+/// `by_peer` — moves the state on, and lingers (bounded).
+fn start_close(shard: &Shard, key: ConnKey, code: CloseCode, reason: &str, by_peer: bool) {
     let drained = {
         let mut registry = shard.registry.borrow_mut();
         let Some(conn) = registry.get_mut(key) else {
             return;
         };
-        if conn.state != ConnState::Open {
+        if !conn.state.handles_messages() {
             return;
         }
-        conn.state = state;
-        conn.close.get_or_insert(code);
+        if by_peer {
+            conn.state = conn.state.on_close_received();
+        }
+        conn.state = conn.state.on_close_sent(code);
         conn.partial = None;
         let mut close = [0u8; ws::CLOSE_FRAME_BYTES_MAX];
-        let len = ws::encode_close_frame(&mut close, code, reason);
-        registry.enqueue_final(key.index, &Frame::from(&close[..len]));
+        let len = ws::encode_close_frame(&mut close, code.get(), reason);
+        registry.enqueue_final(key, &Frame::from(&close[..len]));
         flush_now(shard, &mut registry, key)
     };
-    if drained == Some(true) && state == ConnState::ClosingByPeer {
+    if drained == Some(true) && by_peer {
         remove_now(shard, key);
         return;
     }
@@ -404,7 +405,7 @@ fn start_close(shard: &Shard, key: ConnKey, code: u16, reason: &str, state: Conn
         remove_now(shard, key);
         return;
     }
-    let linger = if code == crate::registry::CLOSE_SLOW_CONSUMER {
+    let linger = if code == CloseCode::SLOW_CONSUMER {
         CLOSE_LINGER_SLOW_CONSUMER
     } else {
         CLOSE_LINGER
@@ -420,7 +421,7 @@ fn start_close(shard: &Shard, key: ConnKey, code: u16, reason: &str, state: Conn
 fn flush_now(shard: &Shard, registry: &mut Registry, key: ConnKey) -> Option<bool> {
     let fd = registry.get(key)?.fd;
     let was_blocked = registry.get(key)?.write_blocked;
-    match registry.flush(key.index, &mut super::wire()) {
+    match registry.flush(key, &mut super::wire()) {
         Flush::Drained => Some(true),
         Flush::Blocked => {
             if !was_blocked {
@@ -435,23 +436,20 @@ fn flush_now(shard: &Shard, registry: &mut Registry, key: ConnKey) -> Option<boo
 /// Acts on the registry's close requests (slow consumers, revoked keys,
 /// heartbeat, shutdown).
 fn handle_close_requests(shard: &Shard) {
-    let requests = std::mem::take(&mut shard.registry.borrow_mut().closing);
+    let requests = shard.registry.borrow_mut().take_close_requests();
     for key in requests {
         let code = match shard.registry.borrow().get(key) {
-            Some(conn) if conn.state == ConnState::Open => conn.close.unwrap_or(CLOSE_ABORT),
-            _ => continue,
+            Some(conn) => match conn.state.close_requested() {
+                Some(code) => code,
+                None => continue,
+            },
+            None => continue,
         };
         // A socket that failed gets no close frame; every other code does.
-        if code == CLOSE_ABORT {
+        if code == CloseCode::ABNORMAL {
             remove_now(shard, key);
         } else {
-            start_close(
-                shard,
-                key,
-                code,
-                connection::close_reason(code),
-                ConnState::ClosingByUs,
-            );
+            start_close(shard, key, code, code.server_reason(), false);
         }
     }
 }
@@ -529,7 +527,7 @@ pub fn adopt(
     first.extend_from_slice(&crate::registry::text_frame(welcome.as_bytes()));
     {
         let mut registry = shard.registry.borrow_mut();
-        registry.enqueue(key.index, &Frame::from(first));
+        registry.enqueue(key, &Frame::from(first));
         if flush_now(shard, &mut registry, key).is_none() {
             drop(registry);
             remove_now(shard, key);
@@ -551,7 +549,7 @@ pub fn adopt(
         if shard.access.revoked.is_revoked(id, key_id, expires) {
             let mut registry = shard.registry.borrow_mut();
             if registry.get(key).is_some() {
-                registry.request_close(key, super::CLOSE_KEY_REVOKED);
+                registry.request_close(key, CloseCode::KEY_REVOKED);
             }
         }
     }

@@ -158,15 +158,10 @@ pub fn subscribe(
     let history = &shard.history;
     let replays = &shard.replays;
     let mut registry = shard.registry.borrow_mut();
-    let Some(conn) = registry.get(key) else {
+    let Some(org_id) = registry.org_id_of(key).cloned() else {
         return Ok(subscribed(channel, after.map(|_| true)));
     };
-    let org = &registry.orgs[conn.org as usize];
-    let org_id = org.id.clone();
-    let live = org
-        .channels
-        .lookup(channel)
-        .is_some_and(|bit| conn.has(bit));
+    let live = registry.is_subscribed(key, channel);
     let replaying = replays.is_replaying(key, channel);
     let Some(after) = after else {
         // Subscribing twice is harmless. (Only reached for a channel being
@@ -175,7 +170,10 @@ pub fn subscribe(
     };
     if !live && !replaying {
         let max = registry.limits.subscriptions_max;
-        if conn.subscription_count as usize + replays.of(key) >= max {
+        let subscriptions = registry
+            .get(key)
+            .map_or(0, |c| c.subscription_count as usize);
+        if subscriptions + replays.of(key) >= max {
             return Err(too_many(channel, max));
         }
     }
@@ -216,7 +214,7 @@ fn wanted(shard: &Shard, job: &ReplayJob) -> bool {
             .registry
             .borrow()
             .get(job.key)
-            .is_some_and(|c| c.close.is_none())
+            .is_some_and(|c| c.state.can_send())
 }
 
 fn frame_of(job: &ReplayJob, item: &Item) -> Frame {
@@ -258,7 +256,7 @@ async fn queue_paced(shard: &Shard, job: &ReplayJob, items: &[Item]) -> bool {
                 glommio::timer::sleep(Duration::from_millis(DRAIN_POLL_MS)).await;
             }
         }
-        shard.registry.borrow_mut().enqueue(job.key.index, &frame);
+        shard.registry.borrow_mut().enqueue(job.key, &frame);
     }
     shard.flush_dirty().await;
     true
@@ -299,12 +297,12 @@ async fn run(shard: Rc<Shard>, job: ReplayJob) {
                     let mut registry = shard.registry.borrow_mut();
                     shard.replays.end(&job);
                     for item in &rest {
-                        registry.enqueue(job.key.index, &frame_of(&job, item));
+                        registry.enqueue(job.key, &frame_of(&job, item));
                     }
                     if let Err(SubscribeError::TooMany) = registry.subscribe(job.key, &job.channel)
                     {
                         let max = registry.limits.subscriptions_max;
-                        registry.enqueue(job.key.index, &too_many(&job.channel, max));
+                        registry.enqueue(job.key, &too_many(&job.channel, max));
                     }
                 }
                 shard.flush_dirty().await;

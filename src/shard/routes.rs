@@ -199,7 +199,7 @@ pub async fn serve(
                 .contains("close")
         });
         let after = dispatch(&shard, &request, &mut stream).await;
-        if after == After::Close || close_requested || shard.stopping.get() {
+        if after == After::Close || close_requested || shard.shutdown.is_stopping() {
             return;
         }
         buffer.copy_within(used..filled, 0);

@@ -286,7 +286,7 @@ fn decode_step(decoder: &mut Decoder, buf: &mut [u8]) -> Step {
             return Step::NeedMore;
         }
         Err(error) => {
-            assert!([1002, 1007, 1009].contains(&error.close_code()));
+            assert!([1002, 1007, 1009].contains(&error.close_code().get()));
             return Step::Failed(error);
         }
         Ok(Some(decoded)) => (decoded.consumed, decoded.message.map(owned)),
