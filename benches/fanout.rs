@@ -24,9 +24,8 @@ use std::os::unix::io::RawFd;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use hookstream::registry::{
-    Connection, Delivered, MessageKind, Outgoing, Registry, RegistryLimits,
-};
+use hookstream::message::{Message, MessageKind};
+use hookstream::registry::{Connection, Delivered, Registry, RegistryLimits};
 
 /// The server's allocator (src/main.rs), so queue allocations cost here what
 /// they cost in production.
@@ -63,13 +62,13 @@ fn registry() -> Registry {
 }
 
 /// An event whose `data` is exactly `PAYLOAD_BYTES` long.
-fn message() -> Outgoing {
+fn message() -> Message {
     let head = "{\"source_id\":\"s\",\"t\":1,\"pad\":\"";
     let tail = "\"}";
     let pad = "x".repeat(PAYLOAD_BYTES - head.len() - tail.len());
     let data = format!("{head}{pad}{tail}");
     assert_eq!(data.len(), PAYLOAD_BYTES);
-    Outgoing {
+    Message {
         org_id: "bench".to_string(),
         kind: MessageKind::Event,
         route_id: Some("s".to_string()),
@@ -80,7 +79,7 @@ fn message() -> Outgoing {
 /// One broadcast of `message` as the next seq, staged and delivered in the
 /// parts the server walks it in; returns the time staging took and the
 /// number of deliveries.
-fn broadcast(registry: &mut Registry, message: &Outgoing) -> (std::time::Duration, u64) {
+fn broadcast(registry: &mut Registry, message: &Message) -> (std::time::Duration, u64) {
     const PART: usize = 2048;
     let delivered_before = registry.counters.delivered;
     let start = Instant::now();

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use crate::auth::keys::{KeyIndex, KeyStore};
-use crate::registry::{MessageKind, Outgoing};
+use crate::message::{Message, MessageKind};
 
 /// The demo org.
 pub const DEMO_ORG: &str = "demo";
@@ -55,24 +55,24 @@ fn with_fields(sample: &str, id: String, tick: u64) -> Box<str> {
 }
 
 /// The three synthetic messages of one tick.
-pub fn messages(tick: u64) -> Vec<Outgoing> {
+pub fn messages(tick: u64) -> Vec<Message> {
     let event = with_fields(EVENT, format!("evt_demo_{tick}"), tick);
     let delivery = with_fields(DELIVERY, format!("dlv_demo_{tick}"), tick);
     let issue = with_fields(ISSUE, format!("iss_demo_{tick}"), tick);
     vec![
-        Outgoing {
+        Message {
             org_id: DEMO_ORG.to_string(),
             kind: MessageKind::Event,
             route_id: Some("src_stripe_prod".to_string()),
             data: event,
         },
-        Outgoing {
+        Message {
             org_id: DEMO_ORG.to_string(),
             kind: MessageKind::Delivery,
             route_id: Some("dst_billing_api".to_string()),
             data: delivery,
         },
-        Outgoing {
+        Message {
             org_id: DEMO_ORG.to_string(),
             kind: MessageKind::Issue,
             route_id: None,

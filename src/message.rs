@@ -46,7 +46,7 @@ impl MessageKind {
 
 /// A validated message ready to be sequenced and fanned out.
 #[derive(Debug, Clone)]
-pub struct Outgoing {
+pub struct Message {
     /// Org it belongs to.
     pub org_id: String,
     /// Its type.
@@ -57,7 +57,7 @@ pub struct Outgoing {
     pub data: Box<str>,
 }
 
-impl Outgoing {
+impl Message {
     /// The channels this message goes to, broadest first.
     pub fn channels(&self) -> SmallVec<[String; 2]> {
         let mut out = SmallVec::new();

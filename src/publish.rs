@@ -16,7 +16,7 @@ use serde::de::{Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::registry::{MessageKind, Outgoing};
+use crate::message::{Message, MessageKind};
 
 /// Why a request was refused; `index` is the message's position.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +49,7 @@ impl PublishError {
 /// One message's fields. The strings are borrowed from the body unless
 /// they contain escapes (`"org\u005fa"` is the valid JSON for `org_a`).
 #[derive(Deserialize)]
-struct Envelope<'a> {
+struct RawMessage<'a> {
     #[serde(borrow)]
     org_id: Option<Cow<'a, str>>,
     #[serde(rename = "type", borrow)]
@@ -86,8 +86,8 @@ fn string_id(value: Option<serde_json::Value>, field: &str) -> Result<String, St
     }
 }
 
-fn validate(index: usize, raw: &str) -> Result<Outgoing, PublishError> {
-    let envelope: Envelope<'_> = serde_json::from_str(raw)
+fn validate(index: usize, raw: &str) -> Result<Message, PublishError> {
+    let envelope: RawMessage<'_> = serde_json::from_str(raw)
         .map_err(|e| PublishError::at(index, format!("not a message object: {e}")))?;
     let org_id = envelope
         .org_id
@@ -134,7 +134,7 @@ fn validate(index: usize, raw: &str) -> Result<Outgoing, PublishError> {
             Some(id.into_owned())
         }
     };
-    Ok(Outgoing {
+    Ok(Message {
         org_id: org_id.into_owned(),
         kind,
         route_id,
@@ -143,7 +143,7 @@ fn validate(index: usize, raw: &str) -> Result<Outgoing, PublishError> {
 }
 
 /// Parses a publish body. `ndjson` is true for `application/x-ndjson`.
-pub fn parse_body(body: &[u8], ndjson: bool) -> Result<Vec<Outgoing>, PublishError> {
+pub fn parse_body(body: &[u8], ndjson: bool) -> Result<Vec<Message>, PublishError> {
     let text = std::str::from_utf8(body).map_err(|_| PublishError::at(0, "body is not UTF-8"))?;
     if ndjson {
         let mut out = Vec::new();

@@ -20,14 +20,14 @@
 //! - Reads are by org and channel set, in seq order, and never return a
 //!   message retention dropped.
 
-use super::Item;
-use crate::registry::Outgoing;
+use super::Retained;
+use crate::message::Message;
 
 /// A message handed to [`Log::append`], with its publish time.
 #[derive(Debug)]
 pub struct Appending {
     /// The validated message.
-    pub message: Outgoing,
+    pub message: Message,
     /// When it was published (ms since the Unix epoch), for retention by age.
     pub time_ms: u64,
 }
@@ -74,7 +74,7 @@ pub trait Log {
         after: u64,
         upto: u64,
         channels: &[String],
-    ) -> Option<Vec<Item>>;
+    ) -> Option<Vec<Retained>>;
 
     /// Retained messages of `org_id` with seq in `(after, upto]` on any of
     /// `channels`, oldest first, at most `limit`; also the seq up to which
@@ -87,7 +87,7 @@ pub trait Log {
         upto: u64,
         limit: usize,
         channels: &[String],
-    ) -> (Vec<Item>, u64);
+    ) -> (Vec<Retained>, u64);
 
     /// Retained messages of `org_id` with seq below `before` (all when
     /// `None`) on any of `channels`, newest first, at most `limit`, and
@@ -98,7 +98,7 @@ pub trait Log {
         before: Option<u64>,
         limit: usize,
         channels: &[String],
-    ) -> (Vec<Item>, bool);
+    ) -> (Vec<Retained>, bool);
 
     /// Applies retention by count and age as of `now_ms` (and lets idle
     /// orgs' resources go).

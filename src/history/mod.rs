@@ -41,8 +41,8 @@ pub use self::log::{Appending, Log, LogCounters};
 pub use self::record::{crc32c, RecordError};
 pub use self::segmented::SegmentedLog;
 pub use crate::message::channel_matches;
+use crate::message::{Message, MessageKind};
 use crate::notify::Notify;
-use crate::registry::{MessageKind, Outgoing};
 use crate::shutdown::Shutdown;
 
 /// The log the shards keep their history in: the one line a clustered
@@ -100,7 +100,7 @@ pub fn now_ms() -> u64 {
 
 /// A retained message as read back.
 #[derive(Debug, Clone)]
-pub struct Item {
+pub struct Retained {
     /// Its seq.
     pub seq: u64,
     /// Message type.
@@ -144,7 +144,7 @@ impl Round {
 
     /// The committed messages with their seqs, in commit order (none when
     /// the commit failed).
-    pub fn messages(&self) -> impl Iterator<Item = (&Outgoing, u64)> {
+    pub fn messages(&self) -> impl Iterator<Item = (&Message, u64)> {
         let seqs = self.outcome.as_deref().unwrap_or(&[]);
         self.records
             .iter()
@@ -209,7 +209,7 @@ impl<L: Log> History<L> {
     /// Queues messages for the committer and waits until it made them
     /// durable (per `--durability`) and readable. Returns their seqs in
     /// input order.
-    pub async fn append(&self, messages: Vec<Outgoing>) -> Result<Vec<u64>, String> {
+    pub async fn append(&self, messages: Vec<Message>) -> Result<Vec<u64>, String> {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
@@ -297,7 +297,7 @@ impl<L: Log> History<L> {
         after: u64,
         upto: u64,
         channels: &[String],
-    ) -> Option<Vec<Item>> {
+    ) -> Option<Vec<Retained>> {
         self.log.read_cached(org_id, after, upto, channels)
     }
 
@@ -309,7 +309,7 @@ impl<L: Log> History<L> {
         upto: u64,
         limit: usize,
         channels: &[String],
-    ) -> (Vec<Item>, u64) {
+    ) -> (Vec<Retained>, u64) {
         self.log
             .read_forward(org_id, after, upto, limit, channels)
             .await
@@ -322,7 +322,7 @@ impl<L: Log> History<L> {
         before: Option<u64>,
         limit: usize,
         channels: &[String],
-    ) -> (Vec<Item>, bool) {
+    ) -> (Vec<Retained>, bool) {
         self.log
             .read_backward(org_id, before, limit, channels)
             .await

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::{channel_matches, History, Item};
-use crate::registry::MessageKind;
+use super::{channel_matches, History, Retained};
+use crate::message::MessageKind;
 
 /// Which messages a query wants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +62,7 @@ pub struct Answer {
 /// before a message that would pass `limit` (unless nothing was taken
 /// yet). Returns the envelopes and the seq of the last message taken, or
 /// `None` when every message was taken.
-fn expand(items: &[Item], channels: &[String], limit: usize) -> (Vec<Envelope>, Option<u64>) {
+fn expand(items: &[Retained], channels: &[String], limit: usize) -> (Vec<Envelope>, Option<u64>) {
     let mut out = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let matching: Vec<&String> = channels

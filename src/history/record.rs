@@ -21,7 +21,7 @@
 //! A zero-filled or half-written tail fails the length or the CRC check, so
 //! a torn write is found the same way as a flipped byte.
 
-use crate::registry::MessageKind;
+use crate::message::MessageKind;
 
 /// Bytes before the body: length and CRC.
 pub const PREFIX_BYTES: usize = 8;

@@ -22,9 +22,9 @@ use glommio::io::{BufferedFile, OpenOptions};
 
 use super::log::{Appending, Log, LogCounters};
 use super::record;
-use super::{channel_matches, now_ms, Durability, HistoryConfig, Item};
+use super::{channel_matches, now_ms, Durability, HistoryConfig, Retained};
+use crate::message::{Message, MessageKind};
 use crate::placement::shard_for;
-use crate::registry::{MessageKind, Outgoing};
 
 /// Largest segment file before a new one is started.
 const SEGMENT_BYTES_MAX: u64 = 64 << 20;
@@ -70,7 +70,7 @@ struct Segment {
 
 /// Where one retained message is, and what it matches.
 #[derive(Debug, Clone)]
-struct Entry {
+struct IndexEntry {
     /// Its seq.
     seq: u64,
     /// Publish time, for retention by age.
@@ -103,7 +103,7 @@ struct OrgLog {
     /// When `writer` was last written.
     last_write_ms: u64,
     /// Retained messages, oldest first.
-    entries: VecDeque<Entry>,
+    entries: VecDeque<IndexEntry>,
     /// Last seq handed out (maybe not yet durable).
     assigned: u64,
     /// Last seq committed: durable, indexed and fanned out.
@@ -269,7 +269,7 @@ pub struct SegmentedLog {
 
 /// A message of a round being committed, with the seq the log gave it.
 struct Numbered<'a> {
-    message: &'a Outgoing,
+    message: &'a Message,
     seq: u64,
     time_ms: u64,
 }
@@ -407,8 +407,8 @@ impl SegmentedLog {
     /// Reads the data of `entries` (in seq order): from memory when
     /// recent, otherwise from the segments, one read per run of nearby
     /// records. Entries whose segment retention deleted meanwhile are left out.
-    async fn load(&self, org_id: &str, entries: Vec<Entry>) -> Vec<Item> {
-        let mut items: Vec<Option<Item>> = Vec::with_capacity(entries.len());
+    async fn load(&self, org_id: &str, entries: Vec<IndexEntry>) -> Vec<Retained> {
+        let mut items: Vec<Option<Retained>> = Vec::with_capacity(entries.len());
         // (index in items, segment path, offset, len) of what is on disk only.
         let mut missing: Vec<(usize, PathBuf, u64, u32)> = Vec::new();
         {
@@ -418,7 +418,7 @@ impl SegmentedLog {
             };
             for entry in &entries {
                 match org.cached_data(entry.seq) {
-                    Some(data) => items.push(Some(Item {
+                    Some(data) => items.push(Some(Retained {
                         seq: entry.seq,
                         kind: entry.kind,
                         route: entry.route.clone(),
@@ -470,7 +470,7 @@ impl SegmentedLog {
                     Ok((record, _)) => {
                         let entry = &entries[*index];
                         debug_assert_eq!(record.seq, entry.seq);
-                        items[*index] = Some(Item {
+                        items[*index] = Some(Retained {
                             seq: entry.seq,
                             kind: entry.kind,
                             route: entry.route.clone(),
@@ -536,7 +536,7 @@ impl Log for SegmentedLog {
         after: u64,
         upto: u64,
         channels: &[String],
-    ) -> Option<Vec<Item>> {
+    ) -> Option<Vec<Retained>> {
         let filter =
             |kind, route: Option<&str>| channels.iter().any(|c| channel_matches(c, kind, route));
         let orgs = self.orgs.borrow();
@@ -552,7 +552,7 @@ impl Log for SegmentedLog {
                 break;
             }
             if filter(entry.kind, entry.route.as_deref()) {
-                items.push(Item {
+                items.push(Retained {
                     seq: entry.seq,
                     kind: entry.kind,
                     route: entry.route.clone(),
@@ -574,7 +574,7 @@ impl Log for SegmentedLog {
         upto: u64,
         limit: usize,
         channels: &[String],
-    ) -> (Vec<Item>, u64) {
+    ) -> (Vec<Retained>, u64) {
         let filter =
             |kind, route: Option<&str>| channels.iter().any(|c| channel_matches(c, kind, route));
         let mut selected = Vec::new();
@@ -588,7 +588,7 @@ impl Log for SegmentedLog {
                     }
                     if filter(entry.kind, entry.route.as_deref()) {
                         if selected.len() == limit {
-                            scanned = selected.last().map_or(after, |e: &Entry| e.seq);
+                            scanned = selected.last().map_or(after, |e: &IndexEntry| e.seq);
                             break;
                         }
                         selected.push(entry.clone());
@@ -608,7 +608,7 @@ impl Log for SegmentedLog {
         before: Option<u64>,
         limit: usize,
         channels: &[String],
-    ) -> (Vec<Item>, bool) {
+    ) -> (Vec<Retained>, bool) {
         let filter =
             |kind, route: Option<&str>| channels.iter().any(|c| channel_matches(c, kind, route));
         let mut selected = Vec::new();
@@ -718,7 +718,7 @@ async fn load_org(org_id: &str, dir: PathBuf) -> Result<OrgLog, String> {
             segment.last_seq = record.seq;
             segment.size = (offset + len) as u64;
             routes.push(record.route.map(str::to_string));
-            new_entries.push(Entry {
+            new_entries.push(IndexEntry {
                 seq: record.seq,
                 time_ms: record.time_ms,
                 segment: first_seq,
@@ -888,7 +888,7 @@ async fn commit(history: &SegmentedLog, records: &[Numbered<'_>]) -> Result<(), 
                 &record.message.data,
             );
             let route = org.intern_route(record.message.route_id.as_deref());
-            org.entries.push_back(Entry {
+            org.entries.push_back(IndexEntry {
                 seq: record.seq,
                 time_ms: record.time_ms,
                 segment: segment_first,

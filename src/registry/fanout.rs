@@ -9,7 +9,7 @@ use slab::Slab;
 use smallvec::SmallVec;
 
 use super::{ConnKey, Connection, Frame, Registry, Wire};
-use crate::message::{render_message, Outgoing};
+use crate::message::{render_message, Message};
 
 /// A position in an org's connection list whose connection left while a
 /// broadcast was being delivered.
@@ -71,7 +71,7 @@ impl Registry {
     /// none yet). The message becomes the org's latest seq. Seqs of one org
     /// arrive here strictly increasing. Every broadcast staged must be
     /// walked by [`Registry::deliver`] and then ended by [`Registry::finish`].
-    pub fn stage(&mut self, message: &Outgoing, seq: u64, staged: &mut Vec<Broadcast>) {
+    pub fn stage(&mut self, message: &Message, seq: u64, staged: &mut Vec<Broadcast>) {
         let org = self.org_index(&message.org_id);
         let record = &mut self.orgs[org as usize];
         assert!(seq > record.seq, "seqs of an org only grow");

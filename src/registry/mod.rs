@@ -37,7 +37,6 @@ pub use self::channels::{ChannelTable, FIXED_CHANNELS};
 pub use self::connection::{CloseCode, ConnState, Connection, Partial, SendQueue};
 pub use self::fanout::{Broadcast, Delivered, VACANT};
 pub use self::wire::{Flush, Wire};
-pub use crate::message::{push_u64, render_message, text_frame, MessageKind, Outgoing};
 
 /// A complete server frame (or, once, the 101 answer), shared by every
 /// connection it is queued to.

@@ -2,6 +2,7 @@
 //! held channel bits, the send queue limit, direct writes and rendering.
 
 use super::*;
+use crate::message::{render_message, Message, MessageKind};
 use std::io::IoSlice;
 
 fn limits() -> RegistryLimits {
@@ -22,7 +23,7 @@ fn refuse(_fd: RawFd, _slices: &[IoSlice<'_>]) -> std::io::Result<usize> {
 /// through `send`, as the shard's committer does in parts.
 fn publish_with(
     r: &mut Registry,
-    message: &Outgoing,
+    message: &Message,
     send: &mut impl FnMut(RawFd, &[IoSlice<'_>]) -> std::io::Result<usize>,
 ) -> (u64, Delivered) {
     let seq = r.org_seq(&message.org_id) + 1;
@@ -36,13 +37,13 @@ fn publish_with(
     (seq, outcome)
 }
 
-fn publish(r: &mut Registry, message: &Outgoing) -> u64 {
+fn publish(r: &mut Registry, message: &Message) -> u64 {
     publish_with(r, message, &mut refuse).0
 }
 
 /// An event of `org_a` whose frame is over the tests' 4 KiB queue limit.
-fn big_event() -> Outgoing {
-    Outgoing {
+fn big_event() -> Message {
+    Message {
         data: format!("{{\"pad\":\"{}\"}}", "x".repeat(5000)).into(),
         ..event("org_a", "s")
     }
@@ -70,8 +71,8 @@ fn takes_100_then_blocks() -> impl FnMut(RawFd, &[IoSlice<'_>]) -> std::io::Resu
     }
 }
 
-fn event(org: &str, source: &str) -> Outgoing {
-    Outgoing {
+fn event(org: &str, source: &str) -> Message {
+    Message {
         org_id: org.to_string(),
         kind: MessageKind::Event,
         route_id: Some(source.to_string()),

@@ -225,13 +225,13 @@ async fn respond(shard: &Shard, request: &Request, body: &[u8], out: &mut Vec<u8
                     Ok(seqs) => {
                         let mut json = Vec::with_capacity(32 + seqs.len() * 8);
                         json.extend_from_slice(b"{\"accepted\":");
-                        crate::registry::push_u64(&mut json, count as u64);
+                        crate::message::push_u64(&mut json, count as u64);
                         json.extend_from_slice(b",\"seqs\":[");
                         for (i, seq) in seqs.iter().enumerate() {
                             if i > 0 {
                                 json.push(b',');
                             }
-                            crate::registry::push_u64(&mut json, *seq);
+                            crate::message::push_u64(&mut json, *seq);
                         }
                         json.extend_from_slice(b"]}");
                         http::write_response(out, 202, JSON, &[], &json)

@@ -193,7 +193,7 @@ fn parse_client_message(text: &str) -> Result<ClientMessage<'_>, Frame> {
 pub use crate::message::is_valid_channel;
 
 fn reply(json: &str) -> Frame {
-    Frame::from(crate::registry::text_frame(json.as_bytes()))
+    Frame::from(crate::message::text_frame(json.as_bytes()))
 }
 
 fn error_reply(code: &str, message: &str, channel: Option<&str>) -> Frame {

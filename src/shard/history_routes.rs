@@ -24,7 +24,7 @@ use glommio::net::TcpStream;
 use super::routes::{respond, respond_error, After, Request};
 use super::{shard_for, Shard, ShardMessage};
 use crate::history::query::{Answer, Envelope, Query, Range};
-use crate::registry::push_u64;
+use crate::message::push_u64;
 
 /// Default `limit` of polls and lists.
 pub const LIMIT_DEFAULT: usize = 100;
@@ -300,8 +300,8 @@ fn push_sse_data(out: &mut Vec<u8>, payload: &[u8]) {
 
 /// A poll; with `wait_ms`, a long-poll. One whose key is revoked while it
 /// waits is answered 401 like any other request with that key. When the
-/// server drains, the owner shard's history stops the wait
-/// (`History::stop_waits`) and the poll is answered as if its wait had
+/// server drains, the shutdown signal the owner shard's history holds ends
+/// the wait, and the poll is answered as if its wait had
 /// ended: 200, the messages it found (usually none) and `next_after`, which
 /// a client polls again with as usual (see `Shard::http_streams`).
 async fn poll(

@@ -28,9 +28,10 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::auth::keys::{FileStamp, KeyIndex, KeyStore};
 use crate::config::Config;
+use crate::message::Message;
 use crate::metrics::ShardMetrics;
 use crate::protocol::ws::CloseCode;
-use crate::registry::{Broadcast, ConnKey, Delivered, Flush, Outgoing, Registry, RegistryLimits};
+use crate::registry::{Broadcast, ConnKey, Delivered, Flush, Registry, RegistryLimits};
 
 /// Size of a pooled read buffer: a request head fits, and most client
 /// messages; bigger frames grow a buffer that is then not pooled.
@@ -51,7 +52,7 @@ pub enum ShardMessage {
     /// Messages for orgs this shard owns; the reply carries their seqs.
     Publish {
         /// The messages, in request order.
-        messages: Vec<Outgoing>,
+        messages: Vec<Message>,
         /// Where the seqs go (or why the history could not keep them).
         reply: futures_channel::oneshot::Sender<Result<Vec<u64>, String>>,
     },
@@ -252,13 +253,13 @@ impl Shard {
 
     /// Sequences messages this shard owns and returns their seqs once the
     /// history made them durable; the history's committer fans them out.
-    pub async fn publish_local(&self, messages: Vec<Outgoing>) -> Result<Vec<u64>, String> {
+    pub async fn publish_local(&self, messages: Vec<Message>) -> Result<Vec<u64>, String> {
         self.history.append(messages).await
     }
 
     /// Routes messages to their owner shards; seqs come back in input order.
-    pub async fn publish(&self, messages: Vec<Outgoing>) -> Result<Vec<u64>, String> {
-        let mut by_shard: Vec<Vec<(usize, Outgoing)>> =
+    pub async fn publish(&self, messages: Vec<Message>) -> Result<Vec<u64>, String> {
+        let mut by_shard: Vec<Vec<(usize, Message)>> =
             (0..self.count).map(|_| Vec::new()).collect();
         for (index, message) in messages.into_iter().enumerate() {
             by_shard[shard_for(&message.org_id, self.count)].push((index, message));
@@ -269,7 +270,7 @@ impl Shard {
             if batch.is_empty() {
                 continue;
             }
-            let (indexes, batch): (Vec<usize>, Vec<Outgoing>) = batch.into_iter().unzip();
+            let (indexes, batch): (Vec<usize>, Vec<Message>) = batch.into_iter().unzip();
             let batch_seqs = if owner == self.id {
                 self.publish_local(batch).await?
             } else {

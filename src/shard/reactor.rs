@@ -524,7 +524,7 @@ pub fn adopt(
     );
     let mut first = Vec::with_capacity(answer_len + welcome.len() + 4);
     first.extend_from_slice(&answer[..answer_len]);
-    first.extend_from_slice(&crate::registry::text_frame(welcome.as_bytes()));
+    first.extend_from_slice(&crate::message::text_frame(welcome.as_bytes()));
     {
         let mut registry = shard.registry.borrow_mut();
         registry.enqueue(key, &Frame::from(first));

@@ -19,9 +19,10 @@ use std::time::Duration;
 use ahash::AHashMap;
 
 use super::Shard;
-use crate::history::{History, Item};
+use crate::history::{History, Retained};
+use crate::message::{render_message, text_frame};
 use crate::notify::Notify;
-use crate::registry::{render_message, text_frame, ConnKey, Frame, SubscribeError};
+use crate::registry::{ConnKey, Frame, SubscribeError};
 
 /// A request to replay a channel to a connection.
 pub struct ReplayJob {
@@ -217,7 +218,7 @@ fn wanted(shard: &Shard, job: &ReplayJob) -> bool {
             .is_some_and(|c| c.state.can_send())
 }
 
-fn frame_of(job: &ReplayJob, item: &Item) -> Frame {
+fn frame_of(job: &ReplayJob, item: &Retained) -> Frame {
     Frame::from(render_message(
         item.kind,
         &job.channel,
@@ -230,7 +231,7 @@ fn frame_of(job: &ReplayJob, item: &Item) -> Frame {
 /// whenever the next frame would pass three quarters of it, so a long
 /// replay never trips the slow-consumer limit of a reader that keeps up.
 /// False when the connection went away.
-async fn queue_paced(shard: &Shard, job: &ReplayJob, items: &[Item]) -> bool {
+async fn queue_paced(shard: &Shard, job: &ReplayJob, items: &[Retained]) -> bool {
     let limit = shard.registry.borrow().limits.send_queue_bytes;
     for item in items {
         let frame = frame_of(job, item);
