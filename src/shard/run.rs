@@ -1,0 +1,440 @@
+//! The process around the shards: `run` checks the environment, starts one
+//! pinned executor per shard, waits for SIGTERM or SIGINT (or a shard's
+//! death) and stops them; `shard_main` is one shard's life — open its
+//! history, bind, start its tasks, wait for the shutdown signal, drain.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use glommio::{LocalExecutorBuilder, Placement};
+
+use super::heartbeat::heartbeat_loop;
+use super::key_reload::key_reload_loop;
+use super::startup::{
+    check_memlock, check_open_files, glommio_error, listen, lock_data_dir, probe_bind,
+};
+use super::writer::commit_loop;
+use super::{access, admin, mesh, public, reactor, replay, Shard, ShardMessage};
+use crate::auth::keys::{FileStamp, KeyIndex, KeyStore};
+use crate::config::Config;
+use crate::metrics::ShardMetrics;
+use crate::protocol::ws::CloseCode;
+use crate::registry::{Registry, RegistryLimits};
+
+/// Everything the shards share at startup.
+struct Shared {
+    config: Arc<Config>,
+    admin_token: Arc<str>,
+    keys: KeyIndex,
+    /// The key file's version that `keys` was loaded from.
+    keys_stamp: Option<FileStamp>,
+    signer: crate::auth::sessions::SessionSigner,
+    /// Signed-out sessions, one list for every shard.
+    revoked: Arc<crate::auth::revoked::Revocations>,
+    all_metrics: Arc<Vec<Arc<ShardMetrics>>>,
+    /// Shards that ended (normally or by a panic), for the main thread.
+    exited: std::sync::atomic::AtomicUsize,
+    connections_max_per_shard: usize,
+}
+
+/// Counts a shard's end, also when it panics, so the main thread notices.
+struct ExitGuard(Arc<Shared>);
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        self.0.exited.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// How long the shards may take to open history and bind before startup is
+/// declared stuck.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs the gateway until SIGTERM or SIGINT. `on_ready` runs once every
+/// shard listens (used by `--demo` to print its instructions).
+pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(), String> {
+    check_memlock()?;
+    let connections_max = check_open_files(&config)?;
+    let _lock = lock_data_dir(&config.data_dir)?;
+    // glommio opens history directories with openat(-1, path), which only
+    // works for absolute paths: resolve `./hookstream-data` (the default)
+    // once, here, for every file API alike.
+    config.data_dir = std::fs::canonicalize(&config.data_dir).map_err(|e| {
+        format!(
+            "data directory {} cannot be resolved: {e}",
+            config.data_dir.display()
+        )
+    })?;
+    let (listen, listen_hold) = probe_bind("listen", config.listen)?;
+    let (admin_listen, admin_hold) = probe_bind("admin-listen", config.admin_listen)?;
+    config.listen = listen;
+    config.admin_listen = admin_listen;
+    let admin_token: Arc<str> = crate::auth::keys::admin_token(&config.data_dir)
+        .map_err(|e| format!("admin token: {e}"))?
+        .into();
+    let store = KeyStore::new(&config.data_dir);
+    // Taken before the load: a change made after it is noticed by the
+    // reload loop even when it lands before the loop starts.
+    let keys_stamp = store.stamp();
+    let keys = KeyIndex::from_file(&store.load().map_err(|e| e.to_string())?);
+    let signer = crate::auth::sessions::SessionSigner::load_or_create(&config.data_dir)?;
+    let revoked = Arc::new(
+        crate::auth::revoked::Revocations::load(
+            &config.data_dir,
+            crate::auth::sessions::now_unix_secs(),
+        )
+        .map_err(|e| format!("signed-out sessions: {e}"))?,
+    );
+
+    // Signals are taken synchronously by the main thread: block them here,
+    // before any executor thread exists, so every thread inherits the mask.
+    // SAFETY: sigset manipulation on stack values.
+    let signals = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+
+    let shards = config.shards;
+    let config = Arc::new(config);
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        admin_token: admin_token.clone(),
+        keys,
+        keys_stamp,
+        signer,
+        revoked,
+        all_metrics: Arc::new(
+            (0..shards)
+                .map(|_| Arc::new(ShardMetrics::default()))
+                .collect(),
+        ),
+        exited: std::sync::atomic::AtomicUsize::new(0),
+        connections_max_per_shard: connections_max.div_ceil(shards).max(1),
+    });
+    let mesh =
+        mesh::Mesh::new(shards).map_err(|e| format!("cannot create the shard inboxes: {e}"))?;
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+    let mut handles = Vec::new();
+    for id in 0..shards {
+        let shared = shared.clone();
+        let mesh = mesh.clone();
+        let ready = ready_tx.clone();
+        let builder = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
+            .name(&format!("shard-{id}"))
+            .ring_depth(1024)
+            .io_memory(2 << 20)
+            .preempt_timer(Duration::from_millis(5))
+            .spin_before_park(Duration::from_micros(0));
+        let handle = builder
+            .spawn(move || async move { shard_main(id, shared, mesh, ready).await })
+            .map_err(|e| glommio_error(&e.to_string()))?;
+        handles.push(handle);
+    }
+    drop(ready_tx);
+    // Opening history scans segments, so a large data directory may take a
+    // while; a shard that says nothing for this long is stuck, and the
+    // process ends with a line instead of hanging.
+    let startup_deadline = Instant::now() + STARTUP_TIMEOUT;
+    for _ in 0..shards {
+        let left = startup_deadline.saturating_duration_since(Instant::now());
+        match ready_rx.recv_timeout(left) {
+            Ok(Ok(())) => {}
+            Ok(Err(message)) => {
+                stop_shards(&mesh, shards);
+                return Err(message);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                return Err(format!(
+                    "the shards did not start within {} s; see the lines above",
+                    STARTUP_TIMEOUT.as_secs()
+                ));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(glommio_error("a shard stopped during startup"));
+            }
+        }
+    }
+    // Every shard listens: the port is theirs now.
+    drop((listen_hold, admin_hold));
+    let listen_line = format!(
+        "hookstream listening on ws://{}/v1/ws (admin http://{}), {} shard(s), data dir {}",
+        config.listen,
+        config.admin_listen,
+        shards,
+        config.data_dir.display()
+    );
+    eprintln!("{listen_line}");
+    on_ready(&config, &admin_token);
+
+    // Wait for a signal, or for a shard to die.
+    loop {
+        let timeout = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 200_000_000,
+        };
+        // SAFETY: sigtimedwait with a blocked set and stack values.
+        let signal = unsafe { libc::sigtimedwait(&signals, std::ptr::null_mut(), &timeout) };
+        if signal == libc::SIGTERM || signal == libc::SIGINT {
+            eprintln!("hookstream: signal received, closing connections with 1001 and stopping");
+            break;
+        }
+        if shared.exited.load(Ordering::SeqCst) > 0 {
+            stop_shards(&mesh, shards);
+            for handle in handles {
+                let _ = handle.join();
+            }
+            return Err("a shard stopped unexpectedly".to_string());
+        }
+    }
+    stop_shards(&mesh, shards);
+    for handle in handles {
+        let _ = handle.join();
+    }
+    Ok(())
+}
+
+/// Triggers every shard's shutdown signal, through its inbox (a shard that
+/// already stopped refuses the message; nothing else to do for it).
+fn stop_shards(mesh: &mesh::Mesh, shards: usize) {
+    for id in 0..shards {
+        let _ = mesh.send_to(id, ShardMessage::Stop);
+    }
+}
+
+async fn shard_main(
+    id: usize,
+    shared: Arc<Shared>,
+    mesh: mesh::Mesh,
+    ready: mpsc::Sender<Result<(), String>>,
+) {
+    let _exit = ExitGuard(shared.clone());
+    let config = shared.config.clone();
+    let limits = RegistryLimits {
+        connections_per_org: config.connections_per_org,
+        connections_max: shared.connections_max_per_shard,
+        subscriptions_max: config.subscriptions_max,
+        send_queue_bytes: config.send_queue_bytes,
+    };
+    let reactor = match reactor::Reactor::new() {
+        Ok(reactor) => reactor,
+        Err(e) => {
+            let _ = ready.send(Err(format!("cannot create the shard's epoll set: {e}")));
+            return;
+        }
+    };
+    let history_config = crate::history::HistoryConfig {
+        dir: config.data_dir.join("history"),
+        durability: config.durability,
+        messages_max: config.history_messages,
+        age_ms: config.history_age_ms,
+    };
+    let shutdown = crate::shutdown::Shutdown::new();
+    let history =
+        match crate::history::History::open(history_config, id, config.shards, shutdown.clone())
+            .await
+        {
+            Ok(history) => history,
+            Err(e) => {
+                let _ = ready.send(Err(format!("cannot open the message history: {e}")));
+                return;
+            }
+        };
+    let mut registry = Registry::new(limits);
+    for (org_id, seq) in &history.last_seqs() {
+        registry.set_org_seq(org_id, *seq);
+    }
+    let shard = Rc::new(Shard {
+        id,
+        count: config.shards,
+        config: config.clone(),
+        registry: RefCell::new(registry),
+        keys: RefCell::new(Rc::new(shared.keys.clone())),
+        admin_token: shared.admin_token.clone(),
+        mesh: (config.shards > 1).then(|| mesh.clone()),
+        metrics: shared.all_metrics[id].clone(),
+        all_metrics: shared.all_metrics.clone(),
+        pool: RefCell::new(Vec::new()),
+        shutdown: shutdown.clone(),
+        http_wake: crate::notify::Notify::default(),
+        http_streams: Cell::new(0),
+        history,
+        replays: replay::Replays::default(),
+        reactor,
+        lingering: RefCell::new(Vec::new()),
+        access: access::AccessState::new(&config, shared.signer.clone(), shared.revoked.clone()),
+    });
+    let public_listener = match listen(config.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(format!(
+                "cannot listen on {} (--listen): {e}",
+                config.listen
+            )));
+            return;
+        }
+    };
+    let admin_listener = match listen(config.admin_listen) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(format!(
+                "cannot listen on {} (--admin-listen): {e}",
+                config.admin_listen
+            )));
+            return;
+        }
+    };
+
+    // Messages from the other shards.
+    let mesh_task = {
+        let shard = shard.clone();
+        let mesh = mesh.clone();
+        glommio::spawn_local(async move {
+            loop {
+                for message in mesh.receive(shard.id).await {
+                    match message {
+                        ShardMessage::Adopt(handoff) => public::adopt(&shard, handoff),
+                        ShardMessage::Stop => shard.shutdown.trigger(),
+                        ShardMessage::Publish { messages, reply } => {
+                            let shard = shard.clone();
+                            glommio::spawn_local(async move {
+                                let seqs = shard.publish_local(messages).await;
+                                let _ = reply.send(seqs);
+                            })
+                            .detach();
+                        }
+                        ShardMessage::History { query, mut reply } => {
+                            let shard = shard.clone();
+                            glommio::spawn_local(async move {
+                                // A long-poll whose asker went away (its
+                                // key was revoked, its client left) stops
+                                // waiting here too.
+                                let answer = futures_lite::future::or(
+                                    async {
+                                        Some(
+                                            crate::history::query::run(&shard.history, query).await,
+                                        )
+                                    },
+                                    async {
+                                        reply.cancellation().await;
+                                        None
+                                    },
+                                )
+                                .await;
+                                if let Some(answer) = answer {
+                                    let _ = reply.send(answer);
+                                }
+                            })
+                            .detach();
+                        }
+                    }
+                }
+            }
+        })
+    };
+
+    // Tasks that end when the shutdown starts: the accept loops (closing
+    // their listeners), the heartbeat, the key reload, the demo traffic.
+    let stopping_tasks = [
+        spawn_until(
+            &shutdown,
+            public::accept_loop(shard.clone(), public_listener),
+        ),
+        spawn_until(&shutdown, admin::accept_loop(shard.clone(), admin_listener)),
+        spawn_until(&shutdown, heartbeat_loop(shard.clone())),
+        spawn_until(&shutdown, key_reload_loop(shard.clone(), shared.keys_stamp)),
+        spawn_until(&shutdown, sync_metrics_loop(shard.clone())),
+        spawn_until(&shutdown, demo_loop(shard.clone(), config.demo && id == 0)),
+    ];
+    // Tasks that run until the drain ends, when this function returns and
+    // drops them: the committer, retention, replays, the reactor (which
+    // carries out the 1001 closes) and the inbox.
+    let _history_tasks = [
+        glommio::spawn_local(commit_loop(shard.clone())),
+        glommio::spawn_local({
+            let shard = shard.clone();
+            async move { crate::history::retention_loop(&shard.history).await }
+        }),
+        glommio::spawn_local(replay::worker(shard.clone())),
+    ];
+    let reactor_task = glommio::spawn_local(reactor::run(shard.clone()));
+    // Writes the keys used until the shutdown, then once more.
+    let last_used = glommio::spawn_local(access::last_used_loop(shard.clone()));
+    let _ = ready.send(Ok(()));
+
+    shutdown.wait().await;
+
+    // Drain: the accept loops, heartbeat and key reload end; waiting
+    // long-polls answer and SSE streams end (they hold the signal too);
+    // every connection is closed with 1001; then wait, bounded.
+    for task in stopping_tasks {
+        task.await;
+    }
+    last_used.await;
+    let keys = shard.registry.borrow().keys();
+    for key in keys {
+        shard
+            .registry
+            .borrow_mut()
+            .request_close(key, CloseCode::GOING_AWAY);
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while (!shard.registry.borrow().is_empty() || shard.http_streams.get() > 0)
+        && Instant::now() < deadline
+    {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    drop(reactor_task);
+    for key in shard.registry.borrow().keys() {
+        reactor::remove_now(&shard, key);
+    }
+    if let Some(mesh) = &shard.mesh {
+        mesh.close(shard.id);
+    }
+    drop(mesh_task);
+}
+
+/// Spawns `task` on this shard, cut short when the shutdown starts.
+fn spawn_until(
+    shutdown: &crate::shutdown::Shutdown,
+    task: impl std::future::Future<Output = ()> + 'static,
+) -> glommio::Task<()> {
+    let shutdown = shutdown.clone();
+    glommio::spawn_local(async move {
+        shutdown.run_until(task).await;
+    })
+}
+
+/// Copies the registry's and the history's counters into the shared
+/// metrics every 200 ms.
+async fn sync_metrics_loop(shard: Rc<Shard>) {
+    loop {
+        glommio::timer::sleep(Duration::from_millis(200)).await;
+        shard.sync_metrics();
+    }
+}
+
+/// `--demo` (shard 0 only, `enabled`): a synthetic event, delivery and
+/// issue every second.
+async fn demo_loop(shard: Rc<Shard>, enabled: bool) {
+    if !enabled {
+        return;
+    }
+    let mut tick = 0u64;
+    loop {
+        glommio::timer::sleep(Duration::from_secs(1)).await;
+        tick += 1;
+        if let Err(e) = shard.publish(crate::demo::messages(tick)).await {
+            eprintln!("hookstream: demo publish failed: {e}");
+        }
+    }
+}
