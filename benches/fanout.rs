@@ -24,7 +24,8 @@ use std::os::unix::io::RawFd;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use hookstream::message::{Message, MessageKind};
+use hookstream::message::{render_frame, Frame, Message, MessageKind};
+use hookstream::protocol::ws::{encode_header, Opcode};
 use hookstream::registry::{Connection, Delivered, Registry, RegistryLimits};
 
 /// The server's allocator (src/main.rs), so queue allocations cost here what
@@ -143,5 +144,88 @@ fn fanout(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, fanout);
+/// Staging alone: one event with a route id, rendered for its two target
+/// channels (`events`, `events:s`), both with subscribers — what the
+/// committer does per message before any walk (finding the target
+/// channels, rendering each frame once, sharing it).
+fn stage(c: &mut Criterion) {
+    let mut registry = Registry::new(RegistryLimits {
+        connections_per_org: 16,
+        connections_max: 16,
+        subscriptions_max: 4,
+        send_queue_bytes: 1 << 20,
+    });
+    let (key, _) = registry.add("bench", "key_bench", -1).expect("fits");
+    assert_eq!(registry.subscribe(key, "events"), Ok(true));
+    assert_eq!(registry.subscribe(key, "events:s"), Ok(true));
+    let message = message();
+    let mut group = c.benchmark_group("stage");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("event_two_channels_256b", |b| {
+        b.iter(|| {
+            let seq = registry.org_seq("bench") + 1;
+            let mut staged = Vec::with_capacity(1);
+            registry.stage(black_box(&message), seq, &mut staged);
+            for broadcast in &staged {
+                registry.finish(broadcast);
+            }
+            black_box(staged)
+        })
+    });
+    group.finish();
+}
+
+/// How staging rendered before issue 12, kept here as the reference the
+/// `render` group compares against in the same run: the target channel
+/// names built as `String`s, then per channel the JSON in one `Vec`, the
+/// frame in a second, and a copy of it into the shared `Rc<[u8]>`.
+fn render_before(message: &Message, seq: u64) -> Vec<Frame> {
+    let mut names: Vec<String> = vec!["events".to_string()];
+    if let Some(id) = &message.route_id {
+        names.push(format!("events:{id}"));
+    }
+    let mut frames = Vec::with_capacity(2);
+    for channel in &names {
+        let mut json = Vec::with_capacity(64 + channel.len() + message.data.len());
+        json.extend_from_slice(b"{\"type\":\"event\",\"channel\":\"");
+        json.extend_from_slice(channel.as_bytes());
+        json.extend_from_slice(b"\",\"seq\":");
+        json.extend_from_slice(seq.to_string().as_bytes());
+        json.extend_from_slice(b",\"data\":");
+        json.extend_from_slice(message.data.as_bytes());
+        json.push(b'}');
+        let mut header = [0u8; 14];
+        let header_len = encode_header(&mut header, true, Opcode::Text, json.len() as u64, None);
+        let mut frame = Vec::with_capacity(header_len + json.len());
+        frame.extend_from_slice(&header[..header_len]);
+        frame.extend_from_slice(&json);
+        frames.push(Frame::from(frame));
+    }
+    frames
+}
+
+/// The render step of staging, before and after issue 12, side by side in
+/// one run (the machine is shared: only a same-run comparison means much).
+fn render(c: &mut Criterion) {
+    let message = message();
+    let now = |seq| {
+        let mut frames = Vec::with_capacity(2);
+        message.for_each_channel(|channel| {
+            frames.push(render_frame(message.kind, channel, seq, &message.data))
+        });
+        frames
+    };
+    assert_eq!(render_before(&message, 77), now(77));
+    let mut group = c.benchmark_group("render");
+    group.throughput(Throughput::Elements(2));
+    group.bench_function("before_strings_vec_vec_rc", |b| {
+        b.iter(|| render_before(black_box(&message), black_box(12_345)))
+    });
+    group.bench_function("now_one_allocation_per_frame", |b| {
+        b.iter(|| now(black_box(12_345)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, fanout, stage, render);
 criterion_main!(benches);

@@ -4,7 +4,7 @@
 //! publish parser, the registry's fan-out, the history and the connection
 //! code alike.
 
-use smallvec::SmallVec;
+use std::rc::Rc;
 
 use crate::protocol::ws;
 
@@ -57,31 +57,38 @@ pub struct Message {
     pub data: Box<str>,
 }
 
+/// Longest channel name a message can target: the longest prefix
+/// (`collections:`) and a route id at its limit. Built on the stack.
+const CHANNEL_BYTES_MAX: usize = "collections:".len() + crate::limits::ID_BYTES_MAX;
+
 impl Message {
-    /// The channels this message goes to, broadest first.
-    pub fn channels(&self) -> SmallVec<[String; 2]> {
-        let mut out = SmallVec::new();
-        match self.kind {
-            MessageKind::Event => {
-                out.push("events".to_string());
-                if let Some(id) = &self.route_id {
-                    out.push(format!("events:{id}"));
-                }
-            }
-            MessageKind::Delivery => {
-                out.push("deliveries".to_string());
-                if let Some(id) = &self.route_id {
-                    out.push(format!("deliveries:{id}"));
-                }
-            }
-            MessageKind::Issue => out.push("issues".to_string()),
-            MessageKind::Sync => {
-                if let Some(id) = &self.route_id {
-                    out.push(format!("collections:{id}"));
-                }
-            }
+    /// Calls `f` with each channel this message goes to, broadest first
+    /// (PROTOCOL.md §3): `events` then `events:<source_id>`, `deliveries`
+    /// then `deliveries:<destination_id>`, `issues`, `collections:<id>`.
+    /// The names are composed on the stack, not allocated.
+    pub fn for_each_channel(&self, mut f: impl FnMut(&str)) {
+        let (broad, prefix) = match self.kind {
+            MessageKind::Event => (Some("events"), Some("events:")),
+            MessageKind::Delivery => (Some("deliveries"), Some("deliveries:")),
+            MessageKind::Issue => (Some("issues"), None),
+            MessageKind::Sync => (None, Some("collections:")),
+        };
+        if let Some(broad) = broad {
+            f(broad);
         }
-        out
+        let (Some(prefix), Some(id)) = (prefix, self.route_id.as_deref()) else {
+            return;
+        };
+        let len = prefix.len() + id.len();
+        if len > CHANNEL_BYTES_MAX {
+            // Never from a validated publish (ids are at most 128 bytes).
+            f(&format!("{prefix}{id}"));
+            return;
+        }
+        let mut name = [0u8; CHANNEL_BYTES_MAX];
+        name[..prefix.len()].copy_from_slice(prefix.as_bytes());
+        name[prefix.len()..len].copy_from_slice(id.as_bytes());
+        f(std::str::from_utf8(&name[..len]).expect("two str joined"));
     }
 }
 
@@ -112,21 +119,9 @@ pub fn is_valid_channel(name: &str) -> bool {
     }
 }
 
-/// Appends the decimal digits of `n`.
-pub fn push_u64(out: &mut Vec<u8>, n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
-}
+/// A complete server frame (or, once, the 101 answer), shared by every
+/// connection it is written or queued to.
+pub type Frame = Rc<[u8]>;
 
 /// A complete server text frame holding `json`.
 pub fn text_frame(json: &[u8]) -> Vec<u8> {
@@ -139,28 +134,152 @@ pub fn text_frame(json: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Renders `{"type":…,"channel":…,"seq":…,"data":…}` as one complete text
-/// frame. Channel names are restricted to `[A-Za-z0-9_.:-]`, so they need no
+/// The decimal digits of `n`, in a stack buffer from the returned index.
+fn decimal(n: u64) -> ([u8; 20], usize) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    (digits, i)
+}
+
+/// The pieces of `{"type":…,"channel":…,"seq":…,"data":…}`, in order.
+/// Channel names are restricted to `[A-Za-z0-9_.:-]`, so they need no
 /// escaping; `data` is the publisher's JSON text.
-pub fn render_message(kind: MessageKind, channel: &str, seq: u64, data: &str) -> Vec<u8> {
+fn envelope<'a>(
+    kind: MessageKind,
+    channel: &'a str,
+    seq_digits: &'a [u8],
+    data: &'a str,
+) -> [&'a [u8]; 9] {
     debug_assert!(channel
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b)));
-    let mut json = Vec::with_capacity(64 + channel.len() + data.len());
-    json.extend_from_slice(b"{\"type\":\"");
-    json.extend_from_slice(kind.as_str().as_bytes());
-    json.extend_from_slice(b"\",\"channel\":\"");
-    json.extend_from_slice(channel.as_bytes());
-    json.extend_from_slice(b"\",\"seq\":");
-    push_u64(&mut json, seq);
-    json.extend_from_slice(b",\"data\":");
-    json.extend_from_slice(data.as_bytes());
-    json.push(b'}');
+    [
+        b"{\"type\":\"",
+        kind.as_str().as_bytes(),
+        b"\",\"channel\":\"",
+        channel.as_bytes(),
+        b"\",\"seq\":",
+        seq_digits,
+        b",\"data\":",
+        data.as_bytes(),
+        b"}",
+    ]
+}
+
+/// Renders the envelope of `data` on `channel` as one complete text frame.
+pub fn render_message(kind: MessageKind, channel: &str, seq: u64, data: &str) -> Vec<u8> {
+    let (digits, from) = decimal(seq);
+    let parts = envelope(kind, channel, &digits[from..], data);
+    let json_len: usize = parts.iter().map(|p| p.len()).sum();
     let mut header = [0u8; 14];
-    let header_len =
-        ws::encode_header(&mut header, true, ws::Opcode::Text, json.len() as u64, None);
-    let mut frame = Vec::with_capacity(header_len + json.len());
+    let header_len = ws::encode_header(&mut header, true, ws::Opcode::Text, json_len as u64, None);
+    let mut frame = Vec::with_capacity(header_len + json_len);
     frame.extend_from_slice(&header[..header_len]);
-    frame.extend_from_slice(&json);
+    for part in parts {
+        frame.extend_from_slice(part);
+    }
     frame
+}
+
+/// [`render_message`] straight into the shared [`Frame`]: one allocation,
+/// no copy (the fan-out's staging renders every frame this way).
+pub fn render_frame(kind: MessageKind, channel: &str, seq: u64, data: &str) -> Frame {
+    let (digits, from) = decimal(seq);
+    let parts = envelope(kind, channel, &digits[from..], data);
+    let json_len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut header = [0u8; 14];
+    let header_len = ws::encode_header(&mut header, true, ws::Opcode::Text, json_len as u64, None);
+    let len = header_len + json_len;
+    let mut frame = Rc::<[u8]>::new_uninit_slice(len);
+    let out = Rc::get_mut(&mut frame).expect("a new Rc is unique");
+    let mut at = 0;
+    for part in std::iter::once(&header[..header_len]).chain(parts) {
+        let slots = &mut out[at..at + part.len()];
+        // SAFETY: `slots` is exactly `part.len()` bytes of the new frame
+        // (the slice above is bounds-checked), `MaybeUninit<u8>` has the
+        // layout of `u8`, and the frame cannot overlap `part`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(part.as_ptr(), slots.as_mut_ptr().cast(), part.len());
+        }
+        at += part.len();
+    }
+    assert_eq!(at, len, "every byte of the frame written");
+    // SAFETY: the loop above wrote all `len` bytes (asserted).
+    unsafe { frame.assume_init() }
+}
+
+/// Appends the decimal digits of `n`.
+pub fn push_u64(out: &mut Vec<u8>, n: u64) {
+    let (digits, from) = decimal(n);
+    out.extend_from_slice(&digits[from..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(kind: MessageKind, route: Option<&str>) -> Message {
+        Message {
+            org_id: "org_a".to_string(),
+            kind,
+            route_id: route.map(str::to_string),
+            data: "{}".into(),
+        }
+    }
+
+    fn targets(message: &Message) -> Vec<String> {
+        let mut out = Vec::new();
+        message.for_each_channel(|name| out.push(name.to_string()));
+        out
+    }
+
+    #[test]
+    fn every_kind_targets_its_channels_broadest_first() {
+        use MessageKind::*;
+        assert_eq!(targets(&message(Event, Some("s"))), ["events", "events:s"]);
+        assert_eq!(targets(&message(Event, None)), ["events"]);
+        assert_eq!(
+            targets(&message(Delivery, Some("d"))),
+            ["deliveries", "deliveries:d"]
+        );
+        assert_eq!(targets(&message(Issue, Some("i"))), ["issues"]);
+        assert_eq!(targets(&message(Sync, Some("c"))), ["collections:c"]);
+        assert!(targets(&message(Sync, None)).is_empty());
+        let long = "x".repeat(crate::limits::ID_BYTES_MAX);
+        assert_eq!(
+            targets(&message(Sync, Some(&long))),
+            [format!("collections:{long}")]
+        );
+        let longer = "y".repeat(crate::limits::ID_BYTES_MAX + 50);
+        assert_eq!(
+            targets(&message(Event, Some(&longer)))[1],
+            format!("events:{longer}")
+        );
+        for name in targets(&message(Delivery, Some("d_1.x-2"))) {
+            assert!(is_valid_channel(&name), "{name}");
+            assert!(channel_matches(&name, Delivery, Some("d_1.x-2")));
+        }
+    }
+
+    #[test]
+    fn the_shared_frame_is_byte_for_byte_the_rendered_one() {
+        // Around the 7-bit and 16-bit payload length boundaries.
+        for data_len in [0, 1, 60, 70, 100, 125, 126, 200, 65_400, 65_535, 65_600] {
+            let data = format!("\"{}\"", "d".repeat(data_len));
+            for seq in [0, 9, 10, 12_345, u64::MAX] {
+                let vec = render_message(MessageKind::Issue, "issues", seq, &data);
+                let shared = render_frame(MessageKind::Issue, "issues", seq, &data);
+                assert_eq!(&vec[..], &shared[..], "data {data_len}, seq {seq}");
+            }
+        }
+    }
 }

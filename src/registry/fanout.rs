@@ -9,7 +9,7 @@ use slab::Slab;
 use smallvec::SmallVec;
 
 use super::{ConnKey, Connection, Frame, Registry, Wire};
-use crate::message::{render_message, Message};
+use crate::message::{render_frame, Message};
 
 /// A position in an org's connection list whose connection left while a
 /// broadcast was being delivered.
@@ -89,14 +89,15 @@ impl Registry {
                 staged.len() - 1
             }
         };
-        for channel in message.channels() {
-            if let Some(bit) = record.channels.lookup(&channel) {
+        let targets = &mut staged[position].targets;
+        message.for_each_channel(|channel| {
+            if let Some(bit) = record.channels.lookup(channel) {
                 if record.channels.subscribers(bit) > 0 {
-                    let frame = render_message(message.kind, &channel, seq, &message.data);
-                    staged[position].targets.push((bit, frame.into()));
+                    let frame = render_frame(message.kind, channel, seq, &message.data);
+                    targets.push((bit, frame));
                 }
             }
-        }
+        });
     }
 
     /// Writes `broadcast` to the connections at `positions` of its org's

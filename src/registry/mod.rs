@@ -38,9 +38,7 @@ pub use self::connection::{CloseCode, ConnState, Connection, Partial, SendQueue}
 pub use self::fanout::{Broadcast, Delivered, VACANT};
 pub use self::wire::{Flush, Wire};
 
-/// A complete server frame (or, once, the 101 answer), shared by every
-/// connection it is queued to.
-pub type Frame = Rc<[u8]>;
+pub use crate::message::Frame;
 
 /// Typed key of a connection: slab index plus the generation of the record
 /// that was there when the key was made.

@@ -59,8 +59,12 @@ where
         fd: RawFd,
         frames: impl Iterator<Item = &'a [u8]>,
     ) -> std::io::Result<usize> {
-        let slices: SmallVec<[IoSlice<'_>; SEND_SLICES_MAX]> =
-            frames.take(SEND_SLICES_MAX).map(IoSlice::new).collect();
+        // Filled in place: collecting would build the 16 KiB array and
+        // then move it (a copy per subscriber on the fan-out's hot path).
+        let mut slices: SmallVec<[IoSlice<'_>; SEND_SLICES_MAX]> = SmallVec::new();
+        for frame in frames.take(SEND_SLICES_MAX) {
+            slices.push(IoSlice::new(frame));
+        }
         self(fd, &slices)
     }
 }

@@ -20,7 +20,7 @@ use ahash::AHashMap;
 
 use super::Shard;
 use crate::history::{History, Retained};
-use crate::message::{render_message, text_frame};
+use crate::message::{render_frame, text_frame};
 use crate::notify::Notify;
 use crate::registry::{ConnKey, Frame, SubscribeError};
 
@@ -219,12 +219,7 @@ fn wanted(shard: &Shard, job: &ReplayJob) -> bool {
 }
 
 fn frame_of(job: &ReplayJob, item: &Retained) -> Frame {
-    Frame::from(render_message(
-        item.kind,
-        &job.channel,
-        item.seq,
-        &item.data,
-    ))
+    render_frame(item.kind, &job.channel, item.seq, &item.data)
 }
 
 /// Queues frames, waiting for the send queue to drain below half its limit
