@@ -179,6 +179,12 @@ pub struct ServeArgs {
     /// Lifetime of a browser session cookie in seconds; default 86400.
     #[arg(long, env = "HOOKSTREAM_SESSION_TTL_SECS")]
     pub session_ttl_secs: Option<u64>,
+    /// permessage-deflate (RFC 7692) for clients that offer it: on (default) or off.
+    #[arg(long, env = "HOOKSTREAM_COMPRESSION", value_parser = clap::builder::BoolishValueParser::new())]
+    pub compression: Option<bool>,
+    /// Smallest message frame in bytes that is compressed; default 256.
+    #[arg(long, env = "HOOKSTREAM_COMPRESSION_MIN_BYTES")]
+    pub compression_min_bytes: Option<usize>,
 }
 
 /// What the TOML file may hold: the same names as the flags, with `_`.
@@ -206,6 +212,8 @@ struct FileConfig {
     upgrade_burst_per_ip: Option<u32>,
     auth_failures_per_ip_per_min: Option<u32>,
     session_ttl_secs: Option<u64>,
+    compression: Option<bool>,
+    compression_min_bytes: Option<usize>,
 }
 
 /// The validated configuration of a running server.
@@ -253,6 +261,10 @@ pub struct Config {
     pub auth_failures_per_ip_per_min: u32,
     /// Lifetime of a session cookie.
     pub session_ttl_secs: u64,
+    /// Whether permessage-deflate is negotiated with clients that offer it.
+    pub compression: bool,
+    /// Smallest frame (header included) that gets a compressed twin.
+    pub compression_min_bytes: usize,
     /// Whether `--demo` was asked for.
     pub demo: bool,
 }
@@ -404,6 +416,14 @@ impl Config {
                 .session_ttl_secs
                 .or(file.session_ttl_secs)
                 .unwrap_or(limits::SESSION_TTL_SECS),
+            compression: args
+                .compression
+                .or(file.compression)
+                .unwrap_or(limits::COMPRESSION),
+            compression_min_bytes: args
+                .compression_min_bytes
+                .or(file.compression_min_bytes)
+                .unwrap_or(limits::COMPRESSION_MIN_BYTES),
             demo: args.demo,
         };
         if args.tls_cert.or(file.tls_cert).is_some() || args.tls_key.or(file.tls_key).is_some() {

@@ -97,6 +97,8 @@ pub struct Handoff {
     pub session: Option<Box<(u128, u64)>>,
     /// `Sec-WebSocket-Key` of the request, for the 101 answer.
     pub ws_key: String,
+    /// The permessage-deflate offer the server accepted, if any.
+    pub deflate: Option<crate::protocol::deflate::Agreement>,
 }
 
 impl Drop for Handoff {
@@ -130,6 +132,9 @@ pub struct Shard {
     pub all_metrics: Arc<Vec<Arc<ShardMetrics>>>,
     /// Parked read buffers.
     pool: RefCell<Vec<Vec<u8>>>,
+    /// The shard's one inflater of compressed client messages (reset per
+    /// message): no connection keeps a window of its own.
+    pub inflater: RefCell<crate::protocol::deflate::Inflater>,
     /// The shard's one shutdown signal (see [`crate::shutdown`]), held by
     /// every task that stops or changes course when the shard drains.
     pub shutdown: crate::shutdown::Shutdown,
@@ -176,6 +181,14 @@ impl Shard {
             message_bytes_max: self.config.client_message_bytes,
             require_mask: true,
         }
+    }
+
+    /// A decoder for connection `conn`'s frames: it accepts compressed
+    /// messages when the connection negotiated permessage-deflate.
+    pub fn decoder_for(&self, conn: &crate::registry::Connection) -> crate::protocol::ws::Decoder {
+        let mut decoder = crate::protocol::ws::Decoder::new(self.decoder_config());
+        decoder.set_deflate(conn.deflates());
+        decoder
     }
 
     /// Copies the registry's counters into the shared metrics.

@@ -155,6 +155,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
                     key_id: accepted.key_id,
                     session: accepted.session.map(Box::new),
                     ws_key: accepted.ws_key,
+                    deflate: accepted.deflate,
                 };
                 let owner = shard_for(&handoff.org_id, shard.count);
                 if owner == shard.id {
@@ -177,6 +178,7 @@ struct Accepted {
     key_id: String,
     session: Option<(u128, u64)>,
     ws_key: String,
+    deflate: Option<crate::protocol::deflate::Agreement>,
 }
 
 fn route(
@@ -193,6 +195,13 @@ fn route(
         key_id: principal.key_id,
         session: principal.session,
         ws_key: String::from_utf8_lossy(upgrade.key).into_owned(),
+        // The first acceptable permessage-deflate offer; an offer that
+        // cannot be accepted leaves the connection plain, never fails it.
+        deflate: if shard.config.compression {
+            crate::protocol::deflate::negotiate(head.headers_named("sec-websocket-extensions"))
+        } else {
+            None
+        },
     })
 }
 
@@ -207,15 +216,7 @@ pub fn adopt(shard: &Shard, mut handoff: Handoff) {
         return;
     }
     let leftover = std::mem::take(&mut handoff.leftover);
-    match super::reactor::adopt(
-        shard,
-        fd,
-        &handoff.org_id,
-        &handoff.key_id,
-        handoff.session.take().map(|s| *s),
-        &handoff.ws_key,
-        leftover,
-    ) {
+    match super::reactor::adopt(shard, fd, &handoff, leftover) {
         Ok(()) => {
             shard
                 .metrics

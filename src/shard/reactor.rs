@@ -236,12 +236,12 @@ fn on_event(shard: &Shard, events: u32, key: ConnKey) {
 /// Reads once (when `receive`) and handles every complete frame buffered
 /// for the connection.
 pub fn read_ready(shard: &Shard, key: ConnKey, receive: bool) {
-    let (fd, partial) = {
+    let (fd, partial, deflates) = {
         let mut registry = shard.registry.borrow_mut();
         let Some(conn) = registry.get_mut(key) else {
             return;
         };
-        (conn.fd, conn.partial.take())
+        (conn.fd, conn.partial.take(), conn.deflates())
     };
     let (mut decoder, mut buffer, mut filled) = match partial {
         Some(partial) => {
@@ -254,7 +254,11 @@ pub fn read_ready(shard: &Shard, key: ConnKey, receive: bool) {
             buffer[..filled].copy_from_slice(&bytes);
             (decoder, buffer, filled)
         }
-        None => (Decoder::new(shard.decoder_config()), shard.take_buffer(), 0),
+        None => {
+            let mut decoder = Decoder::new(shard.decoder_config());
+            decoder.set_deflate(deflates);
+            (decoder, shard.take_buffer(), 0)
+        }
     };
     if receive {
         if filled == buffer.len() {
@@ -498,16 +502,22 @@ pub fn remove_now(shard: &Shard, key: ConnKey) {
 pub fn adopt(
     shard: &Shard,
     fd: RawFd,
-    org_id: &str,
-    key_id: &str,
-    session: Option<(u128, u64)>,
-    ws_key: &str,
+    handoff: &super::Handoff,
     leftover: Vec<u8>,
 ) -> Result<(), RawFd> {
+    let org_id = handoff.org_id.as_str();
+    let key_id = handoff.key_id.as_str();
+    let session = handoff.session.as_deref().copied();
     let added = shard.registry.borrow_mut().add(org_id, key_id, fd);
     let Ok((key, seq)) = added else {
         return Err(fd);
     };
+    if let Some(agreement) = handoff.deflate {
+        shard
+            .registry
+            .borrow_mut()
+            .set_deflate(key, agreement.server_window_bits());
+    }
     if let Some((id, expires)) = session {
         shard.registry.borrow_mut().set_session(key, id, expires);
     }
@@ -515,9 +525,16 @@ pub fn adopt(
         shard.registry.borrow_mut().remove(key);
         return Err(fd);
     }
-    let mut answer = [0u8; crate::protocol::http::SWITCHING_PROTOCOLS_LEN_MAX];
-    let answer_len =
-        crate::protocol::http::write_switching_protocols(&mut answer, ws_key.as_bytes());
+    let mut extension = [0u8; crate::protocol::deflate::RESPONSE_LINE_LEN_MAX];
+    let extension_len = handoff
+        .deflate
+        .map_or(0, |agreement| agreement.write_response_line(&mut extension));
+    let mut answer = [0u8; crate::protocol::http::SWITCHING_PROTOCOLS_DEFLATE_LEN_MAX];
+    let answer_len = crate::protocol::http::write_switching_protocols_with(
+        &mut answer,
+        handoff.ws_key.as_bytes(),
+        &extension[..extension_len],
+    );
     let welcome = format!(
         r#"{{"type":"welcome","org_id":"{}","connection_id":"c_{}_{}_{}","seq":{},"heartbeat_ms":{}}}"#,
         org_id, shard.id, key.index, key.generation, seq, shard.config.heartbeat_ms
@@ -537,7 +554,7 @@ pub fn adopt(
     if !leftover.is_empty() {
         if let Some(conn) = shard.registry.borrow_mut().get_mut(key) {
             conn.partial = Some(Box::new(Partial {
-                decoder: Decoder::new(shard.decoder_config()),
+                decoder: shard.decoder_for(conn),
                 bytes: leftover,
             }));
         }

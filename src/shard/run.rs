@@ -250,6 +250,9 @@ async fn shard_main(
             }
         };
     let mut registry = Registry::new(limits);
+    if config.compression {
+        registry.enable_compression(config.compression_min_bytes);
+    }
     for (org_id, seq) in &history.last_seqs() {
         registry.set_org_seq(org_id, *seq);
     }
@@ -264,6 +267,7 @@ async fn shard_main(
         metrics: shared.all_metrics[id].clone(),
         all_metrics: shared.all_metrics.clone(),
         pool: RefCell::new(Vec::new()),
+        inflater: RefCell::new(crate::protocol::deflate::Inflater::new()),
         shutdown: shutdown.clone(),
         http_wake: crate::notify::Notify::default(),
         http_streams: Cell::new(0),

@@ -330,6 +330,9 @@ fn owned(message: Message<'_>) -> OwnedMessage {
         Message::Close(close) => {
             OwnedMessage::Close(close.map(|frame| (frame.code, frame.reason.to_owned())))
         }
+        Message::Compressed { .. } => {
+            unreachable!("the fuzzed decoder never negotiates permessage-deflate")
+        }
     }
 }
 
