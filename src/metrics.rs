@@ -97,6 +97,11 @@ pub struct ShardMetrics {
     pub bytes_sent: AtomicU64,
     /// Vectored send calls.
     pub sends: AtomicU64,
+    /// Frames compressed for permessage-deflate (once per message and
+    /// channel, shared by every compressing subscriber).
+    pub frames_compressed: AtomicU64,
+    /// Deliveries that were a compressed frame.
+    pub delivered_compressed: AtomicU64,
     /// Connections closed with 1013.
     pub slow_consumer_closes: AtomicU64,
     /// Completed upgrades.
@@ -122,7 +127,7 @@ impl ShardMetrics {
 pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
     let mut out = String::with_capacity(2048);
     type Field = fn(&ShardMetrics) -> &AtomicU64;
-    let simple: [(&str, &str, &str, Field); 10] = [
+    let simple: [(&str, &str, &str, Field); 12] = [
         (
             "hookstream_connections",
             "gauge",
@@ -152,6 +157,18 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
             "counter",
             "Vectored socket send calls.",
             |m| &m.sends,
+        ),
+        (
+            "hookstream_frames_compressed_total",
+            "counter",
+            "Frames compressed for permessage-deflate, once per message and channel.",
+            |m| &m.frames_compressed,
+        ),
+        (
+            "hookstream_messages_delivered_compressed_total",
+            "counter",
+            "Deliveries that were a permessage-deflate compressed frame.",
+            |m| &m.delivered_compressed,
         ),
         (
             "hookstream_slow_consumer_closes_total",

@@ -202,6 +202,10 @@ impl Shard {
         m.delivered.store(c.delivered, Ordering::Relaxed);
         m.bytes_sent.store(c.bytes_sent, Ordering::Relaxed);
         m.sends.store(c.sends, Ordering::Relaxed);
+        m.frames_compressed
+            .store(c.frames_compressed, Ordering::Relaxed);
+        m.delivered_compressed
+            .store(c.delivered_compressed, Ordering::Relaxed);
         m.slow_consumer_closes
             .store(c.slow_consumer_closes, Ordering::Relaxed);
         let h = self.history.counters();
