@@ -234,6 +234,33 @@ fn signs_in_subscribes_and_shows_a_published_message() {
     }
 }
 
+/// Chromium offers permessage-deflate on every upgrade: the server accepts
+/// it, and the dashboard (through client.js) shows messages that arrived as
+/// compressed frames exactly like plain ones.
+#[test]
+fn chromium_negotiates_compression_and_the_dashboard_reads_compressed_frames() {
+    require_setup();
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = server();
+    let pass = run_scenario("live", &Target::of(&server), no_control);
+    println!("{pass}");
+    // The scenario checked every message on the page; the server says the
+    // sample-sized ones went out compressed, so the browser negotiated
+    // the extension and inflated them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let compressed = server.metric_sum("hookstream_messages_delivered_compressed_total");
+        if compressed > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no compressed delivery: Chromium did not negotiate permessage-deflate"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The files themselves, without a browser: types, caching, the page's
 /// Content-Security-Policy, CORS on the module only, GET only.
 #[test]
