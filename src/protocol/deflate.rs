@@ -235,6 +235,9 @@ fn split_outside_quotes(bytes: &[u8], separator: u8) -> Option<(&[u8], &[u8])> {
 /// docs/benchmarks.md compares levels on the sample objects.
 pub const COMPRESSION_LEVEL: u32 = 6;
 
+/// Output capacity the compressor keeps between messages.
+pub const DEFLATE_BUFFER_KEEP_BYTES: usize = 256 * 1024;
+
 /// The shard's one compressor: each message becomes a complete raw-deflate
 /// stream of its own (no context kept between messages).
 pub struct Deflater {
@@ -275,6 +278,11 @@ impl Deflater {
     /// bytes, or `None` when they are not smaller than `payload`.
     pub fn compress(&mut self, payload: &[u8]) -> Option<&[u8]> {
         self.compress.reset();
+        if self.scratch.capacity() > DEFLATE_BUFFER_KEEP_BYTES {
+            // One large message (a publish body may be 16 MiB) does not
+            // keep its buffer for every small one after it.
+            self.scratch = Vec::new();
+        }
         self.scratch.clear();
         // Deflate never grows data by more than a few bytes per 16 KiB
         // stored block; the sync flush adds at most a few more. Reserve

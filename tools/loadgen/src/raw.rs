@@ -201,20 +201,35 @@ pub struct Scanner {
     partial_compressed: bool,
     /// permessage-deflate was negotiated: RSV1 messages are inflated.
     pub deflate: bool,
+    /// The connection's own inflater, when the server keeps its context
+    /// between messages (no server_no_context_takeover): its window must
+    /// then live as long as the connection. `None`: the worker's shared
+    /// one, reset per message.
+    pub own_inflater: Option<Box<flate2::Decompress>>,
 }
 
 thread_local! {
-    /// The worker's one inflater (every connection agreed to no context
-    /// takeover, so it is reset per message) and its output.
+    /// The worker's one inflater for servers without context takeover
+    /// (reset per message) and the output every inflation writes to.
     static INFLATE: RefCell<(flate2::Decompress, Vec<u8>)> =
-        RefCell::new((flate2::Decompress::new(false), Vec::with_capacity(MESSAGE_MAX)));
+        RefCell::new((flate2::Decompress::new(false), Vec::with_capacity(64 * 1024)));
 }
 
 /// Inflates one permessage-deflate message and hands it to `on`.
-fn inflated(payload: &[u8], on: &mut dyn FnMut(Frame<'_>) -> bool) -> Result<bool, FrameError> {
+fn inflated(
+    own: Option<&mut flate2::Decompress>,
+    payload: &[u8],
+    on: &mut dyn FnMut(Frame<'_>) -> bool,
+) -> Result<bool, FrameError> {
     INFLATE.with(|cell| {
-        let (decompress, out) = &mut *cell.borrow_mut();
-        decompress.reset(false);
+        let (shared, out) = &mut *cell.borrow_mut();
+        let decompress = match own {
+            Some(own) => own,
+            None => {
+                shared.reset(false);
+                shared
+            }
+        };
         out.clear();
         for input in [payload, &[0, 0, 0xff, 0xff][..]] {
             let mut input = input;
@@ -223,7 +238,7 @@ fn inflated(payload: &[u8], on: &mut dyn FnMut(Frame<'_>) -> bool) -> Result<boo
                     if out.len() >= MESSAGE_MAX {
                         return Err(FrameError::TooLarge(out.len() as u64));
                     }
-                    out.reserve(64 * 1024);
+                    out.reserve(out.capacity().max(64 * 1024));
                 }
                 let before = decompress.total_in();
                 let status = decompress
@@ -281,7 +296,7 @@ impl Scanner {
                     self.partial_compressed = h.rsv1;
                     true
                 }
-                OP_TEXT if h.rsv1 => inflated(payload, on)?,
+                OP_TEXT if h.rsv1 => inflated(self.own_inflater.as_deref_mut(), payload, on)?,
                 OP_TEXT => on(Frame::Text(payload)),
                 OP_BINARY => on(Frame::Binary(payload)),
                 OP_CONTINUATION => {
@@ -297,7 +312,7 @@ impl Scanner {
                         self.partial = Some((opcode, data));
                         true
                     } else if opcode == OP_TEXT && self.partial_compressed {
-                        inflated(&data, on)?
+                        inflated(self.own_inflater.as_deref_mut(), &data, on)?
                     } else if opcode == OP_TEXT {
                         on(Frame::Text(&data))
                     } else {
@@ -454,7 +469,9 @@ impl RawConn {
             tail: buf[end + 4..].to_vec(),
             pending: 0,
             scanner: Scanner {
-                deflate: negotiated,
+                deflate: negotiated != Deflate::Off,
+                own_inflater: (negotiated == Deflate::ContextTakeover)
+                    .then(|| Box::new(flate2::Decompress::new(false))),
                 ..Scanner::default()
             },
             out: Vec::new(),
@@ -588,11 +605,22 @@ fn scan_into(
     })
 }
 
-/// Checks the head of the upgrade answer (up to, without, its blank line);
-/// true when it accepted the permessage-deflate offer (only when `offered`,
-/// and only with client_no_context_takeover: one inflater serves every
-/// connection of the worker).
-fn check_answer(head: &[u8], accept: &str, offered: bool) -> Result<bool, String> {
+/// What the server answered to a permessage-deflate offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deflate {
+    /// Declined (or not offered).
+    Off,
+    /// Accepted with server_no_context_takeover: the worker's one inflater
+    /// serves the connection, reset per message.
+    NoContextTakeover,
+    /// Accepted with the server keeping its context: the connection needs
+    /// an inflater of its own.
+    ContextTakeover,
+}
+
+/// Checks the head of the upgrade answer (up to, without, its blank line)
+/// and what it says about permessage-deflate (accepted only when `offered`).
+fn check_answer(head: &[u8], accept: &str, offered: bool) -> Result<Deflate, String> {
     let head = String::from_utf8_lossy(head);
     let mut lines = head.split("\r\n");
     let status = lines.next().unwrap_or("");
@@ -602,7 +630,7 @@ fn check_answer(head: &[u8], accept: &str, offered: bool) -> Result<bool, String
     let mut upgrade = false;
     let mut connection = false;
     let mut accepted = false;
-    let mut deflate = false;
+    let mut deflate = Deflate::Off;
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
             return Err(format!("upgrade: bad header line {line:?}"));
@@ -616,12 +644,12 @@ fn check_answer(head: &[u8], accept: &str, offered: bool) -> Result<bool, String
                     .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
             }
             "sec-websocket-accept" => accepted = value == accept,
-            "sec-websocket-extensions"
-                if offered
-                    && value.starts_with("permessage-deflate")
-                    && value.contains("client_no_context_takeover") =>
-            {
-                deflate = true
+            "sec-websocket-extensions" if offered && value.starts_with("permessage-deflate") => {
+                deflate = if value.contains("server_no_context_takeover") {
+                    Deflate::NoContextTakeover
+                } else {
+                    Deflate::ContextTakeover
+                }
             }
             "sec-websocket-extensions" => {
                 return Err(format!("upgrade: unrequested extension {value}"))
@@ -871,7 +899,10 @@ mod tests {
         let good = format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}"
         );
-        assert_eq!(check_answer(good.as_bytes(), &accept, false), Ok(false));
+        assert_eq!(
+            check_answer(good.as_bytes(), &accept, false),
+            Ok(Deflate::Off)
+        );
         assert!(check_answer(
             b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0",
             &accept,
@@ -883,12 +914,21 @@ mod tests {
         let deflate = format!("{good}\r\nSec-WebSocket-Extensions: permessage-deflate");
         assert!(check_answer(deflate.as_bytes(), &accept, false).is_err());
         let takeover = format!("{good}\r\nSec-WebSocket-Extensions: permessage-deflate");
-        assert!(check_answer(takeover.as_bytes(), &accept, true).is_err());
+        assert_eq!(
+            check_answer(takeover.as_bytes(), &accept, true),
+            Ok(Deflate::ContextTakeover)
+        );
         let accepted = format!(
             "{good}\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover"
         );
-        assert_eq!(check_answer(accepted.as_bytes(), &accept, true), Ok(true));
-        assert_eq!(check_answer(good.as_bytes(), &accept, true), Ok(false));
+        assert_eq!(
+            check_answer(accepted.as_bytes(), &accept, true),
+            Ok(Deflate::NoContextTakeover)
+        );
+        assert_eq!(
+            check_answer(good.as_bytes(), &accept, true),
+            Ok(Deflate::Off)
+        );
     }
 
     #[test]
