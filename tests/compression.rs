@@ -529,8 +529,24 @@ fn tools_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/deflate")
 }
 
+/// Panics naming the setup script when a real client is missing.
+fn require_peer(what: &str, present: bool) {
+    assert!(
+        present,
+        "the compression tests need {what}: run tools/setup-compression-tests \
+         (installs it, and does nothing when it is there), then run the tests again"
+    );
+}
+
 #[test]
 fn python_websockets_negotiates_and_reads_compressed_frames() {
+    require_peer(
+        "Python's websockets",
+        Command::new("python3")
+            .args(["-c", "import websockets.sync.client"])
+            .status()
+            .is_ok_and(|s| s.success()),
+    );
     let server = Server::start(&["org_p"]);
     let bodies = peer_bodies();
     let script = tools_dir().join("client.py");
@@ -540,6 +556,7 @@ fn python_websockets_negotiates_and_reads_compressed_frames() {
 
 #[test]
 fn node_ws_with_per_message_deflate_negotiates_and_reads_compressed_frames() {
+    require_peer("Node ws in tests/deflate", tools_dir().join("node_modules/ws").is_dir());
     let server = Server::start(&["org_p"]);
     let bodies = peer_bodies();
     let script = tools_dir().join("client.js");
