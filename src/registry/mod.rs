@@ -295,6 +295,10 @@ impl Registry {
         }
         assert_eq!(org_record.connections[position], key.index);
         if org_record.delivering > 0 {
+            debug_assert!(
+                !org_record.vacant.contains(&(position as u32)),
+                "a position vacated twice"
+            );
             org_record.connections[position] = VACANT;
             org_record.vacant.push(position as u32);
             return;
