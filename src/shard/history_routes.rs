@@ -273,6 +273,21 @@ fn push_sse_events(out: &mut Vec<u8>, envelopes: &[Envelope]) {
     }
 }
 
+/// The named event that tells a resuming SSE client that messages after
+/// its `Last-Event-ID` were lost (dropped by retention, or the id is above
+/// the org's latest seq): `event: history_gap`, before any message. Its
+/// `id:` is the seq the stream goes on after, so a reconnect before the
+/// next message resumes from there and not from the lost position again.
+fn push_history_gap(out: &mut Vec<u8>, last_event_id: u64, started_after: u64) {
+    out.extend_from_slice(b"event: history_gap\nid: ");
+    push_u64(out, started_after);
+    out.extend_from_slice(
+        b"\ndata: {\"type\":\"history_gap\",\"recovered\":false,\"last_event_id\":",
+    );
+    push_u64(out, last_event_id);
+    out.extend_from_slice(b"}\n\n");
+}
+
 /// `payload` as SSE `data:` lines: one per line of it. `data` is the
 /// publisher's JSON text forwarded as is, so it may hold line breaks
 /// (pretty-printed JSON); a break inside a `data:` line would end the field
@@ -310,7 +325,9 @@ async fn poll(
     let _serving = Serving::new(shard);
     let parsed = (|| {
         let channels = channels_of(shard, request)?;
-        let after = number(request, "after")?.unwrap_or(0);
+        // Without `after` the poll starts from now (an empty page and
+        // `next_after`): the lists are for what happened before.
+        let after = number(request, "after")?;
         let limit = limit_of(request)?;
         let wait_ms = number(request, "wait_ms")?.unwrap_or(0).min(WAIT_MS_MAX);
         Ok::<_, String>((channels, after, limit, wait_ms))
@@ -322,7 +339,7 @@ async fn poll(
     let query = Query {
         org_id: org_id.clone(),
         channels,
-        range: Range::After(Some(after)),
+        range: Range::After(after),
         limit,
         wait_ms,
     };
@@ -349,6 +366,12 @@ async fn poll(
     }
     body.extend_from_slice(b"],\"next_after\":");
     push_u64(&mut body, answer.next_after);
+    // Only when false (messages after `after` were dropped by retention, or
+    // `after` was above the org's latest seq): every other answer keeps the
+    // shape clients already parse.
+    if !answer.recovered {
+        body.extend_from_slice(b",\"recovered\":false");
+    }
     body.push(b'}');
     respond(
         stream,
@@ -391,13 +414,16 @@ async fn sse(
         return After::Close;
     }
     let mut out = Vec::new();
+    // A resumed stream's first answer comes at once, so that a lost history
+    // is told before the first message, not after a wait for one.
+    let mut resuming = after.is_some();
     while !shard.stopping.get() {
         let query = Query {
             org_id: org_id.clone(),
             channels: channels.clone(),
             range: Range::After(after),
             limit: LIMIT_MAX,
-            wait_ms: SSE_KEEPALIVE_MS,
+            wait_ms: if resuming { 0 } else { SSE_KEEPALIVE_MS },
         };
         let Ok(Some(answer)) = ask_unless(shard, query, principal, true).await else {
             break;
@@ -406,6 +432,9 @@ async fn sse(
             break;
         }
         out.clear();
+        if std::mem::take(&mut resuming) && !answer.recovered {
+            push_history_gap(&mut out, after.unwrap_or(0), answer.started_after);
+        }
         push_sse_events(&mut out, &answer.messages);
         if answer.messages.is_empty() {
             out.extend_from_slice(b": keep-alive\n\n");
