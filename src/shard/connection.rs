@@ -31,6 +31,11 @@ pub enum Outcome {
     CloseByPeer(u16),
 }
 
+/// The reason sent with 4003 when the key is still active and the session
+/// the connection signed in with was signed out (`close_reason(4003)` is
+/// for a revoked key).
+pub const CLOSE_SIGNED_OUT_REASON: &str = "signed out";
+
 /// The reason text sent with a server-initiated close.
 pub fn close_reason(code: u16) -> &'static str {
     match code {

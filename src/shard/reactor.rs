@@ -445,15 +445,26 @@ fn handle_close_requests(shard: &Shard) {
         if code == CLOSE_ABORT {
             remove_now(shard, key);
         } else {
-            start_close(
-                shard,
-                key,
-                code,
-                connection::close_reason(code),
-                ConnState::ClosingByUs,
-            );
+            let reason = if code == super::CLOSE_KEY_REVOKED && key_still_active(shard, key) {
+                // 4003 for a key that is still active: its session was
+                // signed out. The reason tells a client which (PROTOCOL.md
+                // §2), so a page can say "signed out", not "key revoked".
+                connection::CLOSE_SIGNED_OUT_REASON
+            } else {
+                connection::close_reason(code)
+            };
+            start_close(shard, key, code, reason, ConnState::ClosingByUs);
         }
     }
+}
+
+/// True when the API key connection `key` was accepted with is still
+/// active.
+fn key_still_active(shard: &Shard, key: ConnKey) -> bool {
+    let registry = shard.registry.borrow();
+    registry
+        .key_id_of(key)
+        .is_some_and(|key_id| shard.keys.borrow().is_active(key_id))
 }
 
 /// Removes connections whose linger ran out; returns the next deadline.
