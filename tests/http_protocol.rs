@@ -348,7 +348,9 @@ const RELAXED: HeadRules = HeadRules {
 
 /// What `parse_head_with` ends in: the framing and HTTP/1.0-ness of a
 /// complete head, or the status of the error.
-fn relaxed_outcome(request: &str, rules: HeadRules) -> Result<(Framing, bool), u16> {
+type Relaxed = Result<(Framing, bool), u16>;
+
+fn relaxed_outcome(request: &str, rules: HeadRules) -> Relaxed {
     let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
     match parse_head_with(request.as_bytes(), &mut headers, BODY_BYTES_MAX, rules) {
         Ok(Some(head)) => Ok((head.framing, head.http10)),
@@ -360,7 +362,7 @@ fn relaxed_outcome(request: &str, rules: HeadRules) -> Result<(Framing, bool), u
 #[test]
 fn relaxed_rules_take_chunked_bodies_and_http10_probes_only() {
     let post = |extra: &str| format!("POST /v1/publish HTTP/1.1\r\nHost: h\r\n{extra}\r\n");
-    let cases: Vec<(&str, String, Result<(Framing, bool), u16>)> = vec![
+    let cases: Vec<(&str, String, Relaxed)> = vec![
         ("no framing", post(""), Ok((Framing::Unframed, false))),
         (
             "Content-Length",
