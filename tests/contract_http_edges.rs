@@ -660,3 +660,29 @@ fn unauthenticated_16_mib_publish_bodies_are_refused_unread_without_growth() {
     assert!(sent.iter().all(|&bytes| bytes < 16 * MIB));
     assert_eq!(server.publish_ok(&issue("org_u", "still")), vec![1]);
 }
+
+#[test]
+fn readyz_while_draining_is_an_error_answer_like_the_others() {
+    // One shard: the one draining is the one holding the probe connection.
+    let server = ServerBuilder::new().org("org_d").arg("--shards", 1).start();
+    // A WebSocket that never answers the server's close keeps the drain
+    // going (up to its 3 s), with this kept-alive probe connection open.
+    let _held = server.connect("org_d");
+    let mut probe = tcp_connect(server.admin_addr);
+    write!(probe, "GET /readyz HTTP/1.1\r\nHost: lb\r\n\r\n").unwrap();
+    assert_eq!(read_http_response(&mut probe).json()["status"], "ready");
+    server.signal(libc::SIGTERM);
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        write!(probe, "GET /readyz HTTP/1.1\r\nHost: lb\r\n\r\n").unwrap();
+        let response = read_http_response(&mut probe);
+        if response.status == 503 {
+            assert_json_error(&response, 503, "unavailable", "readyz while draining");
+            assert_eq!(response.json()["status"], "stopping");
+            break;
+        }
+        assert_eq!(response.status, 200, "{}", response.text());
+        assert!(Instant::now() < deadline, "readyz never said stopping");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

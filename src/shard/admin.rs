@@ -293,7 +293,15 @@ pub fn write_probe(shard: &Shard, method: &str, path: &str, out: &mut Vec<u8>) -
         }
         ("GET" | "HEAD", "/readyz") => {
             if shard.stopping.get() {
-                http::write_response(out, 503, JSON, &[], br#"{"status":"stopping"}"#)
+                // An error answer like every other (`error`), with the
+                // probe's own `status` beside it.
+                http::write_response(
+                    out,
+                    503,
+                    JSON,
+                    &[],
+                    br#"{"error":"unavailable","status":"stopping"}"#,
+                )
             } else {
                 http::write_response(out, 200, JSON, &[], br#"{"status":"ready"}"#)
             }
