@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 
 use hookstream::limits::{HEADERS_MAX, HEAD_BYTES_MAX};
+use hookstream::protocol::chunked::{ChunkedDecoder, ChunkedError};
 use hookstream::protocol::http::{
     accept_key, bearer_token, cookie_value, error_code, mark_closing, parse_head, parse_head_with,
     percent_decode, reason_phrase, validate_upgrade, write_error, write_http_error, write_response,
@@ -1209,6 +1210,65 @@ proptest! {
         let _ = cookie_value(&bytes, "hs_session");
         let _ = accept_key(&bytes);
         let _ = percent_decode(&text);
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whole_in_any_chunking_and_any_feeding(
+        body in prop::collection::vec(any::<u8>(), 0..2000),
+        chunk_lens in prop::collection::vec(1usize..300, 1..20),
+        feed_lens in prop::collection::vec(1usize..64, 1..20),
+        upper_hex in any::<bool>(),
+    ) {
+        // Encode `body` in chunks of the given sizes (cycled).
+        let mut encoded = Vec::new();
+        let mut rest = &body[..];
+        let mut sizes = chunk_lens.iter().cycle();
+        while !rest.is_empty() {
+            let take = (*sizes.next().unwrap()).min(rest.len());
+            let size = if upper_hex { format!("{take:X}") } else { format!("{take:x}") };
+            encoded.extend_from_slice(size.as_bytes());
+            encoded.extend_from_slice(b"\r\n");
+            encoded.extend_from_slice(&rest[..take]);
+            encoded.extend_from_slice(b"\r\n");
+            rest = &rest[take..];
+        }
+        encoded.extend_from_slice(b"0\r\n\r\nGET / HTTP/1.1\r\n");
+        let body_end = encoded.len() - b"GET / HTTP/1.1\r\n".len();
+        // Feed it in pieces, keeping what a call left unused.
+        let mut decoder = ChunkedDecoder::new(body.len());
+        let mut decoded = Vec::new();
+        let mut pending = Vec::new();
+        let mut consumed = 0;
+        let mut feeds = feed_lens.iter().cycle();
+        let mut at = 0;
+        while !decoder.is_done() {
+            prop_assert!(at < encoded.len(), "ran out of input");
+            let take = (*feeds.next().unwrap()).min(encoded.len() - at);
+            pending.extend_from_slice(&encoded[at..at + take]);
+            at += take;
+            let used = decoder.feed(&pending, &mut decoded).expect("valid chunked body");
+            consumed += used;
+            pending.drain(..used);
+        }
+        prop_assert_eq!(&decoded, &body);
+        prop_assert_eq!(consumed, body_end);
+        // One byte less of room is refused as too large (when there is a body).
+        if !body.is_empty() {
+            let mut decoder = ChunkedDecoder::new(body.len() - 1);
+            let mut decoded = Vec::new();
+            prop_assert_eq!(decoder.feed(&encoded, &mut decoded), Err(ChunkedError::TooLarge));
+            prop_assert!(decoded.len() < body.len());
+        }
+    }
+
+    #[test]
+    fn arbitrary_chunked_input_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let mut decoder = ChunkedDecoder::new(256);
+        let mut decoded = Vec::new();
+        if let Ok(used) = decoder.feed(&bytes, &mut decoded) {
+            prop_assert!(used <= bytes.len());
+            prop_assert!(decoded.len() <= 256);
+        }
     }
 
     #[test]
