@@ -667,6 +667,13 @@ fn unauthenticated_16_mib_publish_bodies_are_refused_unread_without_growth() {
     assert!(growth_kib < 8 * 1024, "RSS grew by {growth_kib} KiB");
     assert!(sent.iter().all(|&bytes| bytes < 16 * MIB));
     assert_eq!(server.publish_ok(&issue("org_u", "still")), vec![1]);
+    // A wrong token on /metrics is answered and closed the same way.
+    let answer = raw_until_close(
+        admin,
+        b"GET /metrics HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer nope\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 401 "), "{answer}");
+    assert!(answer.ends_with("{\"error\":\"unauthorized\"}"), "{answer}");
 }
 
 #[test]

@@ -148,15 +148,23 @@ fn parse_request(shard: &Shard, buffer: &[u8]) -> Result<Option<Request>, ReadEr
     }
 }
 
+/// Where a publish body ended up.
+enum Body {
+    /// The first this many bytes of the read buffer (`Content-Length`).
+    InBuffer(usize),
+    /// Decoded from chunks; the read buffer holds only what follows it.
+    Decoded(Vec<u8>),
+}
+
 /// Reads the body of an authorized publish; the bytes after the head are
-/// already in `buffer` (from which the head was drained). Returns the body
-/// and how many bytes of `buffer` it took; the rest is the next request.
+/// already in `buffer` (from which the head was drained), and the rest of
+/// the buffer after the body is the next request.
 async fn read_body(
     shard: &Shard,
     stream: &mut TcpStream,
     buffer: &mut Vec<u8>,
     request: &Request,
-) -> Result<(Vec<u8>, usize), ReadError> {
+) -> Result<Body, ReadError> {
     let deadline = Instant::now() + Duration::from_millis(BODY_TIMEOUT_MS);
     match request.framing {
         http::Framing::Unframed => Err(ReadError::Status(
@@ -171,7 +179,7 @@ async fn read_body(
             while buffer.len() < length {
                 read_more(stream, buffer, deadline).await?;
             }
-            Ok((buffer[..length].to_vec(), length))
+            Ok(Body::InBuffer(length))
         }
         http::Framing::Chunked => {
             if request.expects_continue && buffer.is_empty() {
@@ -185,7 +193,7 @@ async fn read_body(
                     .map_err(|e| ReadError::Status(e.status(), None))?;
                 buffer.drain(..used);
                 if decoder.is_done() {
-                    return Ok((body, 0));
+                    return Ok(Body::Decoded(body));
                 }
                 // A body cut short (EOF, reset) is Gone: nothing published.
                 read_more(stream, buffer, deadline).await?;
@@ -231,19 +239,28 @@ async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         // body, its connection is closed unread.
         let mut closing = request.close;
         if request.body_wanted() {
-            let (body, used) = match read_body(&shard, &mut stream, &mut buffer, &request).await {
-                Ok(read) => read,
+            let body = match read_body(&shard, &mut stream, &mut buffer, &request).await {
+                Ok(body) => body,
                 Err(ReadError::Gone) => return,
                 Err(ReadError::Status(status, e)) => {
                     answer_error(&mut stream, &mut out, status, e).await;
                     return;
                 }
             };
-            respond(&shard, &request, &body, &mut out).await;
-            buffer.drain(..used);
+            match body {
+                Body::InBuffer(length) => {
+                    respond(&shard, &request, &buffer[..length], &mut out).await;
+                    buffer.drain(..length);
+                }
+                Body::Decoded(decoded) => respond(&shard, &request, &decoded, &mut out).await,
+            }
         } else {
             respond(&shard, &request, b"", &mut out).await;
-            closing |= request.has_body() || (request.path == "/v1/publish" && !request.authorized);
+            // A refused token closes the connection too: whoever holds a
+            // wrong one has no reason to keep it open.
+            let refused =
+                !request.authorized && matches!(request.path.as_str(), "/v1/publish" | "/metrics");
+            closing |= request.has_body() || refused;
         }
         if request.method == "HEAD" {
             // The GET answer's head (its Content-Length included), no body.
