@@ -409,6 +409,26 @@ async fn sse(
         Some(Ok(seq)) => Some(seq),
         Some(Err(_)) => return bad_request(stream, "Last-Event-ID must be a seq").await,
     };
+    // A resumed stream has its own position (taken as it is by the first
+    // round). A fresh one means "from now", where now is the 200: the
+    // position is fixed on the owner before the head is written, so a
+    // message published once the client has the head is never missed.
+    let resuming = after.is_some();
+    if after.is_none() {
+        let query = Query {
+            org_id: org_id.clone(),
+            channels: channels.clone(),
+            range: Range::After(None),
+            limit: 1,
+            wait_ms: 0,
+        };
+        after = match ask_unless(shard, query, principal, true).await {
+            Ok(Some(answer)) => Some(answer.started_after),
+            Ok(None) => return respond_error(stream, 503, &[CORS_ORIGIN]).await,
+            Err(Interrupt::Revoked) => return respond_error(stream, 401, &[CORS_ORIGIN]).await,
+            Err(Interrupt::Stopping) => return respond_error(stream, 503, &[CORS_ORIGIN]).await,
+        };
+    }
     let head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nConnection: close\r\nX-Accel-Buffering: no\r\nAccess-Control-Allow-Origin: *\r\n\r\nretry: 1000\n\n";
     if stream.write_all(head).await.is_err() {
         return After::Close;
@@ -416,7 +436,7 @@ async fn sse(
     let mut out = Vec::new();
     // A resumed stream's first answer comes at once, so that a lost history
     // is told before the first message, not after a wait for one.
-    let mut resuming = after.is_some();
+    let mut resuming = resuming;
     while !shard.stopping.get() {
         let query = Query {
             org_id: org_id.clone(),
