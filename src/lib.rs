@@ -9,8 +9,9 @@
 //! - [`config`]: the command line, `HOOKSTREAM_*` environment and TOML file,
 //!   merged into one validated `Config`.
 //! - [`protocol`]: pure parsers and writers, no I/O: the HTTP/1.1 request
-//!   head and WebSocket upgrade (`protocol::http`), and the RFC 6455 frame
-//!   codec (`protocol::ws`). Fuzzed and property-tested.
+//!   head and WebSocket upgrade (`protocol::http`), chunked request bodies
+//!   (`protocol::chunked`), and the RFC 6455 frame codec (`protocol::ws`).
+//!   Fuzzed and property-tested.
 //! - [`registry`]: one shard's connections (slab of compact records with
 //!   generation-checked keys), per-org channel tables (names interned to
 //!   bits), send queues of shared pre-rendered frames, and the fan-out. No

@@ -12,6 +12,10 @@
 //! one `Host`, no `Transfer-Encoding` (bodies are `Content-Length` only, so
 //! chunked requests get 411 and request smuggling through conflicting
 //! framing headers is impossible), and a bounded, consistent `Content-Length`.
+//! [`parse_head_with`] relaxes two of these where a listener asks for it
+//! ([`HeadRules`]): `Transfer-Encoding: chunked` alone as a body's framing
+//! (never next to a `Content-Length`), and HTTP/1.0 health probes without
+//! `Host`.
 
 use std::borrow::Cow;
 
@@ -66,9 +70,17 @@ pub enum HttpError {
     /// `Sec-WebSocket-Key` absent, repeated, or not base64 of 16 bytes.
     #[error("invalid Sec-WebSocket-Key")]
     BadWebSocketKey,
-    /// `Sec-WebSocket-Version` absent or not 13.
+    /// `Sec-WebSocket-Version` not 13.
     #[error("unsupported Sec-WebSocket-Version, only 13 is supported")]
     UnsupportedWebSocketVersion,
+    /// An upgrade request without `Sec-WebSocket-Version`: malformed
+    /// (RFC 6455 §4.2.1 requires it), not a version we could name.
+    #[error("missing Sec-WebSocket-Version")]
+    MissingWebSocketVersion,
+    /// `Transfer-Encoding: chunked` next to a `Content-Length`: two framings
+    /// that disagree are how request smuggling works (RFC 9112 §6.3).
+    #[error("both Transfer-Encoding and Content-Length")]
+    ConflictingFraming,
     /// An upgrade request announcing a body: after the head the connection
     /// speaks WebSocket frames, so body bytes would be misread as frames.
     #[error("upgrade request with a body")]
@@ -94,6 +106,8 @@ impl HttpError {
             HttpError::ConnectionNotUpgrade => 400,
             HttpError::BadWebSocketKey => 400,
             HttpError::UnsupportedWebSocketVersion => 426,
+            HttpError::MissingWebSocketVersion => 400,
+            HttpError::ConflictingFraming => 400,
             HttpError::UpgradeWithBody => 400,
         }
     }
@@ -181,9 +195,51 @@ pub struct Head<'b, 'h> {
     /// Bytes of the head including the final CRLFCRLF: the body (or, after an
     /// upgrade, the first WebSocket frame) starts at this offset.
     pub head_len: usize,
-    /// The announced body length; 0 when there is no `Content-Length`.
+    /// The announced body length; 0 when there is no `Content-Length`
+    /// (and for a chunked body, whose length is unknown).
     pub content_length: usize,
+    /// How the body is framed.
+    pub framing: Framing,
+    /// An HTTP/1.0 request (only ever a health probe, see [`HeadRules`]);
+    /// its connection closes after the answer.
+    pub http10: bool,
 }
+
+/// How a request says where its body ends (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Neither `Content-Length` nor `Transfer-Encoding`: no body. A route
+    /// that needs one answers 411.
+    Unframed,
+    /// `Content-Length` (the value is [`Head::content_length`]).
+    Length,
+    /// `Transfer-Encoding: chunked` (decode with `protocol::chunked`).
+    Chunked,
+}
+
+/// What a listener accepts beyond the strict HTTP/1.1 of [`parse_head`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadRules {
+    /// Accept `Transfer-Encoding: chunked` alone as the body's framing
+    /// (`POST /v1/publish`); otherwise any `Transfer-Encoding` is 411.
+    pub chunked: bool,
+    /// Accept HTTP/1.0 `GET` and `HEAD` of these paths, with or without
+    /// `Host` (load balancers' default health checks); any other HTTP/1.0
+    /// request stays 505.
+    pub http10_paths: &'static [&'static str],
+}
+
+impl HeadRules {
+    /// HTTP/1.1 only, `Content-Length` bodies only.
+    pub const STRICT: HeadRules = HeadRules {
+        chunked: false,
+        http10_paths: &[],
+    };
+}
+
+/// The health probes, answered on both listeners without a token and also
+/// to HTTP/1.0 (PROTOCOL.md §3).
+pub const PROBE_PATHS: &[&str] = &["/healthz", "/readyz"];
 
 impl<'b, 'h> Head<'b, 'h> {
     /// The value of the first header called `name` (case-insensitive).
@@ -234,10 +290,11 @@ impl<'b, 'h> Head<'b, 'h> {
             .any(|value| value.trim_ascii().eq_ignore_ascii_case(b"100-continue"))
     }
 
-    /// True when the client asked to close the connection after this
-    /// request (`Connection: close`); HTTP/1.1 keeps it open otherwise.
+    /// True when the connection closes after this request: the client
+    /// asked for it (`Connection: close`), or spoke HTTP/1.0 (whose
+    /// keep-alive we do not offer); HTTP/1.1 keeps it open otherwise.
     pub fn connection_close(&self) -> bool {
-        self.header_has_token("connection", "close")
+        self.http10 || self.header_has_token("connection", "close")
     }
 }
 
@@ -259,6 +316,19 @@ pub fn parse_head<'b, 'h>(
     buf: &'b [u8],
     headers: &'h mut [httparse::Header<'b>; HEADERS_MAX],
     body_bytes_max: usize,
+) -> Result<Option<Head<'b, 'h>>, HttpError> {
+    parse_head_with(buf, headers, body_bytes_max, HeadRules::STRICT)
+}
+
+/// [`parse_head`] with what `rules` relaxes: a `Transfer-Encoding` of
+/// exactly `chunked` is [`Framing::Chunked`] (with a `Content-Length` too →
+/// `ConflictingFraming`, 400; any other coding → 411), and HTTP/1.0 `GET` or
+/// `HEAD` of one of `rules.http10_paths` is accepted without `Host`.
+pub fn parse_head_with<'b, 'h>(
+    buf: &'b [u8],
+    headers: &'h mut [httparse::Header<'b>; HEADERS_MAX],
+    body_bytes_max: usize,
+    rules: HeadRules,
 ) -> Result<Option<Head<'b, 'h>>, HttpError> {
     // Looking at no more than the limit bounds the parse work per call and
     // makes "complete but too long" and "incomplete at the limit" the same
@@ -291,16 +361,28 @@ pub fn parse_head<'b, 'h>(
     let (Some(method), Some(target), Some(version)) = (method, target, version) else {
         return Err(HttpError::Malformed);
     };
-    if version != 1 {
+    let (path, query) = split_target(target);
+    let http10 =
+        version == 0 && matches!(method, "GET" | "HEAD") && rules.http10_paths.contains(&path);
+    if version != 1 && !http10 {
         return Err(HttpError::NotHttp11);
     }
     let headers: &'h [httparse::Header<'b>] = headers;
 
     let mut host: Option<&'b [u8]> = None;
     let mut content_length: Option<usize> = None;
+    let mut chunked = false;
     for header in headers {
         if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err(HttpError::LengthRequired);
+            // Only `chunked` alone, once: anything else (another coding, a
+            // list, a repeat) would need decoding we do not do.
+            if !rules.chunked
+                || chunked
+                || !header.value.trim_ascii().eq_ignore_ascii_case(b"chunked")
+            {
+                return Err(HttpError::LengthRequired);
+            }
+            chunked = true;
         } else if header.name.eq_ignore_ascii_case("host") {
             if host.is_some() {
                 return Err(HttpError::DuplicateHost);
@@ -312,14 +394,21 @@ pub fn parse_head<'b, 'h>(
     }
     let host = match host {
         Some(host) if !host.is_empty() => host,
+        // HTTP/1.0 has no Host requirement (RFC 9112 §3.2 is HTTP/1.1's).
+        None if http10 => b"",
         _ => return Err(HttpError::MissingHost),
+    };
+    let framing = match (chunked, content_length) {
+        (true, Some(_)) => return Err(HttpError::ConflictingFraming),
+        (true, None) => Framing::Chunked,
+        (false, Some(_)) => Framing::Length,
+        (false, None) => Framing::Unframed,
     };
     let content_length = content_length.unwrap_or(0);
     if content_length > body_bytes_max {
         return Err(HttpError::BodyTooLarge);
     }
 
-    let (path, query) = split_target(target);
     Ok(Some(Head {
         method,
         target,
@@ -329,6 +418,8 @@ pub fn parse_head<'b, 'h>(
         headers,
         head_len,
         content_length,
+        framing,
+        http10,
     }))
 }
 
@@ -364,8 +455,9 @@ pub const WEBSOCKET_VERSION: &str = "13";
 /// Order of checks: GET (else `MethodNotAllowed`, 405), `Host` present,
 /// no body, `Upgrade` lists `websocket`, `Connection` lists `upgrade` (both
 /// case-insensitive token lists, so `keep-alive, Upgrade` is fine),
-/// `Sec-WebSocket-Version: 13` (absent or other → 426, checked before the
-/// key so that a client of another draft learns the version we speak), and
+/// `Sec-WebSocket-Version` present (else `MissingWebSocketVersion`, 400)
+/// and `13` (else 426, checked before the key so that a client of another
+/// draft learns the version we speak), and
 /// exactly one `Sec-WebSocket-Key` that is base64 of 16 bytes. HTTP/1.1 is
 /// already guaranteed by [`parse_head`]. Allocates only when the token holds
 /// a percent-escape.
@@ -376,7 +468,7 @@ pub fn validate_upgrade<'b>(head: &Head<'b, '_>) -> Result<Upgrade<'b>, HttpErro
     if head.host.is_empty() {
         return Err(HttpError::MissingHost);
     }
-    if head.content_length != 0 {
+    if head.content_length != 0 || head.framing == Framing::Chunked {
         return Err(HttpError::UpgradeWithBody);
     }
     // One pass over the headers (the upgrade is on every connection's
@@ -428,7 +520,10 @@ pub fn validate_upgrade<'b>(head: &Head<'b, '_>) -> Result<Upgrade<'b>, HttpErro
     if !connection_upgrade {
         return Err(HttpError::ConnectionNotUpgrade);
     }
-    if !version_seen || version_wrong {
+    if !version_seen {
+        return Err(HttpError::MissingWebSocketVersion);
+    }
+    if version_wrong {
         return Err(HttpError::UnsupportedWebSocketVersion);
     }
     let key = match (key, key_count) {
@@ -608,6 +703,28 @@ pub fn write_error(out: &mut Vec<u8>, status: u16, extra_headers: &[(&str, &str)
 pub fn write_http_error(out: &mut Vec<u8>, error: HttpError) {
     let closing: &[(&str, &str)] = &[("Connection", "close")];
     write_error_parts(out, error.status(), &[error.required_headers(), closing]);
+}
+
+/// Adds `Connection: close` to the complete answer at the start of `out`
+/// (after its status line) unless its head already says so: for answers
+/// after which the server closes (HTTP/1.0, a body left unread).
+pub fn mark_closing(out: &mut Vec<u8>) {
+    let head_end = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(out.len());
+    let head = &out[..head_end];
+    let already = head
+        .split(|&b| b == b'\n')
+        .any(|line| line.trim_ascii().eq_ignore_ascii_case(b"connection: close"));
+    if already {
+        return;
+    }
+    let Some(status_end) = out.windows(2).position(|w| w == b"\r\n") else {
+        return;
+    };
+    let at = status_end + 2;
+    out.splice(at..at, b"Connection: close\r\n".iter().copied());
 }
 
 fn write_error_parts(out: &mut Vec<u8>, status: u16, header_lists: &[&[(&str, &str)]]) {
@@ -925,6 +1042,8 @@ mod tests {
             HttpError::ConnectionNotUpgrade,
             HttpError::BadWebSocketKey,
             HttpError::UnsupportedWebSocketVersion,
+            HttpError::MissingWebSocketVersion,
+            HttpError::ConflictingFraming,
             HttpError::UpgradeWithBody,
         ];
         for error in all {

@@ -482,6 +482,11 @@ impl Registry {
             .collect()
     }
 
+    /// The API key id connection `key` was accepted with.
+    pub fn key_id_of(&self, key: ConnKey) -> Option<&str> {
+        self.get(key).map(|conn| &*self.key_ids[conn.key as usize])
+    }
+
     /// Key ids of every open connection.
     pub fn connected_key_ids(&self) -> Vec<Rc<str>> {
         let mut used = vec![false; self.key_ids.len()];
