@@ -174,7 +174,7 @@ impl Registry {
     }
 
     /// The org's slab index, created on first use.
-    pub fn org_index(&mut self, org_id: &str) -> u32 {
+    pub(crate) fn org_index(&mut self, org_id: &str) -> u32 {
         if let Some(index) = self.org_by_id.get(org_id) {
             return *index;
         }

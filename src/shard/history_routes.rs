@@ -202,9 +202,9 @@ enum Interrupt {
 
 /// Resolves when the credential `principal` came with is no longer
 /// accepted (key revoked, session signed out), or, with `on_stop`, when the
-/// shard starts draining. The key reload loop (also on sign-outs) and the
-/// drain notify [`Shard::http_wake`], so this notices a revocation as fast
-/// as the WebSocket path's 4003 close does.
+/// shard starts draining (its shutdown signal). The key reload loop (also
+/// on sign-outs) notifies [`Shard::http_wake`], so this notices a
+/// revocation as fast as the WebSocket path's 4003 close does.
 async fn interrupted(
     shard: &Shard,
     principal: &super::access::Principal,

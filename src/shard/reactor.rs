@@ -116,6 +116,13 @@ impl Drop for Reactor {
 /// that poll fires when it is ready (the `recv` glommio then tries fails
 /// with ENOTSOCK, which is the signal). A duplicate is used so dropping the
 /// stream closes only the duplicate.
+///
+/// So each wait costs a `dup` and a `close`. Keeping one stream instead
+/// does not work: glommio 0.9 arms a stream's readiness poll only when the
+/// stream is made (`init`, crate-private); a second read of the same stream
+/// tries `recv` at once, gets ENOTSOCK again and would spin. The reactor
+/// waits only when no socket of the shard is ready, so this is paid once
+/// per idle turn, never per event.
 pub async fn wait_readable(fd: RawFd) {
     // SAFETY: dup of a descriptor the caller keeps open; the stream owns the
     // duplicate.
