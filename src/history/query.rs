@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{channel_matches, History, Retained};
+use super::{channel_matches, History, Log, Retained};
 use crate::message::MessageKind;
 
 /// Which messages a query wants.
@@ -94,7 +94,7 @@ fn expand(items: &[Retained], channels: &[String], limit: usize) -> (Vec<Envelop
 }
 
 /// Runs a query on the owner shard's history.
-pub async fn run(history: &History, query: Query) -> Answer {
+pub async fn run<L: Log>(history: &History<L>, query: Query) -> Answer {
     let limit = query.limit.max(1);
     match query.range {
         Range::Before(before) => {
