@@ -1,7 +1,8 @@
 //! The `hookstream` binary: parse the command line, validate, run.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use hookstream::auth::keys::KeyStore;
@@ -157,6 +158,10 @@ struct PublishBody<'a> {
     data: &'a serde_json::value::RawValue,
 }
 
+/// Longest `hookstream publish` waits for the admin listener's answer (a
+/// publish is answered once durable: with fsync, milliseconds).
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn publish(args: PublishArgs) -> Result<(), String> {
     let addr = config::admin_listen_of(&args)?;
     let data_dir = config::data_dir_of(&args.common)?;
@@ -181,24 +186,32 @@ fn publish(args: PublishArgs) -> Result<(), String> {
         data: &data,
     })
     .map_err(|e| e.to_string())?;
-    let mut stream = std::net::TcpStream::connect(addr)
+    // A plain-HTTP client from a well-kept crate (the admin listener is
+    // plain HTTP); every status is an answer to show, not a transport error.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(PUBLISH_TIMEOUT))
+        .build()
+        .into();
+    let mut response = agent
+        .post(&format!("http://{addr}/v1/publish"))
+        .header("Authorization", &format!("Bearer {token}"))
+        .content_type("application/json")
+        .send(&body)
         .map_err(|e| format!("cannot reach the admin listener at {addr}: {e}"))?;
-    let request = format!(
-        "POST /v1/publish HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| format!("send failed: {e}"))?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
+    let status = response.status();
+    let answer = response
+        .body_mut()
+        .read_to_string()
         .map_err(|e| format!("read failed: {e}"))?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    println!("{body}");
-    if head.starts_with("HTTP/1.1 202") {
+    println!("{answer}");
+    if status == ureq::http::StatusCode::ACCEPTED {
         Ok(())
     } else {
-        Err(head.lines().next().unwrap_or("no answer").to_string())
+        Err(format!(
+            "HTTP/1.1 {} {}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        ))
     }
 }

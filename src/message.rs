@@ -108,12 +108,21 @@ pub fn channel_matches(channel: &str, kind: MessageKind, route: Option<&str>) ->
     }
 }
 
+/// True when `id` matches `[A-Za-z0-9_.-]{1,128}`.
+pub fn is_valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= crate::limits::ID_BYTES_MAX
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
+}
+
 /// True for the channel names of PROTOCOL.md §2.
 pub fn is_valid_channel(name: &str) -> bool {
     match name {
         "events" | "deliveries" | "issues" => true,
         _ => match name.split_once(':') {
-            Some(("events" | "deliveries" | "collections", id)) => crate::publish::is_valid_id(id),
+            Some(("events" | "deliveries" | "collections", id)) => is_valid_id(id),
             _ => false,
         },
     }

@@ -66,14 +66,7 @@ struct RouteIds {
     destination_id: Option<serde_json::Value>,
 }
 
-/// True when `id` matches `[A-Za-z0-9_.-]{1,128}`.
-pub fn is_valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= crate::limits::ID_BYTES_MAX
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
-}
+pub use crate::message::is_valid_id;
 
 fn string_id(value: Option<serde_json::Value>, field: &str) -> Result<String, String> {
     match value {

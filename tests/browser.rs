@@ -2,7 +2,9 @@
 //! (PROTOCOL.md §5): sign in and see a published message; reconnect by
 //! itself after the server restarts and show what was missed once (resume
 //! by seq); fall back to polling when WebSockets are blocked; refuse a
-//! cookie-authenticated socket to a page of another origin.
+//! cookie-authenticated socket to a page of another origin; sign out one
+//! browser of two signed in with one key (the other goes on; a second tab
+//! says it was signed out, not revoked).
 //!
 //! Each scenario starts a real `hookstream serve` and runs
 //! `node tests/browser/dashboard.mjs` (playwright-core driving Debian's
@@ -342,6 +344,30 @@ fn falls_back_to_polling_when_websockets_are_blocked() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let server = server();
     let pass = run_scenario("polling", &Target::of(&server), no_control);
+    println!("{pass}");
+}
+
+#[test]
+fn a_sign_out_ends_only_that_browser_and_says_so() {
+    require_setup();
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = server();
+    let pass = run_scenario("sign-out", &Target::of(&server), |request| match request {
+        "revoke" => {
+            let listed: serde_json::Value = serde_json::from_str(&common::cli(
+                &["api-keys", "list", "--json"],
+                server.data_dir(),
+            ))
+            .map_err(|e| format!("api-keys list --json: {e}"))?;
+            let keys = listed.as_array().ok_or("api-keys list is not an array")?;
+            for key in keys.iter().filter(|k| k["org_id"] == ORG) {
+                let id = key["id"].as_str().ok_or("a key without id")?;
+                common::cli(&["api-keys", "revoke", id], server.data_dir());
+            }
+            Ok(String::new())
+        }
+        other => Err(format!("unknown CONTROL {other}")),
+    });
     println!("{pass}");
 }
 

@@ -556,7 +556,10 @@ fn python_websockets_negotiates_and_reads_compressed_frames() {
 
 #[test]
 fn node_ws_with_per_message_deflate_negotiates_and_reads_compressed_frames() {
-    require_peer("Node ws in tests/deflate", tools_dir().join("node_modules/ws").is_dir());
+    require_peer(
+        "Node ws in tests/deflate",
+        tools_dir().join("node_modules/ws").is_dir(),
+    );
     let server = Server::start(&["org_p"]);
     let bodies = peer_bodies();
     let script = tools_dir().join("client.js");

@@ -478,7 +478,7 @@ fn poll_pagination_returns_each_message_exactly_once() {
     );
     let big = get_json(
         addr,
-        &format!("/v1/poll?channels=events&limit=5000&token={key}"),
+        &format!("/v1/poll?channels=events&after=0&limit=5000&token={key}"),
     );
     assert_eq!(big["messages"].as_array().unwrap().len(), 120);
     assert_eq!(big["org_id"], "org_p");
@@ -817,8 +817,12 @@ fn retention_by_age_expires_messages_and_keeps_the_seq() {
     let mut node = Node::start(dir.path(), &["--history-age", "2s"]);
     node.publish_ok(&issue("org_g", "old"));
     std::thread::sleep(Duration::from_millis(3200));
-    let page = get_json(node.ws, &format!("/v1/poll?channels=issues&token={key}"));
+    let page = get_json(
+        node.ws,
+        &format!("/v1/poll?channels=issues&after=0&token={key}"),
+    );
     assert_eq!(page["messages"], serde_json::json!([]));
+    assert_eq!(page["recovered"], false, "{page}");
     let mut client = Client::connect(node.ws, &format!("/v1/ws?token={key}"));
     assert_eq!(client.welcome["seq"], 1);
     let ack = client.subscribe_after("issues", 0);

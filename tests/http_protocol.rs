@@ -8,10 +8,12 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 
 use hookstream::limits::{HEADERS_MAX, HEAD_BYTES_MAX};
+use hookstream::protocol::chunked::{ChunkedDecoder, ChunkedError};
 use hookstream::protocol::http::{
-    accept_key, bearer_token, cookie_value, error_code, parse_head, percent_decode, reason_phrase,
-    validate_upgrade, write_error, write_http_error, write_response, write_switching_protocols,
-    HttpError, Upgrade, SWITCHING_PROTOCOLS_LEN_MAX,
+    accept_key, bearer_token, cookie_value, error_code, mark_closing, parse_head, parse_head_with,
+    percent_decode, reason_phrase, validate_upgrade, write_error, write_http_error, write_response,
+    write_switching_protocols, Framing, HeadRules, HttpError, Upgrade, PROBE_PATHS,
+    SWITCHING_PROTOCOLS_LEN_MAX,
 };
 use proptest::prelude::*;
 
@@ -175,9 +177,9 @@ fn upgrade_rules_give_their_exact_status() {
             426,
         ),
         (
-            "missing version",
+            "missing version is malformed, not another version",
             upgrade_with(&[("Sec-WebSocket-Version", None)]),
-            426,
+            400,
         ),
         (
             "version 12 with a bad key still learns the version",
@@ -337,6 +339,140 @@ fn head_rules_give_their_exact_status() {
             "case: {name}"
         );
     }
+}
+
+/// The rules of the admin listener: chunked bodies and HTTP/1.0 probes.
+const RELAXED: HeadRules = HeadRules {
+    chunked: true,
+    http10_paths: PROBE_PATHS,
+};
+
+/// What `parse_head_with` ends in: the framing and HTTP/1.0-ness of a
+/// complete head, or the status of the error.
+type Relaxed = Result<(Framing, bool), u16>;
+
+fn relaxed_outcome(request: &str, rules: HeadRules) -> Relaxed {
+    let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+    match parse_head_with(request.as_bytes(), &mut headers, BODY_BYTES_MAX, rules) {
+        Ok(Some(head)) => Ok((head.framing, head.http10)),
+        Ok(None) => panic!("incomplete: {request:?}"),
+        Err(error) => Err(error.status()),
+    }
+}
+
+#[test]
+fn relaxed_rules_take_chunked_bodies_and_http10_probes_only() {
+    let post = |extra: &str| format!("POST /v1/publish HTTP/1.1\r\nHost: h\r\n{extra}\r\n");
+    let cases: Vec<(&str, String, Relaxed)> = vec![
+        ("no framing", post(""), Ok((Framing::Unframed, false))),
+        (
+            "Content-Length",
+            post("Content-Length: 3\r\n"),
+            Ok((Framing::Length, false)),
+        ),
+        (
+            "chunked",
+            post("Transfer-Encoding: chunked\r\n"),
+            Ok((Framing::Chunked, false)),
+        ),
+        (
+            "chunked, any case",
+            post("Transfer-Encoding:  Chunked \r\n"),
+            Ok((Framing::Chunked, false)),
+        ),
+        (
+            "chunked next to Content-Length",
+            post("Transfer-Encoding: chunked\r\nContent-Length: 3\r\n"),
+            Err(400),
+        ),
+        ("gzip", post("Transfer-Encoding: gzip\r\n"), Err(411)),
+        (
+            "gzip, chunked",
+            post("Transfer-Encoding: gzip, chunked\r\n"),
+            Err(411),
+        ),
+        (
+            "chunked twice",
+            post("Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n"),
+            Err(411),
+        ),
+        (
+            "HTTP/1.0 probe without Host",
+            "GET /healthz HTTP/1.0\r\n\r\n".to_string(),
+            Ok((Framing::Unframed, true)),
+        ),
+        (
+            "HTTP/1.0 HEAD probe with Host",
+            "HEAD /readyz HTTP/1.0\r\nHost: lb\r\n\r\n".to_string(),
+            Ok((Framing::Unframed, true)),
+        ),
+        (
+            "HTTP/1.0 probe with a query",
+            "GET /healthz?check=1 HTTP/1.0\r\n\r\n".to_string(),
+            Ok((Framing::Unframed, true)),
+        ),
+        (
+            "HTTP/1.0 POST of a probe path",
+            "POST /healthz HTTP/1.0\r\n\r\n".to_string(),
+            Err(505),
+        ),
+        (
+            "HTTP/1.0 of another path",
+            "GET /metrics HTTP/1.0\r\nHost: h\r\n\r\n".to_string(),
+            Err(505),
+        ),
+        (
+            "HTTP/1.0 upgrade",
+            "GET /v1/ws HTTP/1.0\r\nHost: h\r\n\r\n".to_string(),
+            Err(505),
+        ),
+        (
+            "HTTP/1.1 probe still needs Host",
+            "GET /healthz HTTP/1.1\r\n\r\n".to_string(),
+            Err(400),
+        ),
+    ];
+    for (name, request, expected) in cases {
+        assert_eq!(relaxed_outcome(&request, RELAXED), expected, "case: {name}");
+    }
+    // The strict rules (and parse_head) keep refusing both.
+    assert_eq!(
+        relaxed_outcome(&post("Transfer-Encoding: chunked\r\n"), HeadRules::STRICT),
+        Err(411)
+    );
+    assert_eq!(
+        relaxed_outcome("GET /healthz HTTP/1.0\r\n\r\n", HeadRules::STRICT),
+        Err(505)
+    );
+    // A chunked upgrade is an upgrade with a body.
+    let chunked_upgrade = upgrade_with(&[("Transfer-Encoding", Some("chunked"))]);
+    let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+    let head = parse_head_with(&chunked_upgrade, &mut headers, BODY_BYTES_MAX, RELAXED)
+        .expect("parses")
+        .expect("complete");
+    assert_eq!(
+        validate_upgrade(&head).err(),
+        Some(HttpError::UpgradeWithBody)
+    );
+}
+
+#[test]
+fn closing_answers_say_so_once() {
+    let mut out = Vec::new();
+    write_response(&mut out, 200, "application/json", &[], b"{}");
+    mark_closing(&mut out);
+    let response = parse_response(&out);
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("connection"), Some("close"));
+    assert_eq!(response.body, b"{}");
+    let once = out.clone();
+    mark_closing(&mut out);
+    assert_eq!(out, once);
+    let mut out = Vec::new();
+    write_http_error(&mut out, HttpError::LengthRequired);
+    let before = out.clone();
+    mark_closing(&mut out);
+    assert_eq!(out, before);
 }
 
 /// A plain request with `count` headers in total (Host included).
@@ -1074,6 +1210,65 @@ proptest! {
         let _ = cookie_value(&bytes, "hs_session");
         let _ = accept_key(&bytes);
         let _ = percent_decode(&text);
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whole_in_any_chunking_and_any_feeding(
+        body in prop::collection::vec(any::<u8>(), 0..2000),
+        chunk_lens in prop::collection::vec(1usize..300, 1..20),
+        feed_lens in prop::collection::vec(1usize..64, 1..20),
+        upper_hex in any::<bool>(),
+    ) {
+        // Encode `body` in chunks of the given sizes (cycled).
+        let mut encoded = Vec::new();
+        let mut rest = &body[..];
+        let mut sizes = chunk_lens.iter().cycle();
+        while !rest.is_empty() {
+            let take = (*sizes.next().unwrap()).min(rest.len());
+            let size = if upper_hex { format!("{take:X}") } else { format!("{take:x}") };
+            encoded.extend_from_slice(size.as_bytes());
+            encoded.extend_from_slice(b"\r\n");
+            encoded.extend_from_slice(&rest[..take]);
+            encoded.extend_from_slice(b"\r\n");
+            rest = &rest[take..];
+        }
+        encoded.extend_from_slice(b"0\r\n\r\nGET / HTTP/1.1\r\n");
+        let body_end = encoded.len() - b"GET / HTTP/1.1\r\n".len();
+        // Feed it in pieces, keeping what a call left unused.
+        let mut decoder = ChunkedDecoder::new(body.len());
+        let mut decoded = Vec::new();
+        let mut pending = Vec::new();
+        let mut consumed = 0;
+        let mut feeds = feed_lens.iter().cycle();
+        let mut at = 0;
+        while !decoder.is_done() {
+            prop_assert!(at < encoded.len(), "ran out of input");
+            let take = (*feeds.next().unwrap()).min(encoded.len() - at);
+            pending.extend_from_slice(&encoded[at..at + take]);
+            at += take;
+            let used = decoder.feed(&pending, &mut decoded).expect("valid chunked body");
+            consumed += used;
+            pending.drain(..used);
+        }
+        prop_assert_eq!(&decoded, &body);
+        prop_assert_eq!(consumed, body_end);
+        // One byte less of room is refused as too large (when there is a body).
+        if !body.is_empty() {
+            let mut decoder = ChunkedDecoder::new(body.len() - 1);
+            let mut decoded = Vec::new();
+            prop_assert_eq!(decoder.feed(&encoded, &mut decoded), Err(ChunkedError::TooLarge));
+            prop_assert!(decoded.len() < body.len());
+        }
+    }
+
+    #[test]
+    fn arbitrary_chunked_input_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let mut decoder = ChunkedDecoder::new(256);
+        let mut decoded = Vec::new();
+        if let Ok(used) = decoder.feed(&bytes, &mut decoded) {
+            prop_assert!(used <= bytes.len());
+            prop_assert!(decoded.len() <= 256);
+        }
     }
 
     #[test]

@@ -17,8 +17,9 @@
 //
 // Beyond the contract, for dashboards: `on("reachable", (bool) => …)` (did
 // the last poll get an answer), `on("error", (e) => …)` (server `error`
-// messages, and {code: "unauthorized" | "key_revoked" | "poll_failed" |
-// "history_gap"}),
+// messages, and {code: "unauthorized" | "key_revoked" | "signed_out" |
+// "poll_failed" | "history_gap"}; the socket's close 4003 is "signed_out"
+// when its reason says the session was signed out, "key_revoked" otherwise),
 // `on("reconnect", ({delayMs, attempt}) => …)`, `on("duplicate", …)`, and
 // the counters in `stream.stats`. Every `on` returns a function that
 // removes the listener.
@@ -60,8 +61,10 @@ const POLL_LIMIT = 1000;
 const POLL_PAGES_MAX = 50;
 /** A socket open this long counts as stable: the next drop starts the backoff over. */
 const STABLE_MS = 5000;
-/** Close code of a revoked key: reconnecting cannot help. */
+/** Close code of a revoked key or a signed-out session: reconnecting cannot help. */
 const CLOSE_KEY_REVOKED = 4003;
+/** The close reason of 4003 when the session was signed out (the key is still valid). */
+const REASON_SIGNED_OUT = "signed out";
 /** Message types that carry a channel's data. */
 const DATA_TYPES = new Set(["event", "delivery", "issue", "sync"]);
 
@@ -314,7 +317,7 @@ class Stream {
     this.socket = socket;
     socket.onmessage = (event) => this.received(socket, event.data);
     socket.onclose = (event) => {
-      if (this.socket === socket) this.dropped(event.code);
+      if (this.socket === socket) this.dropped(event.code, event.reason);
     };
     // Failures are followed by onclose, which handles them.
     socket.onerror = () => {};
@@ -364,8 +367,9 @@ class Stream {
   }
 
   serverError(error) {
-    // The retained history no longer reaches back to our mark: take what is
-    // there from now on, and say that some messages were not seen.
+    // Not sent by this server (a lost history is `subscribed` with
+    // `recovered: false`), kept for servers that do: take what is there
+    // from now on, and say that some messages were not seen.
     if (error.code === "history_unavailable" && this.marks.has(error.channel)) {
       this.send({ type: "subscribe", channel: error.channel });
     }
@@ -389,7 +393,7 @@ class Stream {
     }, periodMs);
   }
 
-  dropped(code) {
+  dropped(code, reason = "") {
     clearInterval(this.heartbeatTimer);
     if (this.socket) {
       this.socket.onmessage = null;
@@ -399,7 +403,13 @@ class Stream {
     if (this.closed) return;
     this.stats.drops += 1;
     if (code === CLOSE_KEY_REVOKED) {
-      this.emit("error", { code: "key_revoked", message: "the API key was revoked" });
+      // The server says which: the session signed out (here or in another
+      // tab of this browser), or the key itself revoked.
+      if (reason === REASON_SIGNED_OUT) {
+        this.emit("error", { code: "signed_out", message: "this session was signed out" });
+      } else {
+        this.emit("error", { code: "key_revoked", message: "the API key was revoked" });
+      }
       this.close();
       return;
     }
@@ -483,19 +493,15 @@ class Stream {
   /** Reads poll pages until caught up. */
   async pollPages() {
     // Channels without a mark yet (subscribed before any welcome or poll
-    // answer): read their history to the end to find one, handing over
-    // nothing, since a new subscription starts now, not at the oldest
+    // answer): a poll without `after` answers the org's current seq and no
+    // messages, since a new subscription starts now, not at the oldest
     // retained message. Rare: the welcome gives marks within milliseconds
     // unless the WebSocket cannot open at all.
     const unknown = this.channels().filter((channel) => this.marks.get(channel) === null);
     if (unknown.length > 0) {
-      let after = 0;
-      for (let page = 0; ; page += 1) {
-        const answer = await this.fetchPoll(unknown, after, 0);
-        if (answer === null) return;
-        after = answer.next_after;
-        if (answer.messages.length < POLL_LIMIT || page + 1 >= POLL_PAGES_MAX) break;
-      }
+      const answer = await this.fetchPoll(unknown, null, 0);
+      if (answer === null) return;
+      const after = answer.next_after;
       this.raiseKnown(after);
       for (const channel of unknown) {
         if (this.marks.get(channel) === null) this.marks.set(channel, after);
@@ -509,6 +515,17 @@ class Stream {
       const waitMs = page === 0 && !this.isOpen() ? POLL_WAIT_MS : 0;
       const answer = await this.fetchPoll(polled, after, waitMs);
       if (answer === null) return;
+      if (answer.recovered === false) {
+        // Retention dropped messages after our mark (or the server's data
+        // was reset): what follows is all there is.
+        for (const channel of polled) {
+          this.emit("error", {
+            code: "history_gap",
+            channel,
+            message: `some messages of ${channel} were published while away and are no longer retained`,
+          });
+        }
+      }
       for (const message of answer.messages) this.deliver(message, "poll");
       // Everything of the polled channels up to next_after is handed over.
       for (const channel of polled) {
@@ -522,12 +539,11 @@ class Stream {
     }
   }
 
+  /** One poll; `after` null asks for the current seq (no messages). */
   async fetchPoll(channels, after, waitMs) {
-    const query = new URLSearchParams({
-      channels: channels.join(","),
-      after: String(after),
-      limit: String(POLL_LIMIT),
-    });
+    const query = new URLSearchParams({ channels: channels.join(",") });
+    if (after !== null) query.set("after", String(after));
+    query.set("limit", String(POLL_LIMIT));
     if (waitMs > 0) query.set("wait_ms", String(waitMs));
     const headers = this.token ? { Authorization: `Bearer ${this.token}` } : {};
     this.pollAbort = new AbortController();

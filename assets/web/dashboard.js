@@ -140,7 +140,13 @@ function showLive(who) {
     reconnectAt = Date.now() + delayMs;
   });
   stream.on("error", (error) => {
-    if (error.code === "unauthorized" || error.code === "key_revoked") {
+    if (error.code === "signed_out") {
+      stopStream();
+      showSignIn("You were signed out (here or in another tab). Sign in again.");
+    } else if (error.code === "key_revoked") {
+      stopStream();
+      showSignIn("The API key of this session was revoked. Sign in with another key.");
+    } else if (error.code === "unauthorized") {
       stopStream();
       showSignIn("Your session ended (expired, signed out elsewhere, or its key was revoked). Sign in again.");
     } else if (error.code === "history_gap") {

@@ -4,10 +4,16 @@
 //! in `<data-dir>/session-secret` (generated once, mode 0600), then checks
 //! that the key is still active, so a session dies with its key.
 //!
-//! The cookie value is `1.<org_id>.<key_id>.<expires_unix_secs>.<mac>`, with
-//! `mac` the base64url HMAC of everything before it. Org ids and key ids
-//! never contain a dot, so the split is unambiguous; every character is a
-//! cookie-octet (RFC 6265 §4.1.1), so the value needs no quoting.
+//! The cookie value is `2.<org_id>.<key_id>.<expires_unix_secs>.<nonce>.<mac>`,
+//! with `nonce` 128 random bits (base64url) drawn for each sign-in and `mac`
+//! the base64url HMAC of everything before it. The nonce makes each sign-in
+//! its own session: two browsers signing in with one key in the same second
+//! get different cookies, and signing one out (which names the session by a
+//! hash of its cookie) leaves the other signed in. Cookies of the first
+//! format, `1.<org_id>.<key_id>.<expires_unix_secs>.<mac>` (no nonce), stay
+//! valid until they expire. Org ids, key ids and the nonce never contain a
+//! dot, so the split is unambiguous; every character is a cookie-octet
+//! (RFC 6265 §4.1.1), so the value needs no quoting.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -23,9 +29,14 @@ use crate::protocol::http::SESSION_COOKIE_NAME;
 /// File name of the signing secret inside the data directory.
 pub const SECRET_FILE: &str = "session-secret";
 
-/// Version tag, the first field of every cookie; a new format gets a new tag
-/// and old cookies are then simply refused.
-const FORMAT_TAG: &str = "1";
+/// Version tag, the first field of every cookie issued now.
+const FORMAT_TAG: &str = "2";
+
+/// Tag of the first format (no nonce): still verified, never issued.
+const FORMAT_TAG_WITHOUT_NONCE: &str = "1";
+
+/// Random bytes of a sign-in's nonce.
+const NONCE_BYTES: usize = 16;
 
 /// Longest cookie value accepted for verification: tag, a 64-byte org id, a
 /// key id, a timestamp and a 43-byte MAC fit well within it.
@@ -139,15 +150,38 @@ impl SessionSigner {
         mac
     }
 
-    /// The cookie value for a session.
+    /// The cookie value for a new sign-in to `session`: its own nonce, so
+    /// no two sign-ins share a cookie.
     pub fn issue(&self, session: &Session) -> String {
+        let mut nonce = [0u8; NONCE_BYTES];
+        getrandom::fill(&mut nonce).expect("the operating system's random source failed");
+        self.issue_with_nonce(session, &nonce)
+    }
+
+    /// The cookie value for `session` with a given nonce (tests).
+    pub fn issue_with_nonce(&self, session: &Session, nonce: &[u8; NONCE_BYTES]) -> String {
         assert!(crate::auth::keys::is_valid_org_id(&session.org_id));
         assert!(!session.key_id.is_empty());
         assert!(!session.key_id.contains('.'));
+        let nonce = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(nonce);
         let payload = format!(
-            "{FORMAT_TAG}.{}.{}.{}",
+            "{FORMAT_TAG}.{}.{}.{}.{nonce}",
             session.org_id, session.key_id, session.expires_unix_secs
         );
+        self.sign(payload)
+    }
+
+    /// A cookie of the first format, without a nonce (tests of the
+    /// compatibility rule; never issued by the server).
+    pub fn issue_without_nonce(&self, session: &Session) -> String {
+        let payload = format!(
+            "{FORMAT_TAG_WITHOUT_NONCE}.{}.{}.{}",
+            session.org_id, session.key_id, session.expires_unix_secs
+        );
+        self.sign(payload)
+    }
+
+    fn sign(&self, payload: String) -> String {
         let tag = self.mac(&payload).finalize().into_bytes();
         let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag);
         format!("{payload}.{tag}")
@@ -168,15 +202,20 @@ impl SessionSigner {
         // comparison inside `verify_slice` takes constant time.
         self.mac(payload).verify_slice(&tag).ok()?;
         let mut fields = payload.split('.');
-        let (Some(FORMAT_TAG), Some(org_id), Some(key_id), Some(expires), None) = (
-            fields.next(),
-            fields.next(),
-            fields.next(),
-            fields.next(),
-            fields.next(),
-        ) else {
+        let (Some(tag), Some(org_id), Some(key_id), Some(expires)) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
             return None;
         };
+        // The current format ends with the nonce; the first one ends here.
+        let well_formed = match (tag, fields.next(), fields.next()) {
+            (FORMAT_TAG, Some(nonce), None) => !nonce.is_empty(),
+            (FORMAT_TAG_WITHOUT_NONCE, None, None) => true,
+            _ => false,
+        };
+        if !well_formed {
+            return None;
+        }
         let expires_unix_secs: u64 = expires.parse().ok()?;
         if now_unix_secs >= expires_unix_secs {
             return None;
@@ -234,6 +273,42 @@ mod tests {
     fn round_trip_before_expiry() {
         let cookie = signer().issue(&session(1_000));
         assert_eq!(signer().verify(&cookie, 999), Some(session(1_000)));
+    }
+
+    #[test]
+    fn each_sign_in_gets_its_own_cookie() {
+        let first = signer().issue(&session(1_000));
+        let second = signer().issue(&session(1_000));
+        assert_ne!(first, second);
+        assert!(first.starts_with("2.org_a.key_0123456789abcdef.1000."));
+        assert_eq!(signer().verify(&first, 999), Some(session(1_000)));
+        assert_eq!(signer().verify(&second, 999), Some(session(1_000)));
+        let fixed = signer().issue_with_nonce(&session(1_000), &[1; NONCE_BYTES]);
+        assert_eq!(
+            fixed,
+            signer().issue_with_nonce(&session(1_000), &[1; NONCE_BYTES])
+        );
+    }
+
+    #[test]
+    fn first_format_cookies_stay_valid_until_they_expire() {
+        let old = signer().issue_without_nonce(&session(1_000));
+        assert!(old.starts_with("1.org_a.key_0123456789abcdef.1000."));
+        assert_eq!(signer().verify(&old, 999), Some(session(1_000)));
+        assert_eq!(signer().verify(&old, 1_000), None);
+        // A tag that does not match its field count is refused even when
+        // signed: a nonce under tag 1, none under tag 2.
+        let payload_1_with_nonce = "1.org_a.key_0123456789abcdef.1000.abc".to_string();
+        assert_eq!(
+            signer().verify(&signer().sign(payload_1_with_nonce), 0),
+            None
+        );
+        let payload_2_without = "2.org_a.key_0123456789abcdef.1000".to_string();
+        assert_eq!(signer().verify(&signer().sign(payload_2_without), 0), None);
+        let payload_2_empty = "2.org_a.key_0123456789abcdef.1000.".to_string();
+        assert_eq!(signer().verify(&signer().sign(payload_2_empty), 0), None);
+        let payload_3 = "3.org_a.key_0123456789abcdef.1000.abc".to_string();
+        assert_eq!(signer().verify(&signer().sign(payload_3), 0), None);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{channel_matches, History, Retained};
+use super::{channel_matches, History, Log, Retained};
 use crate::message::MessageKind;
 
 /// Which messages a query wants.
@@ -56,6 +56,15 @@ pub struct Answer {
     pub next_after: u64,
     /// With [`Range::Before`]: whether older matches exist.
     pub has_more: bool,
+    /// With [`Range::After`]: false when messages after the query's `after`
+    /// may be missing from the answer: retention dropped some of them, or
+    /// `after` was above the org's latest seq (a seq from a data directory
+    /// since reset), in which case the answer starts from the latest seq.
+    pub recovered: bool,
+    /// With [`Range::After`]: the seq the answer really starts after: the
+    /// query's `after`, or the org's latest seq when the query had none or
+    /// one above it.
+    pub started_after: u64,
 }
 
 /// Expands messages into one envelope per matching channel, stopping
@@ -85,7 +94,7 @@ fn expand(items: &[Retained], channels: &[String], limit: usize) -> (Vec<Envelop
 }
 
 /// Runs a query on the owner shard's history.
-pub async fn run(history: &History, query: Query) -> Answer {
+pub async fn run<L: Log>(history: &History<L>, query: Query) -> Answer {
     let limit = query.limit.max(1);
     match query.range {
         Range::Before(before) => {
@@ -97,17 +106,37 @@ pub async fn run(history: &History, query: Query) -> Answer {
                 messages,
                 next_after: 0,
                 has_more: has_more || cut.is_some(),
+                recovered: true,
+                started_after: 0,
             }
         }
         Range::After(after) => {
             let deadline = Instant::now() + Duration::from_millis(query.wait_ms);
-            let mut after = after.unwrap_or_else(|| history.committed(&query.org_id));
+            let latest = history.committed(&query.org_id);
+            // `None` starts from now. An `after` above the latest seq cannot
+            // be one this org gave out (its data directory was reset): going
+            // on from it would skip every new message up to it, so the
+            // answer starts from the latest seq and says history was lost.
+            let (mut after, mut recovered) = match after {
+                None => (latest, true),
+                Some(after) if after > latest => (latest, false),
+                Some(after) => (after, true),
+            };
+            // Retention may drop messages above `after` while the first
+            // read runs; it only ever drops more, so checking once that read
+            // is done is the safe order.
+            let first_after = after;
+            let mut first_read = true;
             loop {
                 let seen = history.committed_notify.generation();
                 let upto = history.committed(&query.org_id);
                 let (items, scanned) = history
                     .read_forward(&query.org_id, after, upto, limit, &query.channels)
                     .await;
+                if first_read {
+                    first_read = false;
+                    recovered &= first_after >= history.trimmed_through(&query.org_id);
+                }
                 let left = deadline.saturating_duration_since(Instant::now());
                 if !items.is_empty() || left.is_zero() || history.shutdown().is_stopping() {
                     let (messages, cut) = expand(&items, &query.channels, limit);
@@ -115,6 +144,8 @@ pub async fn run(history: &History, query: Query) -> Answer {
                         messages,
                         next_after: cut.unwrap_or(scanned),
                         has_more: false,
+                        recovered,
+                        started_after: first_after,
                     };
                 }
                 after = scanned;

@@ -2,6 +2,7 @@
 //! answers complete (value, bytes used), need more (`Ok(None)`), or an error
 //! that maps to exactly one HTTP status or WebSocket close code.
 
+pub mod chunked;
 pub mod deflate;
 pub mod http;
 pub mod ws;

@@ -56,6 +56,8 @@ impl ChannelTable {
         }
         let bit = match self.free.pop() {
             Some(bit) => {
+                debug_assert_eq!(self.subscribers[bit as usize], 0, "a free bit in use");
+                debug_assert!(!self.held.contains(&bit), "a held bit reused");
                 self.names[bit as usize] = Some(name.into());
                 bit
             }
@@ -80,6 +82,10 @@ impl ChannelTable {
             if let Some(name) = self.names[bit as usize].take() {
                 self.by_name.remove(&name);
             }
+            debug_assert!(
+                !self.held.contains(&bit) && !self.free.contains(&bit),
+                "bit {bit} freed twice"
+            );
             if hold {
                 self.held.push(bit);
             } else {

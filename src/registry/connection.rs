@@ -124,7 +124,7 @@ pub struct Partial {
 /// One connection's record: what an idle connection costs in user space.
 #[derive(Debug)]
 pub struct Connection {
-    /// Generation of this record (see [`ConnKey`]).
+    /// Generation of this record (see [`super::ConnKey`]).
     pub generation: u32,
     /// The socket; the record owns it (closed when the record is removed).
     pub fd: RawFd,

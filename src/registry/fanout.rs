@@ -71,6 +71,10 @@ const PREFETCH_AHEAD: usize = 16;
 /// Hints the CPU to load connection record `index` into cache.
 #[inline]
 fn prefetch(connections: &Slab<Connection>, index: u32) {
+    debug_assert!(
+        connections.contains(index as usize),
+        "prefetch of {index}, not an occupied slot"
+    );
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: every index in an org's connection list other than
@@ -107,6 +111,7 @@ impl Registry {
         let position = match staged.iter().rposition(|b| b.org == org) {
             Some(position) => position,
             None => {
+                debug_assert!(record.delivering < u32::MAX, "delivering count overflow");
                 record.delivering += 1;
                 staged.push(Broadcast {
                     org,
@@ -165,6 +170,21 @@ impl Registry {
             return;
         }
         let org = broadcast.org as usize;
+        // The walked positions stay put until `finish`: only a broadcast
+        // being delivered may be walked, and only within what was there
+        // when it was staged.
+        debug_assert!(
+            self.orgs[org].delivering > 0,
+            "walk of a finished broadcast"
+        );
+        debug_assert!(
+            positions.end <= broadcast.positions,
+            "walk past the staged range"
+        );
+        debug_assert!(
+            broadcast.positions <= self.orgs[org].connections.len(),
+            "positions removed during a walk"
+        );
         let mut matched: SmallVec<[&Frame; 16]> = SmallVec::new();
         let end = positions.end;
         for position in positions {
@@ -180,6 +200,11 @@ impl Registry {
                 continue;
             }
             let conn = &self.connections[index as usize];
+            debug_assert_eq!(conn.org, broadcast.org, "a record in another org's list");
+            debug_assert_eq!(
+                conn.org_position as usize, position,
+                "a record moved during a walk"
+            );
             if !conn.state.can_send() {
                 continue;
             }
@@ -209,10 +234,15 @@ impl Registry {
     /// that left meanwhile.
     pub fn finish(&mut self, broadcast: &Broadcast) {
         let org_record = &mut self.orgs[broadcast.org as usize];
+        assert!(org_record.delivering > 0, "finish without a stage");
         org_record.delivering -= 1;
         if org_record.delivering > 0 {
             return;
         }
+        debug_assert!(
+            org_record.vacant.len() <= org_record.connections.len(),
+            "more vacancies than positions"
+        );
         org_record.channels.unhold();
         let mut vacant = std::mem::take(&mut org_record.vacant);
         // Highest first: every vacancy above the one being filled is gone,
@@ -226,6 +256,18 @@ impl Registry {
         }
         vacant.clear();
         org_record.vacant = vacant;
+        debug_assert!(
+            !org_record.connections.contains(&VACANT),
+            "a vacancy left after the walk"
+        );
+        debug_assert!(org_record
+            .connections
+            .iter()
+            .enumerate()
+            .all(
+                |(position, &index)| self.connections[index as usize].org_position as usize
+                    == position
+            ));
     }
 
     /// True while a broadcast of org `org_id` is being delivered: a

@@ -210,7 +210,7 @@ impl Registry {
     }
 
     /// The org's slab index, created on first use.
-    pub fn org_index(&mut self, org_id: &str) -> u32 {
+    pub(crate) fn org_index(&mut self, org_id: &str) -> u32 {
         if let Some(index) = self.org_by_id.get(org_id) {
             return *index;
         }
@@ -336,6 +336,10 @@ impl Registry {
         }
         assert_eq!(org_record.connections[position], key.index);
         if org_record.delivering > 0 {
+            debug_assert!(
+                !org_record.vacant.contains(&(position as u32)),
+                "a position vacated twice"
+            );
             org_record.connections[position] = VACANT;
             org_record.vacant.push(position as u32);
             return;
@@ -517,6 +521,11 @@ impl Registry {
             })
             .map(|(key, _)| *key)
             .collect()
+    }
+
+    /// The API key id connection `key` was accepted with.
+    pub fn key_id_of(&self, key: ConnKey) -> Option<&str> {
+        self.get(key).map(|conn| &*self.key_ids[conn.key as usize])
     }
 
     /// Key ids of every open connection.

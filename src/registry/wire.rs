@@ -47,7 +47,7 @@ pub trait Wire {
 }
 
 /// The plaintext wire: a non-blocking vectored send of the frames as they
-/// are, at most [`SEND_SLICES_MAX`] per call.
+/// are, at most `SEND_SLICES_MAX` (1,024) per call.
 impl<F> Wire for F
 where
     F: FnMut(RawFd, &[IoSlice<'_>]) -> std::io::Result<usize>,

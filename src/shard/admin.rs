@@ -1,6 +1,8 @@
 //! The admin listener: `POST /v1/publish`, `GET /metrics` (both with the
 //! admin token), and the `GET /healthz` / `GET /readyz` probes. HTTP/1.1
 //! with keep-alive; every request bounded in head size, body size and time.
+//! A publish body comes with `Content-Length` or chunked, and is read only
+//! once the admin token was checked; HTTP/1.0 is answered for the probes.
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -11,6 +13,7 @@ use glommio::net::{TcpListener, TcpStream};
 use super::Shard;
 use crate::auth::keys::constant_time_eq;
 use crate::limits::{HEADERS_MAX, HEAD_TIMEOUT_MS};
+use crate::protocol::chunked::ChunkedDecoder;
 use crate::protocol::http;
 
 /// Time a client has to send a whole body once its head arrived.
@@ -40,7 +43,31 @@ struct Request {
     expects_continue: bool,
     head_len: usize,
     content_length: usize,
+    framing: http::Framing,
 }
+
+impl Request {
+    /// True when the request announces a body (of any length or chunked).
+    fn has_body(&self) -> bool {
+        self.framing == http::Framing::Chunked || self.content_length > 0
+    }
+
+    /// True for the one request whose body is read: an authorized publish.
+    /// Every other request is answered without reading its body (PROTOCOL.md
+    /// §3: a bad token costs the server nothing), and its connection closes
+    /// when it announced one, since where the next request starts is then
+    /// unknown.
+    fn body_wanted(&self) -> bool {
+        self.authorized && self.method == "POST" && self.path == "/v1/publish"
+    }
+}
+
+/// What the admin listener accepts beyond strict HTTP/1.1: chunked publish
+/// bodies, and HTTP/1.0 health probes.
+const ADMIN_HEAD_RULES: http::HeadRules = http::HeadRules {
+    chunked: true,
+    http10_paths: http::PROBE_PATHS,
+};
 
 enum ReadError {
     /// Closed, failed or idle: drop silently.
@@ -88,7 +115,12 @@ async fn read_more(
 
 fn parse_request(shard: &Shard, buffer: &[u8]) -> Result<Option<Request>, ReadError> {
     let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
-    match http::parse_head(buffer, &mut headers, shard.config.publish_body_bytes) {
+    match http::parse_head_with(
+        buffer,
+        &mut headers,
+        shard.config.publish_body_bytes,
+        ADMIN_HEAD_RULES,
+    ) {
         Ok(None) => Ok(None),
         Err(error) => Err(ReadError::Status(error.status(), Some(error))),
         Ok(Some(head)) => {
@@ -110,10 +142,67 @@ fn parse_request(shard: &Shard, buffer: &[u8]) -> Result<Option<Request>, ReadEr
                 expects_continue: head.expects_continue(),
                 head_len: head.head_len,
                 content_length: head.content_length,
+                framing: head.framing,
             }))
         }
     }
 }
+
+/// Where a publish body ended up.
+enum Body {
+    /// The first this many bytes of the read buffer (`Content-Length`).
+    InBuffer(usize),
+    /// Decoded from chunks; the read buffer holds only what follows it.
+    Decoded(Vec<u8>),
+}
+
+/// Reads the body of an authorized publish; the bytes after the head are
+/// already in `buffer` (from which the head was drained), and the rest of
+/// the buffer after the body is the next request.
+async fn read_body(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    buffer: &mut Vec<u8>,
+    request: &Request,
+) -> Result<Body, ReadError> {
+    let deadline = Instant::now() + Duration::from_millis(BODY_TIMEOUT_MS);
+    match request.framing {
+        http::Framing::Unframed => Err(ReadError::Status(
+            411,
+            Some(http::HttpError::LengthRequired),
+        )),
+        http::Framing::Length => {
+            let length = request.content_length;
+            if request.expects_continue && buffer.len() < length {
+                let _ = stream.write_all(CONTINUE).await;
+            }
+            while buffer.len() < length {
+                read_more(stream, buffer, deadline).await?;
+            }
+            Ok(Body::InBuffer(length))
+        }
+        http::Framing::Chunked => {
+            if request.expects_continue && buffer.is_empty() {
+                let _ = stream.write_all(CONTINUE).await;
+            }
+            let mut decoder = ChunkedDecoder::new(shard.config.publish_body_bytes);
+            let mut body = Vec::new();
+            loop {
+                let used = decoder
+                    .feed(buffer, &mut body)
+                    .map_err(|e| ReadError::Status(e.status(), None))?;
+                buffer.drain(..used);
+                if decoder.is_done() {
+                    return Ok(Body::Decoded(body));
+                }
+                // A body cut short (EOF, reset) is Gone: nothing published.
+                read_more(stream, buffer, deadline).await?;
+            }
+        }
+    }
+}
+
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
@@ -142,36 +231,54 @@ async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 return;
             }
         };
-        if request.expects_continue && buffer.len() < request.head_len + request.content_length {
-            let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
-        }
-        let body_deadline = Instant::now() + Duration::from_millis(BODY_TIMEOUT_MS);
-        while buffer.len() < request.head_len + request.content_length {
-            if let Err(error) = read_more(&mut stream, &mut buffer, body_deadline).await {
-                if let ReadError::Status(status, e) = error {
-                    answer_error(&mut stream, &mut out, status, e).await;
-                }
-                return;
-            }
-        }
-        let end = request.head_len + request.content_length;
-        let body = &buffer[request.head_len..end];
+        buffer.drain(..request.head_len);
         out.clear();
-        respond(&shard, &request, body, &mut out).await;
+        // The body is read only for an authorized publish: anything else
+        // is answered from its head alone (an unauthorized publish gets its
+        // 401 before a byte of its body is read) and, if it announced a
+        // body, its connection is closed unread.
+        let mut closing = request.close;
+        if request.body_wanted() {
+            let body = match read_body(&shard, &mut stream, &mut buffer, &request).await {
+                Ok(body) => body,
+                Err(ReadError::Gone) => return,
+                Err(ReadError::Status(status, e)) => {
+                    answer_error(&mut stream, &mut out, status, e).await;
+                    return;
+                }
+            };
+            match body {
+                Body::InBuffer(length) => {
+                    respond(&shard, &request, &buffer[..length], &mut out).await;
+                    buffer.drain(..length);
+                }
+                Body::Decoded(decoded) => respond(&shard, &request, &decoded, &mut out).await,
+            }
+        } else {
+            respond(&shard, &request, b"", &mut out).await;
+            // A refused token closes the connection too: whoever holds a
+            // wrong one has no reason to keep it open.
+            let refused =
+                !request.authorized && matches!(request.path.as_str(), "/v1/publish" | "/metrics");
+            closing |= request.has_body() || refused;
+        }
         if request.method == "HEAD" {
             // The GET answer's head (its Content-Length included), no body.
             if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
                 out.truncate(end + 4);
             }
         }
-        if request.close {
+        if closing {
+            http::mark_closing(&mut out);
             let _ = stream.write_all(&out).await;
+            // FIN after the answer, so the client reads it whole even when
+            // its unread body makes the close a reset.
+            let _ = stream.shutdown(std::net::Shutdown::Write).await;
             return;
         }
         if stream.write_all(&out).await.is_err() {
             return;
         }
-        buffer.drain(..end);
         if buffer.capacity() > 64 * 1024 && buffer.len() < 64 * 1024 {
             buffer.shrink_to(64 * 1024);
         }
@@ -190,22 +297,44 @@ async fn answer_error(
         None => http::write_error(out, status, &[("Connection", "close")]),
     }
     let _ = stream.write_all(out).await;
+    let _ = stream.shutdown(std::net::Shutdown::Write).await;
 }
 
-async fn respond(shard: &Shard, request: &Request, body: &[u8], out: &mut Vec<u8>) {
+/// The answer to a health probe (`GET`/`HEAD` `/healthz` or `/readyz`,
+/// no token, on both listeners); `false` when `path` is not a probe.
+pub fn write_probe(shard: &Shard, method: &str, path: &str, out: &mut Vec<u8>) -> bool {
     const JSON: &str = "application/json";
-    match (request.method.as_str(), request.path.as_str()) {
+    match (method, path) {
         ("GET" | "HEAD", "/healthz") => {
             http::write_response(out, 200, JSON, &[], br#"{"status":"ok"}"#)
         }
         ("GET" | "HEAD", "/readyz") => {
             if shard.shutdown.is_stopping() {
-                http::write_response(out, 503, JSON, &[], br#"{"status":"stopping"}"#)
+                // An error answer like every other (`error`), with the
+                // probe's own `status` beside it.
+                http::write_response(
+                    out,
+                    503,
+                    JSON,
+                    &[],
+                    br#"{"error":"unavailable","status":"stopping"}"#,
+                )
             } else {
                 http::write_response(out, 200, JSON, &[], br#"{"status":"ready"}"#)
             }
         }
         (_, "/healthz" | "/readyz") => http::write_error(out, 405, &[("Allow", "GET, HEAD")]),
+        _ => return false,
+    }
+    true
+}
+
+async fn respond(shard: &Shard, request: &Request, body: &[u8], out: &mut Vec<u8>) {
+    const JSON: &str = "application/json";
+    if write_probe(shard, &request.method, &request.path, out) {
+        return;
+    }
+    match (request.method.as_str(), request.path.as_str()) {
         (_, "/metrics") if request.method != "GET" => {
             http::write_error(out, 405, &[("Allow", "GET")])
         }

@@ -26,6 +26,11 @@ pub enum Outcome {
     CloseByPeer(u16),
 }
 
+/// The reason sent with 4003 when the key is still active and the session
+/// the connection signed in with was signed out (a revoked key's 4003 says
+/// "key revoked", [`CloseCode::server_reason`]).
+pub const CLOSE_SIGNED_OUT_REASON: &str = "signed out";
+
 /// The reason text sent with a protocol-error close.
 pub fn error_reason(error: WsError) -> &'static str {
     match error.close_code() {

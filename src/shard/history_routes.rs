@@ -202,9 +202,9 @@ enum Interrupt {
 
 /// Resolves when the credential `principal` came with is no longer
 /// accepted (key revoked, session signed out), or, with `on_stop`, when the
-/// shard starts draining. The key reload loop (also on sign-outs) and the
-/// drain notify [`Shard::http_wake`], so this notices a revocation as fast
-/// as the WebSocket path's 4003 close does.
+/// shard starts draining (its shutdown signal). The key reload loop (also
+/// on sign-outs) notifies [`Shard::http_wake`], so this notices a
+/// revocation as fast as the WebSocket path's 4003 close does.
 async fn interrupted(
     shard: &Shard,
     principal: &super::access::Principal,
@@ -277,6 +277,21 @@ fn push_sse_events(out: &mut Vec<u8>, envelopes: &[Envelope]) {
     }
 }
 
+/// The named event that tells a resuming SSE client that messages after
+/// its `Last-Event-ID` were lost (dropped by retention, or the id is above
+/// the org's latest seq): `event: history_gap`, before any message. Its
+/// `id:` is the seq the stream goes on after, so a reconnect before the
+/// next message resumes from there and not from the lost position again.
+fn push_history_gap(out: &mut Vec<u8>, last_event_id: u64, started_after: u64) {
+    out.extend_from_slice(b"event: history_gap\nid: ");
+    push_u64(out, started_after);
+    out.extend_from_slice(
+        b"\ndata: {\"type\":\"history_gap\",\"recovered\":false,\"last_event_id\":",
+    );
+    push_u64(out, last_event_id);
+    out.extend_from_slice(b"}\n\n");
+}
+
 /// `payload` as SSE `data:` lines: one per line of it. `data` is the
 /// publisher's JSON text forwarded as is, so it may hold line breaks
 /// (pretty-printed JSON); a break inside a `data:` line would end the field
@@ -314,7 +329,9 @@ async fn poll(
     let _serving = Serving::new(shard);
     let parsed = (|| {
         let channels = channels_of(shard, request)?;
-        let after = number(request, "after")?.unwrap_or(0);
+        // Without `after` the poll starts from now (an empty page and
+        // `next_after`): the lists are for what happened before.
+        let after = number(request, "after")?;
         let limit = limit_of(request)?;
         let wait_ms = number(request, "wait_ms")?.unwrap_or(0).min(WAIT_MS_MAX);
         Ok::<_, String>((channels, after, limit, wait_ms))
@@ -326,7 +343,7 @@ async fn poll(
     let query = Query {
         org_id: org_id.clone(),
         channels,
-        range: Range::After(Some(after)),
+        range: Range::After(after),
         limit,
         wait_ms,
     };
@@ -353,6 +370,12 @@ async fn poll(
     }
     body.extend_from_slice(b"],\"next_after\":");
     push_u64(&mut body, answer.next_after);
+    // Only when false (messages after `after` were dropped by retention, or
+    // `after` was above the org's latest seq): every other answer keeps the
+    // shape clients already parse.
+    if !answer.recovered {
+        body.extend_from_slice(b",\"recovered\":false");
+    }
     body.push(b'}');
     respond(
         stream,
@@ -390,18 +413,41 @@ async fn sse(
         Some(Ok(seq)) => Some(seq),
         Some(Err(_)) => return bad_request(stream, "Last-Event-ID must be a seq").await,
     };
+    // A resumed stream has its own position (taken as it is by the first
+    // round). A fresh one means "from now", where now is the 200: the
+    // position is fixed on the owner before the head is written, so a
+    // message published once the client has the head is never missed.
+    let resuming = after.is_some();
+    if after.is_none() {
+        let query = Query {
+            org_id: org_id.clone(),
+            channels: channels.clone(),
+            range: Range::After(None),
+            limit: 1,
+            wait_ms: 0,
+        };
+        after = match ask_unless(shard, query, principal, true).await {
+            Ok(Some(answer)) => Some(answer.started_after),
+            Ok(None) => return respond_error(stream, 503, &[CORS_ORIGIN]).await,
+            Err(Interrupt::Revoked) => return respond_error(stream, 401, &[CORS_ORIGIN]).await,
+            Err(Interrupt::Stopping) => return respond_error(stream, 503, &[CORS_ORIGIN]).await,
+        };
+    }
     let head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nConnection: close\r\nX-Accel-Buffering: no\r\nAccess-Control-Allow-Origin: *\r\n\r\nretry: 1000\n\n";
     if stream.write_all(head).await.is_err() {
         return After::Close;
     }
     let mut out = Vec::new();
+    // A resumed stream's first answer comes at once, so that a lost history
+    // is told before the first message, not after a wait for one.
+    let mut resuming = resuming;
     while !shard.shutdown.is_stopping() {
         let query = Query {
             org_id: org_id.clone(),
             channels: channels.clone(),
             range: Range::After(after),
             limit: LIMIT_MAX,
-            wait_ms: SSE_KEEPALIVE_MS,
+            wait_ms: if resuming { 0 } else { SSE_KEEPALIVE_MS },
         };
         let Ok(Some(answer)) = ask_unless(shard, query, principal, true).await else {
             break;
@@ -410,6 +456,9 @@ async fn sse(
             break;
         }
         out.clear();
+        if std::mem::take(&mut resuming) && !answer.recovered {
+            push_history_gap(&mut out, after.unwrap_or(0), answer.started_after);
+        }
         push_sse_events(&mut out, &answer.messages);
         if answer.messages.is_empty() {
             out.extend_from_slice(b": keep-alive\n\n");

@@ -138,9 +138,9 @@ pub struct Shard {
     /// The shard's one shutdown signal (see [`crate::shutdown`]), held by
     /// every task that stops or changes course when the shard drains.
     pub shutdown: crate::shutdown::Shutdown,
-    /// Notified when the key index is replaced and when the shard starts
-    /// draining, so SSE streams and long-polls served here (which are not
-    /// in the registry) re-check their key and the stop flag.
+    /// Notified when the key index is replaced or a session is signed out,
+    /// so SSE streams and long-polls served here (which are not in the
+    /// registry) re-check their credential.
     pub http_wake: crate::notify::Notify,
     /// SSE streams and polls being served here; the drain waits for them
     /// to be answered.

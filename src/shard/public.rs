@@ -80,10 +80,11 @@ async fn read_head(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Result<usize
         };
         filled += read;
         let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
-        match http::parse_head(
+        match http::parse_head_with(
             &buffer[..filled],
             &mut headers,
             super::routes::PUBLIC_BODY_BYTES_MAX,
+            super::routes::PUBLIC_HEAD_RULES,
         ) {
             Ok(None) => continue,
             Ok(Some(_)) | Err(_) => {
@@ -103,7 +104,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
     // to the 8 KiB limit only for a long head, so a connect storm does not
     // park 8 KiB per handshake in flight.
     let mut buffer = vec![0u8; HANDSHAKE_BUFFER_BYTES];
-    let filled = match read_head(&mut stream, &mut buffer).await {
+    let mut filled = match read_head(&mut stream, &mut buffer).await {
         Ok(filled) => filled,
         Err(status) => {
             if let Some(status) = status {
@@ -115,30 +116,43 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
             return;
         }
     };
-    let decision = {
-        let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
-        match http::parse_head(
-            &buffer[..filled],
-            &mut headers,
-            super::routes::PUBLIC_BODY_BYTES_MAX,
-        ) {
-            Err(error) => Err((error.status(), Some(error))),
-            Ok(None) => Err((400, None)),
-            Ok(Some(head)) if head.path != "/v1/ws" => Ok(None),
-            Ok(Some(head)) => route(&shard, &head, stream.peer_addr().ok()).map(Some),
+    let decision = loop {
+        let decision = {
+            let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+            match http::parse_head_with(
+                &buffer[..filled],
+                &mut headers,
+                super::routes::PUBLIC_BODY_BYTES_MAX,
+                super::routes::PUBLIC_HEAD_RULES,
+            ) {
+                Err(error) => Err((error.status(), Some(error))),
+                Ok(None) => Err((400, None)),
+                Ok(Some(head)) if head.path != "/v1/ws" => Ok(None),
+                Ok(Some(head)) => route(&shard, &head, stream.peer_addr().ok()).map(Some),
+            }
+        };
+        if decision != Ok(None) {
+            break decision;
+        }
+        // Plain HTTP (sessions, polling, SSE, pages): served here, on the
+        // accepting shard; history reads cross to the owner shard. It ends
+        // with the connection, or with an upgrade sent as a later request
+        // (whose head is then at the start of the buffer), taken here.
+        if buffer.len() < super::READ_BUFFER_BYTES {
+            buffer.resize(super::READ_BUFFER_BYTES, 0);
+        }
+        match super::routes::serve(shard.clone(), stream, buffer, filled).await {
+            None => return,
+            Some(later) => {
+                stream = later.stream;
+                buffer = later.buffer;
+                filled = later.filled;
+            }
         }
     };
     match decision {
         Err((status, error)) => refuse(&shard, &mut stream, status, error).await,
-        Ok(None) => {
-            // Plain HTTP (sessions, polling, SSE, pages): served here, on
-            // the accepting shard; history reads cross to the owner shard.
-            if buffer.len() < super::READ_BUFFER_BYTES {
-                buffer.resize(super::READ_BUFFER_BYTES, 0);
-            }
-            super::routes::serve(shard, stream, buffer, filled).await;
-            return;
-        }
+        Ok(None) => unreachable!("plain HTTP is served above"),
         Ok(Some(accepted)) => {
             // The connection's life is spent in the owner's reactor on a raw
             // descriptor: take a duplicate and let glommio's stream go.
@@ -172,6 +186,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
 }
 
 /// An authenticated upgrade, owned data only.
+#[derive(Debug, PartialEq, Eq)]
 struct Accepted {
     head_len: usize,
     org_id: String,

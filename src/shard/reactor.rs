@@ -116,6 +116,13 @@ impl Drop for Reactor {
 /// that poll fires when it is ready (the `recv` glommio then tries fails
 /// with ENOTSOCK, which is the signal). A duplicate is used so dropping the
 /// stream closes only the duplicate.
+///
+/// So each wait costs a `dup` and a `close`. Keeping one stream instead
+/// does not work: glommio 0.9 arms a stream's readiness poll only when the
+/// stream is made (`init`, crate-private); a second read of the same stream
+/// tries `recv` at once, gets ENOTSOCK again and would spin. The reactor
+/// waits only when no socket of the shard is ready, so this is paid once
+/// per idle turn, never per event.
 pub async fn wait_readable(fd: RawFd) {
     // SAFETY: dup of a descriptor the caller keeps open; the stream owns the
     // duplicate.
@@ -453,9 +460,26 @@ fn handle_close_requests(shard: &Shard) {
         if code == CloseCode::ABNORMAL {
             remove_now(shard, key);
         } else {
-            start_close(shard, key, code, code.server_reason(), false);
+            let reason = if code == CloseCode::KEY_REVOKED && key_still_active(shard, key) {
+                // 4003 for a key that is still active: its session was
+                // signed out. The reason tells a client which (PROTOCOL.md
+                // §2), so a page can say "signed out", not "key revoked".
+                connection::CLOSE_SIGNED_OUT_REASON
+            } else {
+                code.server_reason()
+            };
+            start_close(shard, key, code, reason, false);
         }
     }
+}
+
+/// True when the API key connection `key` was accepted with is still
+/// active.
+fn key_still_active(shard: &Shard, key: ConnKey) -> bool {
+    let registry = shard.registry.borrow();
+    registry
+        .key_id_of(key)
+        .is_some_and(|key_id| shard.keys.borrow().is_active(key_id))
 }
 
 /// Removes connections whose linger ran out; returns the next deadline.

@@ -178,7 +178,15 @@ pub fn subscribe(
             return Err(too_many(channel, max));
         }
     }
-    let recovered = after >= history.trimmed_through(&org_id);
+    // An `after` above the org's latest seq (a client of a data directory
+    // since reset) cannot be resumed from: the replay starts from the latest
+    // seq, so every new message is delivered, and says history was lost.
+    let latest = history.committed(&org_id);
+    let (after, recovered) = if after > latest {
+        (latest, false)
+    } else {
+        (after, after >= history.trimmed_through(&org_id))
+    };
     if live {
         // The replay counts in its place until it switches back to live.
         registry.unsubscribe(key, channel);

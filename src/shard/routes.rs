@@ -1,6 +1,7 @@
 //! Plain HTTP/1.1 requests on the public listener (everything but the
-//! WebSocket upgrade): keep-alive loop, bounded reads, and dispatch by path
-//! to the handlers of each capability. Handlers write their own answer (so
+//! WebSocket upgrade, which may still come as a later request of the
+//! connection): keep-alive loop, bounded reads, the health probes, and
+//! dispatch by path to the handlers of each capability. Handlers write their own answer (so
 //! long-polls and Server-Sent Events can stream) and say whether the
 //! connection may carry another request.
 
@@ -21,6 +22,13 @@ pub const PUBLIC_BODY_BYTES_MAX: usize = 16 * 1024;
 /// An idle keep-alive connection is closed after this long.
 const KEEP_ALIVE_IDLE_MS: u64 = 30_000;
 
+/// What the public listener accepts beyond strict HTTP/1.1: HTTP/1.0 health
+/// probes (bodies stay `Content-Length` only: no public route takes one).
+pub const PUBLIC_HEAD_RULES: http::HeadRules = http::HeadRules {
+    chunked: false,
+    http10_paths: http::PROBE_PATHS,
+};
+
 /// A request, owned, so handlers can await without borrowing the buffer.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -36,8 +44,11 @@ pub struct Request {
     pub body: Vec<u8>,
     /// The client's address.
     pub peer: Option<SocketAddr>,
-    /// The `Host` header.
+    /// The `Host` header (empty only for an HTTP/1.0 probe).
     pub host: Vec<u8>,
+    /// The connection closes after the answer (`Connection: close`, or
+    /// HTTP/1.0).
+    pub close: bool,
 }
 
 impl Request {
@@ -73,6 +84,7 @@ impl Request {
             body: body.to_vec(),
             peer,
             host: head.host.to_vec(),
+            close: head.connection_close(),
         }
     }
 }
@@ -112,14 +124,27 @@ pub async fn respond_error(stream: &mut TcpStream, status: u16, headers: &[(&str
     }
 }
 
+/// A WebSocket upgrade that arrived as a later request of a kept-alive
+/// connection (RFC 7230 allows it): its head is at the start of
+/// `buffer[..filled]`, and the public listener's upgrade path takes it.
+pub struct LaterUpgrade {
+    /// The connection.
+    pub stream: TcpStream,
+    /// The read buffer, the upgrade's head at its start.
+    pub buffer: Vec<u8>,
+    /// Bytes of `buffer` read.
+    pub filled: usize,
+}
+
 /// Serves plain HTTP requests on a public connection whose first request
-/// head is already in `buffer[..filled]`.
+/// head is already in `buffer[..filled]`, until the connection closes
+/// (`None`) or a request is a WebSocket upgrade (`Some`).
 pub async fn serve(
     shard: Rc<Shard>,
     mut stream: TcpStream,
     mut buffer: Vec<u8>,
     mut filled: usize,
-) {
+) -> Option<LaterUpgrade> {
     let peer = stream.peer_addr().ok();
     loop {
         // Complete the head (the first one is complete on entry). An idle
@@ -136,16 +161,24 @@ pub async fn serve(
         let (request, used) = loop {
             let parsed = {
                 let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
-                match http::parse_head(&buffer[..filled], &mut headers, PUBLIC_BODY_BYTES_MAX) {
+                match http::parse_head_with(
+                    &buffer[..filled],
+                    &mut headers,
+                    PUBLIC_BODY_BYTES_MAX,
+                    PUBLIC_HEAD_RULES,
+                ) {
                     Err(error) => Err(error),
                     Ok(None) => Ok(None),
+                    // The upgrade path validates it (a body is refused
+                    // there, so none is waited for here).
+                    Ok(Some(head)) if head.path == "/v1/ws" => Ok(Some(None)),
                     Ok(Some(head)) => {
                         let end = head.head_len + head.content_length;
                         if end <= filled {
-                            Ok(Some((
+                            Ok(Some(Some((
                                 Request::from_head(&head, &buffer[head.head_len..end], peer),
                                 end,
-                            )))
+                            ))))
                         } else {
                             if end > buffer.len() {
                                 buffer.resize(end, 0);
@@ -160,30 +193,38 @@ pub async fn serve(
                     let mut out = Vec::new();
                     http::write_http_error(&mut out, error);
                     let _ = stream.write_all(&out).await;
-                    return;
+                    return None;
                 }
-                Ok(Some(done)) => break done,
+                Ok(Some(Some(done))) => break done,
+                Ok(Some(None)) => {
+                    let _ = stream.set_read_timeout(None);
+                    return Some(LaterUpgrade {
+                        stream,
+                        buffer,
+                        filled,
+                    });
+                }
                 Ok(None) => {}
             }
             if filled == buffer.len() {
                 let mut out = Vec::new();
                 http::write_http_error(&mut out, http::HttpError::HeadTooLarge);
                 let _ = stream.write_all(&out).await;
-                return;
+                return None;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 request_timeout(&mut stream, filled).await;
-                return;
+                return None;
             }
             let _ = stream.set_read_timeout(Some(left));
             match stream.read(&mut buffer[filled..]).await {
-                Ok(0) => return,
+                Ok(0) => return None,
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                     request_timeout(&mut stream, filled).await;
-                    return;
+                    return None;
                 }
-                Err(_) => return,
+                Err(_) => return None,
                 Ok(read) => {
                     if filled == 0 {
                         deadline = deadline.min(Instant::now() + head_timeout);
@@ -193,14 +234,15 @@ pub async fn serve(
             }
         };
         let _ = stream.set_read_timeout(None);
-        let close_requested = request.header("connection").is_some_and(|v| {
-            String::from_utf8_lossy(v)
-                .to_ascii_lowercase()
-                .contains("close")
-        });
+        let close_requested = request.close
+            || request.header("connection").is_some_and(|v| {
+                String::from_utf8_lossy(v)
+                    .to_ascii_lowercase()
+                    .contains("close")
+            });
         let after = dispatch(&shard, &request, &mut stream).await;
         if after == After::Close || close_requested || shard.shutdown.is_stopping() {
-            return;
+            return None;
         }
         buffer.copy_within(used..filled, 0);
         filled -= used;
@@ -222,6 +264,23 @@ async fn request_timeout(stream: &mut TcpStream, filled: usize) {
 
 /// Picks the handler for a path.
 async fn dispatch(shard: &Rc<Shard>, request: &Request, stream: &mut TcpStream) -> After {
+    let mut out = Vec::new();
+    if super::admin::write_probe(shard, &request.method, &request.path, &mut out) {
+        // The same probes as on the admin listener, without a token: a load
+        // balancer in front of the public port checks them there.
+        if request.method == "HEAD" {
+            if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+                out.truncate(end + 4);
+            }
+        }
+        if request.close {
+            http::mark_closing(&mut out);
+        }
+        return match stream.write_all(&out).await {
+            Ok(()) => After::KeepAlive,
+            Err(_) => After::Close,
+        };
+    }
     match request.path.as_str() {
         "/v1/sessions" => super::access::sessions_route(shard, request, stream).await,
         path if super::web::is_asset_path(path) => super::web::serve(request, stream).await,

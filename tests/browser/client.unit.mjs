@@ -79,8 +79,8 @@ class FakeWebSocket {
     this.onmessage?.({ data: typeof message === "string" ? message : JSON.stringify(message) });
   }
   /** The connection ends (or never opened). */
-  drop(code = 1006) {
-    this.onclose?.({ code });
+  drop(code = 1006, reason = "") {
+    this.onclose?.({ code, reason });
   }
 }
 globalThis.WebSocket = FakeWebSocket;
@@ -295,17 +295,15 @@ test("a poll answer moves every polled channel's mark to next_after", async () =
   stream.close();
 });
 
-test("never connected: the first poll finds the end of history and shows none of it", async () => {
+test("never connected: the first poll asks for now (no after) and shows no history", async () => {
   const { stream, seen } = await open({ token: "hsk_abc" });
   assert.equal(lastSocket().url, "ws://gw.test/v1/ws?token=hsk_abc");
   pollHandler = (request) => {
-    if (request.after === 0) {
-      return { status: 200, body: { org_id: "o", messages: Array.from({ length: 1000 }, (_, i) => event(i + 1)), next_after: 1000 } };
+    if (!request.url.searchParams.has("after")) {
+      // The server answers a poll without after with its current seq.
+      return { status: 200, body: { org_id: "o", messages: [], next_after: 1001 } };
     }
-    if (request.after === 1000 && requests.length === 2) {
-      return { status: 200, body: { org_id: "o", messages: [event(1001)], next_after: 1001 } };
-    }
-    if (requests.length === 3) {
+    if (requests.length === 2) {
       return { status: 200, body: { org_id: "o", messages: [event(request.after + 1)], next_after: request.after + 1 } };
     }
     return { status: 200, body: { org_id: "o", messages: [], next_after: request.after } };
@@ -313,10 +311,26 @@ test("never connected: the first poll finds the end of history and shows none of
   lastSocket().drop(); // the first socket fails: poll at once
   await advance(0);
   assert.equal(requests[0].headers.Authorization, "Bearer hsk_abc");
-  assert.deepEqual(requests.slice(0, 2).map((r) => r.after), [0, 1000], "paged to the end");
+  assert.equal(requests[0].url.searchParams.has("after"), false, "one poll without after finds now");
   // After the baseline, the normal poll hands over what is new.
-  assert.equal(requests[2].after, 1001);
+  assert.equal(requests[1].after, 1001);
   assert.deepEqual(seen.messages.map((m) => m.seq).slice(0, 1), [1002]);
+  stream.close();
+});
+
+test("a poll answer with recovered: false reports a history gap", async () => {
+  const { stream, seen } = await open();
+  lastSocket().deliver(welcome(10));
+  pollHandler = (request) => ({
+    status: 200,
+    body: { org_id: "o", messages: [event(500)], next_after: 500, recovered: false },
+  });
+  lastSocket().drop();
+  await advance(0);
+  const gaps = seen.errors.filter((e) => e.code === "history_gap");
+  assert.equal(gaps.length >= 1, true);
+  assert.equal(gaps[0].channel, "events");
+  assert.deepEqual(seen.messages.map((m) => m.seq), [500]);
   stream.close();
 });
 
@@ -347,6 +361,25 @@ test("a revoked key closes the stream for good", async () => {
   const count = sockets.length;
   await advance(120000);
   assert.equal(sockets.length, count);
+});
+
+test("a signed-out session closes the stream for good, and says it was a sign-out", async () => {
+  const { stream, seen } = await open();
+  lastSocket().deliver(welcome(1));
+  lastSocket().drop(4003, "signed out");
+  assert.equal(stream.state, "closed");
+  assert.equal(seen.errors[0].code, "signed_out");
+  const count = sockets.length;
+  await advance(120000);
+  assert.equal(sockets.length, count);
+});
+
+test("a 4003 with the revoked-key reason is a revoked key", async () => {
+  const { stream, seen } = await open();
+  lastSocket().deliver(welcome(1));
+  lastSocket().drop(4003, "key revoked");
+  assert.equal(stream.state, "closed");
+  assert.equal(seen.errors[0].code, "key_revoked");
 });
 
 test("expired history: subscribe again without after, and say so", async () => {

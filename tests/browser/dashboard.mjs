@@ -2,7 +2,7 @@
 // Chromium, driven by playwright-core. Started by tests/browser.rs, which
 // owns the hookstream server and passes, in the environment:
 //
-//   SCENARIO        live | resume | polling | cross-origin
+//   SCENARIO        live | resume | polling | cross-origin | sign-out
 //   HS_URL          the public listener, http://127.0.0.1:PORT
 //   HS_ADMIN_URL    the admin listener
 //   HS_ADMIN_TOKEN  its bearer token
@@ -447,9 +447,51 @@ async function crossOrigin() {
   }
 }
 
+/**
+ * Two browsers (their own cookie jars) sign in with one key; the first
+ * signs out. Its second tab, whose socket the server closes with 4003
+ * "signed out", says it was signed out; the other browser stays signed in
+ * and live. Then the key is revoked: that browser says the key was revoked.
+ */
+async function signOut() {
+  const first = await openPage(`${hsUrl}/`);
+  const other = await openPage(`${hsUrl}/`);
+  page = other;
+  await Promise.all([signIn(first), signIn(other)]);
+  await waitForState(first, "open", 10000);
+  await waitForState(other, "open", 10000);
+  // A second tab of the first browser: same cookie, signed in already.
+  const firstTab = await first.context().newPage();
+  firstTab.on("console", (message) => {
+    if (message.type() === "error") log("console error (tab):", message.text());
+  });
+  await firstTab.goto(`${hsUrl}/`);
+  await firstTab.waitForSelector("#live-panel:not([hidden])", { timeout: 10000 });
+  await waitForState(firstTab, "open", 10000);
+
+  await first.click("#sign-out");
+  await first.waitForSelector("#sign-in-panel:not([hidden])", { timeout: 5000 });
+  await firstTab.waitForSelector("#sign-in-panel:not([hidden])", { timeout: 5000 });
+  const tabNote = await firstTab.textContent("#sign-in-error");
+  check(/signed out/i.test(tabNote) && !/revoked/i.test(tabNote), `the other tab says it was signed out: ${tabNote}`);
+
+  // The other browser's session is its own: still signed in, still live.
+  const status = await other.evaluate(async () => (await fetch("/v1/sessions")).status);
+  check(status === 200, `the other browser's GET /v1/sessions answers ${status}`);
+  await publish([event("evt_after_sign_out", "src_1")]);
+  await waitForRow(other, "evt_after_sign_out", "events", 5000);
+  check((await stateOf(other)) === "open", "the other browser's socket stays open");
+
+  await control("revoke");
+  await other.waitForSelector("#sign-in-panel:not([hidden])", { timeout: 10000 });
+  const otherNote = await other.textContent("#sign-in-error");
+  check(/revoked/i.test(otherNote), `the other browser says the key was revoked: ${otherNote}`);
+  return `tab="${tabNote.replace(/ /g, "_")}" other="${otherNote.replace(/ /g, "_")}"`;
+}
+
 // --- Main -----------------------------------------------------------------------------
 
-const SCENARIOS = { live, resume, polling, "cross-origin": crossOrigin };
+const SCENARIOS = { live, resume, polling, "cross-origin": crossOrigin, "sign-out": signOut };
 
 async function main() {
   const scenario = SCENARIOS[SCENARIO];
