@@ -125,7 +125,9 @@ impl Registry {
         // Compress only for an org with a compressing subscriber: the
         // others pay nothing for the extension.
         let mut compression = match &mut self.compression {
-            Some((deflater, min_bytes)) if record.deflating > 0 => Some((deflater, *min_bytes)),
+            Some((deflater, min_bytes)) if record.deflating > 0 => {
+                Some((deflater.get_or_insert_with(Box::default), *min_bytes))
+            }
             _ => None,
         };
         let counters = &mut self.counters;

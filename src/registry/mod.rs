@@ -156,8 +156,10 @@ pub struct Registry {
     /// Counters.
     pub counters: Counters,
     /// The shard's one compressor for permessage-deflate, with the smallest
-    /// frame worth compressing; `None` while compression is off.
-    compression: Option<(Box<crate::protocol::deflate::Deflater>, usize)>,
+    /// frame worth compressing; `None` while compression is off. The
+    /// compressor is made on first use, so a shard whose clients never
+    /// negotiate the extension does not hold its state.
+    compression: Option<(Option<Box<crate::protocol::deflate::Deflater>>, usize)>,
 }
 
 impl Registry {
@@ -189,7 +191,7 @@ impl Registry {
     /// get a compressed twin, made once, while their org has a connection
     /// that negotiated the extension.
     pub fn enable_compression(&mut self, min_bytes: usize) {
-        self.compression = Some((Box::default(), min_bytes));
+        self.compression = Some((None, min_bytes));
     }
 
     /// Notes that connection `key` negotiated permessage-deflate with a

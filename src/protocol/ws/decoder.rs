@@ -483,6 +483,54 @@ mod tests {
         assert_eq!(decoder.assembly_capacity_bytes(), 0);
     }
 
+    fn with_rsv1(mut frame: Vec<u8>) -> Vec<u8> {
+        frame[0] |= 0x40;
+        frame
+    }
+
+    #[test]
+    fn rsv1_is_a_compressed_message_only_with_deflate_and_only_on_a_first_frame() {
+        let mut plain = Decoder::new(DecoderConfig::default());
+        let mut frame = with_rsv1(client_frame(true, Opcode::Text, b"xyz"));
+        assert_eq!(plain.decode(&mut frame), Err(WsError::ReservedBits));
+
+        let mut deflate = Decoder::new(DecoderConfig::default());
+        deflate.set_deflate(true);
+        let mut frame = with_rsv1(client_frame(true, Opcode::Text, b"\xff\x00"));
+        let decoded = deflate.decode(&mut frame).unwrap().unwrap();
+        assert_eq!(
+            decoded.message,
+            Some(Message::Compressed {
+                binary: false,
+                payload: b"\xff\x00"
+            })
+        );
+        // Fragmented: RSV1 on the first frame, the bytes assembled as they
+        // are (no UTF-8 check before inflation).
+        let mut first = with_rsv1(client_frame(false, Opcode::Binary, b"\xc3"));
+        assert_eq!(deflate.decode(&mut first).unwrap().unwrap().message, None);
+        let mut last = client_frame(true, Opcode::Continuation, b"\x28");
+        assert_eq!(
+            deflate.decode(&mut last).unwrap().unwrap().message,
+            Some(Message::Compressed {
+                binary: true,
+                payload: b"\xc3\x28"
+            })
+        );
+        // Never on a continuation, a control frame, or RSV2/RSV3.
+        let mut first = client_frame(false, Opcode::Text, b"a");
+        deflate.decode(&mut first).unwrap();
+        let mut last = with_rsv1(client_frame(true, Opcode::Continuation, b"b"));
+        assert_eq!(deflate.decode(&mut last), Err(WsError::ReservedBits));
+        let mut deflate = Decoder::new(DecoderConfig::default());
+        deflate.set_deflate(true);
+        let mut ping = with_rsv1(client_frame(true, Opcode::Ping, b""));
+        assert_eq!(deflate.decode(&mut ping), Err(WsError::ReservedBits));
+        let mut rsv2 = client_frame(true, Opcode::Text, b"a");
+        rsv2[0] |= 0x20;
+        assert_eq!(deflate.decode(&mut rsv2), Err(WsError::ReservedBits));
+    }
+
     #[test]
     fn incomplete_frame_changes_nothing() {
         let frame = client_frame(true, Opcode::Text, b"Hello");
