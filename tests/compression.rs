@@ -566,3 +566,54 @@ fn node_ws_with_per_message_deflate_negotiates_and_reads_compressed_frames() {
     let (extensions, messages) = run_peer(&server, "node", &[script.to_str().unwrap()], &bodies);
     check_peer(&server, &extensions, &messages, &bodies);
 }
+
+/// `--compression` is also `HOOKSTREAM_COMPRESSION` and `compression` in
+/// the TOML file (as `on`/`off` or a boolean), and a bad value is a
+/// startup error naming the flag.
+#[test]
+fn compression_is_set_by_flag_environment_or_file() {
+    let offer = ["permessage-deflate"];
+    let listen: Vec<String> = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let declined_with = |args: Vec<String>, env: &[(&str, &str)]| -> Option<String> {
+        let dir = common::TestDir::new();
+        let key = common::create_key(dir.path(), "org_e");
+        let mut spawned = common::spawn_serve_with_env(dir.path(), &args, env, STEP)
+            .unwrap_or_else(|_| panic!("server with {args:?} {env:?} did not start"));
+        let client = connect_addr(spawned.ws_addr, &format!("/v1/ws?token={key}"), &offer);
+        let _ = spawned.child.kill();
+        let _ = spawned.child.wait();
+        client.extensions
+    };
+    assert_eq!(
+        declined_with(listen.clone(), &[("HOOKSTREAM_COMPRESSION", "off")]),
+        None
+    );
+    assert_eq!(
+        declined_with(listen.clone(), &[("HOOKSTREAM_COMPRESSION", "false")]),
+        None
+    );
+    assert_eq!(
+        declined_with(listen.clone(), &[("HOOKSTREAM_COMPRESSION", "on")]).as_deref(),
+        Some(ANSWER)
+    );
+    let file_dir = common::TestDir::new();
+    let file = file_dir.path().join("hookstream.toml");
+    std::fs::write(&file, "compression = false\ncompression_min_bytes = 64\n").unwrap();
+    let mut with_file = listen.clone();
+    with_file.extend(["--config".to_string(), file.display().to_string()]);
+    assert_eq!(declined_with(with_file.clone(), &[]), None);
+    // The flag wins over the file.
+    with_file.extend(["--compression".to_string(), "on".to_string()]);
+    assert_eq!(declined_with(with_file, &[]).as_deref(), Some(ANSWER));
+
+    let dir = common::TestDir::new();
+    let output = common::serve_command(dir.path(), &["--compression", "maybe"])
+        .output()
+        .expect("run serve");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--compression"), "{stderr}");
+}
