@@ -211,6 +211,9 @@ fn stop_shards(mesh: &mesh::Mesh, shards: usize) {
     }
 }
 
+/// One shard's life: open its history, make its state, bind its
+/// listeners, start its tasks, report ready; then wait for the shutdown
+/// signal and drain (see `docs/ARCHITECTURE.md`, Shape).
 async fn shard_main(
     id: usize,
     shared: Arc<Shared>,
