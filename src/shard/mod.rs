@@ -31,6 +31,7 @@ pub mod replay;
 pub mod routes;
 mod run;
 mod startup;
+pub mod tls;
 mod web;
 mod writer;
 
@@ -156,6 +157,9 @@ pub struct Shard {
     /// Session signer, per-address limits, keys used since the last
     /// last-used write.
     pub access: access::AccessState,
+    /// The TLS pair when `--tls-cert`/`--tls-key` are given (shared by
+    /// every shard; a reload swaps the pair inside).
+    pub tls: Option<Arc<tls::Tls>>,
 }
 
 impl Shard {

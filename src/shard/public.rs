@@ -22,9 +22,22 @@ const HANDSHAKE_BUFFER_BYTES: usize = 1024;
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     loop {
         match listener.accept().await {
-            Ok(stream) => {
-                glommio::spawn_local(handshake(shard.clone(), stream)).detach();
-            }
+            Ok(stream) => match &shard.tls {
+                Some(tls) => {
+                    let config = tls.server_config();
+                    glommio::spawn_local(super::tls::terminate(
+                        shard.clone(),
+                        stream,
+                        super::tls::Side::Public,
+                        config,
+                    ))
+                    .detach();
+                }
+                None => {
+                    let peer = stream.peer_addr().ok();
+                    glommio::spawn_local(handshake(shard.clone(), stream, peer)).detach();
+                }
+            },
             Err(e) => {
                 let raw = match &e {
                     glommio::GlommioError::IoError(io) => io.raw_os_error(),
@@ -95,7 +108,13 @@ async fn read_head(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Result<usize
     }
 }
 
-async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
+/// Reads and answers a public connection's first request. `peer` is the
+/// client's address (the stream is a socketpair end behind TLS).
+pub async fn handshake(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    peer: Option<std::net::SocketAddr>,
+) {
     if shard.shutdown.is_stopping() {
         return;
     }
@@ -128,7 +147,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
                 Err(error) => Err((error.status(), Some(error))),
                 Ok(None) => Err((400, None)),
                 Ok(Some(head)) if head.path != "/v1/ws" => Ok(None),
-                Ok(Some(head)) => route(&shard, &head, stream.peer_addr().ok()).map(Some),
+                Ok(Some(head)) => route(&shard, &head, peer).map(Some),
             }
         };
         if decision != Ok(None) {
@@ -141,7 +160,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
         if buffer.len() < super::READ_BUFFER_BYTES {
             buffer.resize(super::READ_BUFFER_BYTES, 0);
         }
-        match super::routes::serve(shard.clone(), stream, buffer, filled).await {
+        match super::routes::serve(shard.clone(), stream, peer, buffer, filled).await {
             None => return,
             Some(later) => {
                 stream = later.stream;

@@ -1,0 +1,454 @@
+//! TLS termination in the process (rustls, ring provider): the pair from
+//! `--tls-cert`/`--tls-key`, reloaded for new handshakes on SIGHUP or when a
+//! file changes, and the per-connection terminator that speaks TLS to the
+//! client and hands the plaintext to the ordinary code over a socketpair.
+//!
+//! The terminator is a first step (see docs/ARCHITECTURE.md, TLS): it keeps
+//! rustls' state and a task per connection for the connection's life, so
+//! an idle wss connection costs more than a plain one.
+
+use std::io::{Read, Write};
+use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::{Arc, RwLock};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use glommio::net::TcpStream;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig, ServerConnection};
+use rustls::sign::CertifiedKey;
+
+use super::Shard;
+use crate::limits::HEAD_TIMEOUT_MS;
+use crate::metrics::TlsFailure;
+
+/// Handshakes in flight on one shard at most; more are closed at once (a
+/// ClientHello flood costs a refused socket, not a handshake each).
+pub const HANDSHAKES_IN_FLIGHT_MAX: usize = 1024;
+
+/// The certificate and key files and the pair loaded from them; shared by
+/// every shard, swapped in place by a reload.
+#[derive(Debug)]
+pub struct Tls {
+    /// The certificate chain file.
+    pub cert: PathBuf,
+    /// The private key file.
+    pub key: PathBuf,
+    resolver: Arc<Resolver>,
+    config: Arc<ServerConfig>,
+}
+
+#[derive(Debug)]
+struct Resolver {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().ok()?.clone())
+    }
+}
+
+// ring rather than aws-lc-rs: no C toolchain beyond cc, no cmake; its
+// deprecation is only that it offers no post-quantum key exchange.
+#[allow(deprecated)]
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Loads a certificate chain and its key; every error is one line naming
+/// the file (never the key's bytes).
+pub fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+    let cert_bytes = std::fs::read(cert)
+        .map_err(|e| format!("cannot read TLS certificate {}: {e}", cert.display()))?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("TLS certificate {}: not valid PEM", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "TLS certificate {}: no CERTIFICATE block in the PEM file",
+            cert.display()
+        ));
+    }
+    let key_bytes =
+        std::fs::read(key).map_err(|e| format!("cannot read TLS key {}: {e}", key.display()))?;
+    let private = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|_| {
+        format!(
+            "TLS key {}: no PKCS#8, PKCS#1 (RSA) or SEC1 (EC) private key in the PEM file",
+            key.display()
+        )
+    })?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(private)
+        .map_err(|_| format!("TLS key {}: unsupported private key", key.display()))?;
+    let pair = CertifiedKey::new(chain, signing);
+    pair.keys_match().map_err(|_| {
+        format!(
+            "TLS key {} does not match the certificate {}",
+            key.display(),
+            cert.display()
+        )
+    })?;
+    Ok(pair)
+}
+
+impl Tls {
+    /// Loads the pair and makes the server configuration: TLS 1.3 and 1.2,
+    /// ALPN `http/1.1`, session tickets and a session cache for resumption.
+    pub fn load(cert: &Path, key: &Path) -> Result<Tls, String> {
+        let pair = load_pair(cert, key)?;
+        let resolver = Arc::new(Resolver {
+            current: RwLock::new(Arc::new(pair)),
+        });
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| format!("TLS configuration: {e}"))?
+            .with_no_client_auth()
+            .with_cert_resolver(resolver.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.ticketer = rustls::crypto::ring::Ticketer::new()
+            .map_err(|e| format!("TLS session tickets: {e}"))?;
+        Ok(Tls {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            resolver,
+            config: Arc::new(config),
+        })
+    }
+
+    /// The configuration new handshakes use (its resolver sees reloads).
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.config.clone()
+    }
+
+    /// Loads the files again; on success new handshakes use the new pair
+    /// (live connections keep theirs), otherwise the old one stays.
+    pub fn reload(&self) -> Result<(), String> {
+        let pair = load_pair(&self.cert, &self.key)?;
+        match self.resolver.current.write() {
+            Ok(mut current) => *current = Arc::new(pair),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(pair),
+        }
+        Ok(())
+    }
+
+    /// The files' versions (modification time, size, inode), to notice a
+    /// change.
+    pub fn stamp(&self) -> Option<[(std::time::SystemTime, u64, u64); 2]> {
+        use std::os::unix::fs::MetadataExt;
+        let of = |path: &Path| {
+            let meta = std::fs::metadata(path).ok()?;
+            Some((meta.modified().ok()?, meta.len(), meta.ino()))
+        };
+        Some([of(&self.cert)?, of(&self.key)?])
+    }
+}
+
+thread_local! {
+    static IN_FLIGHT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+struct InFlight;
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.with(|n| n.set(n.get() - 1));
+    }
+}
+
+/// Which listener a TLS connection came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The public listener (WebSocket, pages, sessions, poll, SSE).
+    Public,
+    /// The admin listener (`--admin-tls`).
+    Admin,
+}
+
+/// Writes what rustls has to send (handshake messages, alerts).
+async fn flush(conn: &mut ServerConnection, tcp: &mut TcpStream) -> std::io::Result<()> {
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out)?;
+    }
+    if !out.is_empty() {
+        tcp.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+/// The plain HTTP answer to a plain request on a TLS port.
+const PLAIN_ON_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n\
+Content-Length: 24\r\nConnection: close\r\n\r\n{\"error\":\"tls_required\"}";
+
+/// Serves one TLS connection: the handshake within the head's 10 s, then
+/// the plaintext side (`Side`) over a socketpair, pumping bytes both ways
+/// until either side ends.
+pub async fn terminate(
+    shard: Rc<Shard>,
+    mut tcp: TcpStream,
+    side: Side,
+    config: Arc<ServerConfig>,
+) {
+    if shard.shutdown.is_stopping() {
+        return;
+    }
+    if IN_FLIGHT.with(|n| n.get()) >= HANDSHAKES_IN_FLIGHT_MAX {
+        shard.metrics.tls_failed(TlsFailure::Busy);
+        return;
+    }
+    IN_FLIGHT.with(|n| n.set(n.get() + 1));
+    let in_flight = InFlight;
+    let _ = tcp.set_nodelay(true);
+    let peer = tcp.peer_addr().ok();
+    let Ok(mut conn) = ServerConnection::new(config) else {
+        shard.metrics.tls_failed(TlsFailure::Handshake);
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_millis(HEAD_TIMEOUT_MS);
+    let mut buffer = vec![0u8; 4096];
+    let mut first = true;
+    while conn.is_handshaking() {
+        if flush(&mut conn, &mut tcp).await.is_err() {
+            shard.metrics.tls_failed(TlsFailure::Eof);
+            return;
+        }
+        if !conn.is_handshaking() {
+            break;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            shard.metrics.tls_failed(TlsFailure::Timeout);
+            return;
+        }
+        let _ = tcp.set_read_timeout(Some(left));
+        let read = match tcp.read(&mut buffer).await {
+            Ok(0) => {
+                shard.metrics.tls_failed(TlsFailure::Eof);
+                return;
+            }
+            Ok(read) => read,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                shard.metrics.tls_failed(TlsFailure::Timeout);
+                return;
+            }
+            Err(_) => {
+                shard.metrics.tls_failed(TlsFailure::Eof);
+                return;
+            }
+        };
+        if first && buffer[0] != 0x16 {
+            // Not a TLS handshake record: plain HTTP (or anything else).
+            shard.metrics.tls_failed(TlsFailure::PlainHttp);
+            if buffer[0].is_ascii_uppercase() {
+                let _ = tcp.write_all(PLAIN_ON_TLS).await;
+            }
+            return;
+        }
+        first = false;
+        let mut rest = &buffer[..read];
+        while !rest.is_empty() {
+            if conn.read_tls(&mut rest).is_err() || conn.process_new_packets().is_err() {
+                // rustls queued the alert that says why; nothing is logged.
+                let _ = flush(&mut conn, &mut tcp).await;
+                shard.metrics.tls_failed(TlsFailure::Handshake);
+                return;
+            }
+        }
+    }
+    let _ = tcp.set_read_timeout(None);
+    shard
+        .metrics
+        .tls_handshake_done(conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed));
+    drop(in_flight);
+    drop(buffer);
+
+    let mut pair = [0i32; 2];
+    // SAFETY: socketpair into a stack array.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            pair.as_mut_ptr(),
+        )
+    } != 0
+    {
+        conn.send_close_notify();
+        let _ = flush(&mut conn, &mut tcp).await;
+        return;
+    }
+    // SAFETY: both descriptors are fresh and owned by the streams from here.
+    let (mut inner, plain) = unsafe {
+        (
+            TcpStream::from_raw_fd(pair[0]),
+            TcpStream::from_raw_fd(pair[1]),
+        )
+    };
+    match side {
+        Side::Public => {
+            glommio::spawn_local(super::public::handshake(shard.clone(), plain, peer)).detach()
+        }
+        Side::Admin => glommio::spawn_local(super::admin::serve(shard.clone(), plain)).detach(),
+    };
+    pump(&shard, &mut conn, &mut tcp, &mut inner).await;
+}
+
+/// Moves bytes between the client (TLS) and the plaintext side until both
+/// are done: decrypted bytes are written to `inner`, `inner`'s bytes are
+/// sealed and written to `tcp`. Each direction holds at most one read's
+/// worth of bytes; a side that does not take them stops the other's reads.
+async fn pump(
+    shard: &Shard,
+    conn: &mut ServerConnection,
+    tcp: &mut TcpStream,
+    inner: &mut TcpStream,
+) {
+    let mut tls_out: Vec<u8> = Vec::new();
+    let mut tls_sent = 0usize;
+    let mut plain_out: Vec<u8> = Vec::new();
+    let mut plain_sent = 0usize;
+    let mut read_buffer = vec![0u8; 16 * 1024];
+    let mut tcp_done = false;
+    let mut inner_done = false;
+    let inner_fd = inner.as_raw_fd();
+    let mut failed = None;
+    std::future::poll_fn(|cx| loop {
+        let mut progress = false;
+        // Sealed bytes to the client.
+        if tls_sent == tls_out.len() {
+            tls_out.clear();
+            tls_sent = 0;
+            while conn.wants_write() {
+                if conn.write_tls(&mut tls_out).is_err() {
+                    break;
+                }
+            }
+        }
+        if tls_sent < tls_out.len() {
+            match Pin::new(&mut *tcp).poll_write(cx, &tls_out[tls_sent..]) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    tls_sent += n;
+                    progress = true;
+                }
+                Poll::Ready(_) => return Poll::Ready(()),
+                Poll::Pending => {}
+            }
+        }
+        // Decrypted bytes to the plaintext side.
+        if plain_sent < plain_out.len() {
+            match Pin::new(&mut *inner).poll_write(cx, &plain_out[plain_sent..]) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    plain_sent += n;
+                    progress = true;
+                }
+                Poll::Ready(_) => {
+                    // The plaintext side is gone: say goodbye.
+                    plain_out.clear();
+                    plain_sent = 0;
+                    tcp_done = true;
+                    if !inner_done {
+                        inner_done = true;
+                        conn.send_close_notify();
+                    }
+                    progress = true;
+                }
+                Poll::Pending => {}
+            }
+        }
+        if plain_sent == plain_out.len() {
+            plain_out.clear();
+            plain_sent = 0;
+        }
+        // Plaintext side's bytes, sealed once the previous ones are written.
+        if !inner_done && tls_out.is_empty() {
+            match Pin::new(&mut *inner).poll_read(cx, &mut read_buffer) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    if conn.writer().write_all(&read_buffer[..n]).is_err() {
+                        return Poll::Ready(());
+                    }
+                    progress = true;
+                }
+                Poll::Ready(_) => {
+                    inner_done = true;
+                    conn.send_close_notify();
+                    progress = true;
+                }
+                Poll::Pending => {}
+            }
+        }
+        // The client's records, once the last plaintext was taken.
+        if !tcp_done && plain_out.is_empty() {
+            match Pin::new(&mut *tcp).poll_read(cx, &mut read_buffer) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    progress = true;
+                    let mut rest = &read_buffer[..n];
+                    while !rest.is_empty() {
+                        let state = match conn.read_tls(&mut rest) {
+                            Ok(_) => conn.process_new_packets(),
+                            Err(e) => Err(rustls::Error::General(e.to_string())),
+                        };
+                        match state {
+                            Err(_) => {
+                                // A forged, truncated or unexpected record:
+                                // rustls queued the alert; end both sides.
+                                failed = Some(TlsFailure::BadRecord);
+                                tcp_done = true;
+                                break;
+                            }
+                            Ok(state) => {
+                                if state.plaintext_bytes_to_read() > 0 {
+                                    let start = plain_out.len();
+                                    plain_out.resize(start + state.plaintext_bytes_to_read(), 0);
+                                    let _ = conn.reader().read_exact(&mut plain_out[start..]);
+                                }
+                                if state.peer_has_closed() {
+                                    if !rest.is_empty() {
+                                        failed = Some(TlsFailure::AfterCloseNotify);
+                                    }
+                                    tcp_done = true;
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    if tcp_done {
+                        // SAFETY: half-close of our own socketpair end: the
+                        // plaintext side reads EOF.
+                        unsafe { libc::shutdown(inner_fd, libc::SHUT_WR) };
+                    }
+                }
+                Poll::Ready(_) => {
+                    tcp_done = true;
+                    // SAFETY: as above.
+                    unsafe { libc::shutdown(inner_fd, libc::SHUT_WR) };
+                    progress = true;
+                }
+                Poll::Pending => {}
+            }
+        }
+        if failed.is_some() && plain_out.is_empty() {
+            // Flush the alert below, then end.
+            inner_done = true;
+        }
+        let flushed = tls_sent == tls_out.len() && !conn.wants_write();
+        if inner_done && flushed {
+            return Poll::Ready(());
+        }
+        if !progress {
+            return Poll::Pending;
+        }
+    })
+    .await;
+    if let Some(failure) = failed {
+        shard.metrics.tls_failed(failure);
+    }
+    let _ = tcp.close().await;
+}
