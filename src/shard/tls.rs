@@ -367,6 +367,15 @@ async fn pump(
             plain_out.clear();
             plain_sent = 0;
         }
+        // Plaintext that arrived with the handshake's last flight (a client
+        // may send its request right behind its Finished).
+        if plain_out.is_empty() {
+            let mut scratch = [0u8; 1024];
+            while let Ok(n @ 1..) = conn.reader().read(&mut scratch) {
+                plain_out.extend_from_slice(&scratch[..n]);
+                progress = true;
+            }
+        }
         // Plaintext side's bytes, sealed once the previous ones are written.
         if !inner_done && tls_out.is_empty() {
             match Pin::new(&mut *inner).poll_read(cx, &mut read_buffer) {
