@@ -151,8 +151,46 @@ impl Tls {
     }
 }
 
+/// Bytes of one read in the pump, from either side.
+const PUMP_READ_BYTES: usize = 16 * 1024;
+
+/// A pump's outgoing buffer keeps at most this much capacity once drained,
+/// so a connection that was sent a burst does not hold it while idle.
+const PUMP_KEEP_BYTES: usize = 4096;
+
 thread_local! {
     static IN_FLIGHT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// The shard's one read buffer for every pump: glommio's `poll_read`
+    /// waits for readiness and then reads synchronously, so no read holds
+    /// a buffer while it waits, and one buffer serves every connection.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; PUMP_READ_BYTES]);
+}
+
+/// `poll_read` into the shard's scratch buffer, then `take` the bytes read.
+fn poll_read_scratch(
+    stream: &mut TcpStream,
+    cx: &mut std::task::Context<'_>,
+    take: impl FnOnce(&[u8]),
+) -> Poll<std::io::Result<usize>> {
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        match Pin::new(stream).poll_read(cx, &mut scratch) {
+            Poll::Ready(Ok(n)) => {
+                take(&scratch[..n]);
+                Poll::Ready(Ok(n))
+            }
+            other => other,
+        }
+    })
+}
+
+/// Empties a drained outgoing buffer, freeing a large one.
+fn reset(buffer: &mut Vec<u8>) {
+    if buffer.capacity() > PUMP_KEEP_BYTES {
+        *buffer = Vec::new();
+    } else {
+        buffer.clear();
+    }
 }
 
 struct InFlight;
@@ -315,7 +353,6 @@ async fn pump(
     let mut tls_sent = 0usize;
     let mut plain_out: Vec<u8> = Vec::new();
     let mut plain_sent = 0usize;
-    let mut read_buffer = vec![0u8; 16 * 1024];
     let mut tcp_done = false;
     let mut inner_done = false;
     let inner_fd = inner.as_raw_fd();
@@ -324,7 +361,7 @@ async fn pump(
         let mut progress = false;
         // Sealed bytes to the client.
         if tls_sent == tls_out.len() {
-            tls_out.clear();
+            reset(&mut tls_out);
             tls_sent = 0;
             while conn.wants_write() {
                 if conn.write_tls(&mut tls_out).is_err() {
@@ -364,7 +401,7 @@ async fn pump(
             }
         }
         if plain_sent == plain_out.len() {
-            plain_out.clear();
+            reset(&mut plain_out);
             plain_sent = 0;
         }
         // Plaintext that arrived with the handshake's last flight (a client
@@ -378,9 +415,12 @@ async fn pump(
         }
         // Plaintext side's bytes, sealed once the previous ones are written.
         if !inner_done && tls_out.is_empty() {
-            match Pin::new(&mut *inner).poll_read(cx, &mut read_buffer) {
+            let mut sealed = true;
+            match poll_read_scratch(inner, cx, |bytes| {
+                sealed = conn.writer().write_all(bytes).is_ok();
+            }) {
                 Poll::Ready(Ok(n)) if n > 0 => {
-                    if conn.writer().write_all(&read_buffer[..n]).is_err() {
+                    if !sealed {
                         return Poll::Ready(());
                     }
                     progress = true;
@@ -395,10 +435,12 @@ async fn pump(
         }
         // The client's records, once the last plaintext was taken.
         if !tcp_done && plain_out.is_empty() {
-            match Pin::new(&mut *tcp).poll_read(cx, &mut read_buffer) {
+            let mut records = Vec::new();
+            let polled = poll_read_scratch(tcp, cx, |bytes| records.extend_from_slice(bytes));
+            match polled {
                 Poll::Ready(Ok(n)) if n > 0 => {
                     progress = true;
-                    let mut rest = &read_buffer[..n];
+                    let mut rest = &records[..];
                     while !rest.is_empty() {
                         let state = match conn.read_tls(&mut rest) {
                             Ok(_) => conn.process_new_packets(),
@@ -413,11 +455,6 @@ async fn pump(
                                 break;
                             }
                             Ok(state) => {
-                                if state.plaintext_bytes_to_read() > 0 {
-                                    let start = plain_out.len();
-                                    plain_out.resize(start + state.plaintext_bytes_to_read(), 0);
-                                    let _ = conn.reader().read_exact(&mut plain_out[start..]);
-                                }
                                 if state.peer_has_closed() {
                                     if !rest.is_empty() {
                                         failed = Some(TlsFailure::AfterCloseNotify);
