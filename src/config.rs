@@ -114,10 +114,12 @@ pub struct ServeArgs {
     /// TOML configuration file.
     #[arg(long, env = "HOOKSTREAM_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Public listener (WebSocket, polling).
+    /// Public listener (WebSocket, polling); TLS (wss://, https://) with
+    /// --tls-cert and --tls-key.
     #[arg(long, env = "HOOKSTREAM_LISTEN")]
     pub listen: Option<String>,
-    /// Admin listener (publish, metrics, probes).
+    /// Admin listener (publish, metrics, probes); TLS (https://) with
+    /// --admin-tls.
     #[arg(long, env = "HOOKSTREAM_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
     /// Data directory.
