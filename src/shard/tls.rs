@@ -151,6 +151,16 @@ impl Tls {
     }
 }
 
+/// A client that takes no byte of what the pump writes for this long is
+/// dropped: the plaintext side's own rules (heartbeat after two intervals,
+/// 1013, the HTTP write timeout) have closed it by then, but the pump,
+/// blocked on the client, would not see that.
+const PUMP_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long the pump still tries to deliver the last bytes (a close frame,
+/// close_notify) once the plaintext side is done.
+const PUMP_LAST_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Bytes of one read in the pump, from either side.
 const PUMP_READ_BYTES: usize = 16 * 1024;
 
@@ -251,6 +261,7 @@ pub async fn terminate(
         return;
     };
     let deadline = Instant::now() + Duration::from_millis(HEAD_TIMEOUT_MS);
+    let _ = tcp.set_write_timeout(Some(Duration::from_millis(HEAD_TIMEOUT_MS)));
     let mut buffer = vec![0u8; 4096];
     let mut first = true;
     while conn.is_handshaking() {
@@ -357,6 +368,8 @@ async fn pump(
     let mut inner_done = false;
     let inner_fd = inner.as_raw_fd();
     let mut failed = None;
+    let _ = tcp.set_write_timeout(Some(PUMP_WRITE_TIMEOUT));
+    let mut last_writes = false;
     std::future::poll_fn(|cx| loop {
         let mut progress = false;
         // Sealed bytes to the client.
@@ -483,6 +496,10 @@ async fn pump(
         if failed.is_some() && plain_out.is_empty() {
             // Flush the alert below, then end.
             inner_done = true;
+        }
+        if inner_done && !last_writes {
+            last_writes = true;
+            let _ = tcp.set_write_timeout(Some(PUMP_LAST_WRITE_TIMEOUT));
         }
         let flushed = tls_sent == tls_out.len() && !conn.wants_write();
         if inner_done && flushed {
