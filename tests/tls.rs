@@ -993,3 +993,126 @@ fn node_ws_over_wss_with_node_extra_ca_certs() {
     );
     run_wss_peer("node", "client.js", "NODE_EXTRA_CA_CERTS");
 }
+
+fn open_fds(server: &Server) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+        .unwrap()
+        .count()
+}
+
+fn wss_with(ca: &Ca, config: Arc<rustls::ClientConfig>, server: &Server, query: &str) -> Wss {
+    let _ = ca;
+    let stream = tls_connect(config, server.ws_addr);
+    let url = format!("wss://localhost:{}/v1/ws?{query}", server.ws_addr.port());
+    let (mut ws, _) = tungstenite::client(url.as_str(), stream).expect("wss upgrade");
+    assert_eq!(next_json(&mut ws)["type"], "welcome");
+    ws
+}
+
+/// After a TLS 1.3 upgrade the connection hibernates like a plain one: its
+/// socket goes to the reactor with the traffic keys, no socketpair and no
+/// task stay behind (one descriptor per connection, as plain), and a
+/// published message reaches every subscriber sealed per connection —
+/// messages larger than a record too, and client messages that span
+/// several records.
+#[test]
+fn wss_connections_hibernate_and_receive_sealed_fan_out() {
+    let ca = Ca::new();
+    let pair = ca.leaf("a", 1);
+    let server = tls_server(&pair, &["org_z"], &[("--upgrades-per-ip-per-sec", "0")]);
+    let key = server.key("org_z").to_string();
+    // Settle pools and lazily made state with a first connection.
+    let (mut first, _) = wss(&ca, &server, &format!("token={key}"));
+    send_json(&mut first, r#"{"type":"subscribe","channel":"events"}"#);
+    assert_eq!(next_json(&mut first)["type"], "subscribed");
+    let before = open_fds(&server);
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        let (mut ws, _) = wss(&ca, &server, &format!("token={key}"));
+        // A client message of three records' worth: reassembled and answered.
+        let pad = "p".repeat(40_000);
+        send_json(
+            &mut ws,
+            &format!(r#"{{"type":"subscribe","channel":"events","pad":"{pad}"}}"#),
+        );
+        assert_eq!(next_json(&mut ws)["type"], "subscribed");
+        clients.push(ws);
+    }
+    let grown = open_fds(&server) - before;
+    assert!(
+        grown <= 42,
+        "40 wss connections hold {grown} more descriptors: one each expected (no socketpair)"
+    );
+    let big = "b".repeat(100_000);
+    let seqs = server.publish_ok(&format!(
+        r#"{{"org_id":"org_z","type":"event","data":{{"id":"evt_big","source_id":"s","pad":"{big}"}}}}"#
+    ));
+    let small = server.publish_ok(&event("org_z", "evt_small", "s"));
+    for ws in clients.iter_mut().chain(std::iter::once(&mut first)) {
+        let got = next_json(ws);
+        assert_eq!(got["seq"].as_u64(), Some(seqs[0]));
+        assert_eq!(got["data"]["pad"].as_str().map(str::len), Some(100_000));
+        assert_eq!(next_json(ws)["seq"].as_u64(), Some(small[0]));
+    }
+}
+
+/// A client KeyUpdate on a hibernating connection closes it with 1001 (the
+/// client resumes with `after`); a forged record closes it and is counted;
+/// a close_notify ends it. Others are served throughout.
+#[test]
+fn wss_key_update_forged_record_and_close_notify_after_the_upgrade() {
+    let ca = Ca::new();
+    let pair = ca.leaf("a", 1);
+    let server = tls_server(&pair, &["org_u"], &[]);
+    let key = server.key("org_u").to_string();
+    let config = ca.client_config(&[b"http/1.1"]);
+
+    let mut updating = wss_with(&ca, config.clone(), &server, &format!("token={key}"));
+    updating.get_mut().conn.refresh_traffic_keys().unwrap();
+    send_json(&mut updating, r#"{"type":"ping"}"#);
+    assert_eq!(close_code(&mut updating), 1001);
+
+    let mut forging = wss_with(&ca, config.clone(), &server, &format!("token={key}"));
+    let mut forged = vec![0x17, 0x03, 0x03, 0x00, 0x30];
+    forged.extend((0..0x30).map(|i| (i * 13) as u8));
+    forging.get_mut().sock.write_all(&forged).unwrap();
+    let mut rest = Vec::new();
+    let _ = forging.get_mut().sock.read_to_end(&mut rest);
+    wait_for_tls_failures(&server, "bad_record", 1);
+
+    let mut leaving = wss_with(&ca, config.clone(), &server, &format!("token={key}"));
+    leaving.get_mut().conn.send_close_notify();
+    let stream = leaving.get_mut();
+    stream.conn.complete_io(&mut stream.sock).unwrap();
+    let mut rest = Vec::new();
+    let _ = stream.sock.read_to_end(&mut rest);
+    server.wait_for_metric("hookstream_connections", 0);
+
+    let mut other = wss_with(&ca, config, &server, &format!("token={key}"));
+    send_json(&mut other, r#"{"type":"ping"}"#);
+    assert_eq!(next_json(&mut other)["type"], "pong");
+}
+
+/// A TLS 1.2 client's wss works too (through the terminator).
+#[test]
+fn wss_over_tls12() {
+    let ca = Ca::new();
+    let pair = ca.leaf("a", 1);
+    let server = tls_server(&pair, &["org_w"], &[]);
+    let key = server.key("org_w").to_string();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert.der().clone()).unwrap();
+    let tls12 = rustls::ClientConfig::builder_with_provider(Arc::new(
+        #[allow(deprecated)]
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS12])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut ws = wss_with(&ca, Arc::new(tls12), &server, &format!("token={key}"));
+    send_json(&mut ws, r#"{"type":"subscribe","channel":"events"}"#);
+    assert_eq!(next_json(&mut ws)["type"], "subscribed");
+    let seqs = server.publish_ok(&event("org_w", "evt_1", "s"));
+    assert_eq!(next_json(&mut ws)["seq"].as_u64(), Some(seqs[0]));
+}

@@ -32,6 +32,7 @@ pub mod routes;
 mod run;
 mod startup;
 pub mod tls;
+mod tls_wire;
 mod web;
 mod writer;
 
@@ -100,6 +101,8 @@ pub struct Handoff {
     pub ws_key: String,
     /// The permessage-deflate offer the server accepted, if any.
     pub deflate: Option<crate::protocol::deflate::Agreement>,
+    /// The TLS session of a wss connection that hibernates.
+    pub tls: Option<Box<tls_wire::Session>>,
 }
 
 impl Drop for Handoff {

@@ -181,33 +181,48 @@ pub async fn handshake(
                 refuse(&shard, &mut stream, 503, None).await;
             } else {
                 drop(stream);
-                let handoff = Handoff {
-                    fd,
-                    leftover: buffer[accepted.head_len..filled].to_vec(),
-                    org_id: accepted.org_id,
-                    key_id: accepted.key_id,
-                    session: accepted.session.map(Box::new),
-                    ws_key: accepted.ws_key,
-                    deflate: accepted.deflate,
-                };
-                let owner = shard_for(&handoff.org_id, shard.count);
-                if owner == shard.id {
-                    adopt(&shard, handoff);
-                } else {
-                    let mesh = shard.mesh.as_ref().expect("several shards have a mesh");
-                    // A stopped owner drops the handoff, closing the socket.
-                    let _ = mesh.send_to(owner, ShardMessage::Adopt(handoff));
-                }
+                let leftover = buffer[accepted.head_len..filled].to_vec();
+                hand_off(&shard, fd, accepted, leftover, None);
             }
         }
     }
     shard.return_buffer(buffer);
 }
 
+/// Sends an accepted upgrade's socket (owned `fd`) to the org's owner
+/// shard, or adopts it here; `tls` is the TLS session of a wss connection
+/// that hibernates (see `tls_wire`).
+pub(super) fn hand_off(
+    shard: &Shard,
+    fd: i32,
+    accepted: Accepted,
+    leftover: Vec<u8>,
+    tls: Option<Box<super::tls_wire::Session>>,
+) {
+    let handoff = Handoff {
+        fd,
+        leftover,
+        org_id: accepted.org_id,
+        key_id: accepted.key_id,
+        session: accepted.session.map(Box::new),
+        ws_key: accepted.ws_key,
+        deflate: accepted.deflate,
+        tls,
+    };
+    let owner = shard_for(&handoff.org_id, shard.count);
+    if owner == shard.id {
+        adopt(shard, handoff);
+    } else {
+        let mesh = shard.mesh.as_ref().expect("several shards have a mesh");
+        // A stopped owner drops the handoff, closing the socket.
+        let _ = mesh.send_to(owner, ShardMessage::Adopt(handoff));
+    }
+}
+
 /// An authenticated upgrade, owned data only.
 #[derive(Debug, PartialEq, Eq)]
-struct Accepted {
-    head_len: usize,
+pub(super) struct Accepted {
+    pub(super) head_len: usize,
     org_id: String,
     key_id: String,
     session: Option<(u128, u64)>,
@@ -215,7 +230,7 @@ struct Accepted {
     deflate: Option<crate::protocol::deflate::Agreement>,
 }
 
-fn route(
+pub(super) fn route(
     shard: &Shard,
     head: &http::Head<'_, '_>,
     peer: Option<std::net::SocketAddr>,
@@ -250,12 +265,19 @@ pub fn adopt(shard: &Shard, mut handoff: Handoff) {
         return;
     }
     let leftover = std::mem::take(&mut handoff.leftover);
-    match super::reactor::adopt(shard, fd, &handoff, leftover) {
+    let tls = handoff.tls.take();
+    let was_tls = tls.is_some();
+    match super::reactor::adopt(shard, fd, &handoff, leftover, tls) {
         Ok(()) => {
             shard
                 .metrics
                 .upgrades
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Err(fd) if was_tls => {
+            shard.metrics.handshake_failed(HandshakeFailure::Capacity);
+            // SAFETY: we own `fd`; a TLS client gets no plaintext answer.
+            unsafe { libc::close(fd) };
         }
         Err(fd) => {
             shard.metrics.handshake_failed(HandshakeFailure::Capacity);

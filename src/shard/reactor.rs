@@ -267,6 +267,7 @@ pub fn read_ready(shard: &Shard, key: ConnKey, receive: bool) {
             (decoder, shard.take_buffer(), 0)
         }
     };
+    let mut opened = super::tls_wire::Opened::Data;
     if receive {
         if filled == buffer.len() {
             let needed = Decoder::frame_len_hint(&buffer[..filled]).unwrap_or(filled * 2);
@@ -295,11 +296,41 @@ pub fn read_ready(shard: &Shard, key: ConnKey, receive: bool) {
                 remove_now(shard, key);
                 return;
             }
+        } else if super::tls_wire::is_tls(key) {
+            // Open the records: their application data replaces the
+            // ciphertext (a record completed now may give more bytes than
+            // this read brought).
+            let ciphertext = buffer[filled..filled + received as usize].to_vec();
+            let mut plaintext = Vec::new();
+            opened = super::tls_wire::open(key, &ciphertext, &mut plaintext);
+            if buffer.len() < filled + plaintext.len() {
+                buffer.resize(filled + plaintext.len(), 0);
+            }
+            buffer[filled..filled + plaintext.len()].copy_from_slice(&plaintext);
+            filled += plaintext.len();
         } else {
             filled += received as usize;
         }
     }
-    let outcome = process_frames(shard, key, &mut decoder, &mut buffer, &mut filled);
+    match opened {
+        super::tls_wire::Opened::Data | super::tls_wire::Opened::KeyUpdate => {}
+        super::tls_wire::Opened::CloseNotify | super::tls_wire::Opened::Bad => {
+            if opened == super::tls_wire::Opened::Bad {
+                shard
+                    .metrics
+                    .tls_failed(crate::metrics::TlsFailure::BadRecord);
+            }
+            shard.return_buffer(buffer);
+            remove_now(shard, key);
+            return;
+        }
+    }
+    let mut outcome = process_frames(shard, key, &mut decoder, &mut buffer, &mut filled);
+    if opened == super::tls_wire::Opened::KeyUpdate && outcome.is_none() {
+        // The client renewed its keys; this server does not follow: close
+        // with 1001 and let the client resume with `after`.
+        outcome = Some(Outcome::CloseByUs(CloseCode::GOING_AWAY, "tls key update"));
+    }
     if filled > 0 || decoder.is_assembling() {
         let partial = Partial {
             decoder,
@@ -515,6 +546,7 @@ pub fn remove_now(shard: &Shard, key: ConnKey) {
     };
     let fd = conn.fd;
     shard.reactor.remove(fd);
+    super::tls_wire::detach(key, fd);
     // SAFETY: the record owns its socket; it is removed right after.
     unsafe { libc::close(fd) };
     registry.remove(key);
@@ -528,6 +560,7 @@ pub fn adopt(
     fd: RawFd,
     handoff: &super::Handoff,
     leftover: Vec<u8>,
+    tls: Option<Box<super::tls_wire::Session>>,
 ) -> Result<(), RawFd> {
     let org_id = handoff.org_id.as_str();
     let key_id = handoff.key_id.as_str();
@@ -536,6 +569,9 @@ pub fn adopt(
     let Ok((key, seq)) = added else {
         return Err(fd);
     };
+    if let Some(session) = tls {
+        super::tls_wire::attach(key, session);
+    }
     if let Some(agreement) = handoff.deflate {
         shard
             .registry
@@ -547,6 +583,7 @@ pub fn adopt(
     }
     if shard.reactor.add(fd, key).is_err() {
         shard.registry.borrow_mut().remove(key);
+        super::tls_wire::forget(key);
         return Err(fd);
     }
     let mut extension = [0u8; crate::protocol::deflate::RESPONSE_LINE_LEN_MAX];

@@ -113,6 +113,9 @@ impl Tls {
             .with_no_client_auth()
             .with_cert_resolver(resolver.clone());
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // A wss connection's traffic keys go to `tls_wire` after the
+        // upgrade (hibernation: no rustls state kept).
+        config.enable_secret_extraction = true;
         config.ticketer = rustls::crypto::ring::Ticketer::new()
             .map_err(|e| format!("TLS session tickets: {e}"))?;
         Ok(Tls {
@@ -263,7 +266,11 @@ pub async fn terminate(
     let deadline = Instant::now() + Duration::from_millis(HEAD_TIMEOUT_MS);
     let _ = tcp.set_write_timeout(Some(Duration::from_millis(HEAD_TIMEOUT_MS)));
     let mut buffer = vec![0u8; 4096];
-    let mut first = true;
+    // Bytes read but not given to rustls: only whole records are, so that
+    // when a wss connection's secrets are taken no record is half inside
+    // rustls (the rest is handed on with the secrets).
+    let mut raw: Vec<u8> = Vec::new();
+    let mut started = false;
     while conn.is_handshaking() {
         if flush(&mut conn, &mut tcp).await.is_err() {
             shard.metrics.tls_failed(TlsFailure::Eof);
@@ -272,52 +279,115 @@ pub async fn terminate(
         if !conn.is_handshaking() {
             break;
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            shard.metrics.tls_failed(TlsFailure::Timeout);
-            return;
-        }
-        let _ = tcp.set_read_timeout(Some(left));
-        let read = match tcp.read(&mut buffer).await {
-            Ok(0) => {
-                shard.metrics.tls_failed(TlsFailure::Eof);
-                return;
-            }
-            Ok(read) => read,
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                shard.metrics.tls_failed(TlsFailure::Timeout);
-                return;
-            }
-            Err(_) => {
-                shard.metrics.tls_failed(TlsFailure::Eof);
-                return;
-            }
-        };
-        if first && buffer[0] != 0x16 {
-            // Not a TLS handshake record: plain HTTP (or anything else).
-            shard.metrics.tls_failed(TlsFailure::PlainHttp);
-            if buffer[0].is_ascii_uppercase() {
+        if let Err(failure) = read_records(
+            &mut conn,
+            &mut tcp,
+            &mut raw,
+            &mut buffer,
+            deadline,
+            &mut started,
+        )
+        .await
+        {
+            if failure == TlsFailure::PlainHttp && raw.first().is_some_and(u8::is_ascii_uppercase) {
                 let _ = tcp.write_all(PLAIN_ON_TLS).await;
-            }
-            return;
-        }
-        first = false;
-        let mut rest = &buffer[..read];
-        while !rest.is_empty() {
-            if conn.read_tls(&mut rest).is_err() || conn.process_new_packets().is_err() {
+            } else if failure == TlsFailure::Handshake {
                 // rustls queued the alert that says why; nothing is logged.
                 let _ = flush(&mut conn, &mut tcp).await;
-                shard.metrics.tls_failed(TlsFailure::Handshake);
+            }
+            shard.metrics.tls_failed(failure);
+            return;
+        }
+    }
+    shard
+        .metrics
+        .tls_handshake_done(conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed));
+    drop(in_flight);
+
+    // The first request, within the head's deadline: an upgrade on TLS 1.3
+    // hibernates (the secrets go to the reactor with the socket); anything
+    // else is pumped to the plaintext side.
+    let mut plain: Vec<u8> = Vec::new();
+    let tls13 = conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
+    if side == Side::Public && tls13 {
+        loop {
+            if drain_plaintext(&mut conn, &mut plain) {
+                // close_notify before a whole request: answer it and go
+                // (whatever follows it is not read).
+                if !raw.is_empty() {
+                    shard.metrics.tls_failed(TlsFailure::AfterCloseNotify);
+                }
+                conn.send_close_notify();
+                let _ = flush(&mut conn, &mut tcp).await;
+                return;
+            }
+            let complete = {
+                let mut headers = [httparse::EMPTY_HEADER; crate::limits::HEADERS_MAX];
+                match crate::protocol::http::parse_head_with(
+                    &plain,
+                    &mut headers,
+                    super::routes::PUBLIC_BODY_BYTES_MAX,
+                    super::routes::PUBLIC_HEAD_RULES,
+                ) {
+                    Ok(None) => plain.len() >= crate::limits::HEAD_BYTES_MAX,
+                    Ok(Some(head)) if head.path == "/v1/ws" => {
+                        match super::public::route(&shard, &head, peer) {
+                            Ok(accepted) => {
+                                hibernate(&shard, conn, tcp, accepted, plain, raw).await;
+                                return;
+                            }
+                            // Refused: answered on the plaintext side, like
+                            // any other request.
+                            Err(_) => true,
+                        }
+                    }
+                    _ => true,
+                }
+            };
+            if complete {
+                break;
+            }
+            if flush(&mut conn, &mut tcp).await.is_err() {
+                shard.metrics.tls_failed(TlsFailure::Eof);
+                return;
+            }
+            if let Err(failure) = read_records(
+                &mut conn,
+                &mut tcp,
+                &mut raw,
+                &mut buffer,
+                deadline,
+                &mut started,
+            )
+            .await
+            {
+                // A record that does not open gets rustls' alert; a client
+                // that leaves or stalls before a whole head is counted like
+                // one that leaves during the handshake.
+                let failure = match failure {
+                    TlsFailure::Handshake => {
+                        let _ = flush(&mut conn, &mut tcp).await;
+                        TlsFailure::BadRecord
+                    }
+                    other => other,
+                };
+                shard.metrics.tls_failed(failure);
                 return;
             }
         }
     }
     let _ = tcp.set_read_timeout(None);
-    shard
-        .metrics
-        .tls_handshake_done(conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed));
-    drop(in_flight);
     drop(buffer);
+    // Whatever was read beyond whole records goes to rustls now.
+    let mut rest = &raw[..];
+    while !rest.is_empty() {
+        if conn.read_tls(&mut rest).is_err() || conn.process_new_packets().is_err() {
+            let _ = flush(&mut conn, &mut tcp).await;
+            shard.metrics.tls_failed(TlsFailure::BadRecord);
+            return;
+        }
+    }
+    drop(raw);
 
     let mut pair = [0i32; 2];
     // SAFETY: socketpair into a stack array.
@@ -335,7 +405,7 @@ pub async fn terminate(
         return;
     }
     // SAFETY: both descriptors are fresh and owned by the streams from here.
-    let (mut inner, plain) = unsafe {
+    let (mut inner, other_end) = unsafe {
         (
             TcpStream::from_raw_fd(pair[0]),
             TcpStream::from_raw_fd(pair[1]),
@@ -343,11 +413,115 @@ pub async fn terminate(
     };
     match side {
         Side::Public => {
-            glommio::spawn_local(super::public::handshake(shard.clone(), plain, peer)).detach()
+            glommio::spawn_local(super::public::handshake(shard.clone(), other_end, peer)).detach()
         }
-        Side::Admin => glommio::spawn_local(super::admin::serve(shard.clone(), plain)).detach(),
+        Side::Admin => glommio::spawn_local(super::admin::serve(shard.clone(), other_end)).detach(),
     };
-    pump(&shard, &mut conn, &mut tcp, &mut inner).await;
+    pump(&shard, &mut conn, &mut tcp, &mut inner, plain).await;
+}
+
+/// Whole records at the front of `raw`: their length in bytes.
+fn whole_records(raw: &[u8]) -> usize {
+    let mut at = 0;
+    while raw.len() - at >= 5 {
+        let len = 5 + usize::from(u16::from_be_bytes([raw[at + 3], raw[at + 4]]));
+        if raw.len() - at < len {
+            break;
+        }
+        at += len;
+    }
+    at
+}
+
+/// Reads once from the client (within `deadline`), keeps the bytes in
+/// `raw` and gives rustls the whole records among them.
+async fn read_records(
+    conn: &mut ServerConnection,
+    tcp: &mut TcpStream,
+    raw: &mut Vec<u8>,
+    buffer: &mut [u8],
+    deadline: Instant,
+    started: &mut bool,
+) -> Result<(), TlsFailure> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(TlsFailure::Timeout);
+    }
+    let _ = tcp.set_read_timeout(Some(left));
+    let read = match tcp.read(buffer).await {
+        Ok(0) => return Err(TlsFailure::Eof),
+        Ok(read) => read,
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(TlsFailure::Timeout),
+        Err(_) => return Err(TlsFailure::Eof),
+    };
+    let first = raw.is_empty() && conn.is_handshaking() && !conn.wants_write() && !*started;
+    *started = true;
+    raw.extend_from_slice(&buffer[..read]);
+    if first && raw[0] != 0x16 {
+        // Not a TLS handshake record: plain HTTP (or anything else).
+        return Err(TlsFailure::PlainHttp);
+    }
+    let whole = whole_records(raw);
+    let mut rest = &raw[..whole];
+    while !rest.is_empty() {
+        if conn.read_tls(&mut rest).is_err() || conn.process_new_packets().is_err() {
+            return Err(TlsFailure::Handshake);
+        }
+    }
+    raw.drain(..whole);
+    if raw.len() > 5 + 16 * 1024 + 256 {
+        // Longer than any record can be.
+        return Err(TlsFailure::Handshake);
+    }
+    Ok(())
+}
+
+/// Moves the plaintext rustls has decrypted into `plain`; true when the
+/// client's close_notify came.
+fn drain_plaintext(conn: &mut ServerConnection, plain: &mut Vec<u8>) -> bool {
+    let mut scratch = [0u8; 1024];
+    loop {
+        match conn.reader().read(&mut scratch) {
+            Ok(0) => return true,
+            Ok(n) => plain.extend_from_slice(&scratch[..n]),
+            Err(_) => return false,
+        }
+    }
+}
+
+/// An accepted wss upgrade on TLS 1.3: rustls' last handshake bytes (the
+/// session tickets) are written, the traffic secrets taken, and the socket
+/// goes to the owner's reactor with them, like a plain upgrade; from then on
+/// `tls_wire` seals and opens its records and no TLS buffer is held.
+async fn hibernate(
+    shard: &Shard,
+    mut conn: ServerConnection,
+    mut tcp: TcpStream,
+    accepted: super::public::Accepted,
+    plain: Vec<u8>,
+    raw: Vec<u8>,
+) {
+    if flush(&mut conn, &mut tcp).await.is_err() {
+        return;
+    }
+    let leftover = plain[accepted.head_len..].to_vec();
+    let session = match conn.dangerous_extract_secrets() {
+        Ok(secrets) => super::tls_wire::Session::new(secrets),
+        Err(_) => None,
+    };
+    let Some(mut session) = session else {
+        shard.metrics.tls_failed(TlsFailure::Handshake);
+        return;
+    };
+    session.set_partial(raw);
+    let _ = tcp.set_read_timeout(None);
+    // SAFETY: dup of a socket we own; the handoff owns the copy.
+    let fd = unsafe { libc::dup(tcp.as_raw_fd()) };
+    if fd < 0 {
+        return;
+    }
+    drop(tcp);
+    super::public::hand_off(shard, fd, accepted, leftover, Some(Box::new(session)));
 }
 
 /// Moves bytes between the client (TLS) and the plaintext side until both
@@ -359,10 +533,11 @@ async fn pump(
     conn: &mut ServerConnection,
     tcp: &mut TcpStream,
     inner: &mut TcpStream,
+    initial: Vec<u8>,
 ) {
     let mut tls_out: Vec<u8> = Vec::new();
     let mut tls_sent = 0usize;
-    let mut plain_out: Vec<u8> = Vec::new();
+    let mut plain_out: Vec<u8> = initial;
     let mut plain_sent = 0usize;
     let mut tcp_done = false;
     let mut inner_done = false;
