@@ -291,7 +291,7 @@ pub async fn terminate(
         {
             if failure == TlsFailure::PlainHttp && raw.first().is_some_and(u8::is_ascii_uppercase) {
                 let _ = tcp.write_all(PLAIN_ON_TLS).await;
-            } else if failure == TlsFailure::Handshake {
+            } else if failure == TlsFailure::Handshake || failure == TlsFailure::BadRecord {
                 // rustls queued the alert that says why; nothing is logged.
                 let _ = flush(&mut conn, &mut tcp).await;
             }
@@ -465,7 +465,13 @@ async fn read_records(
     let mut rest = &raw[..whole];
     while !rest.is_empty() {
         if conn.read_tls(&mut rest).is_err() || conn.process_new_packets().is_err() {
-            return Err(TlsFailure::Handshake);
+            // A record after the handshake's end (maybe in the same read as
+            // the client's Finished) is a bad record, not a bad handshake.
+            return Err(if conn.is_handshaking() {
+                TlsFailure::Handshake
+            } else {
+                TlsFailure::BadRecord
+            });
         }
     }
     raw.drain(..whole);
