@@ -1,11 +1,10 @@
 //! TLS termination in the process (rustls, ring provider): the pair from
 //! `--tls-cert`/`--tls-key`, reloaded for new handshakes on SIGHUP or when a
-//! file changes, and the per-connection terminator that speaks TLS to the
-//! client and hands the plaintext to the ordinary code over a socketpair.
-//!
-//! The terminator is a first step (see docs/ARCHITECTURE.md, TLS): it keeps
-//! rustls' state and a task per connection for the connection's life, so
-//! an idle wss connection costs more than a plain one.
+//! file changes; the handshake; a TLS 1.3 upgrade handed to the reactor
+//! with its traffic secrets (`tls_wire` seals and opens its records from
+//! then on); and, for everything else (plain-HTTP routes, TLS 1.2, the
+//! admin listener), the terminator that pumps plaintext to the ordinary
+//! code over a socketpair (docs/ARCHITECTURE.md, TLS).
 
 use std::io::{Read, Write};
 use std::os::unix::io::{AsRawFd, FromRawFd};
