@@ -2,7 +2,7 @@
 //! authenticate, and hand the socket to the shard that owns its org, which
 //! answers 101 and the welcome and keeps the connection for its life.
 
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -206,6 +206,18 @@ pub fn adopt(shard: &Shard, mut handoff: Handoff) {
         unsafe { libc::close(fd) };
         return;
     }
+    // Authenticated on another shard a moment ago: if the key was revoked
+    // (or the session signed out) since, this shard may already have
+    // closed that credential's connections and would never close this
+    // one. Checked in the same synchronous step as the registration, so
+    // a revocation after it is acted on by the next key-reload turn.
+    let session = handoff.session.as_deref().copied();
+    if !super::access::credential_still_valid(shard, &handoff.key_id, session) {
+        let mut out = Vec::with_capacity(160);
+        http::write_error(&mut out, 401, &[("Connection", "close")]);
+        send_and_close(fd, &out);
+        return;
+    }
     let leftover = std::mem::take(&mut handoff.leftover);
     match super::reactor::adopt(
         shard,
@@ -226,17 +238,22 @@ pub fn adopt(shard: &Shard, mut handoff: Handoff) {
             shard.metrics.handshake_failed(HandshakeFailure::Capacity);
             let mut out = Vec::with_capacity(160);
             http::write_error(&mut out, 503, &[("Connection", "close")]);
-            // Best effort: a fresh socket's buffer takes a small answer.
-            // SAFETY: send on and close of a descriptor we own.
-            unsafe {
-                libc::send(
-                    fd,
-                    out.as_ptr().cast(),
-                    out.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                );
-                libc::close(fd);
-            }
+            send_and_close(fd, &out);
         }
+    }
+}
+
+/// Sends a small answer on a socket we own and closes it. Best effort: a
+/// fresh socket's buffer takes a small answer.
+fn send_and_close(fd: RawFd, out: &[u8]) {
+    // SAFETY: send on and close of a descriptor we own.
+    unsafe {
+        libc::send(
+            fd,
+            out.as_ptr().cast(),
+            out.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        );
+        libc::close(fd);
     }
 }
