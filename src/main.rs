@@ -11,6 +11,12 @@ use hookstream::config::{self, ApiKeysCommand, Cli, Command, Config, PublishArgs
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // Everything this binary creates is the data directory or lives in it
+    // (keys, secrets, history): none of it is meant for other users, so
+    // whatever umask we inherit, directories are created 0700 and files
+    // 0600 (PROTOCOL.md §1).
+    // SAFETY: umask(2) only swaps the process's creation mask.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args),

@@ -103,3 +103,223 @@ fn once_one_shard_closed_a_revoked_keys_stream_no_shard_accepts_the_key() {
     // The other key of the org is untouched.
     assert_eq!(bearer_status(server.ws_addr, server.key("org_r")), 200);
 }
+
+/// Runs `command` with the creation mask 000, as a careless service unit
+/// or shell might.
+fn with_umask_000(command: &mut std::process::Command) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: umask(2) is async-signal-safe and touches only the child.
+    unsafe {
+        command.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        })
+    }
+}
+
+/// Every directory and file under `dir` (itself included) with its mode.
+fn modes_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, bool, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        let is_dir = meta.is_dir();
+        out.push((path.clone(), is_dir, meta.permissions().mode() & 0o7777));
+        if is_dir {
+            for entry in std::fs::read_dir(&path).unwrap() {
+                pending.push(entry.unwrap().path());
+            }
+        }
+    }
+    out
+}
+
+/// Item 8: under umask 000 the data directory, created by the server,
+/// and everything in it — keys, secrets, the signed-out list, the lock,
+/// the history directories and segments — is 0700 / 0600.
+#[test]
+fn every_file_of_the_data_dir_is_private_whatever_the_umask() {
+    let parent = common::TestDir::new();
+    let data_dir = parent.path().join("data");
+    // The CLI creates the data directory and the key file.
+    let output = with_umask_000(&mut common::hookstream_command())
+        .args([
+            "api-keys",
+            "create",
+            "--name",
+            "m",
+            "--org",
+            "org_m",
+            "--data-dir",
+        ])
+        .arg(&data_dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let key = String::from_utf8(output.stdout).unwrap().trim().to_string();
+
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--shards",
+        "2",
+    ];
+    let mut child = with_umask_000(&mut common::serve_command(&data_dir, &args))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let line = lines
+        .find_map(|l| l.ok().filter(|l| l.starts_with("hookstream listening on ")))
+        .expect("listening line");
+    std::thread::spawn(move || lines.for_each(drop));
+    let (ws_addr, admin_addr, _) = common::parse_listening_line(&line);
+    let admin_token = std::fs::read_to_string(data_dir.join("admin-token")).unwrap();
+    // History in several orgs (both shards own some), a session signed out.
+    let body: Vec<String> = (0..8)
+        .map(|i| common::issue(&format!("org_{i}"), "iss_1"))
+        .chain([common::issue("org_m", "iss_1")])
+        .collect();
+    let published = http_request(
+        admin_addr,
+        "POST",
+        "/v1/publish",
+        &[("Authorization", format!("Bearer {}", admin_token.trim()))],
+        common::array(&body).as_bytes(),
+    );
+    assert_eq!(published.status, 202, "{}", published.text());
+    let session = http_request(
+        ws_addr,
+        "POST",
+        "/v1/sessions",
+        &[("Authorization", format!("Bearer {key}"))],
+        b"",
+    );
+    assert_eq!(session.status, 200, "{}", session.text());
+    let cookie = session
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let signed_out = http_request(
+        ws_addr,
+        "DELETE",
+        "/v1/sessions",
+        &[("Cookie", cookie)],
+        b"",
+    );
+    assert_eq!(signed_out.status, 204, "{}", signed_out.text());
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+
+    let modes = modes_under(&data_dir);
+    let segments = modes
+        .iter()
+        .filter(|(p, _, _)| p.extension().is_some_and(|e| e == "log"))
+        .count();
+    assert!(segments >= 9, "one segment per org at least: {modes:?}");
+    for name in [
+        "keys.json",
+        "admin-token",
+        "session-secret",
+        "revoked-sessions",
+    ] {
+        assert!(data_dir.join(name).exists(), "{name} missing: {modes:?}");
+    }
+    for (path, is_dir, mode) in &modes {
+        let expected = if *is_dir { 0o700 } else { 0o600 };
+        assert_eq!(*mode, expected, "{} is {mode:o}", path.display());
+    }
+}
+
+/// `hookstream serve` that must fail at startup: its one stderr line.
+fn refused_start(data_dir: &std::path::Path, env: &[(&str, &str)]) -> String {
+    let mut child = common::serve_command(
+        data_dir,
+        &["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+    )
+    .envs(env.iter().copied())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("started: {}", reader.join().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = reader.join().unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    stderr
+}
+
+/// Item 8: a server whose admin API nobody could use does not start.
+#[test]
+fn startup_refuses_an_admin_token_that_cannot_be_presented() {
+    let dir = common::TestDir::new();
+    for bad in ["has space", "naïve", "semi;colon", "quote\"d"] {
+        let line = refused_start(dir.path(), &[("HOOKSTREAM_ADMIN_TOKEN", bad)]);
+        assert!(
+            line.contains("HOOKSTREAM_ADMIN_TOKEN") && line.contains("Authorization: Bearer"),
+            "{line}"
+        );
+        assert!(
+            !line.contains(bad),
+            "the token itself is not printed: {line}"
+        );
+    }
+    let long = "a".repeat(5000);
+    refused_start(dir.path(), &[("HOOKSTREAM_ADMIN_TOKEN", &long)]);
+
+    std::fs::write(dir.path().join("admin-token"), "  \n").unwrap();
+    let line = refused_start(dir.path(), &[]);
+    assert!(
+        line.contains("admin-token") && line.contains("empty"),
+        "{line}"
+    );
+    std::fs::write(dir.path().join("admin-token"), "two words\n").unwrap();
+    let line = refused_start(dir.path(), &[]);
+    assert!(line.contains("Authorization: Bearer"), "{line}");
+
+    // A token of the allowed characters works, as before.
+    std::fs::write(dir.path().join("admin-token"), "Ab0-._~+/=\n").unwrap();
+    let mut server = common::spawn_serve(
+        dir.path(),
+        &["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"].map(String::from),
+        STEP_TIMEOUT,
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let answer = http_request(
+        server.admin_addr,
+        "POST",
+        "/v1/publish",
+        &[("Authorization", "Bearer Ab0-._~+/=".to_string())],
+        common::issue("org_a", "iss_1").as_bytes(),
+    );
+    assert_eq!(answer.status, 202, "{}", answer.text());
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+}

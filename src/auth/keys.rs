@@ -396,13 +396,51 @@ pub fn existing_admin_token(data_dir: &Path) -> Result<Option<String>, KeyStoreE
     }
 }
 
+/// Longest admin token accepted: a request head is at most 8 KiB, and the
+/// token must fit in one with room for the rest of the request.
+pub const ADMIN_TOKEN_BYTES_MAX: usize = 4096;
+
+/// Why an admin token cannot be used, as one line naming the rule; `None`
+/// when it can be presented as `Authorization: Bearer <token>` (RFC 6750
+/// token68 characters, as `protocol::http::bearer_token` accepts them).
+pub fn admin_token_problem(token: &str) -> Option<String> {
+    let presentable = |byte: u8| byte.is_ascii_alphanumeric() || b"-._~+/=".contains(&byte);
+    if token.is_empty() {
+        return Some("is empty".to_string());
+    }
+    if token.len() > ADMIN_TOKEN_BYTES_MAX || !token.bytes().all(presentable) {
+        return Some(format!(
+            "must be 1 to {ADMIN_TOKEN_BYTES_MAX} characters of A-Z a-z 0-9 - . _ ~ + / = \
+             (what an `Authorization: Bearer` header carries)"
+        ));
+    }
+    None
+}
+
 /// The admin token: `HOOKSTREAM_ADMIN_TOKEN`, or `<data-dir>/admin-token`,
-/// generated once with mode 0600.
+/// generated once with mode 0600. A token nobody could present (an empty
+/// file, characters a Bearer header cannot carry) is refused with the rule
+/// it breaks, rather than starting a server whose admin API is locked.
 pub fn admin_token(data_dir: &Path) -> Result<String, KeyStoreError> {
-    if let Some(token) = existing_admin_token(data_dir)? {
-        return Ok(token);
+    let checked = |token: String, source: &str| match admin_token_problem(&token) {
+        None => Ok(token),
+        Some(problem) => Err(KeyStoreError::Invalid(format!("{source} {problem}"))),
+    };
+    if let Ok(token) = std::env::var("HOOKSTREAM_ADMIN_TOKEN") {
+        if !token.is_empty() {
+            return checked(token, "HOOKSTREAM_ADMIN_TOKEN");
+        }
     }
     let path = data_dir.join("admin-token");
+    let source = format!(
+        "{} (delete it to have a new token generated)",
+        path.display()
+    );
+    match fs::read_to_string(&path) {
+        Ok(text) => return checked(text.trim().to_string(), &source),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_error(&path)(e)),
+    }
     fs::create_dir_all(data_dir).map_err(io_error(data_dir))?;
     let token = generate_token();
     let out = OpenOptions::new()
@@ -418,8 +456,8 @@ pub fn admin_token(data_dir: &Path) -> Result<String, KeyStoreError> {
         }
         // Another process created it first: use theirs.
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => fs::read_to_string(&path)
-            .map(|t| t.trim().to_string())
-            .map_err(io_error(&path)),
+            .map_err(io_error(&path))
+            .and_then(|t| checked(t.trim().to_string(), &source)),
         Err(e) => Err(io_error(&path)(e)),
     }
 }
