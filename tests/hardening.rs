@@ -323,3 +323,149 @@ fn startup_refuses_an_admin_token_that_cannot_be_presented() {
     server.child.kill().unwrap();
     server.child.wait().unwrap();
 }
+
+/// Rewrites the org id of key `id` in `<data-dir>/keys.json`, as a hand
+/// edit would.
+fn hand_edit_org(data_dir: &std::path::Path, id: &str, org: &str) {
+    let path = data_dir.join("keys.json");
+    let mut file: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    for record in file["keys"].as_array_mut().unwrap() {
+        if record["id"] == id {
+            record["org_id"] = Value::from(org);
+        }
+    }
+    std::fs::write(&path, serde_json::to_vec_pretty(&file).unwrap()).unwrap();
+}
+
+/// Item 7: a key record with an invalid org id (a hand edit) is skipped
+/// with one line; every shard keeps serving, the record's key is refused
+/// like an unknown one, and the other keys work.
+#[test]
+fn a_bad_key_record_is_skipped_and_every_shard_keeps_serving() {
+    let dir = common::TestDir::new();
+    let good = common::create_key(dir.path(), "org_g");
+    let bad_json = cli(
+        &[
+            "api-keys", "create", "--name", "b", "--org", "org_b", "--json",
+        ],
+        dir.path(),
+    );
+    let bad: Value = serde_json::from_str(&bad_json).unwrap();
+    let bad_key = bad["key"].as_str().unwrap().to_string();
+    hand_edit_org(dir.path(), bad["id"].as_str().unwrap(), "bad org/..");
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--shards",
+        "2",
+    ]
+    .map(String::from);
+    let mut server =
+        common::spawn_serve(dir.path(), &args, STEP_TIMEOUT).unwrap_or_else(|e| panic!("{e:?}"));
+    let addr = server.ws_addr;
+    for attempt in 0..6 {
+        let session = http_request(
+            addr,
+            "POST",
+            "/v1/sessions",
+            &[("Authorization", format!("Bearer {bad_key}"))],
+            b"",
+        );
+        assert_eq!(session.status, 401, "attempt {attempt}: {}", session.text());
+        match Client::try_upgrade(addr, &format!("/v1/ws?token={bad_key}")) {
+            Err(UpgradeError::Status(401)) => {}
+            Ok(_) => panic!("attempt {attempt}: upgraded with a skipped record's key"),
+            Err(e) => panic!("attempt {attempt}: {e:?}"),
+        }
+    }
+    // Every shard still answers (fresh connections land on either).
+    for attempt in 0..12 {
+        assert_eq!(bearer_status(addr, &good), 200, "attempt {attempt}");
+        let mut client = Client::connect(addr, &format!("/v1/ws?token={good}"));
+        client.ping_pong();
+    }
+    // One line for the record, at startup; it names the record, not the key.
+    let stderr = server.stderr.lock().unwrap().join("\n");
+    let skipped: Vec<&str> = stderr.lines().filter(|l| l.contains("skipped")).collect();
+    assert_eq!(skipped.len(), 1, "{stderr}");
+    assert!(skipped[0].contains(bad["id"].as_str().unwrap()), "{stderr}");
+    assert!(!stderr.contains(&bad_key), "{stderr}");
+    assert!(server.child.try_wait().unwrap().is_none(), "{stderr}");
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+}
+
+/// Item 7, the panic policy: a panic on a shard ends the process at once
+/// with one line and status 70 (never a half-dead server whose shard no
+/// longer answers); a supervisor restarts it on the same data directory
+/// and a client resumes where it stopped. (The panic is injected by a
+/// debug-build-only hook, `HOOKSTREAM_DEBUG_PANIC_PATH`.)
+#[test]
+fn a_panic_ends_the_process_with_one_line_and_clients_resume_after_a_restart() {
+    let dir = common::TestDir::new();
+    let key = common::create_key(dir.path(), "org_p");
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--shards",
+        "2",
+    ]
+    .map(String::from);
+    let env = [("HOOKSTREAM_DEBUG_PANIC_PATH", "/v1/boom")];
+    let mut first = common::spawn_serve_with_env(dir.path(), &args, &env, STEP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let token = std::fs::read_to_string(dir.path().join("admin-token")).unwrap();
+    let publish = |admin: SocketAddr, id: &str| -> u64 {
+        let answer = http_request(
+            admin,
+            "POST",
+            "/v1/publish",
+            &[("Authorization", format!("Bearer {}", token.trim()))],
+            common::issue("org_p", id).as_bytes(),
+        );
+        assert_eq!(answer.status, 202, "{}", answer.text());
+        answer.json()["seqs"][0].as_u64().unwrap()
+    };
+    let mut client = Client::connect(first.ws_addr, &format!("/v1/ws?token={key}"));
+    client.subscribe("issues");
+    let seen = publish(first.admin_addr, "iss_1");
+    assert_eq!(client.next_json(STEP_TIMEOUT)["seq"], seen);
+
+    // The panic: the request gets no answer, the process ends.
+    let _ = common::send_get(first.ws_addr, "/v1/boom", &[]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = first.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "still running after a panic");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(70), "{status:?}");
+    std::thread::sleep(Duration::from_millis(100));
+    let stderr = first.stderr.lock().unwrap().join("\n");
+    let fatal: Vec<&str> = stderr.lines().filter(|l| l.contains("fatal")).collect();
+    assert_eq!(fatal.len(), 1, "{stderr}");
+    assert!(
+        fatal[0].contains("panic") && fatal[0].contains("restart"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("stack backtrace"), "{stderr}");
+
+    // The supervisor's restart: the client reconnects and resumes.
+    let mut second =
+        common::spawn_serve(dir.path(), &args, STEP_TIMEOUT).unwrap_or_else(|e| panic!("{e:?}"));
+    let missed = publish(second.admin_addr, "iss_2");
+    let mut client = Client::connect(second.ws_addr, &format!("/v1/ws?token={key}"));
+    let replayed = client.subscribe_after("issues", seen);
+    assert_eq!(replayed["type"], "subscribed", "{replayed}");
+    let message = client.next_json(STEP_TIMEOUT);
+    assert_eq!(message["seq"], missed, "{message}");
+    assert_eq!(message["data"]["id"], "iss_2");
+    second.child.kill().unwrap();
+    second.child.wait().unwrap();
+}

@@ -296,6 +296,41 @@ pub struct FileStamp {
     len: u64,
 }
 
+/// `text` quoted and escaped for a log line, cut at 80 characters.
+fn shown(text: &str) -> String {
+    let cut: String = text.chars().take(80).collect();
+    format!("{cut:?}")
+}
+
+/// Why a stored key record cannot be used, or `None`. `create` never
+/// writes such a record; a hand edit can.
+fn record_problem(record: &KeyRecord) -> Option<String> {
+    let id_ok = !record.id.is_empty()
+        && record.id.len() <= 64
+        && record
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !id_ok {
+        return Some("its id must match [A-Za-z0-9_-]{1,64}".to_string());
+    }
+    if !is_valid_org_id(&record.org_id) {
+        return Some(format!(
+            "org id {} must match [A-Za-z0-9_-]{{1,64}}",
+            shown(&record.org_id)
+        ));
+    }
+    let hash_ok = record.hash.len() == 64
+        && record
+            .hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !hash_ok {
+        return Some("its hash must be 64 lowercase hex digits".to_string());
+    }
+    None
+}
+
 /// What the server needs to authenticate: active keys by hash.
 #[derive(Debug, Default, Clone)]
 pub struct KeyIndex {
@@ -316,12 +351,26 @@ pub struct ActiveKey {
 }
 
 impl KeyIndex {
-    /// Builds the index of every key that is not revoked.
+    /// Builds the index of every key that is not revoked. A record the
+    /// server could not use safely (a hand edit: an org id or key id that
+    /// breaks the rules every other part relies on, a hash that is not
+    /// one) is skipped with one line on stderr naming it, never the key
+    /// (the file holds none); its key is then refused like an unknown one.
     pub fn from_file(file: &KeyFile) -> KeyIndex {
         let by_hash = file
             .keys
             .iter()
             .filter(|r| r.revoked_at.is_none())
+            .filter(|r| match record_problem(r) {
+                None => true,
+                Some(problem) => {
+                    eprintln!(
+                        "hookstream: {KEYS_FILE}: key record {} skipped: {problem}",
+                        shown(&r.id)
+                    );
+                    false
+                }
+            })
             .map(|r| {
                 (
                     r.hash.clone(),

@@ -6,6 +6,7 @@
 pub mod access;
 mod admin;
 mod connection;
+mod fault;
 pub mod history_routes;
 mod mesh;
 mod public;

@@ -124,7 +124,10 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
         ) {
             Err(error) => Err((error.status(), Some(error))),
             Ok(None) => Err((400, None)),
-            Ok(Some(head)) if head.path != "/v1/ws" => Ok(None),
+            Ok(Some(head)) if head.path != "/v1/ws" => {
+                super::fault::panic_if_asked(head.path);
+                Ok(None)
+            }
             Ok(Some(head)) => route(&shard, &head, stream.peer_addr().ok()).map(Some),
         }
     };
