@@ -14,6 +14,14 @@ pub const HEADERS_MAX: usize = 64;
 /// Time a client has to send a complete request head.
 pub const HEAD_TIMEOUT_MS: u64 = 10_000;
 
+/// Longest a client may go without taking any byte of an HTTP answer
+/// (the head timeout's counterpart, on both listeners; an SSE stream's
+/// events included): past it the connection is closed. Measured between
+/// progress, as nginx's `send_timeout`, so a large answer to a slow but
+/// reading client is never cut, while one that stops reading costs its
+/// socket and its answer for at most this long.
+pub const WRITE_TIMEOUT_MS: u64 = 10_000;
+
 /// Default largest client WebSocket message (after reassembly of fragments).
 pub const CLIENT_MESSAGE_BYTES_MAX: usize = 64 * 1024;
 

@@ -469,3 +469,125 @@ fn a_panic_ends_the_process_with_one_line_and_clients_resume_after_a_restart() {
     second.child.kill().unwrap();
     second.child.wait().unwrap();
 }
+
+/// Open descriptors of process `pid`.
+fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Open descriptors of `pid` at rest: the fewest of a few samples, so a
+/// file the server opens for a moment (the key file's stamp, a last-used
+/// write) does not count.
+fn steady_open_files(pid: u32) -> usize {
+    (0..10)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            open_files(pid)
+        })
+        .min()
+        .unwrap()
+}
+
+/// Waits until `pid` holds at most `files` descriptors; false past
+/// `timeout`.
+fn files_back_to(pid: u32, files: usize, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if open_files(pid) <= files {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Sends `request` `count` times, pipelined, on a fresh connection and
+/// never reads; the writes happen on their own thread (they may block once
+/// the server stops reading). Returns the socket and the writer.
+fn pipeline_without_reading(
+    addr: SocketAddr,
+    request: String,
+    count: usize,
+) -> (TcpStream, std::thread::JoinHandle<()>) {
+    let stream = common::tcp_connect(addr);
+    let mut writer = stream.try_clone().unwrap();
+    let thread = std::thread::spawn(move || {
+        use std::io::Write;
+        let all = request.repeat(count);
+        let _ = writer.write_all(all.as_bytes());
+    });
+    (stream, thread)
+}
+
+/// Reads what `stream` holds until EOF or a reset; the byte count, or
+/// `None` if it is still open at the deadline.
+fn read_to_end_within(stream: &mut TcpStream, timeout: Duration) -> Option<usize> {
+    let deadline = Instant::now() + timeout;
+    let mut total = 0;
+    let mut buffer = vec![0u8; 1 << 16];
+    while Instant::now() < deadline {
+        match stream.read(&mut buffer) {
+            Ok(0) => return Some(total),
+            Ok(n) => total += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(total),
+            Err(_) => {}
+        }
+    }
+    None
+}
+
+/// The write timeout of PROTOCOL.md §6 (10 s without progress).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Item 6: a client that asks for 28 MiB of answers and never reads them
+/// is disconnected within the write timeout, on both listeners: its
+/// socket is given back without it reading a byte.
+#[test]
+fn a_client_that_never_reads_28_mib_of_answers_is_disconnected_within_the_write_timeout() {
+    let server = Server::start(&["org_w"]);
+    let pid = server.pid();
+    let wanted = 28 << 20;
+    let script = http_request(server.ws_addr, "GET", "/v1/client.js", &[], b"");
+    assert_eq!(script.status, 200);
+    let public_request = format!(
+        "GET /v1/client.js HTTP/1.1\r\nHost: {}\r\n\r\n",
+        server.ws_addr
+    );
+    let public_count = wanted / script.body.len() + 1;
+    let metrics = server.admin_get("/metrics", true);
+    assert_eq!(metrics.status, 200);
+    let admin_request = format!(
+        "GET /metrics HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\r\n",
+        server.admin_addr, server.admin_token
+    );
+    let admin_count = wanted / metrics.body.len() + 1;
+    let baseline = steady_open_files(pid);
+
+    let (mut public, public_writer) =
+        pipeline_without_reading(server.ws_addr, public_request, public_count);
+    let (mut admin, admin_writer) =
+        pipeline_without_reading(server.admin_addr, admin_request, admin_count);
+    public_writer.join().unwrap();
+    admin_writer.join().unwrap();
+    let sent = Instant::now();
+    // Both sockets are closed by the server while the client still has
+    // not read a byte: the answers stalled at once (the socket buffers
+    // hold a few MiB), so within the write timeout and a margin.
+    assert!(
+        files_back_to(pid, baseline, WRITE_TIMEOUT + Duration::from_secs(5)),
+        "{} descriptors, {baseline} before, {:?} after the last request",
+        open_files(pid),
+        sent.elapsed()
+    );
+    for (name, stream) in [("public", &mut public), ("admin", &mut admin)] {
+        let read = read_to_end_within(stream, STEP_TIMEOUT)
+            .unwrap_or_else(|| panic!("{name}: still open"));
+        assert!(read < wanted, "{name}: all {read} bytes were written");
+        // (A reset may drop what the socket held; when it did not, answers
+        // were being written before the stall.)
+    }
+    // The server goes on serving.
+    assert_eq!(bearer_status(server.ws_addr, server.key("org_w")), 200);
+}

@@ -117,6 +117,9 @@ fn parse_request(shard: &Shard, buffer: &[u8]) -> Result<Option<Request>, ReadEr
 
 async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    // An answer the client takes no byte of for this long fails, and the
+    // connection is closed (PROTOCOL.md §6).
+    super::stall::bound_http_answers(&stream);
     let mut buffer: Vec<u8> = Vec::new();
     let mut out = Vec::with_capacity(1024);
     loop {

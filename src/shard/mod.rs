@@ -13,6 +13,7 @@ mod public;
 pub mod ratelimit;
 pub mod reactor;
 pub mod routes;
+mod stall;
 mod web;
 
 use std::cell::{Cell, RefCell};

@@ -10,7 +10,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
 use super::{shard_for, Handoff, Shard, ShardMessage};
-use crate::limits::{HEADERS_MAX, HEAD_BYTES_MAX, HEAD_TIMEOUT_MS};
+use crate::limits::{HEADERS_MAX, HEAD_BYTES_MAX, HEAD_TIMEOUT_MS, WRITE_TIMEOUT_MS};
 use crate::metrics::HandshakeFailure;
 use crate::protocol::http::{self, HttpError};
 
@@ -99,6 +99,10 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
         return;
     }
     let _ = stream.set_nodelay(true);
+    // Every answer written on this stream (refusals, plain-HTTP routes,
+    // SSE) fails after this long without progress, and the connection is
+    // closed: a client that never reads is not held forever.
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS)));
     // Most upgrade requests are a few hundred bytes: start small and grow
     // to the 8 KiB limit only for a long head, so a connect storm does not
     // park 8 KiB per handshake in flight.
@@ -139,6 +143,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
             if buffer.len() < super::READ_BUFFER_BYTES {
                 buffer.resize(super::READ_BUFFER_BYTES, 0);
             }
+            super::stall::bound_http_answers(&stream);
             super::routes::serve(shard, stream, buffer, filled).await;
             return;
         }
