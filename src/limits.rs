@@ -59,6 +59,12 @@ pub const UPGRADE_BURST_PER_IP: u32 = 400;
 /// a client stuck on a revoked key reconnecting in a loop costs little.
 pub const AUTH_FAILURES_PER_IP_PER_MIN: u32 = 60;
 
+/// Default waiting HTTP requests (long-polls with `wait_ms`, SSE streams)
+/// per source address at once (PROTOCOL.md §6): 429 past it. A page has
+/// one or two; this leaves room for many users behind one NAT, while one
+/// client can no longer pin thousands of sockets.
+pub const HTTP_WAITS_PER_IP: u32 = 256;
+
 /// Source addresses each rate-limit table tracks at once, per shard.
 pub const RATE_LIMIT_ADDRESSES_MAX: usize = 65_536;
 

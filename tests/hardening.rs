@@ -591,3 +591,114 @@ fn a_client_that_never_reads_28_mib_of_answers_is_disconnected_within_the_write_
     // The server goes on serving.
     assert_eq!(bearer_status(server.ws_addr, server.key("org_w")), 200);
 }
+
+/// Item 2: 300 abandoned waits — 150 long-polls and 150 SSE streams whose
+/// clients close their sockets mid-wait — give their descriptors back
+/// within 5 s (each wait watches its socket; a long-poll used to keep its
+/// socket for its whole `wait_ms`, a stream until its next keep-alive).
+#[test]
+fn abandoned_long_polls_and_sse_streams_give_their_sockets_back_within_5_s() {
+    let server = ServerBuilder::new()
+        .org("org_a")
+        .arg("--shards", 2)
+        .arg("--http-waits-per-ip", 400)
+        .start();
+    let key = server.key("org_a").to_string();
+    let seq = server.publish_ok(&common::issue("org_a", "iss_1"))[0];
+    let pid = server.pid();
+    let baseline = steady_open_files(pid);
+    let poll = format!("/v1/poll?channels=issues&after={seq}&wait_ms=30000&token={key}");
+    let sse = format!("/v1/sse?channels=issues&token={key}");
+    let mut sockets: Vec<TcpStream> = Vec::new();
+    for _ in 0..150 {
+        sockets.push(common::send_get(server.ws_addr, &poll, &[]));
+        sockets.push(open_sse(server.ws_addr, &sse, &[]).0);
+    }
+    // Every poll is waiting (none answered), every stream open.
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while open_files(pid) < baseline + 300 {
+        assert!(Instant::now() < deadline, "{} open", open_files(pid));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    drop(sockets);
+    let dropped = Instant::now();
+    assert!(
+        files_back_to(pid, baseline, Duration::from_secs(5)),
+        "{} descriptors {:?} after the clients left; {baseline} before",
+        open_files(pid),
+        dropped.elapsed()
+    );
+    // Nothing else was disturbed: a new stream gets what is published.
+    let (mut stream, mut buffer) = open_sse(server.ws_addr, &sse, &[]);
+    let next = server.publish_ok(&common::issue("org_a", "iss_2"))[0];
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while !String::from_utf8_lossy(&buffer).contains(&format!("id: {next}")) {
+        common::read_some(&mut stream, &mut buffer, deadline).expect("the new stream");
+    }
+}
+
+/// Item 2: waiting requests per source address are bounded (here 8 with
+/// one shard): past it a long-poll or stream gets 429 with `Retry-After`,
+/// a poll that does not wait is still served, and a wait whose client
+/// left frees its place at once.
+#[test]
+fn waiting_requests_per_address_are_bounded_with_429() {
+    let server = ServerBuilder::new()
+        .org("org_a")
+        .arg("--shards", 1)
+        .arg("--http-waits-per-ip", 8)
+        .start();
+    let key = server.key("org_a").to_string();
+    let sse = format!("/v1/sse?channels=issues&token={key}");
+    let mut streams: Vec<TcpStream> = (0..8)
+        .map(|_| open_sse(server.ws_addr, &sse, &[]).0)
+        .collect();
+    let refused = http_request(server.ws_addr, "GET", &sse, &[], b"");
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert!(refused.header("retry-after").is_some());
+    let long_poll = http_request(
+        server.ws_addr,
+        "GET",
+        &format!("/v1/poll?channels=issues&wait_ms=5000&token={key}"),
+        &[],
+        b"",
+    );
+    assert_eq!(long_poll.status, 429, "{}", long_poll.text());
+    let poll = http_request(
+        server.ws_addr,
+        "GET",
+        &format!("/v1/poll?channels=issues&token={key}"),
+        &[],
+        b"",
+    );
+    assert_eq!(poll.status, 200, "{}", poll.text());
+    // One client leaves: its place is free for the next one, at once.
+    drop(streams.pop());
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (status, stream) = head_status(server.ws_addr, &sse);
+        if status == 200 {
+            streams.push(stream);
+            break;
+        }
+        assert_eq!(status, 429);
+        assert!(Instant::now() < deadline, "the place was not given back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(head_status(server.ws_addr, &sse).0, 429);
+}
+
+/// `GET path` and the status of its answer head; the stream stays open.
+fn head_status(addr: SocketAddr, path: &str) -> (u16, TcpStream) {
+    let mut stream = common::send_get(addr, path, &[]);
+    let mut buffer = Vec::new();
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = common::read_some(&mut stream, &mut buffer, deadline).expect("an answer head");
+        assert!(n > 0, "closed without an answer");
+    }
+    let head = String::from_utf8_lossy(&buffer);
+    let status = head[9..12].parse().unwrap();
+    (status, stream)
+}

@@ -62,6 +62,9 @@ pub struct AccessState {
     /// Failed authentications per source address; an address with an empty
     /// bucket gets 429 on anything that needs authentication.
     auth_failures: RefCell<IpBuckets>,
+    /// Waiting HTTP requests per source address (PROTOCOL.md §6: 429
+    /// past this shard's share).
+    pub waits: super::waits::WaitLimit,
     /// Key ids authenticated since the last write of last-used times, with
     /// the time of their latest use.
     used_keys: RefCell<HashMap<String, SystemTime>>,
@@ -87,6 +90,7 @@ impl AccessState {
             revoked,
             upgrades: RefCell::new(IpBuckets::new(upgrades, RATE_LIMIT_ADDRESSES_MAX)),
             auth_failures: RefCell::new(IpBuckets::new(auth_failures, RATE_LIMIT_ADDRESSES_MAX)),
+            waits: super::waits::WaitLimit::new(config.http_waits_per_ip, config.shards),
             used_keys: RefCell::new(HashMap::new()),
         }
     }

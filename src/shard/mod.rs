@@ -14,6 +14,7 @@ pub mod ratelimit;
 pub mod reactor;
 pub mod routes;
 mod stall;
+pub mod waits;
 mod web;
 
 use std::cell::{Cell, RefCell};
