@@ -179,6 +179,9 @@ pub struct ServeArgs {
     /// Waiting HTTP requests (long-polls, SSE streams) per source IP at once; default 256, 0 = unlimited.
     #[arg(long, env = "HOOKSTREAM_HTTP_WAITS_PER_IP")]
     pub http_waits_per_ip: Option<u32>,
+    /// Public-listener connections per source IP that are not WebSockets (handshakes, plain HTTP); default 256, 0 = unlimited.
+    #[arg(long, env = "HOOKSTREAM_HTTP_CONNECTIONS_PER_IP")]
+    pub http_connections_per_ip: Option<u32>,
     /// Lifetime of a browser session cookie in seconds; default 86400.
     #[arg(long, env = "HOOKSTREAM_SESSION_TTL_SECS")]
     pub session_ttl_secs: Option<u64>,
@@ -209,6 +212,7 @@ struct FileConfig {
     upgrade_burst_per_ip: Option<u32>,
     auth_failures_per_ip_per_min: Option<u32>,
     http_waits_per_ip: Option<u32>,
+    http_connections_per_ip: Option<u32>,
     session_ttl_secs: Option<u64>,
 }
 
@@ -258,6 +262,9 @@ pub struct Config {
     /// Waiting HTTP requests (long-polls, SSE streams) per source IP at
     /// once (429 past it); 0 disables the limit.
     pub http_waits_per_ip: u32,
+    /// Public-listener connections per source IP that are not WebSockets
+    /// (429 past it); 0 disables the limit.
+    pub http_connections_per_ip: u32,
     /// Lifetime of a session cookie.
     pub session_ttl_secs: u64,
     /// Whether `--demo` was asked for.
@@ -411,6 +418,10 @@ impl Config {
                 .http_waits_per_ip
                 .or(file.http_waits_per_ip)
                 .unwrap_or(limits::HTTP_WAITS_PER_IP),
+            http_connections_per_ip: args
+                .http_connections_per_ip
+                .or(file.http_connections_per_ip)
+                .unwrap_or(limits::HTTP_CONNECTIONS_PER_IP),
             session_ttl_secs: args
                 .session_ttl_secs
                 .or(file.session_ttl_secs)

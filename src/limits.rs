@@ -65,6 +65,13 @@ pub const AUTH_FAILURES_PER_IP_PER_MIN: u32 = 60;
 /// client can no longer pin thousands of sockets.
 pub const HTTP_WAITS_PER_IP: u32 = 256;
 
+/// Default connections per source address on the public listener that
+/// are not WebSockets: reading a request head, or plain HTTP (keep-alive,
+/// polls, streams). Past it a new one is answered 429 and closed without
+/// being read. Bounds what a client without any key can hold; WebSockets
+/// are not counted once upgraded.
+pub const HTTP_CONNECTIONS_PER_IP: u32 = 256;
+
 /// Source addresses each rate-limit table tracks at once, per shard.
 pub const RATE_LIMIT_ADDRESSES_MAX: usize = 65_536;
 

@@ -602,6 +602,7 @@ fn abandoned_long_polls_and_sse_streams_give_their_sockets_back_within_5_s() {
         .org("org_a")
         .arg("--shards", 2)
         .arg("--http-waits-per-ip", 400)
+        .arg("--http-connections-per-ip", 400)
         .start();
     let key = server.key("org_a").to_string();
     let seq = server.publish_ok(&common::issue("org_a", "iss_1"))[0];
@@ -701,4 +702,43 @@ fn head_status(addr: SocketAddr, path: &str) -> (u16, TcpStream) {
     let head = String::from_utf8_lossy(&buffer);
     let status = head[9..12].parse().unwrap();
     (status, stream)
+}
+
+/// Item 10 (found by trying): a client with no key at all held every
+/// descriptor it liked by connecting and sending nothing — 3,000 idle
+/// connections from one address were all held for the 10 s head timeout,
+/// again and again. Connections that are not WebSockets are now bounded
+/// per address (256 by default): past it a connection is answered 429 and
+/// closed without being read. Upgraded WebSockets do not count.
+#[test]
+fn idle_connections_from_one_address_are_bounded_and_websockets_do_not_count() {
+    let server = ServerBuilder::new().org("org_a").arg("--shards", 2).start();
+    let pid = server.pid();
+    let baseline = steady_open_files(pid);
+    let idle: Vec<TcpStream> = (0..1000)
+        .map(|_| common::tcp_connect(server.ws_addr))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let held = steady_open_files(pid) - baseline;
+    assert!(held <= 256, "{held} idle connections held");
+    assert!(held >= 200, "only {held} held: the limit is 256");
+    // The connections past the limit were answered 429 and closed.
+    let mut refused = 0;
+    for mut stream in idle.into_iter().rev().take(100) {
+        let mut buffer = Vec::new();
+        let _ = common::read_some(&mut stream, &mut buffer, Instant::now() + STEP_TIMEOUT);
+        if String::from_utf8_lossy(&buffer).starts_with("HTTP/1.1 429") || buffer.is_empty() {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 100);
+    // The held ones are gone with their clients; WebSockets past the
+    // limit's count are all accepted.
+    assert!(files_back_to(pid, baseline, Duration::from_secs(5)));
+    let key = server.key("org_a").to_string();
+    let clients: Vec<Client> = (0..300)
+        .map(|_| Client::connect(server.ws_addr, &format!("/v1/ws?token={key}")))
+        .collect();
+    assert_eq!(clients.len(), 300);
+    assert_eq!(bearer_status(server.ws_addr, &key), 200);
 }

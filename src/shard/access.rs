@@ -64,7 +64,10 @@ pub struct AccessState {
     auth_failures: RefCell<IpBuckets>,
     /// Waiting HTTP requests per source address (PROTOCOL.md §6: 429
     /// past this shard's share).
-    pub waits: super::waits::WaitLimit,
+    pub waits: super::waits::AddressLimit,
+    /// Public connections per source address that are not WebSockets
+    /// (PROTOCOL.md §6: 429 past this shard's share).
+    pub http_connections: super::waits::AddressLimit,
     /// Key ids authenticated since the last write of last-used times, with
     /// the time of their latest use.
     used_keys: RefCell<HashMap<String, SystemTime>>,
@@ -90,7 +93,11 @@ impl AccessState {
             revoked,
             upgrades: RefCell::new(IpBuckets::new(upgrades, RATE_LIMIT_ADDRESSES_MAX)),
             auth_failures: RefCell::new(IpBuckets::new(auth_failures, RATE_LIMIT_ADDRESSES_MAX)),
-            waits: super::waits::WaitLimit::new(config.http_waits_per_ip, config.shards),
+            waits: super::waits::AddressLimit::new(config.http_waits_per_ip, config.shards),
+            http_connections: super::waits::AddressLimit::new(
+                config.http_connections_per_ip,
+                config.shards,
+            ),
             used_keys: RefCell::new(HashMap::new()),
         }
     }

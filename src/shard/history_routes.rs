@@ -245,7 +245,7 @@ async fn ask_unless(
 
 /// Counts a waiting request of the request's address; `None` past the
 /// address's limit (PROTOCOL.md §6), to be answered 429.
-fn enter_wait<'a>(shard: &'a Shard, request: &Request) -> Option<super::waits::Waiting<'a>> {
+fn enter_wait<'a>(shard: &'a Shard, request: &Request) -> Option<super::waits::Counted<'a>> {
     shard.access.waits.enter(request.peer.map(|p| p.ip()))
 }
 

@@ -98,6 +98,15 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
     if shard.stopping.get() {
         return;
     }
+    // Counted until the connection is a WebSocket (handed to the reactor)
+    // or closed; past the address's share, refused without reading.
+    let counting = shard.clone();
+    let peer_ip = stream.peer_addr().ok().map(|peer| peer.ip());
+    let Some(_counted) = counting.access.http_connections.enter(peer_ip) else {
+        let _ = stream.set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS)));
+        refuse(&shard, &mut stream, 429, None).await;
+        return;
+    };
     let _ = stream.set_nodelay(true);
     // Every answer written on this stream (refusals, plain-HTTP routes,
     // SSE) fails after this long without progress, and the connection is

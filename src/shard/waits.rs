@@ -12,8 +12,14 @@
 //! socket and ends, giving the socket back, as soon as the client closed
 //! it.
 //!
-//! The table holds an entry only while an address has waits, so it is
-//! bounded by the open sockets.
+//! The same per-address count bounds the public listener's connections
+//! that are not WebSockets (yet): those reading a request head, plain-HTTP
+//! keep-alive connections, polls and streams (`--http-connections-per-ip`).
+//! Without it, a client with no key at all could hold every descriptor of
+//! the process by connecting and sending nothing, again every 10 s.
+//!
+//! The table holds an entry only while an address has something counted,
+//! so it is bounded by the open sockets.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -30,27 +36,28 @@ use super::ratelimit::bucket_key;
 /// FIN instead.
 const GONE_CHECK_MS: u64 = 500;
 
-/// Waits per source address on one shard.
+/// Things in progress (waits, connections) per source address on one
+/// shard, with a limit.
 #[derive(Debug)]
-pub struct WaitLimit {
+pub struct AddressLimit {
     /// This shard's share of the limit; `None` = unlimited.
     per_address_max: Option<u32>,
     /// Waits in progress per address (entries with zero are removed).
     waiting: RefCell<HashMap<IpAddr, u32, ahash::RandomState>>,
 }
 
-/// One counted wait; uncounted when dropped.
+/// One counted wait or connection; uncounted when dropped.
 #[derive(Debug)]
-pub struct Waiting<'a> {
-    limit: &'a WaitLimit,
+pub struct Counted<'a> {
+    limit: &'a AddressLimit,
     key: Option<IpAddr>,
 }
 
-impl WaitLimit {
+impl AddressLimit {
     /// This shard's share of `per_ip` (0 = unlimited) over `shards`.
-    pub fn new(per_ip: u32, shards: usize) -> WaitLimit {
+    pub fn new(per_ip: u32, shards: usize) -> AddressLimit {
         assert!(shards >= 1);
-        WaitLimit {
+        AddressLimit {
             per_address_max: (per_ip > 0).then(|| per_ip.div_ceil(shards as u32).max(1)),
             waiting: RefCell::new(HashMap::default()),
         }
@@ -58,9 +65,9 @@ impl WaitLimit {
 
     /// Counts a wait of `peer`; `None` when the address is at its limit
     /// (answer 429). A request without a known peer is not counted.
-    pub fn enter(&self, peer: Option<IpAddr>) -> Option<Waiting<'_>> {
+    pub fn enter(&self, peer: Option<IpAddr>) -> Option<Counted<'_>> {
         let Some(ip) = peer else {
-            return Some(Waiting {
+            return Some(Counted {
                 limit: self,
                 key: None,
             });
@@ -75,7 +82,7 @@ impl WaitLimit {
             return None;
         }
         *count += 1;
-        Some(Waiting {
+        Some(Counted {
             limit: self,
             key: Some(key),
         })
@@ -88,7 +95,7 @@ impl WaitLimit {
     }
 }
 
-impl Drop for Waiting<'_> {
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
         let Some(key) = self.key else { return };
         let mut waiting = self.limit.waiting.borrow_mut();
@@ -136,7 +143,7 @@ mod tests {
 
     #[test]
     fn an_address_gets_its_share_and_dropped_waits_free_it() {
-        let limit = WaitLimit::new(5, 2);
+        let limit = AddressLimit::new(5, 2);
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
         let held: Vec<_> = (0..3).map(|_| limit.enter(Some(a)).unwrap()).collect();
@@ -150,12 +157,12 @@ mod tests {
 
     #[test]
     fn ipv6_is_counted_per_64_and_zero_is_unlimited() {
-        let limit = WaitLimit::new(1, 1);
+        let limit = AddressLimit::new(1, 1);
         let one: IpAddr = "2001:db8::1".parse().unwrap();
         let other: IpAddr = "2001:db8::2".parse().unwrap();
         let _held = limit.enter(Some(one)).unwrap();
         assert!(limit.enter(Some(other)).is_none());
-        let unlimited = WaitLimit::new(0, 4);
+        let unlimited = AddressLimit::new(0, 4);
         let held: Vec<_> = (0..1000).map(|_| unlimited.enter(Some(one))).collect();
         assert!(held.iter().all(Option::is_some));
     }
