@@ -28,6 +28,7 @@
 mod log;
 pub mod query;
 pub mod replay;
+mod writers;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -1078,6 +1079,7 @@ pub async fn commit_loop(shard: Rc<Shard>) {
             continue;
         }
         let outcome = commit(history, &batch.records).await;
+        history.bound_open_writers();
         match &outcome {
             Ok(()) => {
                 // Staged in the same step as the commit (no await since it
