@@ -714,7 +714,7 @@ impl Registry {
     /// frees its queue but keeps the rest of a frame the socket has already
     /// taken part of, since the close frame that follows must start on a
     /// frame boundary.
-    fn close_slow_consumer(&mut self, index: u32) {
+    pub fn close_slow_consumer(&mut self, index: u32) {
         let conn = &mut self.connections[index as usize];
         if let Some(queue) = conn.send.as_mut() {
             if queue.front_sent > 0 {

@@ -788,3 +788,231 @@ fn a_publish_to_thousands_of_orgs_leaves_open_files_bounded() {
         .collect();
     assert_eq!(ids, vec![Value::from("iss_0"), Value::from("iss_1")]);
 }
+
+/// Connections whose local port is `port` (the server's side), in any
+/// state but listening and TIME_WAIT, from `/proc/net/tcp`.
+fn server_connections(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields[1].rsplit(':').next().unwrap();
+            u16::from_str_radix(local_port, 16).unwrap() == port
+                && fields[3] != "0A"
+                && fields[3] != "06"
+        })
+        .count()
+}
+
+/// Resident set size of `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Item 1: readers of history that do not read — a WebSocket replay
+/// (`subscribe` with `after`), `/v1/poll`, `/v1/sse` with `Last-Event-ID`
+/// and a list, three of each, over 16 retained events of 1 MiB — cost the
+/// server about one read step (1 MiB, PROTOCOL.md §6) and their send
+/// queue each, not all the history they asked for; a stream or replay
+/// that stalls is closed within the write timeout (the replay with 1013).
+#[test]
+fn history_readers_that_do_not_read_cost_a_bounded_amount_and_are_closed() {
+    let dir = common::TestDir::new();
+    let key = common::create_key(dir.path(), "org_h");
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--shards",
+        "2",
+    ]
+    .map(String::from);
+    let pad = "x".repeat(1 << 20);
+    {
+        let mut writer = common::spawn_serve(dir.path(), &args, STEP_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let token = std::fs::read_to_string(dir.path().join("admin-token")).unwrap();
+        for batch in 0..4 {
+            let body: Vec<String> = (0..4)
+                .map(|i| {
+                    format!(
+                        r#"{{"org_id":"org_h","type":"event","data":{{"id":"evt_{batch}_{i}","source_id":"src","pad":"{pad}"}}}}"#
+                    )
+                })
+                .collect();
+            let answer = http_request(
+                writer.admin_addr,
+                "POST",
+                "/v1/publish",
+                &[("Authorization", format!("Bearer {}", token.trim()))],
+                common::array(&body).as_bytes(),
+            );
+            assert_eq!(answer.status, 202, "{}", answer.text());
+        }
+        writer.child.kill().unwrap();
+        writer.child.wait().unwrap();
+    }
+    // A fresh process: the history is on disk only, the allocator holds
+    // nothing of the publishes.
+    let mut server =
+        common::spawn_serve(dir.path(), &args, STEP_TIMEOUT).unwrap_or_else(|e| panic!("{e:?}"));
+    let pid = server.child.id();
+    let addr = server.ws_addr;
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_before = rss_kib(pid);
+
+    let mut websockets = Vec::new();
+    let mut streams = Vec::new();
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let mut client = Client::connect(addr, &format!("/v1/ws?token={key}"));
+        client.send_text(r#"{"type":"subscribe","channel":"events","after":0}"#);
+        websockets.push(client);
+        // (Closed by the server once answered: the answer fits in the
+        // socket buffers, and what is measured below is the streams.)
+        answers.push(common::send_get(
+            addr,
+            &format!("/v1/poll?channels=events&after=0&limit=1000&token={key}"),
+            &[("Connection", "close".to_string())],
+        ));
+        streams.push(common::send_get(
+            addr,
+            &format!("/v1/sse?channels=events&token={key}"),
+            &[("Last-Event-ID", "0".to_string())],
+        ));
+        answers.push(common::send_get(
+            addr,
+            &format!("/v1/events?limit=1000&token={key}"),
+            &[("Connection", "close".to_string())],
+        ));
+    }
+    // Every reader got as far as it could without being read.
+    std::thread::sleep(Duration::from_secs(3));
+    let grown_kib = rss_kib(pid).saturating_sub(rss_before);
+    eprintln!(
+        "RSS grew by {grown_kib} KiB for 12 readers that do not read ({rss_before} KiB before)"
+    );
+    // Per reader: one read step of 1 MiB, held as loaded and as rendered,
+    // plus a send queue of 1 MiB; and 16 MiB of slack for the allocator.
+    // Reading all it asked for costs 16 MiB a reader at least.
+    assert!(
+        grown_kib < 12 * 3 * 1024 + 16 * 1024,
+        "RSS grew by {grown_kib} KiB"
+    );
+    // A stalled stream is closed within the write timeout; a stalled
+    // replay with 1013, behind what was queued.
+    // (Counted on the server's side of the connections, without reading,
+    // which would un-stall them; the replays' sockets linger for their
+    // 1013 close handshake.)
+    let deadline = Instant::now() + WRITE_TIMEOUT + Duration::from_secs(3);
+    while server_connections(addr.port()) > 3 {
+        assert!(
+            Instant::now() < deadline,
+            "{} connections still open",
+            server_connections(addr.port())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(streams);
+    // The replays were closed as slow consumers (1013): counted by the
+    // server, since their close frame waits behind megabytes the client
+    // would have to read first.
+    let token = std::fs::read_to_string(dir.path().join("admin-token")).unwrap();
+    let slow_consumer_closes = || -> u64 {
+        let metrics = http_request(
+            server.admin_addr,
+            "GET",
+            "/metrics",
+            &[("Authorization", format!("Bearer {}", token.trim()))],
+            b"",
+        );
+        metrics
+            .text()
+            .lines()
+            .filter(|l| l.starts_with("hookstream_slow_consumer_closes_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while slow_consumer_closes() != 3 {
+        assert!(
+            Instant::now() < deadline,
+            "{} slow-consumer closes",
+            slow_consumer_closes()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(websockets);
+    // The polls and lists were answered a page each, 1 MiB at most of the
+    // 16 MiB asked for (the rest of the answer was lost with the stalled
+    // connection: its head says how long it was).
+    for mut answer in answers {
+        let mut buffer = Vec::new();
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = common::read_some(&mut answer, &mut buffer, deadline).expect("an answer");
+            assert!(n > 0, "no answer head");
+        }
+        let head = String::from_utf8_lossy(&buffer).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("Content-Length");
+        assert!(length < 2 << 20, "an answer of {length} bytes");
+    }
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+}
+
+/// Item 10 (found while testing item 1): a replay of messages larger than
+/// a quarter of the send queue, to a client that stopped reading, spun
+/// without ever yielding while it waited for the queue to drain — its
+/// whole shard stopped answering anyone. Other clients of the shard are
+/// now answered at once while such a replay waits (and it ends with 1013
+/// after the write timeout).
+#[test]
+fn a_stalled_replay_of_large_messages_does_not_stall_its_shard() {
+    let server = ServerBuilder::new().org("org_s").arg("--shards", 1).start();
+    let key = server.key("org_s").to_string();
+    let pad = "y".repeat(700 << 10);
+    let body: Vec<String> = (0..16)
+        .map(|i| {
+            format!(
+                r#"{{"org_id":"org_s","type":"event","data":{{"id":"evt_{i}","source_id":"src","pad":"{pad}"}}}}"#
+            )
+        })
+        .collect();
+    server.publish_ok(&common::array(&body));
+    // Several, so that some replay waits with part of a frame taken by the
+    // socket (the case that spun), whatever the kernel's buffer sizes.
+    let stalled: Vec<Client> = (0..6)
+        .map(|_| {
+            let mut client = Client::connect(server.ws_addr, &format!("/v1/ws?token={key}"));
+            client.send_text(r#"{"type":"subscribe","channel":"events","after":0}"#);
+            client
+        })
+        .collect();
+    // The kernel's buffers fill, then the replay waits for room.
+    std::thread::sleep(Duration::from_secs(1));
+    let mut other = Client::connect(server.ws_addr, &format!("/v1/ws?token={key}"));
+    for attempt in 0..5 {
+        let asked = Instant::now();
+        other.send_text(r#"{"type":"ping"}"#);
+        let answer = other.next_json(Duration::from_secs(2));
+        assert_eq!(answer["type"], "pong", "attempt {attempt}: {answer}");
+        assert!(asked.elapsed() < Duration::from_secs(2));
+        assert_eq!(bearer_status(server.ws_addr, &key), 200);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(stalled);
+}
