@@ -1016,3 +1016,87 @@ fn a_stalled_replay_of_large_messages_does_not_stall_its_shard() {
     }
     drop(stalled);
 }
+
+/// Opens `count` WebSockets with `key`, each subscribed to `channel`
+/// (the `subscribed` reply read).
+fn subscribed_clients(addr: SocketAddr, key: &str, channel: &str, count: usize) -> Vec<Client> {
+    (0..count)
+        .map(|_| {
+            let mut client = Client::connect(addr, &format!("/v1/ws?token={key}"));
+            client.subscribe(channel);
+            client
+        })
+        .collect()
+}
+
+/// Item 4: what a connection costs does not grow with its org's channel
+/// count. 800 connections subscribed to the newest of 100,000 route
+/// channels of one org grow the server about as much as 800 connections
+/// subscribed to `issues` in an org with the three fixed channels (a mask
+/// as wide as the highest bit was 12.5 KiB a connection there).
+#[test]
+fn a_connection_costs_the_same_in_an_org_with_100000_channels() {
+    let server = ServerBuilder::new()
+        .org("org_many")
+        .org("org_few")
+        .arg("--shards", 1)
+        .arg("--upgrades-per-ip-per-sec", 0)
+        .start();
+    let many = server.key("org_many").to_string();
+    let few = server.key("org_few").to_string();
+    // 100,000 route channels, 256 per connection (the subscription limit),
+    // sent without waiting and then confirmed.
+    let channels = 100_000;
+    let mut holders = Vec::new();
+    for first in (0..channels).step_by(256) {
+        let mut client = Client::connect(server.ws_addr, &format!("/v1/ws?token={many}"));
+        let last = (first + 256).min(channels);
+        for n in first..last {
+            client
+                .ws
+                .write(tungstenite::Message::text(format!(
+                    r#"{{"type":"subscribe","channel":"deliveries:dst_{n}"}}"#
+                )))
+                .unwrap();
+        }
+        client.ws.flush().unwrap();
+        holders.push((client, last - first));
+    }
+    for (client, count) in &mut holders {
+        for _ in 0..*count {
+            let reply = client.next_json(STEP_TIMEOUT);
+            assert_eq!(reply["type"], "subscribed", "{reply}");
+        }
+    }
+    let newest = format!("deliveries:dst_{}", channels - 1);
+
+    std::thread::sleep(Duration::from_millis(300));
+    let before_few = server.rss_kib();
+    let of_few = subscribed_clients(server.ws_addr, &few, "issues", 800);
+    std::thread::sleep(Duration::from_millis(300));
+    let grown_few = server.rss_kib().saturating_sub(before_few);
+    let before_many = server.rss_kib();
+    let of_many = subscribed_clients(server.ws_addr, &many, &newest, 800);
+    std::thread::sleep(Duration::from_millis(300));
+    let grown_many = server.rss_kib().saturating_sub(before_many);
+    eprintln!(
+        "800 connections: RSS +{grown_few} KiB in an org with 3 channels, +{grown_many} KiB in one with {channels}"
+    );
+    // Within 1 MiB of each other (1.3 KiB a connection); the wide masks
+    // were 10,000 KiB.
+    assert!(
+        grown_many <= grown_few + 1024,
+        "+{grown_many} KiB with {channels} channels, +{grown_few} KiB with 3"
+    );
+    // They receive what is published to that channel, once each.
+    server.publish_ok(&common::delivery(
+        "org_many",
+        "dlv_1",
+        &format!("dst_{}", channels - 1),
+    ));
+    for mut client in of_many.into_iter().take(5) {
+        let message = client.next_json(STEP_TIMEOUT);
+        assert_eq!(message["channel"], newest, "{message}");
+    }
+    drop(of_few);
+}
