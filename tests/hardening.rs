@@ -521,21 +521,21 @@ fn pipeline_without_reading(
     (stream, thread)
 }
 
-/// Reads what `stream` holds until EOF or a reset; the byte count, or
-/// `None` if it is still open at the deadline.
-fn read_to_end_within(stream: &mut TcpStream, timeout: Duration) -> Option<usize> {
+/// Reads what `stream` holds until EOF, a reset or the deadline; the byte
+/// count.
+fn read_within(stream: &mut TcpStream, timeout: Duration) -> usize {
     let deadline = Instant::now() + timeout;
     let mut total = 0;
     let mut buffer = vec![0u8; 1 << 16];
     while Instant::now() < deadline {
         match stream.read(&mut buffer) {
-            Ok(0) => return Some(total),
+            Ok(0) => return total,
             Ok(n) => total += n,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(total),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return total,
             Err(_) => {}
         }
     }
-    None
+    total
 }
 
 /// The write timeout of PROTOCOL.md §6 (10 s without progress).
@@ -581,12 +581,13 @@ fn a_client_that_never_reads_28_mib_of_answers_is_disconnected_within_the_write_
         open_files(pid),
         sent.elapsed()
     );
+    // Reading now gets only what was written before the stall: the server
+    // gave up on the rest. (Whether the client also sees an end depends
+    // on which timeout fired: the kernel's TCP_USER_TIMEOUT drops the
+    // connection without telling the peer.)
     for (name, stream) in [("public", &mut public), ("admin", &mut admin)] {
-        let read = read_to_end_within(stream, STEP_TIMEOUT)
-            .unwrap_or_else(|| panic!("{name}: still open"));
+        let read = read_within(stream, Duration::from_secs(3));
         assert!(read < wanted, "{name}: all {read} bytes were written");
-        // (A reset may drop what the socket held; when it did not, answers
-        // were being written before the stall.)
     }
     // The server goes on serving.
     assert_eq!(bearer_status(server.ws_addr, server.key("org_w")), 200);
