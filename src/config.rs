@@ -179,7 +179,7 @@ pub struct ServeArgs {
     /// Waiting HTTP requests (long-polls, SSE streams) per source IP at once; default 256, 0 = unlimited.
     #[arg(long, env = "HOOKSTREAM_HTTP_WAITS_PER_IP")]
     pub http_waits_per_ip: Option<u32>,
-    /// Public-listener connections per source IP that are not WebSockets (handshakes, plain HTTP); default 256, 0 = unlimited.
+    /// Connections per source IP that are not WebSockets (handshakes, plain HTTP), on each listener; default 256, 0 = unlimited.
     #[arg(long, env = "HOOKSTREAM_HTTP_CONNECTIONS_PER_IP")]
     pub http_connections_per_ip: Option<u32>,
     /// Lifetime of a browser session cookie in seconds; default 86400.

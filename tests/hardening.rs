@@ -710,7 +710,8 @@ fn head_status(addr: SocketAddr, path: &str) -> (u16, TcpStream) {
 /// connections from one address were all held for the 10 s head timeout,
 /// again and again. Connections that are not WebSockets are now bounded
 /// per address (256 by default): past it a connection is answered 429 and
-/// closed without being read. Upgraded WebSockets do not count.
+/// closed without being read, on both listeners. Upgraded WebSockets do
+/// not count.
 #[test]
 fn idle_connections_from_one_address_are_bounded_and_websockets_do_not_count() {
     let server = ServerBuilder::new().org("org_a").arg("--shards", 2).start();
@@ -736,6 +737,19 @@ fn idle_connections_from_one_address_are_bounded_and_websockets_do_not_count() {
     // The held ones are gone with their clients; WebSockets past the
     // limit's count are all accepted.
     assert!(files_back_to(pid, baseline, Duration::from_secs(5)));
+    // The admin listener likewise (its token is checked per request).
+    let idle: Vec<TcpStream> = (0..1000)
+        .map(|_| common::tcp_connect(server.admin_addr))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let held = steady_open_files(pid) - baseline;
+    assert!(
+        (200..=256).contains(&held),
+        "{held} idle admin connections held"
+    );
+    drop(idle);
+    assert!(files_back_to(pid, baseline, Duration::from_secs(5)));
+    assert_eq!(server.admin_get("/metrics", true).status, 200);
     let key = server.key("org_a").to_string();
     let clients: Vec<Client> = (0..300)
         .map(|_| Client::connect(server.ws_addr, &format!("/v1/ws?token={key}")))

@@ -68,6 +68,9 @@ pub struct AccessState {
     /// Public connections per source address that are not WebSockets
     /// (PROTOCOL.md §6: 429 past this shard's share).
     pub http_connections: super::waits::AddressLimit,
+    /// Admin-listener connections per source address, with the same
+    /// limit (PROTOCOL.md §6).
+    pub admin_connections: super::waits::AddressLimit,
     /// Key ids authenticated since the last write of last-used times, with
     /// the time of their latest use.
     used_keys: RefCell<HashMap<String, SystemTime>>,
@@ -95,6 +98,10 @@ impl AccessState {
             auth_failures: RefCell::new(IpBuckets::new(auth_failures, RATE_LIMIT_ADDRESSES_MAX)),
             waits: super::waits::AddressLimit::new(config.http_waits_per_ip, config.shards),
             http_connections: super::waits::AddressLimit::new(
+                config.http_connections_per_ip,
+                config.shards,
+            ),
+            admin_connections: super::waits::AddressLimit::new(
                 config.http_connections_per_ip,
                 config.shards,
             ),
