@@ -16,6 +16,9 @@
 //!   generation-checked keys), per-org channel tables (names interned to
 //!   bits), send queues of shared pre-rendered frames, and the fan-out. No
 //!   runtime, so it is benchable over a million records.
+//! - [`subscriptions`]: a connection's set of channel bits, two words
+//!   whatever the org's channel count (one inline word for bits 0–63, a
+//!   sorted list above).
 //! - [`publish`]: parsing and all-or-nothing validation of publish bodies,
 //!   keeping `data` as the publisher's own bytes.
 //! - [`auth`]: the API key store (hashes only, atomic writes under a lock),
@@ -43,3 +46,4 @@ pub mod protocol;
 pub mod publish;
 pub mod registry;
 pub mod shard;
+pub mod subscriptions;

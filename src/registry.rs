@@ -99,8 +99,9 @@ pub struct Connection {
     pub state: ConnState,
     /// Set when the server decided to close; the reactor sends the close frame.
     pub close: Option<CloseCode>,
-    /// Subscriptions as bits of the org's channel table.
-    pub subscriptions: SmallVec<[u64; 1]>,
+    /// Subscriptions as bits of the org's channel table (two words
+    /// whatever the org's channel count; see `subscriptions`).
+    pub subscriptions: crate::subscriptions::ChannelSet,
     /// Pending output, only while there is some.
     pub send: Option<Box<SendQueue>>,
     /// Pending input state, only while there is some.
@@ -111,23 +112,15 @@ impl Connection {
     /// True when subscribed to channel `bit`.
     #[inline]
     pub fn has(&self, bit: u32) -> bool {
-        let word = (bit / 64) as usize;
-        word < self.subscriptions.len() && self.subscriptions[word] & (1u64 << (bit % 64)) != 0
+        self.subscriptions.has(bit)
     }
 
     fn set(&mut self, bit: u32) {
-        let word = (bit / 64) as usize;
-        if word >= self.subscriptions.len() {
-            self.subscriptions.resize(word + 1, 0);
-        }
-        self.subscriptions[word] |= 1u64 << (bit % 64);
+        self.subscriptions.set(bit);
     }
 
     fn clear(&mut self, bit: u32) {
-        let word = (bit / 64) as usize;
-        if word < self.subscriptions.len() {
-            self.subscriptions[word] &= !(1u64 << (bit % 64));
-        }
+        self.subscriptions.clear(bit);
     }
 
     /// Unwritten bytes.
@@ -595,7 +588,7 @@ impl Registry {
             write_blocked: false,
             state: ConnState::Open,
             close: None,
-            subscriptions: SmallVec::new(),
+            subscriptions: crate::subscriptions::ChannelSet::new(),
             send: None,
             partial: None,
         }) as u32;
@@ -625,9 +618,7 @@ impl Registry {
         };
         let org = conn.org;
         let position = conn.org_position as usize;
-        let bits: SmallVec<[u32; 8]> = (0..conn.subscriptions.len() as u32 * 64)
-            .filter(|b| conn.has(*b))
-            .collect();
+        let bits: SmallVec<[u32; 8]> = conn.subscriptions.bits().collect();
         let conn = self.connections.remove(key.index as usize);
         drop(conn);
         if !self.sessions.is_empty() {
@@ -714,7 +705,7 @@ impl Registry {
     /// frees its queue but keeps the rest of a frame the socket has already
     /// taken part of, since the close frame that follows must start on a
     /// frame boundary.
-    fn close_slow_consumer(&mut self, index: u32) {
+    pub fn close_slow_consumer(&mut self, index: u32) {
         let conn = &mut self.connections[index as usize];
         if let Some(queue) = conn.send.as_mut() {
             if queue.front_sent > 0 {

@@ -28,6 +28,7 @@
 mod log;
 pub mod query;
 pub mod replay;
+mod writers;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -79,6 +80,12 @@ const SEGMENT_BYTES_MAX: u64 = 64 << 20;
 const RECENT_MESSAGES_MAX: usize = 512;
 /// Bytes of `data` kept in memory per org for those messages.
 const RECENT_BYTES_MAX: usize = 512 << 10;
+/// Most bytes of messages one history read loads (a page of `/v1/poll`,
+/// an SSE round, a list page, a replay step), at least one message
+/// whatever its size: what a reader costs the server is bounded by this
+/// (and its send queue), not by how much history it asks for
+/// (PROTOCOL.md §6).
+pub const READ_BYTES_MAX: usize = 1 << 20;
 /// Largest single read of a segment when serving history.
 const READ_CHUNK_BYTES: usize = 4 << 20;
 /// An org's open segment is closed after this long without a write, so
@@ -766,9 +773,10 @@ impl History {
     }
 
     /// Retained messages of `org_id` with seq in `(after, upto]` that
-    /// `filter` accepts, oldest first, at most `limit`. Also returns the
-    /// seq up to which the log was looked at: `upto` when fewer than
-    /// `limit` matched, otherwise the last one returned.
+    /// `filter` accepts, oldest first, at most `limit` and at most
+    /// [`READ_BYTES_MAX`] of them (at least one). Also returns the seq up
+    /// to which the log was looked at: `upto` when all that matched were
+    /// taken, otherwise the last one returned.
     pub async fn read_forward(
         &self,
         org_id: &str,
@@ -779,6 +787,7 @@ impl History {
     ) -> (Vec<Item>, u64) {
         let mut selected = Vec::new();
         let mut scanned = upto.max(after);
+        let mut bytes = 0usize;
         {
             let orgs = self.orgs.borrow();
             if let Some(org) = orgs.get(org_id) {
@@ -787,10 +796,14 @@ impl History {
                         break;
                     }
                     if filter(entry.kind, entry.route.as_deref()) {
-                        if selected.len() == limit {
+                        let full = selected.len() == limit
+                            || (!selected.is_empty()
+                                && bytes + entry.len as usize > READ_BYTES_MAX);
+                        if full {
                             scanned = selected.last().map_or(after, |e: &Entry| e.seq);
                             break;
                         }
+                        bytes += entry.len as usize;
                         selected.push(entry.clone());
                     }
                 }
@@ -800,8 +813,9 @@ impl History {
     }
 
     /// Retained messages of `org_id` with seq below `before` (all when
-    /// `None`) that `filter` accepts, newest first, at most `limit`, and
-    /// whether older ones exist.
+    /// `None`) that `filter` accepts, newest first, at most `limit` and at
+    /// most [`READ_BYTES_MAX`] of them (at least one), and whether older
+    /// ones exist.
     pub async fn read_backward(
         &self,
         org_id: &str,
@@ -818,12 +832,17 @@ impl History {
                     Some(before) => org.entries.partition_point(|e| e.seq < before),
                     None => org.entries.len(),
                 };
+                let mut bytes = 0usize;
                 for entry in org.entries.range(..end).rev() {
                     if filter(entry.kind, entry.route.as_deref()) {
-                        if selected.len() == limit {
+                        let full = selected.len() == limit
+                            || (!selected.is_empty()
+                                && bytes + entry.len as usize > READ_BYTES_MAX);
+                        if full {
                             has_more = true;
                             break;
                         }
+                        bytes += entry.len as usize;
                         selected.push(entry.clone());
                     }
                 }
@@ -1078,6 +1097,7 @@ pub async fn commit_loop(shard: Rc<Shard>) {
             continue;
         }
         let outcome = commit(history, &batch.records).await;
+        history.bound_open_writers();
         match &outcome {
             Ok(()) => {
                 // Staged in the same step as the commit (no await since it

@@ -6,12 +6,15 @@
 pub mod access;
 mod admin;
 mod connection;
+mod fault;
 pub mod history_routes;
 mod mesh;
 mod public;
 pub mod ratelimit;
 pub mod reactor;
 pub mod routes;
+mod stall;
+pub mod waits;
 mod web;
 
 use std::cell::{Cell, RefCell};
@@ -25,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use glommio::{LocalExecutorBuilder, Placement};
 
-use crate::auth::keys::{FileStamp, KeyIndex, KeyStore};
+use crate::auth::keys::{KeyIndex, KeyStore};
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
 use crate::registry::{Broadcast, ConnKey, Delivered, Flush, Outgoing, Registry, RegistryLimits};
@@ -115,8 +118,9 @@ pub struct Shard {
     pub config: Arc<Config>,
     /// Connections, orgs, channels, queues.
     pub registry: RefCell<Registry>,
-    /// Active keys.
-    pub keys: RefCell<Rc<KeyIndex>>,
+    /// Active keys: this shard's copy of the process-wide index, which
+    /// every shard swaps for all (revocation is one moment everywhere).
+    pub keys: crate::auth::current::CachedKeys,
     /// The admin token.
     pub admin_token: Arc<str>,
     /// Inboxes of every shard (None with one shard).
@@ -346,9 +350,8 @@ pub fn flush_one(registry: &mut Registry, reactor: &reactor::Reactor, index: u32
 struct Shared {
     config: Arc<Config>,
     admin_token: Arc<str>,
-    keys: KeyIndex,
-    /// The key file's version that `keys` was loaded from.
-    keys_stamp: Option<FileStamp>,
+    /// The one key index of the process (see `auth::current`).
+    keys: Arc<crate::auth::current::CurrentKeys>,
     signer: crate::auth::sessions::SessionSigner,
     /// Signed-out sessions, one list for every shard.
     revoked: Arc<crate::auth::revoked::Revocations>,
@@ -577,6 +580,7 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
     // reload loop even when it lands before the loop starts.
     let keys_stamp = store.stamp();
     let keys = KeyIndex::from_file(&store.load().map_err(|e| e.to_string())?);
+    let keys = Arc::new(crate::auth::current::CurrentKeys::new(keys_stamp, keys));
     let signer = crate::auth::sessions::SessionSigner::load_or_create(&config.data_dir)?;
     let revoked = Arc::new(
         crate::auth::revoked::Revocations::load(
@@ -604,7 +608,6 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
         config: config.clone(),
         admin_token: admin_token.clone(),
         keys,
-        keys_stamp,
         signer,
         revoked,
         all_metrics: Arc::new(
@@ -753,7 +756,7 @@ async fn shard_main(
         count: config.shards,
         config: config.clone(),
         registry: RefCell::new(registry),
-        keys: RefCell::new(Rc::new(shared.keys.clone())),
+        keys: crate::auth::current::CachedKeys::new(shared.keys.clone()),
         admin_token: shared.admin_token.clone(),
         mesh: (config.shards > 1).then(|| mesh.clone()),
         metrics: shared.all_metrics[id].clone(),
@@ -844,7 +847,7 @@ async fn shard_main(
         glommio::spawn_local(crate::history::replay::worker(shard.clone())),
     ];
     let reactor_task = glommio::spawn_local(reactor::run(shard.clone()));
-    let key_reload = glommio::spawn_local(key_reload_loop(shard.clone(), shared.keys_stamp));
+    let key_reload = glommio::spawn_local(key_reload_loop(shard.clone()));
     let last_used = glommio::spawn_local(access::last_used_loop(shard.clone()));
     let demo = (config.demo && id == 0).then(|| glommio::spawn_local(demo_loop(shard.clone())));
     let _ = ready.send(Ok(()));
@@ -969,10 +972,13 @@ fn close_signed_out(shard: &Shard) {
 /// Re-reads the key file when it changes; closes the connections of keys
 /// that were revoked with 4003, and those of sessions signed out since the
 /// last turn; wakes the SSE streams and long-polls served here, which end
-/// when their credential is no longer accepted.
-async fn key_reload_loop(shard: Rc<Shard>, loaded: Option<FileStamp>) {
+/// when their credential is no longer accepted. The index is the
+/// process's (`auth::current`): whichever shard notices a change swaps it
+/// for every shard before closing anything, and the others act on the new
+/// generation at their next turn (they already authenticate with it).
+async fn key_reload_loop(shard: Rc<Shard>) {
     let store = KeyStore::new(&shard.config.data_dir);
-    let mut seen = loaded;
+    let mut acted = shard.keys.shared().generation();
     let mut sign_outs = shard.access.revoked.generation();
     loop {
         glommio::timer::sleep(Duration::from_millis(KEY_RELOAD_MS)).await;
@@ -982,24 +988,18 @@ async fn key_reload_loop(shard: Rc<Shard>, loaded: Option<FileStamp>) {
             close_signed_out(&shard);
             shard.http_wake.notify();
         }
-        let stamp = store.stamp();
-        if stamp == seen {
+        if let Err(e) = shard.keys.shared().refresh(&store) {
+            eprintln!(
+                "hookstream: shard {}: key store not reloaded: {e}",
+                shard.id
+            );
+        }
+        let generation = shard.keys.shared().generation();
+        if generation == acted {
             continue;
         }
-        // Remembered only once loaded: a failed read is retried next time.
-        let file = match store.load() {
-            Ok(file) => file,
-            Err(e) => {
-                eprintln!(
-                    "hookstream: shard {}: key store not reloaded: {e}",
-                    shard.id
-                );
-                continue;
-            }
-        };
-        seen = stamp;
-        let index = Rc::new(KeyIndex::from_file(&file));
-        *shard.keys.borrow_mut() = index.clone();
+        acted = generation;
+        let index = shard.keys.get();
         shard.http_wake.notify();
         let mut registry = shard.registry.borrow_mut();
         for key_id in registry.connected_key_ids() {
