@@ -4,8 +4,6 @@
 use std::collections::VecDeque;
 use std::os::unix::io::RawFd;
 
-use smallvec::SmallVec;
-
 use super::Frame;
 use crate::protocol::ws;
 
@@ -145,8 +143,9 @@ pub struct Connection {
     pub write_blocked: bool,
     /// Where it is in its life (see [`ConnState`]).
     pub state: ConnState,
-    /// Subscriptions as bits of the org's channel table.
-    pub subscriptions: SmallVec<[u64; 1]>,
+    /// Subscriptions as bits of the org's channel table (two words
+    /// whatever the org's channel count; see `subscriptions`).
+    pub subscriptions: crate::subscriptions::ChannelSet,
     /// Pending output, only while there is some.
     pub send: Option<Box<SendQueue>>,
     /// Pending input state, only while there is some.
@@ -157,23 +156,15 @@ impl Connection {
     /// True when subscribed to channel `bit`.
     #[inline]
     pub fn has(&self, bit: u32) -> bool {
-        let word = (bit / 64) as usize;
-        word < self.subscriptions.len() && self.subscriptions[word] & (1u64 << (bit % 64)) != 0
+        self.subscriptions.has(bit)
     }
 
     pub(super) fn set(&mut self, bit: u32) {
-        let word = (bit / 64) as usize;
-        if word >= self.subscriptions.len() {
-            self.subscriptions.resize(word + 1, 0);
-        }
-        self.subscriptions[word] |= 1u64 << (bit % 64);
+        self.subscriptions.set(bit);
     }
 
     pub(super) fn clear(&mut self, bit: u32) {
-        let word = (bit / 64) as usize;
-        if word < self.subscriptions.len() {
-            self.subscriptions[word] &= !(1u64 << (bit % 64));
-        }
+        self.subscriptions.clear(bit);
     }
 
     /// Unwritten bytes.

@@ -250,7 +250,7 @@ impl Registry {
             missed_pongs: 0,
             write_blocked: false,
             state: ConnState::Open,
-            subscriptions: SmallVec::new(),
+            subscriptions: crate::subscriptions::ChannelSet::new(),
             send: None,
             partial: None,
         }) as u32;
@@ -280,9 +280,7 @@ impl Registry {
         };
         let org = conn.org;
         let position = conn.org_position as usize;
-        let bits: SmallVec<[u32; 8]> = (0..conn.subscriptions.len() as u32 * 64)
-            .filter(|b| conn.has(*b))
-            .collect();
+        let bits: SmallVec<[u32; 8]> = conn.subscriptions.bits().collect();
         let conn = self.connections.remove(key.index as usize);
         drop(conn);
         if !self.sessions.is_empty() {
