@@ -182,6 +182,12 @@ pub struct ServeArgs {
     /// Failed authentications per source IP per minute before 429; default 60, 0 = unlimited.
     #[arg(long, env = "HOOKSTREAM_AUTH_FAILURES_PER_IP_PER_MIN")]
     pub auth_failures_per_ip_per_min: Option<u32>,
+    /// Waiting HTTP requests (long-polls, SSE streams) per source IP at once; default 256, 0 = unlimited.
+    #[arg(long, env = "HOOKSTREAM_HTTP_WAITS_PER_IP")]
+    pub http_waits_per_ip: Option<u32>,
+    /// Connections per source IP that are not WebSockets (handshakes, plain HTTP), on each listener; default 256, 0 = unlimited.
+    #[arg(long, env = "HOOKSTREAM_HTTP_CONNECTIONS_PER_IP")]
+    pub http_connections_per_ip: Option<u32>,
     /// Lifetime of a browser session cookie in seconds; default 86400.
     #[arg(long, env = "HOOKSTREAM_SESSION_TTL_SECS")]
     pub session_ttl_secs: Option<u64>,
@@ -218,6 +224,8 @@ struct FileConfig {
     upgrades_per_ip_per_sec: Option<u32>,
     upgrade_burst_per_ip: Option<u32>,
     auth_failures_per_ip_per_min: Option<u32>,
+    http_waits_per_ip: Option<u32>,
+    http_connections_per_ip: Option<u32>,
     session_ttl_secs: Option<u64>,
     compression: Option<bool>,
     compression_min_bytes: Option<usize>,
@@ -266,6 +274,12 @@ pub struct Config {
     /// Failed authentications per source IP per minute before its requests
     /// get 429; 0 disables the limit.
     pub auth_failures_per_ip_per_min: u32,
+    /// Waiting HTTP requests (long-polls, SSE streams) per source IP at
+    /// once (429 past it); 0 disables the limit.
+    pub http_waits_per_ip: u32,
+    /// Public-listener connections per source IP that are not WebSockets
+    /// (429 past it); 0 disables the limit.
+    pub http_connections_per_ip: u32,
     /// Lifetime of a session cookie.
     pub session_ttl_secs: u64,
     /// Whether permessage-deflate is negotiated with clients that offer it.
@@ -432,6 +446,14 @@ impl Config {
                 .auth_failures_per_ip_per_min
                 .or(file.auth_failures_per_ip_per_min)
                 .unwrap_or(limits::AUTH_FAILURES_PER_IP_PER_MIN),
+            http_waits_per_ip: args
+                .http_waits_per_ip
+                .or(file.http_waits_per_ip)
+                .unwrap_or(limits::HTTP_WAITS_PER_IP),
+            http_connections_per_ip: args
+                .http_connections_per_ip
+                .or(file.http_connections_per_ip)
+                .unwrap_or(limits::HTTP_CONNECTIONS_PER_IP),
             session_ttl_secs: args
                 .session_ttl_secs
                 .or(file.session_ttl_secs)

@@ -23,6 +23,9 @@
 //!   into one shared frame).
 //! - [`auth`]: the API key store (hashes only, atomic writes under a lock),
 //!   the admin token, signed session cookies and signed-out sessions.
+//! - [`subscriptions`]: a connection's set of channel bits, two words
+//!   whatever the org's channel count (one inline word for bits 0–63, a
+//!   sorted list above).
 //! - [`publish`]: parsing and all-or-nothing validation of publish bodies,
 //!   keeping `data` as the publisher's own bytes.
 //! - [`config`]: the command line, `HOOKSTREAM_*` environment and TOML file,
@@ -62,3 +65,4 @@ pub mod publish;
 pub mod registry;
 pub mod shard;
 pub mod shutdown;
+pub mod subscriptions;

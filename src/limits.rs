@@ -14,6 +14,14 @@ pub const HEADERS_MAX: usize = 64;
 /// Time a client has to send a complete request head.
 pub const HEAD_TIMEOUT_MS: u64 = 10_000;
 
+/// Longest a client may go without taking any byte of an HTTP answer
+/// (the head timeout's counterpart, on both listeners; an SSE stream's
+/// events included): past it the connection is closed. Measured between
+/// progress, as nginx's `send_timeout`, so a large answer to a slow but
+/// reading client is never cut, while one that stops reading costs its
+/// socket and its answer for at most this long.
+pub const WRITE_TIMEOUT_MS: u64 = 10_000;
+
 /// Default largest client WebSocket message (after reassembly of fragments).
 pub const CLIENT_MESSAGE_BYTES_MAX: usize = 64 * 1024;
 
@@ -60,6 +68,19 @@ pub const UPGRADE_BURST_PER_IP: u32 = 400;
 /// authentication gets 429 until the bucket refills: guessing costs time, and
 /// a client stuck on a revoked key reconnecting in a loop costs little.
 pub const AUTH_FAILURES_PER_IP_PER_MIN: u32 = 60;
+
+/// Default waiting HTTP requests (long-polls with `wait_ms`, SSE streams)
+/// per source address at once (PROTOCOL.md §6): 429 past it. A page has
+/// one or two; this leaves room for many users behind one NAT, while one
+/// client can no longer pin thousands of sockets.
+pub const HTTP_WAITS_PER_IP: u32 = 256;
+
+/// Default connections per source address on the public listener that
+/// are not WebSockets: reading a request head, or plain HTTP (keep-alive,
+/// polls, streams). Past it a new one is answered 429 and closed without
+/// being read. Bounds what a client without any key can hold; WebSockets
+/// are not counted once upgraded.
+pub const HTTP_CONNECTIONS_PER_IP: u32 = 256;
 
 /// Source addresses each rate-limit table tracks at once, per shard.
 pub const RATE_LIMIT_ADDRESSES_MAX: usize = 65_536;

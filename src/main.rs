@@ -12,6 +12,13 @@ use hookstream::config::{self, ApiKeysCommand, Cli, Command, Config, PublishArgs
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // Everything this binary creates is the data directory or lives in it
+    // (keys, secrets, history): none of it is meant for other users, so
+    // whatever umask we inherit, directories are created 0700 and files
+    // 0600 (PROTOCOL.md §1).
+    // SAFETY: umask(2) only swaps the process's creation mask.
+    unsafe { libc::umask(0o077) };
+    exit_on_panic();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
@@ -25,6 +32,42 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The panic policy (docs/ARCHITECTURE.md, "Panics"): a panic anywhere
+/// ends the process at once with one line and exit status 70, so that a
+/// supervisor restarts it and clients reconnect and resume (`after`,
+/// `Last-Event-ID`). Unwinding a shard's task would leave a half-dead
+/// server: that shard's connections unanswered, its orgs unpublishable,
+/// while the process looks alive. Everything acknowledged is already
+/// durable (a publish is answered after its fsync), so stopping loses
+/// nothing that was promised.
+fn exit_on_panic() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".to_string());
+        let thread = std::thread::current();
+        let location = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let line = format!(
+            "hookstream: fatal: panic in thread {}{location}: {}; exiting with status 70 for a supervisor to restart the server (clients reconnect and resume)\n",
+            thread.name().unwrap_or("main"),
+            message.replace('\n', " ")
+        );
+        // One write(2) of the whole line, then _exit: no other thread runs
+        // on with state the panic left behind, and no destructor runs.
+        // SAFETY: write and _exit on the process's own stderr.
+        unsafe {
+            libc::write(2, line.as_ptr().cast(), line.len());
+            libc::_exit(70);
+        }
+    }));
 }
 
 fn serve(args: config::ServeArgs) -> Result<(), String> {

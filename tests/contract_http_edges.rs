@@ -87,23 +87,30 @@ fn curl(args: &[&str], stdin: &[u8]) -> String {
 
 /// `after=0` poll of `channels`: every retained message's seq.
 fn retained(server: &Server, org: &str, channels: &str) -> Vec<u64> {
-    let response = common::http_request(
-        server.ws_addr,
-        "GET",
-        &format!(
-            "/v1/poll?channels={channels}&after=0&limit=1000&token={}",
-            server.key(org)
-        ),
-        &[],
-        b"",
-    );
-    assert_eq!(response.status, 200, "{}", response.text());
-    response.json()["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["seq"].as_u64().unwrap())
-        .collect()
+    // A page holds at most 1 MiB of messages (PROTOCOL.md §6), so read
+    // page after page until one comes back empty.
+    let mut seqs = Vec::new();
+    let mut after = 0;
+    loop {
+        let response = common::http_request(
+            server.ws_addr,
+            "GET",
+            &format!(
+                "/v1/poll?channels={channels}&after={after}&limit=1000&token={}",
+                server.key(org)
+            ),
+            &[],
+            b"",
+        );
+        assert_eq!(response.status, 200, "{}", response.text());
+        let page = response.json();
+        let messages = page["messages"].as_array().unwrap();
+        if messages.is_empty() {
+            return seqs;
+        }
+        seqs.extend(messages.iter().map(|m| m["seq"].as_u64().unwrap()));
+        after = page["next_after"].as_u64().unwrap();
+    }
 }
 
 #[test]

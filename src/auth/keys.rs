@@ -296,6 +296,41 @@ pub struct FileStamp {
     len: u64,
 }
 
+/// `text` quoted and escaped for a log line, cut at 80 characters.
+fn shown(text: &str) -> String {
+    let cut: String = text.chars().take(80).collect();
+    format!("{cut:?}")
+}
+
+/// Why a stored key record cannot be used, or `None`. `create` never
+/// writes such a record; a hand edit can.
+fn record_problem(record: &KeyRecord) -> Option<String> {
+    let id_ok = !record.id.is_empty()
+        && record.id.len() <= 64
+        && record
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !id_ok {
+        return Some("its id must match [A-Za-z0-9_-]{1,64}".to_string());
+    }
+    if !is_valid_org_id(&record.org_id) {
+        return Some(format!(
+            "org id {} must match [A-Za-z0-9_-]{{1,64}}",
+            shown(&record.org_id)
+        ));
+    }
+    let hash_ok = record.hash.len() == 64
+        && record
+            .hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !hash_ok {
+        return Some("its hash must be 64 lowercase hex digits".to_string());
+    }
+    None
+}
+
 /// What the server needs to authenticate: active keys by hash.
 #[derive(Debug, Default, Clone)]
 pub struct KeyIndex {
@@ -316,12 +351,26 @@ pub struct ActiveKey {
 }
 
 impl KeyIndex {
-    /// Builds the index of every key that is not revoked.
+    /// Builds the index of every key that is not revoked. A record the
+    /// server could not use safely (a hand edit: an org id or key id that
+    /// breaks the rules every other part relies on, a hash that is not
+    /// one) is skipped with one line on stderr naming it, never the key
+    /// (the file holds none); its key is then refused like an unknown one.
     pub fn from_file(file: &KeyFile) -> KeyIndex {
         let by_hash = file
             .keys
             .iter()
             .filter(|r| r.revoked_at.is_none())
+            .filter(|r| match record_problem(r) {
+                None => true,
+                Some(problem) => {
+                    eprintln!(
+                        "hookstream: {KEYS_FILE}: key record {} skipped: {problem}",
+                        shown(&r.id)
+                    );
+                    false
+                }
+            })
             .map(|r| {
                 (
                     r.hash.clone(),
@@ -396,13 +445,51 @@ pub fn existing_admin_token(data_dir: &Path) -> Result<Option<String>, KeyStoreE
     }
 }
 
+/// Longest admin token accepted: a request head is at most 8 KiB, and the
+/// token must fit in one with room for the rest of the request.
+pub const ADMIN_TOKEN_BYTES_MAX: usize = 4096;
+
+/// Why an admin token cannot be used, as one line naming the rule; `None`
+/// when it can be presented as `Authorization: Bearer <token>` (RFC 6750
+/// token68 characters, as `protocol::http::bearer_token` accepts them).
+pub fn admin_token_problem(token: &str) -> Option<String> {
+    let presentable = |byte: u8| byte.is_ascii_alphanumeric() || b"-._~+/=".contains(&byte);
+    if token.is_empty() {
+        return Some("is empty".to_string());
+    }
+    if token.len() > ADMIN_TOKEN_BYTES_MAX || !token.bytes().all(presentable) {
+        return Some(format!(
+            "must be 1 to {ADMIN_TOKEN_BYTES_MAX} characters of A-Z a-z 0-9 - . _ ~ + / = \
+             (what an `Authorization: Bearer` header carries)"
+        ));
+    }
+    None
+}
+
 /// The admin token: `HOOKSTREAM_ADMIN_TOKEN`, or `<data-dir>/admin-token`,
-/// generated once with mode 0600.
+/// generated once with mode 0600. A token nobody could present (an empty
+/// file, characters a Bearer header cannot carry) is refused with the rule
+/// it breaks, rather than starting a server whose admin API is locked.
 pub fn admin_token(data_dir: &Path) -> Result<String, KeyStoreError> {
-    if let Some(token) = existing_admin_token(data_dir)? {
-        return Ok(token);
+    let checked = |token: String, source: &str| match admin_token_problem(&token) {
+        None => Ok(token),
+        Some(problem) => Err(KeyStoreError::Invalid(format!("{source} {problem}"))),
+    };
+    if let Ok(token) = std::env::var("HOOKSTREAM_ADMIN_TOKEN") {
+        if !token.is_empty() {
+            return checked(token, "HOOKSTREAM_ADMIN_TOKEN");
+        }
     }
     let path = data_dir.join("admin-token");
+    let source = format!(
+        "{} (delete it to have a new token generated)",
+        path.display()
+    );
+    match fs::read_to_string(&path) {
+        Ok(text) => return checked(text.trim().to_string(), &source),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_error(&path)(e)),
+    }
     fs::create_dir_all(data_dir).map_err(io_error(data_dir))?;
     let token = generate_token();
     let out = OpenOptions::new()
@@ -418,8 +505,8 @@ pub fn admin_token(data_dir: &Path) -> Result<String, KeyStoreError> {
         }
         // Another process created it first: use theirs.
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => fs::read_to_string(&path)
-            .map(|t| t.trim().to_string())
-            .map_err(io_error(&path)),
+            .map_err(io_error(&path))
+            .and_then(|t| checked(t.trim().to_string(), &source)),
         Err(e) => Err(io_error(&path)(e)),
     }
 }

@@ -77,9 +77,10 @@ pub trait Log {
     ) -> Option<Vec<Retained>>;
 
     /// Retained messages of `org_id` with seq in `(after, upto]` on any of
-    /// `channels`, oldest first, at most `limit`; also the seq up to which
-    /// the log was looked at: `upto` when fewer than `limit` matched,
-    /// otherwise the last one returned.
+    /// `channels`, oldest first, at most `limit` and at most
+    /// [`super::READ_BYTES_MAX`] of them (at least one); also the seq up to
+    /// which the log was looked at: `upto` when all that matched were
+    /// taken, otherwise the last one returned.
     async fn read_forward(
         &self,
         org_id: &str,
@@ -90,8 +91,9 @@ pub trait Log {
     ) -> (Vec<Retained>, u64);
 
     /// Retained messages of `org_id` with seq below `before` (all when
-    /// `None`) on any of `channels`, newest first, at most `limit`, and
-    /// whether older ones exist.
+    /// `None`) on any of `channels`, newest first, at most `limit` and at
+    /// most [`super::READ_BYTES_MAX`] of them (at least one), and whether
+    /// older ones exist.
     async fn read_backward(
         &self,
         org_id: &str,

@@ -74,6 +74,13 @@ impl Durability {
 pub const HISTORY_MESSAGES_DEFAULT: u64 = 100_000;
 /// Default `--history-age`: 24 hours.
 pub const HISTORY_AGE_MS_DEFAULT: u64 = 24 * 60 * 60 * 1000;
+/// Most bytes of messages one history read loads (a page of `/v1/poll`,
+/// an SSE round, a list page, a replay step), at least one message
+/// whatever its size: what a reader costs the server is bounded by this
+/// (and its send queue), not by how much history it asks for
+/// (PROTOCOL.md §6). Every [`Log`] keeps it in `read_forward` and
+/// `read_backward`.
+pub const READ_BYTES_MAX: usize = 1 << 20;
 /// How often retention by age runs.
 const RETENTION_INTERVAL_MS: u64 = 1000;
 

@@ -4,8 +4,6 @@
 use std::collections::VecDeque;
 use std::os::unix::io::RawFd;
 
-use smallvec::SmallVec;
-
 use super::Frame;
 use crate::protocol::ws;
 
@@ -149,8 +147,9 @@ pub struct Connection {
     /// (in bits, 8–15) the client lets the server's compressed messages
     /// use. A byte of what was padding: the record does not grow.
     pub deflate_window_bits: u8,
-    /// Subscriptions as bits of the org's channel table.
-    pub subscriptions: SmallVec<[u64; 1]>,
+    /// Subscriptions as bits of the org's channel table (two words
+    /// whatever the org's channel count; see `subscriptions`).
+    pub subscriptions: crate::subscriptions::ChannelSet,
     /// Pending output, only while there is some.
     pub send: Option<Box<SendQueue>>,
     /// Pending input state, only while there is some.
@@ -161,23 +160,15 @@ impl Connection {
     /// True when subscribed to channel `bit`.
     #[inline]
     pub fn has(&self, bit: u32) -> bool {
-        let word = (bit / 64) as usize;
-        word < self.subscriptions.len() && self.subscriptions[word] & (1u64 << (bit % 64)) != 0
+        self.subscriptions.has(bit)
     }
 
     pub(super) fn set(&mut self, bit: u32) {
-        let word = (bit / 64) as usize;
-        if word >= self.subscriptions.len() {
-            self.subscriptions.resize(word + 1, 0);
-        }
-        self.subscriptions[word] |= 1u64 << (bit % 64);
+        self.subscriptions.set(bit);
     }
 
     pub(super) fn clear(&mut self, bit: u32) {
-        let word = (bit / 64) as usize;
-        if word < self.subscriptions.len() {
-            self.subscriptions[word] &= !(1u64 << (bit % 64));
-        }
+        self.subscriptions.clear(bit);
     }
 
     /// Unwritten bytes.

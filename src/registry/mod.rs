@@ -290,7 +290,7 @@ impl Registry {
             write_blocked: false,
             state: ConnState::Open,
             deflate_window_bits: 0,
-            subscriptions: SmallVec::new(),
+            subscriptions: crate::subscriptions::ChannelSet::new(),
             send: None,
             partial: None,
         }) as u32;
@@ -320,9 +320,7 @@ impl Registry {
         };
         let org = conn.org;
         let position = conn.org_position as usize;
-        let bits: SmallVec<[u32; 8]> = (0..conn.subscriptions.len() as u32 * 64)
-            .filter(|b| conn.has(*b))
-            .collect();
+        let bits: SmallVec<[u32; 8]> = conn.subscriptions.bits().collect();
         let conn = self.connections.remove(key.index as usize);
         if conn.deflates() {
             self.orgs[org as usize].deflating -= 1;

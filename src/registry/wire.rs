@@ -96,17 +96,26 @@ impl Registry {
         // Only bytes behind the front frame count (see `backlog_bytes`):
         // a frame that becomes the front is always taken.
         if conn.send.is_some() && conn.backlog_bytes() + frame.len() > limit {
-            self.close_slow_consumer(index);
+            self.close_slow_consumer_at(index);
             return;
         }
         self.push_frame(index, frame);
+    }
+
+    /// Closes connection `key` as a slow consumer (1013) now, as if its
+    /// backlog had passed the queue limit: a reader that takes nothing at
+    /// all (a stalled replay) is one as well.
+    pub fn close_slow_consumer(&mut self, key: ConnKey) {
+        if self.get(key).is_some() {
+            self.close_slow_consumer_at(key.index);
+        }
     }
 
     /// Closes a connection whose backlog passed the queue limit with 1013:
     /// frees its queue but keeps the rest of a frame the socket has already
     /// taken part of, since the close frame that follows must start on a
     /// frame boundary.
-    pub(super) fn close_slow_consumer(&mut self, index: u32) {
+    pub(super) fn close_slow_consumer_at(&mut self, index: u32) {
         let conn = &mut self.connections[index as usize];
         if let Some(queue) = conn.send.as_mut() {
             if queue.front_sent > 0 {
@@ -225,7 +234,7 @@ impl Registry {
                     conn.write_blocked = true;
                     outcome.blocked.push((key, conn.fd));
                     if behind > self.limits.send_queue_bytes {
-                        self.close_slow_consumer(index);
+                        self.close_slow_consumer_at(index);
                     }
                     return;
                 }

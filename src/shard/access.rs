@@ -62,6 +62,15 @@ pub struct AccessState {
     /// Failed authentications per source address; an address with an empty
     /// bucket gets 429 on anything that needs authentication.
     auth_failures: RefCell<IpBuckets>,
+    /// Waiting HTTP requests per source address (PROTOCOL.md §6: 429
+    /// past this shard's share).
+    pub waits: super::waits::AddressLimit,
+    /// Public connections per source address that are not WebSockets
+    /// (PROTOCOL.md §6: 429 past this shard's share).
+    pub http_connections: super::waits::AddressLimit,
+    /// Admin-listener connections per source address, with the same
+    /// limit (PROTOCOL.md §6).
+    pub admin_connections: super::waits::AddressLimit,
     /// Key ids authenticated since the last write of last-used times, with
     /// the time of their latest use.
     used_keys: RefCell<HashMap<String, SystemTime>>,
@@ -87,6 +96,15 @@ impl AccessState {
             revoked,
             upgrades: RefCell::new(IpBuckets::new(upgrades, RATE_LIMIT_ADDRESSES_MAX)),
             auth_failures: RefCell::new(IpBuckets::new(auth_failures, RATE_LIMIT_ADDRESSES_MAX)),
+            waits: super::waits::AddressLimit::new(config.http_waits_per_ip, config.shards),
+            http_connections: super::waits::AddressLimit::new(
+                config.http_connections_per_ip,
+                config.shards,
+            ),
+            admin_connections: super::waits::AddressLimit::new(
+                config.http_connections_per_ip,
+                config.shards,
+            ),
             used_keys: RefCell::new(HashMap::new()),
         }
     }
@@ -157,7 +175,7 @@ pub fn origin_allowed(allowed_origins: &[String], origin: &[u8], host: &[u8]) ->
 }
 
 fn check_key(shard: &Shard, presented: &str) -> Result<Principal, u16> {
-    let keys = shard.keys.borrow();
+    let keys = shard.keys.get();
     keys.authenticate(presented)
         .map(|key| Principal {
             org_id: key.org_id.clone(),
@@ -189,7 +207,7 @@ fn check_cookie(shard: &Shard, cookie: &str) -> Result<Principal, u16> {
     }
     // A session dies with its key: the key must still be active, for the
     // org the cookie names.
-    let keys = shard.keys.borrow();
+    let keys = shard.keys.get();
     match keys.org_of(&key_id) {
         Some(active_org) if active_org == org_id => Ok(Principal {
             org_id,
@@ -204,14 +222,17 @@ fn check_cookie(shard: &Shard, cookie: &str) -> Result<Principal, u16> {
 /// accepted: its key is active and, for a session, it is not signed out
 /// (long-lived answers such as SSE streams check this as they go).
 pub fn still_valid(shard: &Shard, principal: &Principal) -> bool {
-    if !shard.keys.borrow().is_active(&principal.key_id) {
+    credential_still_valid(shard, &principal.key_id, principal.session)
+}
+
+/// [`still_valid`] for a key id and, when a cookie was the credential, the
+/// session's id and expiry.
+pub fn credential_still_valid(shard: &Shard, key_id: &str, session: Option<(u128, u64)>) -> bool {
+    if !shard.keys.get().is_active(key_id) {
         return false;
     }
-    match principal.session {
-        Some((id, expires)) => !shard
-            .access
-            .revoked
-            .is_revoked(id, &principal.key_id, expires),
+    match session {
+        Some((id, expires)) => !shard.access.revoked.is_revoked(id, key_id, expires),
         None => true,
     }
 }

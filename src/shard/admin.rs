@@ -219,8 +219,19 @@ const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 /// Serves one admin connection (plain, or the plaintext side behind TLS).
 pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    // An answer the client takes no byte of for this long fails, and the
+    // connection is closed (PROTOCOL.md §6).
+    super::stall::bound_http_answers(&stream);
     let mut buffer: Vec<u8> = Vec::new();
     let mut out = Vec::with_capacity(1024);
+    // Connections per source address, as on the public listener: the
+    // token is checked per request, so until then anyone may connect.
+    let counting = shard.clone();
+    let peer_ip = stream.peer_addr().ok().map(|peer| peer.ip());
+    let Some(_counted) = counting.access.admin_connections.enter(peer_ip) else {
+        answer_error(&mut stream, &mut out, 429, None).await;
+        return;
+    };
     loop {
         // Head: idle keep-alive connections get longer than a started head.
         let mut deadline = Instant::now() + Duration::from_millis(KEEP_ALIVE_IDLE_MS);

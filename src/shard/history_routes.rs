@@ -198,6 +198,8 @@ enum Interrupt {
     Revoked,
     /// The shard drains for shutdown.
     Stopping,
+    /// The client closed its connection: nobody is left to answer.
+    Gone,
 }
 
 /// Resolves when the credential `principal` came with is no longer
@@ -226,17 +228,29 @@ async fn interrupted(
     }
 }
 
-/// `ask`, unless interrupted first.
+/// `ask`, unless interrupted first — also by the client leaving, which
+/// ends the wait at once (and, through the dropped reply, the owner's).
 async fn ask_unless(
     shard: &Rc<Shard>,
     query: Query,
     principal: &super::access::Principal,
     on_stop: bool,
+    stream: &TcpStream,
 ) -> Result<Option<Answer>, Interrupt> {
-    futures_lite::future::or(async { Ok(ask(shard, query).await) }, async {
+    let asked = futures_lite::future::or(async { Ok(ask(shard, query).await) }, async {
         Err(interrupted(shard, principal, on_stop).await)
+    });
+    futures_lite::future::or(asked, async {
+        super::waits::client_gone(stream).await;
+        Err(Interrupt::Gone)
     })
     .await
+}
+
+/// Counts a waiting request of the request's address; `None` past the
+/// address's limit (PROTOCOL.md §6), to be answered 429.
+fn enter_wait<'a>(shard: &'a Shard, request: &Request) -> Option<super::waits::Counted<'a>> {
+    shard.access.waits.enter(request.peer.map(|p| p.ip()))
 }
 
 /// `{"type":…,"channel":…,"seq":…,"data":…}`, as on the WebSocket.
@@ -340,6 +354,14 @@ async fn poll(
         Ok(parsed) => parsed,
         Err(reason) => return bad_request(stream, &reason).await,
     };
+    // Only a long-poll waits; a plain poll is answered at once.
+    let _waiting = match wait_ms > 0 {
+        false => None,
+        true => match enter_wait(shard, request) {
+            Some(waiting) => Some(waiting),
+            None => return respond_error(stream, 429, &[CORS_ORIGIN]).await,
+        },
+    };
     let query = Query {
         org_id: org_id.clone(),
         channels,
@@ -347,9 +369,10 @@ async fn poll(
         limit,
         wait_ms,
     };
-    let answer = match ask_unless(shard, query, principal, false).await {
+    let answer = match ask_unless(shard, query, principal, false, stream).await {
         Ok(Some(answer)) => answer,
         Ok(None) => return respond_error(stream, 503, &[CORS_ORIGIN]).await,
+        Err(Interrupt::Gone) => return After::Close,
         Err(_) => return respond_error(stream, 401, &[CORS_ORIGIN]).await,
     };
     let mut body = Vec::with_capacity(
@@ -413,6 +436,9 @@ async fn sse(
         Some(Ok(seq)) => Some(seq),
         Some(Err(_)) => return bad_request(stream, "Last-Event-ID must be a seq").await,
     };
+    let Some(_waiting) = enter_wait(shard, request) else {
+        return respond_error(stream, 429, &[CORS_ORIGIN]).await;
+    };
     // A resumed stream has its own position (taken as it is by the first
     // round). A fresh one means "from now", where now is the 200: the
     // position is fixed on the owner before the head is written, so a
@@ -426,11 +452,12 @@ async fn sse(
             limit: 1,
             wait_ms: 0,
         };
-        after = match ask_unless(shard, query, principal, true).await {
+        after = match ask_unless(shard, query, principal, true, stream).await {
             Ok(Some(answer)) => Some(answer.started_after),
             Ok(None) => return respond_error(stream, 503, &[CORS_ORIGIN]).await,
             Err(Interrupt::Revoked) => return respond_error(stream, 401, &[CORS_ORIGIN]).await,
             Err(Interrupt::Stopping) => return respond_error(stream, 503, &[CORS_ORIGIN]).await,
+            Err(Interrupt::Gone) => return After::Close,
         };
     }
     let head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nConnection: close\r\nX-Accel-Buffering: no\r\nAccess-Control-Allow-Origin: *\r\n\r\nretry: 1000\n\n";
@@ -449,7 +476,7 @@ async fn sse(
             limit: LIMIT_MAX,
             wait_ms: if resuming { 0 } else { SSE_KEEPALIVE_MS },
         };
-        let Ok(Some(answer)) = ask_unless(shard, query, principal, true).await else {
+        let Ok(Some(answer)) = ask_unless(shard, query, principal, true, stream).await else {
             break;
         };
         if !super::access::still_valid(shard, principal) {

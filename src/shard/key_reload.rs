@@ -6,7 +6,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use super::Shard;
-use crate::auth::keys::{FileStamp, KeyIndex, KeyStore};
+use crate::auth::keys::KeyStore;
 use crate::protocol::ws::CloseCode;
 
 /// How often each shard re-checks the key file.
@@ -28,10 +28,13 @@ fn close_signed_out(shard: &Shard) {
 /// Re-reads the key file when it changes; closes the connections of keys
 /// that were revoked with 4003, and those of sessions signed out since the
 /// last turn; wakes the SSE streams and long-polls served here, which end
-/// when their credential is no longer accepted.
-pub async fn key_reload_loop(shard: Rc<Shard>, loaded: Option<FileStamp>) {
+/// when their credential is no longer accepted. The index is the
+/// process's (`auth::current`): whichever shard notices a change swaps it
+/// for every shard before closing anything, and the others act on the new
+/// generation at their next turn (they already authenticate with it).
+pub async fn key_reload_loop(shard: Rc<Shard>) {
     let store = KeyStore::new(&shard.config.data_dir);
-    let mut seen = loaded;
+    let mut acted = shard.keys.shared().generation();
     let mut sign_outs = shard.access.revoked.generation();
     loop {
         glommio::timer::sleep(Duration::from_millis(KEY_RELOAD_MS)).await;
@@ -41,24 +44,18 @@ pub async fn key_reload_loop(shard: Rc<Shard>, loaded: Option<FileStamp>) {
             close_signed_out(&shard);
             shard.http_wake.notify();
         }
-        let stamp = store.stamp();
-        if stamp == seen {
+        if let Err(e) = shard.keys.shared().refresh(&store) {
+            eprintln!(
+                "hookstream: shard {}: key store not reloaded: {e}",
+                shard.id
+            );
+        }
+        let generation = shard.keys.shared().generation();
+        if generation == acted {
             continue;
         }
-        // Remembered only once loaded: a failed read is retried next time.
-        let file = match store.load() {
-            Ok(file) => file,
-            Err(e) => {
-                eprintln!(
-                    "hookstream: shard {}: key store not reloaded: {e}",
-                    shard.id
-                );
-                continue;
-            }
-        };
-        seen = stamp;
-        let index = Rc::new(KeyIndex::from_file(&file));
-        *shard.keys.borrow_mut() = index.clone();
+        acted = generation;
+        let index = shard.keys.get();
         shard.http_wake.notify();
         let mut registry = shard.registry.borrow_mut();
         for key_id in registry.connected_key_ids() {

@@ -20,6 +20,7 @@
 pub mod access;
 mod admin;
 mod connection;
+mod fault;
 mod heartbeat;
 pub mod history_routes;
 mod key_reload;
@@ -30,20 +31,20 @@ pub mod reactor;
 pub mod replay;
 pub mod routes;
 mod run;
+mod stall;
 mod startup;
 pub mod tls;
 mod tls_wire;
+pub mod waits;
 mod web;
 mod writer;
 
 use std::cell::{Cell, RefCell};
 use std::os::unix::io::RawFd;
-use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::auth::keys::KeyIndex;
 use crate::config::Config;
 use crate::message::Message;
 use crate::metrics::ShardMetrics;
@@ -124,8 +125,9 @@ pub struct Shard {
     pub config: Arc<Config>,
     /// Connections, orgs, channels, queues.
     pub registry: RefCell<Registry>,
-    /// Active keys.
-    pub keys: RefCell<Rc<KeyIndex>>,
+    /// Active keys: this shard's copy of the process-wide index, which
+    /// every shard swaps for all (revocation is one moment everywhere).
+    pub keys: crate::auth::current::CachedKeys,
     /// The admin token.
     pub admin_token: Arc<str>,
     /// Inboxes of every shard (None with one shard).

@@ -2,7 +2,7 @@
 //! authenticate, and hand the socket to the shard that owns its org, which
 //! answers 101 and the welcome and keeps the connection for its life.
 
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
 use super::{shard_for, Handoff, Shard, ShardMessage};
-use crate::limits::{HEADERS_MAX, HEAD_BYTES_MAX, HEAD_TIMEOUT_MS};
+use crate::limits::{HEADERS_MAX, HEAD_BYTES_MAX, HEAD_TIMEOUT_MS, WRITE_TIMEOUT_MS};
 use crate::metrics::HandshakeFailure;
 use crate::protocol::http::{self, HttpError};
 
@@ -118,7 +118,20 @@ pub async fn handshake(
     if shard.shutdown.is_stopping() {
         return;
     }
+    // Counted until the connection is a WebSocket (handed to the reactor)
+    // or closed; past the address's share, refused without reading.
+    let counting = shard.clone();
+    let peer_ip = peer.map(|peer| peer.ip());
+    let Some(_counted) = counting.access.http_connections.enter(peer_ip) else {
+        let _ = stream.set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS)));
+        refuse(&shard, &mut stream, 429, None).await;
+        return;
+    };
     let _ = stream.set_nodelay(true);
+    // Every answer written on this stream (refusals, plain-HTTP routes,
+    // SSE) fails after this long without progress, and the connection is
+    // closed: a client that never reads is not held forever.
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS)));
     // Most upgrade requests are a few hundred bytes: start small and grow
     // to the 8 KiB limit only for a long head, so a connect storm does not
     // park 8 KiB per handshake in flight.
@@ -146,7 +159,10 @@ pub async fn handshake(
             ) {
                 Err(error) => Err((error.status(), Some(error))),
                 Ok(None) => Err((400, None)),
-                Ok(Some(head)) if head.path != "/v1/ws" => Ok(None),
+                Ok(Some(head)) if head.path != "/v1/ws" => {
+                    super::fault::panic_if_asked(head.path);
+                    Ok(None)
+                }
                 Ok(Some(head)) => route(&shard, &head, peer).map(Some),
             }
         };
@@ -160,9 +176,13 @@ pub async fn handshake(
         if buffer.len() < super::READ_BUFFER_BYTES {
             buffer.resize(super::READ_BUFFER_BYTES, 0);
         }
+        super::stall::bound_http_answers(&stream);
         match super::routes::serve(shard.clone(), stream, peer, buffer, filled).await {
             None => return,
             Some(later) => {
+                // A WebSocket's slow consumers are the send queue's
+                // business (1013), not the HTTP write timeout's.
+                super::stall::unbound_for_websocket(&later.stream);
                 stream = later.stream;
                 buffer = later.buffer;
                 filled = later.filled;
@@ -264,6 +284,24 @@ pub fn adopt(shard: &Shard, mut handoff: Handoff) {
         unsafe { libc::close(fd) };
         return;
     }
+    // Authenticated on another shard a moment ago: if the key was revoked
+    // (or the session signed out) since, this shard may already have
+    // closed that credential's connections and would never close this
+    // one. Checked in the same synchronous step as the registration, so
+    // a revocation after it is acted on by the next key-reload turn.
+    let session = handoff.session.as_deref().copied();
+    if !super::access::credential_still_valid(shard, &handoff.key_id, session) {
+        if handoff.tls.is_some() {
+            // A TLS client gets no plaintext answer.
+            // SAFETY: we own `fd` (moved out of the handoff).
+            unsafe { libc::close(fd) };
+            return;
+        }
+        let mut out = Vec::with_capacity(160);
+        http::write_error(&mut out, 401, &[("Connection", "close")]);
+        send_and_close(fd, &out);
+        return;
+    }
     let leftover = std::mem::take(&mut handoff.leftover);
     let tls = handoff.tls.take();
     let was_tls = tls.is_some();
@@ -283,17 +321,22 @@ pub fn adopt(shard: &Shard, mut handoff: Handoff) {
             shard.metrics.handshake_failed(HandshakeFailure::Capacity);
             let mut out = Vec::with_capacity(160);
             http::write_error(&mut out, 503, &[("Connection", "close")]);
-            // Best effort: a fresh socket's buffer takes a small answer.
-            // SAFETY: send on and close of a descriptor we own.
-            unsafe {
-                libc::send(
-                    fd,
-                    out.as_ptr().cast(),
-                    out.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                );
-                libc::close(fd);
-            }
+            send_and_close(fd, &out);
         }
+    }
+}
+
+/// Sends a small answer on a socket we own and closes it. Best effort: a
+/// fresh socket's buffer takes a small answer.
+fn send_and_close(fd: RawFd, out: &[u8]) {
+    // SAFETY: send on and close of a descriptor we own.
+    unsafe {
+        libc::send(
+            fd,
+            out.as_ptr().cast(),
+            out.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        );
+        libc::close(fd);
     }
 }

@@ -510,7 +510,7 @@ fn key_still_active(shard: &Shard, key: ConnKey) -> bool {
     let registry = shard.registry.borrow();
     registry
         .key_id_of(key)
-        .is_some_and(|key_id| shard.keys.borrow().is_active(key_id))
+        .is_some_and(|key_id| shard.keys.get().is_active(key_id))
 }
 
 /// Removes connections whose linger ran out; returns the next deadline.

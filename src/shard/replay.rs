@@ -115,6 +115,10 @@ impl Replays {
 
 /// Messages read from disk per step.
 const REPLAY_CHUNK_MESSAGES: usize = 512;
+/// How long a replay waits for its reader to take any byte of a full
+/// send queue before closing it as a slow consumer (the HTTP answers'
+/// write timeout, PROTOCOL.md §6).
+const REPLAY_STALL_MS: u64 = crate::limits::WRITE_TIMEOUT_MS;
 /// How long the replay waits between checks of a full send queue.
 const DRAIN_POLL_MS: u64 = 1;
 
@@ -233,11 +237,18 @@ fn frame_of(job: &ReplayJob, item: &Retained) -> Frame {
 /// Queues frames, waiting for the send queue to drain below half its limit
 /// whenever the next frame would pass three quarters of it, so a long
 /// replay never trips the slow-consumer limit of a reader that keeps up.
-/// False when the connection went away.
+/// A reader that takes nothing for [`REPLAY_STALL_MS`] is a slow consumer
+/// all the same: it is closed with 1013, and the replay ends, rather than
+/// holding its step's messages for as long as it likes. False when the
+/// connection went away.
 async fn queue_paced(shard: &Shard, job: &ReplayJob, items: &[Retained]) -> bool {
     let limit = shard.registry.borrow().limits.send_queue_bytes;
     for item in items {
         let frame = frame_of(job, item);
+        // Progress while waiting for this frame's room: the queue going
+        // down (nothing of this replay is added meanwhile).
+        let mut lowest = usize::MAX;
+        let mut progress_at = std::time::Instant::now();
         loop {
             if !wanted(shard, job) {
                 return false;
@@ -250,13 +261,25 @@ async fn queue_paced(shard: &Shard, job: &ReplayJob, items: &[Retained]) -> bool
             if queued == 0 || queued + frame.len() <= limit / 4 * 3 {
                 break;
             }
+            if queued < lowest {
+                lowest = queued;
+                progress_at = std::time::Instant::now();
+            } else if progress_at.elapsed() >= Duration::from_millis(REPLAY_STALL_MS) {
+                // Checked open by `wanted` above, with no await since.
+                shard.registry.borrow_mut().close_slow_consumer(job.key);
+                return false;
+            }
             shard.flush_dirty().await;
             let queued = shard
                 .registry
                 .borrow()
                 .queued_bytes_of(job.key)
                 .unwrap_or(0);
-            if queued > limit / 2 {
+            // Wait unless there is room now. (Waiting only above half the
+            // limit spun without ever yielding when one frame is larger
+            // than a quarter of it and the reader had stopped: a client
+            // could stall its whole shard that way.)
+            if queued != 0 && queued + frame.len() > limit / 4 * 3 {
                 glommio::timer::sleep(Duration::from_millis(DRAIN_POLL_MS)).await;
             }
         }

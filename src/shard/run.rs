@@ -18,7 +18,7 @@ use super::startup::{
 };
 use super::writer::commit_loop;
 use super::{access, admin, mesh, public, reactor, replay, Shard, ShardMessage};
-use crate::auth::keys::{FileStamp, KeyIndex, KeyStore};
+use crate::auth::keys::{KeyIndex, KeyStore};
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
 use crate::protocol::ws::CloseCode;
@@ -28,9 +28,8 @@ use crate::registry::{Registry, RegistryLimits};
 struct Shared {
     config: Arc<Config>,
     admin_token: Arc<str>,
-    keys: KeyIndex,
-    /// The key file's version that `keys` was loaded from.
-    keys_stamp: Option<FileStamp>,
+    /// The one key index of the process (see `auth::current`).
+    keys: Arc<crate::auth::current::CurrentKeys>,
     signer: crate::auth::sessions::SessionSigner,
     /// Signed-out sessions, one list for every shard.
     revoked: Arc<crate::auth::revoked::Revocations>,
@@ -87,6 +86,7 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
     // reload loop even when it lands before the loop starts.
     let keys_stamp = store.stamp();
     let keys = KeyIndex::from_file(&store.load().map_err(|e| e.to_string())?);
+    let keys = Arc::new(crate::auth::current::CurrentKeys::new(keys_stamp, keys));
     let signer = crate::auth::sessions::SessionSigner::load_or_create(&config.data_dir)?;
     let revoked = Arc::new(
         crate::auth::revoked::Revocations::load(
@@ -115,7 +115,6 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
         config: config.clone(),
         admin_token: admin_token.clone(),
         keys,
-        keys_stamp,
         signer,
         revoked,
         all_metrics: Arc::new(
@@ -313,7 +312,7 @@ async fn shard_main(
         count: config.shards,
         config: config.clone(),
         registry: RefCell::new(registry),
-        keys: RefCell::new(Rc::new(shared.keys.clone())),
+        keys: crate::auth::current::CachedKeys::new(shared.keys.clone()),
         admin_token: shared.admin_token.clone(),
         mesh: (config.shards > 1).then(|| mesh.clone()),
         metrics: shared.all_metrics[id].clone(),
@@ -408,7 +407,7 @@ async fn shard_main(
         ),
         spawn_until(&shutdown, admin::accept_loop(shard.clone(), admin_listener)),
         spawn_until(&shutdown, heartbeat_loop(shard.clone())),
-        spawn_until(&shutdown, key_reload_loop(shard.clone(), shared.keys_stamp)),
+        spawn_until(&shutdown, key_reload_loop(shard.clone())),
         spawn_until(&shutdown, sync_metrics_loop(shard.clone())),
         spawn_until(&shutdown, demo_loop(shard.clone(), config.demo && id == 0)),
     ];

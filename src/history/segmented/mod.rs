@@ -28,12 +28,13 @@ use glommio::io::BufferedFile;
 mod commit;
 mod files;
 mod org;
+mod writers;
 
 use self::commit::{commit, Numbered};
 use self::files::{load_org, read_span, Span};
 use self::org::{org_dir_name, org_of_dir_name, IndexEntry, OrgLog};
 use super::log::{Appending, Log, LogCounters};
-use super::{channel_matches, now_ms, record, HistoryConfig, Retained};
+use super::{channel_matches, now_ms, record, HistoryConfig, Retained, READ_BYTES_MAX};
 use crate::placement::shard_for;
 
 /// Largest single read of a segment when serving history.
@@ -217,7 +218,11 @@ impl Log for SegmentedLog {
                 })
                 .collect()
         };
-        commit(self, &numbered).await?;
+        let outcome = commit(self, &numbered).await;
+        // Synchronous, after the last await: the caller still stages the
+        // round in the same step.
+        self.bound_open_writers();
+        outcome?;
         Ok(numbered.iter().map(|n| n.seq).collect())
     }
 
@@ -287,6 +292,7 @@ impl Log for SegmentedLog {
             |kind, route: Option<&str>| channels.iter().any(|c| channel_matches(c, kind, route));
         let mut selected = Vec::new();
         let mut scanned = upto.max(after);
+        let mut bytes = 0usize;
         {
             let orgs = self.orgs.borrow();
             if let Some(org) = orgs.get(org_id) {
@@ -295,10 +301,14 @@ impl Log for SegmentedLog {
                         break;
                     }
                     if filter(entry.kind, entry.route.as_deref()) {
-                        if selected.len() == limit {
+                        let full = selected.len() == limit
+                            || (!selected.is_empty()
+                                && bytes + entry.len as usize > READ_BYTES_MAX);
+                        if full {
                             scanned = selected.last().map_or(after, |e: &IndexEntry| e.seq);
                             break;
                         }
+                        bytes += entry.len as usize;
                         selected.push(entry.clone());
                     }
                 }
@@ -328,12 +338,17 @@ impl Log for SegmentedLog {
                     Some(before) => org.entries.partition_point(|e| e.seq < before),
                     None => org.entries.len(),
                 };
+                let mut bytes = 0usize;
                 for entry in org.entries.range(..end).rev() {
                     if filter(entry.kind, entry.route.as_deref()) {
-                        if selected.len() == limit {
+                        let full = selected.len() == limit
+                            || (!selected.is_empty()
+                                && bytes + entry.len as usize > READ_BYTES_MAX);
+                        if full {
                             has_more = true;
                             break;
                         }
+                        bytes += entry.len as usize;
                         selected.push(entry.clone());
                     }
                 }

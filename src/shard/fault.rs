@@ -1,0 +1,19 @@
+//! Fault injection for the tests of the panic policy, in debug builds
+//! only: with `HOOKSTREAM_DEBUG_PANIC_PATH=/some/path`, a plain-HTTP
+//! request for that path panics on the shard that reads it. Release builds
+//! compile this to nothing.
+
+/// Panics when `path` is the one `HOOKSTREAM_DEBUG_PANIC_PATH` names.
+#[cfg(debug_assertions)]
+pub fn panic_if_asked(path: &str) {
+    static PATH: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let asked = PATH.get_or_init(|| std::env::var("HOOKSTREAM_DEBUG_PANIC_PATH").ok());
+    if asked.as_deref() == Some(path) {
+        panic!("injected by HOOKSTREAM_DEBUG_PANIC_PATH");
+    }
+}
+
+/// Release builds: nothing.
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn panic_if_asked(_path: &str) {}
