@@ -95,19 +95,43 @@ impl Drop for Direction {
     }
 }
 
-/// A hibernating wss connection's TLS state.
+/// A hibernating wss connection's TLS state: its keys, and bytes in
+/// flight only while some are stuck.
 #[derive(Debug)]
 pub struct Session {
     tx: Direction,
     rx: Direction,
-    /// Sealed bytes the socket has not taken yet (only while it refuses).
+    /// Present only while bytes are stuck (boxed: an idle session is its
+    /// keys alone).
+    stuck: Option<Box<Stuck>>,
+}
+
+/// What a session holds between calls while bytes are stuck.
+#[derive(Debug, Default)]
+struct Stuck {
+    /// Sealed bytes the socket has not taken yet.
     pending: Vec<u8>,
     /// Frame bytes sealed into `pending` that were reported as not taken,
     /// so the queue keeps them (and the reactor's EPOLLOUT interest): the
     /// next write counts them as taken without sealing them again.
     unreported: usize,
-    /// The start of a record not yet complete (only while one is).
+    /// The start of a client record not yet complete.
     partial: Vec<u8>,
+}
+
+impl Session {
+    fn stuck(&mut self) -> &mut Stuck {
+        self.stuck.get_or_insert_with(Box::default)
+    }
+
+    /// Frees the stuck bytes' box once nothing is stuck.
+    fn unstick(&mut self) {
+        if self.stuck.as_ref().is_some_and(|s| {
+            s.pending.is_empty() && s.unreported == 0 && s.partial.is_empty()
+        }) {
+            self.stuck = None;
+        }
+    }
 }
 
 impl Session {
@@ -117,16 +141,16 @@ impl Session {
         Some(Session {
             tx: Direction::of(secrets.tx.0, &secrets.tx.1)?,
             rx: Direction::of(secrets.rx.0, &secrets.rx.1)?,
-            pending: Vec::new(),
-            unreported: 0,
-            partial: Vec::new(),
+            stuck: None,
         })
     }
 
     /// Ciphertext bytes the client sent after the request that are not a
     /// complete record yet (they were not given to rustls).
     pub fn set_partial(&mut self, bytes: Vec<u8>) {
-        self.partial = bytes;
+        if !bytes.is_empty() {
+            self.stuck().partial = bytes;
+        }
     }
 
     /// Seals `plaintext` (at most one record's) of `content_type` into `out`.
@@ -210,7 +234,7 @@ pub fn detach(key: ConnKey, fd: RawFd) {
     }) else {
         return;
     };
-    if session.pending.is_empty() {
+    if session.stuck.as_ref().is_none_or(|s| s.pending.is_empty()) {
         let mut alert = Vec::with_capacity(HEADER + 3 + TAG);
         session.seal(21, &[1, 0], &mut alert);
         // SAFETY: send of our own buffer on a socket the caller still owns.
@@ -234,7 +258,11 @@ pub fn open(key: ConnKey, ciphertext: &[u8], plaintext: &mut Vec<u8>) -> Opened 
             plaintext.extend_from_slice(ciphertext);
             return Opened::Data;
         };
-        let mut bytes = std::mem::take(&mut session.partial);
+        let mut bytes = session
+            .stuck
+            .as_mut()
+            .map(|s| std::mem::take(&mut s.partial))
+            .unwrap_or_default();
         bytes.extend_from_slice(ciphertext);
         let mut at = 0;
         let mut result = Opened::Data;
@@ -276,10 +304,11 @@ pub fn open(key: ConnKey, ciphertext: &[u8], plaintext: &mut Vec<u8>) -> Opened 
             }
             at += HEADER + len;
         }
-        if result == Opened::Data {
+        if result == Opened::Data && at < bytes.len() {
             bytes.drain(..at);
-            session.partial = bytes;
+            session.stuck().partial = bytes;
         }
+        session.unstick();
         result
     })
 }
@@ -311,14 +340,19 @@ impl Wire for TlsAwareWire {
         SESSIONS.with(|s| {
             let mut sessions = s.borrow_mut();
             let session = sessions.get_mut(&key).expect("checked above");
-            if !session.pending.is_empty() {
-                let sent = send(fd, &session.pending)?;
-                session.pending.drain(..sent);
-                if !session.pending.is_empty() {
-                    return Err(std::io::ErrorKind::WouldBlock.into());
+            let mut skip = 0;
+            if let Some(stuck) = session.stuck.as_mut() {
+                if !stuck.pending.is_empty() {
+                    let sent = send(fd, &stuck.pending)?;
+                    stuck.pending.drain(..sent);
+                    if !stuck.pending.is_empty() {
+                        return Err(std::io::ErrorKind::WouldBlock.into());
+                    }
+                    stuck.pending = Vec::new();
                 }
+                skip = std::mem::take(&mut stuck.unreported);
+                session.unstick();
             }
-            let mut skip = std::mem::take(&mut session.unreported);
             let skipped = skip;
             SEALED.with(|sealed| {
                 let mut sealed = sealed.borrow_mut();
@@ -370,8 +404,9 @@ impl Wire for TlsAwareWire {
                 // The socket took part: the rest of the sealed records waits
                 // here, and one frame byte is reported as not taken so the
                 // queue (and EPOLLOUT) stay until it is sent.
-                session.pending = sealed[sent..].to_vec();
-                session.unreported = 1;
+                let stuck = session.stuck();
+                stuck.pending = sealed[sent..].to_vec();
+                stuck.unreported = 1;
                 Ok(skipped + taken - 1)
             })
         })
