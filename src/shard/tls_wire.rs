@@ -126,9 +126,11 @@ impl Session {
 
     /// Frees the stuck bytes' box once nothing is stuck.
     fn unstick(&mut self) {
-        if self.stuck.as_ref().is_some_and(|s| {
-            s.pending.is_empty() && s.unreported == 0 && s.partial.is_empty()
-        }) {
+        if self
+            .stuck
+            .as_ref()
+            .is_some_and(|s| s.pending.is_empty() && s.unreported == 0 && s.partial.is_empty())
+        {
             self.stuck = None;
         }
     }
