@@ -114,10 +114,12 @@ pub struct ServeArgs {
     /// TOML configuration file.
     #[arg(long, env = "HOOKSTREAM_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Public listener (WebSocket, polling).
+    /// Public listener (WebSocket, polling); TLS (wss://, https://) with
+    /// --tls-cert and --tls-key.
     #[arg(long, env = "HOOKSTREAM_LISTEN")]
     pub listen: Option<String>,
-    /// Admin listener (publish, metrics, probes).
+    /// Admin listener (publish, metrics, probes); TLS (https://) with
+    /// --admin-tls.
     #[arg(long, env = "HOOKSTREAM_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
     /// Data directory.
@@ -143,12 +145,16 @@ pub struct ServeArgs {
     /// WebSocket ping interval in milliseconds.
     #[arg(long, env = "HOOKSTREAM_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
-    /// TLS certificate (PEM).
+    /// TLS certificate chain (PEM): the public listener speaks TLS (wss://,
+    /// https://). Needs --tls-key. Reloaded on SIGHUP or when the file changes.
     #[arg(long, env = "HOOKSTREAM_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
-    /// TLS private key (PEM).
+    /// TLS private key (PEM: PKCS#8, PKCS#1 or SEC1) matching --tls-cert.
     #[arg(long, env = "HOOKSTREAM_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// The admin listener speaks TLS too, with the same pair (https://).
+    #[arg(long, env = "HOOKSTREAM_ADMIN_TLS", value_parser = clap::builder::BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
+    pub admin_tls: Option<bool>,
     /// Most open client connections (default: what the open-files limit allows).
     #[arg(long, env = "HOOKSTREAM_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -185,6 +191,12 @@ pub struct ServeArgs {
     /// Lifetime of a browser session cookie in seconds; default 86400.
     #[arg(long, env = "HOOKSTREAM_SESSION_TTL_SECS")]
     pub session_ttl_secs: Option<u64>,
+    /// permessage-deflate (RFC 7692) for clients that offer it: on (default) or off.
+    #[arg(long, env = "HOOKSTREAM_COMPRESSION", value_parser = clap::builder::BoolishValueParser::new())]
+    pub compression: Option<bool>,
+    /// Smallest message frame in bytes that is compressed; default 256.
+    #[arg(long, env = "HOOKSTREAM_COMPRESSION_MIN_BYTES")]
+    pub compression_min_bytes: Option<usize>,
 }
 
 /// What the TOML file may hold: the same names as the flags, with `_`.
@@ -202,6 +214,7 @@ struct FileConfig {
     heartbeat_ms: Option<u64>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    admin_tls: Option<bool>,
     max_connections: Option<usize>,
     connections_per_org: Option<usize>,
     subscriptions_max: Option<usize>,
@@ -214,6 +227,8 @@ struct FileConfig {
     http_waits_per_ip: Option<u32>,
     http_connections_per_ip: Option<u32>,
     session_ttl_secs: Option<u64>,
+    compression: Option<bool>,
+    compression_min_bytes: Option<usize>,
 }
 
 /// The validated configuration of a running server.
@@ -267,8 +282,25 @@ pub struct Config {
     pub http_connections_per_ip: u32,
     /// Lifetime of a session cookie.
     pub session_ttl_secs: u64,
+    /// Whether permessage-deflate is negotiated with clients that offer it.
+    pub compression: bool,
+    /// Smallest frame (header included) that gets a compressed twin.
+    pub compression_min_bytes: usize,
     /// Whether `--demo` was asked for.
     pub demo: bool,
+    /// `--tls-cert` and `--tls-key`: the public listener speaks TLS.
+    pub tls: Option<TlsFiles>,
+    /// `--admin-tls`: the admin listener speaks TLS with the same pair.
+    pub admin_tls: bool,
+}
+
+/// The certificate chain and key files of `--tls-cert`/`--tls-key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
 }
 
 /// Default public listener.
@@ -426,14 +458,28 @@ impl Config {
                 .session_ttl_secs
                 .or(file.session_ttl_secs)
                 .unwrap_or(limits::SESSION_TTL_SECS),
+            compression: args
+                .compression
+                .or(file.compression)
+                .unwrap_or(limits::COMPRESSION),
+            compression_min_bytes: args
+                .compression_min_bytes
+                .or(file.compression_min_bytes)
+                .unwrap_or(limits::COMPRESSION_MIN_BYTES),
             demo: args.demo,
+            tls: match (
+                args.tls_cert.or(file.tls_cert),
+                args.tls_key.or(file.tls_key),
+            ) {
+                (None, None) => None,
+                (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+                (Some(_), None) => return Err("--tls-cert needs --tls-key".to_string()),
+                (None, Some(_)) => return Err("--tls-key needs --tls-cert".to_string()),
+            },
+            admin_tls: args.admin_tls.or(file.admin_tls).unwrap_or(false),
         };
-        if args.tls_cert.or(file.tls_cert).is_some() || args.tls_key.or(file.tls_key).is_some() {
-            return Err(
-                "TLS is not built into this version yet: terminate TLS in front of hookstream \
-                 (e.g. nginx or haproxy) and run it without --tls-cert/--tls-key"
-                    .to_string(),
-            );
+        if config.admin_tls && config.tls.is_none() {
+            return Err("--admin-tls needs --tls-cert and --tls-key".to_string());
         }
         config.validate()?;
         Ok(config)

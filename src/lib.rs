@@ -14,8 +14,10 @@
 //! - [`shutdown`]: a shard's one shutdown signal, held by every task.
 //! - [`protocol`]: pure parsers and writers, no I/O: the HTTP/1.1 request
 //!   head and WebSocket upgrade (`protocol::http`), chunked request bodies
-//!   (`protocol::chunked`), and the RFC 6455 frame codec (`protocol::ws`,
-//!   with `CloseCode`). Fuzzed and property-tested.
+//!   (`protocol::chunked`), the RFC 6455 frame codec (`protocol::ws`,
+//!   with `CloseCode`), and permessage-deflate (`protocol::deflate`: its
+//!   negotiation, the shard's one compressor and one inflater). Fuzzed and
+//!   property-tested.
 //! - [`message`]: what a message is: its kinds, which channels it targets,
 //!   valid channel names and ids, and its rendering for subscribers (once,
 //!   into one shared frame).

@@ -25,6 +25,16 @@ pub const WRITE_TIMEOUT_MS: u64 = 10_000;
 /// Default largest client WebSocket message (after reassembly of fragments).
 pub const CLIENT_MESSAGE_BYTES_MAX: usize = 64 * 1024;
 
+/// Whether permessage-deflate is negotiated by default (`--compression`):
+/// each message is compressed once, whatever the number of subscribers,
+/// and a compressing connection keeps no context, so it costs CPU per
+/// message, not per delivery or per connection (docs/benchmarks.md).
+pub const COMPRESSION: bool = true;
+
+/// Smallest frame compressed by default (`--compression-min-bytes`):
+/// below it deflate saves a few bytes at best (docs/benchmarks.md).
+pub const COMPRESSION_MIN_BYTES: usize = 256;
+
 /// Largest control frame payload (RFC 6455 §5.5).
 pub const CONTROL_PAYLOAD_BYTES_MAX: usize = 125;
 

@@ -81,13 +81,18 @@ fn serve(args: config::ServeArgs) -> Result<(), String> {
     };
     hookstream::shard::run(config, |config, _admin_token| {
         if let Some(key) = &demo_key {
-            let ws = format!("ws://{}/v1/ws?token={key}", config.listen);
+            let (ws, http) = if config.tls.is_some() {
+                ("wss", "https")
+            } else {
+                ("ws", "http")
+            };
+            let ws = format!("{ws}://{}/v1/ws?token={key}", config.listen);
             println!("hookstream demo: org \"demo\", publishing an event, a delivery and an issue every second.");
             println!("Watch them arrive:");
             println!("  websocat '{ws}'");
             println!("  then type: {{\"type\":\"subscribe\",\"channel\":\"events\"}}");
             println!("Or open the dashboard and sign in with the key {key}:");
-            println!("  http://{}/", config.listen);
+            println!("  {http}://{}/", config.listen);
             println!(
                 "Admin token: {}",
                 config.data_dir.join("admin-token").display()

@@ -84,6 +84,52 @@ impl HandshakeFailure {
     }
 }
 
+/// Why a TLS connection was closed without being served; one counter each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum TlsFailure {
+    /// Plain HTTP (or anything not a TLS handshake) on a TLS port.
+    PlainHttp,
+    /// A ClientHello nobody can agree with, or a bad handshake message.
+    Handshake,
+    /// The handshake did not finish within 10 s.
+    Timeout,
+    /// The client left during the handshake.
+    Eof,
+    /// A forged, truncated or unexpected record after the handshake.
+    BadRecord,
+    /// Bytes after the client's close_notify.
+    AfterCloseNotify,
+    /// Too many handshakes in flight on the shard (a ClientHello flood).
+    Busy,
+}
+
+impl TlsFailure {
+    /// Every reason, in label order.
+    pub const ALL: [TlsFailure; 7] = [
+        TlsFailure::PlainHttp,
+        TlsFailure::Handshake,
+        TlsFailure::Timeout,
+        TlsFailure::Eof,
+        TlsFailure::BadRecord,
+        TlsFailure::AfterCloseNotify,
+        TlsFailure::Busy,
+    ];
+
+    /// The `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            TlsFailure::PlainHttp => "plain_http",
+            TlsFailure::Handshake => "handshake",
+            TlsFailure::Timeout => "timeout",
+            TlsFailure::Eof => "eof",
+            TlsFailure::BadRecord => "bad_record",
+            TlsFailure::AfterCloseNotify => "after_close_notify",
+            TlsFailure::Busy => "busy",
+        }
+    }
+}
+
 /// One shard's counters.
 #[derive(Debug, Default)]
 pub struct ShardMetrics {
@@ -97,12 +143,21 @@ pub struct ShardMetrics {
     pub bytes_sent: AtomicU64,
     /// Vectored send calls.
     pub sends: AtomicU64,
+    /// Frames compressed for permessage-deflate (once per message and
+    /// channel, shared by every compressing subscriber).
+    pub frames_compressed: AtomicU64,
+    /// Deliveries that were a compressed frame.
+    pub delivered_compressed: AtomicU64,
     /// Connections closed with 1013.
     pub slow_consumer_closes: AtomicU64,
     /// Completed upgrades.
     pub upgrades: AtomicU64,
     /// Failed handshakes, by [`HandshakeFailure`].
     pub handshake_failures: [AtomicU64; 11],
+    /// Completed TLS handshakes: `[full, resumed]`.
+    pub tls_handshakes: [AtomicU64; 2],
+    /// TLS connections closed without being served, by [`TlsFailure`].
+    pub tls_failures: [AtomicU64; 7],
     /// History commit rounds (group commits).
     pub history_commits: AtomicU64,
     /// History `fdatasync` calls.
@@ -112,6 +167,16 @@ pub struct ShardMetrics {
 }
 
 impl ShardMetrics {
+    /// Counts one completed TLS handshake.
+    pub fn tls_handshake_done(&self, resumed: bool) {
+        self.tls_handshakes[resumed as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Counts one TLS connection closed without being served.
+    pub fn tls_failed(&self, reason: TlsFailure) {
+        self.tls_failures[reason as usize].fetch_add(1, Relaxed);
+    }
+
     /// Counts one failed handshake.
     pub fn handshake_failed(&self, reason: HandshakeFailure) {
         self.handshake_failures[reason as usize].fetch_add(1, Relaxed);
@@ -122,7 +187,7 @@ impl ShardMetrics {
 pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
     let mut out = String::with_capacity(2048);
     type Field = fn(&ShardMetrics) -> &AtomicU64;
-    let simple: [(&str, &str, &str, Field); 10] = [
+    let simple: [(&str, &str, &str, Field); 12] = [
         (
             "hookstream_connections",
             "gauge",
@@ -152,6 +217,18 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
             "counter",
             "Vectored socket send calls.",
             |m| &m.sends,
+        ),
+        (
+            "hookstream_frames_compressed_total",
+            "counter",
+            "Frames compressed for permessage-deflate, once per message and channel.",
+            |m| &m.frames_compressed,
+        ),
+        (
+            "hookstream_messages_delivered_compressed_total",
+            "counter",
+            "Deliveries that were a permessage-deflate compressed frame.",
+            |m| &m.delivered_compressed,
         ),
         (
             "hookstream_slow_consumer_closes_total",
@@ -206,6 +283,35 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
                 "{name}{{shard=\"{shard}\",reason=\"{}\"}} {}",
                 reason.label(),
                 metrics.handshake_failures[reason as usize].load(Relaxed)
+            );
+        }
+    }
+    let name = "hookstream_tls_handshakes_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Completed TLS handshakes, full or resumed.\n# TYPE {name} counter"
+    );
+    for (shard, metrics) in shards.iter().enumerate() {
+        for (index, resumed) in ["false", "true"].into_iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}{{shard=\"{shard}\",resumed=\"{resumed}\"}} {}",
+                metrics.tls_handshakes[index].load(Relaxed)
+            );
+        }
+    }
+    let name = "hookstream_tls_failures_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} TLS connections closed without being served, by reason.\n# TYPE {name} counter"
+    );
+    for (shard, metrics) in shards.iter().enumerate() {
+        for reason in TlsFailure::ALL {
+            let _ = writeln!(
+                out,
+                "{name}{{shard=\"{shard}\",reason=\"{}\"}} {}",
+                reason.label(),
+                metrics.tls_failures[reason as usize].load(Relaxed)
             );
         }
     }

@@ -141,3 +141,67 @@ fn the_counter_sees_a_queue_for_a_socket_that_refuses() {
     assert!(allocations >= SUBSCRIBERS, "{allocations} allocations");
     assert_eq!(outcome.blocked.len(), SUBSCRIBERS);
 }
+
+/// With permessage-deflate, the cost of compression is per message, not
+/// per subscriber: staging a message for an org whose every subscriber
+/// compresses allocates the same whether it has 10 subscribers or 1,000
+/// (the frame, its compressed twin, the compressor's buffers), and writing
+/// the shared compressed frame to subscribers that take the bytes allocates
+/// nothing.
+#[test]
+fn compression_costs_per_message_not_per_subscriber() {
+    let big = |n: usize| Message {
+        data: format!(
+            "{{\"source_id\":\"src_1\",\"n\":{n},\"text\":\"{}\"}}",
+            "a webhook body with repeated words ".repeat(20)
+        )
+        .into(),
+        ..event(n)
+    };
+    let stage_allocations = |subscribers: usize| {
+        let mut registry = Registry::new(RegistryLimits {
+            connections_per_org: subscribers,
+            connections_max: subscribers,
+            subscriptions_max: 8,
+            send_queue_bytes: 1 << 20,
+        });
+        registry.enable_compression(256);
+        for i in 0..subscribers {
+            let (key, _) = registry.add("org_a", "key_a", i as RawFd).expect("fits");
+            registry.set_deflate(key, 15);
+            registry.subscribe(key, "events").expect("fits");
+        }
+        // Warm the compressor (made on first use) and its buffer.
+        let mut staged = Vec::new();
+        registry.stage(&big(1), 1, &mut staged);
+        let mut outcome = Delivered::default();
+        let mut taken = 0usize;
+        registry.deliver(
+            &staged[0],
+            0..staged[0].positions,
+            &mut takes_all(&mut taken),
+            &mut outcome,
+        );
+        registry.finish(&staged[0]);
+        staged.clear();
+
+        let ((), staging) = allocations_during(|| registry.stage(&big(2), 2, &mut staged));
+        let compressed_before = registry.counters.delivered_compressed;
+        let ((), delivering) = allocations_during(|| {
+            let mut wire = takes_all(&mut taken);
+            registry.deliver(&staged[0], 0..staged[0].positions, &mut wire, &mut outcome);
+        });
+        registry.finish(&staged[0]);
+        assert_eq!(
+            registry.counters.delivered_compressed - compressed_before,
+            subscribers as u64
+        );
+        assert_eq!(registry.counters.frames_compressed, 2);
+        (staging, delivering)
+    };
+    let (staging_10, delivering_10) = stage_allocations(10);
+    let (staging_1000, delivering_1000) = stage_allocations(1_000);
+    assert_eq!(staging_10, staging_1000, "staging allocates per message");
+    assert_eq!(delivering_10, 0);
+    assert_eq!(delivering_1000, 0);
+}

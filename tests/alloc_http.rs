@@ -114,3 +114,40 @@ fn error_answer_into_a_reserved_buffer_allocates_nothing() {
     assert_eq!(allocations, 0);
     assert!(out.ends_with(b"{\"error\":\"unauthorized\"}"));
 }
+
+/// The permessage-deflate part of the upgrade: reading the browser's offer
+/// and writing the 101 answer that accepts it.
+fn deflate_upgrade(request: &[u8]) -> usize {
+    use hookstream::protocol::deflate::{negotiate, RESPONSE_LINE_LEN_MAX};
+    use hookstream::protocol::http::{
+        write_switching_protocols_with, SWITCHING_PROTOCOLS_DEFLATE_LEN_MAX,
+    };
+    let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+    let head = match parse_head(request, &mut headers, 0) {
+        Ok(Some(head)) => head,
+        other => panic!("request refused: {other:?}"),
+    };
+    let upgrade = validate_upgrade(&head).expect("a valid upgrade");
+    let agreement = negotiate(head.headers_named("sec-websocket-extensions")).expect("accepted");
+    let mut line = [0u8; RESPONSE_LINE_LEN_MAX];
+    let line_len = agreement.write_response_line(&mut line);
+    let mut answer = [0u8; SWITCHING_PROTOCOLS_DEFLATE_LEN_MAX];
+    let written = write_switching_protocols_with(&mut answer, upgrade.key, &line[..line_len]);
+    black_box(&answer[..written]);
+    written
+}
+
+#[test]
+fn negotiating_permessage_deflate_allocates_nothing() {
+    let warm = deflate_upgrade(BROWSER_UPGRADE);
+    assert!(warm > SWITCHING_PROTOCOLS_LEN_MAX);
+    let (written, allocations) = allocations_during(|| {
+        let mut last = 0;
+        for _ in 0..100 {
+            last = deflate_upgrade(black_box(BROWSER_UPGRADE));
+        }
+        last
+    });
+    assert_eq!(allocations, 0, "negotiating permessage-deflate allocated");
+    assert_eq!(written, warm);
+}

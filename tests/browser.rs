@@ -88,7 +88,8 @@ fn require_setup() {
 
 /// What the script is pointed at.
 struct Target {
-    public: SocketAddr,
+    /// `http://ADDR`, or `https://localhost:PORT` for a TLS server.
+    public_url: String,
     admin: SocketAddr,
     admin_token: String,
     key: String,
@@ -97,7 +98,7 @@ struct Target {
 impl Target {
     fn of(server: &Server) -> Target {
         Target {
-            public: server.ws_addr,
+            public_url: format!("http://{}", server.ws_addr),
             admin: server.admin_addr,
             admin_token: server.admin_token.clone(),
             key: server.key(ORG).to_string(),
@@ -117,7 +118,15 @@ fn run_scenario(
         .arg("dashboard.mjs")
         .current_dir(repo().join("tests/browser"))
         .env("SCENARIO", scenario)
-        .env("HS_URL", format!("http://{}", target.public))
+        .env("HS_URL", &target.public_url)
+        .env(
+            "HS_IGNORE_CERTIFICATE_ERRORS",
+            if target.public_url.starts_with("https") {
+                "1"
+            } else {
+                "0"
+            },
+        )
         .env("HS_ADMIN_URL", format!("http://{}", target.admin))
         .env("HS_ADMIN_TOKEN", &target.admin_token)
         .env("HS_KEY", &target.key)
@@ -233,6 +242,85 @@ fn signs_in_subscribes_and_shows_a_published_message() {
     let docs = repo().join("docs/dashboard.png");
     if !docs.exists() || std::env::var_os("HOOKSTREAM_UPDATE_SCREENSHOT").is_some() {
         std::fs::copy(&shot, &docs).expect("copy the screenshot to docs/dashboard.png");
+    }
+}
+
+/// The same dashboard over TLS: https:// page and client.js, the session
+/// cookie (Secure) and wss:// with compression, Chromium told to accept the
+/// test's self-signed certificate.
+#[test]
+fn the_dashboard_over_https_and_wss() {
+    require_setup();
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TestDir::new();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(status.success());
+    let server = ServerBuilder::new()
+        .org(ORG)
+        .arg("--tls-cert", cert.display())
+        .arg("--tls-key", key.display())
+        .start();
+    let mut target = Target::of(&server);
+    target.public_url = format!("https://localhost:{}", server.ws_addr.port());
+    let pass = run_scenario("live", &target, no_control);
+    println!("{pass}");
+    assert!(
+        server.metric_sum("hookstream_tls_handshakes_total") > 0,
+        "the browser spoke TLS"
+    );
+    assert!(
+        server.metric_sum("hookstream_upgrades_total") > 0,
+        "and upgraded over wss"
+    );
+}
+
+/// Chromium offers permessage-deflate on every upgrade: the server accepts
+/// it, and the dashboard (through client.js) shows messages that arrived as
+/// compressed frames exactly like plain ones.
+#[test]
+fn chromium_negotiates_compression_and_the_dashboard_reads_compressed_frames() {
+    require_setup();
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = server();
+    let pass = run_scenario("live", &Target::of(&server), no_control);
+    println!("{pass}");
+    // The scenario checked every message on the page; the server says the
+    // sample-sized ones went out compressed, so the browser negotiated
+    // the extension and inflated them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let compressed = server.metric_sum("hookstream_messages_delivered_compressed_total");
+        if compressed > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no compressed delivery: Chromium did not negotiate permessage-deflate"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -442,7 +530,7 @@ fn reconnects_after_a_restart_and_shows_missed_messages_once() {
             .to_string()
     };
     let target = Target {
-        public,
+        public_url: format!("http://{public}"),
         admin: first.admin,
         admin_token: admin_token(),
         key,

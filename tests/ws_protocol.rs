@@ -40,6 +40,9 @@ impl From<Message<'_>> for Owned {
             Message::Close(close) => {
                 Owned::Close(close.map(|frame| (frame.code, frame.reason.to_owned())))
             }
+            Message::Compressed { .. } => {
+                unreachable!("these decoders never negotiate permessage-deflate")
+            }
         }
     }
 }

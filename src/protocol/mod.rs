@@ -3,5 +3,6 @@
 //! that maps to exactly one HTTP status or WebSocket close code.
 
 pub mod chunked;
+pub mod deflate;
 pub mod http;
 pub mod ws;

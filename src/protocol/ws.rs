@@ -92,7 +92,8 @@ pub enum WsError {
     /// A client frame without a mask (RFC 6455 §5.1: the server must fail it).
     #[error("client frame is not masked")]
     Unmasked,
-    /// RSV1-3 set although no extension was negotiated.
+    /// A reserved bit where it is not allowed: RSV2-3 ever, RSV1 without
+    /// permessage-deflate, on a control frame or on a continuation.
     #[error("reserved bits set without a negotiated extension")]
     ReservedBits,
     /// Opcode 3-7 or 11-15.
@@ -153,8 +154,9 @@ impl WsError {
 pub struct FrameHeader {
     /// Whether this is the final frame of its message.
     pub fin: bool,
-    /// RSV1-3 as the low three bits; must be zero without an extension, and
-    /// the decoder enforces that (the parser only reports them).
+    /// RSV1-3 as the low three bits (RSV1 is 0b100); zero unless
+    /// permessage-deflate set RSV1 on a message's first frame, which the
+    /// decoder enforces (the parser only reports them).
     pub rsv: u8,
     /// What the payload is.
     pub opcode: Opcode,

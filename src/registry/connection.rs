@@ -143,6 +143,10 @@ pub struct Connection {
     pub write_blocked: bool,
     /// Where it is in its life (see [`ConnState`]).
     pub state: ConnState,
+    /// permessage-deflate: 0 when not negotiated, else the largest window
+    /// (in bits, 8–15) the client lets the server's compressed messages
+    /// use. A byte of what was padding: the record does not grow.
+    pub deflate_window_bits: u8,
     /// Subscriptions as bits of the org's channel table (two words
     /// whatever the org's channel count; see `subscriptions`).
     pub subscriptions: crate::subscriptions::ChannelSet,
@@ -185,6 +189,23 @@ impl Connection {
         })
     }
 
+    /// True when the connection negotiated permessage-deflate.
+    #[inline]
+    pub fn deflates(&self) -> bool {
+        self.deflate_window_bits != 0
+    }
+
+    /// True when this connection may be sent `frame`'s compressed twin:
+    /// it negotiated the extension, and the window it allows covers the
+    /// message (a message no longer than the window cannot refer back
+    /// further than the window, whatever window compressed it).
+    #[inline]
+    pub fn takes_compressed(&self, plain_payload_bytes: usize) -> bool {
+        self.deflate_window_bits >= crate::protocol::deflate::WINDOW_BITS_MAX
+            || (self.deflate_window_bits != 0
+                && plain_payload_bytes <= 1usize << self.deflate_window_bits)
+    }
+
     /// True when nothing waits to be written.
     pub fn queue_is_empty(&self) -> bool {
         self.send.is_none()
@@ -194,6 +215,14 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_record_stays_64_bytes() {
+        // What an idle connection costs (ARCHITECTURE.md): the deflate byte
+        // lives in what was padding (72 bytes before the two-word
+        // ChannelSet, 64 with it).
+        assert_eq!(std::mem::size_of::<Connection>(), 64);
+    }
 
     #[test]
     fn close_state_transitions() {

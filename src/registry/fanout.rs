@@ -21,11 +21,38 @@ pub const VACANT: u32 = u32::MAX;
 pub struct Broadcast {
     /// The org's slab index.
     pub org: u32,
-    /// (channel bit, frame) in seq order.
-    pub targets: Vec<(u32, Frame)>,
+    /// The frames, in seq order.
+    pub targets: Vec<Target>,
     /// Positions of the org's connection list to walk: the connections that
     /// were there when it was staged (later ones are not subscribed yet).
     pub positions: usize,
+}
+
+/// One message rendered for one channel.
+#[derive(Debug)]
+pub struct Target {
+    /// The channel's bit in the org's table.
+    pub bit: u32,
+    /// The plain text frame.
+    pub frame: Frame,
+    /// Its permessage-deflate twin (RSV1 set, compressed once), shared by
+    /// every subscriber that negotiated the extension; `None` when nobody
+    /// of the org did, the frame is small, or compression did not shrink it.
+    pub compressed: Option<Frame>,
+    /// Payload bytes of the plain frame: whether a connection's window
+    /// covers the message (`Connection::takes_compressed`).
+    pub payload_bytes: u32,
+}
+
+/// Payload bytes of a complete server frame (its header is 2, 4 or 10
+/// bytes, by the length's encoding).
+fn payload_bytes(frame: &[u8]) -> u32 {
+    let header_bytes = match frame[1] & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    (frame.len() - header_bytes) as u32
 }
 
 /// What writing a broadcast left for the caller to act on.
@@ -95,11 +122,33 @@ impl Registry {
             }
         };
         let targets = &mut staged[position].targets;
+        // Compress only for an org with a compressing subscriber: the
+        // others pay nothing for the extension.
+        let mut compression = match &mut self.compression {
+            Some((deflater, min_bytes)) if record.deflating > 0 => {
+                Some((deflater.get_or_insert_with(Box::default), *min_bytes))
+            }
+            _ => None,
+        };
+        let counters = &mut self.counters;
         message.for_each_channel(|channel| {
             if let Some(bit) = record.channels.lookup(channel) {
                 if record.channels.subscribers(bit) > 0 {
                     let frame = render_frame(message.kind, channel, seq, &message.data);
-                    targets.push((bit, frame));
+                    let compressed = match &mut compression {
+                        Some((deflater, min_bytes)) if frame.len() >= *min_bytes => {
+                            let twin = deflater.compress_frame(&frame).map(Frame::from);
+                            counters.frames_compressed += u64::from(twin.is_some());
+                            twin
+                        }
+                        _ => None,
+                    };
+                    targets.push(Target {
+                        bit,
+                        payload_bytes: payload_bytes(&frame),
+                        frame,
+                        compressed,
+                    });
                 }
             }
         });
@@ -162,11 +211,19 @@ impl Registry {
                 continue;
             }
             matched.clear();
-            for (bit, frame) in &broadcast.targets {
-                if conn.has(*bit) {
-                    matched.push(frame);
+            let mut compressed = 0u64;
+            for target in &broadcast.targets {
+                if conn.has(target.bit) {
+                    match &target.compressed {
+                        Some(twin) if conn.takes_compressed(target.payload_bytes as usize) => {
+                            compressed += 1;
+                            matched.push(twin);
+                        }
+                        _ => matched.push(&target.frame),
+                    }
                 }
             }
+            self.counters.delivered_compressed += compressed;
             if matched.is_empty() {
                 continue;
             }

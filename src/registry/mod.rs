@@ -35,7 +35,7 @@ use smallvec::SmallVec;
 
 pub use self::channels::{ChannelTable, FIXED_CHANNELS};
 pub use self::connection::{CloseCode, ConnState, Connection, Partial, SendQueue};
-pub use self::fanout::{Broadcast, Delivered, VACANT};
+pub use self::fanout::{Broadcast, Delivered, Target, VACANT};
 pub use self::wire::{Flush, Wire};
 
 pub use crate::message::Frame;
@@ -68,6 +68,9 @@ pub struct Org {
     pub delivering: u32,
     /// Positions left [`VACANT`] while delivering, filled when it ends.
     pub(super) vacant: Vec<u32>,
+    /// Its connections that negotiated permessage-deflate: its messages
+    /// are compressed (once each) only while there is one.
+    pub deflating: u32,
 }
 
 /// Registry-level errors when adding a connection.
@@ -99,6 +102,11 @@ pub struct Counters {
     pub published: u64,
     /// `send` calls made.
     pub sends: u64,
+    /// Frames compressed (once per message and channel, for every
+    /// compressing subscriber of it).
+    pub frames_compressed: u64,
+    /// Deliveries that were the compressed twin of a frame.
+    pub delivered_compressed: u64,
 }
 
 /// Limits the registry enforces.
@@ -147,6 +155,11 @@ pub struct Registry {
     pub limits: RegistryLimits,
     /// Counters.
     pub counters: Counters,
+    /// The shard's one compressor for permessage-deflate, with the smallest
+    /// frame worth compressing; `None` while compression is off. The
+    /// compressor is made on first use, so a shard whose clients never
+    /// negotiate the extension does not hold its state.
+    compression: Option<(Option<Box<crate::protocol::deflate::Deflater>>, usize)>,
 }
 
 impl Registry {
@@ -170,7 +183,32 @@ impl Registry {
             reactor_waker: None,
             limits,
             counters: Counters::default(),
+            compression: None,
         }
+    }
+
+    /// Turns permessage-deflate on: staged frames of at least `min_bytes`
+    /// get a compressed twin, made once, while their org has a connection
+    /// that negotiated the extension.
+    pub fn enable_compression(&mut self, min_bytes: usize) {
+        self.compression = Some((None, min_bytes));
+    }
+
+    /// Notes that connection `key` negotiated permessage-deflate with a
+    /// server window of `window_bits` (8–15).
+    pub fn set_deflate(&mut self, key: ConnKey, window_bits: u8) {
+        assert!((crate::protocol::deflate::WINDOW_BITS_MIN
+            ..=crate::protocol::deflate::WINDOW_BITS_MAX)
+            .contains(&window_bits));
+        let Some(conn) = self.get_mut(key) else {
+            return;
+        };
+        if conn.deflate_window_bits == 0 {
+            let org = conn.org;
+            self.orgs[org as usize].deflating += 1;
+        }
+        let conn = &mut self.connections[key.index as usize];
+        conn.deflate_window_bits = window_bits;
     }
 
     /// The org's slab index, created on first use.
@@ -186,6 +224,7 @@ impl Registry {
             channels: ChannelTable::new(),
             delivering: 0,
             vacant: Vec::new(),
+            deflating: 0,
         }) as u32;
         self.org_by_id.insert(id, index);
         index
@@ -250,6 +289,7 @@ impl Registry {
             missed_pongs: 0,
             write_blocked: false,
             state: ConnState::Open,
+            deflate_window_bits: 0,
             subscriptions: crate::subscriptions::ChannelSet::new(),
             send: None,
             partial: None,
@@ -282,6 +322,9 @@ impl Registry {
         let position = conn.org_position as usize;
         let bits: SmallVec<[u32; 8]> = conn.subscriptions.bits().collect();
         let conn = self.connections.remove(key.index as usize);
+        if conn.deflates() {
+            self.orgs[org as usize].deflating -= 1;
+        }
         drop(conn);
         if !self.sessions.is_empty() {
             self.sessions.remove(&key);

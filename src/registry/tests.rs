@@ -388,3 +388,84 @@ fn render_is_valid_json_with_data_verbatim() {
     assert_eq!(value["seq"], 42);
     assert_eq!(value["channel"], "issues");
 }
+
+/// The front frame queued to `key`.
+fn front(r: &Registry, key: ConnKey) -> Frame {
+    r.get(key)
+        .and_then(|c| c.send.as_ref())
+        .and_then(|q| q.frames.back().cloned())
+        .expect("a queued frame")
+}
+
+fn compressible_event(pad_bytes: usize) -> Message {
+    Message {
+        data: format!(
+            "{{\"source_id\":\"s\",\"text\":\"{}\"}}",
+            "hello world ".repeat(pad_bytes / 12)
+        )
+        .into(),
+        ..event("org_a", "s")
+    }
+}
+
+#[test]
+fn compressing_subscribers_share_one_compressed_frame() {
+    let mut r = Registry::new(limits());
+    r.enable_compression(128);
+    let (a, _) = r.add("org_a", "k1", -1).unwrap();
+    let (b, _) = r.add("org_a", "k1", -1).unwrap();
+    let (plain, _) = r.add("org_a", "k1", -1).unwrap();
+    for key in [a, b, plain] {
+        r.subscribe(key, "events").unwrap();
+    }
+    // No compressing connection yet: nothing is compressed.
+    publish(&mut r, &compressible_event(600));
+    assert_eq!(r.counters.frames_compressed, 0);
+    assert_eq!(front(&r, a)[0] & 0x40, 0);
+
+    r.set_deflate(a, 15);
+    r.set_deflate(b, 15);
+    publish(&mut r, &compressible_event(600));
+    // Once per message and channel with subscribers (`events`, not
+    // `events:s`), whatever the number of compressing subscribers.
+    assert_eq!(r.counters.frames_compressed, 1);
+    let (fa, fb, fp) = (front(&r, a), front(&r, b), front(&r, plain));
+    assert!(Rc::ptr_eq(&fa, &fb), "one shared compressed frame");
+    assert_eq!(fa[0], 0x80 | 0x40 | 0x1, "FIN, RSV1, text");
+    assert_eq!(fp[0], 0x80 | 0x1, "plain frame for the plain subscriber");
+    assert!(fa.len() < fp.len());
+    assert_eq!(r.counters.delivered_compressed, 2);
+
+    // Under the minimum: plain for everyone.
+    publish(&mut r, &event("org_a", "s"));
+    assert_eq!(r.counters.frames_compressed, 1);
+    assert_eq!(front(&r, a)[0] & 0x40, 0);
+
+    // The compressing connections leave: compression stops.
+    r.remove(a);
+    r.remove(b);
+    publish(&mut r, &compressible_event(600));
+    assert_eq!(r.counters.frames_compressed, 1);
+}
+
+#[test]
+fn a_small_window_gets_the_compressed_frame_only_when_it_covers_the_message() {
+    let mut r = Registry::new(limits());
+    r.enable_compression(64);
+    let (small, _) = r.add("org_a", "k1", -1).unwrap();
+    let (full, _) = r.add("org_a", "k1", -1).unwrap();
+    r.set_deflate(small, 9);
+    r.set_deflate(full, 15);
+    r.subscribe(small, "events").unwrap();
+    r.subscribe(full, "events").unwrap();
+    // A payload under 512 bytes: both get the same compressed frame.
+    publish(&mut r, &compressible_event(300));
+    assert!(Rc::ptr_eq(&front(&r, small), &front(&r, full)));
+    assert_ne!(front(&r, small)[0] & 0x40, 0);
+    // Over 512 bytes: the 9-bit window gets the plain frame, no second
+    // compression is made.
+    publish(&mut r, &compressible_event(2000));
+    assert_eq!(front(&r, small)[0] & 0x40, 0);
+    assert_ne!(front(&r, full)[0] & 0x40, 0);
+    assert_eq!(r.counters.frames_compressed, 2);
+}

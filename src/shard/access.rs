@@ -346,9 +346,7 @@ pub fn authenticate_request(shard: &Shard, request: &Request) -> Result<Principa
 /// [`authenticate_request`]) belong to, so a page can tell whether it is
 /// signed in. Answers are never cached.
 pub async fn sessions_route(shard: &Shard, request: &Request, stream: &mut TcpStream) -> After {
-    // TLS is not built in (it is terminated in front, see `config`), so the
-    // cookie is never marked Secure by us.
-    const SECURE: bool = false;
+    // The cookie is marked Secure when the public listener speaks TLS.
     const NO_STORE: (&str, &str) = ("Cache-Control", "no-store");
     match request.method.as_str() {
         "GET" => match authenticate_request(shard, request) {
@@ -417,7 +415,7 @@ pub async fn sessions_route(shard: &Shard, request: &Request, stream: &mut TcpSt
                 "expires_at": expires_at,
             })
             .to_string();
-            let set_cookie = sessions::set_cookie_value(&cookie, ttl_secs, SECURE);
+            let set_cookie = sessions::set_cookie_value(&cookie, ttl_secs, shard.tls.is_some());
             respond(
                 stream,
                 200,
@@ -435,7 +433,7 @@ pub async fn sessions_route(shard: &Shard, request: &Request, stream: &mut TcpSt
                     return respond_error(stream, 403, &[NO_STORE]).await;
                 }
             }
-            let clear = sessions::clear_cookie_value(SECURE);
+            let clear = sessions::clear_cookie_value(shard.tls.is_some());
             // The cookie itself stops working: a cookie that verifies (ours,
             // not expired) is put on the signed-out list, in memory at once
             // (every shard refuses it from here on; each closes its

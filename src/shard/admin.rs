@@ -25,9 +25,21 @@ const KEEP_ALIVE_IDLE_MS: u64 = 60_000;
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     loop {
         match listener.accept().await {
-            Ok(stream) => {
-                glommio::spawn_local(serve(shard.clone(), stream)).detach();
-            }
+            Ok(stream) => match (&shard.tls, shard.config.admin_tls) {
+                (Some(tls), true) => {
+                    let config = tls.server_config();
+                    glommio::spawn_local(super::tls::terminate(
+                        shard.clone(),
+                        stream,
+                        super::tls::Side::Admin,
+                        config,
+                    ))
+                    .detach();
+                }
+                _ => {
+                    glommio::spawn_local(serve(shard.clone(), stream)).detach();
+                }
+            },
             Err(_) => glommio::timer::sleep(Duration::from_millis(20)).await,
         }
     }
@@ -204,7 +216,8 @@ async fn read_body(
 
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
-async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+/// Serves one admin connection (plain, or the plaintext side behind TLS).
+pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     // An answer the client takes no byte of for this long fails, and the
     // connection is closed (PROTOCOL.md §6).

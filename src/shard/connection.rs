@@ -10,6 +10,7 @@ use serde_json::value::RawValue;
 
 use super::Shard;
 use crate::limits::BAD_MESSAGES_IN_A_ROW_MAX;
+use crate::protocol::deflate::InflateError;
 use crate::protocol::ws::{self, CloseCode, Message, WsError};
 use crate::registry::{ConnKey, Frame, SubscribeError};
 
@@ -49,10 +50,41 @@ pub fn handle(shard: &Shard, key: ConnKey, message: Message<'_>) -> Option<Outco
             drop(registry);
             handle_text(shard, key, text)
         }
-        Message::Binary(_) => Some(Outcome::CloseByUs(
+        Message::Binary(_) | Message::Compressed { binary: true, .. } => Some(Outcome::CloseByUs(
             CloseCode::UNSUPPORTED_DATA,
             "binary messages are not supported",
         )),
+        Message::Compressed {
+            binary: false,
+            payload,
+        } => {
+            drop(registry);
+            // Inflated by the shard's one inflater, into at most the
+            // client message limit: a zip bomb stops there.
+            let mut inflater = shard.inflater.borrow_mut();
+            let text = match inflater.inflate(payload, shard.config.client_message_bytes) {
+                Ok(inflated) => inflated,
+                Err(InflateError::TooBig) => {
+                    return Some(Outcome::CloseByUs(
+                        CloseCode::MESSAGE_TOO_BIG,
+                        "message too big",
+                    ))
+                }
+                Err(InflateError::Invalid) => {
+                    return Some(Outcome::CloseByUs(
+                        CloseCode::INVALID_PAYLOAD,
+                        "invalid compressed data",
+                    ))
+                }
+            };
+            let Ok(text) = std::str::from_utf8(text) else {
+                return Some(Outcome::CloseByUs(
+                    CloseCode::INVALID_PAYLOAD,
+                    "invalid UTF-8",
+                ));
+            };
+            handle_text(shard, key, text)
+        }
         Message::Ping(payload) => {
             let mut frame = [0u8; 14];
             let len = ws::encode_header(

@@ -33,6 +33,8 @@ pub mod routes;
 mod run;
 mod stall;
 mod startup;
+pub mod tls;
+mod tls_wire;
 pub mod waits;
 mod web;
 mod writer;
@@ -98,6 +100,10 @@ pub struct Handoff {
     pub session: Option<Box<(u128, u64)>>,
     /// `Sec-WebSocket-Key` of the request, for the 101 answer.
     pub ws_key: String,
+    /// The permessage-deflate offer the server accepted, if any.
+    pub deflate: Option<crate::protocol::deflate::Agreement>,
+    /// The TLS session of a wss connection that hibernates.
+    pub tls: Option<Box<tls_wire::Session>>,
 }
 
 impl Drop for Handoff {
@@ -132,6 +138,9 @@ pub struct Shard {
     pub all_metrics: Arc<Vec<Arc<ShardMetrics>>>,
     /// Parked read buffers.
     pool: RefCell<Vec<Vec<u8>>>,
+    /// The shard's one inflater of compressed client messages (reset per
+    /// message): no connection keeps a window of its own.
+    pub inflater: RefCell<crate::protocol::deflate::Inflater>,
     /// The shard's one shutdown signal (see [`crate::shutdown`]), held by
     /// every task that stops or changes course when the shard drains.
     pub shutdown: crate::shutdown::Shutdown,
@@ -153,6 +162,9 @@ pub struct Shard {
     /// Session signer, per-address limits, keys used since the last
     /// last-used write.
     pub access: access::AccessState,
+    /// The TLS pair when `--tls-cert`/`--tls-key` are given (shared by
+    /// every shard; a reload swaps the pair inside).
+    pub tls: Option<Arc<tls::Tls>>,
 }
 
 impl Shard {
@@ -180,6 +192,14 @@ impl Shard {
         }
     }
 
+    /// A decoder for connection `conn`'s frames: it accepts compressed
+    /// messages when the connection negotiated permessage-deflate.
+    pub fn decoder_for(&self, conn: &crate::registry::Connection) -> crate::protocol::ws::Decoder {
+        let mut decoder = crate::protocol::ws::Decoder::new(self.decoder_config());
+        decoder.set_deflate(conn.deflates());
+        decoder
+    }
+
     /// Copies the registry's counters into the shared metrics.
     pub fn sync_metrics(&self) {
         let registry = self.registry.borrow();
@@ -191,6 +211,10 @@ impl Shard {
         m.delivered.store(c.delivered, Ordering::Relaxed);
         m.bytes_sent.store(c.bytes_sent, Ordering::Relaxed);
         m.sends.store(c.sends, Ordering::Relaxed);
+        m.frames_compressed
+            .store(c.frames_compressed, Ordering::Relaxed);
+        m.delivered_compressed
+            .store(c.delivered_compressed, Ordering::Relaxed);
         m.slow_consumer_closes
             .store(c.slow_consumer_closes, Ordering::Relaxed);
         let h = self.history.counters();

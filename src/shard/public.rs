@@ -22,9 +22,22 @@ const HANDSHAKE_BUFFER_BYTES: usize = 1024;
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     loop {
         match listener.accept().await {
-            Ok(stream) => {
-                glommio::spawn_local(handshake(shard.clone(), stream)).detach();
-            }
+            Ok(stream) => match &shard.tls {
+                Some(tls) => {
+                    let config = tls.server_config();
+                    glommio::spawn_local(super::tls::terminate(
+                        shard.clone(),
+                        stream,
+                        super::tls::Side::Public,
+                        config,
+                    ))
+                    .detach();
+                }
+                None => {
+                    let peer = stream.peer_addr().ok();
+                    glommio::spawn_local(handshake(shard.clone(), stream, peer)).detach();
+                }
+            },
             Err(e) => {
                 let raw = match &e {
                     glommio::GlommioError::IoError(io) => io.raw_os_error(),
@@ -95,14 +108,20 @@ async fn read_head(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Result<usize
     }
 }
 
-async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
+/// Reads and answers a public connection's first request. `peer` is the
+/// client's address (the stream is a socketpair end behind TLS).
+pub async fn handshake(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    peer: Option<std::net::SocketAddr>,
+) {
     if shard.shutdown.is_stopping() {
         return;
     }
     // Counted until the connection is a WebSocket (handed to the reactor)
     // or closed; past the address's share, refused without reading.
     let counting = shard.clone();
-    let peer_ip = stream.peer_addr().ok().map(|peer| peer.ip());
+    let peer_ip = peer.map(|peer| peer.ip());
     let Some(_counted) = counting.access.http_connections.enter(peer_ip) else {
         let _ = stream.set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS)));
         refuse(&shard, &mut stream, 429, None).await;
@@ -144,7 +163,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
                     super::fault::panic_if_asked(head.path);
                     Ok(None)
                 }
-                Ok(Some(head)) => route(&shard, &head, stream.peer_addr().ok()).map(Some),
+                Ok(Some(head)) => route(&shard, &head, peer).map(Some),
             }
         };
         if decision != Ok(None) {
@@ -158,7 +177,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
             buffer.resize(super::READ_BUFFER_BYTES, 0);
         }
         super::stall::bound_http_answers(&stream);
-        match super::routes::serve(shard.clone(), stream, buffer, filled).await {
+        match super::routes::serve(shard.clone(), stream, peer, buffer, filled).await {
             None => return,
             Some(later) => {
                 // A WebSocket's slow consumers are the send queue's
@@ -182,39 +201,56 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
                 refuse(&shard, &mut stream, 503, None).await;
             } else {
                 drop(stream);
-                let handoff = Handoff {
-                    fd,
-                    leftover: buffer[accepted.head_len..filled].to_vec(),
-                    org_id: accepted.org_id,
-                    key_id: accepted.key_id,
-                    session: accepted.session.map(Box::new),
-                    ws_key: accepted.ws_key,
-                };
-                let owner = shard_for(&handoff.org_id, shard.count);
-                if owner == shard.id {
-                    adopt(&shard, handoff);
-                } else {
-                    let mesh = shard.mesh.as_ref().expect("several shards have a mesh");
-                    // A stopped owner drops the handoff, closing the socket.
-                    let _ = mesh.send_to(owner, ShardMessage::Adopt(handoff));
-                }
+                let leftover = buffer[accepted.head_len..filled].to_vec();
+                hand_off(&shard, fd, accepted, leftover, None);
             }
         }
     }
     shard.return_buffer(buffer);
 }
 
+/// Sends an accepted upgrade's socket (owned `fd`) to the org's owner
+/// shard, or adopts it here; `tls` is the TLS session of a wss connection
+/// that hibernates (see `tls_wire`).
+pub(super) fn hand_off(
+    shard: &Shard,
+    fd: i32,
+    accepted: Accepted,
+    leftover: Vec<u8>,
+    tls: Option<Box<super::tls_wire::Session>>,
+) {
+    let handoff = Handoff {
+        fd,
+        leftover,
+        org_id: accepted.org_id,
+        key_id: accepted.key_id,
+        session: accepted.session.map(Box::new),
+        ws_key: accepted.ws_key,
+        deflate: accepted.deflate,
+        tls,
+    };
+    let owner = shard_for(&handoff.org_id, shard.count);
+    if owner == shard.id {
+        adopt(shard, handoff);
+    } else {
+        let mesh = shard.mesh.as_ref().expect("several shards have a mesh");
+        // A stopped owner drops the handoff, closing the socket.
+        let _ = mesh.send_to(owner, ShardMessage::Adopt(handoff));
+    }
+}
+
 /// An authenticated upgrade, owned data only.
 #[derive(Debug, PartialEq, Eq)]
-struct Accepted {
-    head_len: usize,
+pub(super) struct Accepted {
+    pub(super) head_len: usize,
     org_id: String,
     key_id: String,
     session: Option<(u128, u64)>,
     ws_key: String,
+    deflate: Option<crate::protocol::deflate::Agreement>,
 }
 
-fn route(
+pub(super) fn route(
     shard: &Shard,
     head: &http::Head<'_, '_>,
     peer: Option<std::net::SocketAddr>,
@@ -228,6 +264,13 @@ fn route(
         key_id: principal.key_id,
         session: principal.session,
         ws_key: String::from_utf8_lossy(upgrade.key).into_owned(),
+        // The first acceptable permessage-deflate offer; an offer that
+        // cannot be accepted leaves the connection plain, never fails it.
+        deflate: if shard.config.compression {
+            crate::protocol::deflate::negotiate(head.headers_named("sec-websocket-extensions"))
+        } else {
+            None
+        },
     })
 }
 
@@ -248,26 +291,31 @@ pub fn adopt(shard: &Shard, mut handoff: Handoff) {
     // a revocation after it is acted on by the next key-reload turn.
     let session = handoff.session.as_deref().copied();
     if !super::access::credential_still_valid(shard, &handoff.key_id, session) {
+        if handoff.tls.is_some() {
+            // A TLS client gets no plaintext answer.
+            // SAFETY: we own `fd` (moved out of the handoff).
+            unsafe { libc::close(fd) };
+            return;
+        }
         let mut out = Vec::with_capacity(160);
         http::write_error(&mut out, 401, &[("Connection", "close")]);
         send_and_close(fd, &out);
         return;
     }
     let leftover = std::mem::take(&mut handoff.leftover);
-    match super::reactor::adopt(
-        shard,
-        fd,
-        &handoff.org_id,
-        &handoff.key_id,
-        handoff.session.take().map(|s| *s),
-        &handoff.ws_key,
-        leftover,
-    ) {
+    let tls = handoff.tls.take();
+    let was_tls = tls.is_some();
+    match super::reactor::adopt(shard, fd, &handoff, leftover, tls) {
         Ok(()) => {
             shard
                 .metrics
                 .upgrades
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Err(fd) if was_tls => {
+            shard.metrics.handshake_failed(HandshakeFailure::Capacity);
+            // SAFETY: we own `fd`; a TLS client gets no plaintext answer.
+            unsafe { libc::close(fd) };
         }
         Err(fd) => {
             shard.metrics.handshake_failed(HandshakeFailure::Capacity);

@@ -243,12 +243,12 @@ fn on_event(shard: &Shard, events: u32, key: ConnKey) {
 /// Reads once (when `receive`) and handles every complete frame buffered
 /// for the connection.
 pub fn read_ready(shard: &Shard, key: ConnKey, receive: bool) {
-    let (fd, partial) = {
+    let (fd, partial, deflates) = {
         let mut registry = shard.registry.borrow_mut();
         let Some(conn) = registry.get_mut(key) else {
             return;
         };
-        (conn.fd, conn.partial.take())
+        (conn.fd, conn.partial.take(), conn.deflates())
     };
     let (mut decoder, mut buffer, mut filled) = match partial {
         Some(partial) => {
@@ -261,8 +261,13 @@ pub fn read_ready(shard: &Shard, key: ConnKey, receive: bool) {
             buffer[..filled].copy_from_slice(&bytes);
             (decoder, buffer, filled)
         }
-        None => (Decoder::new(shard.decoder_config()), shard.take_buffer(), 0),
+        None => {
+            let mut decoder = Decoder::new(shard.decoder_config());
+            decoder.set_deflate(deflates);
+            (decoder, shard.take_buffer(), 0)
+        }
     };
+    let mut opened = super::tls_wire::Opened::Data;
     if receive {
         if filled == buffer.len() {
             let needed = Decoder::frame_len_hint(&buffer[..filled]).unwrap_or(filled * 2);
@@ -291,11 +296,41 @@ pub fn read_ready(shard: &Shard, key: ConnKey, receive: bool) {
                 remove_now(shard, key);
                 return;
             }
+        } else if super::tls_wire::is_tls(key) {
+            // Open the records: their application data replaces the
+            // ciphertext (a record completed now may give more bytes than
+            // this read brought).
+            let ciphertext = buffer[filled..filled + received as usize].to_vec();
+            let mut plaintext = Vec::new();
+            opened = super::tls_wire::open(key, &ciphertext, &mut plaintext);
+            if buffer.len() < filled + plaintext.len() {
+                buffer.resize(filled + plaintext.len(), 0);
+            }
+            buffer[filled..filled + plaintext.len()].copy_from_slice(&plaintext);
+            filled += plaintext.len();
         } else {
             filled += received as usize;
         }
     }
-    let outcome = process_frames(shard, key, &mut decoder, &mut buffer, &mut filled);
+    match opened {
+        super::tls_wire::Opened::Data | super::tls_wire::Opened::KeyUpdate => {}
+        super::tls_wire::Opened::CloseNotify | super::tls_wire::Opened::Bad => {
+            if opened == super::tls_wire::Opened::Bad {
+                shard
+                    .metrics
+                    .tls_failed(crate::metrics::TlsFailure::BadRecord);
+            }
+            shard.return_buffer(buffer);
+            remove_now(shard, key);
+            return;
+        }
+    }
+    let mut outcome = process_frames(shard, key, &mut decoder, &mut buffer, &mut filled);
+    if opened == super::tls_wire::Opened::KeyUpdate && outcome.is_none() {
+        // The client renewed its keys; this server does not follow: close
+        // with 1001 and let the client resume with `after`.
+        outcome = Some(Outcome::CloseByUs(CloseCode::GOING_AWAY, "tls key update"));
+    }
     if filled > 0 || decoder.is_assembling() {
         let partial = Partial {
             decoder,
@@ -511,6 +546,7 @@ pub fn remove_now(shard: &Shard, key: ConnKey) {
     };
     let fd = conn.fd;
     shard.reactor.remove(fd);
+    super::tls_wire::detach(key, fd);
     // SAFETY: the record owns its socket; it is removed right after.
     unsafe { libc::close(fd) };
     registry.remove(key);
@@ -522,26 +558,44 @@ pub fn remove_now(shard: &Shard, key: ConnKey) {
 pub fn adopt(
     shard: &Shard,
     fd: RawFd,
-    org_id: &str,
-    key_id: &str,
-    session: Option<(u128, u64)>,
-    ws_key: &str,
+    handoff: &super::Handoff,
     leftover: Vec<u8>,
+    tls: Option<Box<super::tls_wire::Session>>,
 ) -> Result<(), RawFd> {
+    let org_id = handoff.org_id.as_str();
+    let key_id = handoff.key_id.as_str();
+    let session = handoff.session.as_deref().copied();
     let added = shard.registry.borrow_mut().add(org_id, key_id, fd);
     let Ok((key, seq)) = added else {
         return Err(fd);
     };
+    if let Some(session) = tls {
+        super::tls_wire::attach(key, session);
+    }
+    if let Some(agreement) = handoff.deflate {
+        shard
+            .registry
+            .borrow_mut()
+            .set_deflate(key, agreement.server_window_bits());
+    }
     if let Some((id, expires)) = session {
         shard.registry.borrow_mut().set_session(key, id, expires);
     }
     if shard.reactor.add(fd, key).is_err() {
         shard.registry.borrow_mut().remove(key);
+        super::tls_wire::forget(key);
         return Err(fd);
     }
-    let mut answer = [0u8; crate::protocol::http::SWITCHING_PROTOCOLS_LEN_MAX];
-    let answer_len =
-        crate::protocol::http::write_switching_protocols(&mut answer, ws_key.as_bytes());
+    let mut extension = [0u8; crate::protocol::deflate::RESPONSE_LINE_LEN_MAX];
+    let extension_len = handoff
+        .deflate
+        .map_or(0, |agreement| agreement.write_response_line(&mut extension));
+    let mut answer = [0u8; crate::protocol::http::SWITCHING_PROTOCOLS_DEFLATE_LEN_MAX];
+    let answer_len = crate::protocol::http::write_switching_protocols_with(
+        &mut answer,
+        handoff.ws_key.as_bytes(),
+        &extension[..extension_len],
+    );
     let welcome = format!(
         r#"{{"type":"welcome","org_id":"{}","connection_id":"c_{}_{}_{}","seq":{},"heartbeat_ms":{}}}"#,
         org_id, shard.id, key.index, key.generation, seq, shard.config.heartbeat_ms
@@ -561,7 +615,7 @@ pub fn adopt(
     if !leftover.is_empty() {
         if let Some(conn) = shard.registry.borrow_mut().get_mut(key) {
             conn.partial = Some(Box::new(Partial {
-                decoder: Decoder::new(shard.decoder_config()),
+                decoder: shard.decoder_for(conn),
                 bytes: leftover,
             }));
         }

@@ -142,10 +142,10 @@ pub struct LaterUpgrade {
 pub async fn serve(
     shard: Rc<Shard>,
     mut stream: TcpStream,
+    peer: Option<std::net::SocketAddr>,
     mut buffer: Vec<u8>,
     mut filled: usize,
 ) -> Option<LaterUpgrade> {
-    let peer = stream.peer_addr().ok();
     loop {
         // Complete the head (the first one is complete on entry). An idle
         // keep-alive connection may wait 30 s for its next request; once a

@@ -37,6 +37,8 @@ struct Shared {
     /// Shards that ended (normally or by a panic), for the main thread.
     exited: std::sync::atomic::AtomicUsize,
     connections_max_per_shard: usize,
+    /// The TLS pair, when the public listener speaks TLS.
+    tls: Option<Arc<super::tls::Tls>>,
 }
 
 /// Counts a shard's end, also when it panics, so the main thread notices.
@@ -67,6 +69,11 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
             config.data_dir.display()
         )
     })?;
+    // A pair that does not load ends startup with one line naming the file.
+    let tls = match &config.tls {
+        Some(files) => Some(Arc::new(super::tls::Tls::load(&files.cert, &files.key)?)),
+        None => None,
+    };
     let (listen, listen_hold) = probe_bind("listen", config.listen)?;
     let (admin_listen, admin_hold) = probe_bind("admin-listen", config.admin_listen)?;
     config.listen = listen;
@@ -97,6 +104,7 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     };
@@ -116,6 +124,7 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
         ),
         exited: std::sync::atomic::AtomicUsize::new(0),
         connections_max_per_shard: connections_max.div_ceil(shards).max(1),
+        tls: tls.clone(),
     });
     let mesh =
         mesh::Mesh::new(shards).map_err(|e| format!("cannot create the shard inboxes: {e}"))?;
@@ -165,8 +174,25 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
     }
     // Every shard listens: the port is theirs now.
     drop((listen_hold, admin_hold));
+    let (ws, admin) = match (config.tls.is_some(), config.admin_tls) {
+        (false, _) => ("ws", "http"),
+        (true, false) => ("wss", "http"),
+        (true, true) => ("wss", "https"),
+    };
+    let tls_note = match &config.tls {
+        Some(files) => format!(
+            ", TLS on the {} with {}",
+            if config.admin_tls {
+                "public and admin listeners"
+            } else {
+                "public listener"
+            },
+            files.cert.display()
+        ),
+        None => String::new(),
+    };
     let listen_line = format!(
-        "hookstream listening on ws://{}/v1/ws (admin http://{}), {} shard(s), data dir {}",
+        "hookstream listening on {ws}://{}/v1/ws (admin {admin}://{}){tls_note}, {} shard(s), data dir {}",
         config.listen,
         config.admin_listen,
         shards,
@@ -175,7 +201,10 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
     eprintln!("{listen_line}");
     on_ready(&config, &admin_token);
 
-    // Wait for a signal, or for a shard to die.
+    // Wait for a signal, or for a shard to die; SIGHUP and a changed
+    // certificate or key file (looked at every 2 s) reload the TLS pair.
+    let mut tls_stamp = tls.as_ref().and_then(|tls| tls.stamp());
+    let mut tls_checked = std::time::Instant::now();
     loop {
         let timeout = libc::timespec {
             tv_sec: 0,
@@ -186,6 +215,26 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
         if signal == libc::SIGTERM || signal == libc::SIGINT {
             eprintln!("hookstream: signal received, closing connections with 1001 and stopping");
             break;
+        }
+        if let Some(tls) = &tls {
+            let hangup = signal == libc::SIGHUP;
+            if hangup || tls_checked.elapsed() >= std::time::Duration::from_secs(2) {
+                tls_checked = std::time::Instant::now();
+                let stamp = tls.stamp();
+                if hangup || (stamp.is_some() && stamp != tls_stamp) {
+                    tls_stamp = stamp;
+                    match tls.reload() {
+                        Ok(()) => eprintln!(
+                            "hookstream: TLS pair reloaded from {} and {} for new connections",
+                            tls.cert.display(),
+                            tls.key.display()
+                        ),
+                        Err(e) => eprintln!(
+                            "hookstream: TLS pair not reloaded, the old one stays in use: {e}"
+                        ),
+                    }
+                }
+            }
         }
         if shared.exited.load(Ordering::SeqCst) > 0 {
             stop_shards(&mesh, shards);
@@ -252,6 +301,9 @@ async fn shard_main(
             }
         };
     let mut registry = Registry::new(limits);
+    if config.compression {
+        registry.enable_compression(config.compression_min_bytes);
+    }
     for (org_id, seq) in &history.last_seqs() {
         registry.set_org_seq(org_id, *seq);
     }
@@ -266,6 +318,7 @@ async fn shard_main(
         metrics: shared.all_metrics[id].clone(),
         all_metrics: shared.all_metrics.clone(),
         pool: RefCell::new(Vec::new()),
+        inflater: RefCell::new(crate::protocol::deflate::Inflater::new()),
         shutdown: shutdown.clone(),
         http_wake: crate::notify::Notify::default(),
         http_streams: Cell::new(0),
@@ -274,6 +327,7 @@ async fn shard_main(
         reactor,
         lingering: RefCell::new(Vec::new()),
         access: access::AccessState::new(&config, shared.signer.clone(), shared.revoked.clone()),
+        tls: shared.tls.clone(),
     });
     let public_listener = match listen(config.listen) {
         Ok(l) => l,

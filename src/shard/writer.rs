@@ -123,7 +123,7 @@ pub async fn commit_loop(shard: Rc<Shard>) {
 /// listener would answer with a per-connection record writer here, and
 /// nothing in the fan-out, the queues, the heartbeat or the reactor changes.
 pub fn wire() -> impl crate::registry::Wire {
-    send_vectored
+    super::tls_wire::TlsAwareWire
 }
 
 /// Non-blocking vectored send on a raw socket: the plaintext wire.

@@ -44,6 +44,8 @@ const CHROMIUM_ARGS = [
   "--disable-component-update",
   "--disable-sync",
 ];
+// A server on TLS with a certificate made by the test (HS_URL https://…).
+if (env.HS_IGNORE_CERTIFICATE_ERRORS === "1") CHROMIUM_ARGS.push("--ignore-certificate-errors");
 
 // --- Small helpers ----------------------------------------------------------------
 

@@ -339,13 +339,22 @@ pub enum StartError {
     Exited(String),
 }
 
-/// Parses `hookstream listening on ws://ADDR/v1/ws (admin http://ADDR2), N shard(s), data dir DIR`.
+/// Parses `hookstream listening on ws://ADDR/v1/ws (admin http://ADDR2), N shard(s), data dir DIR`
+/// (`wss://` and `https://` when the listeners speak TLS, then a TLS note
+/// before the shard count).
 pub fn parse_listening_line(line: &str) -> (SocketAddr, SocketAddr, usize) {
     let parsed = (|| {
-        let rest = line.strip_prefix("hookstream listening on ws://")?;
-        let (ws, rest) = rest.split_once("/v1/ws (admin http://")?;
-        let (admin, rest) = rest.split_once("), ")?;
-        let (shards, _) = rest.split_once(" shard(s)")?;
+        let rest = line.strip_prefix("hookstream listening on ")?;
+        let rest = rest
+            .strip_prefix("ws://")
+            .or_else(|| rest.strip_prefix("wss://"))?;
+        let (ws, rest) = rest.split_once("/v1/ws (admin ")?;
+        let rest = rest
+            .strip_prefix("http://")
+            .or_else(|| rest.strip_prefix("https://"))?;
+        let (admin, rest) = rest.split_once(')')?;
+        let (before, _) = rest.split_once(" shard(s)")?;
+        let shards = before.rsplit(", ").next()?;
         Some((ws.parse().ok()?, admin.parse().ok()?, shards.parse().ok()?))
     })();
     parsed.unwrap_or_else(|| panic!("unexpected listening line: {line:?}"))

@@ -177,8 +177,9 @@ pub const SWITCHING_PROTOCOLS_LEN_MAX: usize =
 
 /// Write the 101 answer for `key` (the `Sec-WebSocket-Key` as received) into
 /// `out` and return its length. It names no extension and no subprotocol:
-/// permessage-deflate is declined by omission (RFC 6455 §9.1), and a client
-/// must not use an extension the server did not list.
+/// an extension is declined by omission (RFC 6455 §9.1), and a client must
+/// not use an extension the server did not list; an accepted
+/// permessage-deflate is answered by [`write_switching_protocols_with`].
 ///
 /// Panics when `out` is shorter than `SWITCHING_PROTOCOLS_LEN_MAX`: a
 /// buffer sized by the caller, never by input.
@@ -191,5 +192,32 @@ pub fn write_switching_protocols(out: &mut [u8], key: &[u8]) -> usize {
         written += part.len();
     }
     assert_eq!(written, SWITCHING_PROTOCOLS_LEN_MAX);
+    written
+}
+
+/// Longest answer [`write_switching_protocols_with`] writes: the plain one
+/// with a permessage-deflate line.
+pub const SWITCHING_PROTOCOLS_DEFLATE_LEN_MAX: usize =
+    SWITCHING_PROTOCOLS_LEN_MAX + crate::protocol::deflate::RESPONSE_LINE_LEN_MAX;
+
+/// [`write_switching_protocols`] that also lists the extensions the server
+/// accepted: `extension_line` is a complete header line with its CRLF
+/// (`deflate::Agreement::write_response_line`), or empty.
+///
+/// Panics when `out` is shorter than the plain answer and the line.
+pub fn write_switching_protocols_with(out: &mut [u8], key: &[u8], extension_line: &[u8]) -> usize {
+    assert!(out.len() >= SWITCHING_PROTOCOLS_LEN_MAX + extension_line.len());
+    let accept = accept_key(key);
+    let mut written = 0;
+    for part in [
+        SWITCHING_PROTOCOLS_START,
+        &accept,
+        b"\r\n",
+        extension_line,
+        b"\r\n",
+    ] {
+        out[written..written + part.len()].copy_from_slice(part);
+        written += part.len();
+    }
     written
 }

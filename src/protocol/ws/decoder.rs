@@ -2,6 +2,9 @@
 //! incremental UTF-8 validation and assembly of fragmented messages.
 
 use super::{is_valid_close_code, unmask, CloseFrame, FrameHeader, Opcode, WsError};
+
+/// RSV1 among [`FrameHeader::rsv`]'s three bits.
+const RSV1: u8 = 0b100;
 use crate::limits::{CLIENT_MESSAGE_BYTES_MAX, CONTROL_PAYLOAD_BYTES_MAX};
 
 /// Limits and role of one [`Decoder`].
@@ -40,6 +43,16 @@ pub enum Message<'a> {
     Pong(&'a [u8]),
     /// A close frame; `None` when it carried no payload (no status code).
     Close(Option<CloseFrame<'a>>),
+    /// A message compressed under permessage-deflate (RSV1 on its first
+    /// frame; only with [`Decoder::set_deflate`]): its payload as received,
+    /// to inflate (`protocol::deflate::Inflater`), and whether it is binary.
+    /// Text is checked for UTF-8 after inflation, not here.
+    Compressed {
+        /// True for a binary message, false for text.
+        binary: bool,
+        /// The compressed payload, without the tail RFC 7692 §7.2.1 removes.
+        payload: &'a [u8],
+    },
 }
 
 /// The result of decoding one complete frame.
@@ -68,6 +81,12 @@ enum Assembly {
     },
     /// A fragmented binary message is open.
     Binary,
+    /// A fragmented compressed message is open (text or binary); its UTF-8
+    /// is checked once it is inflated.
+    Compressed {
+        /// True for a binary message.
+        binary: bool,
+    },
     /// The last `decode` handed out the assembled message by reference; the
     /// next `decode` clears it (it cannot be cleared while borrowed).
     Delivered,
@@ -79,6 +98,9 @@ enum Assembly {
 pub struct Decoder {
     /// Limits and role, fixed for the connection.
     config: DecoderConfig,
+    /// Whether permessage-deflate was negotiated: RSV1 on the first frame
+    /// of a data message then means "compressed" instead of an error.
+    deflate: bool,
     /// Whether a fragmented message is open, and of which kind.
     state: Assembly,
     /// Payload of the open fragmented message. Empty (and usually without
@@ -93,9 +115,16 @@ impl Decoder {
     pub fn new(config: DecoderConfig) -> Self {
         Decoder {
             config,
+            deflate: false,
             state: Assembly::Idle,
             assembly: Vec::new(),
         }
+    }
+
+    /// Accepts compressed messages (RSV1 on a message's first frame), for a
+    /// connection that negotiated permessage-deflate.
+    pub fn set_deflate(&mut self, deflate: bool) {
+        self.deflate = deflate;
     }
 
     /// The configuration the decoder was made with.
@@ -106,7 +135,7 @@ impl Decoder {
     /// Whether a fragmented message has been started but not finished.
     pub fn is_assembling(&self) -> bool {
         match self.state {
-            Assembly::Text { .. } | Assembly::Binary => true,
+            Assembly::Text { .. } | Assembly::Binary | Assembly::Compressed { .. } => true,
             Assembly::Idle | Assembly::Delivered => false,
         }
     }
@@ -153,6 +182,7 @@ impl Decoder {
             return Ok(None);
         }
 
+        let compressed = header.rsv & RSV1 != 0;
         let payload = &mut buf[header_len..frame_len];
         if let Some(mask) = header.mask {
             unmask(payload, mask, 0);
@@ -163,12 +193,19 @@ impl Decoder {
             Opcode::Ping => Some(Message::Ping(payload)),
             Opcode::Pong => Some(Message::Pong(payload)),
             Opcode::Close => Some(Message::Close(parse_close_payload(payload)?)),
+            Opcode::Text | Opcode::Binary if header.fin && compressed => {
+                debug_assert!(self.state == Assembly::Idle);
+                Some(Message::Compressed {
+                    binary: header.opcode == Opcode::Binary,
+                    payload,
+                })
+            }
             Opcode::Text | Opcode::Binary if header.fin => {
                 debug_assert!(self.state == Assembly::Idle);
                 Some(single_frame_message(header.opcode, payload)?)
             }
             Opcode::Text | Opcode::Binary | Opcode::Continuation => {
-                self.add_fragment(header.opcode, payload)?;
+                self.add_fragment(header.opcode, compressed, payload)?;
                 if header.fin {
                     Some(self.finish_assembly()?)
                 } else {
@@ -207,7 +244,11 @@ impl Decoder {
     /// Every check that needs only the header, so that a bad or oversized
     /// frame fails before its payload arrives.
     fn check_header(&self, header: &FrameHeader) -> Result<(), WsError> {
-        if header.rsv != 0 {
+        // RSV1 is permessage-deflate's, and only on the first frame of a
+        // data message (RFC 7692 §6.1): never on a control frame or a
+        // continuation, never without the extension. RSV2-3 are never used.
+        let rsv1_allowed = self.deflate && matches!(header.opcode, Opcode::Text | Opcode::Binary);
+        if header.rsv & !RSV1 != 0 || (header.rsv & RSV1 != 0 && !rsv1_allowed) {
             return Err(WsError::ReservedBits);
         }
         if self.config.require_mask && header.mask.is_none() {
@@ -227,10 +268,16 @@ impl Decoder {
             (Opcode::Continuation, Assembly::Idle | Assembly::Delivered) => {
                 return Err(WsError::UnexpectedContinuation);
             }
-            (Opcode::Text | Opcode::Binary, Assembly::Text { .. } | Assembly::Binary) => {
+            (
+                Opcode::Text | Opcode::Binary,
+                Assembly::Text { .. } | Assembly::Binary | Assembly::Compressed { .. },
+            ) => {
                 return Err(WsError::ExpectedContinuation);
             }
-            (Opcode::Continuation, Assembly::Text { .. } | Assembly::Binary) => self.assembly.len(),
+            (
+                Opcode::Continuation,
+                Assembly::Text { .. } | Assembly::Binary | Assembly::Compressed { .. },
+            ) => self.assembly.len(),
             (Opcode::Text | Opcode::Binary, Assembly::Idle | Assembly::Delivered) => 0,
             (Opcode::Close | Opcode::Ping | Opcode::Pong, _) => {
                 unreachable!("control opcodes returned above")
@@ -247,8 +294,18 @@ impl Decoder {
     /// Appends a non-final first fragment or a continuation to the open
     /// message, validating text as it arrives so that bad UTF-8 fails the
     /// connection at the fragment that carries it.
-    fn add_fragment(&mut self, opcode: Opcode, payload: &[u8]) -> Result<(), WsError> {
+    fn add_fragment(
+        &mut self,
+        opcode: Opcode,
+        compressed: bool,
+        payload: &[u8],
+    ) -> Result<(), WsError> {
         match opcode {
+            Opcode::Text | Opcode::Binary if compressed => {
+                self.state = Assembly::Compressed {
+                    binary: opcode == Opcode::Binary,
+                }
+            }
             Opcode::Text => {
                 self.state = Assembly::Text {
                     utf8_valid_bytes: 0,
@@ -313,6 +370,10 @@ impl Decoder {
                 Ok(Message::Text(text))
             }
             Assembly::Binary => Ok(Message::Binary(&self.assembly)),
+            Assembly::Compressed { binary } => Ok(Message::Compressed {
+                binary,
+                payload: &self.assembly,
+            }),
             Assembly::Idle | Assembly::Delivered => {
                 unreachable!("check_header admits a continuation only into an open message")
             }
@@ -420,6 +481,54 @@ mod tests {
         assert_eq!(decoder.assembly_capacity_bytes(), 1000);
         decoder.reset_assembly();
         assert_eq!(decoder.assembly_capacity_bytes(), 0);
+    }
+
+    fn with_rsv1(mut frame: Vec<u8>) -> Vec<u8> {
+        frame[0] |= 0x40;
+        frame
+    }
+
+    #[test]
+    fn rsv1_is_a_compressed_message_only_with_deflate_and_only_on_a_first_frame() {
+        let mut plain = Decoder::new(DecoderConfig::default());
+        let mut frame = with_rsv1(client_frame(true, Opcode::Text, b"xyz"));
+        assert_eq!(plain.decode(&mut frame), Err(WsError::ReservedBits));
+
+        let mut deflate = Decoder::new(DecoderConfig::default());
+        deflate.set_deflate(true);
+        let mut frame = with_rsv1(client_frame(true, Opcode::Text, b"\xff\x00"));
+        let decoded = deflate.decode(&mut frame).unwrap().unwrap();
+        assert_eq!(
+            decoded.message,
+            Some(Message::Compressed {
+                binary: false,
+                payload: b"\xff\x00"
+            })
+        );
+        // Fragmented: RSV1 on the first frame, the bytes assembled as they
+        // are (no UTF-8 check before inflation).
+        let mut first = with_rsv1(client_frame(false, Opcode::Binary, b"\xc3"));
+        assert_eq!(deflate.decode(&mut first).unwrap().unwrap().message, None);
+        let mut last = client_frame(true, Opcode::Continuation, b"\x28");
+        assert_eq!(
+            deflate.decode(&mut last).unwrap().unwrap().message,
+            Some(Message::Compressed {
+                binary: true,
+                payload: b"\xc3\x28"
+            })
+        );
+        // Never on a continuation, a control frame, or RSV2/RSV3.
+        let mut first = client_frame(false, Opcode::Text, b"a");
+        deflate.decode(&mut first).unwrap();
+        let mut last = with_rsv1(client_frame(true, Opcode::Continuation, b"b"));
+        assert_eq!(deflate.decode(&mut last), Err(WsError::ReservedBits));
+        let mut deflate = Decoder::new(DecoderConfig::default());
+        deflate.set_deflate(true);
+        let mut ping = with_rsv1(client_frame(true, Opcode::Ping, b""));
+        assert_eq!(deflate.decode(&mut ping), Err(WsError::ReservedBits));
+        let mut rsv2 = client_frame(true, Opcode::Text, b"a");
+        rsv2[0] |= 0x20;
+        assert_eq!(deflate.decode(&mut rsv2), Err(WsError::ReservedBits));
     }
 
     #[test]

@@ -168,10 +168,19 @@ async fn run(
 
 /// One message whose `data` JSON is `payload` bytes long (or as short as
 /// its fixed fields allow) with the send time `t` in nanoseconds.
+/// The `--data-file` object, sent as `data.sample` instead of padding.
+pub static SAMPLE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn message(out: &mut Vec<u8>, org: &str, t: u64, payload: usize) {
     out.extend_from_slice(b"{\"org_id\":\"");
     out.extend_from_slice(org.as_bytes());
     out.extend_from_slice(b"\",\"type\":\"event\",\"data\":");
+    if let Some(sample) = SAMPLE.get() {
+        out.extend_from_slice(format!("{{\"source_id\":\"s\",\"t\":{t},\"sample\":").as_bytes());
+        out.extend_from_slice(sample.as_bytes());
+        out.extend_from_slice(b"}}");
+        return;
+    }
     let head = format!("{{\"source_id\":\"s\",\"t\":{t},\"pad\":\"");
     let fixed = head.len() + 2;
     out.extend_from_slice(head.as_bytes());

@@ -172,6 +172,13 @@ pub struct Common {
     /// Seconds allowed for opening every connection.
     #[arg(long, default_value_t = 120)]
     pub setup_timeout_s: u64,
+    /// Offer permessage-deflate (RFC 7692) and inflate compressed messages
+    /// (fanout; idle then holds raw connections that negotiated it). One
+    /// inflater per worker process, reset per message: the answer must
+    /// name client_no_context_takeover.
+    #[arg(long)]
+    #[serde(default)]
+    pub deflate: bool,
 }
 
 /// Where and how to publish.
@@ -186,6 +193,11 @@ struct PublishArgs {
     /// Org to publish to (the key's org).
     #[arg(long, default_value = "bench")]
     org: String,
+    /// A JSON object file sent as `data.sample` of every message (with
+    /// `source_id` and the send time `t` beside it) instead of `--payload`
+    /// bytes of padding: realistic text for compression.
+    #[arg(long)]
+    data_file: Option<std::path::PathBuf>,
 }
 
 fn main() {
@@ -543,6 +555,12 @@ fn fanout(common: Common, publish: PublishArgs, plan: FanoutPlan) -> Result<Stri
     let rss_before = MemorySample::take(common.server_pid).rss_bytes;
     let server_cpu_before = process_cpu_seconds(common.server_pid);
     let cpu_before = cpu_seconds();
+    if let Some(path) = &publish.data_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--data-file {}: {e}", path.display()))?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| format!("--data-file: {e}"))?;
+        let _ = http::SAMPLE.set(value.to_string());
+    }
     let outcome = http::publish_for(
         &publish.admin_url,
         &publish.admin_token,

@@ -60,6 +60,8 @@ pub enum FrameError {
     Interleaved,
     /// A close frame with a one-byte payload.
     BadClose,
+    /// A compressed message that is not valid deflate.
+    Inflate,
 }
 
 impl fmt::Display for FrameError {
@@ -76,6 +78,7 @@ impl fmt::Display for FrameError {
             FrameError::UnexpectedContinuation => write!(f, "continuation without a message"),
             FrameError::Interleaved => write!(f, "new message inside a fragmented one"),
             FrameError::BadClose => write!(f, "close frame with a 1-byte payload"),
+            FrameError::Inflate => write!(f, "compressed message does not inflate"),
         }
     }
 }
@@ -84,6 +87,8 @@ impl fmt::Display for FrameError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
     pub fin: bool,
+    /// RSV1: a permessage-deflate compressed message (first frame only).
+    pub rsv1: bool,
     pub opcode: u8,
     /// Bytes of the header itself (2, 4 or 10: servers do not mask).
     pub header_len: usize,
@@ -92,11 +97,19 @@ pub struct Header {
 
 /// Parses the frame header at the start of `buf`: `Ok(None)` when `buf`
 /// does not hold all of it yet.
+#[cfg(test)]
 pub fn parse_header(buf: &[u8]) -> Result<Option<Header>, FrameError> {
+    parse_header_with(buf, false)
+}
+
+/// [`parse_header`] that allows RSV1 on a data frame when `deflate`
+/// (permessage-deflate was negotiated).
+pub fn parse_header_with(buf: &[u8], deflate: bool) -> Result<Option<Header>, FrameError> {
     let [b0, b1, ..] = *buf else {
         return Ok(None);
     };
-    if b0 & 0x70 != 0 {
+    let rsv1 = b0 & 0x40 != 0;
+    if b0 & 0x30 != 0 || (rsv1 && !(deflate && matches!(b0 & 0x0f, OP_TEXT | OP_BINARY))) {
         return Err(FrameError::Reserved(b0));
     }
     let fin = b0 & 0x80 != 0;
@@ -146,6 +159,7 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<Header>, FrameError> {
     }
     Ok(Some(Header {
         fin,
+        rsv1,
         opcode,
         header_len,
         payload_len,
@@ -183,6 +197,63 @@ pub struct Scan {
 pub struct Scanner {
     /// The opcode and data of an unfinished fragmented message.
     partial: Option<(u8, Vec<u8>)>,
+    /// Whether that message is compressed.
+    partial_compressed: bool,
+    /// permessage-deflate was negotiated: RSV1 messages are inflated.
+    pub deflate: bool,
+    /// The connection's own inflater, when the server keeps its context
+    /// between messages (no server_no_context_takeover): its window must
+    /// then live as long as the connection. `None`: the worker's shared
+    /// one, reset per message.
+    pub own_inflater: Option<Box<flate2::Decompress>>,
+}
+
+thread_local! {
+    /// The worker's one inflater for servers without context takeover
+    /// (reset per message) and the output every inflation writes to.
+    static INFLATE: RefCell<(flate2::Decompress, Vec<u8>)> =
+        RefCell::new((flate2::Decompress::new(false), Vec::with_capacity(64 * 1024)));
+}
+
+/// Inflates one permessage-deflate message and hands it to `on`.
+fn inflated(
+    own: Option<&mut flate2::Decompress>,
+    payload: &[u8],
+    on: &mut dyn FnMut(Frame<'_>) -> bool,
+) -> Result<bool, FrameError> {
+    INFLATE.with(|cell| {
+        let (shared, out) = &mut *cell.borrow_mut();
+        let decompress = match own {
+            Some(own) => own,
+            None => {
+                shared.reset(false);
+                shared
+            }
+        };
+        out.clear();
+        for input in [payload, &[0, 0, 0xff, 0xff][..]] {
+            let mut input = input;
+            loop {
+                if out.len() == out.capacity() {
+                    if out.len() >= MESSAGE_MAX {
+                        return Err(FrameError::TooLarge(out.len() as u64));
+                    }
+                    out.reserve(out.capacity().max(64 * 1024));
+                }
+                let before = decompress.total_in();
+                let status = decompress
+                    .decompress_vec(input, out, flate2::FlushDecompress::Sync)
+                    .map_err(|_| FrameError::Inflate)?;
+                input = &input[(decompress.total_in() - before) as usize..];
+                if status == flate2::Status::StreamEnd
+                    || (input.is_empty() && out.len() < out.capacity())
+                {
+                    break;
+                }
+            }
+        }
+        Ok(on(Frame::Text(out)))
+    })
 }
 
 impl Scanner {
@@ -196,7 +267,7 @@ impl Scanner {
         let mut at = 0;
         loop {
             let rest = &buf[at..];
-            let Some(h) = parse_header(rest)? else {
+            let Some(h) = parse_header_with(rest, self.deflate)? else {
                 return Ok(Scan {
                     consumed: at,
                     pending: 0,
@@ -222,8 +293,10 @@ impl Scanner {
                 }
                 OP_TEXT | OP_BINARY if !h.fin => {
                     self.partial = Some((h.opcode, payload.to_vec()));
+                    self.partial_compressed = h.rsv1;
                     true
                 }
+                OP_TEXT if h.rsv1 => inflated(self.own_inflater.as_deref_mut(), payload, on)?,
                 OP_TEXT => on(Frame::Text(payload)),
                 OP_BINARY => on(Frame::Binary(payload)),
                 OP_CONTINUATION => {
@@ -238,6 +311,8 @@ impl Scanner {
                     if !h.fin {
                         self.partial = Some((opcode, data));
                         true
+                    } else if opcode == OP_TEXT && self.partial_compressed {
+                        inflated(self.own_inflater.as_deref_mut(), &data, on)?
                     } else if opcode == OP_TEXT {
                         on(Frame::Text(&data))
                     } else {
@@ -349,10 +424,20 @@ pub struct RawConn {
 
 impl RawConn {
     /// Upgrades `stream`: `GET target` with `Host: host`.
-    pub async fn upgrade(mut stream: TcpStream, host: &str, target: &str) -> Result<Self, String> {
+    pub async fn upgrade(
+        mut stream: TcpStream,
+        host: &str,
+        target: &str,
+        deflate: bool,
+    ) -> Result<Self, String> {
         let key = generate_key();
+        let offer = if deflate {
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+        } else {
+            ""
+        };
         let request = format!(
-            "GET {target} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            "GET {target} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
         );
         stream
             .write_all(request.as_bytes())
@@ -378,14 +463,24 @@ impl RawConn {
                 ));
             }
         };
-        check_answer(&buf[..end], &derive_accept_key(key.as_bytes()))?;
+        let negotiated = check_answer(&buf[..end], &derive_accept_key(key.as_bytes()), deflate)?;
         Ok(RawConn {
             stream,
             tail: buf[end + 4..].to_vec(),
             pending: 0,
-            scanner: Scanner::default(),
+            scanner: Scanner {
+                deflate: negotiated != Deflate::Off,
+                own_inflater: (negotiated == Deflate::ContextTakeover)
+                    .then(|| Box::new(flate2::Decompress::new(false))),
+                ..Scanner::default()
+            },
             out: Vec::new(),
         })
+    }
+
+    /// True when the server accepted permessage-deflate.
+    pub fn deflates(&self) -> bool {
+        self.scanner.deflate
     }
 
     /// Writes one masked text frame.
@@ -510,8 +605,22 @@ fn scan_into(
     })
 }
 
-/// Checks the head of the upgrade answer (up to, without, its blank line).
-fn check_answer(head: &[u8], accept: &str) -> Result<(), String> {
+/// What the server answered to a permessage-deflate offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deflate {
+    /// Declined (or not offered).
+    Off,
+    /// Accepted with server_no_context_takeover: the worker's one inflater
+    /// serves the connection, reset per message.
+    NoContextTakeover,
+    /// Accepted with the server keeping its context: the connection needs
+    /// an inflater of its own.
+    ContextTakeover,
+}
+
+/// Checks the head of the upgrade answer (up to, without, its blank line)
+/// and what it says about permessage-deflate (accepted only when `offered`).
+fn check_answer(head: &[u8], accept: &str, offered: bool) -> Result<Deflate, String> {
     let head = String::from_utf8_lossy(head);
     let mut lines = head.split("\r\n");
     let status = lines.next().unwrap_or("");
@@ -521,6 +630,7 @@ fn check_answer(head: &[u8], accept: &str) -> Result<(), String> {
     let mut upgrade = false;
     let mut connection = false;
     let mut accepted = false;
+    let mut deflate = Deflate::Off;
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
             return Err(format!("upgrade: bad header line {line:?}"));
@@ -534,6 +644,13 @@ fn check_answer(head: &[u8], accept: &str) -> Result<(), String> {
                     .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
             }
             "sec-websocket-accept" => accepted = value == accept,
+            "sec-websocket-extensions" if offered && value.starts_with("permessage-deflate") => {
+                deflate = if value.contains("server_no_context_takeover") {
+                    Deflate::NoContextTakeover
+                } else {
+                    Deflate::ContextTakeover
+                }
+            }
             "sec-websocket-extensions" => {
                 return Err(format!("upgrade: unrequested extension {value}"))
             }
@@ -545,7 +662,7 @@ fn check_answer(head: &[u8], accept: &str) -> Result<(), String> {
             "upgrade: bad answer (upgrade {upgrade}, connection {connection}, accept {accepted})"
         ));
     }
-    Ok(())
+    Ok(deflate)
 }
 
 #[cfg(test)]
@@ -782,11 +899,62 @@ mod tests {
         let good = format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}"
         );
-        assert_eq!(check_answer(good.as_bytes(), &accept), Ok(()));
-        assert!(check_answer(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0", &accept).is_err());
+        assert_eq!(
+            check_answer(good.as_bytes(), &accept, false),
+            Ok(Deflate::Off)
+        );
+        assert!(check_answer(
+            b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0",
+            &accept,
+            false
+        )
+        .is_err());
         let wrong = good.replace(&accept, "AAAA");
-        assert!(check_answer(wrong.as_bytes(), &accept).is_err());
+        assert!(check_answer(wrong.as_bytes(), &accept, false).is_err());
         let deflate = format!("{good}\r\nSec-WebSocket-Extensions: permessage-deflate");
-        assert!(check_answer(deflate.as_bytes(), &accept).is_err());
+        assert!(check_answer(deflate.as_bytes(), &accept, false).is_err());
+        let takeover = format!("{good}\r\nSec-WebSocket-Extensions: permessage-deflate");
+        assert_eq!(
+            check_answer(takeover.as_bytes(), &accept, true),
+            Ok(Deflate::ContextTakeover)
+        );
+        let accepted = format!(
+            "{good}\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        );
+        assert_eq!(
+            check_answer(accepted.as_bytes(), &accept, true),
+            Ok(Deflate::NoContextTakeover)
+        );
+        assert_eq!(
+            check_answer(good.as_bytes(), &accept, true),
+            Ok(Deflate::Off)
+        );
+    }
+
+    #[test]
+    fn compressed_messages_are_inflated_when_negotiated() {
+        let text = br#"{"type":"event","seq":7,"data":{"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}}"#;
+        let mut compress = flate2::Compress::new(flate2::Compression::default(), false);
+        let mut deflated = Vec::with_capacity(256);
+        compress
+            .compress_vec(text, &mut deflated, flate2::FlushCompress::Sync)
+            .unwrap();
+        deflated.truncate(deflated.len() - 4);
+        let mut frame = server_frame(true, OP_TEXT, &deflated);
+        frame[0] |= 0x40;
+        let mut plain = Scanner::default();
+        assert!(plain.scan(&frame, &mut |_| true).is_err());
+        let mut scanner = Scanner {
+            deflate: true,
+            ..Scanner::default()
+        };
+        let mut got = Vec::new();
+        scanner
+            .scan(&frame, &mut |f| {
+                got.push(owned(f));
+                true
+            })
+            .unwrap();
+        assert_eq!(got, vec![Owned::Text(text.to_vec())]);
     }
 }

@@ -186,13 +186,23 @@ async fn main(spec: WorkerSpec) -> Result<(), String> {
         let done = done_tx.clone();
         let shared = shared.clone();
         let mode = spec.mode;
+        let deflate = spec.common.deflate;
         tokio::task::spawn_local(async move {
             let permit = gate.acquire().await.expect("semaphore open");
             let began = monotonic_ns();
             let opened = match mode {
-                Mode::Fanout => open_raw(&host, &target, source, server, &subscribe, &shared)
-                    .await
-                    .map(Conn::Raw),
+                Mode::Fanout => {
+                    open_raw(&host, &target, source, server, &subscribe, &shared, deflate)
+                        .await
+                        .map(Conn::Raw)
+                }
+                // Idle connections that offer permessage-deflate: the raw
+                // client, which can take it up.
+                Mode::Idle if deflate => {
+                    open_raw(&host, &target, source, server, &subscribe, &shared, deflate)
+                        .await
+                        .map(Conn::Raw)
+                }
                 Mode::Idle | Mode::Storm => open(&url, source, server, config, mode, &subscribe)
                     .await
                     .map(|ws| Conn::Tungstenite(Box::new(ws))),
@@ -397,9 +407,13 @@ async fn open_raw(
     server: SocketAddr,
     subscribe: &str,
     shared: &Shared,
+    deflate: bool,
 ) -> Result<RawConn, String> {
     let stream = connect(source, server).await?;
-    let mut conn = RawConn::upgrade(stream, host, target).await?;
+    let mut conn = RawConn::upgrade(stream, host, target, deflate).await?;
+    if deflate && !conn.deflates() {
+        return Err("the server declined permessage-deflate".to_string());
+    }
     expect_raw(&mut conn, shared, "welcome").await?;
     conn.send_text(subscribe)
         .await

@@ -19,6 +19,7 @@
 //
 // Usage: node server.js --listen 127.0.0.1:8080 --admin-listen 127.0.0.1:8081
 //                       --token KEY --admin-token TOKEN [--org bench]
+//                       [--per-message-deflate 1]
 
 const http = require('http');
 const { WebSocketServer } = require('ws');
@@ -31,6 +32,9 @@ function args() {
     'admin-token': '',
     org: 'bench',
     'heartbeat-ms': '30000',
+    // permessage-deflate as ws does it: a compressor (and its window) per
+    // connection, each message compressed once per subscriber. 0 = off.
+    'per-message-deflate': '0',
   };
   const argv = process.argv.slice(2);
   for (let i = 0; i < argv.length; i += 2) {
@@ -86,7 +90,14 @@ function validChannel(channel) {
   return typeof channel === 'string' && channel.startsWith('events:') && ID.test(channel.slice(7));
 }
 
-const wss = new WebSocketServer({ noServer: true, clientTracking: true, maxPayload: 64 * 1024 });
+const wss = new WebSocketServer({
+  noServer: true,
+  clientTracking: true,
+  maxPayload: 64 * 1024,
+  // ws's defaults (context takeover, 15-bit windows) with the threshold
+  // hookstream uses (--compression-min-bytes 256) instead of 1 KiB.
+  perMessageDeflate: config['per-message-deflate'] === '1' ? { threshold: 256 } : false,
+});
 
 wss.on('connection', (ws) => {
   ws.channels = new Set();
