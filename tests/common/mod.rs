@@ -779,6 +779,13 @@ impl Client {
         }
     }
 
+    /// How many compressed messages this client received and sent (both 0
+    /// unless `HOOKSTREAM_TEST_DEFLATE=1`).
+    pub fn compressed_counts(&self) -> (u64, u64) {
+        let stream = self.ws.get_ref();
+        (stream.inflated, stream.deflated)
+    }
+
     /// Sends a text message.
     pub fn send_text(&mut self, text: &str) {
         self.ws
