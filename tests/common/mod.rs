@@ -227,6 +227,7 @@ impl ServerBuilder {
 }
 
 /// `hookstream serve --data-dir DIR ARGS…` with no `HOOKSTREAM_*`
+/// (but `HOOKSTREAM_COMPRESSION_MIN_BYTES=0` in deflate mode)
 /// environment and stdin closed, killed with the test thread that starts it
 /// (PR_SET_PDEATHSIG) even when the test panics before cleaning up. The
 /// caller chooses stdout and stderr.
@@ -238,6 +239,12 @@ pub fn serve_command<S: AsRef<std::ffi::OsStr>>(data_dir: &Path, args: &[S]) -> 
         .arg(data_dir)
         .args(args)
         .stdin(Stdio::null());
+    if deflate::enabled() {
+        // Every fan-out frame compressed, not only those of 256 bytes and
+        // more, so the deflate pass exercises compression in every test
+        // (a test's own --compression-min-bytes still wins).
+        command.env("HOOKSTREAM_COMPRESSION_MIN_BYTES", "0");
+    }
     // SAFETY: prctl is async-signal-safe and touches only the child.
     unsafe {
         command.pre_exec(|| {
