@@ -307,3 +307,59 @@ fn frames_and_messages_over_the_limit_are_errors() {
     let err = inflate(b"\xff\xff\xff not deflate").unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
 }
+
+/// A socket that takes at most 5 bytes a write and refuses every other
+/// write (as a socket with a write timeout does when the peer is slow).
+struct Stingy {
+    inner: Script,
+    refuse: bool,
+}
+
+impl Read for Stingy {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl Write for Stingy {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.refuse = !self.refuse;
+        if self.refuse {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        self.inner.write(&buf[..buf.len().min(5)])
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_socket_that_takes_little_gets_every_byte_once() {
+    let text = incompressible(300);
+    let mut frame = frame_header(true, 1, text.len(), Some([9, 8, 7, 6]));
+    frame.extend(
+        text.bytes()
+            .enumerate()
+            .map(|(i, b)| b ^ [9, 8, 7, 6][i % 4]),
+    );
+
+    let mut roomy = DeflateStream::deflate(Script::chunked(HEAD, HEAD.len()));
+    let mut stingy = DeflateStream::deflate(Stingy {
+        inner: Script::chunked(HEAD, HEAD.len()),
+        refuse: false,
+    });
+    let mut head = vec![0u8; HEAD.len()];
+    roomy.read_exact(&mut head).unwrap();
+    stingy.read_exact(&mut head).unwrap();
+    roomy.write_all(&frame).unwrap();
+    assert_eq!(stingy.write(&frame).unwrap(), frame.len(), "accepted whole");
+    let mut flushes = 0;
+    while let Err(e) = stingy.flush() {
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        flushes += 1;
+        assert!(flushes < 1000);
+    }
+    assert!(flushes > 1);
+    assert_eq!(stingy.get_ref().inner.written, roomy.get_ref().written);
+}

@@ -90,6 +90,9 @@ pub struct DeflateStream<S> {
     partial: Option<(u8, Vec<u8>)>,
     /// Bytes written by tungstenite not yet a complete frame.
     pending: Vec<u8>,
+    /// Bytes for the wire that the socket has not taken yet (a write that
+    /// timed out); sent before anything else, also by `flush`.
+    unsent: Vec<u8>,
     /// Compressed messages this stream inflated.
     pub inflated: u64,
     /// Client messages this stream compressed.
@@ -117,6 +120,7 @@ impl<S> DeflateStream<S> {
             out_at: 0,
             partial: None,
             pending: Vec::new(),
+            unsent: Vec::new(),
             inflated: 0,
             deflated: 0,
         }
@@ -223,6 +227,25 @@ impl<S> DeflateStream<S> {
     }
 }
 
+impl<S: Write> DeflateStream<S> {
+    fn send_unsent(&mut self) -> io::Result<()> {
+        let mut sent = 0;
+        let result = loop {
+            if sent == self.unsent.len() {
+                break Ok(());
+            }
+            match self.inner.write(&self.unsent[sent..]) {
+                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        self.unsent.drain(..sent);
+        result
+    }
+}
+
 impl<S: Read> Read for DeflateStream<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
@@ -253,13 +276,22 @@ impl<S: Write> Write for DeflateStream<S> {
         if self.phase == Phase::Plain {
             return self.inner.write(buf);
         }
+        // Accepted whole: what the socket does not take now stays in
+        // `unsent`, so tungstenite never writes a byte twice.
         self.pending.extend_from_slice(buf);
         let wire = self.outgoing()?;
-        self.inner.write_all(&wire)?;
+        self.unsent.extend_from_slice(&wire);
+        match self.send_unsent() {
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {
+            }
+            other => other?,
+        }
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        self.send_unsent()?;
         self.inner.flush()
     }
 }
