@@ -20,8 +20,6 @@ use common::{
     ServerBuilder, TestDir, STEP_TIMEOUT,
 };
 use serde_json::Value;
-use tungstenite::client::IntoClientRequest;
-use tungstenite::handshake::HandshakeError;
 
 /// `api-keys list --json`.
 fn list_keys(data_dir: &Path) -> Vec<Value> {
@@ -89,37 +87,14 @@ fn refused_upgrade(addr: SocketAddr, path_and_query: &str, extra: &[&str]) -> Ht
 /// authorization); the welcome has been read. `Err` is the HTTP status of a
 /// refusal.
 fn connect_with(addr: SocketAddr, path: &str, headers: &[(&str, String)]) -> Result<Client, u16> {
-    let mut request = format!("ws://{addr}{path}")
-        .into_client_request()
-        .expect("a valid request");
-    for (name, value) in headers {
-        request.headers_mut().insert(
-            tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-            value.parse().unwrap(),
-        );
-    }
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    let mut attempt = tungstenite::client(request, tcp_connect(addr));
-    loop {
-        match attempt {
-            Ok((ws, _)) => {
-                let mut client = Client {
-                    ws,
-                    welcome: Value::Null,
-                    pings: 0,
-                };
-                client.welcome = client.next_json(STEP_TIMEOUT);
-                return Ok(client);
-            }
-            Err(HandshakeError::Interrupted(mid)) => {
-                assert!(Instant::now() < deadline, "handshake timed out");
-                attempt = mid.handshake();
-            }
-            Err(HandshakeError::Failure(tungstenite::Error::Http(response))) => {
-                return Err(response.status().as_u16())
-            }
-            Err(HandshakeError::Failure(e)) => panic!("handshake failed: {e}"),
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    match Client::upgrade_once(addr, path, &headers) {
+        Ok(mut client) => {
+            client.welcome = client.next_json(STEP_TIMEOUT);
+            Ok(client)
         }
+        Err(common::UpgradeError::Status(status)) => Err(status),
+        Err(common::UpgradeError::Other(e)) => panic!("handshake failed: {e}"),
     }
 }
 

@@ -186,10 +186,13 @@ fn health_probes_answer_on_both_listeners_and_to_http10_without_host() {
 /// was already exchanged on it; the welcome is read.
 fn upgrade_on(stream: TcpStream, addr: SocketAddr, path: &str) -> Client {
     stream.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+    // Its own handshake, not the helpers': never offers permessage-deflate.
+    let stream = common::DeflateStream::plain(stream);
     let (ws, response) = tungstenite::client(format!("ws://{addr}{path}"), stream)
         .unwrap_or_else(|e| panic!("upgrade on the kept-alive connection: {e}"));
     assert_eq!(response.status().as_u16(), 101);
     ws.get_ref()
+        .get_ref()
         .set_read_timeout(Some(Duration::from_millis(50)))
         .unwrap();
     let mut client = Client {

@@ -333,6 +333,33 @@ fn seq_strictly_increases_across_publishes_and_body_forms() {
     assert_eq!(later.welcome["seq"].as_u64(), published.last().copied());
 }
 
+/// The suite runs twice (tools/test): plain, and with every client
+/// negotiating permessage-deflate (`HOOKSTREAM_TEST_DEFLATE=1`). This checks
+/// each run is what it says: compressed frames both ways exactly when the
+/// extension was negotiated, plain frames otherwise.
+#[test]
+fn fanout_frames_are_compressed_exactly_when_the_run_negotiates_deflate() {
+    let server = Server::start(&["org_a"]);
+    let mut client = server.connect("org_a");
+    client.subscribe("events");
+    // Over the default --compression-min-bytes (256).
+    let pad = "x".repeat(2000);
+    let message = format!(
+        r#"{{"org_id":"org_a","type":"event","data":{{"id":"evt_1","source_id":"src_1","pad":"{pad}"}}}}"#
+    );
+    let seq = server.publish_ok(&message)[0];
+    let got = client.next_json(WAIT);
+    assert_eq!(got["seq"].as_u64(), Some(seq));
+    assert_eq!(got["data"]["pad"], pad.as_str());
+    let (received, sent) = client.compressed_counts();
+    if common::deflate::enabled() {
+        assert_eq!(received, 1, "the fan-out message arrives compressed");
+        assert_eq!(sent, 1, "the subscribe was sent compressed and understood");
+    } else {
+        assert_eq!((received, sent), (0, 0));
+    }
+}
+
 #[test]
 fn data_arrives_with_every_digit_of_every_number() {
     let server = Server::start(&["org_a"]);
@@ -731,7 +758,14 @@ fn slow_consumer_is_closed_with_1013_memory_stays_bounded_and_others_get_everyth
         })
     };
 
-    let pad = "p".repeat(1000);
+    let pad = if common::deflate::enabled() {
+        // Compressed, 1,000 'p's are a few bytes and the slow client would
+        // never be over its send queue: pad that deflate cannot shrink much
+        // (no context takeover, so each message is compressed on its own).
+        common::deflate::incompressible(1000)
+    } else {
+        "p".repeat(1000)
+    };
     let mut published = Vec::with_capacity(TOTAL as usize);
     let mut rss_max = 0;
     let mut body_bytes = 0usize;

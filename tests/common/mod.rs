@@ -14,6 +14,8 @@
 
 #![allow(dead_code)]
 
+pub mod deflate;
+
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -28,6 +30,8 @@ use serde_json::Value;
 use tungstenite::handshake::HandshakeError;
 use tungstenite::protocol::WebSocket;
 use tungstenite::Message;
+
+pub use deflate::DeflateStream;
 
 /// How long any single step (a handshake, a reply, an HTTP answer) may take
 /// before a test fails. Generous for a loaded 2-core CI box, small enough
@@ -223,6 +227,7 @@ impl ServerBuilder {
 }
 
 /// `hookstream serve --data-dir DIR ARGS…` with no `HOOKSTREAM_*`
+/// (but `HOOKSTREAM_COMPRESSION_MIN_BYTES=0` in deflate mode)
 /// environment and stdin closed, killed with the test thread that starts it
 /// (PR_SET_PDEATHSIG) even when the test panics before cleaning up. The
 /// caller chooses stdout and stderr.
@@ -234,6 +239,12 @@ pub fn serve_command<S: AsRef<std::ffi::OsStr>>(data_dir: &Path, args: &[S]) -> 
         .arg(data_dir)
         .args(args)
         .stdin(Stdio::null());
+    if deflate::enabled() {
+        // Every fan-out frame compressed, not only those of 256 bytes and
+        // more, so the deflate pass exercises compression in every test
+        // (a test's own --compression-min-bytes still wins).
+        command.env("HOOKSTREAM_COMPRESSION_MIN_BYTES", "0");
+    }
     // SAFETY: prctl is async-signal-safe and touches only the child.
     unsafe {
         command.pre_exec(|| {
@@ -647,10 +658,12 @@ pub enum Received {
     Timeout,
 }
 
-/// A tungstenite client over a std `TcpStream` with read and write timeouts.
+/// A tungstenite client over a std `TcpStream` with read and write timeouts,
+/// through a [`DeflateStream`] that is a plain pass-through unless
+/// `HOOKSTREAM_TEST_DEFLATE=1` (see [`deflate`]).
 pub struct Client {
     /// The WebSocket; public so tests can send arbitrary messages.
-    pub ws: WebSocket<TcpStream>,
+    pub ws: WebSocket<DeflateStream<TcpStream>>,
     /// The `welcome` message.
     pub welcome: Value,
     /// WebSocket pings received from the server so far.
@@ -721,7 +734,9 @@ impl Client {
         }
     }
 
-    fn upgrade_once(
+    /// One upgrade attempt with extra request headers (no retry of a
+    /// `429`), without reading anything.
+    pub fn upgrade_once(
         addr: SocketAddr,
         path_and_query: &str,
         headers: &[(&str, &str)],
@@ -737,16 +752,34 @@ impl Client {
                 value.parse().expect("header value"),
             );
         }
+        let deflate_mode = deflate::enabled();
+        let stream = if deflate_mode {
+            request.headers_mut().insert(
+                "Sec-WebSocket-Extensions",
+                deflate::OFFER.parse().expect("header value"),
+            );
+            DeflateStream::deflate(stream)
+        } else {
+            DeflateStream::plain(stream)
+        };
         let deadline = Instant::now() + STEP_TIMEOUT;
         let mut attempt = tungstenite::client(request, stream);
         loop {
             match attempt {
-                Ok((ws, _response)) => {
+                Ok((ws, response)) => {
+                    if deflate_mode {
+                        deflate::assert_accepted(
+                            response
+                                .headers()
+                                .get("sec-websocket-extensions")
+                                .and_then(|v| v.to_str().ok()),
+                        );
+                    }
                     return Ok(Client {
                         ws,
                         welcome: Value::Null,
                         pings: 0,
-                    })
+                    });
                 }
                 Err(HandshakeError::Interrupted(mid)) => {
                     if Instant::now() >= deadline {
@@ -760,6 +793,13 @@ impl Client {
                 Err(HandshakeError::Failure(e)) => return Err(UpgradeError::Other(e.to_string())),
             }
         }
+    }
+
+    /// How many compressed messages this client received and sent (both 0
+    /// unless `HOOKSTREAM_TEST_DEFLATE=1`).
+    pub fn compressed_counts(&self) -> (u64, u64) {
+        let stream = self.ws.get_ref();
+        (stream.inflated, stream.deflated)
     }
 
     /// Sends a text message.
