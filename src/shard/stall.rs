@@ -28,18 +28,7 @@ use crate::limits::WRITE_TIMEOUT_MS;
 /// Bounds every answer written on `stream` by [`WRITE_TIMEOUT_MS`].
 pub fn bound_http_answers(stream: &TcpStream) {
     let _ = stream.set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS)));
-    let timeout_ms = WRITE_TIMEOUT_MS as libc::c_uint;
-    // SAFETY: setsockopt on a socket the stream owns, with a value of the
-    // size the option takes.
-    unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_USER_TIMEOUT,
-            (&timeout_ms as *const libc::c_uint).cast(),
-            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
-        );
-    }
+    set_user_timeout(stream, WRITE_TIMEOUT_MS as libc::c_uint);
 }
 
 /// Undoes [`bound_http_answers`] for a kept-alive connection whose later
@@ -47,8 +36,14 @@ pub fn bound_http_answers(stream: &TcpStream) {
 /// stream (the reactor keeps a duplicate of the descriptor).
 pub fn unbound_for_websocket(stream: &TcpStream) {
     let _ = stream.set_write_timeout(None);
-    let timeout_ms: libc::c_uint = 0;
-    // SAFETY: as in `bound_http_answers`; 0 restores the kernel's default.
+    // 0 restores the kernel's default.
+    set_user_timeout(stream, 0);
+}
+
+/// Sets `TCP_USER_TIMEOUT` on `stream`'s socket.
+fn set_user_timeout(stream: &TcpStream, timeout_ms: libc::c_uint) {
+    // SAFETY: setsockopt on a socket the stream owns, with a value of the
+    // size the option takes.
     unsafe {
         libc::setsockopt(
             stream.as_raw_fd(),
