@@ -160,6 +160,11 @@ pub struct Common {
     /// PID of the server, to read its RSS from /proc.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// More processes of the server side (e.g. a TLS terminator in front of
+    /// it), repeatable: their RSS and CPU time are added to the server's.
+    #[arg(long)]
+    #[serde(default)]
+    pub also_pid: Vec<u32>,
     /// Channel to subscribe to.
     #[arg(long, default_value = "events")]
     pub channel: String,
@@ -179,6 +184,28 @@ pub struct Common {
     #[arg(long)]
     #[serde(default)]
     pub deflate: bool,
+    /// Connect with TLS (wss; implied by a `wss://` --url): a full
+    /// handshake per connection, then the same upgrade and frames over the
+    /// decrypted bytes. Every mode then uses the hand-written client.
+    #[arg(long)]
+    #[serde(default)]
+    pub tls: bool,
+    /// PEM file of the certificate(s) to trust for TLS (the server's own
+    /// self-signed certificate, or its CA). Required with TLS.
+    #[arg(long)]
+    #[serde(default)]
+    pub ca: Option<std::path::PathBuf>,
+}
+
+impl Common {
+    /// The server's process and the other processes counted with it.
+    fn server_pids(&self) -> Vec<u32> {
+        self.server_pid
+            .iter()
+            .chain(&self.also_pid)
+            .copied()
+            .collect()
+    }
 }
 
 /// Where and how to publish.
@@ -426,8 +453,8 @@ fn setup_timeout(common: &Common) -> Duration {
 }
 
 fn idle(common: Common, conns: usize, settle_ms: u64) -> Result<String, String> {
-    let before = MemorySample::take(common.server_pid);
-    let server_cpu_before = process_cpu_seconds(common.server_pid);
+    let before = MemorySample::take(&common.server_pids());
+    let server_cpu_before = process_cpu_seconds(&common.server_pids());
     let workers = Workers::spawn(&common, Mode::Idle, conns)?;
     let ready = match workers.collect("ready", setup_timeout(&common)) {
         Ok(ready) => ready,
@@ -437,8 +464,11 @@ fn idle(common: Common, conns: usize, settle_ms: u64) -> Result<String, String> 
         }
     };
     std::thread::sleep(Duration::from_millis(settle_ms));
-    let after = MemorySample::take(common.server_pid);
-    let server_cpu_s = server_cpu_delta(server_cpu_before, process_cpu_seconds(common.server_pid));
+    let after = MemorySample::take(&common.server_pids());
+    let server_cpu_s = server_cpu_delta(
+        server_cpu_before,
+        process_cpu_seconds(&common.server_pids()),
+    );
     let opened = sum_u64(&ready, "opened");
     let elapsed_ns = max_u64(&ready, "done_ns").saturating_sub(min_u64(&ready, "start_ns"));
     let cpu_s = sum_f64(&ready, "cpu_s");
@@ -469,7 +499,7 @@ fn idle(common: Common, conns: usize, settle_ms: u64) -> Result<String, String> 
 }
 
 fn storm(common: Common, conns: usize) -> Result<String, String> {
-    let server_cpu_before = process_cpu_seconds(common.server_pid);
+    let server_cpu_before = process_cpu_seconds(&common.server_pids());
     let workers = Workers::spawn(&common, Mode::Storm, conns)?;
     let ready = match workers.collect("ready", setup_timeout(&common)) {
         Ok(ready) => ready,
@@ -485,7 +515,10 @@ fn storm(common: Common, conns: usize) -> Result<String, String> {
         latency.merge_json(&value["latency_us"]);
     }
     let cpu_s = sum_f64(&ready, "cpu_s");
-    let server_cpu_s = server_cpu_delta(server_cpu_before, process_cpu_seconds(common.server_pid));
+    let server_cpu_s = server_cpu_delta(
+        server_cpu_before,
+        process_cpu_seconds(&common.server_pids()),
+    );
     let line = json!({
         "mode": "storm",
         "server_cpu_s": server_cpu_s,
@@ -552,8 +585,8 @@ fn fanout(common: Common, publish: PublishArgs, plan: FanoutPlan) -> Result<Stri
     } else {
         None
     };
-    let rss_before = MemorySample::take(common.server_pid).rss_bytes;
-    let server_cpu_before = process_cpu_seconds(common.server_pid);
+    let rss_before = MemorySample::take(&common.server_pids()).rss_bytes;
+    let server_cpu_before = process_cpu_seconds(&common.server_pids());
     let cpu_before = cpu_seconds();
     if let Some(path) = &publish.data_file {
         let text = std::fs::read_to_string(path)
@@ -599,8 +632,11 @@ fn fanout(common: Common, publish: PublishArgs, plan: FanoutPlan) -> Result<Stri
             return Err(e);
         }
     };
-    let rss_after = MemorySample::take(common.server_pid).rss_bytes;
-    let server_cpu_s = server_cpu_delta(server_cpu_before, process_cpu_seconds(common.server_pid));
+    let rss_after = MemorySample::take(&common.server_pids()).rss_bytes;
+    let server_cpu_s = server_cpu_delta(
+        server_cpu_before,
+        process_cpu_seconds(&common.server_pids()),
+    );
     workers.stop();
 
     let expected = outcome.accepted * plan.subs as u64;

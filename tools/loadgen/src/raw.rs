@@ -15,7 +15,8 @@
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
-use std::io;
+use std::io::{self, Read, Write};
+use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
@@ -410,9 +411,13 @@ impl fmt::Display for ReadError {
     }
 }
 
-/// One client WebSocket over a raw TcpStream.
+/// One client WebSocket over a raw TcpStream, or over TLS (wss) on it.
 pub struct RawConn {
     stream: TcpStream,
+    /// The TLS session when the connection is wss: every byte read from
+    /// `stream` goes through it, every byte written is sealed by it. `None`:
+    /// plain ws, the path that reads the socket straight into the buffers.
+    tls: Option<Box<rustls::ClientConnection>>,
     /// Bytes received but not consumed: an incomplete frame (usually empty).
     tail: Vec<u8>,
     /// Total size of the frame `tail` begins, when its header is complete.
@@ -423,13 +428,32 @@ pub struct RawConn {
 }
 
 impl RawConn {
-    /// Upgrades `stream`: `GET target` with `Host: host`.
+    /// Upgrades `stream`: `GET target` with `Host: host`; with `tls`
+    /// (wss), after a full TLS handshake with that configuration, the
+    /// server's name being `host` without its port.
     pub async fn upgrade(
         mut stream: TcpStream,
         host: &str,
         target: &str,
         deflate: bool,
+        tls: Option<&Arc<rustls::ClientConfig>>,
     ) -> Result<Self, String> {
+        let mut tls = match tls {
+            Some(config) => {
+                let name = host_name(host);
+                let name = rustls::pki_types::ServerName::try_from(name.to_string())
+                    .map_err(|e| format!("tls: server name {name:?}: {e}"))?;
+                let mut session = Box::new(
+                    rustls::ClientConnection::new(config.clone(), name)
+                        .map_err(|e| format!("tls: {e}"))?,
+                );
+                tls_handshake(&stream, &mut session)
+                    .await
+                    .map_err(|e| format!("tls handshake: {e}"))?;
+                Some(session)
+            }
+            None => None,
+        };
         let key = generate_key();
         let offer = if deflate {
             "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
@@ -439,8 +463,7 @@ impl RawConn {
         let request = format!(
             "GET {target} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
         );
-        stream
-            .write_all(request.as_bytes())
+        send(&mut stream, tls.as_deref_mut(), request.as_bytes())
             .await
             .map_err(|e| format!("send upgrade: {e}"))?;
         let mut buf = Vec::with_capacity(1024);
@@ -452,10 +475,11 @@ impl RawConn {
                 return Err(format!("upgrade answer head over {HEAD_MAX} bytes"));
             }
             buf.reserve(1024);
-            let n = stream
-                .read_buf(&mut buf)
-                .await
-                .map_err(|e| format!("upgrade: read: {e}"))?;
+            let n = match tls.as_deref_mut() {
+                None => stream.read_buf(&mut buf).await,
+                Some(session) => tls_read(&stream, session, &mut buf).await,
+            }
+            .map_err(|e| format!("upgrade: read: {e}"))?;
             if n == 0 {
                 return Err(format!(
                     "upgrade: eof after {:?}",
@@ -466,6 +490,7 @@ impl RawConn {
         let negotiated = check_answer(&buf[..end], &derive_accept_key(key.as_bytes()), deflate)?;
         Ok(RawConn {
             stream,
+            tls,
             tail: buf[end + 4..].to_vec(),
             pending: 0,
             scanner: Scanner {
@@ -487,7 +512,7 @@ impl RawConn {
     pub async fn send_text(&mut self, text: &str) -> io::Result<()> {
         let mut frame = Vec::with_capacity(text.len() + 14);
         client_frame(&mut frame, OP_TEXT, text.as_bytes());
-        self.stream.write_all(&frame).await
+        send(&mut self.stream, self.tls.as_deref_mut(), &frame).await
     }
 
     /// Reads and scans frames until `on` returns false or the connection
@@ -501,6 +526,7 @@ impl RawConn {
     ) -> Result<End, ReadError> {
         let RawConn {
             stream,
+            tls,
             tail,
             pending,
             scanner,
@@ -524,8 +550,15 @@ impl RawConn {
         }
         loop {
             if !out.is_empty() {
-                stream.write_all(out).await.map_err(ReadError::Io)?;
+                send(stream, tls.as_deref_mut(), out)
+                    .await
+                    .map_err(ReadError::Io)?;
                 out.clear();
+            }
+            if let Some(session) = tls.as_deref_mut() {
+                if session.wants_write() {
+                    tls_flush(stream, session).await.map_err(ReadError::Io)?;
+                }
             }
             if let Some(end) = end {
                 return Ok(end);
@@ -544,6 +577,33 @@ impl RawConn {
                 guard.extend_from_slice(tail);
                 &mut guard
             };
+            if let Some(session) = tls.as_deref_mut() {
+                // wss: one read of records into the session, then every
+                // plaintext byte it opened appended to `buf`.
+                let before = buf.len();
+                match tls_pull(stream, session, buf) {
+                    Ok(true) => {}
+                    Ok(false) => return Ok(End::Eof),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(ReadError::Io(e)),
+                }
+                if buf.len() == before {
+                    // Only part of a record yet: `buf` still holds just
+                    // what `tail` holds.
+                    continue;
+                }
+                let now = crate::stats::monotonic_ns();
+                let scan =
+                    scan_into(scanner, buf, out, &mut end, now, on).map_err(ReadError::Protocol)?;
+                *pending = scan.pending;
+                if own {
+                    tail.drain(..scan.consumed);
+                } else {
+                    tail.clear();
+                    tail.extend_from_slice(&guard[scan.consumed..]);
+                }
+                continue;
+            }
             let room = buf.capacity() - buf.len();
             let n = match stream.try_read_buf(buf) {
                 Ok(0) => return Ok(End::Eof),
@@ -569,6 +629,146 @@ impl RawConn {
                 tail.clear();
                 tail.extend_from_slice(&guard[scan.consumed..]);
             }
+        }
+    }
+}
+
+/// `host:port` (or `[v6]:port`) → the name the certificate must carry.
+fn host_name(host: &str) -> &str {
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    name.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// The socket as blocking-style `Read`/`Write` for rustls: a would-block
+/// read or write is `WouldBlock` (and clears the socket's readiness).
+struct SocketIo<'a>(&'a TcpStream);
+
+impl Read for SocketIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl Write for SocketIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes every record the session has sealed to the socket.
+async fn tls_flush(stream: &TcpStream, session: &mut rustls::ClientConnection) -> io::Result<()> {
+    while session.wants_write() {
+        match session.write_tls(&mut SocketIo(stream)) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A full TLS handshake on `stream`.
+async fn tls_handshake(
+    stream: &TcpStream,
+    session: &mut rustls::ClientConnection,
+) -> io::Result<()> {
+    while session.is_handshaking() {
+        tls_flush(stream, session).await?;
+        if !session.is_handshaking() {
+            break;
+        }
+        if session.wants_read() {
+            stream.readable().await?;
+            match session.read_tls(&mut SocketIo(stream)) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+            if let Err(e) = session.process_new_packets() {
+                // Send the alert that says why before giving up.
+                let _ = tls_flush(stream, session).await;
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+        }
+    }
+    tls_flush(stream, session).await
+}
+
+/// Reads records from the socket once (it must be readable) and appends the
+/// plaintext they open to `buf`: `Ok(false)` at the end of the stream (TCP
+/// EOF or the server's close_notify), `WouldBlock` when nothing was there.
+fn tls_pull(
+    stream: &TcpStream,
+    session: &mut rustls::ClientConnection,
+    buf: &mut Vec<u8>,
+) -> io::Result<bool> {
+    if session.read_tls(&mut SocketIo(stream))? == 0 {
+        return Ok(false);
+    }
+    let state = session
+        .process_new_packets()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let start = buf.len();
+    let mut available = state.plaintext_bytes_to_read();
+    if available > 0 {
+        let at = buf.len();
+        buf.resize(at + available, 0);
+        let mut filled = at;
+        while available > 0 {
+            let n = session.reader().read(&mut buf[filled..])?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+            available -= n;
+        }
+        buf.truncate(filled);
+    }
+    Ok(buf.len() > start || !state.peer_has_closed())
+}
+
+/// Reads some plaintext into `buf` (waiting for the socket): the number of
+/// bytes added, 0 at the end of the stream.
+async fn tls_read(
+    stream: &TcpStream,
+    session: &mut rustls::ClientConnection,
+    buf: &mut Vec<u8>,
+) -> io::Result<usize> {
+    loop {
+        stream.readable().await?;
+        let before = buf.len();
+        match tls_pull(stream, session, buf) {
+            Ok(false) if buf.len() == before => return Ok(0),
+            Ok(_) if buf.len() > before => return Ok(buf.len() - before),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        if session.wants_write() {
+            tls_flush(stream, session).await?;
+        }
+    }
+}
+
+/// Writes `bytes` to the socket, sealed by `tls` when the connection is wss.
+async fn send(
+    stream: &mut TcpStream,
+    tls: Option<&mut rustls::ClientConnection>,
+    bytes: &[u8],
+) -> io::Result<()> {
+    match tls {
+        None => stream.write_all(bytes).await,
+        Some(session) => {
+            session.writer().write_all(bytes)?;
+            tls_flush(stream, session).await
         }
     }
 }
@@ -668,6 +868,14 @@ fn check_answer(head: &[u8], accept: &str, offered: bool) -> Result<Deflate, Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_name_is_the_host_without_its_port() {
+        assert_eq!(host_name("127.0.0.1:8443"), "127.0.0.1");
+        assert_eq!(host_name("localhost:1"), "localhost");
+        assert_eq!(host_name("localhost"), "localhost");
+        assert_eq!(host_name("[::1]:8443"), "::1");
+    }
 
     fn server_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
         let mut out = vec![(u8::from(fin) << 7) | opcode];

@@ -33,11 +33,19 @@ pub fn cpu_seconds() -> f64 {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-/// User + system CPU seconds process `pid` (all its threads) has used,
+/// User + system CPU seconds the server's processes `pids` (all their
+/// threads; a TLS terminator in front of the server is one more) have used,
 /// from /proc/PID/stat: the server's own cost, which stays meaningful when
-/// other users' processes compete for its core.
-pub fn process_cpu_seconds(pid: Option<u32>) -> Option<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
+/// other users' processes compete for its core. `None` without pids.
+pub fn process_cpu_seconds(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&pid| one_process_cpu_seconds(pid)).sum()
+}
+
+fn one_process_cpu_seconds(pid: u32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start at state.
     let rest = &text[text.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -111,7 +119,7 @@ impl Latency {
 
 /// The server's and the kernel's memory at one moment.
 pub struct MemorySample {
-    /// VmRSS of the server process.
+    /// VmRSS of the server's processes, summed.
     pub rss_bytes: Option<u64>,
     /// `TCP: … mem N` of /proc/net/sockstat (pages of socket buffers).
     pub sockstat_mem_bytes: Option<u64>,
@@ -120,11 +128,18 @@ pub struct MemorySample {
 }
 
 impl MemorySample {
-    pub fn take(server_pid: Option<u32>) -> MemorySample {
-        let rss_bytes = server_pid.and_then(|pid| {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-            field_kib(&status, "VmRSS:").map(|k| k * 1024)
-        });
+    pub fn take(server_pids: &[u32]) -> MemorySample {
+        let rss_bytes = if server_pids.is_empty() {
+            None
+        } else {
+            server_pids
+                .iter()
+                .map(|pid| {
+                    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                    field_kib(&status, "VmRSS:").map(|k| k * 1024)
+                })
+                .sum()
+        };
         let sockstat_mem_bytes =
             std::fs::read_to_string("/proc/net/sockstat")
                 .ok()

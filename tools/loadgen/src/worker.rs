@@ -6,6 +6,7 @@ use std::cell::RefCell;
 use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::os::unix::io::AsRawFd;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -19,6 +20,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use memchr::memmem::Finder;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 
 use crate::raw::{End, RawConn, ReadError};
 use crate::stats::{cpu_seconds, monotonic_ns, Latency};
@@ -120,11 +123,47 @@ fn raise_open_files() {
     }
 }
 
+/// `ws://` or `wss://` stripped from `url`.
+fn without_scheme(url: &str) -> Result<&str, String> {
+    url.strip_prefix("ws://")
+        .or_else(|| url.strip_prefix("wss://"))
+        .ok_or_else(|| "--url must start with ws:// or wss://".to_string())
+}
+
+/// The client TLS configuration of `--tls`/`wss://`: rustls with the ring
+/// provider, trusting exactly the certificates of `--ca`.
+pub fn tls_config(common: &Common) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+    if !(common.tls || common.url.starts_with("wss://")) {
+        return Ok(None);
+    }
+    let path = common.ca.as_ref().ok_or("TLS needs --ca FILE")?;
+    let mut roots = rustls::RootCertStore::empty();
+    let certs =
+        CertificateDer::pem_file_iter(path).map_err(|e| format!("--ca {}: {e}", path.display()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| format!("--ca {}: {e}", path.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("--ca {}: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("--ca {}: no certificate", path.display()));
+    }
+    // ring, as the server uses: its deprecation is only that it offers no
+    // post-quantum key exchange.
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("tls: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(Arc::new(config)))
+}
+
 /// `ws://host:port/path` → the socket address.
 fn server_addr(url: &str) -> Result<SocketAddr, String> {
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or("--url must start with ws://")?;
+    let rest = without_scheme(url)?;
     let authority = rest.split('/').next().unwrap_or(rest);
     authority
         .to_socket_addrs()
@@ -135,6 +174,7 @@ fn server_addr(url: &str) -> Result<SocketAddr, String> {
 
 async fn main(spec: WorkerSpec) -> Result<(), String> {
     let server = server_addr(&spec.common.url)?;
+    let tls = tls_config(&spec.common)?;
     let separator = if spec.common.url.contains('?') {
         '&'
     } else {
@@ -187,22 +227,48 @@ async fn main(spec: WorkerSpec) -> Result<(), String> {
         let shared = shared.clone();
         let mode = spec.mode;
         let deflate = spec.common.deflate;
+        let tls = tls.clone();
         tokio::task::spawn_local(async move {
             let permit = gate.acquire().await.expect("semaphore open");
             let began = monotonic_ns();
             let opened = match mode {
-                Mode::Fanout => {
-                    open_raw(&host, &target, source, server, &subscribe, &shared, deflate)
-                        .await
-                        .map(Conn::Raw)
+                // wss: the hand-written client over rustls in every mode
+                // (storm stops at the welcome).
+                _ if tls.is_some() => {
+                    let subscribe = (mode != Mode::Storm).then_some(&*subscribe);
+                    let tls = tls.as_ref();
+                    open_raw(
+                        &host, &target, source, server, subscribe, &shared, deflate, tls,
+                    )
+                    .await
+                    .map(Conn::Raw)
                 }
+                Mode::Fanout => open_raw(
+                    &host,
+                    &target,
+                    source,
+                    server,
+                    Some(&subscribe),
+                    &shared,
+                    deflate,
+                    None,
+                )
+                .await
+                .map(Conn::Raw),
                 // Idle connections that offer permessage-deflate: the raw
                 // client, which can take it up.
-                Mode::Idle if deflate => {
-                    open_raw(&host, &target, source, server, &subscribe, &shared, deflate)
-                        .await
-                        .map(Conn::Raw)
-                }
+                Mode::Idle if deflate => open_raw(
+                    &host,
+                    &target,
+                    source,
+                    server,
+                    Some(&subscribe),
+                    &shared,
+                    deflate,
+                    None,
+                )
+                .await
+                .map(Conn::Raw),
                 Mode::Idle | Mode::Storm => open(&url, source, server, config, mode, &subscribe)
                     .await
                     .map(|ws| Conn::Tungstenite(Box::new(ws))),
@@ -398,23 +464,29 @@ async fn hold(mut ws: Ws, deliveries: &RefCell<Deliveries>) {
     deliveries.borrow_mut().ended(why, false);
 }
 
-/// Connects from `source` and upgrades with the hand-written client, waits
-/// for the welcome, subscribes and waits for `subscribed`.
+/// Connects from `source` and upgrades with the hand-written client (after
+/// a TLS handshake with `tls`), waits for the welcome, then, with
+/// `subscribe`, subscribes and waits for `subscribed`.
+#[allow(clippy::too_many_arguments)]
 async fn open_raw(
     host: &str,
     target: &str,
     source: Ipv4Addr,
     server: SocketAddr,
-    subscribe: &str,
+    subscribe: Option<&str>,
     shared: &Shared,
     deflate: bool,
+    tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<RawConn, String> {
     let stream = connect(source, server).await?;
-    let mut conn = RawConn::upgrade(stream, host, target, deflate).await?;
+    let mut conn = RawConn::upgrade(stream, host, target, deflate, tls).await?;
     if deflate && !conn.deflates() {
         return Err("the server declined permessage-deflate".to_string());
     }
     expect_raw(&mut conn, shared, "welcome").await?;
+    let Some(subscribe) = subscribe else {
+        return Ok(conn);
+    };
     conn.send_text(subscribe)
         .await
         .map_err(|e| format!("send subscribe: {e}"))?;
@@ -488,9 +560,7 @@ async fn hold_raw(mut conn: RawConn, shared: &Shared) {
 
 /// `ws://host:port/path?query` → (`host:port`, `/path?query`).
 fn split_url(url: &str) -> Result<(String, String), String> {
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or("--url must start with ws://")?;
+    let rest = without_scheme(url)?;
     Ok(match rest.find(['/', '?']) {
         Some(at) if rest[at..].starts_with('/') => (rest[..at].to_string(), rest[at..].to_string()),
         Some(at) => (rest[..at].to_string(), format!("/{}", &rest[at..])),
