@@ -21,25 +21,6 @@ use common::{
 /// SO_REUSEPORT's 4-tuple hash, so several land on each shard.
 const ATTEMPTS: usize = 8;
 
-/// `POST /v1/sessions` with `key` as bearer; the `hs_session` value.
-fn open_session(addr: SocketAddr, key: &str) -> String {
-    let response = http_request(
-        addr,
-        "POST",
-        "/v1/sessions",
-        &[("Authorization", format!("Bearer {key}"))],
-        b"",
-    );
-    assert_eq!(response.status, 200, "{}", response.text());
-    let set_cookie = response.header("set-cookie").expect("Set-Cookie");
-    set_cookie
-        .split(';')
-        .next()
-        .and_then(|c| c.strip_prefix("hs_session="))
-        .expect("the cookie is hs_session")
-        .to_string()
-}
-
 /// `DELETE /v1/sessions` with the cookie, as the page's own origin.
 fn sign_out(addr: SocketAddr, cookie: &str) -> HttpResponse {
     let response = http_request(
@@ -111,12 +92,12 @@ fn every_route_answers(addr: SocketAddr, cookie: &str, status: u16) {
 fn a_signed_out_cookie_is_refused_on_every_shard() {
     let server = ServerBuilder::new().org("org_a").arg("--shards", 2).start();
     let addr = server.ws_addr;
-    let cookie = open_session(addr, server.key("org_a"));
+    let cookie = common::sign_in(addr, server.key("org_a"));
     every_route_answers(addr, &cookie, 200);
     // A second browser signed in with the same key (a second later, so its
     // cookie differs: the expiry is in seconds).
     std::thread::sleep(Duration::from_millis(1_100));
-    let other = open_session(addr, server.key("org_a"));
+    let other = common::sign_in(addr, server.key("org_a"));
     assert_ne!(other, cookie);
 
     sign_out(addr, &cookie);
@@ -142,13 +123,13 @@ fn a_signed_out_cookie_is_refused_on_every_shard() {
 fn signing_out_closes_the_sessions_websockets_with_4003() {
     let server = ServerBuilder::new().org("org_a").arg("--shards", 2).start();
     let addr = server.ws_addr;
-    let cookie = open_session(addr, server.key("org_a"));
+    let cookie = common::sign_in(addr, server.key("org_a"));
     let mut of_session: Vec<Client> = (0..ATTEMPTS)
         .map(|_| ws_with_cookie(addr, &cookie).expect("cookie upgrade"))
         .collect();
     let mut of_key = server.connect("org_a");
     std::thread::sleep(Duration::from_millis(1_100));
-    let other = open_session(addr, server.key("org_a"));
+    let other = common::sign_in(addr, server.key("org_a"));
     let mut of_other = ws_with_cookie(addr, &other).expect("cookie upgrade");
 
     sign_out(addr, &cookie);
@@ -209,10 +190,10 @@ fn ends_within(stream: &mut std::net::TcpStream, timeout: Duration) -> bool {
 fn signing_out_ends_the_sessions_sse_streams() {
     let server = ServerBuilder::new().org("org_a").arg("--shards", 2).start();
     let addr = server.ws_addr;
-    let cookie = open_session(addr, server.key("org_a"));
+    let cookie = common::sign_in(addr, server.key("org_a"));
     let mut of_session: Vec<_> = (0..4).map(|_| sse_with_cookie(addr, &cookie)).collect();
     std::thread::sleep(Duration::from_millis(1_100));
-    let other = open_session(addr, server.key("org_a"));
+    let other = common::sign_in(addr, server.key("org_a"));
     let mut of_other = sse_with_cookie(addr, &other);
 
     sign_out(addr, &cookie);
@@ -256,9 +237,9 @@ fn a_sign_out_survives_a_restart() {
     let dir = TestDir::new();
     let key = create_key(dir.path(), "org_a");
     let (mut first, addr) = start_node(dir.path());
-    let cookie = open_session(addr, &key);
+    let cookie = common::sign_in(addr, &key);
     std::thread::sleep(Duration::from_millis(1_100));
-    let kept = open_session(addr, &key);
+    let kept = common::sign_in(addr, &key);
     sign_out(addr, &cookie);
     // Killed, not drained: the sign-out was durable when it was answered.
     first.kill().unwrap();

@@ -11,32 +11,12 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use common::{cli, http_request, Client, HttpResponse, ServerBuilder, STEP_TIMEOUT};
+use common::{cli, http_request, sign_in, Client, HttpResponse, ServerBuilder, STEP_TIMEOUT};
 use hookstream::auth::sessions::{Session, SessionSigner};
 use tungstenite::Message;
 
 /// Requests per check: connections spread over the shards by SO_REUSEPORT.
 const ATTEMPTS: usize = 6;
-
-/// `POST /v1/sessions` with `key` as bearer; the `hs_session` value.
-fn sign_in(addr: SocketAddr, key: &str) -> String {
-    let response = http_request(
-        addr,
-        "POST",
-        "/v1/sessions",
-        &[("Authorization", format!("Bearer {key}"))],
-        b"",
-    );
-    assert_eq!(response.status, 200, "{}", response.text());
-    response
-        .header("set-cookie")
-        .expect("Set-Cookie")
-        .split(';')
-        .next()
-        .and_then(|c| c.strip_prefix("hs_session="))
-        .expect("the cookie is hs_session")
-        .to_string()
-}
 
 fn sign_out(addr: SocketAddr, cookie: &str) {
     let response = http_request(

@@ -1339,3 +1339,23 @@ pub fn read_http_response(stream: &mut TcpStream) -> HttpResponse {
         body,
     }
 }
+
+/// `POST /v1/sessions` with `key` as bearer; the `hs_session` value.
+pub fn sign_in(addr: SocketAddr, key: &str) -> String {
+    let response = http_request(
+        addr,
+        "POST",
+        "/v1/sessions",
+        &[("Authorization", format!("Bearer {key}"))],
+        b"",
+    );
+    assert_eq!(response.status, 200, "{}", response.text());
+    response
+        .header("set-cookie")
+        .expect("Set-Cookie")
+        .split(';')
+        .next()
+        .and_then(|c| c.strip_prefix("hs_session="))
+        .expect("the cookie is hs_session")
+        .to_string()
+}
