@@ -229,7 +229,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let counting = shard.clone();
     let peer_ip = stream.peer_addr().ok().map(|peer| peer.ip());
     let Some(_counted) = counting.access.admin_connections.enter(peer_ip) else {
-        answer_error(&mut stream, &mut out, 429, None).await;
+        // Past its address's limit: answered and closed at once, with no
+        // linger (that would hold an uncounted descriptor).
+        http::write_error(&mut out, 429, &[("Connection", "close")]);
+        let _ = stream.write_all(&out).await;
         return;
     };
     loop {
@@ -295,9 +298,8 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         if closing {
             http::mark_closing(&mut out);
             let _ = stream.write_all(&out).await;
-            // FIN after the answer, so the client reads it whole even when
-            // its unread body makes the close a reset.
-            let _ = stream.shutdown(std::net::Shutdown::Write).await;
+            // Its unread body must not turn the close into a reset.
+            super::stall::linger_close(&mut stream).await;
             return;
         }
         if stream.write_all(&out).await.is_err() {
@@ -321,7 +323,7 @@ async fn answer_error(
         None => http::write_error(out, status, &[("Connection", "close")]),
     }
     let _ = stream.write_all(out).await;
-    let _ = stream.shutdown(std::net::Shutdown::Write).await;
+    super::stall::linger_close(stream).await;
 }
 
 /// The answer to a health probe (`GET`/`HEAD` `/healthz` or `/readyz`,

@@ -193,6 +193,7 @@ pub async fn serve(
                     let mut out = Vec::new();
                     http::write_http_error(&mut out, error);
                     let _ = stream.write_all(&out).await;
+                    super::stall::linger_close(&mut stream).await;
                     return None;
                 }
                 Ok(Some(Some(done))) => break done,
@@ -210,6 +211,7 @@ pub async fn serve(
                 let mut out = Vec::new();
                 http::write_http_error(&mut out, http::HttpError::HeadTooLarge);
                 let _ = stream.write_all(&out).await;
+                super::stall::linger_close(&mut stream).await;
                 return None;
             }
             let left = deadline.saturating_duration_since(Instant::now());

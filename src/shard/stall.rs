@@ -54,3 +54,41 @@ fn set_user_timeout(stream: &TcpStream, timeout_ms: libc::c_uint) {
         );
     }
 }
+
+/// Longest a closing HTTP connection keeps reading what its client still
+/// sends after the answer (nginx's `lingering_timeout`).
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Most bytes read and dropped while lingering.
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// Closes an HTTP connection after its answer was written, when the client
+/// may still be sending (a body refused before it was read: 401, 411, 413,
+/// 431). Closing a socket with unread input makes the kernel send a reset,
+/// which can reach the client before it reads the answer, or fail its
+/// write of the rest of the body before it looks. So: FIN after the answer,
+/// then read and drop what keeps arriving — at most [`LINGER_BYTES`] for at
+/// most [`LINGER`] — until the client closes its side. Nothing read is kept:
+/// the cost is one 16 KiB stack buffer for up to a second, and the
+/// descriptor stays counted against its address meanwhile.
+pub async fn linger_close(stream: &mut TcpStream) {
+    use futures_lite::AsyncReadExt;
+    use futures_lite::AsyncWriteExt;
+    let _ = stream.flush().await;
+    if stream.shutdown(std::net::Shutdown::Write).await.is_err() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + LINGER;
+    let mut sink = [0u8; 16 * 1024];
+    let mut dropped = 0;
+    while dropped < LINGER_BYTES {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match stream.read(&mut sink).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => dropped += read,
+        }
+    }
+}
