@@ -1045,10 +1045,13 @@ fn subscribed_clients(addr: SocketAddr, key: &str, channel: &str, count: usize) 
 }
 
 /// Item 4: what a connection costs does not grow with its org's channel
-/// count. 800 connections subscribed to the newest of 100,000 route
-/// channels of one org grow the server about as much as 800 connections
+/// count. 2,000 connections subscribed to the newest of 100,000 route
+/// channels of one org grow the server about as much as 2,000 connections
 /// subscribed to `issues` in an org with the three fixed channels (a mask
-/// as wide as the highest bit was 12.5 KiB a connection there).
+/// as wide as the highest bit was 12.5 KiB a connection there). RSS moves
+/// in steps of up to 2 MiB (the allocator's and the kernel's), so the
+/// count is large enough that such a step is small beside the difference
+/// the test looks for.
 #[test]
 fn a_connection_costs_the_same_in_an_org_with_100000_channels() {
     let server = ServerBuilder::new()
@@ -1084,23 +1087,24 @@ fn a_connection_costs_the_same_in_an_org_with_100000_channels() {
         }
     }
     let newest = format!("deliveries:dst_{}", channels - 1);
+    const CONNECTIONS: usize = 2_000;
 
     std::thread::sleep(Duration::from_millis(300));
     let before_few = server.rss_kib();
-    let of_few = subscribed_clients(server.ws_addr, &few, "issues", 800);
+    let of_few = subscribed_clients(server.ws_addr, &few, "issues", CONNECTIONS);
     std::thread::sleep(Duration::from_millis(300));
     let grown_few = server.rss_kib().saturating_sub(before_few);
     let before_many = server.rss_kib();
-    let of_many = subscribed_clients(server.ws_addr, &many, &newest, 800);
+    let of_many = subscribed_clients(server.ws_addr, &many, &newest, CONNECTIONS);
     std::thread::sleep(Duration::from_millis(300));
     let grown_many = server.rss_kib().saturating_sub(before_many);
     eprintln!(
-        "800 connections: RSS +{grown_few} KiB in an org with 3 channels, +{grown_many} KiB in one with {channels}"
+        "{CONNECTIONS} connections: RSS +{grown_few} KiB in an org with 3 channels, +{grown_many} KiB in one with {channels}"
     );
-    // Within 1 MiB of each other (1.3 KiB a connection); the wide masks
-    // were 10,000 KiB.
+    // Within 4 MiB of each other (two allocator steps, 2 KiB a
+    // connection); the wide masks were 25,000 KiB.
     assert!(
-        grown_many <= grown_few + 1024,
+        grown_many <= grown_few + 4096,
         "+{grown_many} KiB with {channels} channels, +{grown_few} KiB with 3"
     );
     // They receive what is published to that channel, once each.
