@@ -92,12 +92,20 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> KeyStoreError + '_ {
 
 /// Hex SHA-256 of a key.
 pub fn hash_key(key: &str) -> String {
+    let mut hex = [0u8; 64];
+    hash_key_into(key, &mut hex).to_string()
+}
+
+/// Hex SHA-256 of a key, written into `out` (no allocation: every upgrade
+/// looks its key up by this).
+pub fn hash_key_into<'a>(key: &str, out: &'a mut [u8; 64]) -> &'a str {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = Sha256::digest(key.as_bytes());
-    let mut out = String::with_capacity(64);
-    for byte in digest.iter() {
-        out.push_str(&format!("{byte:02x}"));
+    for (i, byte) in digest.iter().enumerate() {
+        out[2 * i] = HEX[usize::from(byte >> 4)];
+        out[2 * i + 1] = HEX[usize::from(byte & 0x0f)];
     }
-    out
+    std::str::from_utf8(out).expect("hex digits are ASCII")
 }
 
 /// True when `org` matches `[A-Za-z0-9_-]{1,64}`.
@@ -393,7 +401,8 @@ impl KeyIndex {
         if !key.starts_with(KEY_PREFIX) || key.len() > 128 {
             return None;
         }
-        self.by_hash.get(&hash_key(key))
+        let mut hex = [0u8; 64];
+        self.by_hash.get(hash_key_into(key, &mut hex))
     }
 
     /// True while a key id is active.
@@ -524,6 +533,16 @@ mod tests {
             "hookstream-keys-{name}-{}-{nanos}",
             std::process::id()
         ))
+    }
+
+    #[test]
+    fn hash_is_the_lowercase_hex_sha256() {
+        // FIPS 180-2's "abc" vector: the stored hashes of existing key
+        // files must keep matching.
+        assert_eq!(
+            hash_key("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[test]

@@ -176,6 +176,45 @@ impl Registry {
         self.write_frames(key.index, &[frame], wire, outcome);
     }
 
+    /// Writes `bytes` to connection `key`, whose queue is empty (a fresh
+    /// connection's first answer), straight from the caller's buffer: no
+    /// frame or queue is allocated unless the socket refuses part of it,
+    /// which is then queued. `Blocked` means that part waits for EPOLLOUT
+    /// (the caller arms it); `Failed`, that the socket failed.
+    pub fn write_first(&mut self, key: ConnKey, bytes: &[u8], wire: &mut impl Wire) -> Flush {
+        let Some(conn) = self.get(key) else {
+            return Flush::Failed;
+        };
+        if conn.send.is_some() || !conn.state.can_send() {
+            // Not a fresh connection: behind what is queued, as `enqueue`.
+            self.enqueue(key, &Frame::from(bytes));
+            return self.flush(key, wire);
+        }
+        let fd = conn.fd;
+        let mut sent = 0;
+        while sent < bytes.len() {
+            self.counters.sends += 1;
+            match wire.write(key, fd, std::iter::once(&bytes[sent..])) {
+                Ok(0) => break,
+                Ok(written) => {
+                    self.counters.bytes_sent += written as u64;
+                    sent += written;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return Flush::Failed,
+            }
+        }
+        if sent == bytes.len() {
+            return Flush::Drained;
+        }
+        self.push_frame(key.index, &Frame::from(&bytes[sent..]));
+        if let Some(conn) = self.get_mut(key) {
+            conn.write_blocked = true;
+        }
+        Flush::Blocked
+    }
+
     /// Writes `frames` to an open connection in vectored sends when its
     /// queue is empty, queueing what the socket refuses; a connection with
     /// queued bytes gets them queued behind those.

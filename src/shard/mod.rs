@@ -159,6 +159,11 @@ pub struct Shard {
     pub reactor: reactor::Reactor,
     /// Closing connections and when their linger ends.
     pub lingering: RefCell<Vec<(ConnKey, Instant)>>,
+    /// Notified by the reactor when the public listener (in its epoll set,
+    /// edge-triggered) has new connections; the accept task waits on it.
+    pub accept_wake: crate::notify::Notify,
+    /// Public connections waiting for their request head in the epoll set.
+    pub parked: public::Parked,
     /// Session signer, per-address limits, keys used since the last
     /// last-used write.
     pub access: access::AccessState,

@@ -2,12 +2,13 @@
 //! authenticate, and hand the socket to the shard that owns its org, which
 //! answers 101 and the welcome and keeps the connection for its life.
 
-use std::os::unix::io::{AsRawFd, RawFd};
+use std::cell::{Cell, RefCell};
+use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::{TcpListener, TcpStream};
+use glommio::net::TcpStream;
 
 use super::{shard_for, Handoff, Shard, ShardMessage};
 use crate::limits::{HEADERS_MAX, HEAD_BYTES_MAX, HEAD_TIMEOUT_MS, WRITE_TIMEOUT_MS};
@@ -17,37 +18,421 @@ use crate::protocol::http::{self, HttpError};
 /// First read buffer of a handshake; grown up to `HEAD_BYTES_MAX`.
 const HANDSHAKE_BUFFER_BYTES: usize = 1024;
 
-/// Accepts forever; on running out of file descriptors it waits and retries
-/// instead of failing, so existing connections keep working.
-pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+/// Most connections taken per accept round before the task lets others
+/// run (then it goes on without waiting: the listener is edge-triggered).
+const ACCEPTS_PER_ROUND: usize = 64;
+
+/// Accepts forever, several connections per wake-up: the listener is in
+/// the shard's epoll set (see `Reactor::add_listener`) and the reactor
+/// wakes this task; it accepts with `accept4` until the queue is empty.
+/// On running out of file descriptors it waits and retries instead of
+/// failing, so existing connections keep working. Ends (closing the
+/// listener) when the shard drains.
+pub async fn accept_loop(shard: Rc<Shard>, listener: socket2::Socket) {
+    let fd = listener.as_raw_fd();
+    // Without the epoll registration (it cannot fail short of memory), the
+    // task waits on the listener itself.
+    let registered = shard.reactor.add_listener(fd).is_ok();
+    let _deregister = Deregister {
+        shard: &shard,
+        fd: registered.then_some(fd),
+    };
     loop {
-        match listener.accept().await {
-            Ok(stream) => match &shard.tls {
-                Some(tls) => {
-                    let config = tls.server_config();
-                    glommio::spawn_local(super::tls::terminate(
-                        shard.clone(),
-                        stream,
-                        super::tls::Side::Public,
-                        config,
-                    ))
-                    .detach();
-                }
-                None => {
-                    let peer = stream.peer_addr().ok();
-                    glommio::spawn_local(handshake(shard.clone(), stream, peer)).detach();
-                }
-            },
-            Err(e) => {
-                let raw = match &e {
-                    glommio::GlommioError::IoError(io) => io.raw_os_error(),
-                    _ => None,
+        let seen = shard.accept_wake.generation();
+        let round = accept_round(&shard, fd);
+        serve_parked(&shard);
+        match round {
+            Round::Drained if registered => {
+                let timeout = async {
+                    match shard.parked.next_deadline() {
+                        Some(deadline) => {
+                            glommio::timer::sleep(
+                                deadline.saturating_duration_since(Instant::now()),
+                            )
+                            .await
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
                 };
-                if raw == Some(libc::EMFILE) || raw == Some(libc::ENFILE) {
-                    glommio::timer::sleep(Duration::from_millis(50)).await;
-                } else {
-                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                futures_lite::future::or(shard.accept_wake.wait(seen), timeout).await;
+            }
+            Round::Drained => super::reactor::wait_readable(fd).await,
+            Round::More => glommio::yield_if_needed().await,
+            Round::OutOfFiles => glommio::timer::sleep(Duration::from_millis(50)).await,
+            Round::Failed => glommio::timer::sleep(Duration::from_millis(1)).await,
+        }
+    }
+}
+
+/// Takes the listener out of the epoll set when the accept task ends (the
+/// socket itself closes right after, when the task drops it).
+struct Deregister<'a> {
+    shard: &'a Shard,
+    fd: Option<RawFd>,
+}
+
+impl Drop for Deregister<'_> {
+    fn drop(&mut self) {
+        if let Some(fd) = self.fd {
+            self.shard.reactor.remove(fd);
+        }
+        self.shard.parked.close_all(self.shard);
+    }
+}
+
+/// How an accept round ended.
+enum Round {
+    /// The accept queue is empty.
+    Drained,
+    /// `ACCEPTS_PER_ROUND` taken; there may be more.
+    More,
+    /// EMFILE, ENFILE or out of memory.
+    OutOfFiles,
+    /// Another error.
+    Failed,
+}
+
+fn accept_round(shard: &Rc<Shard>, listener: RawFd) -> Round {
+    for _ in 0..ACCEPTS_PER_ROUND {
+        // SAFETY: zeroed sockaddr_storage is a valid value to fill.
+        let mut address: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut length = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // A blocking socket, as glommio's accept made them: every later
+        // read and write on it says MSG_DONTWAIT or goes through glommio.
+        // SAFETY: accept4 into our stack address; we own the new descriptor.
+        let fd = unsafe {
+            libc::accept4(
+                listener,
+                std::ptr::addr_of_mut!(address).cast(),
+                &mut length,
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            let error = std::io::Error::last_os_error();
+            match error.raw_os_error() {
+                Some(libc::EAGAIN) => return Round::Drained,
+                Some(libc::EINTR | libc::ECONNABORTED | libc::EPROTO) => continue,
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                    return Round::OutOfFiles
                 }
+                _ => return Round::Failed,
+            }
+        }
+        take_connection(shard, fd, socket_address(&address));
+    }
+    Round::More
+}
+
+/// The peer address `accept4` wrote.
+fn socket_address(address: &libc::sockaddr_storage) -> Option<std::net::SocketAddr> {
+    match i32::from(address.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let v4 = unsafe { &*std::ptr::addr_of!(*address).cast::<libc::sockaddr_in>() };
+            Some(std::net::SocketAddr::from((
+                u32::from_be(v4.sin_addr.s_addr).to_be_bytes(),
+                u16::from_be(v4.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let v6 = unsafe { &*std::ptr::addr_of!(*address).cast::<libc::sockaddr_in6>() };
+            Some(std::net::SocketAddr::V6(std::net::SocketAddrV6::new(
+                v6.sin6_addr.s6_addr.into(),
+                u16::from_be(v6.sin6_port),
+                v6.sin6_flowinfo,
+                v6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// A new public connection (owned `fd`). The fast path, with no task, no
+/// glommio stream and no allocation: when the client's whole upgrade
+/// request has arrived (it sends it right after connecting), it is read
+/// with one `recv`, authenticated and handed off here, or refused with one
+/// `send`; when nothing has arrived yet, the socket is parked in the
+/// shard's epoll set until it does (see [`Parked`]). A head that is only
+/// partly there, plain HTTP, TLS, or a request the fast path does not
+/// answer goes to the handshake task as before, with the bytes read so
+/// far and what is left of the head timeout.
+fn take_connection(shard: &Rc<Shard>, fd: RawFd, peer: Option<std::net::SocketAddr>) {
+    if shard.shutdown.is_stopping() {
+        // SAFETY: we own `fd`.
+        unsafe { libc::close(fd) };
+        return;
+    }
+    if let Some(tls) = &shard.tls {
+        let config = tls.server_config();
+        // SAFETY: a fresh descriptor we own; the stream owns it from here.
+        let stream = unsafe { TcpStream::from_raw_fd(fd) };
+        glommio::spawn_local(super::tls::terminate(
+            shard.clone(),
+            stream,
+            super::tls::Side::Public,
+            config,
+        ))
+        .detach();
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_millis(HEAD_TIMEOUT_MS);
+    // The address's share of connections in their handshake, checked
+    // before reading as the task does (which refuses with 429).
+    let Some(counted) = shard.access.http_connections.enter(peer.map(|p| p.ip())) else {
+        to_task(shard, fd, peer, &[], deadline);
+        return;
+    };
+    let Some(counted) = upgrade_if_read(shard, fd, peer, counted, deadline) else {
+        return;
+    };
+    let key = counted.keep();
+    if !shard.parked.park(shard, fd, peer, key, deadline) {
+        shard.access.http_connections.release(key);
+        to_task(shard, fd, peer, &[], deadline);
+    }
+}
+
+/// Reads what the client sent and, for a complete upgrade request,
+/// upgrades or refuses it; a head not there yet gives the count back
+/// (`Some`, to park the socket). Everything else ends here too: handed to
+/// the task, or closed at EOF.
+fn upgrade_if_read<'a>(
+    shard: &'a Rc<Shard>,
+    fd: RawFd,
+    peer: Option<std::net::SocketAddr>,
+    counted: super::waits::Counted<'a>,
+    deadline: Instant,
+) -> Option<super::waits::Counted<'a>> {
+    let mut buffer = shard.take_buffer();
+    // SAFETY: recv into our own buffer, without blocking.
+    let received = unsafe {
+        libc::recv(
+            fd,
+            buffer.as_mut_ptr().cast(),
+            buffer.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if received <= 0 {
+        let error = std::io::Error::last_os_error();
+        shard.return_buffer(buffer);
+        if received < 0
+            && matches!(
+                error.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            )
+        {
+            return Some(counted);
+        }
+        // EOF or a failed socket before a head: closed without an answer,
+        // counted as the task counts it.
+        shard.metrics.handshake_failed(HandshakeFailure::Timeout);
+        // SAFETY: we own `fd`.
+        unsafe { libc::close(fd) };
+        return None;
+    }
+    let filled = received as usize;
+    let decision = {
+        let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+        match http::parse_head_with(
+            &buffer[..filled],
+            &mut headers,
+            super::routes::PUBLIC_BODY_BYTES_MAX,
+            super::routes::PUBLIC_HEAD_RULES,
+        ) {
+            Ok(Some(head)) if head.path == "/v1/ws" => Some(route(shard, &head, peer)),
+            // Incomplete, plain HTTP, or an error answer (which may need
+            // the lingering close of `routes`): the task.
+            _ => None,
+        }
+    };
+    drop(counted);
+    match decision {
+        None => to_task(shard, fd, peer, &buffer[..filled], deadline),
+        Some(Ok(accepted)) => {
+            let leftover = buffer[accepted.head_len..filled].to_vec();
+            hand_off(shard, fd, accepted, leftover, None);
+        }
+        Some(Err((status, error))) => {
+            shard
+                .metrics
+                .handshake_failed(HandshakeFailure::from_status(status));
+            // Refusals are not the storm's path: a heap answer is fine.
+            let mut out = Vec::with_capacity(256);
+            match error {
+                Some(error) => http::write_http_error(&mut out, error),
+                None => http::write_error(&mut out, status, &[("Connection", "close")]),
+            }
+            // A fresh socket's buffer takes a small answer whole.
+            send_and_close(fd, &out);
+        }
+    }
+    shard.return_buffer(buffer);
+    None
+}
+
+/// Hands connection `fd` to a handshake task with the `read` bytes of its
+/// request and the head timeout's `deadline`.
+fn to_task(
+    shard: &Rc<Shard>,
+    fd: RawFd,
+    peer: Option<std::net::SocketAddr>,
+    read: &[u8],
+    deadline: Instant,
+) {
+    // The task's own small buffer (see `handshake`).
+    let mut buffer = vec![0u8; read.len().max(HANDSHAKE_BUFFER_BYTES)];
+    buffer[..read.len()].copy_from_slice(read);
+    // SAFETY: a descriptor we own; the stream owns it from here.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    glommio::spawn_local(handshake_with(
+        shard.clone(),
+        stream,
+        peer,
+        buffer,
+        read.len(),
+        deadline,
+    ))
+    .detach();
+}
+
+/// Connections accepted before their request head arrived: each waits in
+/// the shard's epoll set (edge-triggered, no task, no stream) until bytes
+/// or a FIN arrive, or until the head timeout passes (then closed without
+/// an answer, as the task closes a silent connection). The reactor queues
+/// ready ones and wakes the accept task, which reads them.
+#[derive(Debug, Default)]
+pub struct Parked {
+    slots: RefCell<slab::Slab<ParkedConn>>,
+    /// (deadline, slot, serial), in parking order: the timeout is fixed,
+    /// so deadlines only grow and expiry looks at the front only.
+    deadlines: RefCell<std::collections::VecDeque<(Instant, usize, u64)>>,
+    /// Slots the reactor found ready, for the accept task.
+    ready: RefCell<Vec<usize>>,
+    serial: Cell<u64>,
+}
+
+#[derive(Debug)]
+struct ParkedConn {
+    fd: RawFd,
+    peer: Option<std::net::SocketAddr>,
+    /// The address it is counted under (`Counted::keep`).
+    counted: Option<std::net::IpAddr>,
+    deadline: Instant,
+    serial: u64,
+}
+
+impl Parked {
+    /// Parks `fd`; false when it cannot be watched (the caller keeps it).
+    fn park(
+        &self,
+        shard: &Shard,
+        fd: RawFd,
+        peer: Option<std::net::SocketAddr>,
+        counted: Option<std::net::IpAddr>,
+        deadline: Instant,
+    ) -> bool {
+        let serial = self.serial.get() + 1;
+        self.serial.set(serial);
+        let mut slots = self.slots.borrow_mut();
+        let entry = slots.vacant_entry();
+        let slot = entry.key();
+        if shard.reactor.add_parked(fd, slot).is_err() {
+            return false;
+        }
+        entry.insert(ParkedConn {
+            fd,
+            peer,
+            counted,
+            deadline,
+            serial,
+        });
+        self.deadlines
+            .borrow_mut()
+            .push_back((deadline, slot, serial));
+        true
+    }
+
+    /// From the reactor: slot `slot` is readable.
+    pub fn ready(&self, slot: usize) {
+        self.ready.borrow_mut().push(slot);
+    }
+
+    /// Takes slot `slot` out of the set and the epoll set.
+    fn unpark(&self, shard: &Shard, slot: usize) -> Option<ParkedConn> {
+        let conn = self.slots.borrow_mut().try_remove(slot)?;
+        shard.reactor.remove(conn.fd);
+        Some(conn)
+    }
+
+    /// Closes every parked connection (the shard drains).
+    fn close_all(&self, shard: &Shard) {
+        let slots = std::mem::take(&mut *self.slots.borrow_mut());
+        for (_, conn) in slots {
+            shard.reactor.remove(conn.fd);
+            // SAFETY: the parked connection owns its socket.
+            unsafe { libc::close(conn.fd) };
+            shard.access.http_connections.release(conn.counted);
+        }
+        self.deadlines.borrow_mut().clear();
+    }
+
+    /// The next head timeout among the parked connections.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines
+            .borrow()
+            .front()
+            .map(|(deadline, _, _)| *deadline)
+    }
+}
+
+/// Reads the parked connections the reactor found ready, and closes those
+/// whose head timeout passed.
+fn serve_parked(shard: &Rc<Shard>) {
+    let ready = std::mem::take(&mut *shard.parked.ready.borrow_mut());
+    for slot in ready {
+        let Some(conn) = shard.parked.unpark(shard, slot) else {
+            continue;
+        };
+        let counted = shard.access.http_connections.enter_kept(conn.counted);
+        if let Some(counted) = upgrade_if_read(shard, conn.fd, conn.peer, counted, conn.deadline) {
+            // Nothing to read after all: back to waiting.
+            let key = counted.keep();
+            if !shard
+                .parked
+                .park(shard, conn.fd, conn.peer, key, conn.deadline)
+            {
+                shard.access.http_connections.release(key);
+                to_task(shard, conn.fd, conn.peer, &[], conn.deadline);
+            }
+        }
+    }
+    // Expired ones are closed; entries of connections no longer parked
+    // are dropped on the way, so the queue stays about as long as the set.
+    let now = Instant::now();
+    loop {
+        let front = shard.parked.deadlines.borrow().front().copied();
+        let Some((deadline, slot, serial)) = front else {
+            break;
+        };
+        let current = shard
+            .parked
+            .slots
+            .borrow()
+            .get(slot)
+            .is_some_and(|conn| conn.serial == serial);
+        if current && deadline > now {
+            break;
+        }
+        shard.parked.deadlines.borrow_mut().pop_front();
+        if current {
+            if let Some(conn) = shard.parked.unpark(shard, slot) {
+                shard.metrics.handshake_failed(HandshakeFailure::Timeout);
+                // SAFETY: the parked connection owns its socket.
+                unsafe { libc::close(conn.fd) };
+                shard.access.http_connections.release(conn.counted);
             }
         }
     }
@@ -67,11 +452,30 @@ async fn refuse(shard: &Shard, stream: &mut TcpStream, status: u16, error: Optio
     let _ = stream.write_all(&out).await;
 }
 
-/// Reads one request head within the deadline. `Ok(filled)` when complete.
-async fn read_head(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Result<usize, Option<u16>> {
-    let deadline = Instant::now() + Duration::from_millis(HEAD_TIMEOUT_MS);
-    let mut filled = 0;
+/// Reads one request head before `deadline`, after the `filled` bytes
+/// already in `buffer`. `Ok(filled)` when complete.
+async fn read_head(
+    stream: &mut TcpStream,
+    buffer: &mut Vec<u8>,
+    mut filled: usize,
+    deadline: Instant,
+) -> Result<usize, Option<u16>> {
     loop {
+        if filled > 0 {
+            let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+            match http::parse_head_with(
+                &buffer[..filled],
+                &mut headers,
+                super::routes::PUBLIC_BODY_BYTES_MAX,
+                super::routes::PUBLIC_HEAD_RULES,
+            ) {
+                Ok(None) => {}
+                Ok(Some(_)) | Err(_) => {
+                    let _ = stream.set_read_timeout(None);
+                    return Ok(filled);
+                }
+            }
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(if filled > 0 { Some(408) } else { None });
@@ -92,28 +496,37 @@ async fn read_head(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Result<usize
             Err(_) => return Err(None),
         };
         filled += read;
-        let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
-        match http::parse_head_with(
-            &buffer[..filled],
-            &mut headers,
-            super::routes::PUBLIC_BODY_BYTES_MAX,
-            super::routes::PUBLIC_HEAD_RULES,
-        ) {
-            Ok(None) => continue,
-            Ok(Some(_)) | Err(_) => {
-                let _ = stream.set_read_timeout(None);
-                return Ok(filled);
-            }
-        }
     }
 }
 
 /// Reads and answers a public connection's first request. `peer` is the
 /// client's address (the stream is a socketpair end behind TLS).
-pub async fn handshake(
+pub async fn handshake(shard: Rc<Shard>, stream: TcpStream, peer: Option<std::net::SocketAddr>) {
+    // Most upgrade requests are a few hundred bytes: start small and grow
+    // to the 8 KiB limit only for a long head, so a connect storm does not
+    // park 8 KiB per handshake in flight.
+    let deadline = Instant::now() + Duration::from_millis(HEAD_TIMEOUT_MS);
+    handshake_with(
+        shard,
+        stream,
+        peer,
+        vec![0u8; HANDSHAKE_BUFFER_BYTES],
+        0,
+        deadline,
+    )
+    .await;
+}
+
+/// [`handshake`] with the first `filled` bytes of the request already in
+/// `buffer` (read by the accept's fast path) and the head timeout's
+/// `deadline` (counted from the accept).
+async fn handshake_with(
     shard: Rc<Shard>,
     mut stream: TcpStream,
     peer: Option<std::net::SocketAddr>,
+    mut buffer: Vec<u8>,
+    filled: usize,
+    deadline: Instant,
 ) {
     if shard.shutdown.is_stopping() {
         return;
@@ -132,11 +545,7 @@ pub async fn handshake(
     // SSE) fails after this long without progress, and the connection is
     // closed: a client that never reads is not held forever.
     let _ = stream.set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS)));
-    // Most upgrade requests are a few hundred bytes: start small and grow
-    // to the 8 KiB limit only for a long head, so a connect storm does not
-    // park 8 KiB per handshake in flight.
-    let mut buffer = vec![0u8; HANDSHAKE_BUFFER_BYTES];
-    let mut filled = match read_head(&mut stream, &mut buffer).await {
+    let mut filled = match read_head(&mut stream, &mut buffer, filled, deadline).await {
         Ok(filled) => filled,
         Err(status) => {
             if let Some(status) = status {

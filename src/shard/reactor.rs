@@ -41,6 +41,13 @@ pub struct Reactor {
     epoll: RawFd,
 }
 
+/// The epoll data of the public listener; no connection key has it (a
+/// slab index never reaches `u32::MAX`).
+const LISTENER: u64 = u64::MAX;
+/// The epoll data of a parked connection is this with its slot in the low
+/// 31 bits: an index with the top bit set, which no connection key has.
+const PARKED: u64 = 0xffff_ffff_8000_0000;
+
 fn key_data(key: ConnKey) -> u64 {
     (u64::from(key.generation) << 32) | u64::from(key.index)
 }
@@ -93,6 +100,38 @@ impl Reactor {
     /// Starts or stops waiting for writability.
     pub fn want_write(&self, fd: RawFd, key: ConnKey, write: bool) {
         let _ = self.control(libc::EPOLL_CTL_MOD, fd, key, write);
+    }
+
+    /// Watches the public listener, edge-triggered: an event means new
+    /// connections arrived since the last one, and the accept task (woken
+    /// through [`super::Shard::accept_wake`]) accepts until the queue is
+    /// empty. Edge-triggered so the reactor does not see the listener again
+    /// and again until that task has run.
+    pub fn add_listener(&self, fd: RawFd) -> std::io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+            u64: LISTENER,
+        };
+        // SAFETY: epoll_ctl on descriptors we own, with a stack event.
+        if unsafe { libc::epoll_ctl(self.epoll, libc::EPOLL_CTL_ADD, fd, &mut event) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Watches a connection parked before its request head arrived
+    /// (`public::Parked`), edge-triggered: one event when bytes or a FIN
+    /// arrive, for the accept task to act on.
+    pub fn add_parked(&self, fd: RawFd, slot: usize) -> std::io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            u64: PARKED | slot as u64,
+        };
+        // SAFETY: epoll_ctl on descriptors we own, with a stack event.
+        if unsafe { libc::epoll_ctl(self.epoll, libc::EPOLL_CTL_ADD, fd, &mut event) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Stops watching a socket (before it is closed).
@@ -198,6 +237,15 @@ pub fn serve_ready(shard: &Shard, events: &mut [libc::epoll_event]) -> usize {
     };
     let ready = ready.max(0) as usize;
     for event in &events[..ready] {
+        if event.u64 == LISTENER {
+            shard.accept_wake.notify();
+            continue;
+        }
+        if event.u64 & PARKED == PARKED {
+            shard.parked.ready((event.u64 & 0x7fff_ffff) as usize);
+            shard.accept_wake.notify();
+            continue;
+        }
         on_event(shard, event.events, key_of(event.u64));
     }
     ready
@@ -552,6 +600,51 @@ pub fn remove_now(shard: &Shard, key: ConnKey) {
     registry.remove(key);
 }
 
+/// Longest welcome frame: its fixed text, an org id, the connection id's
+/// three numbers, a seq and the heartbeat (a 4-byte frame header: the
+/// payload is over 125 bytes only for long org ids).
+const WELCOME_FRAME_BYTES_MAX: usize = 4
+    + r#"{"type":"welcome","org_id":"","connection_id":"c___","seq":,"heartbeat_ms":}"#.len()
+    + crate::limits::ORG_ID_BYTES_MAX
+    + 5 * 20;
+
+/// The 101 (with a permessage-deflate line) and the welcome.
+const FIRST_ANSWER_BYTES_MAX: usize =
+    crate::protocol::http::SWITCHING_PROTOCOLS_DEFLATE_LEN_MAX + WELCOME_FRAME_BYTES_MAX;
+
+/// Writes the welcome text frame into `out`; returns its length.
+fn write_welcome(
+    out: &mut [u8],
+    org_id: &str,
+    shard_id: usize,
+    key: ConnKey,
+    seq: u64,
+    heartbeat_ms: u64,
+) -> usize {
+    use std::io::Write;
+    // The payload first, after room for the longest header it can need.
+    let mut payload = [0u8; WELCOME_FRAME_BYTES_MAX - 4];
+    let mut cursor = std::io::Cursor::new(&mut payload[..]);
+    write!(
+        cursor,
+        r#"{{"type":"welcome","org_id":"{}","connection_id":"c_{}_{}_{}","seq":{},"heartbeat_ms":{}}}"#,
+        org_id, shard_id, key.index, key.generation, seq, heartbeat_ms
+    )
+    .expect("WELCOME_FRAME_BYTES_MAX holds every welcome");
+    let payload_len = cursor.position() as usize;
+    let mut header = [0u8; crate::limits::FRAME_HEADER_BYTES_MAX];
+    let header_len = ws::encode_header(
+        &mut header,
+        true,
+        ws::Opcode::Text,
+        payload_len as u64,
+        None,
+    );
+    out[..header_len].copy_from_slice(&header[..header_len]);
+    out[header_len..header_len + payload_len].copy_from_slice(&payload[..payload_len]);
+    header_len + payload_len
+}
+
 /// Registers an upgraded socket (owned `fd`) of `org_id`: queues `101` and
 /// the welcome as its first bytes, watches it, and handles any bytes the
 /// client sent right after its request head.
@@ -596,20 +689,28 @@ pub fn adopt(
         handoff.ws_key.as_bytes(),
         &extension[..extension_len],
     );
-    let welcome = format!(
-        r#"{{"type":"welcome","org_id":"{}","connection_id":"c_{}_{}_{}","seq":{},"heartbeat_ms":{}}}"#,
-        org_id, shard.id, key.index, key.generation, seq, shard.config.heartbeat_ms
-    );
-    let mut first = Vec::with_capacity(answer_len + welcome.len() + 4);
-    first.extend_from_slice(&answer[..answer_len]);
-    first.extend_from_slice(&crate::message::text_frame(welcome.as_bytes()));
+    // The 101 and the welcome leave in one write, built on the stack.
+    let mut first = [0u8; FIRST_ANSWER_BYTES_MAX];
+    first[..answer_len].copy_from_slice(&answer[..answer_len]);
+    let len = answer_len
+        + write_welcome(
+            &mut first[answer_len..],
+            org_id,
+            shard.id,
+            key,
+            seq,
+            shard.config.heartbeat_ms,
+        );
     {
         let mut registry = shard.registry.borrow_mut();
-        registry.enqueue(key, &Frame::from(first));
-        if flush_now(shard, &mut registry, key).is_none() {
-            drop(registry);
-            remove_now(shard, key);
-            return Ok(());
+        match registry.write_first(key, &first[..len], &mut super::wire()) {
+            Flush::Drained => {}
+            Flush::Blocked => shard.reactor.want_write(fd, key, true),
+            Flush::Failed => {
+                drop(registry);
+                remove_now(shard, key);
+                return Ok(());
+            }
         }
     }
     if !leftover.is_empty() {

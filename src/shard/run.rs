@@ -14,7 +14,8 @@ use glommio::{LocalExecutorBuilder, Placement};
 use super::heartbeat::heartbeat_loop;
 use super::key_reload::key_reload_loop;
 use super::startup::{
-    check_memlock, check_open_files, glommio_error, listen, lock_data_dir, probe_bind,
+    check_memlock, check_open_files, glommio_error, listen, listen_public, lock_data_dir,
+    probe_bind,
 };
 use super::writer::commit_loop;
 use super::{access, admin, mesh, public, reactor, replay, Shard, ShardMessage};
@@ -326,10 +327,12 @@ async fn shard_main(
         replays: replay::Replays::default(),
         reactor,
         lingering: RefCell::new(Vec::new()),
+        accept_wake: crate::notify::Notify::default(),
+        parked: public::Parked::default(),
         access: access::AccessState::new(&config, shared.signer.clone(), shared.revoked.clone()),
         tls: shared.tls.clone(),
     });
-    let public_listener = match listen(config.listen) {
+    let public_listener = match listen_public(config.listen) {
         Ok(l) => l,
         Err(e) => {
             let _ = ready.send(Err(format!(

@@ -128,17 +128,33 @@ const LISTEN_BACKLOG: i32 = 4096;
 /// same port fail for a minute.
 pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<glommio::net::TcpListener> {
     use std::os::unix::io::{FromRawFd, IntoRawFd};
+    let socket = listen_socket(addr)?;
+    // SAFETY: the listener takes ownership of the descriptor.
+    Ok(unsafe { glommio::net::TcpListener::from_raw_fd(socket.into_raw_fd()) })
+}
+
+/// The public listener: as [`listen`], non-blocking, and with TCP_NODELAY,
+/// which Linux copies to every accepted socket (one `setsockopt` less per
+/// connection). Its accepts are the shard's own (`public::accept_loop`),
+/// not glommio's.
+pub fn listen_public(addr: std::net::SocketAddr) -> std::io::Result<socket2::Socket> {
+    let socket = listen_socket(addr)?;
+    socket.set_nonblocking(true)?;
+    socket.set_nodelay(true)?;
+    Ok(socket)
+}
+
+fn listen_socket(addr: std::net::SocketAddr) -> std::io::Result<socket2::Socket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
+        socket2::Type::STREAM.cloexec(),
         None,
     )?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
-    // SAFETY: the listener takes ownership of the descriptor.
-    Ok(unsafe { glommio::net::TcpListener::from_raw_fd(socket.into_raw_fd()) })
+    Ok(socket)
 }
 
 /// Finds out whether the address is free (a plain, non-reuseport bind

@@ -88,10 +88,32 @@ impl AddressLimit {
         })
     }
 
+    /// The guard of a count kept by [`Counted::keep`] (`key` is what it
+    /// returned), to hold or drop again.
+    pub fn enter_kept(&self, key: Option<IpAddr>) -> Counted<'_> {
+        Counted { limit: self, key }
+    }
+
+    /// Ends a count kept by [`Counted::keep`] (`key` is what it returned).
+    pub fn release(&self, key: Option<IpAddr>) {
+        drop(Counted { limit: self, key });
+    }
+
     /// Waits of `ip` in progress on this shard.
     pub fn count(&self, ip: IpAddr) -> u32 {
         let waiting = self.waiting.borrow();
         waiting.get(&bucket_key(ip)).copied().unwrap_or(0)
+    }
+}
+
+impl Counted<'_> {
+    /// Keeps the count past this guard (for a connection parked in the
+    /// reactor, which holds no borrow); [`AddressLimit::release`] with the
+    /// returned key ends it.
+    pub fn keep(self) -> Option<IpAddr> {
+        let key = self.key;
+        std::mem::forget(self);
+        key
     }
 }
 
