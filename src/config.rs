@@ -35,6 +35,19 @@ pub enum Command {
     ApiKeys(ApiKeysCommand),
     /// Post one message to a running server's admin API.
     Publish(PublishArgs),
+    /// Hand every live connection of the running server to the binary now
+    /// installed at its path (hot upgrade, SIGUSR2); waits for the outcome.
+    Upgrade(UpgradeArgs),
+}
+
+/// `hookstream upgrade …`
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// Longest to wait for the outcome, in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_secs: u64,
+    #[command(flatten)]
+    pub common: DataDirArgs,
 }
 
 /// `hookstream api-keys …`

@@ -40,6 +40,9 @@
 //!   retention), the local segmented log as its first implementation
 //!   (checksummed records, one fsync per round, in-memory index), and the
 //!   reads behind polling and SSE.
+//! - [`handoff`]: the hot upgrade's wire: a live connection's record
+//!   (versioned) and the control channel that carries records and
+//!   sockets (`SCM_RIGHTS`) to the new process.
 //! - [`metrics`]: per-shard counters and their Prometheus rendering.
 //! - [`demo`]: `serve --demo`: a demo org, key and synthetic traffic.
 //! - [`shard`]: the glommio runtime on top of it all: one pinned executor
@@ -54,6 +57,7 @@
 pub mod auth;
 pub mod config;
 pub mod demo;
+pub mod handoff;
 pub mod history;
 pub mod limits;
 pub mod message;

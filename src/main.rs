@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use hookstream::auth::keys::KeyStore;
-use hookstream::config::{self, ApiKeysCommand, Cli, Command, Config, PublishArgs};
+use hookstream::config::{self, ApiKeysCommand, Cli, Command, Config, PublishArgs, UpgradeArgs};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -24,6 +24,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::ApiKeys(command) => api_keys(command),
         Command::Publish(args) => publish(args),
+        Command::Upgrade(args) => upgrade(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -261,5 +262,80 @@ fn publish(args: PublishArgs) -> Result<(), String> {
             status.as_u16(),
             status.canonical_reason().unwrap_or("")
         ))
+    }
+}
+
+/// True while process `pid` exists (a zombie included).
+fn process_exists(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks.
+    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+}
+
+/// `hookstream upgrade`: SIGUSR2 to the process the pid file names, then
+/// wait for the outcome it writes (docs/ARCHITECTURE.md, "Hot upgrade").
+fn upgrade(args: UpgradeArgs) -> Result<(), String> {
+    let data_dir = existing_data_dir(&args.common)?;
+    let pid_path = data_dir.join(hookstream::shard::PID_FILE);
+    let pid = hookstream::shard::read_pid(&pid_path).ok_or_else(|| {
+        format!(
+            "{} does not name a process: is a server running on this data directory?",
+            pid_path.display()
+        )
+    })?;
+    if !process_exists(pid) {
+        return Err(format!(
+            "process {pid} named by {} is not running",
+            pid_path.display()
+        ));
+    }
+    let outcome_path = data_dir.join(hookstream::shard::OUTCOME_FILE);
+    let _ = std::fs::remove_file(&outcome_path);
+    // SAFETY: sending a signal.
+    if unsafe { libc::kill(pid as libc::pid_t, libc::SIGUSR2) } != 0 {
+        return Err(format!(
+            "cannot signal process {pid}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(args.timeout_secs);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&outcome_path) {
+            let mut words = text.trim().splitn(3, ' ');
+            let (verdict, old, rest) = (words.next(), words.next(), words.next());
+            if old == Some(pid.to_string().as_str()) {
+                match verdict {
+                    Some("ok") => {
+                        let new = rest.unwrap_or("").to_string();
+                        let named = hookstream::shard::read_pid(&pid_path);
+                        if named.map(|p| p.to_string()) != Some(new.clone()) {
+                            return Err(format!(
+                                "process {new} took over but {} names {named:?}",
+                                pid_path.display()
+                            ));
+                        }
+                        eprintln!("upgraded: process {new} serves every connection (was {pid})");
+                        return Ok(());
+                    }
+                    _ => {
+                        return Err(format!(
+                            "upgrade failed: {}",
+                            rest.unwrap_or("no reason given")
+                        ))
+                    }
+                }
+            }
+        }
+        if !process_exists(pid) {
+            return Err(format!(
+                "process {pid} exited without reporting how the upgrade went"
+            ));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "no outcome within {} s (process {pid} still runs)",
+                args.timeout_secs
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

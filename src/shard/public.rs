@@ -7,7 +7,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::{TcpListener, TcpStream};
+use glommio::net::TcpStream;
 
 use super::{shard_for, Handoff, Shard, ShardMessage};
 use crate::limits::{HEADERS_MAX, HEAD_BYTES_MAX, HEAD_TIMEOUT_MS, WRITE_TIMEOUT_MS};
@@ -17,38 +17,23 @@ use crate::protocol::http::{self, HttpError};
 /// First read buffer of a handshake; grown up to `HEAD_BYTES_MAX`.
 const HANDSHAKE_BUFFER_BYTES: usize = 1024;
 
-/// Accepts forever; on running out of file descriptors it waits and retries
-/// instead of failing, so existing connections keep working.
-pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok(stream) => match &shard.tls {
-                Some(tls) => {
-                    let config = tls.server_config();
-                    glommio::spawn_local(super::tls::terminate(
-                        shard.clone(),
-                        stream,
-                        super::tls::Side::Public,
-                        config,
-                    ))
-                    .detach();
-                }
-                None => {
-                    let peer = stream.peer_addr().ok();
-                    glommio::spawn_local(handshake(shard.clone(), stream, peer)).detach();
-                }
-            },
-            Err(e) => {
-                let raw = match &e {
-                    glommio::GlommioError::IoError(io) => io.raw_os_error(),
-                    _ => None,
-                };
-                if raw == Some(libc::EMFILE) || raw == Some(libc::ENFILE) {
-                    glommio::timer::sleep(Duration::from_millis(50)).await;
-                } else {
-                    glommio::timer::sleep(Duration::from_millis(1)).await;
-                }
-            }
+/// Starts serving a connection accepted on the public listener: the TLS
+/// terminator, or the handshake (`upgrade::accept_loop` accepts).
+pub fn on_accept(shard: &Rc<Shard>, stream: TcpStream) {
+    match &shard.tls {
+        Some(tls) => {
+            let config = tls.server_config();
+            glommio::spawn_local(super::tls::terminate(
+                shard.clone(),
+                stream,
+                super::tls::Side::Public,
+                config,
+            ))
+            .detach();
+        }
+        None => {
+            let peer = stream.peer_addr().ok();
+            glommio::spawn_local(handshake(shard.clone(), stream, peer)).detach();
         }
     }
 }
@@ -277,8 +262,19 @@ pub(super) fn route(
 /// On the owner shard: register the connection with the reactor, which
 /// answers 101 and the welcome in one write; 503 when a connection cap is
 /// reached.
-pub fn adopt(shard: &Shard, mut handoff: Handoff) {
+pub fn adopt(shard: &Shard, handoff: Handoff) {
+    // Frozen by a hot upgrade: kept for the thaw (or refused with 503 if
+    // the new process takes over).
+    let Err(mut handoff) = shard.handover.defer(handoff) else {
+        return;
+    };
     let fd = std::mem::replace(&mut handoff.fd, -1);
+    if shard.handover.phase() == super::upgrade::Phase::Retiring {
+        let mut out = Vec::with_capacity(160);
+        http::write_error(&mut out, 503, &[("Connection", "close")]);
+        send_and_close(fd, &out);
+        return;
+    }
     if shard.shutdown.is_stopping() {
         // SAFETY: we own `fd` (moved out of the handoff).
         unsafe { libc::close(fd) };
