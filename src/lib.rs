@@ -8,7 +8,8 @@
 //! whom, checked by `tests/module_map.rs`):
 //!
 //! - [`limits`]: every limit and default in one place, with compile-time
-//!   checks of how they relate.
+//!   checks of how they relate; [`log`]: the log lines on stderr (text,
+//!   or one JSON object per line).
 //! - [`notify`]: a generation counter with wakers, the wake-up every shard
 //!   task waits on; [`placement`]: which shard owns an org (a fixed hash).
 //! - [`shutdown`]: a shard's one shutdown signal, held by every task.
@@ -60,6 +61,7 @@ pub mod demo;
 pub mod handoff;
 pub mod history;
 pub mod limits;
+pub mod log;
 pub mod message;
 pub mod metrics;
 pub mod notify;

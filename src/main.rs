@@ -29,7 +29,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("hookstream: error: {message}");
+            hookstream::log::error(format_args!("hookstream: error: {message}"));
             ExitCode::FAILURE
         }
     }
@@ -56,11 +56,19 @@ fn exit_on_panic() {
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
-        let line = format!(
-            "hookstream: fatal: panic in thread {}{location}: {}; exiting with status 70 for a supervisor to restart the server (clients reconnect and resume)\n",
+        let text = format!(
+            "hookstream: fatal: panic in thread {}{location}: {}; exiting with status 70 for a supervisor to restart the server (clients reconnect and resume)",
             thread.name().unwrap_or("main"),
             message.replace('\n', " ")
         );
+        let mut line = hookstream::log::render(
+            hookstream::log::Level::Error,
+            &text,
+            hookstream::log::is_json(),
+            std::time::SystemTime::now(),
+            std::process::id(),
+        );
+        line.push('\n');
         // One write(2) of the whole line, then _exit: no other thread runs
         // on with state the panic left behind, and no destructor runs.
         // SAFETY: write and _exit on the process's own stderr.
@@ -73,6 +81,7 @@ fn exit_on_panic() {
 
 fn serve(args: config::ServeArgs) -> Result<(), String> {
     let config = Config::from_serve_args(args)?;
+    hookstream::log::set_json(config.log_json);
     let demo_key = if config.demo {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| format!("data directory {}: {e}", config.data_dir.display()))?;
@@ -265,6 +274,20 @@ fn publish(args: PublishArgs) -> Result<(), String> {
     }
 }
 
+/// True when a server holds the data directory's lock (`server.lock`):
+/// trying to take it fails.
+fn data_dir_is_locked(data_dir: &std::path::Path) -> bool {
+    use std::os::unix::io::AsRawFd;
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .open(data_dir.join("server.lock"))
+    else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor we own; released when it closes.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+}
+
 /// True while process `pid` exists (a zombie included).
 fn process_exists(pid: u32) -> bool {
     // SAFETY: kill with signal 0 only checks.
@@ -282,9 +305,13 @@ fn upgrade(args: UpgradeArgs) -> Result<(), String> {
             pid_path.display()
         )
     })?;
-    if !process_exists(pid) {
+    if !process_exists(pid) || !data_dir_is_locked(&data_dir) {
+        // A pid file left by a server that did not exit cleanly: the pid
+        // may belong to another program by now, which must not get the
+        // signal.
         return Err(format!(
-            "process {pid} named by {} is not running",
+            "no server runs on {} ({} names process {pid}, but the data directory is not locked by a server)",
+            data_dir.display(),
             pid_path.display()
         ));
     }

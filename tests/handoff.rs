@@ -806,14 +806,17 @@ fn a_new_binary_that_fails_changes_nothing_for_the_clients() {
     installed.replace_with_script("#!/bin/sh\nexit 1\n");
     let (ok, stderr) = run_upgrade(running.data.path());
     assert!(!ok, "upgrade to a failing binary succeeded");
-    assert!(stderr.contains("exited"), "{stderr}");
+    assert!(
+        stderr.contains("the new binary exited (exit status: 1) before it answered"),
+        "{stderr}"
+    );
     assert_eq!(read_pid(running.data.path()), old_pid);
 
     // One that never answers: the old process gives up after its bound.
     installed.replace_with_script("#!/bin/sh\nexec sleep 1000\n");
     let (ok, stderr) = run_upgrade(running.data.path());
     assert!(!ok, "upgrade to a silent binary succeeded");
-    assert!(stderr.contains("did not say"), "{stderr}");
+    assert!(stderr.contains("did not answer within 10 s"), "{stderr}");
     assert_eq!(read_pid(running.data.path()), old_pid);
 
     std::thread::sleep(Duration::from_millis(500));
@@ -937,4 +940,44 @@ fn half_received_input_and_unsent_output_cross_the_upgrade() {
     let (b_events, b_others) = read_events(&mut b, count as usize, Duration::from_secs(60));
     assert!(b_others.is_empty(), "B saw {b_others:?}");
     assert_eq!(b_events, (0..count).collect::<Vec<_>>());
+}
+
+#[test]
+fn the_pid_file_names_the_serving_process_and_goes_with_it() {
+    let installed = Installed::new();
+    let mut running = start(&installed, 1);
+    let pid = running.spawned.child.id();
+    assert_eq!(read_pid(running.data.path()), pid);
+    // SAFETY: SIGTERM to the server this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let status = running.spawned.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        !running.data.path().join("hookstream.pid").exists(),
+        "a clean exit removes the pid file"
+    );
+    let (ok, stderr) = run_upgrade(running.data.path());
+    assert!(!ok);
+    assert!(stderr.contains("does not name a process"), "{stderr}");
+
+    // A stale pid file naming some other live process: no signal reaches
+    // it, the command says no server runs.
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    std::fs::write(
+        running.data.path().join("hookstream.pid"),
+        format!("{}\n", bystander.id()),
+    )
+    .unwrap();
+    let (ok, stderr) = run_upgrade(running.data.path());
+    assert!(!ok);
+    assert!(stderr.contains("no server runs"), "{stderr}");
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "the bystander was signalled"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
 }

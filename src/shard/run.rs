@@ -328,11 +328,11 @@ fn serve(
         shards,
         config.data_dir.display()
     );
-    eprintln!("{listen_line}");
+    crate::log::info(&listen_line);
     if let (Some(control), Some(count)) = (&control, handed_count) {
-        eprintln!(
+        crate::log::info(format_args!(
             "hookstream: took over {count} connection(s) from the previous process (hot upgrade)"
-        );
+        ));
         upgrade_process::notify_systemd(&format!("MAINPID={}\nREADY=1", std::process::id()));
         let _ = control.send(
             crate::handoff::kind::SERVING,
@@ -357,7 +357,9 @@ fn serve(
         // SAFETY: sigtimedwait with a blocked set and stack values.
         let signal = unsafe { libc::sigtimedwait(&signals, std::ptr::null_mut(), &timeout) };
         if signal == libc::SIGTERM || signal == libc::SIGINT {
-            eprintln!("hookstream: signal received, closing connections with 1001 and stopping");
+            crate::log::info(
+                "hookstream: signal received, closing connections with 1001 and stopping",
+            );
             break;
         }
         if signal == libc::SIGUSR2 {
@@ -370,7 +372,7 @@ fn serve(
             });
             match outcome {
                 Outcome::Serving(new_pid) => {
-                    eprintln!("hookstream: upgrade: process {new_pid} serves every connection now; process {pid} exits");
+                    crate::log::info(format_args!("hookstream: upgrade: process {new_pid} serves every connection now; process {pid} exits"));
                     upgrade_process::write_outcome(
                         &config.data_dir,
                         &format!("ok {pid} {new_pid}"),
@@ -382,14 +384,18 @@ fn serve(
                     return Ok(());
                 }
                 Outcome::Failed(reason) => {
-                    eprintln!("hookstream: upgrade failed, this process serves on: {reason}");
+                    crate::log::warn(format_args!(
+                        "hookstream: upgrade failed, this process serves on: {reason}"
+                    ));
                     upgrade_process::write_outcome(
                         &config.data_dir,
                         &format!("failed {pid} {reason}"),
                     );
                 }
                 Outcome::Lost(reason) => {
-                    eprintln!("hookstream: upgrade failed after the handover, stopping: {reason}");
+                    crate::log::error(format_args!(
+                        "hookstream: upgrade failed after the handover, stopping: {reason}"
+                    ));
                     upgrade_process::write_outcome(
                         &config.data_dir,
                         &format!("failed {pid} {reason} (the old process stopped)"),
@@ -410,14 +416,14 @@ fn serve(
                 if hangup || (stamp.is_some() && stamp != tls_stamp) {
                     tls_stamp = stamp;
                     match tls.reload() {
-                        Ok(()) => eprintln!(
+                        Ok(()) => crate::log::info(format_args!(
                             "hookstream: TLS pair reloaded from {} and {} for new connections",
                             tls.cert.display(),
                             tls.key.display()
-                        ),
-                        Err(e) => eprintln!(
+                        )),
+                        Err(e) => crate::log::warn(format_args!(
                             "hookstream: TLS pair not reloaded, the old one stays in use: {e}"
-                        ),
+                        )),
                     }
                 }
             }
@@ -692,7 +698,7 @@ async fn demo_loop(shard: Rc<Shard>, enabled: bool) {
         glommio::timer::sleep(Duration::from_secs(1)).await;
         tick += 1;
         if let Err(e) = shard.publish(crate::demo::messages(tick)).await {
-            eprintln!("hookstream: demo publish failed: {e}");
+            crate::log::warn(format_args!("hookstream: demo publish failed: {e}"));
         }
     }
 }

@@ -95,12 +95,13 @@ fn spawn(exe: &Path, theirs: &Channel) -> Result<Child, String> {
         .map_err(|e| format!("cannot start {}: {e}", exe.display()))
 }
 
-/// Waits for a message of kind `want` from the new process.
+/// Waits for a message of kind `want` from the new process; `what` is
+/// the step in the past and in the infinitive ("answered", "answer").
 fn expect(
     channel: &Channel,
     child: &mut Child,
     want: u8,
-    what: &str,
+    (what, to_do): (&str, &str),
     timeout: Duration,
 ) -> Result<Vec<u8>, String> {
     let deadline = Instant::now() + timeout;
@@ -111,7 +112,7 @@ fn expect(
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(format!(
-                "the new binary did not say it {what} within {} s",
+                "the new binary did not {to_do} within {} s",
                 timeout.as_secs()
             ));
         }
@@ -209,7 +210,13 @@ pub fn perform(old: Old<'_>) -> Outcome {
         Err(e) => return Outcome::Failed(e),
     };
     drop(theirs);
-    let hello = match expect(&ours, &mut child, kind::HELLO, "answered", HELLO_TIMEOUT) {
+    let hello = match expect(
+        &ours,
+        &mut child,
+        kind::HELLO,
+        ("answered", "answer"),
+        HELLO_TIMEOUT,
+    ) {
         Ok(body) => body,
         Err(e) => {
             stop_child(&mut child);
@@ -243,7 +250,7 @@ pub fn perform(old: Old<'_>) -> Outcome {
             &ours,
             &mut child,
             kind::READY,
-            "read the state",
+            ("read the state", "read the state"),
             READY_TIMEOUT,
         )
         .map(|_| ())
@@ -270,7 +277,13 @@ pub fn perform(old: Old<'_>) -> Outcome {
         stop_child(&mut child);
         return Outcome::Lost(format!("cannot tell the new process to serve: {e}"));
     }
-    match expect(&ours, &mut child, kind::SERVING, "served", SERVING_TIMEOUT) {
+    match expect(
+        &ours,
+        &mut child,
+        kind::SERVING,
+        ("served", "serve"),
+        SERVING_TIMEOUT,
+    ) {
         Ok(body) if body.len() >= 4 => {
             Outcome::Serving(u32::from_le_bytes(body[..4].try_into().expect("4 bytes")))
         }

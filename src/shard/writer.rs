@@ -106,10 +106,10 @@ pub async fn commit_loop(shard: Rc<Shard>) {
         shard.handover.committer_at_rest.set(false);
         let mut round = shard.history.commit_next().await;
         if let Err(e) = round.outcome() {
-            eprintln!(
+            crate::log::error(format_args!(
                 "hookstream: history: shard {}: commit failed: {e}",
                 shard.id
-            );
+            ));
             round.answer();
             continue;
         }
