@@ -35,6 +35,19 @@ pub enum Command {
     ApiKeys(ApiKeysCommand),
     /// Post one message to a running server's admin API.
     Publish(PublishArgs),
+    /// Hand every live connection of the running server to the binary now
+    /// installed at its path (hot upgrade, SIGUSR2); waits for the outcome.
+    Upgrade(UpgradeArgs),
+}
+
+/// `hookstream upgrade …`
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// Longest to wait for the outcome, in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_secs: u64,
+    #[command(flatten)]
+    pub common: DataDirArgs,
 }
 
 /// `hookstream api-keys …`
@@ -130,6 +143,10 @@ pub struct ServeArgs {
     /// if the machine, not just the process, crashes).
     #[arg(long, env = "HOOKSTREAM_DURABILITY")]
     pub durability: Option<String>,
+    /// Log lines on stderr: `text` (default) or `json` (one object per
+    /// line: ts, level, pid, msg).
+    #[arg(long, env = "HOOKSTREAM_LOG_FORMAT")]
+    pub log_format: Option<String>,
     /// Messages of history kept per org (default 100000).
     #[arg(long, env = "HOOKSTREAM_HISTORY_MESSAGES")]
     pub history_messages: Option<u64>,
@@ -207,6 +224,7 @@ struct FileConfig {
     admin_listen: Option<String>,
     data_dir: Option<PathBuf>,
     durability: Option<String>,
+    log_format: Option<String>,
     history_messages: Option<u64>,
     history_age: Option<String>,
     shards: Option<usize>,
@@ -242,6 +260,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// When a publish is acknowledged (`--durability`).
     pub durability: crate::history::Durability,
+    /// `--log-format json`: one JSON object per log line.
+    pub log_json: bool,
     /// Messages of history kept per org (`--history-messages`).
     pub history_messages: u64,
     /// Longest a message is kept in history (`--history-age`), in ms.
@@ -381,6 +401,11 @@ impl Config {
             Some(text) => crate::history::Durability::parse(text)
                 .ok_or_else(|| format!("--durability {text:?} must be `fsync` or `none`"))?,
         };
+        let log_json = match args.log_format.or(file.log_format).as_deref() {
+            None | Some("text") => false,
+            Some("json") => true,
+            Some(text) => return Err(format!("--log-format {text:?} must be `text` or `json`")),
+        };
         let history_age_ms = match args.history_age.or(file.history_age) {
             None => crate::history::HISTORY_AGE_MS_DEFAULT,
             Some(text) => humantime::parse_duration(&text)
@@ -395,6 +420,7 @@ impl Config {
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             durability,
+            log_json,
             history_messages: args
                 .history_messages
                 .or(file.history_messages)

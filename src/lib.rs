@@ -8,7 +8,8 @@
 //! whom, checked by `tests/module_map.rs`):
 //!
 //! - [`limits`]: every limit and default in one place, with compile-time
-//!   checks of how they relate.
+//!   checks of how they relate; [`log`]: the log lines on stderr (text,
+//!   or one JSON object per line).
 //! - [`notify`]: a generation counter with wakers, the wake-up every shard
 //!   task waits on; [`placement`]: which shard owns an org (a fixed hash).
 //! - [`shutdown`]: a shard's one shutdown signal, held by every task.
@@ -40,6 +41,9 @@
 //!   retention), the local segmented log as its first implementation
 //!   (checksummed records, one fsync per round, in-memory index), and the
 //!   reads behind polling and SSE.
+//! - [`handoff`]: the hot upgrade's wire: a live connection's record
+//!   (versioned) and the control channel that carries records and
+//!   sockets (`SCM_RIGHTS`) to the new process.
 //! - [`metrics`]: per-shard counters and their Prometheus rendering.
 //! - [`demo`]: `serve --demo`: a demo org, key and synthetic traffic.
 //! - [`shard`]: the glommio runtime on top of it all: one pinned executor
@@ -54,8 +58,10 @@
 pub mod auth;
 pub mod config;
 pub mod demo;
+pub mod handoff;
 pub mod history;
 pub mod limits;
+pub mod log;
 pub mod message;
 pub mod metrics;
 pub mod notify;

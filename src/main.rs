@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use hookstream::auth::keys::KeyStore;
-use hookstream::config::{self, ApiKeysCommand, Cli, Command, Config, PublishArgs};
+use hookstream::config::{self, ApiKeysCommand, Cli, Command, Config, PublishArgs, UpgradeArgs};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -24,11 +24,12 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::ApiKeys(command) => api_keys(command),
         Command::Publish(args) => publish(args),
+        Command::Upgrade(args) => upgrade(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("hookstream: error: {message}");
+            hookstream::log::error(format_args!("hookstream: error: {message}"));
             ExitCode::FAILURE
         }
     }
@@ -55,11 +56,19 @@ fn exit_on_panic() {
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
-        let line = format!(
-            "hookstream: fatal: panic in thread {}{location}: {}; exiting with status 70 for a supervisor to restart the server (clients reconnect and resume)\n",
+        let text = format!(
+            "hookstream: fatal: panic in thread {}{location}: {}; exiting with status 70 for a supervisor to restart the server (clients reconnect and resume)",
             thread.name().unwrap_or("main"),
             message.replace('\n', " ")
         );
+        let mut line = hookstream::log::render(
+            hookstream::log::Level::Error,
+            &text,
+            hookstream::log::is_json(),
+            std::time::SystemTime::now(),
+            std::process::id(),
+        );
+        line.push('\n');
         // One write(2) of the whole line, then _exit: no other thread runs
         // on with state the panic left behind, and no destructor runs.
         // SAFETY: write and _exit on the process's own stderr.
@@ -72,6 +81,7 @@ fn exit_on_panic() {
 
 fn serve(args: config::ServeArgs) -> Result<(), String> {
     let config = Config::from_serve_args(args)?;
+    hookstream::log::set_json(config.log_json);
     let demo_key = if config.demo {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| format!("data directory {}: {e}", config.data_dir.display()))?;
@@ -261,5 +271,98 @@ fn publish(args: PublishArgs) -> Result<(), String> {
             status.as_u16(),
             status.canonical_reason().unwrap_or("")
         ))
+    }
+}
+
+/// True when a server holds the data directory's lock (`server.lock`):
+/// trying to take it fails.
+fn data_dir_is_locked(data_dir: &std::path::Path) -> bool {
+    use std::os::unix::io::AsRawFd;
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .open(data_dir.join("server.lock"))
+    else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor we own; released when it closes.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+}
+
+/// True while process `pid` exists (a zombie included).
+fn process_exists(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks.
+    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+}
+
+/// `hookstream upgrade`: SIGUSR2 to the process the pid file names, then
+/// wait for the outcome it writes (docs/ARCHITECTURE.md, "Hot upgrade").
+fn upgrade(args: UpgradeArgs) -> Result<(), String> {
+    let data_dir = existing_data_dir(&args.common)?;
+    let pid_path = data_dir.join(hookstream::shard::PID_FILE);
+    let pid = hookstream::shard::read_pid(&pid_path).ok_or_else(|| {
+        format!(
+            "{} does not name a process: is a server running on this data directory?",
+            pid_path.display()
+        )
+    })?;
+    if !process_exists(pid) || !data_dir_is_locked(&data_dir) {
+        // A pid file left by a server that did not exit cleanly: the pid
+        // may belong to another program by now, which must not get the
+        // signal.
+        return Err(format!(
+            "no server runs on {} ({} names process {pid}, but the data directory is not locked by a server)",
+            data_dir.display(),
+            pid_path.display()
+        ));
+    }
+    let outcome_path = data_dir.join(hookstream::shard::OUTCOME_FILE);
+    let _ = std::fs::remove_file(&outcome_path);
+    // SAFETY: sending a signal.
+    if unsafe { libc::kill(pid as libc::pid_t, libc::SIGUSR2) } != 0 {
+        return Err(format!(
+            "cannot signal process {pid}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(args.timeout_secs);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&outcome_path) {
+            let mut words = text.trim().splitn(3, ' ');
+            let (verdict, old, rest) = (words.next(), words.next(), words.next());
+            if old == Some(pid.to_string().as_str()) {
+                match verdict {
+                    Some("ok") => {
+                        let new = rest.unwrap_or("").to_string();
+                        let named = hookstream::shard::read_pid(&pid_path);
+                        if named.map(|p| p.to_string()) != Some(new.clone()) {
+                            return Err(format!(
+                                "process {new} took over but {} names {named:?}",
+                                pid_path.display()
+                            ));
+                        }
+                        eprintln!("upgraded: process {new} serves every connection (was {pid})");
+                        return Ok(());
+                    }
+                    _ => {
+                        return Err(format!(
+                            "upgrade failed: {}",
+                            rest.unwrap_or("no reason given")
+                        ))
+                    }
+                }
+            }
+        }
+        if !process_exists(pid) {
+            return Err(format!(
+                "process {pid} exited without reporting how the upgrade went"
+            ));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "no outcome within {} s (process {pid} still runs)",
+                args.timeout_secs
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

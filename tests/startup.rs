@@ -399,3 +399,64 @@ fn a_relative_data_dir_keeps_history_working() {
         "resolved: {line}"
     );
 }
+
+#[test]
+fn log_format_json_makes_every_line_one_object() {
+    use std::io::BufRead;
+    let dir = TestDir::new();
+    let mut child = common::serve_command(
+        dir.path(),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn hookstream serve");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let first = lines.next().expect("a line").expect("text");
+    let value: serde_json::Value =
+        serde_json::from_str(&first).unwrap_or_else(|e| panic!("{first:?}: {e}"));
+    assert_eq!(value["level"], "info");
+    assert_eq!(value["pid"], child.id());
+    assert!(value["ts"].as_str().unwrap().ends_with('Z'), "{value}");
+    assert!(
+        value["msg"]
+            .as_str()
+            .unwrap()
+            .starts_with("hookstream listening on ws://127.0.0.1:"),
+        "{value}"
+    );
+    // SAFETY: SIGTERM to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert!(!rest.is_empty(), "the drain says so");
+    for line in rest {
+        let value: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        assert!(value["msg"].is_string(), "{value}");
+    }
+}
+
+#[test]
+fn an_unknown_log_format_is_one_line() {
+    let dir = TestDir::new();
+    let output = common::serve_command(dir.path(), &["--log-format", "yaml"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--log-format \"yaml\" must be `text` or `json`"),
+        "{stderr}"
+    );
+}

@@ -372,10 +372,10 @@ impl KeyIndex {
             .filter(|r| match record_problem(r) {
                 None => true,
                 Some(problem) => {
-                    eprintln!(
+                    crate::log::warn(format_args!(
                         "hookstream: {KEYS_FILE}: key record {} skipped: {problem}",
                         shown(&r.id)
-                    );
+                    ));
                     false
                 }
             })

@@ -184,6 +184,9 @@ pub struct History<L: Log = Backend> {
     /// The shard's shutdown signal: once it is triggered, long-polls stop
     /// waiting and answer with what they have.
     shutdown: Shutdown,
+    /// Set when a hot upgrade handed the log to a new process: nothing is
+    /// appended any more (a publish is answered 503).
+    released: std::cell::Cell<bool>,
 }
 
 impl History<Backend> {
@@ -210,6 +213,7 @@ impl<L: Log> History<L> {
             pending_notify: Notify::default(),
             committed_notify: Notify::default(),
             shutdown,
+            released: std::cell::Cell::new(false),
         }
     }
 
@@ -219,6 +223,9 @@ impl<L: Log> History<L> {
     pub async fn append(&self, messages: Vec<Message>) -> Result<Vec<u64>, String> {
         if messages.is_empty() {
             return Ok(Vec::new());
+        }
+        if self.released.get() {
+            return Err("the log was handed to a new process".to_string());
         }
         let time_ms = now_ms();
         let answer = {
@@ -256,7 +263,11 @@ impl<L: Log> History<L> {
                 self.pending_notify.wait(seen).await;
                 continue;
             }
-            let outcome = self.log.append(&batch.records).await;
+            let outcome = if self.released.get() {
+                Err("the log was handed to a new process".to_string())
+            } else {
+                self.log.append(&batch.records).await
+            };
             if outcome.is_ok() {
                 // Readers waiting for new commits (long-polls, SSE) run
                 // after the caller's synchronous step.
@@ -268,6 +279,34 @@ impl<L: Log> History<L> {
                 outcome,
             };
         }
+    }
+
+    /// True while publishes wait for the committer.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.borrow().records.is_empty()
+    }
+
+    /// Resolves once a publish was queued after generation `seen` (see
+    /// [`History::pending_generation`]).
+    pub async fn wait_pending(&self, seen: u64) {
+        self.pending_notify.wait(seen).await
+    }
+
+    /// The generation of the pending queue's wake-up.
+    pub fn pending_generation(&self) -> u64 {
+        self.pending_notify.generation()
+    }
+
+    /// Hands the log over (hot upgrade): later publishes are refused, and
+    /// whatever still waits is answered with that error by the committer.
+    pub fn release(&self) {
+        self.released.set(true);
+        self.pending_notify.notify();
+    }
+
+    /// True once the log was handed to a new process.
+    pub fn is_released(&self) -> bool {
+        self.released.get()
     }
 
     /// The shard's shutdown signal: a long-poll waiting for new commits
@@ -340,6 +379,9 @@ impl<L: Log> History<L> {
 pub async fn retention_loop<L: Log>(history: &History<L>) {
     loop {
         glommio::timer::sleep(Duration::from_millis(RETENTION_INTERVAL_MS)).await;
+        if history.released.get() {
+            return;
+        }
         history.log.retain(now_ms()).await;
     }
 }

@@ -523,6 +523,32 @@ impl Registry {
             .collect()
     }
 
+    /// The session connection `key` signed in with (id, expiry), if a
+    /// cookie was its credential.
+    pub fn session_of(&self, key: ConnKey) -> Option<(u128, u64)> {
+        self.sessions.get(&key).copied()
+    }
+
+    /// The names of the channels connection `key` is subscribed to (live).
+    pub fn channel_names_of(&self, key: ConnKey) -> Vec<String> {
+        let Some(conn) = self.get(key) else {
+            return Vec::new();
+        };
+        let table = &self.orgs[conn.org as usize].channels;
+        conn.subscriptions
+            .bits()
+            .filter_map(|bit| table.name(bit).map(str::to_string))
+            .collect()
+    }
+
+    /// The latest seq of connection `key`'s org: with no broadcast of the
+    /// org being walked, every message up to it was written or queued to
+    /// each of its subscribers.
+    pub fn org_seq_of(&self, key: ConnKey) -> u64 {
+        self.get(key)
+            .map_or(0, |conn| self.orgs[conn.org as usize].seq)
+    }
+
     /// The API key id connection `key` was accepted with.
     pub fn key_id_of(&self, key: ConnKey) -> Option<&str> {
         self.get(key).map(|conn| &*self.key_ids[conn.key as usize])

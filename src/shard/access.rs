@@ -455,10 +455,10 @@ pub async fn sessions_route(shard: &Shard, request: &Request, stream: &mut TcpSt
                     .await;
                 if let Err(e) = result {
                     // Signed out in this process; a restart would forget it.
-                    eprintln!(
+                    crate::log::error(format_args!(
                         "hookstream: shard {}: a sign-out was not saved: {e}",
                         shard.id
-                    );
+                    ));
                     return respond_error(stream, 500, &[("Set-Cookie", &clear), NO_STORE]).await;
                 }
             }
@@ -484,10 +484,10 @@ pub async fn flush_last_used(shard: &Shard) {
         .spawn_blocking(move || store.touch(&stamps))
         .await;
     if let Err(e) = result {
-        eprintln!(
+        crate::log::warn(format_args!(
             "hookstream: shard {}: last-used times not saved: {e}",
             shard.id
-        );
+        ));
     }
 }
 

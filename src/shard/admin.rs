@@ -8,7 +8,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::{TcpListener, TcpStream};
+use glommio::net::TcpStream;
 
 use super::Shard;
 use crate::auth::keys::constant_time_eq;
@@ -21,27 +21,43 @@ const BODY_TIMEOUT_MS: u64 = 30_000;
 /// An idle keep-alive connection is closed after this long.
 const KEEP_ALIVE_IDLE_MS: u64 = 60_000;
 
-/// Accepts admin connections forever.
-pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok(stream) => match (&shard.tls, shard.config.admin_tls) {
-                (Some(tls), true) => {
-                    let config = tls.server_config();
-                    glommio::spawn_local(super::tls::terminate(
-                        shard.clone(),
-                        stream,
-                        super::tls::Side::Admin,
-                        config,
-                    ))
-                    .detach();
-                }
-                _ => {
-                    glommio::spawn_local(serve(shard.clone(), stream)).detach();
-                }
-            },
-            Err(_) => glommio::timer::sleep(Duration::from_millis(20)).await,
+/// Starts serving a connection accepted on the admin listener
+/// (`upgrade::accept_loop` accepts).
+pub fn on_accept(shard: &Rc<Shard>, stream: TcpStream) {
+    match (&shard.tls, shard.config.admin_tls) {
+        (Some(tls), true) => {
+            let config = tls.server_config();
+            glommio::spawn_local(super::tls::terminate(
+                shard.clone(),
+                stream,
+                super::tls::Side::Admin,
+                config,
+            ))
+            .detach();
         }
+        _ => {
+            glommio::spawn_local(serve(shard.clone(), stream)).detach();
+        }
+    }
+}
+
+/// Counts an admin request from its complete head to its answer, so a
+/// retiring shard (hot upgrade) knows when every publish it took was
+/// answered.
+struct InFlight<'a>(&'a Shard);
+
+impl<'a> InFlight<'a> {
+    fn enter(shard: &'a Shard) -> InFlight<'a> {
+        let count = &shard.handover.admin_requests;
+        count.set(count.get() + 1);
+        InFlight(shard)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let count = &self.0.handover.admin_requests;
+        count.set(count.get() - 1);
     }
 }
 
@@ -251,6 +267,39 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 }
                 deadline = deadline.min(Instant::now() + Duration::from_millis(HEAD_TIMEOUT_MS));
             }
+            if buffer.is_empty() {
+                // Between requests: a retiring shard (hot upgrade) closes
+                // the connection rather than take a publish it could no
+                // longer commit; the client's next request goes to the
+                // listener, which the new process accepts on.
+                if shard.handover.phase() == super::upgrade::Phase::Retiring {
+                    return;
+                }
+                let read = futures_lite::future::or(
+                    async { Some(read_more(&mut stream, &mut buffer, deadline).await) },
+                    async {
+                        loop {
+                            shard.handover.wait_change().await;
+                            if shard.handover.phase() == super::upgrade::Phase::Retiring {
+                                return None;
+                            }
+                        }
+                    },
+                )
+                .await;
+                match read {
+                    // The read was given up while waiting (nothing taken
+                    // from the socket; the buffer was only made room in).
+                    None => return,
+                    Some(Ok(())) => continue,
+                    Some(Err(error)) => {
+                        if let ReadError::Status(status, e) = error {
+                            answer_error(&mut stream, &mut out, status, e).await;
+                        }
+                        return;
+                    }
+                }
+            }
             if let Err(error) = read_more(&mut stream, &mut buffer, deadline).await {
                 if let ReadError::Status(status, e) = error {
                     answer_error(&mut stream, &mut out, status, e).await;
@@ -260,11 +309,13 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         };
         buffer.drain(..request.head_len);
         out.clear();
+        let _in_flight = InFlight::enter(&shard);
         // The body is read only for an authorized publish: anything else
         // is answered from its head alone (an unauthorized publish gets its
         // 401 before a byte of its body is read) and, if it announced a
         // body, its connection is closed unread.
-        let mut closing = request.close;
+        let mut closing =
+            request.close || shard.handover.phase() == super::upgrade::Phase::Retiring;
         if request.body_wanted() {
             let body = match read_body(&shard, &mut stream, &mut buffer, &request).await {
                 Ok(body) => body,
@@ -295,6 +346,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 out.truncate(end + 4);
             }
         }
+        closing |= shard.handover.phase() == super::upgrade::Phase::Retiring;
         if closing {
             http::mark_closing(&mut out);
             let _ = stream.write_all(&out).await;

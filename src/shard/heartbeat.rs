@@ -39,6 +39,11 @@ pub async fn heartbeat_loop(shard: Rc<Shard>) {
     loop {
         glommio::timer::sleep(next.saturating_duration_since(Instant::now())).await;
         next += tick;
+        if !shard.handover.serving() {
+            // Frozen or retiring (hot upgrade): no pings; the new process
+            // carries on with each connection's count of missed pongs.
+            continue;
+        }
         {
             let mut registry = shard.registry.borrow_mut();
             registry.for_each_in_slice(slice, slices, |registry, key| {

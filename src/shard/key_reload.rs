@@ -45,10 +45,10 @@ pub async fn key_reload_loop(shard: Rc<Shard>) {
             shard.http_wake.notify();
         }
         if let Err(e) = shard.keys.shared().refresh(&store) {
-            eprintln!(
+            crate::log::warn(format_args!(
                 "hookstream: shard {}: key store not reloaded: {e}",
                 shard.id
-            );
+            ));
         }
         let generation = shard.keys.shared().generation();
         if generation == acted {

@@ -35,6 +35,8 @@ mod stall;
 mod startup;
 pub mod tls;
 mod tls_wire;
+pub mod upgrade;
+mod upgrade_process;
 pub mod waits;
 mod web;
 mod writer;
@@ -58,6 +60,7 @@ pub const READ_BUFFER_BYTES: usize = crate::limits::HEAD_BYTES_MAX;
 const POOL_BUFFERS_MAX: usize = 32;
 
 pub use self::run::run;
+pub use self::upgrade_process::{read_pid, OUTCOME_FILE, PID_FILE};
 pub use self::writer::{flush_one, send_vectored, wire};
 pub use crate::placement::shard_for;
 
@@ -75,6 +78,25 @@ pub enum ShardMessage {
     /// From the main thread: drain and stop (SIGTERM, SIGINT, or another
     /// shard died).
     Stop,
+    /// From the main thread, in a hot upgrade: freeze and write out the
+    /// connections (`upgrade::freeze`); the reply carries the shard's id.
+    Freeze {
+        /// Where the snapshot goes.
+        reply: std::sync::mpsc::Sender<(usize, upgrade::Snapshot)>,
+    },
+    /// The upgrade failed: serve again (`upgrade::thaw`).
+    Thaw,
+    /// The new process took over: let go (`upgrade::retire`).
+    Retire {
+        /// Answered once no admin request is in progress.
+        reply: std::sync::mpsc::Sender<(usize, ())>,
+    },
+    /// Every shard retired: commit what is queued and hand the log over
+    /// (`upgrade::release`).
+    Release {
+        /// Answered once the log is released.
+        reply: std::sync::mpsc::Sender<(usize, ())>,
+    },
     /// A history read (poll, SSE, lists) for an org this shard owns.
     History {
         /// What to read.
@@ -170,6 +192,8 @@ pub struct Shard {
     /// The TLS pair when `--tls-cert`/`--tls-key` are given (shared by
     /// every shard; a reload swaps the pair inside).
     pub tls: Option<Arc<tls::Tls>>,
+    /// Where the shard is in a hot upgrade.
+    pub handover: upgrade::Handover,
 }
 
 impl Shard {

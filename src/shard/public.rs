@@ -26,10 +26,14 @@ const ACCEPTS_PER_ROUND: usize = 64;
 /// the shard's epoll set (see `Reactor::add_listener`) and the reactor
 /// wakes this task; it accepts with `accept4` until the queue is empty.
 /// On running out of file descriptors it waits and retries instead of
-/// failing, so existing connections keep working. Ends (closing the
-/// listener) when the shard drains.
-pub async fn accept_loop(shard: Rc<Shard>, listener: socket2::Socket) {
-    let fd = listener.as_raw_fd();
+/// failing, so existing connections keep working. The listener is the
+/// process's (handed to the next process in a hot upgrade): this task
+/// never closes it. A frozen shard accepts nothing (what the kernel queues
+/// stays queued for whoever accepts next, see `upgrade`); the task ends
+/// when the shard retires or drains.
+pub async fn accept_loop(shard: Rc<Shard>, listener: RawFd) {
+    use super::upgrade::Phase;
+    let fd = listener;
     // Without the epoll registration (it cannot fail short of memory), the
     // task waits on the listener itself.
     let registered = shard.reactor.add_listener(fd).is_ok();
@@ -38,6 +42,14 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: socket2::Socket) {
         fd: registered.then_some(fd),
     };
     loop {
+        match shard.handover.phase() {
+            Phase::Retiring => return,
+            Phase::Frozen => {
+                shard.handover.wait_change().await;
+                continue;
+            }
+            Phase::Serving => {}
+        }
         let seen = shard.accept_wake.generation();
         let round = accept_round(&shard, fd);
         serve_parked(&shard);
@@ -54,9 +66,16 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: socket2::Socket) {
                         None => std::future::pending::<()>().await,
                     }
                 };
-                futures_lite::future::or(shard.accept_wake.wait(seen), timeout).await;
+                let woken = futures_lite::future::or(shard.accept_wake.wait(seen), timeout);
+                futures_lite::future::or(woken, shard.handover.wait_change()).await;
             }
-            Round::Drained => super::reactor::wait_readable(fd).await,
+            Round::Drained => {
+                futures_lite::future::or(
+                    super::reactor::wait_readable(fd),
+                    shard.handover.wait_change(),
+                )
+                .await
+            }
             Round::More => glommio::yield_if_needed().await,
             Round::OutOfFiles => glommio::timer::sleep(Duration::from_millis(50)).await,
             Round::Failed => glommio::timer::sleep(Duration::from_millis(1)).await,
@@ -65,7 +84,8 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: socket2::Socket) {
 }
 
 /// Takes the listener out of the epoll set when the accept task ends (the
-/// socket itself closes right after, when the task drops it).
+/// socket stays open: the process owns it), and closes the parked
+/// connections.
 struct Deregister<'a> {
     shard: &'a Shard,
     fd: Option<RawFd>,
@@ -697,8 +717,19 @@ pub(super) fn route(
 /// On the owner shard: register the connection with the reactor, which
 /// answers 101 and the welcome in one write; 503 when a connection cap is
 /// reached.
-pub fn adopt(shard: &Shard, mut handoff: Handoff) {
+pub fn adopt(shard: &Shard, handoff: Handoff) {
+    // Frozen by a hot upgrade: kept for the thaw (or refused with 503 if
+    // the new process takes over).
+    let Err(mut handoff) = shard.handover.defer(handoff) else {
+        return;
+    };
     let fd = std::mem::replace(&mut handoff.fd, -1);
+    if shard.handover.phase() == super::upgrade::Phase::Retiring {
+        let mut out = Vec::with_capacity(160);
+        http::write_error(&mut out, 503, &[("Connection", "close")]);
+        send_and_close(fd, &out);
+        return;
+    }
     if shard.shutdown.is_stopping() {
         // SAFETY: we own `fd` (moved out of the handoff).
         unsafe { libc::close(fd) };

@@ -193,6 +193,13 @@ async fn close_requested(shard: &Shard) {
 pub async fn run(shard: Rc<Shard>) {
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_MAX];
     loop {
+        if shard.handover.phase() == super::upgrade::Phase::Frozen {
+            // A hot upgrade froze the shard: nothing is read (what the
+            // clients send stays in the sockets for whichever process
+            // serves next) and nothing is closed.
+            shard.handover.wait_change().await;
+            continue;
+        }
         handle_close_requests(&shard);
         let next_deadline = sweep_lingering(&shard);
         if serve_ready(&shard, &mut events) == 0 {
@@ -226,6 +233,9 @@ pub async fn run(shard: Rc<Shard>) {
 /// one a turn later, so a ping arriving mid-walk would otherwise wait two
 /// or three preemption periods (10-15 ms) instead of one part (about 2 ms).
 pub fn serve_ready(shard: &Shard, events: &mut [libc::epoll_event]) -> usize {
+    if shard.handover.phase() == super::upgrade::Phase::Frozen {
+        return 0;
+    }
     // SAFETY: epoll_wait into the caller's buffer, without blocking.
     let ready = unsafe {
         libc::epoll_wait(

@@ -14,11 +14,12 @@ use glommio::{LocalExecutorBuilder, Placement};
 use super::heartbeat::heartbeat_loop;
 use super::key_reload::key_reload_loop;
 use super::startup::{
-    check_memlock, check_open_files, glommio_error, listen, listen_public, lock_data_dir,
-    probe_bind,
+    check_memlock, check_open_files, glommio_error, listen_socket, local_addr, lock_data_dir,
+    probe_bind, set_listener_nodelay,
 };
+use super::upgrade_process::{self, Outcome};
 use super::writer::commit_loop;
-use super::{access, admin, mesh, public, reactor, replay, Shard, ShardMessage};
+use super::{access, admin, mesh, public, reactor, replay, upgrade, Shard, ShardMessage};
 use crate::auth::keys::{KeyIndex, KeyStore};
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
@@ -40,6 +41,13 @@ struct Shared {
     connections_max_per_shard: usize,
     /// The TLS pair, when the public listener speaks TLS.
     tls: Option<Arc<super::tls::Tls>>,
+    /// Each shard's (public, admin) listening socket, owned by the process
+    /// (a hot upgrade passes them on; a shard's accept loop only uses its
+    /// pair).
+    listeners: Vec<(std::os::unix::io::RawFd, std::os::unix::io::RawFd)>,
+    /// Connections handed over by the previous process (hot upgrade), per
+    /// owner shard, taken by each shard as it starts.
+    adopted: std::sync::Mutex<Vec<Vec<(std::os::unix::io::RawFd, crate::handoff::ConnRecord)>>>,
 }
 
 /// Counts a shard's end, also when it panics, so the main thread notices.
@@ -60,25 +68,53 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
 pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(), String> {
     check_memlock()?;
     let connections_max = check_open_files(&config)?;
-    let _lock = lock_data_dir(&config.data_dir)?;
-    // glommio opens history directories with openat(-1, path), which only
-    // works for absolute paths: resolve `./hookstream-data` (the default)
-    // once, here, for every file API alike.
+    // Started by a hot upgrade: take the old process's state first, load
+    // what can be loaded beside it, and only then confirm (the old process
+    // then lets go of the data directory's lock and the log): whatever
+    // fails before the confirmation leaves the old process serving.
+    let received = match crate::handoff::Channel::from_env() {
+        Some(channel) => Some(upgrade_process::receive(channel?)?),
+        None => None,
+    };
+    if let Some(received) = received {
+        return match prepare(&mut config) {
+            Ok(prepared) => {
+                let inherited = received.confirm()?;
+                serve(
+                    config,
+                    Some(inherited),
+                    Some(prepared),
+                    connections_max,
+                    on_ready,
+                )
+            }
+            Err(e) => Err(received.refuse(e)),
+        };
+    }
+    serve(config, None, None, connections_max, on_ready)
+}
+
+/// What startup loads that does not need the data directory's lock.
+struct Prepared {
+    tls: Option<Arc<super::tls::Tls>>,
+    admin_token: Arc<str>,
+    keys: Arc<crate::auth::current::CurrentKeys>,
+    signer: crate::auth::sessions::SessionSigner,
+}
+
+/// Loads the TLS pair, the admin token, the keys and the session secret
+/// (the data directory is resolved to an absolute path first).
+fn prepare(config: &mut Config) -> Result<Prepared, String> {
     config.data_dir = std::fs::canonicalize(&config.data_dir).map_err(|e| {
         format!(
             "data directory {} cannot be resolved: {e}",
             config.data_dir.display()
         )
     })?;
-    // A pair that does not load ends startup with one line naming the file.
     let tls = match &config.tls {
         Some(files) => Some(Arc::new(super::tls::Tls::load(&files.cert, &files.key)?)),
         None => None,
     };
-    let (listen, listen_hold) = probe_bind("listen", config.listen)?;
-    let (admin_listen, admin_hold) = probe_bind("admin-listen", config.admin_listen)?;
-    config.listen = listen;
-    config.admin_listen = admin_listen;
     let admin_token: Arc<str> = crate::auth::keys::admin_token(&config.data_dir)
         .map_err(|e| format!("admin token: {e}"))?
         .into();
@@ -89,6 +125,85 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
     let keys = KeyIndex::from_file(&store.load().map_err(|e| e.to_string())?);
     let keys = Arc::new(crate::auth::current::CurrentKeys::new(keys_stamp, keys));
     let signer = crate::auth::sessions::SessionSigner::load_or_create(&config.data_dir)?;
+    Ok(Prepared {
+        tls,
+        admin_token,
+        keys,
+        signer,
+    })
+}
+
+/// Startup from the lock on, then serving until a signal.
+fn serve(
+    mut config: Config,
+    inherited: Option<upgrade_process::Inherited>,
+    prepared: Option<Prepared>,
+    connections_max: usize,
+    on_ready: impl FnOnce(&Config, &str),
+) -> Result<(), String> {
+    let mut lock = Some(lock_data_dir(&config.data_dir)?);
+    // glommio opens history directories with openat(-1, path), which only
+    // works for absolute paths: `prepare` resolves `./hookstream-data`
+    // (the default) once, for every file API alike. A TLS pair that does
+    // not load ends startup with one line naming the file.
+    let Prepared {
+        tls,
+        admin_token,
+        keys,
+        signer,
+    } = match prepared {
+        Some(prepared) => prepared,
+        None => prepare(&mut config)?,
+    };
+    // The listening sockets: the old process's when upgrading (the same
+    // sockets: what the kernel queued meanwhile is accepted here), else
+    // bound now, after a probe (see `probe_bind`).
+    let inherited_listeners = inherited
+        .as_ref()
+        .map(|i| i.listeners.clone())
+        .unwrap_or_default();
+    let mut holds = Vec::new();
+    if let Some(&(public, admin)) = inherited_listeners.first() {
+        config.listen = local_addr(public).map_err(|e| format!("inherited listener: {e}"))?;
+        config.admin_listen = local_addr(admin).map_err(|e| format!("inherited listener: {e}"))?;
+    } else {
+        let (listen, listen_hold) = probe_bind("listen", config.listen)?;
+        let (admin_listen, admin_hold) = probe_bind("admin-listen", config.admin_listen)?;
+        config.listen = listen;
+        config.admin_listen = admin_listen;
+        holds.push(listen_hold);
+        holds.push(admin_hold);
+    }
+    let mut listeners = Vec::with_capacity(config.shards);
+    for id in 0..config.shards {
+        if let Some(pair) = inherited_listeners.get(id) {
+            // A listener of an older process may lack it; a failure only
+            // costs a setsockopt per connection (the fast path sets none).
+            let _ = set_listener_nodelay(pair.0);
+            listeners.push(*pair);
+            continue;
+        }
+        let public = listen_socket(config.listen)
+            .map_err(|e| format!("cannot listen on {} (--listen): {e}", config.listen))?;
+        let admin = listen_socket(config.admin_listen).map_err(|e| {
+            format!(
+                "cannot listen on {} (--admin-listen): {e}",
+                config.admin_listen
+            )
+        })?;
+        set_listener_nodelay(public)
+            .map_err(|e| format!("cannot listen on {} (--listen): {e}", config.listen))?;
+        listeners.push((public, admin));
+    }
+    // An old process with more shards passed more listeners than this
+    // one uses: closing them drops what they queued (clients retry).
+    for &(public, admin) in inherited_listeners.iter().skip(config.shards) {
+        // SAFETY: inherited descriptors we own and do not use.
+        unsafe {
+            libc::close(public);
+            libc::close(admin);
+        }
+    }
     let revoked = Arc::new(
         crate::auth::revoked::Revocations::load(
             &config.data_dir,
@@ -106,11 +221,23 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::sigaddset(&mut set, libc::SIGUSR2);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     };
 
     let shards = config.shards;
+    let mut adopted: Vec<Vec<_>> = (0..shards).map(|_| Vec::new()).collect();
+    let (control, handed_count) = match inherited {
+        Some(inherited) => {
+            let count = inherited.connections.len();
+            for (fd, record) in inherited.connections {
+                adopted[super::shard_for(&record.org_id, shards)].push((fd, record));
+            }
+            (Some(inherited.channel), Some(count))
+        }
+        None => (None, None),
+    };
     let config = Arc::new(config);
     let shared = Arc::new(Shared {
         config: config.clone(),
@@ -126,6 +253,8 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
         exited: std::sync::atomic::AtomicUsize::new(0),
         connections_max_per_shard: connections_max.div_ceil(shards).max(1),
         tls: tls.clone(),
+        listeners,
+        adopted: std::sync::Mutex::new(adopted),
     });
     let mesh =
         mesh::Mesh::new(shards).map_err(|e| format!("cannot create the shard inboxes: {e}"))?;
@@ -174,7 +303,12 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
         }
     }
     // Every shard listens: the port is theirs now.
-    drop((listen_hold, admin_hold));
+    drop(holds);
+    // The pid file names the serving process (after an upgrade, this one).
+    if let Err(e) = upgrade_process::write_pid_file(&config.data_dir) {
+        stop_shards(&mesh, shards);
+        return Err(format!("cannot write the pid file: {e}"));
+    }
     let (ws, admin) = match (config.tls.is_some(), config.admin_tls) {
         (false, _) => ("ws", "http"),
         (true, false) => ("wss", "http"),
@@ -199,7 +333,21 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
         shards,
         config.data_dir.display()
     );
-    eprintln!("{listen_line}");
+    crate::log::info(&listen_line);
+    if let (Some(control), Some(count)) = (&control, handed_count) {
+        crate::log::info(format_args!(
+            "hookstream: took over {count} connection(s) from the previous process (hot upgrade)"
+        ));
+        upgrade_process::notify_systemd(&format!("MAINPID={}\nREADY=1", std::process::id()));
+        let _ = control.send(
+            crate::handoff::kind::SERVING,
+            &std::process::id().to_le_bytes(),
+            &[],
+        );
+    } else {
+        upgrade_process::notify_systemd("READY=1");
+    }
+    drop(control);
     on_ready(&config, &admin_token);
 
     // Wait for a signal, or for a shard to die; SIGHUP and a changed
@@ -214,8 +362,56 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
         // SAFETY: sigtimedwait with a blocked set and stack values.
         let signal = unsafe { libc::sigtimedwait(&signals, std::ptr::null_mut(), &timeout) };
         if signal == libc::SIGTERM || signal == libc::SIGINT {
-            eprintln!("hookstream: signal received, closing connections with 1001 and stopping");
+            crate::log::info(
+                "hookstream: signal received, closing connections with 1001 and stopping",
+            );
             break;
+        }
+        if signal == libc::SIGUSR2 {
+            let pid = std::process::id();
+            let outcome = upgrade_process::perform(upgrade_process::Old {
+                mesh: &mesh,
+                shards,
+                listeners: &shared.listeners,
+                lock: &mut lock,
+            });
+            match outcome {
+                Outcome::Serving(new_pid) => {
+                    crate::log::info(format_args!("hookstream: upgrade: process {new_pid} serves every connection now; process {pid} exits"));
+                    upgrade_process::write_outcome(
+                        &config.data_dir,
+                        &format!("ok {pid} {new_pid}"),
+                    );
+                    stop_shards(&mesh, shards);
+                    for handle in handles {
+                        let _ = handle.join();
+                    }
+                    return Ok(());
+                }
+                Outcome::Failed(reason) => {
+                    crate::log::warn(format_args!(
+                        "hookstream: upgrade failed, this process serves on: {reason}"
+                    ));
+                    upgrade_process::write_outcome(
+                        &config.data_dir,
+                        &format!("failed {pid} {reason}"),
+                    );
+                }
+                Outcome::Lost(reason) => {
+                    crate::log::error(format_args!(
+                        "hookstream: upgrade failed after the handover, stopping: {reason}"
+                    ));
+                    upgrade_process::write_outcome(
+                        &config.data_dir,
+                        &format!("failed {pid} {reason} (the old process stopped)"),
+                    );
+                    stop_shards(&mesh, shards);
+                    for handle in handles {
+                        let _ = handle.join();
+                    }
+                    return Err(format!("upgrade failed after the handover: {reason}"));
+                }
+            }
         }
         if let Some(tls) = &tls {
             let hangup = signal == libc::SIGHUP;
@@ -225,14 +421,14 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
                 if hangup || (stamp.is_some() && stamp != tls_stamp) {
                     tls_stamp = stamp;
                     match tls.reload() {
-                        Ok(()) => eprintln!(
+                        Ok(()) => crate::log::info(format_args!(
                             "hookstream: TLS pair reloaded from {} and {} for new connections",
                             tls.cert.display(),
                             tls.key.display()
-                        ),
-                        Err(e) => eprintln!(
+                        )),
+                        Err(e) => crate::log::warn(format_args!(
                             "hookstream: TLS pair not reloaded, the old one stays in use: {e}"
-                        ),
+                        )),
                     }
                 }
             }
@@ -249,6 +445,7 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
     for handle in handles {
         let _ = handle.join();
     }
+    upgrade_process::remove_pid_file(&config.data_dir);
     Ok(())
 }
 
@@ -331,27 +528,14 @@ async fn shard_main(
         parked: public::Parked::default(),
         access: access::AccessState::new(&config, shared.signer.clone(), shared.revoked.clone()),
         tls: shared.tls.clone(),
+        handover: upgrade::Handover::default(),
     });
-    let public_listener = match listen_public(config.listen) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = ready.send(Err(format!(
-                "cannot listen on {} (--listen): {e}",
-                config.listen
-            )));
-            return;
-        }
-    };
-    let admin_listener = match listen(config.admin_listen) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = ready.send(Err(format!(
-                "cannot listen on {} (--admin-listen): {e}",
-                config.admin_listen
-            )));
-            return;
-        }
-    };
+    let (public_listener, admin_listener) = shared.listeners[id];
+    // Connections handed over by the previous process (hot upgrade).
+    let adopted = std::mem::take(&mut shared.adopted.lock().expect("not poisoned")[id]);
+    for (fd, record) in adopted {
+        upgrade::adopt_record(&shard, fd, record);
+    }
 
     // Messages from the other shards.
     let mesh_task = {
@@ -363,6 +547,31 @@ async fn shard_main(
                     match message {
                         ShardMessage::Adopt(handoff) => public::adopt(&shard, handoff),
                         ShardMessage::Stop => shard.shutdown.trigger(),
+                        ShardMessage::Freeze { reply } => {
+                            let shard = shard.clone();
+                            glommio::spawn_local(async move {
+                                let snapshot = upgrade::freeze(&shard).await;
+                                let _ = reply.send((shard.id, snapshot));
+                            })
+                            .detach();
+                        }
+                        ShardMessage::Thaw => upgrade::thaw(&shard),
+                        ShardMessage::Retire { reply } => {
+                            let shard = shard.clone();
+                            glommio::spawn_local(async move {
+                                upgrade::retire(&shard).await;
+                                let _ = reply.send((shard.id, ()));
+                            })
+                            .detach();
+                        }
+                        ShardMessage::Release { reply } => {
+                            let shard = shard.clone();
+                            glommio::spawn_local(async move {
+                                upgrade::release(&shard).await;
+                                let _ = reply.send((shard.id, ()));
+                            })
+                            .detach();
+                        }
                         ShardMessage::Publish { messages, reply } => {
                             let shard = shard.clone();
                             glommio::spawn_local(async move {
@@ -408,7 +617,10 @@ async fn shard_main(
             &shutdown,
             public::accept_loop(shard.clone(), public_listener),
         ),
-        spawn_until(&shutdown, admin::accept_loop(shard.clone(), admin_listener)),
+        spawn_until(
+            &shutdown,
+            upgrade::accept_loop(shard.clone(), admin_listener, admin::on_accept),
+        ),
         spawn_until(&shutdown, heartbeat_loop(shard.clone())),
         spawn_until(&shutdown, key_reload_loop(shard.clone())),
         spawn_until(&shutdown, sync_metrics_loop(shard.clone())),
@@ -493,7 +705,7 @@ async fn demo_loop(shard: Rc<Shard>, enabled: bool) {
         glommio::timer::sleep(Duration::from_secs(1)).await;
         tick += 1;
         if let Err(e) = shard.publish(crate::demo::messages(tick)).await {
-            eprintln!("hookstream: demo publish failed: {e}");
+            crate::log::warn(format_args!("hookstream: demo publish failed: {e}"));
         }
     }
 }

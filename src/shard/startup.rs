@@ -122,29 +122,15 @@ pub fn lock_data_dir(dir: &PathBuf) -> Result<std::fs::File, String> {
 /// `net.core.somaxconn`).
 const LISTEN_BACKLOG: i32 = 4096;
 
-/// A listener with SO_REUSEPORT (every shard binds the same address) and
-/// SO_REUSEADDR. glommio's own `bind` sets only the first; without the second,
-/// the TIME_WAIT sockets a stopped server leaves behind make a restart on the
-/// same port fail for a minute.
-pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<glommio::net::TcpListener> {
-    use std::os::unix::io::{FromRawFd, IntoRawFd};
-    let socket = listen_socket(addr)?;
-    // SAFETY: the listener takes ownership of the descriptor.
-    Ok(unsafe { glommio::net::TcpListener::from_raw_fd(socket.into_raw_fd()) })
-}
-
-/// The public listener: as [`listen`], non-blocking, and with TCP_NODELAY,
-/// which Linux copies to every accepted socket (one `setsockopt` less per
-/// connection). Its accepts are the shard's own (`public::accept_loop`),
-/// not glommio's.
-pub fn listen_public(addr: std::net::SocketAddr) -> std::io::Result<socket2::Socket> {
-    let socket = listen_socket(addr)?;
-    socket.set_nonblocking(true)?;
-    socket.set_nodelay(true)?;
-    Ok(socket)
-}
-
-fn listen_socket(addr: std::net::SocketAddr) -> std::io::Result<socket2::Socket> {
+/// A listening socket with SO_REUSEPORT (every shard binds the same
+/// address) and SO_REUSEADDR, non-blocking (the accept loops take
+/// connections with `accept4` once it is readable; see
+/// `upgrade::accept_loop`), close-on-exec. glommio's own `bind` sets only
+/// the first option; without the second, the TIME_WAIT sockets a stopped
+/// server leaves behind make a restart on the same port fail for a minute.
+/// The process owns the descriptor for its life.
+pub fn listen_socket(addr: std::net::SocketAddr) -> std::io::Result<std::os::unix::io::RawFd> {
+    use std::os::unix::io::IntoRawFd;
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM.cloexec(),
@@ -154,7 +140,31 @@ fn listen_socket(addr: std::net::SocketAddr) -> std::io::Result<socket2::Socket>
     socket.set_reuse_port(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
-    Ok(socket)
+    socket.set_nonblocking(true)?;
+    Ok(socket.into_raw_fd())
+}
+
+/// Sets TCP_NODELAY on the public listener, which Linux copies to every
+/// accepted socket (one `setsockopt` less per connection); also on a
+/// listener inherited from an older process.
+pub fn set_listener_nodelay(fd: std::os::unix::io::RawFd) -> std::io::Result<()> {
+    let socket = std::mem::ManuallyDrop::new(
+        // SAFETY: borrowed for the call; ManuallyDrop keeps it open.
+        unsafe { <socket2::Socket as std::os::unix::io::FromRawFd>::from_raw_fd(fd) },
+    );
+    socket.set_nodelay(true)
+}
+
+/// The address a listening socket is bound to.
+pub fn local_addr(fd: std::os::unix::io::RawFd) -> std::io::Result<std::net::SocketAddr> {
+    let socket = std::mem::ManuallyDrop::new(
+        // SAFETY: borrowed for the call; ManuallyDrop keeps it open.
+        unsafe { <socket2::Socket as std::os::unix::io::FromRawFd>::from_raw_fd(fd) },
+    );
+    socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("not an IP socket"))
 }
 
 /// Finds out whether the address is free (a plain, non-reuseport bind

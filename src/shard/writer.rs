@@ -85,12 +85,31 @@ impl Shard {
 /// writes it to the subscribers. Runs for the life of the shard.
 pub async fn commit_loop(shard: Rc<Shard>) {
     loop {
+        // At rest until publishes wait and no hot upgrade froze the shard:
+        // a freeze finds the committer here, between rounds, with every
+        // committed message given to every subscriber.
+        shard.handover.committer_at_rest.set(true);
+        loop {
+            let pending = shard.history.pending_generation();
+            let phase = shard.handover.changed.generation();
+            if shard.handover.phase() != super::upgrade::Phase::Frozen
+                && shard.history.has_pending()
+            {
+                break;
+            }
+            futures_lite::future::or(
+                shard.history.wait_pending(pending),
+                shard.handover.changed.wait(phase),
+            )
+            .await;
+        }
+        shard.handover.committer_at_rest.set(false);
         let mut round = shard.history.commit_next().await;
         if let Err(e) = round.outcome() {
-            eprintln!(
+            crate::log::error(format_args!(
                 "hookstream: history: shard {}: commit failed: {e}",
                 shard.id
-            );
+            ));
             round.answer();
             continue;
         }
@@ -126,8 +145,25 @@ pub fn wire() -> impl crate::registry::Wire {
     super::tls_wire::TlsAwareWire
 }
 
+thread_local! {
+    /// Set while a hot upgrade has this shard frozen (`shard::upgrade`):
+    /// every write of the shard then behaves as if the socket took
+    /// nothing, so whatever is queued meanwhile stays in the send queues,
+    /// where the snapshot finds it, and no byte reaches a connection the
+    /// new process may be serving.
+    static WRITES_HELD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Holds (or releases) every write of this shard's thread.
+pub fn hold_writes(held: bool) {
+    WRITES_HELD.with(|h| h.set(held));
+}
+
 /// Non-blocking vectored send on a raw socket: the plaintext wire.
 pub fn send_vectored(fd: RawFd, slices: &[IoSlice<'_>]) -> std::io::Result<usize> {
+    if WRITES_HELD.with(|h| h.get()) {
+        return Err(std::io::ErrorKind::WouldBlock.into());
+    }
     // SAFETY: IoSlice is ABI-compatible with iovec on Unix; msghdr is plain
     // data and every pointer in it outlives the call.
     unsafe {

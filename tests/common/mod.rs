@@ -147,7 +147,13 @@ pub fn create_key(data_dir: &Path, org: &str) -> String {
 /// A `Command` for the binary with every `HOOKSTREAM_*` variable of the
 /// surrounding environment removed, so tests see only their own flags.
 pub fn hookstream_command() -> Command {
-    let mut command = Command::new(binary());
+    hookstream_command_at(Path::new(binary()))
+}
+
+/// [`hookstream_command`] for the binary at `exe` (a copy, say, that a
+/// test replaces while the server runs).
+pub fn hookstream_command_at(exe: &Path) -> Command {
+    let mut command = Command::new(exe);
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("HOOKSTREAM_") {
             command.env_remove(name);
@@ -232,7 +238,16 @@ impl ServerBuilder {
 /// (PR_SET_PDEATHSIG) even when the test panics before cleaning up. The
 /// caller chooses stdout and stderr.
 pub fn serve_command<S: AsRef<std::ffi::OsStr>>(data_dir: &Path, args: &[S]) -> Command {
-    let mut command = hookstream_command();
+    serve_command_at(Path::new(binary()), data_dir, args)
+}
+
+/// [`serve_command`] for the binary at `exe`.
+pub fn serve_command_at<S: AsRef<std::ffi::OsStr>>(
+    exe: &Path,
+    data_dir: &Path,
+    args: &[S],
+) -> Command {
+    let mut command = hookstream_command_at(exe);
     command
         .arg("serve")
         .arg("--data-dir")
@@ -288,10 +303,14 @@ pub fn spawn_serve_with_env(
     timeout: Duration,
 ) -> Result<Spawned, StartError> {
     let mut command = serve_command(data_dir, args);
-    command
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    command.envs(env.iter().copied());
+    spawn_command(command, timeout)
+}
+
+/// Starts a `serve` command (stdout discarded, stderr collected) and waits
+/// up to `timeout` for its listening line.
+pub fn spawn_command(mut command: Command, timeout: Duration) -> Result<Spawned, StartError> {
+    command.stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = command.spawn().expect("spawn hookstream serve");
     let stderr = child.stderr.take().expect("stderr is piped");
     let lines = Arc::new(Mutex::new(Vec::new()));

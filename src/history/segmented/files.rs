@@ -135,13 +135,13 @@ pub(super) async fn load_org(org_id: &str, dir: PathBuf) -> Result<OrgLog, Strin
             });
         });
         if let Some(stop) = stop {
-            eprintln!(
+            crate::log::warn(format_args!(
                 "hookstream: warning: history segment {}: {} at offset {}: dropping that record and the {} byte(s) after it in this segment",
                 path.display(),
                 stop.error.describe(),
                 stop.offset,
                 bytes.len() - stop.offset
-            );
+            ));
             file.truncate(stop.offset as u64)
                 .await
                 .map_err(|e| format!("{}: {e}", path.display()))?;

@@ -186,11 +186,11 @@ impl SegmentedLog {
                             data: record.data.into(),
                         });
                     }
-                    Err(error) => eprintln!(
+                    Err(error) => crate::log::warn(format_args!(
                         "hookstream: history: {}: {} at offset {offset} while reading; record skipped",
                         path.display(),
                         error.describe()
-                    ),
+                    )),
                 }
             }
             at = end_index;

@@ -29,6 +29,10 @@ impl CloseCode {
     pub const MESSAGE_TOO_BIG: CloseCode = CloseCode(1009);
     /// 1011: a bug or failure on our side.
     pub const INTERNAL_ERROR: CloseCode = CloseCode(1011);
+    /// 1012 ("service restart"): a hot upgrade could not carry this
+    /// connection over (a wss connection, one in the middle of a replay);
+    /// the client reconnects and resumes with `after`.
+    pub const SERVICE_RESTART: CloseCode = CloseCode(1012);
     /// 1013 ("try again later"): a slow consumer, whose send queue passed
     /// its limit.
     pub const SLOW_CONSUMER: CloseCode = CloseCode(1013);
@@ -62,6 +66,7 @@ impl CloseCode {
             CloseCode::SLOW_CONSUMER => "slow consumer",
             CloseCode::KEY_REVOKED => "key revoked",
             CloseCode::POLICY => "heartbeat timeout",
+            CloseCode::SERVICE_RESTART => "service restart",
             _ => "",
         }
     }

@@ -232,6 +232,43 @@ impl Decoder {
         }
     }
 
+    /// The fragmented message open in this decoder, for a hot upgrade
+    /// (`handoff::OpenMessage`): its kind (1 text, 2 binary, 3 compressed
+    /// text, 4 compressed binary), the bytes of a text known to be valid
+    /// UTF-8, and the payload assembled so far.
+    pub fn open_message(&self) -> Option<(u8, usize, &[u8])> {
+        match self.state {
+            Assembly::Text { utf8_valid_bytes } => Some((1, utf8_valid_bytes, &self.assembly)),
+            Assembly::Binary => Some((2, 0, &self.assembly)),
+            Assembly::Compressed { binary: false } => Some((3, 0, &self.assembly)),
+            Assembly::Compressed { binary: true } => Some((4, 0, &self.assembly)),
+            Assembly::Idle | Assembly::Delivered => None,
+        }
+    }
+
+    /// Reopens a fragmented message written out by [`Decoder::open_message`]
+    /// in another process; false (nothing changed) for a kind it does not
+    /// know or a payload past the message limit.
+    pub fn restore_open_message(
+        &mut self,
+        kind: u8,
+        utf8_valid_bytes: usize,
+        bytes: Vec<u8>,
+    ) -> bool {
+        if bytes.len() > self.config.message_bytes_max || utf8_valid_bytes > bytes.len() {
+            return false;
+        }
+        self.state = match kind {
+            1 => Assembly::Text { utf8_valid_bytes },
+            2 => Assembly::Binary,
+            3 => Assembly::Compressed { binary: false },
+            4 => Assembly::Compressed { binary: true },
+            _ => return false,
+        };
+        self.assembly = bytes;
+        true
+    }
+
     /// Drops a partly assembled message and frees its buffer, e.g. when a
     /// connection goes idle. A continuation of the dropped message that
     /// arrives later is then a protocol error (1002), so call this only

@@ -1,0 +1,501 @@
+//! The hot upgrade's wire: what a live connection is, written out for a
+//! new process to adopt (its socket travels beside it with `SCM_RIGHTS`),
+//! and the control channel between the old and the new process — a
+//! `SOCK_SEQPACKET` socketpair whose one end the new process inherits.
+//! Pure format and plain syscalls: the process choreography is
+//! `shard::upgrade` (docs/ARCHITECTURE.md, "Hot upgrade").
+//!
+//! The state format is versioned: the old process writes its own
+//! [`VERSION`]; the new one says which versions it reads ([`READS`]: its
+//! own and the previous one) before anything is frozen, so a binary that
+//! cannot read the state is refused without any client noticing.
+
+use std::os::unix::io::RawFd;
+use std::time::{Duration, Instant};
+
+/// The version of the connection record this binary writes.
+pub const VERSION: u16 = 1;
+/// The versions this binary reads: its own and the previous one (there is
+/// none before 1).
+pub const READS: &[u16] = &[1];
+
+/// The environment variable naming the inherited control socket.
+pub const FD_ENV: &str = "HOOKSTREAM_HANDOFF_FD";
+
+/// Most descriptors per `SCM_RIGHTS` message (the kernel's `SCM_MAX_FD` is
+/// 253).
+pub const FDS_PER_MESSAGE: usize = 250;
+/// Most record bytes per data message (a seqpacket message must fit the
+/// socket's send buffer).
+pub const DATA_PER_MESSAGE: usize = 32 * 1024;
+
+/// A fragmented client message open when the connection was written out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenMessage {
+    /// 1 text, 2 binary, 3 compressed text, 4 compressed binary.
+    pub kind: u8,
+    /// Text only: bytes of `bytes` known to be valid UTF-8.
+    pub utf8_valid_bytes: u32,
+    /// The unmasked payload assembled so far.
+    pub bytes: Vec<u8>,
+}
+
+/// Everything a live WebSocket connection is, apart from its socket.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnRecord {
+    /// The org.
+    pub org_id: String,
+    /// The API key id it was accepted with.
+    pub key_id: String,
+    /// The session id and expiry (Unix seconds) when a cookie signed it in.
+    pub session: Option<(u128, u64)>,
+    /// Subscriptions by channel name, each with the seq of the last
+    /// message of the org delivered (sent or queued) to it: the new
+    /// process delivers what the log holds above it.
+    pub channels: Vec<(String, u64)>,
+    /// Bytes of a client frame not yet complete (still masked).
+    pub partial: Vec<u8>,
+    /// A fragmented client message in assembly.
+    pub open_message: Option<OpenMessage>,
+    /// Bytes queued for the client and not yet written, from the first
+    /// unwritten byte (possibly inside a frame).
+    pub queued: Vec<u8>,
+    /// Heartbeat: pings sent without any frame received since.
+    pub missed_pongs: u8,
+    /// Bad client messages in a row.
+    pub bad_messages_in_row: u8,
+    /// permessage-deflate window bits (0: not negotiated).
+    pub deflate_window_bits: u8,
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// Reads a record's fields from the front of a byte slice.
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.bytes.len() < n {
+            return Err("connection record cut short".to_string());
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn u128(&mut self) -> Result<u128, String> {
+        Ok(u128::from_le_bytes(
+            self.take(16)?.try_into().expect("16 bytes"),
+        ))
+    }
+    fn bytes(&mut self) -> Result<Vec<u8>, String> {
+        let n = self.u32()? as usize;
+        Ok(self.take(n)?.to_vec())
+    }
+    fn string(&mut self) -> Result<String, String> {
+        String::from_utf8(self.bytes()?).map_err(|_| "connection record: bad text".to_string())
+    }
+}
+
+impl ConnRecord {
+    /// Appends the record (length-prefixed) in format [`VERSION`].
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        put_bytes(out, self.org_id.as_bytes());
+        put_bytes(out, self.key_id.as_bytes());
+        match self.session {
+            None => out.push(0),
+            Some((id, expires)) => {
+                out.push(1);
+                out.extend_from_slice(&id.to_le_bytes());
+                out.extend_from_slice(&expires.to_le_bytes());
+            }
+        }
+        out.extend_from_slice(&(self.channels.len() as u32).to_le_bytes());
+        for (name, seq) in &self.channels {
+            put_bytes(out, name.as_bytes());
+            out.extend_from_slice(&seq.to_le_bytes());
+        }
+        put_bytes(out, &self.partial);
+        match &self.open_message {
+            None => out.push(0),
+            Some(open) => {
+                out.push(open.kind);
+                out.extend_from_slice(&open.utf8_valid_bytes.to_le_bytes());
+                put_bytes(out, &open.bytes);
+            }
+        }
+        put_bytes(out, &self.queued);
+        out.extend_from_slice(&[
+            self.missed_pongs,
+            self.bad_messages_in_row,
+            self.deflate_window_bits,
+        ]);
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    }
+
+    /// Reads one record of format `version` from the front of `bytes`;
+    /// returns it and the bytes it took.
+    pub fn decode(version: u16, bytes: &[u8]) -> Result<(ConnRecord, usize), String> {
+        if !READS.contains(&version) {
+            return Err(format!(
+                "state format version {version} is not one this binary reads"
+            ));
+        }
+        let mut outer = Reader { bytes };
+        let len = outer.u32()? as usize;
+        let body = outer.take(len)?;
+        let mut r = Reader { bytes: body };
+        let org_id = r.string()?;
+        let key_id = r.string()?;
+        let session = match r.u8()? {
+            0 => None,
+            _ => Some((r.u128()?, r.u64()?)),
+        };
+        let count = r.u32()? as usize;
+        let mut channels = Vec::with_capacity(count.min(1024));
+        for _ in 0..count {
+            let name = r.string()?;
+            channels.push((name, r.u64()?));
+        }
+        let partial = r.bytes()?;
+        let open_message = match r.u8()? {
+            0 => None,
+            kind @ 1..=4 => Some(OpenMessage {
+                kind,
+                utf8_valid_bytes: r.u32()?,
+                bytes: r.bytes()?,
+            }),
+            other => return Err(format!("connection record: unknown message kind {other}")),
+        };
+        let queued = r.bytes()?;
+        let missed_pongs = r.u8()?;
+        let bad_messages_in_row = r.u8()?;
+        let deflate_window_bits = r.u8()?;
+        if !r.bytes.is_empty() {
+            return Err("connection record: trailing bytes".to_string());
+        }
+        Ok((
+            ConnRecord {
+                org_id,
+                key_id,
+                session,
+                channels,
+                partial,
+                open_message,
+                queued,
+                missed_pongs,
+                bad_messages_in_row,
+                deflate_window_bits,
+            },
+            4 + len,
+        ))
+    }
+}
+
+/// Kinds of control messages (the first byte of each seqpacket).
+pub mod kind {
+    /// New → old: the versions it reads (u16 each).
+    pub const HELLO: u8 = b'H';
+    /// Old → new: version u16, listener count u32, connection count u32.
+    pub const START: u8 = b'S';
+    /// Old → new: descriptors (listeners first, then connections in order).
+    pub const FDS: u8 = b'F';
+    /// Old → new: a piece of the records' byte stream.
+    pub const DATA: u8 = b'D';
+    /// Old → new: everything was sent.
+    pub const END: u8 = b'E';
+    /// New → old: the state was read; nothing is served yet.
+    pub const READY: u8 = b'R';
+    /// Old → new: the old process let go of the log and the data
+    /// directory's lock; serve.
+    pub const RELEASED: u8 = b'G';
+    /// New → old: serving (pid u32).
+    pub const SERVING: u8 = b'K';
+    /// Either way: giving up, with the reason as text.
+    pub const FAILED: u8 = b'X';
+}
+
+/// A received control message: its kind, body and descriptors.
+pub type Message = (u8, Vec<u8>, Vec<RawFd>);
+
+/// One end of the control channel.
+#[derive(Debug)]
+pub struct Channel {
+    fd: RawFd,
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        // SAFETY: the channel owns its descriptor.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+impl Channel {
+    /// A connected pair: (old process's end, new process's end). Both are
+    /// close-on-exec; the spawner clears the flag on the one it passes.
+    pub fn pair() -> std::io::Result<(Channel, Channel)> {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair into a stack array.
+        let rc = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((Channel { fd: fds[0] }, Channel { fd: fds[1] }))
+    }
+
+    /// Takes the descriptor named by [`FD_ENV`] (the new process's end).
+    pub fn from_env() -> Option<Result<Channel, String>> {
+        let value = std::env::var(FD_ENV).ok()?;
+        std::env::remove_var(FD_ENV);
+        Some(match value.parse::<RawFd>() {
+            Ok(fd) if fd > 2 => {
+                // SAFETY: F_SETFD on the inherited descriptor.
+                unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+                Ok(Channel { fd })
+            }
+            _ => Err(format!("{FD_ENV}={value} is not a descriptor")),
+        })
+    }
+
+    /// The descriptor.
+    pub fn raw(&self) -> RawFd {
+        self.fd
+    }
+
+    /// Sends one message: `kind`, `body`, and descriptors (`SCM_RIGHTS`;
+    /// the caller keeps its own).
+    pub fn send(&self, kind: u8, body: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+        assert!(fds.len() <= FDS_PER_MESSAGE);
+        let mut message = Vec::with_capacity(1 + body.len());
+        message.push(kind);
+        message.extend_from_slice(body);
+        let mut iov = libc::iovec {
+            iov_base: message.as_mut_ptr().cast(),
+            iov_len: message.len(),
+        };
+        // SAFETY: CMSG_SPACE is a pure computation.
+        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of_val(fds) as u32) } as usize;
+        let mut control = vec![0u8; space.max(1)];
+        // SAFETY: msghdr over stack and heap buffers that outlive the call;
+        // the control buffer is CMSG_SPACE bytes for `fds`.
+        unsafe {
+            let mut header: libc::msghdr = std::mem::zeroed();
+            header.msg_iov = &mut iov;
+            header.msg_iovlen = 1;
+            if !fds.is_empty() {
+                header.msg_control = control.as_mut_ptr().cast();
+                header.msg_controllen = space as _;
+                let cmsg = libc::CMSG_FIRSTHDR(&header);
+                (*cmsg).cmsg_level = libc::SOL_SOCKET;
+                (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as _;
+                std::ptr::copy_nonoverlapping(
+                    fds.as_ptr(),
+                    libc::CMSG_DATA(cmsg).cast::<RawFd>(),
+                    fds.len(),
+                );
+            }
+            loop {
+                let sent = libc::sendmsg(self.fd, &header, libc::MSG_NOSIGNAL);
+                if sent >= 0 {
+                    return Ok(());
+                }
+                let error = std::io::Error::last_os_error();
+                if error.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the next message; `Ok(None)` on timeout,
+    /// an `UnexpectedEof` error when the other end is gone. Received
+    /// descriptors are close-on-exec and owned by the caller.
+    pub fn receive(&self, timeout: Duration) -> std::io::Result<Option<Message>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut poll = libc::pollfd {
+                fd: self.fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll on one stack pollfd.
+            let ready =
+                unsafe { libc::poll(&mut poll, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+            if ready < 0 {
+                let error = std::io::Error::last_os_error();
+                if error.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(error);
+            }
+            if ready == 0 {
+                return Ok(None);
+            }
+            return self.receive_now().map(Some);
+        }
+    }
+
+    fn receive_now(&self) -> std::io::Result<Message> {
+        let mut buffer = vec![0u8; DATA_PER_MESSAGE + 64];
+        let mut iov = libc::iovec {
+            iov_base: buffer.as_mut_ptr().cast(),
+            iov_len: buffer.len(),
+        };
+        // SAFETY: CMSG_SPACE is a pure computation.
+        let space =
+            unsafe { libc::CMSG_SPACE((FDS_PER_MESSAGE * std::mem::size_of::<RawFd>()) as u32) }
+                as usize;
+        let mut control = vec![0u8; space];
+        // SAFETY: recvmsg into buffers that outlive the call; the control
+        // messages are walked with the CMSG macros within msg_controllen.
+        unsafe {
+            let mut header: libc::msghdr = std::mem::zeroed();
+            header.msg_iov = &mut iov;
+            header.msg_iovlen = 1;
+            header.msg_control = control.as_mut_ptr().cast();
+            header.msg_controllen = space as _;
+            let received = libc::recvmsg(self.fd, &mut header, libc::MSG_CMSG_CLOEXEC);
+            if received < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut fds = Vec::new();
+            let mut cmsg = libc::CMSG_FIRSTHDR(&header);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                    let bytes = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                    for i in 0..bytes / std::mem::size_of::<RawFd>() {
+                        fds.push(std::ptr::read_unaligned(data.add(i)));
+                    }
+                }
+                cmsg = libc::CMSG_NXTHDR(&header, cmsg);
+            }
+            if header.msg_flags & libc::MSG_CTRUNC != 0 {
+                for fd in fds {
+                    libc::close(fd);
+                }
+                return Err(std::io::Error::other("descriptors cut short"));
+            }
+            if received == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            buffer.truncate(received as usize);
+            let kind = buffer.remove(0);
+            Ok((kind, buffer, fds))
+        }
+    }
+}
+
+/// The versions a HELLO body names.
+pub fn versions_of(body: &[u8]) -> Vec<u16> {
+    body.chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect()
+}
+
+/// The body of this binary's HELLO.
+pub fn hello_body() -> Vec<u8> {
+    READS.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ConnRecord {
+        ConnRecord {
+            org_id: "org_a".into(),
+            key_id: "key_1".into(),
+            session: Some((0xdead_beef_u128 << 64 | 7, 1_900_000_000)),
+            channels: vec![("events".into(), 41), ("deliveries:r_1".into(), 41)],
+            partial: vec![0x81, 0x85, 1, 2],
+            open_message: Some(OpenMessage {
+                kind: 1,
+                utf8_valid_bytes: 3,
+                bytes: b"abc\xe2".to_vec(),
+            }),
+            queued: vec![9; 300],
+            missed_pongs: 1,
+            bad_messages_in_row: 2,
+            deflate_window_bits: 15,
+        }
+    }
+
+    #[test]
+    fn a_record_round_trips_and_reports_its_length() {
+        let mut out = Vec::new();
+        sample().encode(&mut out);
+        ConnRecord::default().encode(&mut out);
+        let (first, used) = ConnRecord::decode(VERSION, &out).unwrap();
+        assert_eq!(first, sample());
+        let (second, used2) = ConnRecord::decode(VERSION, &out[used..]).unwrap();
+        assert_eq!(second, ConnRecord::default());
+        assert_eq!(used + used2, out.len());
+    }
+
+    #[test]
+    fn an_unknown_version_or_a_cut_record_is_refused() {
+        let mut out = Vec::new();
+        sample().encode(&mut out);
+        assert!(ConnRecord::decode(VERSION + 1, &out)
+            .unwrap_err()
+            .contains("version"));
+        for cut in 0..out.len() {
+            assert!(
+                ConnRecord::decode(VERSION, &out[..cut]).is_err(),
+                "cut {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn descriptors_and_bytes_cross_the_channel() {
+        let (old, new) = Channel::pair().unwrap();
+        let (a, b) = Channel::pair().unwrap();
+        old.send(kind::FDS, b"xy", &[a.raw(), b.raw()]).unwrap();
+        let (k, body, fds) = new.receive(Duration::from_secs(5)).unwrap().unwrap();
+        assert_eq!((k, body.as_slice(), fds.len()), (kind::FDS, &b"xy"[..], 2));
+        // The received descriptors are the same sockets: a message sent on
+        // the first arrives at `b`.
+        let copy = Channel { fd: fds[0] };
+        copy.send(kind::DATA, b"z", &[]).unwrap();
+        let (k, body, _) = b.receive(Duration::from_secs(5)).unwrap().unwrap();
+        assert_eq!((k, body.as_slice()), (kind::DATA, &b"z"[..]));
+        // SAFETY: closing the second received descriptor, which we own.
+        unsafe { libc::close(fds[1]) };
+        drop(old);
+        let gone = new.receive(Duration::from_secs(5)).unwrap_err();
+        assert_eq!(gone.kind(), std::io::ErrorKind::UnexpectedEof);
+        assert_eq!(versions_of(&hello_body()), READS);
+    }
+}

@@ -1,0 +1,402 @@
+//! The hot upgrade, one shard's part (docs/ARCHITECTURE.md, "Hot
+//! upgrade"): the phase the shard is in, freezing it and writing out its
+//! connections, thawing it when the upgrade fails, retiring it when the new
+//! process took over; and, in the new process, adopting the connections
+//! written out by the old one.
+//!
+//! The process's part (spawning the new binary, the control channel, the
+//! outcome) is `upgrade_process`.
+
+use std::cell::{Cell, RefCell};
+use std::os::unix::io::RawFd;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use super::{reactor, Handoff, Shard};
+use crate::handoff::{ConnRecord, OpenMessage};
+use crate::notify::Notify;
+use crate::protocol::ws::CloseCode;
+use crate::registry::{ConnKey, ConnState, Frame, Partial};
+
+/// Where a shard is in a hot upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Phase {
+    /// Serving as usual.
+    #[default]
+    Serving,
+    /// Frozen: no accept, no read, no write, no commit; the connections
+    /// were written out for a new process, which may still fail.
+    Frozen,
+    /// The new process took the connections: this shard lets go of its
+    /// listeners, commits what publishes it has, and drains.
+    Retiring,
+}
+
+/// A shard's hot-upgrade state.
+#[derive(Default)]
+pub struct Handover {
+    phase: Cell<Phase>,
+    /// Notified at every phase change.
+    pub changed: Notify,
+    /// True while the committer waits for work (not in a round).
+    pub committer_at_rest: Cell<bool>,
+    /// The connections written out at the freeze.
+    handed: RefCell<Vec<ConnKey>>,
+    /// Admin requests between their complete head and their answer.
+    pub admin_requests: Cell<usize>,
+    /// Upgrades authenticated while frozen, adopted at the thaw.
+    deferred: RefCell<Vec<Handoff>>,
+}
+
+impl Handover {
+    /// The phase.
+    pub fn phase(&self) -> Phase {
+        self.phase.get()
+    }
+
+    /// True while serving as usual.
+    pub fn serving(&self) -> bool {
+        self.phase.get() == Phase::Serving
+    }
+
+    fn set(&self, phase: Phase) {
+        self.phase.set(phase);
+        super::writer::hold_writes(phase == Phase::Frozen);
+        self.changed.notify();
+    }
+
+    /// Resolves at the next phase change.
+    pub async fn wait_change(&self) {
+        let seen = self.changed.generation();
+        self.changed.wait(seen).await;
+    }
+
+    /// Keeps an upgrade that arrived while frozen for the thaw; false when
+    /// not frozen.
+    pub fn defer(&self, handoff: Handoff) -> Result<(), Handoff> {
+        if self.phase.get() == Phase::Frozen {
+            self.deferred.borrow_mut().push(handoff);
+            Ok(())
+        } else {
+            Err(handoff)
+        }
+    }
+}
+
+/// One shard's connections written out: their sockets (still owned by the
+/// shard) and their records, one after the other.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// The sockets, in record order.
+    pub fds: Vec<RawFd>,
+    /// The records ([`ConnRecord::encode`]).
+    pub records: Vec<u8>,
+}
+
+/// Freezes the shard and writes out every connection that can be carried
+/// over: open, plaintext, with no replay in progress. Waits (bounded) for
+/// the committer to finish the round it is delivering, so every
+/// connection has been given (sent or queued) every message of its org up
+/// to the org's seq, which is what the record says it has.
+pub async fn freeze(shard: &Shard) -> Snapshot {
+    shard.handover.set(Phase::Frozen);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !shard.handover.committer_at_rest.get() && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    let registry = shard.registry.borrow();
+    let mut snapshot = Snapshot::default();
+    let mut handed = shard.handover.handed.borrow_mut();
+    handed.clear();
+    if !shard.handover.committer_at_rest.get() {
+        // A round that does not end in 5 s (a disk that stalls): nothing is
+        // carried over; the connections are closed with 1012 if the
+        // upgrade goes on.
+        return snapshot;
+    }
+    for key in registry.keys() {
+        let Some(conn) = registry.get(key) else {
+            continue;
+        };
+        if conn.state != ConnState::Open
+            || shard.replays.of(key) > 0
+            || super::tls_wire::is_tls(key)
+        {
+            continue;
+        }
+        let seq = registry.org_seq_of(key);
+        let mut queued = Vec::new();
+        if let Some(queue) = &conn.send {
+            for (i, frame) in queue.frames.iter().enumerate() {
+                let from = if i == 0 { queue.front_sent as usize } else { 0 };
+                queued.extend_from_slice(&frame[from..]);
+            }
+        }
+        let (partial, open_message) = match &conn.partial {
+            Some(partial) => (
+                partial.bytes.clone(),
+                partial
+                    .decoder
+                    .open_message()
+                    .map(|(kind, valid, bytes)| OpenMessage {
+                        kind,
+                        utf8_valid_bytes: valid as u32,
+                        bytes: bytes.to_vec(),
+                    }),
+            ),
+            None => (Vec::new(), None),
+        };
+        let record = ConnRecord {
+            org_id: registry
+                .org_id_of(key)
+                .map(|o| o.to_string())
+                .unwrap_or_default(),
+            key_id: registry.key_id_of(key).unwrap_or_default().to_string(),
+            session: registry.session_of(key),
+            channels: registry
+                .channel_names_of(key)
+                .into_iter()
+                .map(|name| (name, seq))
+                .collect(),
+            partial,
+            open_message,
+            queued,
+            missed_pongs: conn.missed_pongs,
+            bad_messages_in_row: conn.bad_messages_in_row,
+            deflate_window_bits: conn.deflate_window_bits,
+        };
+        record.encode(&mut snapshot.records);
+        snapshot.fds.push(conn.fd);
+        handed.push(key);
+    }
+    snapshot
+}
+
+/// The upgrade failed: serve everything again as if nothing happened
+/// (the written-out connections were never touched by anyone else).
+pub fn thaw(shard: &Shard) {
+    shard.handover.handed.borrow_mut().clear();
+    shard.handover.set(Phase::Serving);
+    let deferred = std::mem::take(&mut *shard.handover.deferred.borrow_mut());
+    for handoff in deferred {
+        super::public::adopt(shard, handoff);
+    }
+}
+
+/// The new process has the connections: let go of them without a byte
+/// (its copies of the sockets keep them open), close the ones that could
+/// not be carried over with 1012, let the committer write what publishes
+/// are queued, and wait (bounded) until no admin request is in progress,
+/// so every publish this process took is answered.
+pub async fn retire(shard: &Shard) {
+    let handed = std::mem::take(&mut *shard.handover.handed.borrow_mut());
+    {
+        let mut registry = shard.registry.borrow_mut();
+        for key in handed {
+            let Some(conn) = registry.get(key) else {
+                continue;
+            };
+            let fd = conn.fd;
+            shard.reactor.remove(fd);
+            // SAFETY: the record owns its socket; the new process holds its
+            // own descriptor of it, so this sends nothing to the client.
+            unsafe { libc::close(fd) };
+            registry.remove(key);
+        }
+    }
+    shard.handover.set(Phase::Retiring);
+    {
+        let mut registry = shard.registry.borrow_mut();
+        for key in registry.keys() {
+            registry.request_close(key, CloseCode::SERVICE_RESTART);
+        }
+    }
+    let deferred = std::mem::take(&mut *shard.handover.deferred.borrow_mut());
+    for mut handoff in deferred {
+        // Never answered 101: refused like a full server; the client
+        // connects again, to the new process.
+        let fd = std::mem::replace(&mut handoff.fd, -1);
+        let mut out = Vec::with_capacity(160);
+        crate::protocol::http::write_error(&mut out, 503, &[("Connection", "close")]);
+        // SAFETY: send on and close of a descriptor we own.
+        unsafe {
+            libc::send(
+                fd,
+                out.as_ptr().cast(),
+                out.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            );
+            libc::close(fd);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while shard.handover.admin_requests.get() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// After every shard retired (no admin request anywhere, so no publish
+/// is on its way between shards): wait (bounded) for the committer to
+/// write what is queued, then hand the log over.
+pub async fn release(shard: &Shard) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (shard.history.has_pending() || !shard.handover.committer_at_rest.get())
+        && Instant::now() < deadline
+    {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    shard.history.release();
+}
+
+/// In the new process: registers a connection written out by the old one
+/// (owned `fd`), with no 101 and no welcome (it had those), its queued
+/// bytes first, its partial input restored; its subscriptions go live at
+/// once when the log holds nothing above their position, else through a
+/// replay from it (the publishes the old process committed after it
+/// froze).
+pub fn adopt_record(shard: &Shard, fd: RawFd, record: ConnRecord) {
+    let added = shard
+        .registry
+        .borrow_mut()
+        .add(&record.org_id, &record.key_id, fd);
+    let Ok((key, _)) = added else {
+        // Over a limit this process was started with: the client resumes.
+        send_close(fd, CloseCode::SERVICE_RESTART);
+        return;
+    };
+    {
+        let mut registry = shard.registry.borrow_mut();
+        if record.deflate_window_bits != 0 {
+            registry.set_deflate(key, record.deflate_window_bits);
+        }
+        if let Some((id, expires)) = record.session {
+            registry.set_session(key, id, expires);
+        }
+        if let Some(conn) = registry.get_mut(key) {
+            conn.missed_pongs = record.missed_pongs;
+            conn.bad_messages_in_row = record.bad_messages_in_row;
+        }
+        if !record.queued.is_empty() {
+            registry.enqueue(key, &Frame::from(record.queued));
+        }
+    }
+    if shard.reactor.add(fd, key).is_err() {
+        reactor::remove_now(shard, key);
+        return;
+    }
+    let org_id: Rc<str> = record.org_id.as_str().into();
+    let committed = shard.history.committed(&org_id);
+    for (channel, seq) in record.channels {
+        if committed > seq {
+            shard.replays.start(super::replay::ReplayJob {
+                key,
+                org_id: org_id.clone(),
+                channel,
+                after: seq,
+                id: 0,
+            });
+        } else {
+            let _ = shard.registry.borrow_mut().subscribe(key, &channel);
+        }
+    }
+    let has_input = !record.partial.is_empty() || record.open_message.is_some();
+    if has_input {
+        if let Some(conn) = shard.registry.borrow_mut().get_mut(key) {
+            let mut decoder = shard.decoder_for(conn);
+            if let Some(open) = record.open_message {
+                decoder.restore_open_message(open.kind, open.utf8_valid_bytes as usize, open.bytes);
+            }
+            conn.partial = Some(Box::new(Partial {
+                decoder,
+                bytes: record.partial,
+            }));
+        }
+    }
+    if !super::access::credential_still_valid(shard, &record.key_id, record.session) {
+        shard
+            .registry
+            .borrow_mut()
+            .request_close(key, CloseCode::KEY_REVOKED);
+    }
+    super::flush_one(&mut shard.registry.borrow_mut(), &shard.reactor, key);
+    if has_input {
+        // Complete frames may already wait behind the partial bytes.
+        reactor::read_ready(shard, key, false);
+    }
+}
+
+/// Closes a socket we own with a close frame (best effort).
+fn send_close(fd: RawFd, code: CloseCode) {
+    let mut close = [0u8; crate::protocol::ws::CLOSE_FRAME_BYTES_MAX];
+    let len = crate::protocol::ws::encode_close_frame(&mut close, code.get(), code.server_reason());
+    // SAFETY: send on and close of a descriptor we own.
+    unsafe {
+        libc::send(
+            fd,
+            close.as_ptr().cast(),
+            len,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        );
+        libc::close(fd);
+    }
+}
+
+/// Accepts on a listening socket shared with the other shards (and, in a
+/// hot upgrade, with the next process) while the shard serves: waits for
+/// readiness through glommio, then takes connections with a non-blocking
+/// `accept4` until none is left. Unlike an io_uring accept in flight,
+/// waiting for readiness can be given up at a freeze without losing a
+/// connection: what the kernel queued stays queued for whoever accepts
+/// next. Ends when the shard retires or shuts down.
+pub async fn accept_loop(
+    shard: Rc<Shard>,
+    listener: RawFd,
+    mut on_accept: impl FnMut(&Rc<Shard>, glommio::net::TcpStream),
+) {
+    use std::os::unix::io::FromRawFd;
+    loop {
+        match shard.handover.phase() {
+            Phase::Retiring => return,
+            Phase::Frozen => {
+                shard.handover.wait_change().await;
+                continue;
+            }
+            Phase::Serving => {}
+        }
+        // SAFETY: accept4 on the shared listener (non-blocking); the
+        // accepted descriptor is ours.
+        let fd = unsafe {
+            libc::accept4(
+                listener,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: a fresh descriptor we own.
+            let stream = unsafe { glommio::net::TcpStream::from_raw_fd(fd) };
+            on_accept(&shard, stream);
+            glommio::yield_if_needed().await;
+            continue;
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EAGAIN) => {
+                futures_lite::future::or(
+                    reactor::wait_readable(listener),
+                    shard.handover.wait_change(),
+                )
+                .await;
+            }
+            Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM) => {
+                // Out of descriptors: existing connections keep working;
+                // try again shortly.
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+            _ => {
+                // ECONNABORTED and the like: that one client is gone.
+                glommio::yield_if_needed().await;
+            }
+        }
+    }
+}

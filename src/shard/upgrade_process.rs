@@ -1,0 +1,537 @@
+//! The hot upgrade, the process's part (docs/ARCHITECTURE.md, "Hot
+//! upgrade"): in the serving process, on SIGUSR2, start the binary now at
+//! its own path with one end of a control channel, freeze the shards, pass
+//! the listeners and the connections, and either retire (the new process
+//! serves) or thaw (it failed; nothing noticed); in the new process, take
+//! the state before anything else. The outcome is written to
+//! `<data-dir>/hookstream.upgrade` for `hookstream upgrade`.
+
+use std::os::unix::io::RawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::mesh::Mesh;
+use super::upgrade::Snapshot;
+use super::ShardMessage;
+use crate::handoff::{self, kind, Channel, ConnRecord};
+
+/// How long the new binary has to say which state versions it reads.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the new binary has to read the state.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the new binary has, once the log is released, to serve.
+const SERVING_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a shard has to answer a step.
+const SHARD_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The name of the serving process's pid file in the data directory.
+pub const PID_FILE: &str = "hookstream.pid";
+/// The name of the last upgrade's outcome in the data directory.
+pub const OUTCOME_FILE: &str = "hookstream.upgrade";
+
+/// How an upgrade ended, for the old process.
+pub enum Outcome {
+    /// The new process (this pid) serves; this one drains and exits.
+    Serving(u32),
+    /// Nothing was handed over: this process serves on, unchanged.
+    Failed(String),
+    /// The new process failed after this one let go of the connections
+    /// and the log: this process cannot serve them any more and exits
+    /// (a supervisor restarts it; clients reconnect and resume).
+    Lost(String),
+}
+
+/// What the old process needs to upgrade.
+pub struct Old<'a> {
+    /// The shards' inboxes.
+    pub mesh: &'a Mesh,
+    /// How many shards.
+    pub shards: usize,
+    /// Each shard's (public, admin) listener.
+    pub listeners: &'a [(RawFd, RawFd)],
+    /// The data directory's lock, let go of with the log.
+    pub lock: &'a mut Option<std::fs::File>,
+}
+
+/// The path of the binary this process runs, as a path name (not the
+/// inode it started from): when the file was replaced, the new file.
+pub fn own_exe() -> Result<PathBuf, String> {
+    let link = std::fs::read_link("/proc/self/exe")
+        .map_err(|e| format!("cannot read /proc/self/exe: {e}"))?;
+    let text = link.to_string_lossy();
+    Ok(PathBuf::from(
+        text.strip_suffix(" (deleted)").unwrap_or(&text).to_string(),
+    ))
+}
+
+fn spawn(exe: &Path, theirs: &Channel) -> Result<Child, String> {
+    let fd = theirs.raw();
+    let mut command = std::process::Command::new(exe);
+    command
+        .args(std::env::args_os().skip(1))
+        .env(handoff::FD_ENV, fd.to_string());
+    // SAFETY: only async-signal-safe calls between fork and exec: the
+    // control socket loses close-on-exec, every other descriptor above
+    // stderr gets it (the sockets of this process's clients must not
+    // live on in the new process behind our back: a close here would not
+    // reach the client while a stray copy is open).
+    unsafe {
+        command.pre_exec(move || {
+            if fd > 3 {
+                libc::syscall(libc::SYS_close_range, 3u32, (fd - 1) as u32, 4u32);
+            }
+            libc::syscall(libc::SYS_close_range, (fd + 1) as u32, u32::MAX, 4u32);
+            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", exe.display()))
+}
+
+/// Waits for a message of kind `want` from the new process; `what` is
+/// the step in the past and in the infinitive ("answered", "answer").
+fn expect(
+    channel: &Channel,
+    child: &mut Child,
+    want: u8,
+    (what, to_do): (&str, &str),
+    timeout: Duration,
+) -> Result<Vec<u8>, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("the new binary exited ({status}) before it {what}"));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "the new binary did not {to_do} within {} s",
+                timeout.as_secs()
+            ));
+        }
+        match channel.receive(left.min(Duration::from_millis(100))) {
+            Ok(None) => continue,
+            Ok(Some((kind, body, fds))) => {
+                close_all(&fds);
+                if kind == want {
+                    return Ok(body);
+                }
+                if kind == kind::FAILED {
+                    return Err(format!(
+                        "the new binary refused: {}",
+                        String::from_utf8_lossy(&body)
+                    ));
+                }
+                return Err(format!(
+                    "the new binary sent message {kind} before it {what}"
+                ));
+            }
+            Err(_) => {
+                // Gone: report its exit status when it has one.
+                let deadline = Instant::now() + Duration::from_millis(500);
+                while Instant::now() < deadline {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return Err(format!("the new binary exited ({status}) before it {what}"));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                return Err(format!(
+                    "the new binary closed the channel before it {what}"
+                ));
+            }
+        }
+    }
+}
+
+fn close_all(fds: &[RawFd]) {
+    for fd in fds {
+        // SAFETY: received descriptors we own.
+        unsafe { libc::close(*fd) };
+    }
+}
+
+fn stop_child(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Sends `make(reply)` to every shard and collects their answers.
+fn ask_shards<T: Send + 'static>(
+    old: &Old<'_>,
+    make: impl Fn(mpsc::Sender<(usize, T)>) -> ShardMessage,
+) -> Result<Vec<T>, String> {
+    let (tx, rx) = mpsc::channel();
+    for id in 0..old.shards {
+        old.mesh
+            .send_to(id, make(tx.clone()))
+            .map_err(|_| format!("shard {id} stopped"))?;
+    }
+    drop(tx);
+    let deadline = Instant::now() + SHARD_TIMEOUT;
+    let mut answers: Vec<Option<T>> = (0..old.shards).map(|_| None).collect();
+    for _ in 0..old.shards {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (id, answer) = rx
+            .recv_timeout(left)
+            .map_err(|_| "a shard did not answer".to_string())?;
+        answers[id] = Some(answer);
+    }
+    Ok(answers
+        .into_iter()
+        .map(|a| a.expect("every shard answered"))
+        .collect())
+}
+
+fn thaw_all(old: &Old<'_>) {
+    for id in 0..old.shards {
+        let _ = old.mesh.send_to(id, ShardMessage::Thaw);
+    }
+}
+
+/// The upgrade, in the old process's main thread (see the module doc).
+pub fn perform(old: Old<'_>) -> Outcome {
+    let exe = match own_exe() {
+        Ok(exe) => exe,
+        Err(e) => return Outcome::Failed(e),
+    };
+    let (ours, theirs) = match Channel::pair() {
+        Ok(pair) => pair,
+        Err(e) => return Outcome::Failed(format!("cannot create the handoff channel: {e}")),
+    };
+    let mut child = match spawn(&exe, &theirs) {
+        Ok(child) => child,
+        Err(e) => return Outcome::Failed(e),
+    };
+    drop(theirs);
+    let hello = match expect(
+        &ours,
+        &mut child,
+        kind::HELLO,
+        ("answered", "answer"),
+        HELLO_TIMEOUT,
+    ) {
+        Ok(body) => body,
+        Err(e) => {
+            stop_child(&mut child);
+            return Outcome::Failed(e);
+        }
+    };
+    let reads = handoff::versions_of(&hello);
+    if !reads.contains(&handoff::VERSION) {
+        let reason = format!(
+            "the new binary reads state versions {reads:?}, this process writes version {}",
+            handoff::VERSION
+        );
+        let _ = ours.send(kind::FAILED, reason.as_bytes(), &[]);
+        stop_child(&mut child);
+        return Outcome::Failed(reason);
+    }
+
+    // Freeze: from here until the thaw or the retirement, no shard
+    // accepts, reads, writes or commits.
+    let snapshots: Vec<Snapshot> = match ask_shards(&old, |reply| ShardMessage::Freeze { reply }) {
+        Ok(snapshots) => snapshots,
+        Err(e) => {
+            thaw_all(&old);
+            stop_child(&mut child);
+            return Outcome::Failed(format!("cannot freeze the shards: {e}"));
+        }
+    };
+    let sent = send_state(&ours, &old, &snapshots);
+    let ready = sent.and_then(|()| {
+        expect(
+            &ours,
+            &mut child,
+            kind::READY,
+            ("read the state", "read the state"),
+            READY_TIMEOUT,
+        )
+        .map(|_| ())
+    });
+    if let Err(e) = ready {
+        // It never served: once it is gone, nothing but this process
+        // touches the connections.
+        stop_child(&mut child);
+        thaw_all(&old);
+        return Outcome::Failed(e);
+    }
+
+    // The commit point: the connections are the new process's.
+    if let Err(e) = ask_shards(&old, |reply| ShardMessage::Retire { reply }) {
+        stop_child(&mut child);
+        return Outcome::Lost(format!("a shard did not retire: {e}"));
+    }
+    if let Err(e) = ask_shards(&old, |reply| ShardMessage::Release { reply }) {
+        stop_child(&mut child);
+        return Outcome::Lost(format!("a shard did not release the log: {e}"));
+    }
+    drop(old.lock.take());
+    if let Err(e) = ours.send(kind::RELEASED, b"", &[]) {
+        stop_child(&mut child);
+        return Outcome::Lost(format!("cannot tell the new process to serve: {e}"));
+    }
+    match expect(
+        &ours,
+        &mut child,
+        kind::SERVING,
+        ("served", "serve"),
+        SERVING_TIMEOUT,
+    ) {
+        Ok(body) if body.len() >= 4 => {
+            Outcome::Serving(u32::from_le_bytes(body[..4].try_into().expect("4 bytes")))
+        }
+        Ok(_) => Outcome::Serving(child.id()),
+        Err(e) => {
+            stop_child(&mut child);
+            Outcome::Lost(e)
+        }
+    }
+}
+
+fn send_state(channel: &Channel, old: &Old<'_>, snapshots: &[Snapshot]) -> Result<(), String> {
+    let failed = |e: std::io::Error| format!("cannot pass the state to the new binary: {e}");
+    let connections: usize = snapshots.iter().map(|s| s.fds.len()).sum();
+    let mut start = Vec::new();
+    start.extend_from_slice(&handoff::VERSION.to_le_bytes());
+    start.extend_from_slice(&(old.listeners.len() as u32 * 2).to_le_bytes());
+    start.extend_from_slice(&(connections as u32).to_le_bytes());
+    channel.send(kind::START, &start, &[]).map_err(failed)?;
+    let listeners: Vec<RawFd> = old
+        .listeners
+        .iter()
+        .flat_map(|(public, admin)| [*public, *admin])
+        .collect();
+    for chunk in listeners.chunks(handoff::FDS_PER_MESSAGE) {
+        channel.send(kind::FDS, b"", chunk).map_err(failed)?;
+    }
+    for snapshot in snapshots {
+        for chunk in snapshot.fds.chunks(handoff::FDS_PER_MESSAGE) {
+            channel.send(kind::FDS, b"", chunk).map_err(failed)?;
+        }
+        for chunk in snapshot.records.chunks(handoff::DATA_PER_MESSAGE) {
+            channel.send(kind::DATA, chunk, &[]).map_err(failed)?;
+        }
+    }
+    channel.send(kind::END, b"", &[]).map_err(failed)
+}
+
+/// What the new process was handed.
+pub struct Inherited {
+    /// The control channel, to say SERVING on.
+    pub channel: Channel,
+    /// (public, admin) listeners, one pair per shard of the old process.
+    pub listeners: Vec<(RawFd, RawFd)>,
+    /// The connections: their sockets (owned) and records.
+    pub connections: Vec<(RawFd, ConnRecord)>,
+}
+
+/// The state read from the old process, not confirmed yet: nothing is
+/// served with it until [`Received::confirm`].
+pub struct Received {
+    channel: Channel,
+    listeners: Vec<(RawFd, RawFd)>,
+    connections: Vec<(RawFd, ConnRecord)>,
+}
+
+/// In the new process, before anything else: say which versions this
+/// binary reads and take the state. Every failure is told to the old
+/// process (which serves on) and ends this one.
+pub fn receive(channel: Channel) -> Result<Received, String> {
+    channel
+        .send(kind::HELLO, &handoff::hello_body(), &[])
+        .map_err(|e| format!("handoff: cannot reach the old process: {e}"))?;
+    match receive_state(&channel) {
+        Ok((listeners, connections)) => Ok(Received {
+            channel,
+            listeners,
+            connections,
+        }),
+        Err(e) => {
+            let _ = channel.send(kind::FAILED, e.as_bytes(), &[]);
+            Err(format!("handoff: {e}"))
+        }
+    }
+}
+
+impl Received {
+    /// Something this process needs failed before it confirmed: the old
+    /// process serves on; the reason goes to it and to the caller.
+    pub fn refuse(self, reason: String) -> String {
+        let _ = self.channel.send(kind::FAILED, reason.as_bytes(), &[]);
+        self.give_back();
+        reason
+    }
+
+    fn give_back(&self) {
+        for (a, b) in &self.listeners {
+            close_all(&[*a, *b]);
+        }
+        for (fd, _) in &self.connections {
+            close_all(&[*fd]);
+        }
+    }
+
+    /// Says READY (from here the connections are this process's) and
+    /// waits until the old process let go of the log and the data
+    /// directory's lock.
+    pub fn confirm(self) -> Result<Inherited, String> {
+        if let Err(e) = self.channel.send(kind::READY, b"", &[]) {
+            self.give_back();
+            return Err(format!("handoff: the old process went away: {e}"));
+        }
+        match self.channel.receive(SERVING_TIMEOUT) {
+            Ok(Some((kind::RELEASED, _, _))) => Ok(Inherited {
+                channel: self.channel,
+                listeners: self.listeners,
+                connections: self.connections,
+            }),
+            other => {
+                self.give_back();
+                Err(match other {
+                    Ok(Some((kind::FAILED, body, _))) => format!(
+                        "handoff: the old process gave up: {}",
+                        String::from_utf8_lossy(&body)
+                    ),
+                    _ => "handoff: the old process did not release the log".to_string(),
+                })
+            }
+        }
+    }
+}
+
+type State = (Vec<(RawFd, RawFd)>, Vec<(RawFd, ConnRecord)>);
+
+fn receive_state(channel: &Channel) -> Result<State, String> {
+    let mut fds: Vec<RawFd> = Vec::new();
+    let mut data = Vec::new();
+    let mut start: Option<(u16, usize, usize)> = None;
+    let result = (|| loop {
+        let (kind, body, received) = channel
+            .receive(READY_TIMEOUT)
+            .map_err(|e| format!("reading the state: {e}"))?
+            .ok_or("the old process sent no state")?;
+        fds.extend(received);
+        match kind {
+            kind::START if body.len() >= 10 => {
+                let version = u16::from_le_bytes([body[0], body[1]]);
+                if !handoff::READS.contains(&version) {
+                    return Err(format!(
+                        "state format version {version} is not one this binary reads ({:?})",
+                        handoff::READS
+                    ));
+                }
+                let listeners = u32::from_le_bytes(body[2..6].try_into().expect("4")) as usize;
+                let connections = u32::from_le_bytes(body[6..10].try_into().expect("4")) as usize;
+                start = Some((version, listeners, connections));
+            }
+            kind::FDS => {}
+            kind::DATA => data.extend_from_slice(&body),
+            kind::END => return Ok(()),
+            kind::FAILED => return Err(String::from_utf8_lossy(&body).into_owned()),
+            other => return Err(format!("unexpected message {other}")),
+        }
+    })();
+    let fail = |e: String, fds: &[RawFd]| {
+        close_all(fds);
+        Err(e)
+    };
+    if let Err(e) = result {
+        return fail(e, &fds);
+    }
+    let Some((version, listener_count, connection_count)) = start else {
+        return fail("the state had no header".to_string(), &fds);
+    };
+    if fds.len() != listener_count + connection_count || listener_count % 2 != 0 {
+        return fail(
+            format!(
+                "expected {} descriptors, got {}",
+                listener_count + connection_count,
+                fds.len()
+            ),
+            &fds,
+        );
+    }
+    let mut records = Vec::with_capacity(connection_count);
+    let mut at = 0;
+    while at < data.len() {
+        match ConnRecord::decode(version, &data[at..]) {
+            Ok((record, used)) => {
+                records.push(record);
+                at += used;
+            }
+            Err(e) => return fail(e, &fds),
+        }
+    }
+    if records.len() != connection_count {
+        return fail(
+            format!("expected {connection_count} records, got {}", records.len()),
+            &fds,
+        );
+    }
+    let listeners = fds[..listener_count]
+        .chunks(2)
+        .map(|pair| (pair[0], pair[1]))
+        .collect();
+    let connections = fds[listener_count..].iter().copied().zip(records).collect();
+    Ok((listeners, connections))
+}
+
+/// Writes `<data-dir>/hookstream.pid` with this process's pid (replacing
+/// it atomically).
+pub fn write_pid_file(data_dir: &Path) -> Result<(), String> {
+    let path = data_dir.join(PID_FILE);
+    let temporary = data_dir.join(format!("{PID_FILE}.{}", std::process::id()));
+    std::fs::write(&temporary, format!("{}\n", std::process::id()))
+        .and_then(|()| std::fs::rename(&temporary, &path))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Removes the pid file when it still names this process (after an
+/// upgrade it names the new one).
+pub fn remove_pid_file(data_dir: &Path) {
+    let path = data_dir.join(PID_FILE);
+    if read_pid(&path) == Some(std::process::id()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// The pid a pid file names.
+pub fn read_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Writes the outcome of an upgrade for `hookstream upgrade` (atomically).
+pub fn write_outcome(data_dir: &Path, line: &str) {
+    let path = data_dir.join(OUTCOME_FILE);
+    let temporary = data_dir.join(format!("{OUTCOME_FILE}.{}", std::process::id()));
+    let _ = std::fs::write(&temporary, format!("{line}\n"))
+        .and_then(|()| std::fs::rename(&temporary, &path));
+}
+
+/// Tells systemd (`Type=notify`, `NotifyAccess=all`) which process serves,
+/// when `NOTIFY_SOCKET` is set; best effort.
+pub fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let socket = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(socket) => socket,
+        Err(_) => return,
+    };
+    let bytes = path.as_encoded_bytes();
+    if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        if let Ok(addr) = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name) {
+            let _ = socket.send_to_addr(state.as_bytes(), &addr);
+        }
+    } else {
+        let _ = socket.send_to(state.as_bytes(), Path::new(&path));
+    }
+}
