@@ -52,6 +52,7 @@
 //!   (sessions, polling, SSE, dashboard); heartbeat, key reload, drain.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod history;

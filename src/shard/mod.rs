@@ -19,6 +19,7 @@
 
 pub mod access;
 mod admin;
+mod cluster;
 mod connection;
 mod fault;
 mod heartbeat;
@@ -75,6 +76,9 @@ pub enum ShardMessage {
     /// From the main thread: drain and stop (SIGTERM, SIGINT, or another
     /// shard died).
     Stop,
+    /// From the NATS bridge (cluster mode): a followed org's follow
+    /// started, its new messages, its retention.
+    Cluster(crate::cluster::FollowEvent),
     /// A history read (poll, SSE, lists) for an org this shard owns.
     History {
         /// What to read.
@@ -165,6 +169,8 @@ pub struct Shard {
     /// The TLS pair when `--tls-cert`/`--tls-key` are given (shared by
     /// every shard; a reload swaps the pair inside).
     pub tls: Option<Arc<tls::Tls>>,
+    /// Cluster mode (`--nats-url`): the bridge and the orgs followed.
+    pub cluster: Option<cluster::ShardCluster>,
 }
 
 impl Shard {
@@ -229,8 +235,16 @@ impl Shard {
         self.history.append(messages).await
     }
 
-    /// Routes messages to their owner shards; seqs come back in input order.
+    /// Routes messages to their owner shards (in cluster mode: to their
+    /// orgs' JetStream streams); seqs come back in input order.
     pub async fn publish(&self, messages: Vec<Message>) -> Result<Vec<u64>, String> {
+        if let Some(cluster) = &self.cluster {
+            return match cluster.bridge.publish(messages).await {
+                Ok(Ok(seqs)) => Ok(seqs),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("the NATS bridge stopped".to_string()),
+            };
+        }
         let mut by_shard: Vec<Vec<(usize, Message)>> =
             (0..self.count).map(|_| Vec::new()).collect();
         for (index, message) in messages.into_iter().enumerate() {

@@ -277,7 +277,17 @@ pub(super) fn route(
 /// On the owner shard: register the connection with the reactor, which
 /// answers 101 and the welcome in one write; 503 when a connection cap is
 /// reached.
-pub fn adopt(shard: &Shard, mut handoff: Handoff) {
+pub fn adopt(shard: &Shard, handoff: Handoff) {
+    // Cluster mode: the welcome's seq is the org's seq on this node, known
+    // once the org is followed; the upgrade waits for that.
+    let mut handoff = if shard.cluster.is_some() && !shard.shutdown.is_stopping() {
+        match super::cluster::adopt_or_wait(shard, handoff) {
+            Some(handoff) => handoff,
+            None => return,
+        }
+    } else {
+        handoff
+    };
     let fd = std::mem::replace(&mut handoff.fd, -1);
     if shard.shutdown.is_stopping() {
         // SAFETY: we own `fd` (moved out of the handoff).
@@ -328,7 +338,7 @@ pub fn adopt(shard: &Shard, mut handoff: Handoff) {
 
 /// Sends a small answer on a socket we own and closes it. Best effort: a
 /// fresh socket's buffer takes a small answer.
-fn send_and_close(fd: RawFd, out: &[u8]) {
+pub(super) fn send_and_close(fd: RawFd, out: &[u8]) {
     // SAFETY: send on and close of a descriptor we own.
     unsafe {
         libc::send(

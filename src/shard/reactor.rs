@@ -596,9 +596,14 @@ pub fn adopt(
         handoff.ws_key.as_bytes(),
         &extension[..extension_len],
     );
+    // In cluster mode the node id keeps connection ids unique across nodes.
+    let node = shard
+        .cluster
+        .as_ref()
+        .map_or(String::new(), |c| format!("{}_", c.node_id));
     let welcome = format!(
-        r#"{{"type":"welcome","org_id":"{}","connection_id":"c_{}_{}_{}","seq":{},"heartbeat_ms":{}}}"#,
-        org_id, shard.id, key.index, key.generation, seq, shard.config.heartbeat_ms
+        r#"{{"type":"welcome","org_id":"{}","connection_id":"c_{}{}_{}_{}","seq":{},"heartbeat_ms":{}}}"#,
+        org_id, node, shard.id, key.index, key.generation, seq, shard.config.heartbeat_ms
     );
     let mut first = Vec::with_capacity(answer_len + welcome.len() + 4);
     first.extend_from_slice(&answer[..answer_len]);

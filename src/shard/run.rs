@@ -39,6 +39,8 @@ struct Shared {
     connections_max_per_shard: usize,
     /// The TLS pair, when the public listener speaks TLS.
     tls: Option<Arc<super::tls::Tls>>,
+    /// The NATS bridge in cluster mode.
+    bridge: Option<Arc<crate::cluster::Bridge>>,
 }
 
 /// Counts a shard's end, also when it panics, so the main thread notices.
@@ -110,6 +112,29 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
     };
 
     let shards = config.shards;
+    let mesh =
+        mesh::Mesh::new(shards).map_err(|e| format!("cannot create the shard inboxes: {e}"))?;
+    // Cluster mode: the NATS thread starts before the shards; a NATS that
+    // is not reachable yet leaves the node up and not ready.
+    let bridge = match &config.cluster {
+        None => None,
+        Some(cluster) => {
+            let bridge = crate::cluster::Bridge::start(
+                &cluster.urls,
+                crate::cluster::StreamLimits {
+                    messages_max: config.history_messages,
+                    age_ms: config.history_age_ms,
+                    replicas: cluster.replicas,
+                },
+            )?;
+            bridge.sync_keys(config.data_dir.clone());
+            let inboxes = mesh.clone();
+            bridge.set_deliver(Arc::new(move |shard, event| {
+                let _ = inboxes.send_to(shard, ShardMessage::Cluster(event));
+            }));
+            Some(bridge)
+        }
+    };
     let config = Arc::new(config);
     let shared = Arc::new(Shared {
         config: config.clone(),
@@ -125,9 +150,8 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
         exited: std::sync::atomic::AtomicUsize::new(0),
         connections_max_per_shard: connections_max.div_ceil(shards).max(1),
         tls: tls.clone(),
+        bridge,
     });
-    let mesh =
-        mesh::Mesh::new(shards).map_err(|e| format!("cannot create the shard inboxes: {e}"))?;
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -290,16 +314,26 @@ async fn shard_main(
         age_ms: config.history_age_ms,
     };
     let shutdown = crate::shutdown::Shutdown::new();
-    let history =
-        match crate::history::History::open(history_config, id, config.shards, shutdown.clone())
-            .await
-        {
-            Ok(history) => history,
-            Err(e) => {
-                let _ = ready.send(Err(format!("cannot open the message history: {e}")));
-                return;
+    let history = match &shared.bridge {
+        Some(bridge) => crate::history::History::new(
+            crate::history::Backend::Cluster(crate::history::JetStreamLog::new(
+                bridge.clone(),
+                config.history_messages,
+            )),
+            shutdown.clone(),
+        ),
+        None => {
+            match crate::history::History::open(history_config, id, config.shards, shutdown.clone())
+                .await
+            {
+                Ok(history) => history,
+                Err(e) => {
+                    let _ = ready.send(Err(format!("cannot open the message history: {e}")));
+                    return;
+                }
             }
-        };
+        }
+    };
     let mut registry = Registry::new(limits);
     if config.compression {
         registry.enable_compression(config.compression_min_bytes);
@@ -328,6 +362,13 @@ async fn shard_main(
         lingering: RefCell::new(Vec::new()),
         access: access::AccessState::new(&config, shared.signer.clone(), shared.revoked.clone()),
         tls: shared.tls.clone(),
+        cluster: match (&shared.bridge, &config.cluster) {
+            (Some(bridge), Some(cluster)) => Some(super::cluster::ShardCluster::new(
+                bridge.clone(),
+                cluster.node_id.clone(),
+            )),
+            _ => None,
+        },
     });
     let public_listener = match listen(config.listen) {
         Ok(l) => l,
@@ -360,6 +401,7 @@ async fn shard_main(
                     match message {
                         ShardMessage::Adopt(handoff) => public::adopt(&shard, handoff),
                         ShardMessage::Stop => shard.shutdown.trigger(),
+                        ShardMessage::Cluster(event) => super::cluster::on_event(&shard, event),
                         ShardMessage::Publish { messages, reply } => {
                             let shard = shard.clone();
                             glommio::spawn_local(async move {
@@ -375,11 +417,7 @@ async fn shard_main(
                                 // key was revoked, its client left) stops
                                 // waiting here too.
                                 let answer = futures_lite::future::or(
-                                    async {
-                                        Some(
-                                            crate::history::query::run(&shard.history, query).await,
-                                        )
-                                    },
+                                    async { super::history_routes::run_query(&shard, query).await },
                                     async {
                                         reply.cancellation().await;
                                         None
@@ -421,6 +459,14 @@ async fn shard_main(
             async move { crate::history::retention_loop(&shard.history).await }
         }),
         glommio::spawn_local(replay::worker(shard.clone())),
+        glommio::spawn_local({
+            let shard = shard.clone();
+            async move {
+                if shard.cluster.is_some() {
+                    super::cluster::sweep_loop(shard).await;
+                }
+            }
+        }),
     ];
     let reactor_task = glommio::spawn_local(reactor::run(shard.clone()));
     // Writes the keys used until the shutdown, then once more.

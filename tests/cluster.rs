@@ -1,0 +1,502 @@
+//! Cluster mode (`--nats-url`) through real sockets: a real `nats-server`
+//! (Debian's, installed by tools/setup-nats-tests) with JetStream on a free
+//! loopback port and a temporary store, and two or three hookstream nodes
+//! sharing it. Each org's history is one stream; a message published on any
+//! node reaches the subscribers of every node with one seq, and every read
+//! (resume with `after`, poll, SSE, lists) works on every node.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use common::{array, event, http_request, issue, HttpResponse, Server, ServerBuilder, TestDir};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A `nats-server -js` on a loopback port with its store in a temporary
+/// directory, killed when dropped (and with the test process).
+struct Nats {
+    child: Option<Child>,
+    port: u16,
+    dir: TestDir,
+}
+
+fn nats_binary() -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let path = PathBuf::from(dir).join("nats-server");
+        if path.exists() {
+            return path;
+        }
+    }
+    let sbin = PathBuf::from("/usr/sbin/nats-server");
+    assert!(
+        sbin.exists(),
+        "nats-server is not installed: run tools/setup-nats-tests (tools/test does)"
+    );
+    sbin
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Nats {
+    fn start() -> Nats {
+        let mut nats = Nats {
+            child: None,
+            port: free_port(),
+            dir: TestDir::new(),
+        };
+        nats.restart();
+        nats
+    }
+
+    /// Starts (again) on the same port and store.
+    fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let mut command = Command::new(nats_binary());
+        command
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe and touches only the child.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().expect("spawn nats-server");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("Server is ready") {
+                    let _ = tx.send(Ok(()));
+                }
+                lines.push(line);
+            }
+            let _ = tx.send(Err(lines.join("\n")));
+        });
+        match rx.recv_timeout(WAIT) {
+            Ok(Ok(())) => {}
+            Ok(Err(log)) => panic!("nats-server exited:\n{log}"),
+            Err(_) => panic!("nats-server not ready within {WAIT:?}"),
+        }
+        self.child = Some(child);
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A gateway node on `url`, with `peer`'s keys and admin token when given
+/// (else a key for `org_a`); waits until it is ready (connected to NATS).
+fn node_on(url: &str, peer: Option<&Server>, id: &str, extra: &[(&str, &str)]) -> Server {
+    let mut builder = ServerBuilder::new()
+        .arg("--nats-url", url)
+        .arg("--node-id", id)
+        .arg("--shards", 2);
+    builder = match peer {
+        Some(peer) => builder.share_keys_with(peer),
+        None => builder.org("org_a"),
+    };
+    for (flag, value) in extra {
+        builder = builder.arg(flag, value);
+    }
+    let server = builder.start();
+    wait_ready(&server);
+    server
+}
+
+fn node(nats: &Nats, peer: Option<&Server>, id: &str) -> Server {
+    node_on(&nats.url(), peer, id, &[])
+}
+
+fn readyz(server: &Server) -> HttpResponse {
+    http_request(server.admin_addr, "GET", "/readyz", &[], b"")
+}
+
+fn wait_ready(server: &Server) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let response = readyz(server);
+        if response.status == 200 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node not ready within {WAIT:?}: {} {}\n{}",
+            response.status,
+            response.text(),
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn get_json(addr: SocketAddr, path: &str) -> Value {
+    let response = http_request(addr, "GET", path, &[], b"");
+    assert_eq!(response.status, 200, "GET {path}: {}", response.text());
+    response.json()
+}
+
+/// The next `n` messages of a client: (seq, data.id).
+fn take(client: &mut common::Client, n: usize) -> Vec<(u64, String)> {
+    (0..n)
+        .map(|_| {
+            let m = client.next_json(WAIT);
+            assert!(m["seq"].is_u64(), "not a message: {m}");
+            (
+                m["seq"].as_u64().unwrap(),
+                m["data"]["id"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn events(from: usize, to: usize) -> String {
+    let bodies: Vec<String> = (from..to)
+        .map(|i| event("org_a", &format!("e{i}"), "src_1"))
+        .collect();
+    array(&bodies)
+}
+
+#[test]
+fn a_message_published_on_one_node_reaches_both_with_one_seq() {
+    let nats = Nats::start();
+    let a = node(&nats, None, "a");
+    let b = node(&nats, Some(&a), "b");
+    let mut on_a = a.connect("org_a");
+    let mut on_b = b.connect("org_a");
+    assert_eq!(on_a.welcome["seq"], 0, "{}", on_a.welcome);
+    assert!(
+        on_b.welcome["connection_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("c_b_"),
+        "the node id is in connection ids: {}",
+        on_b.welcome
+    );
+    on_a.subscribe("events");
+    on_b.subscribe("events:src_1");
+
+    let seqs = a.publish_ok(&events(0, 3));
+    assert_eq!(seqs, vec![1, 2, 3]);
+    let expected: Vec<(u64, String)> = (0..3).map(|i| (i + 1, format!("e{i}"))).collect();
+    assert_eq!(take(&mut on_a, 3), expected);
+    assert_eq!(take(&mut on_b, 3), expected);
+
+    // Published on the other node: the same stream, the next seq.
+    assert_eq!(b.publish_ok(&events(3, 4)), vec![4]);
+    assert_eq!(take(&mut on_a, 1), vec![(4, "e3".to_string())]);
+    assert_eq!(take(&mut on_b, 1), vec![(4, "e3".to_string())]);
+    on_a.ping_pong();
+    on_b.ping_pong();
+
+    // A new connection on either node is welcomed with the org's seq.
+    assert_eq!(b.connect("org_a").welcome["seq"], 4);
+    assert_eq!(a.connect("org_a").welcome["seq"], 4);
+}
+
+#[test]
+fn resume_with_after_on_the_other_node_while_publishing_goes_on() {
+    let nats = Nats::start();
+    let a = node(&nats, None, "a");
+    let b = node(&nats, Some(&a), "b");
+    const TOTAL: usize = 300;
+    let mut first = a.connect("org_a");
+    first.subscribe("events");
+    // A publisher on node A all along, 10 messages a request.
+    let admin = a.admin_addr;
+    let token = a.admin_token.clone();
+    let publisher = std::thread::spawn(move || {
+        for batch in 0..TOTAL / 10 {
+            let body = events(batch * 10, batch * 10 + 10);
+            let response = http_request(
+                admin,
+                "POST",
+                "/v1/publish",
+                &[
+                    ("Authorization", format!("Bearer {token}")),
+                    ("Content-Type", "application/json".to_string()),
+                ],
+                body.as_bytes(),
+            );
+            assert_eq!(response.status, 202, "{}", response.text());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    // Some messages on A, then the client moves to B with `after`.
+    let got = take(&mut first, 40);
+    drop(first);
+    let last = got.last().unwrap().0;
+    let mut second = b.connect("org_a");
+    let ack = second.subscribe_after("events", last);
+    assert_eq!(ack["recovered"], true, "{ack}");
+    let rest = take(&mut second, TOTAL - 40);
+    publisher.join().unwrap();
+    let all: Vec<(u64, String)> = got.into_iter().chain(rest).collect();
+    let expected: Vec<(u64, String)> = (0..TOTAL)
+        .map(|i| (i as u64 + 1, format!("e{i}")))
+        .collect();
+    assert_eq!(all, expected, "every message once, in order, across nodes");
+    second.ping_pong();
+}
+
+#[test]
+fn poll_sse_and_lists_read_the_stream_on_every_node() {
+    let nats = Nats::start();
+    let a = node(&nats, None, "a");
+    let b = node(&nats, Some(&a), "b");
+    let key = a.key("org_a").to_string();
+    let mut bodies: Vec<String> = (0..5)
+        .map(|i| event("org_a", &format!("e{i}"), "src_1"))
+        .collect();
+    bodies.push(issue("org_a", "i0"));
+    assert_eq!(a.publish_ok(&array(&bodies)), vec![1, 2, 3, 4, 5, 6]);
+    for server in [&a, &b] {
+        let page = get_json(
+            server.ws_addr,
+            &format!("/v1/poll?channels=events&after=2&token={key}"),
+        );
+        let seqs: Vec<u64> = page["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, vec![3, 4, 5], "{page}");
+        assert_eq!(page["next_after"], 6, "{page}");
+        assert!(page.get("recovered").is_none(), "{page}");
+
+        let list = get_json(server.ws_addr, &format!("/v1/events?limit=2&token={key}"));
+        let ids: Vec<&str> = list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, vec!["e4", "e3"], "{list}");
+        assert_eq!(list["has_more"], true, "{list}");
+        let before = list["next_before"].as_u64().unwrap();
+        let older = get_json(
+            server.ws_addr,
+            &format!("/v1/events?limit=10&before={before}&token={key}"),
+        );
+        let ids: Vec<&str> = older["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, vec!["e2", "e1", "e0"], "{older}");
+        assert_eq!(older["has_more"], false, "{older}");
+    }
+
+    // A long-poll on B is answered by a publish on A.
+    let addr = b.ws_addr;
+    let poll_key = key.clone();
+    let waiting = std::thread::spawn(move || {
+        get_json(
+            addr,
+            &format!("/v1/poll?channels=issues&after=6&wait_ms=10000&token={poll_key}"),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(a.publish_ok(&issue("org_a", "i1")), vec![7]);
+    let page = waiting.join().unwrap();
+    assert_eq!(page["messages"][0]["seq"], 7, "{page}");
+
+    // SSE on B resumes from Last-Event-ID.
+    let mut stream = TcpStream::connect(b.ws_addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        stream,
+        "GET /v1/sse?channels=events,issues&token={key} HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 4\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    let mut buffer = [0u8; 4096];
+    let deadline = Instant::now() + WAIT;
+    while text.matches("\nid: ").count() < 3 && Instant::now() < deadline {
+        let n = stream.read(&mut buffer).unwrap();
+        assert!(n > 0, "SSE ended: {text}");
+        text.push_str(&String::from_utf8_lossy(&buffer[..n]));
+    }
+    let ids: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .collect();
+    assert_eq!(ids, vec!["5", "6", "7"], "{text}");
+}
+
+#[test]
+fn a_retried_publish_with_an_idempotency_key_is_not_duplicated() {
+    let nats = Nats::start();
+    let a = node(&nats, None, "a");
+    let b = node(&nats, Some(&a), "b");
+    let mut watcher = b.connect("org_a");
+    watcher.subscribe("events");
+    let keyed = |id: &str, key: &str| {
+        format!(
+            r#"{{"org_id":"org_a","type":"event","idempotency_key":"{key}","data":{{"id":"{id}","source_id":"src_1"}}}}"#
+        )
+    };
+    assert_eq!(a.publish_ok(&keyed("e0", "k-0")), vec![1]);
+    // The retry, on the same node and on the other one: the original seq.
+    assert_eq!(a.publish_ok(&keyed("e0", "k-0")), vec![1]);
+    assert_eq!(b.publish_ok(&keyed("e0", "k-0")), vec![1]);
+    assert_eq!(
+        b.publish_ok(&array(&[keyed("e1", "k-1"), keyed("e0", "k-0")])),
+        vec![2, 1]
+    );
+    assert_eq!(
+        take(&mut watcher, 2),
+        vec![(1, "e0".to_string()), (2, "e1".to_string())]
+    );
+    // Nothing else was delivered.
+    watcher.ping_pong();
+}
+
+#[test]
+fn clients_of_a_killed_node_resume_on_the_other_with_nothing_lost() {
+    let nats = Nats::start();
+    let mut a = node(&nats, None, "a");
+    let b = node(&nats, Some(&a), "b");
+    let mut on_a = a.connect("org_a");
+    on_a.subscribe("events");
+    // Publishing through B goes on while A is killed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let admin = b.admin_addr;
+    let token = b.admin_token.clone();
+    let publisher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut acknowledged = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let response = http_request(
+                    admin,
+                    "POST",
+                    "/v1/publish",
+                    &[("Authorization", format!("Bearer {token}"))],
+                    event("org_a", &format!("e{i}"), "src_1").as_bytes(),
+                );
+                assert_eq!(response.status, 202, "{}", response.text());
+                acknowledged.push((
+                    response.json()["seqs"][0].as_u64().unwrap(),
+                    format!("e{i}"),
+                ));
+                i += 1;
+                std::thread::sleep(Duration::from_millis(3));
+            }
+            acknowledged
+        })
+    };
+    let got = take(&mut on_a, 20);
+    a.signal(libc::SIGKILL);
+    assert!(a.wait_exit(WAIT).is_some());
+    drop(on_a);
+    let last = got.last().unwrap().0;
+    let mut moved = b.connect("org_a");
+    moved.subscribe_after("events", last);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let acknowledged = publisher.join().unwrap();
+    let rest = take(&mut moved, acknowledged.len() - got.len());
+    let all: Vec<(u64, String)> = got.into_iter().chain(rest).collect();
+    assert_eq!(
+        all, acknowledged,
+        "every acknowledged message, once, in order"
+    );
+    moved.ping_pong();
+}
+
+#[test]
+fn without_nats_the_node_is_not_ready_and_publish_answers_503_until_it_comes() {
+    // A port where no NATS listens yet.
+    let mut nats = Nats {
+        child: None,
+        port: free_port(),
+        dir: TestDir::new(),
+    };
+    let server = ServerBuilder::new()
+        .org("org_a")
+        .arg("--nats-url", nats.url())
+        .arg("--node-id", "lonely")
+        .start();
+    let response = readyz(&server);
+    assert_eq!(response.status, 503, "{}", response.text());
+    assert_eq!(response.json()["error"], "unavailable");
+    let response = server.publish(&events(0, 1));
+    assert_eq!(response.status, 503, "{}", response.text());
+    assert_eq!(response.json(), serde_json::json!({"error":"unavailable"}));
+    assert!(
+        response.header("Retry-After").is_some(),
+        "{:?}",
+        response.headers
+    );
+
+    nats.restart();
+    wait_ready(&server);
+    assert_eq!(server.publish_ok(&events(0, 1)), vec![1]);
+
+    // NATS lost while running: open connections stay, publishes get 503,
+    // and after NATS is back the subscriber gets what is published.
+    let mut client = server.connect("org_a");
+    assert_eq!(client.welcome["seq"], 1);
+    client.subscribe("events");
+    assert_eq!(server.publish_ok(&events(1, 2)), vec![2]);
+    assert_eq!(take(&mut client, 1), vec![(2, "e1".to_string())]);
+    nats.stop();
+    let deadline = Instant::now() + WAIT;
+    while readyz(&server).status != 503 {
+        assert!(Instant::now() < deadline, "still ready without NATS");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let response = server.publish(&events(2, 3));
+    assert_eq!(response.status, 503, "{}", response.text());
+    client.ping_pong();
+    nats.restart();
+    wait_ready(&server);
+    assert_eq!(server.publish_ok(&events(3, 4)), vec![3]);
+    assert_eq!(take(&mut client, 1), vec![(3, "e3".to_string())]);
+    client.ping_pong();
+}
