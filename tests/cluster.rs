@@ -500,3 +500,113 @@ fn without_nats_the_node_is_not_ready_and_publish_answers_503_until_it_comes() {
     assert_eq!(take(&mut client, 1), vec![(3, "e3".to_string())]);
     client.ping_pong();
 }
+
+/// The id of the (first) key of `org` in `data_dir`, from `api-keys list --json`.
+fn key_id_of(data_dir: &std::path::Path, org: &str) -> String {
+    let listed: Value =
+        serde_json::from_str(&common::cli(&["api-keys", "list", "--json"], data_dir)).unwrap();
+    listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["org_id"] == org)
+        .unwrap_or_else(|| panic!("no key of {org}: {listed}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn keys_created_or_revoked_on_one_node_act_on_every_node_within_2_s() {
+    let nats = Nats::start();
+    let a = node(&nats, None, "a");
+    // B starts with no key file of its own: A's keys come through NATS.
+    let b = ServerBuilder::new()
+        .arg("--nats-url", nats.url())
+        .arg("--node-id", "b")
+        .start();
+    wait_ready(&b);
+    // An upgrade with `key`, its welcome read.
+    let admitted = |server: &Server, key: &str| {
+        let mut client =
+            common::Client::try_upgrade(server.ws_addr, &format!("/v1/ws?token={key}")).ok()?;
+        client.welcome = client.next_json(WAIT);
+        assert_eq!(client.welcome["type"], "welcome", "{}", client.welcome);
+        Some(client)
+    };
+    let deadline = Instant::now() + WAIT;
+    let mut on_b = loop {
+        if let Some(client) = admitted(&b, a.key("org_a")) {
+            break client;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A's key never reached B:\n{}\n{}",
+            a.stderr(),
+            b.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    on_b.subscribe("events");
+
+    // Created on A while both run: accepted on B within 2 s.
+    let created = common::create_key(a.data_dir(), "org_c");
+    let created_at = Instant::now();
+    let mut late = loop {
+        if let Some(client) = admitted(&b, &created) {
+            break client;
+        }
+        assert!(
+            created_at.elapsed() < Duration::from_secs(2),
+            "a key created on A is not accepted on B after 2 s"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    assert_eq!(late.welcome["org_id"], "org_c");
+    late.ping_pong();
+
+    // Revoked on A: its connection on B is closed with 4003 within 2 s,
+    // and B refuses the key.
+    let id = key_id_of(a.data_dir(), "org_a");
+    common::cli(&["api-keys", "revoke", &id], a.data_dir());
+    let revoked_at = Instant::now();
+    assert_eq!(on_b.expect_close(Duration::from_secs(2)), Some(4003));
+    assert!(revoked_at.elapsed() < Duration::from_secs(2));
+    assert!(admitted(&b, a.key("org_a")).is_none());
+    late.ping_pong();
+}
+
+#[test]
+fn history_limits_are_the_stream_limits_and_older_after_is_not_recovered() {
+    let nats = Nats::start();
+    let a = node_on(&nats.url(), None, "a", &[("--history-messages", "5")]);
+    let b = node_on(&nats.url(), Some(&a), "b", &[("--history-messages", "5")]);
+    let key = a.key("org_a").to_string();
+    assert_eq!(a.publish_ok(&events(0, 10)), (1..=10).collect::<Vec<u64>>());
+    let page = get_json(
+        b.ws_addr,
+        &format!("/v1/poll?channels=events&after=2&token={key}"),
+    );
+    let seqs: Vec<u64> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![6, 7, 8, 9, 10], "{page}");
+    assert_eq!(page["recovered"], false, "{page}");
+    let mut client = b.connect("org_a");
+    assert_eq!(client.welcome["seq"], 10);
+    let ack = client.subscribe_after("events", 1);
+    assert_eq!(ack["recovered"], false, "{ack}");
+    assert_eq!(
+        take(&mut client, 5).iter().map(|m| m.0).collect::<Vec<_>>(),
+        vec![6, 7, 8, 9, 10]
+    );
+    let ack = client.subscribe_after("events:src_1", 7);
+    assert_eq!(ack["recovered"], true, "{ack}");
+    assert_eq!(
+        take(&mut client, 3).iter().map(|m| m.0).collect::<Vec<_>>(),
+        vec![8, 9, 10]
+    );
+}

@@ -803,8 +803,10 @@ impl Bridge {
     }
 }
 
-/// The key-value bucket that carries every node's API key records.
-pub const KEYS_BUCKET: &str = "hookstream_keys";
+/// The stream that carries every node's API key records, the last record
+/// of each key id (subject `hs_keys.<id>`).
+pub const KEYS_STREAM: &str = "HSKEYS";
+const KEYS_SUBJECT: &str = "hs_keys";
 
 impl Bridge {
     /// Keeps `<data_dir>/keys.json` and the cluster's key bucket in step,
@@ -833,25 +835,32 @@ impl Bridge {
 
     async fn sync_keys_now(&self, data_dir: &std::path::Path) -> Result<(), String> {
         use crate::auth::keys::{KeyRecord, KeyStore};
-        let kv = match self.js.get_key_value(KEYS_BUCKET).await {
-            Ok(kv) => kv,
-            Err(_) => self
-                .js
-                .create_key_value(jetstream::kv::Config {
-                    bucket: KEYS_BUCKET.to_string(),
-                    history: 1,
-                    num_replicas: self.limits.replicas,
-                    storage: stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string())?,
-        };
-        let store = KeyStore::new(data_dir);
-        let mut watch = kv
-            .watch_with_history(">")
+        // A key-value bucket in all but name: one subject per key id,
+        // the last record of each kept (the KV API of async-nats does not
+        // decode NATS 2.9's answers).
+        let stream = self
+            .js
+            .get_or_create_stream(stream::Config {
+                name: KEYS_STREAM.to_string(),
+                subjects: vec![format!("{KEYS_SUBJECT}.*")],
+                max_messages_per_subject: 1,
+                num_replicas: self.limits.replicas,
+                storage: stream::StorageType::File,
+                discard: stream::DiscardPolicy::Old,
+                ..Default::default()
+            })
             .await
             .map_err(|e| e.to_string())?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                filter_subject: format!("{KEYS_SUBJECT}.*"),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut watch = consumer.messages().await.map_err(|e| e.to_string())?;
+        let store = KeyStore::new(data_dir);
         // What the bucket holds, as far as this node knows.
         let mut bucket: HashMap<String, KeyRecord> = HashMap::new();
         let mut stamp = None;
@@ -873,7 +882,10 @@ impl Bridge {
                     };
                     if newer {
                         let json = serde_json::to_vec(&record).expect("records serialize");
-                        kv.put(&record.id, json.into())
+                        self.js
+                            .publish(format!("{KEYS_SUBJECT}.{}", token(&record.id)), json.into())
+                            .await
+                            .map_err(|e| e.to_string())?
                             .await
                             .map_err(|e| e.to_string())?;
                         bucket.insert(record.id.clone(), record);
@@ -890,10 +902,7 @@ impl Bridge {
                     return Err("key watch ended".to_string());
                 };
                 let entry = entry.map_err(|e| e.to_string())?;
-                if entry.operation != jetstream::kv::Operation::Put {
-                    continue;
-                }
-                if let Ok(record) = serde_json::from_slice::<KeyRecord>(&entry.value) {
+                if let Ok(record) = serde_json::from_slice::<KeyRecord>(&entry.payload) {
                     match bucket.get_mut(&record.id) {
                         Some(known) if known.revoked_at.is_some() => {
                             if record.revoked_at.is_none() {
