@@ -27,6 +27,9 @@ struct Nats {
     child: Option<Child>,
     port: u16,
     dir: TestDir,
+    /// Flags beyond the port and store (a clustered server's name, cluster
+    /// port and routes).
+    extra: Vec<String>,
 }
 
 fn nats_binary() -> PathBuf {
@@ -58,9 +61,41 @@ impl Nats {
             child: None,
             port: free_port(),
             dir: TestDir::new(),
+            extra: Vec::new(),
         };
         nats.restart();
         nats
+    }
+
+    /// `n` servers clustered with JetStream (routes on loopback).
+    fn cluster(n: usize) -> Vec<Nats> {
+        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut servers: Vec<Nats> = (0..n)
+            .map(|i| Nats {
+                child: None,
+                port: free_port(),
+                dir: TestDir::new(),
+                extra: vec![
+                    "-n".into(),
+                    format!("nats-{i}"),
+                    "--cluster_name".into(),
+                    "hs".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{}", cluster_ports[i]),
+                    "--routes".into(),
+                    routes.clone(),
+                ],
+            })
+            .collect();
+        for server in &mut servers {
+            server.restart();
+        }
+        servers
     }
 
     /// Starts (again) on the same port and store.
@@ -77,6 +112,7 @@ impl Nats {
                 "-sd",
             ])
             .arg(self.dir.path())
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -199,12 +235,15 @@ fn events(from: usize, to: usize) -> String {
 }
 
 #[test]
-fn a_message_published_on_one_node_reaches_both_with_one_seq() {
+fn a_message_published_on_one_node_reaches_every_node_with_one_seq() {
     let nats = Nats::start();
     let a = node(&nats, None, "a");
     let b = node(&nats, Some(&a), "b");
+    let c = node(&nats, Some(&a), "c");
     let mut on_a = a.connect("org_a");
     let mut on_b = b.connect("org_a");
+    let mut on_c = c.connect("org_a");
+    on_c.subscribe("events");
     assert_eq!(on_a.welcome["seq"], 0, "{}", on_a.welcome);
     assert!(
         on_b.welcome["connection_id"]
@@ -222,13 +261,16 @@ fn a_message_published_on_one_node_reaches_both_with_one_seq() {
     let expected: Vec<(u64, String)> = (0..3).map(|i| (i + 1, format!("e{i}"))).collect();
     assert_eq!(take(&mut on_a, 3), expected);
     assert_eq!(take(&mut on_b, 3), expected);
+    assert_eq!(take(&mut on_c, 3), expected);
 
     // Published on the other node: the same stream, the next seq.
     assert_eq!(b.publish_ok(&events(3, 4)), vec![4]);
     assert_eq!(take(&mut on_a, 1), vec![(4, "e3".to_string())]);
     assert_eq!(take(&mut on_b, 1), vec![(4, "e3".to_string())]);
+    assert_eq!(take(&mut on_c, 1), vec![(4, "e3".to_string())]);
     on_a.ping_pong();
     on_b.ping_pong();
+    on_c.ping_pong();
 
     // A new connection on either node is welcomed with the org's seq.
     assert_eq!(b.connect("org_a").welcome["seq"], 4);
@@ -236,12 +278,13 @@ fn a_message_published_on_one_node_reaches_both_with_one_seq() {
 }
 
 #[test]
-fn resume_with_after_on_the_other_node_while_publishing_goes_on() {
+fn a_subscriber_moves_from_b_to_c_with_after_while_a_publishes() {
     let nats = Nats::start();
     let a = node(&nats, None, "a");
     let b = node(&nats, Some(&a), "b");
+    let c = node(&nats, Some(&a), "c");
     const TOTAL: usize = 300;
-    let mut first = a.connect("org_a");
+    let mut first = b.connect("org_a");
     first.subscribe("events");
     // A publisher on node A all along, 10 messages a request.
     let admin = a.admin_addr;
@@ -263,11 +306,11 @@ fn resume_with_after_on_the_other_node_while_publishing_goes_on() {
             std::thread::sleep(Duration::from_millis(2));
         }
     });
-    // Some messages on A, then the client moves to B with `after`.
+    // Some messages on B, then the client moves to C with `after`.
     let got = take(&mut first, 40);
     drop(first);
     let last = got.last().unwrap().0;
-    let mut second = b.connect("org_a");
+    let mut second = c.connect("org_a");
     let ack = second.subscribe_after("events", last);
     assert_eq!(ack["recovered"], true, "{ack}");
     let rest = take(&mut second, TOTAL - 40);
@@ -456,6 +499,7 @@ fn without_nats_the_node_is_not_ready_and_publish_answers_503_until_it_comes() {
         child: None,
         port: free_port(),
         dir: TestDir::new(),
+        extra: Vec::new(),
     };
     let server = ServerBuilder::new()
         .org("org_a")
@@ -609,4 +653,51 @@ fn history_limits_are_the_stream_limits_and_older_after_is_not_recovered() {
         take(&mut client, 3).iter().map(|m| m.0).collect::<Vec<_>>(),
         vec![8, 9, 10]
     );
+}
+
+/// Publishes one event with an idempotency key, retrying on 503 (with the
+/// same key, so a message stored before a 503 is not stored twice) for up
+/// to 30 s; returns its seq.
+fn publish_with_retries(server: &Server, i: usize) -> u64 {
+    let body = format!(
+        r#"{{"org_id":"org_a","type":"event","idempotency_key":"key-{i}","data":{{"id":"e{i}","source_id":"src_1"}}}}"#
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = server.publish(&body);
+        if response.status == 202 {
+            return response.json()["seqs"][0].as_u64().unwrap();
+        }
+        assert_eq!(response.status, 503, "{}", response.text());
+        assert!(response.header("Retry-After").is_some());
+        assert!(
+            Instant::now() < deadline,
+            "publish {i} still refused after 30 s:\n{}",
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn with_three_replicas_stopping_one_nats_server_loses_nothing_and_publishing_goes_on() {
+    let mut servers = Nats::cluster(3);
+    let urls = servers.iter().map(Nats::url).collect::<Vec<_>>().join(",");
+    let replicas = [("--nats-replicas", "3")];
+    let a = node_on(&urls, None, "a", &replicas);
+    let b = node_on(&urls, Some(&a), "b", &replicas);
+    // The first publish waits for the JetStream cluster to elect its leaders.
+    assert_eq!(publish_with_retries(&a, 0), 1);
+    let mut subscriber = b.connect("org_a");
+    subscriber.subscribe_after("events", 0);
+    for i in 1..20 {
+        assert_eq!(publish_with_retries(&a, i), i as u64 + 1);
+    }
+    servers[0].stop();
+    for i in 20..40 {
+        assert_eq!(publish_with_retries(&a, i), i as u64 + 1);
+    }
+    let expected: Vec<(u64, String)> = (0..40).map(|i| (i as u64 + 1, format!("e{i}"))).collect();
+    assert_eq!(take(&mut subscriber, 40), expected);
+    subscriber.ping_pong();
 }
