@@ -35,6 +35,34 @@ pub enum Command {
     ApiKeys(ApiKeysCommand),
     /// Post one message to a running server's admin API.
     Publish(PublishArgs),
+    /// Cluster mode (NATS JetStream) tools.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+/// `hookstream cluster …`
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Copy a single-node data directory's retained messages (every seq
+    /// kept) and API keys into JetStream, so clients resume across the
+    /// switch to cluster mode. The server on that directory must be
+    /// stopped.
+    Import {
+        /// NATS server URL(s), comma-separated.
+        #[arg(long, env = "HOOKSTREAM_NATS_URL")]
+        nats_url: String,
+        /// JetStream replicas of the streams created (as the nodes' flag).
+        #[arg(long, env = "HOOKSTREAM_NATS_REPLICAS", default_value_t = 1)]
+        nats_replicas: usize,
+        /// Messages kept per org stream (as the nodes' flag).
+        #[arg(long, env = "HOOKSTREAM_HISTORY_MESSAGES")]
+        history_messages: Option<u64>,
+        /// Longest a message is kept (as the nodes' flag), e.g. `24h`.
+        #[arg(long, env = "HOOKSTREAM_HISTORY_AGE")]
+        history_age: Option<String>,
+        #[command(flatten)]
+        common: DataDirArgs,
+    },
 }
 
 /// `hookstream api-keys …`

@@ -100,6 +100,9 @@ impl Message {
 /// (the routing of PROTOCOL.md §3).
 pub fn channel_matches(channel: &str, kind: MessageKind, route: Option<&str>) -> bool {
     match channel {
+        // Every message: what `hookstream cluster import` reads. Never a
+        // client's channel (`is_valid_channel` refuses it).
+        "*" => true,
         "events" => kind == MessageKind::Event,
         "deliveries" => kind == MessageKind::Delivery,
         "issues" => kind == MessageKind::Issue,

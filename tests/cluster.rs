@@ -701,3 +701,91 @@ fn with_three_replicas_stopping_one_nats_server_loses_nothing_and_publishing_goe
     assert_eq!(take(&mut subscriber, 40), expected);
     subscriber.ping_pong();
 }
+
+/// A client of `key` on `server` once the node accepts the key (keys reach
+/// a node through NATS), its welcome read.
+fn connect_when_admitted(server: &Server, key: &str) -> common::Client {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(mut client) =
+            common::Client::try_upgrade(server.ws_addr, &format!("/v1/ws?token={key}"))
+        {
+            client.welcome = client.next_json(WAIT);
+            assert_eq!(client.welcome["type"], "welcome", "{}", client.welcome);
+            return client;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "key not accepted:\n{}",
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn cluster_import_keeps_every_seq_and_key_so_clients_resume_across_the_switch() {
+    // A single node (no NATS) with history, some of it dropped by retention.
+    let mut single = ServerBuilder::new()
+        .org("org_a")
+        .arg("--history-messages", "6")
+        .start();
+    let key = single.key("org_a").to_string();
+    let mut bodies: Vec<String> = (0..10)
+        .map(|i| event("org_a", &format!("e{i}"), "src_1"))
+        .collect();
+    bodies.push(common::sync("org_a", "col_1", "c0"));
+    assert_eq!(
+        single.publish_ok(&array(&bodies)),
+        (1..=11).collect::<Vec<u64>>()
+    );
+    let poll = format!("/v1/poll?channels=events,collections:col_1&after=0&token={key}");
+    let before = get_json(single.ws_addr, &poll);
+    assert_eq!(
+        before["recovered"], false,
+        "retention dropped some: {before}"
+    );
+    single.signal(libc::SIGTERM);
+    assert!(single.wait_exit(WAIT).is_some());
+
+    let nats = Nats::start();
+    let import = common::hookstream_command()
+        .args(["cluster", "import", "--history-messages", "6"])
+        .args(["--nats-url", &nats.url(), "--data-dir"])
+        .arg(single.data_dir())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&import.stderr).to_string();
+    assert!(import.status.success(), "{said}");
+    assert!(said.contains("messages of 1 org(s)"), "{said}");
+    // Again: nothing is imported twice.
+    let again = common::hookstream_command()
+        .args(["cluster", "import", "--history-messages", "6"])
+        .args(["--nats-url", &nats.url(), "--data-dir"])
+        .arg(single.data_dir())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&again.stderr).to_string();
+    assert!(again.status.success(), "{said}");
+    assert!(said.contains("already in JetStream up to seq 11"), "{said}");
+
+    // A fresh node: the key and every seq came through JetStream.
+    let b = ServerBuilder::new()
+        .arg("--nats-url", nats.url())
+        .arg("--node-id", "b")
+        .arg("--history-messages", "6")
+        .start();
+    wait_ready(&b);
+    let mut client = connect_when_admitted(&b, &key);
+    assert_eq!(client.welcome["seq"], 11);
+    let after = get_json(b.ws_addr, &poll);
+    assert_eq!(after, before, "the same page before and after the import");
+    let ack = client.subscribe_after("events", 8);
+    assert_eq!(ack["recovered"], true, "{ack}");
+    assert_eq!(
+        take(&mut client, 2),
+        vec![(9, "e8".to_string()), (10, "e9".to_string())]
+    );
+    assert_eq!(b.publish_ok(&events(10, 11)), vec![12]);
+    assert_eq!(take(&mut client, 1), vec![(12, "e10".to_string())]);
+}

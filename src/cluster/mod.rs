@@ -357,13 +357,18 @@ impl Bridge {
     }
 
     fn stream_config(&self, org: &str) -> stream::Config {
-        let age = Duration::from_millis(self.limits.age_ms);
+        Bridge::stream_config_for(org, self.limits)
+    }
+
+    /// An org's stream, with these limits.
+    fn stream_config_for(org: &str, limits: StreamLimits) -> stream::Config {
+        let age = Duration::from_millis(limits.age_ms);
         stream::Config {
             name: stream_name(org),
             subjects: vec![format!("hs.{}.>", token(org))],
-            max_messages: i64::try_from(self.limits.messages_max).unwrap_or(i64::MAX),
+            max_messages: i64::try_from(limits.messages_max).unwrap_or(i64::MAX),
             max_age: age,
-            num_replicas: self.limits.replicas,
+            num_replicas: limits.replicas,
             duplicate_window: DUPLICATE_WINDOW.min(age),
             storage: stream::StorageType::File,
             discard: stream::DiscardPolicy::Old,
@@ -803,6 +808,172 @@ impl Bridge {
     }
 }
 
+/// `hookstream cluster import`: writes one org's retained messages into its
+/// stream with their own seqs, and the key records into [`KEYS_STREAM`].
+pub struct Importer {
+    js: jetstream::Context,
+    limits: StreamLimits,
+    /// The org being imported: its stream, the next seq it will give, and
+    /// the seqs of the placeholders published to make gaps.
+    org: Option<(String, stream::Stream, u64, Vec<u64>)>,
+}
+
+/// What became of one org.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ImportStart {
+    /// Its stream is empty and now starts at the first retained seq.
+    Importing,
+    /// Its stream already ends at the same last seq (imported before).
+    AlreadyThere,
+}
+
+impl Importer {
+    /// Connects to `urls` (failing at once when NATS is not reachable).
+    pub async fn connect(urls: &[String], limits: StreamLimits) -> Result<Importer, String> {
+        let client = async_nats::ConnectOptions::new()
+            .name("hookstream-import")
+            .connection_timeout(Duration::from_secs(5))
+            .connect(urls)
+            .await
+            .map_err(|e| format!("NATS {}: {e}", urls.join(",")))?;
+        let mut js = jetstream::new(client);
+        js.set_timeout(Duration::from_secs(10));
+        Ok(Importer {
+            js,
+            limits,
+            org: None,
+        })
+    }
+
+    /// Starts an org whose retained messages are `first..=last` (`first` =
+    /// `last + 1` when none is retained). Refuses a stream that already
+    /// holds other messages.
+    pub async fn begin_org(
+        &mut self,
+        org: &str,
+        first: u64,
+        last: u64,
+    ) -> Result<ImportStart, String> {
+        let bridge_config = Bridge::stream_config_for(org, self.limits);
+        let mut stream = self
+            .js
+            .get_or_create_stream(bridge_config)
+            .await
+            .map_err(|e| format!("stream of {org}: {e}"))?;
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| e.to_string())?
+            .state
+            .clone();
+        if state.last_sequence == last && last > 0 {
+            return Ok(ImportStart::AlreadyThere);
+        }
+        if state.messages > 0 || state.last_sequence > 0 {
+            return Err(format!(
+                "stream {} of org {org} already holds messages up to seq {} (the data directory's last is {last}); not importing over them",
+                stream_name(org),
+                state.last_sequence
+            ));
+        }
+        if first > 1 {
+            // An empty stream purged up to `first` gives `first` next.
+            stream
+                .purge()
+                .sequence(first)
+                .await
+                .map_err(|e| format!("stream of {org}: {e}"))?;
+        }
+        self.org = Some((org.to_string(), stream, first, Vec::new()));
+        Ok(ImportStart::Importing)
+    }
+
+    /// Writes the org's next retained messages, `(seq, message)` in seq
+    /// order; a gap in the seqs becomes a placeholder, deleted at the end.
+    pub async fn records(&mut self, batch: Vec<(u64, Message)>) -> Result<(), String> {
+        let (org, _, next, placeholders) = self.org.as_mut().ok_or("no org begun")?;
+        let mut acks = Vec::with_capacity(batch.len());
+        for (seq, message) in &batch {
+            while *next < *seq {
+                let ack = self
+                    .js
+                    .publish(format!("hs.{}.gap.~", token(org)), bytes::Bytes::new())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                acks.push((*next, ack, true));
+                *next += 1;
+            }
+            let payload = bytes::Bytes::copy_from_slice(message.data.as_bytes());
+            let ack = self
+                .js
+                .publish(subject_of(message), payload)
+                .await
+                .map_err(|e| e.to_string())?;
+            acks.push((*seq, ack, false));
+            *next = seq + 1;
+        }
+        for (seq, ack, placeholder) in acks {
+            let ack = ack.await.map_err(|e| e.to_string())?;
+            if ack.sequence != seq {
+                return Err(format!(
+                    "org {org}: JetStream gave seq {} to the message of seq {seq}; is a node publishing to it?",
+                    ack.sequence
+                ));
+            }
+            if placeholder {
+                placeholders.push(seq);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the org: its placeholders are deleted (their seqs become gaps).
+    pub async fn end_org(&mut self) -> Result<(), String> {
+        let Some((_, stream, _, placeholders)) = self.org.take() else {
+            return Ok(());
+        };
+        for seq in placeholders {
+            stream
+                .delete_message(seq)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Puts key records into [`KEYS_STREAM`], where every node takes them.
+    pub async fn keys(&mut self, records: &[crate::auth::keys::KeyRecord]) -> Result<(), String> {
+        self.js
+            .get_or_create_stream(keys_stream_config(self.limits.replicas))
+            .await
+            .map_err(|e| e.to_string())?;
+        for record in records {
+            let mut record = record.clone();
+            record.last_used_at = None;
+            let json = serde_json::to_vec(&record).expect("records serialize");
+            self.js
+                .publish(format!("{KEYS_SUBJECT}.{}", token(&record.id)), json.into())
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+fn keys_stream_config(replicas: usize) -> stream::Config {
+    stream::Config {
+        name: KEYS_STREAM.to_string(),
+        subjects: vec![format!("{KEYS_SUBJECT}.*")],
+        max_messages_per_subject: 1,
+        num_replicas: replicas,
+        storage: stream::StorageType::File,
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    }
+}
+
 /// The stream that carries every node's API key records, the last record
 /// of each key id (subject `hs_keys.<id>`).
 pub const KEYS_STREAM: &str = "HSKEYS";
@@ -840,15 +1011,7 @@ impl Bridge {
         // decode NATS 2.9's answers).
         let stream = self
             .js
-            .get_or_create_stream(stream::Config {
-                name: KEYS_STREAM.to_string(),
-                subjects: vec![format!("{KEYS_SUBJECT}.*")],
-                max_messages_per_subject: 1,
-                num_replicas: self.limits.replicas,
-                storage: stream::StorageType::File,
-                discard: stream::DiscardPolicy::Old,
-                ..Default::default()
-            })
+            .get_or_create_stream(keys_stream_config(self.limits.replicas))
             .await
             .map_err(|e| e.to_string())?;
         let consumer = stream

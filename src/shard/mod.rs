@@ -59,6 +59,7 @@ pub const READ_BUFFER_BYTES: usize = crate::limits::HEAD_BYTES_MAX;
 const POOL_BUFFERS_MAX: usize = 32;
 
 pub use self::run::run;
+pub use self::startup::lock_data_dir;
 pub use self::writer::{flush_one, send_vectored, wire};
 pub use crate::placement::shard_for;
 
