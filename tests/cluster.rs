@@ -789,3 +789,43 @@ fn cluster_import_keeps_every_seq_and_key_so_clients_resume_across_the_switch() 
     assert_eq!(b.publish_ok(&events(10, 11)), vec![12]);
     assert_eq!(take(&mut client, 1), vec![(12, "e10".to_string())]);
 }
+
+#[test]
+fn a_node_that_loses_its_nats_server_gets_what_others_published_meanwhile() {
+    let mut servers = Nats::cluster(3);
+    let replicas = [("--nats-replicas", "3")];
+    // A knows only the first NATS server, B only the second.
+    let a = node_on(&servers[0].url(), None, "a", &replicas);
+    let b = node_on(&servers[1].url(), Some(&a), "b", &replicas);
+    assert_eq!(publish_with_retries(&b, 0), 1);
+    let mut on_a = a.connect("org_a");
+    on_a.subscribe_after("events", 0);
+    assert_eq!(take(&mut on_a, 1), vec![(1, "e0".to_string())]);
+    // A's NATS server goes away while B publishes.
+    servers[0].stop();
+    for i in 1..30 {
+        assert_eq!(publish_with_retries(&b, i), i as u64 + 1);
+    }
+    servers[0].restart();
+    for i in 30..40 {
+        assert_eq!(publish_with_retries(&b, i), i as u64 + 1);
+    }
+    // Every message once, in order, on A's connection, which stayed open.
+    let expected: Vec<(u64, String)> = (1..40).map(|i| (i as u64 + 1, format!("e{i}"))).collect();
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        match on_a.recv(WAIT) {
+            common::Received::Json { value, .. } => got.push((
+                value["seq"].as_u64().unwrap(),
+                value["data"]["id"].as_str().unwrap().to_string(),
+            )),
+            other => panic!(
+                "after {got:?}: {other:?}\nA:\n{}\nB:\n{}",
+                a.stderr(),
+                b.stderr()
+            ),
+        }
+    }
+    assert_eq!(got, expected);
+    on_a.ping_pong();
+}

@@ -40,6 +40,10 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// How long one JetStream request may take before the node answers 503.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long a whole publish request may wait for JetStream before it is
+/// answered 503.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Most messages a history read looks at per request (matching or not): a
 /// read that stops there says how far it looked, and the reader goes on.
 const SCAN_MAX: u64 = 10_000;
@@ -429,18 +433,44 @@ impl Bridge {
     }
 
     async fn publish_now(&self, messages: Vec<Message>) -> Result<Vec<u64>, PublishError> {
-        let unavailable = |e: String| PublishError::Unavailable(e);
         if !self.connected() {
-            return Err(unavailable("not connected to NATS".to_string()));
+            return Err(PublishError::Unavailable(
+                "not connected to NATS".to_string(),
+            ));
         }
-        let mut orgs: Vec<&str> = messages.iter().map(|m| m.org_id.as_str()).collect();
+        // One bound for the whole request, so a publisher hears 503 within
+        // it whatever JetStream is going through (a leader election).
+        match tokio::time::timeout(PUBLISH_TIMEOUT, self.publish_in_order(&messages)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(PublishError::Unavailable(format!(
+                "no JetStream acknowledgement within {PUBLISH_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    async fn publish_in_order(&self, messages: &[Message]) -> Result<Vec<u64>, PublishError> {
+        let unavailable = |e: String| PublishError::Unavailable(e);
+        // Streams not known to exist are made first; a known one costs no
+        // request (a stream deleted by hand is made again after the
+        // publish that finds it missing).
+        let mut orgs: Vec<&str> = messages
+            .iter()
+            .map(|m| m.org_id.as_str())
+            .filter(|org| {
+                !self
+                    .ensured
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(*org)
+            })
+            .collect();
         orgs.sort_unstable();
         orgs.dedup();
         for org in orgs {
             self.ensure_stream(org).await.map_err(unavailable)?;
         }
         let mut acks = Vec::with_capacity(messages.len());
-        for message in &messages {
+        for message in messages {
             let mut headers = async_nats::HeaderMap::new();
             if let Some(key) = &message.idempotency_key {
                 headers.insert("Nats-Msg-Id", key.as_ref());
@@ -454,16 +484,16 @@ impl Bridge {
             acks.push(ack);
         }
         let mut seqs = Vec::with_capacity(acks.len());
-        for (ack, message) in acks.into_iter().zip(&messages) {
+        for (ack, message) in acks.into_iter().zip(messages) {
             match ack.await {
                 Ok(ack) => seqs.push(ack.sequence),
                 Err(e) => {
-                    // The stream may be gone (deleted by hand): made again
-                    // on the next publish.
-                    self.ensured
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&message.org_id);
+                    if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+                        self.ensured
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&message.org_id);
+                    }
                     return Err(unavailable(e.to_string()));
                 }
             }
