@@ -829,3 +829,73 @@ fn a_node_that_loses_its_nats_server_gets_what_others_published_meanwhile() {
     assert_eq!(got, expected);
     on_a.ping_pong();
 }
+
+#[test]
+fn a_session_cookie_signed_on_one_node_works_on_every_node() {
+    let nats = Nats::start();
+    let a = node(&nats, None, "a");
+    // B's own secret differs until it adopts the cluster's at startup.
+    let b = node(&nats, Some(&a), "b");
+    let c = ServerBuilder::new()
+        .arg("--nats-url", nats.url())
+        .arg("--node-id", "c")
+        .start();
+    wait_ready(&c);
+    let cookie = common::sign_in(a.ws_addr, a.key("org_a"));
+    for server in [&a, &b, &c] {
+        // Keys reach C through NATS; the cookie needs its key.
+        drop(connect_when_admitted(server, a.key("org_a")));
+        let response = http_request(
+            server.ws_addr,
+            "GET",
+            "/v1/sessions",
+            &[("Cookie", format!("hs_session={cookie}"))],
+            b"",
+        );
+        assert_eq!(response.status, 200, "{}", response.text());
+        assert_eq!(response.json()["org_id"], "org_a", "{}", response.text());
+    }
+    let secret = |s: &Server| std::fs::read_to_string(s.data_dir().join("session-secret")).unwrap();
+    assert_eq!(
+        secret(&a),
+        secret(&c),
+        "the adopted secret is kept for restarts"
+    );
+}
+
+#[test]
+fn a_sign_out_on_one_node_closes_that_session_on_every_node_within_2_s() {
+    let nats = Nats::start();
+    let a = node(&nats, None, "a");
+    let b = node(&nats, Some(&a), "b");
+    let cookie = common::sign_in(a.ws_addr, a.key("org_a"));
+    let origin = format!("http://{}", b.ws_addr);
+    let mut on_b = common::Client::connect_with(
+        b.ws_addr,
+        "/v1/ws",
+        &[
+            ("Cookie", &format!("hs_session={cookie}")),
+            ("Origin", &origin),
+        ],
+    );
+    on_b.subscribe("events");
+    let signed_out = http_request(
+        a.ws_addr,
+        "DELETE",
+        "/v1/sessions",
+        &[("Cookie", format!("hs_session={cookie}"))],
+        b"",
+    );
+    assert_eq!(signed_out.status, 204, "{}", signed_out.text());
+    let at = Instant::now();
+    assert_eq!(on_b.expect_close(Duration::from_secs(2)), Some(4003));
+    assert!(at.elapsed() < Duration::from_secs(2));
+    let refused = http_request(
+        b.ws_addr,
+        "GET",
+        "/v1/events",
+        &[("Cookie", format!("hs_session={cookie}"))],
+        b"",
+    );
+    assert_eq!(refused.status, 401, "{}", refused.text());
+}

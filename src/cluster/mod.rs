@@ -147,6 +147,8 @@ pub struct Bridge {
     client: async_nats::Client,
     js: jetstream::Context,
     limits: StreamLimits,
+    /// `--session-ttl-secs`: how long a sign-out is kept.
+    session_ttl_secs: u64,
     /// Orgs whose stream is known to exist.
     ensured: Mutex<HashSet<String>>,
     /// Running follows: org → (generation, the tasks to stop).
@@ -271,7 +273,11 @@ impl Bridge {
     /// Starts the `nats` thread and its runtime and begins connecting to
     /// `urls`. Returns at once: a NATS server that is not reachable yet is
     /// retried in the background ([`Bridge::connected`] says when it is).
-    pub fn start(urls: &[String], limits: StreamLimits) -> Result<Arc<Bridge>, String> {
+    pub fn start(
+        urls: &[String],
+        limits: StreamLimits,
+        session_ttl_secs: u64,
+    ) -> Result<Arc<Bridge>, String> {
         let (tx, rx) = std::sync::mpsc::channel();
         let urls = urls.to_vec();
         std::thread::Builder::new()
@@ -342,6 +348,7 @@ impl Bridge {
             client,
             js,
             limits,
+            session_ttl_secs,
             ensured: Mutex::new(HashSet::new()),
             follows: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(1),
@@ -995,7 +1002,7 @@ impl Importer {
 fn keys_stream_config(replicas: usize) -> stream::Config {
     stream::Config {
         name: KEYS_STREAM.to_string(),
-        subjects: vec![format!("{KEYS_SUBJECT}.*")],
+        subjects: vec![format!("{KEYS_SUBJECT}.*"), SECRET_SUBJECT.to_string()],
         max_messages_per_subject: 1,
         num_replicas: replicas,
         storage: stream::StorageType::File,
@@ -1008,6 +1015,201 @@ fn keys_stream_config(replicas: usize) -> stream::Config {
 /// of each key id (subject `hs_keys.<id>`).
 pub const KEYS_STREAM: &str = "HSKEYS";
 const KEYS_SUBJECT: &str = "hs_keys";
+/// The stream of sign-outs (`DELETE /v1/sessions`) of every node.
+pub const SIGNOUTS_STREAM: &str = "HSSIGNOUTS";
+const SIGNOUTS_SUBJECT: &str = "hs_signouts";
+
+/// One sign-out as it travels between nodes.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SignOut {
+    /// The session id (`auth::revoked::session_id`), hex.
+    id: String,
+    key_id: String,
+    expires: u64,
+}
+
+impl Bridge {
+    /// Tells every node that a session was signed out here (waits for
+    /// JetStream's acknowledgement, at most a few seconds).
+    pub fn sign_out(
+        self: &Arc<Self>,
+        id: u128,
+        key_id: &str,
+        expires: u64,
+    ) -> futures_channel::oneshot::Receiver<Result<(), String>> {
+        let (reply, answer) = futures_channel::oneshot::channel();
+        let bridge = self.clone();
+        let json = serde_json::to_vec(&SignOut {
+            id: format!("{id:032x}"),
+            key_id: key_id.to_string(),
+            expires,
+        })
+        .expect("a sign-out serializes");
+        self.runtime.spawn(async move {
+            let sent = async {
+                bridge
+                    .js
+                    .get_or_create_stream(bridge.signouts_config())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                bridge
+                    .js
+                    .publish(SIGNOUTS_SUBJECT, json.into())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<(), String>(())
+            };
+            let outcome = tokio::time::timeout(PUBLISH_TIMEOUT, sent)
+                .await
+                .unwrap_or_else(|_| Err("no JetStream acknowledgement".to_string()));
+            let _ = reply.send(outcome);
+        });
+        answer
+    }
+
+    fn signouts_config(&self) -> stream::Config {
+        stream::Config {
+            name: SIGNOUTS_STREAM.to_string(),
+            subjects: vec![SIGNOUTS_SUBJECT.to_string()],
+            // A cookie lives at most this long; its sign-out no longer.
+            max_age: Duration::from_secs(self.session_ttl_secs.max(60) + 3600),
+            num_replicas: self.limits.replicas,
+            storage: stream::StorageType::File,
+            discard: stream::DiscardPolicy::Old,
+            ..Default::default()
+        }
+    }
+
+    /// Takes every node's sign-outs into this node's list, for the life
+    /// of the process: its shards then refuse the cookie and close its
+    /// connections with 4003, as for a sign-out taken here.
+    pub fn sync_signouts(self: &Arc<Self>, revoked: Arc<crate::auth::revoked::Revocations>) {
+        let bridge = self.clone();
+        self.runtime.spawn(async move {
+            let mut failing = false;
+            let mut seen = 0u64;
+            loop {
+                match bridge.sync_signouts_now(&revoked, &mut seen).await {
+                    Ok(()) => {}
+                    Err(e) if !failing && bridge.connected() => {
+                        eprintln!("hookstream: cluster: sign-out sync: {e}; retrying");
+                        failing = true;
+                    }
+                    Err(_) => {}
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+
+    async fn sync_signouts_now(
+        &self,
+        revoked: &Arc<crate::auth::revoked::Revocations>,
+        seen: &mut u64,
+    ) -> Result<(), String> {
+        let stream = self
+            .js
+            .get_or_create_stream(self.signouts_config())
+            .await
+            .map_err(|e| e.to_string())?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: *seen + 1,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(|e| e.to_string())?;
+            if let Ok(info) = message.info() {
+                *seen = (*seen).max(info.stream_sequence);
+            }
+            let Ok(sign_out) = serde_json::from_slice::<SignOut>(&message.payload) else {
+                continue;
+            };
+            let Ok(id) = u128::from_str_radix(&sign_out.id, 16) else {
+                continue;
+            };
+            if revoked.is_revoked(id, &sign_out.key_id, sign_out.expires) {
+                continue;
+            }
+            let now = crate::auth::sessions::now_unix_secs();
+            let pending = revoked.revoke(id, &sign_out.key_id, sign_out.expires, now);
+            let revoked = revoked.clone();
+            if let Ok(Err(e)) =
+                tokio::task::spawn_blocking(move || revoked.persist(pending, now)).await
+            {
+                eprintln!("hookstream: cluster: a sign-out of another node was not saved: {e}");
+            }
+        }
+        Err("sign-out consumer ended".to_string())
+    }
+}
+
+/// The subject of the cluster's session secret (in [`KEYS_STREAM`]).
+const SECRET_SUBJECT: &str = "hs_session_secret";
+
+impl Bridge {
+    /// The session secret every node signs cookies with: the one in
+    /// JetStream, or `local` when there is none yet (then stored there,
+    /// only if still none: two nodes starting at once agree). `None` when
+    /// NATS does not answer within a few seconds (the node keeps its own
+    /// secret until it restarts). Blocks; called before the shards start.
+    pub fn shared_session_secret(self: &Arc<Self>, local: &str) -> Option<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while !self.connected() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !self.connected() {
+            return None;
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let bridge = self.clone();
+        let local = local.to_string();
+        self.runtime.spawn(async move {
+            let _ = tx.send(bridge.session_secret_now(&local).await);
+        });
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(secret)) => Some(secret),
+            Ok(Err(e)) => {
+                eprintln!("hookstream: cluster: session secret: {e}");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    async fn session_secret_now(&self, local: &str) -> Result<String, String> {
+        let stream = self
+            .js
+            .get_or_create_stream(keys_stream_config(self.limits.replicas))
+            .await
+            .map_err(|e| e.to_string())?;
+        for _ in 0..2 {
+            if let Ok(message) = stream.get_last_raw_message_by_subject(SECRET_SUBJECT).await {
+                return String::from_utf8(message.payload.to_vec()).map_err(|e| e.to_string());
+            }
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+            let stored = self
+                .js
+                .publish_with_headers(SECRET_SUBJECT, headers, local.to_string().into())
+                .await
+                .map_err(|e| e.to_string())?
+                .await;
+            if stored.is_ok() {
+                return Ok(local.to_string());
+            }
+            // Another node stored one first: read it.
+        }
+        Err("no session secret could be agreed on".to_string())
+    }
+}
 
 impl Bridge {
     /// Keeps `<data_dir>/keys.json` and the cluster's key bucket in step,

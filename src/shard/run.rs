@@ -89,7 +89,7 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
     let keys_stamp = store.stamp();
     let keys = KeyIndex::from_file(&store.load().map_err(|e| e.to_string())?);
     let keys = Arc::new(crate::auth::current::CurrentKeys::new(keys_stamp, keys));
-    let signer = crate::auth::sessions::SessionSigner::load_or_create(&config.data_dir)?;
+    let mut signer = crate::auth::sessions::SessionSigner::load_or_create(&config.data_dir)?;
     let revoked = Arc::new(
         crate::auth::revoked::Revocations::load(
             &config.data_dir,
@@ -126,8 +126,22 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
                     age_ms: config.history_age_ms,
                     replicas: cluster.replicas,
                 },
+                config.session_ttl_secs,
             )?;
+            bridge.sync_signouts(revoked.clone());
             bridge.sync_keys(config.data_dir.clone());
+            // Every node signs session cookies with the cluster's secret.
+            let local = signer.secret_text();
+            match bridge.shared_session_secret(&local) {
+                Some(shared) if shared != local => {
+                    signer =
+                        crate::auth::sessions::SessionSigner::adopt(&config.data_dir, &shared)?;
+                }
+                Some(_) => {}
+                None => eprintln!(
+                    "hookstream: cluster: NATS not reachable at startup: this node signs session cookies with its own secret until it restarts"
+                ),
+            }
             let inboxes = mesh.clone();
             bridge.set_deliver(Arc::new(move |shard, event| {
                 let _ = inboxes.send_to(shard, ShardMessage::Cluster(event));
