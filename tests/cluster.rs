@@ -812,9 +812,11 @@ fn a_node_that_loses_its_nats_server_gets_what_others_published_meanwhile() {
     }
     // Every message once, in order, on A's connection, which stayed open.
     let expected: Vec<(u64, String)> = (1..40).map(|i| (i as u64 + 1, format!("e{i}"))).collect();
+    // A's client reconnects to another NATS server (with its backoff),
+    // then its follower starts a new consumer from its last seq.
     let mut got = Vec::new();
     while got.len() < expected.len() {
-        match on_a.recv(WAIT) {
+        match on_a.recv(Duration::from_secs(30)) {
             common::Received::Json { value, .. } => got.push((
                 value["seq"].as_u64().unwrap(),
                 value["data"]["id"].as_str().unwrap().to_string(),

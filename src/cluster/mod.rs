@@ -1158,10 +1158,12 @@ impl Bridge {
     /// The session secret every node signs cookies with: the one in
     /// JetStream, or `local` when there is none yet (then stored there,
     /// only if still none: two nodes starting at once agree). `None` when
-    /// NATS does not answer within a few seconds (the node keeps its own
-    /// secret until it restarts). Blocks; called before the shards start.
+    /// NATS (or JetStream, still electing its leaders) does not answer
+    /// within 4 s (the node keeps its own secret until it restarts).
+    /// Blocks; called before the shards start.
     pub fn shared_session_secret(self: &Arc<Self>, local: &str) -> Option<String> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        // Startup waits at most this long for it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(4);
         while !self.connected() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -1174,7 +1176,8 @@ impl Bridge {
         self.runtime.spawn(async move {
             let _ = tx.send(bridge.session_secret_now(&local).await);
         });
-        match rx.recv_timeout(Duration::from_secs(10)) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left.max(Duration::from_millis(500))) {
             Ok(Ok(secret)) => Some(secret),
             Ok(Err(e)) => {
                 eprintln!("hookstream: cluster: session secret: {e}");
