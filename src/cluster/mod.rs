@@ -302,6 +302,11 @@ impl Bridge {
                         .name("hookstream")
                         .retry_on_initial_connect()
                         .max_reconnects(None)
+                        // Back within a second or two of a NATS server
+                        // returning (the default backs off to 4 s).
+                        .reconnect_delay_callback(|attempts| {
+                            Duration::from_millis((attempts as u64 * 250).min(2_000))
+                        })
                         .connection_timeout(Duration::from_secs(2))
                         .event_callback(move |event| {
                             let logged = logged.clone();
