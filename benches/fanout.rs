@@ -74,6 +74,7 @@ fn message() -> Message {
         kind: MessageKind::Event,
         route_id: Some("s".to_string()),
         data: data.into(),
+        idempotency_key: None,
     }
 }
 

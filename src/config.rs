@@ -38,6 +38,9 @@ pub enum Command {
     /// Hand every live connection of the running server to the binary now
     /// installed at its path (hot upgrade, SIGUSR2); waits for the outcome.
     Upgrade(UpgradeArgs),
+    /// Cluster mode (NATS JetStream) tools.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
 }
 
 /// `hookstream upgrade …`
@@ -48,6 +51,31 @@ pub struct UpgradeArgs {
     pub timeout_secs: u64,
     #[command(flatten)]
     pub common: DataDirArgs,
+}
+
+/// `hookstream cluster …`
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Copy a single-node data directory's retained messages (every seq
+    /// kept) and API keys into JetStream, so clients resume across the
+    /// switch to cluster mode. The server on that directory must be
+    /// stopped.
+    Import {
+        /// NATS server URL(s), comma-separated.
+        #[arg(long, env = "HOOKSTREAM_NATS_URL")]
+        nats_url: String,
+        /// JetStream replicas of the streams created (as the nodes' flag).
+        #[arg(long, env = "HOOKSTREAM_NATS_REPLICAS", default_value_t = 1)]
+        nats_replicas: usize,
+        /// Messages kept per org stream (as the nodes' flag).
+        #[arg(long, env = "HOOKSTREAM_HISTORY_MESSAGES")]
+        history_messages: Option<u64>,
+        /// Longest a message is kept (as the nodes' flag), e.g. `24h`.
+        #[arg(long, env = "HOOKSTREAM_HISTORY_AGE")]
+        history_age: Option<String>,
+        #[command(flatten)]
+        common: DataDirArgs,
+    },
 }
 
 /// `hookstream api-keys …`
@@ -214,6 +242,17 @@ pub struct ServeArgs {
     /// Smallest message frame in bytes that is compressed; default 256.
     #[arg(long, env = "HOOKSTREAM_COMPRESSION_MIN_BYTES")]
     pub compression_min_bytes: Option<usize>,
+    /// Cluster mode: NATS server URL(s), comma-separated; each org's
+    /// history is a JetStream stream shared by every node.
+    #[arg(long, env = "HOOKSTREAM_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// JetStream replicas of each org's stream (cluster mode); default 1.
+    #[arg(long, env = "HOOKSTREAM_NATS_REPLICAS")]
+    pub nats_replicas: Option<usize>,
+    /// This node's id in connection ids (cluster mode); default: host name
+    /// and public port.
+    #[arg(long, env = "HOOKSTREAM_NODE_ID")]
+    pub node_id: Option<String>,
 }
 
 /// What the TOML file may hold: the same names as the flags, with `_`.
@@ -247,6 +286,9 @@ struct FileConfig {
     session_ttl_secs: Option<u64>,
     compression: Option<bool>,
     compression_min_bytes: Option<usize>,
+    nats_url: Option<String>,
+    nats_replicas: Option<usize>,
+    node_id: Option<String>,
 }
 
 /// The validated configuration of a running server.
@@ -312,6 +354,61 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// `--admin-tls`: the admin listener speaks TLS with the same pair.
     pub admin_tls: bool,
+    /// `--nats-url` and friends: cluster mode (None: the local log).
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Cluster mode: the org logs are JetStream streams (`--nats-url`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// NATS server URLs.
+    pub urls: Vec<String>,
+    /// JetStream replicas per org stream.
+    pub replicas: usize,
+    /// This node's id, `[A-Za-z0-9_.-]`, in every `connection_id`.
+    pub node_id: String,
+}
+
+/// Most JetStream replicas (what JetStream allows).
+pub const NATS_REPLICAS_MAX: usize = 5;
+
+/// The node id: `--node-id`, or the host name and the public port, with
+/// anything outside `[A-Za-z0-9_.-]` replaced by `-`.
+fn node_id_of(given: Option<String>, listen: &SocketAddr) -> Result<String, String> {
+    if let Some(id) = given {
+        if !crate::message::is_valid_id(&id) {
+            return Err(format!(
+                "--node-id {id:?} must be 1-128 characters of A-Z a-z 0-9 _ . -"
+            ));
+        }
+        return Ok(id);
+    }
+    let mut name = [0u8; 256];
+    // SAFETY: gethostname writes at most `len` bytes into our buffer.
+    let ok = unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) } == 0;
+    let host = if ok {
+        let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+        String::from_utf8_lossy(&name[..end]).into_owned()
+    } else {
+        "node".to_string()
+    };
+    let mut id: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(100)
+        .collect();
+    if id.is_empty() {
+        id.push_str("node");
+    }
+    id.push('-');
+    id.push_str(&listen.port().to_string());
+    Ok(id)
 }
 
 /// The certificate chain and key files of `--tls-cert`/`--tls-key`.
@@ -412,8 +509,34 @@ impl Config {
                 .map_err(|e| format!("--history-age {text:?}: {e} (e.g. 24h, 90m, 3600s)"))?
                 .as_millis() as u64,
         };
+        let listen_addr = parse_addr("listen", &listen)?;
+        let cluster = match args.nats_url.or(file.nats_url) {
+            None => None,
+            Some(urls) => {
+                let urls: Vec<String> = urls
+                    .split(',')
+                    .map(|u| u.trim().to_string())
+                    .filter(|u| !u.is_empty())
+                    .collect();
+                if urls.is_empty() {
+                    return Err("--nats-url names no server".to_string());
+                }
+                let replicas = args.nats_replicas.or(file.nats_replicas).unwrap_or(1);
+                if replicas == 0 || replicas > NATS_REPLICAS_MAX {
+                    return Err(format!(
+                        "--nats-replicas {replicas} must be 1 to {NATS_REPLICAS_MAX}"
+                    ));
+                }
+                Some(ClusterConfig {
+                    urls,
+                    replicas,
+                    node_id: node_id_of(args.node_id.or(file.node_id), &listen_addr)?,
+                })
+            }
+        };
         let config = Config {
-            listen: parse_addr("listen", &listen)?,
+            cluster,
+            listen: listen_addr,
             admin_listen: parse_addr("admin-listen", &admin_listen)?,
             data_dir: args
                 .data_dir

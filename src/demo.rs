@@ -65,18 +65,21 @@ pub fn messages(tick: u64) -> Vec<Message> {
             kind: MessageKind::Event,
             route_id: Some("src_stripe_prod".to_string()),
             data: event,
+            idempotency_key: None,
         },
         Message {
             org_id: DEMO_ORG.to_string(),
             kind: MessageKind::Delivery,
             route_id: Some("dst_billing_api".to_string()),
             data: delivery,
+            idempotency_key: None,
         },
         Message {
             org_id: DEMO_ORG.to_string(),
             kind: MessageKind::Issue,
             route_id: None,
             data: issue,
+            idempotency_key: None,
         },
     ]
 }

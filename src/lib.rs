@@ -56,6 +56,7 @@
 //!   (sessions, polling, SSE, dashboard); heartbeat, key reload, drain.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod handoff;

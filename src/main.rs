@@ -25,6 +25,19 @@ fn main() -> ExitCode {
         Command::ApiKeys(command) => api_keys(command),
         Command::Publish(args) => publish(args),
         Command::Upgrade(args) => upgrade(args),
+        Command::Cluster(config::ClusterCommand::Import {
+            nats_url,
+            nats_replicas,
+            history_messages,
+            history_age,
+            common,
+        }) => cluster_import(
+            &nats_url,
+            nats_replicas,
+            history_messages,
+            history_age,
+            &common,
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -365,4 +378,151 @@ fn upgrade(args: UpgradeArgs) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// What the reading thread of `cluster import` hands the NATS side.
+enum ImportItem {
+    /// An org: its first retained and last seq.
+    Org(String, u64, u64),
+    /// Its next retained messages.
+    Records(Vec<(u64, hookstream::message::Message)>),
+    /// The org is complete.
+    End,
+}
+
+/// `hookstream cluster import`: copies every org's retained messages, with
+/// their seqs, and every key record of a single-node data directory into
+/// JetStream (docs/PROTOCOL.md §1). The local history is read by a glommio
+/// executor on its own thread (the segmented log's I/O is glommio's) and
+/// written by async-nats on a tokio runtime on this one, a channel between.
+fn cluster_import(
+    nats_url: &str,
+    replicas: usize,
+    history_messages: Option<u64>,
+    history_age: Option<String>,
+    common: &config::DataDirArgs,
+) -> Result<(), String> {
+    use hookstream::history::{HistoryConfig, Log, SegmentedLog};
+    let data_dir = config::data_dir_of(common)?;
+    if !data_dir.join("history").is_dir() && !data_dir.join("keys.json").is_file() {
+        return Err(format!(
+            "{} holds no history and no keys: nothing to import",
+            data_dir.display()
+        ));
+    }
+    let _lock = hookstream::shard::lock_data_dir(&data_dir)?;
+    let data_dir = std::fs::canonicalize(&data_dir).map_err(|e| e.to_string())?;
+    let urls: Vec<String> = nats_url
+        .split(',')
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+        .collect();
+    let age_ms = match history_age {
+        None => hookstream::history::HISTORY_AGE_MS_DEFAULT,
+        Some(text) => humantime::parse_duration(&text)
+            .map_err(|e| format!("--history-age {text:?}: {e}"))?
+            .as_millis() as u64,
+    };
+    let limits = hookstream::cluster::StreamLimits {
+        messages_max: history_messages.unwrap_or(hookstream::history::HISTORY_MESSAGES_DEFAULT),
+        age_ms,
+        replicas,
+    };
+    let keys = KeyStore::new(&data_dir)
+        .load()
+        .map_err(|e| e.to_string())?
+        .keys;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<ImportItem, String>>(4);
+    let history_dir = data_dir.join("history");
+    let reader = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .name("import")
+        .io_memory(2 << 20)
+        .spawn(move || async move {
+            let send = |item| tx.blocking_send(item).is_ok();
+            // Opened with the node's retention, as its next start would:
+            // what it no longer serves is not imported.
+            let config = HistoryConfig {
+                dir: history_dir,
+                durability: hookstream::history::Durability::None,
+                messages_max: limits.messages_max,
+                age_ms: limits.age_ms,
+            };
+            let log = match SegmentedLog::open(config, 0, 1).await {
+                Ok(log) => log,
+                Err(e) => {
+                    send(Err(e));
+                    return;
+                }
+            };
+            let all = ["*".to_string()];
+            for (org, last) in log.last_seqs() {
+                let mut after = log.trimmed_through(&org);
+                if !send(Ok(ImportItem::Org(org.clone(), after + 1, last))) {
+                    return;
+                }
+                while after < last {
+                    let (items, looked) = log.read_forward(&org, after, last, 512, &all).await;
+                    let batch = items
+                        .into_iter()
+                        .map(|r| {
+                            (
+                                r.seq,
+                                hookstream::message::Message {
+                                    org_id: org.clone(),
+                                    kind: r.kind,
+                                    route_id: r.route.as_deref().map(str::to_string),
+                                    data: r.data.as_ref().into(),
+                                    idempotency_key: None,
+                                },
+                            )
+                        })
+                        .collect();
+                    if !send(Ok(ImportItem::Records(batch))) {
+                        return;
+                    }
+                    after = looked.max(after + 1);
+                }
+                if !send(Ok(ImportItem::End)) {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the reader: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let outcome = runtime.block_on(async move {
+        let mut importer = hookstream::cluster::Importer::connect(&urls, limits).await?;
+        let (mut orgs, mut messages) = (0usize, 0usize);
+        let mut skipping = false;
+        while let Some(item) = rx.recv().await {
+            match item? {
+                ImportItem::Org(org, first, last) => {
+                    skipping = importer.begin_org(&org, first, last).await?
+                        == hookstream::cluster::ImportStart::AlreadyThere;
+                    if skipping {
+                        eprintln!("hookstream: import: {org}: already in JetStream up to seq {last}");
+                    } else {
+                        orgs += 1;
+                    }
+                }
+                ImportItem::Records(batch) if !skipping => {
+                    messages += batch.len();
+                    importer.records(batch).await?;
+                }
+                ImportItem::Records(_) => {}
+                ImportItem::End => importer.end_org().await?,
+            }
+        }
+        importer.keys(&keys).await?;
+        eprintln!(
+            "hookstream: import: {messages} messages of {orgs} org(s) and {} key record(s) copied into JetStream, every seq kept",
+            keys.len()
+        );
+        Ok::<(), String>(())
+    });
+    // The reader ends when the channel closes (an error drops it early).
+    let _ = reader.join();
+    outcome
 }

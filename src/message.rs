@@ -55,6 +55,10 @@ pub struct Message {
     pub route_id: Option<String>,
     /// The publisher's `data` JSON text, forwarded as is.
     pub data: Box<str>,
+    /// `idempotency_key` (at most 128 bytes): a retry with the same key
+    /// within the window answers the original seq and is not stored or
+    /// delivered again (PROTOCOL.md §3).
+    pub idempotency_key: Option<Box<str>>,
 }
 
 /// Longest channel name a message can target: the longest prefix
@@ -96,6 +100,9 @@ impl Message {
 /// (the routing of PROTOCOL.md §3).
 pub fn channel_matches(channel: &str, kind: MessageKind, route: Option<&str>) -> bool {
     match channel {
+        // Every message: what `hookstream cluster import` reads. Never a
+        // client's channel (`is_valid_channel` refuses it).
+        "*" => true,
         "events" => kind == MessageKind::Event,
         "deliveries" => kind == MessageKind::Delivery,
         "issues" => kind == MessageKind::Issue,
@@ -242,6 +249,7 @@ mod tests {
             kind,
             route_id: route.map(str::to_string),
             data: "{}".into(),
+            idempotency_key: None,
         }
     }
 

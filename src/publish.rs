@@ -58,6 +58,29 @@ struct RawMessage<'a> {
     collection_id: Option<Cow<'a, str>>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
+    idempotency_key: Option<serde_json::Value>,
+}
+
+/// Longest `idempotency_key`, in bytes.
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 128;
+
+/// An `idempotency_key`: 1-128 bytes of printable ASCII (no space), so it
+/// can be a NATS header value as it is.
+fn idempotency_key(value: Option<serde_json::Value>) -> Result<Option<Box<str>>, String> {
+    match value {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(key))
+            if !key.is_empty()
+                && key.len() <= IDEMPOTENCY_KEY_BYTES_MAX
+                && key.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Ok(Some(key.into()))
+        }
+        Some(serde_json::Value::String(_)) => Err(format!(
+            "idempotency_key must be 1-{IDEMPOTENCY_KEY_BYTES_MAX} printable ASCII characters without spaces"
+        )),
+        Some(_) => Err("idempotency_key must be a string".to_string()),
+    }
 }
 
 #[derive(Deserialize)]
@@ -127,11 +150,14 @@ fn validate(index: usize, raw: &str) -> Result<Message, PublishError> {
             Some(id.into_owned())
         }
     };
+    let idempotency_key = idempotency_key(envelope.idempotency_key)
+        .map_err(|reason| PublishError::at(index, reason))?;
     Ok(Message {
         org_id: org_id.into_owned(),
         kind,
         route_id,
         data: data.get().into(),
+        idempotency_key,
     })
 }
 

@@ -58,6 +58,7 @@ fn event(seq_hint: usize) -> Message {
         kind: MessageKind::Event,
         route_id: Some("src_1".to_string()),
         data: format!("{{\"source_id\":\"src_1\",\"n\":{seq_hint}}}").into(),
+        idempotency_key: None,
     }
 }
 

@@ -198,3 +198,80 @@ fn health_probes_answer_head_with_the_get_head_and_no_body() {
     assert_eq!(response.status, 405);
     assert_eq!(response.header("Allow"), Some("GET, HEAD"));
 }
+
+/// A publish message with an `idempotency_key`.
+fn keyed(org: &str, id: &str, key: &str) -> String {
+    format!(
+        r#"{{"org_id":"{org}","type":"event","idempotency_key":"{key}","data":{{"id":"{id}","source_id":"src_1"}}}}"#
+    )
+}
+
+#[test]
+fn a_retried_idempotency_key_answers_the_original_seq_and_is_delivered_once() {
+    let server = ServerBuilder::new().org("org_a").arg("--shards", 2).start();
+    let mut client = server.connect("org_a");
+    client.subscribe("events");
+    assert_eq!(server.publish_ok(&keyed("org_a", "e0", "k-0")), vec![1]);
+    assert_eq!(server.publish_ok(&keyed("org_a", "e0", "k-0")), vec![1]);
+    // In one request too: a repeated key answers its first message's seq.
+    assert_eq!(
+        server.publish_ok(&array(&[
+            keyed("org_a", "e1", "k-1"),
+            keyed("org_a", "e1", "k-1"),
+            keyed("org_a", "e0", "k-0"),
+            event("org_a", "e2", "src_1"),
+        ])),
+        vec![2, 2, 1, 3]
+    );
+    // Keys are per org.
+    assert_eq!(server.publish_ok(&keyed("org_b", "b0", "k-0")), vec![1]);
+    for (seq, id) in [(1, "e0"), (2, "e1"), (3, "e2")] {
+        let message = client.next_json(STEP_TIMEOUT);
+        assert_eq!(message["seq"], seq, "{message}");
+        assert_eq!(message["data"]["id"], id, "{message}");
+    }
+    // Nothing was delivered twice.
+    client.ping_pong();
+    let page = http_request(
+        server.ws_addr,
+        "GET",
+        &format!(
+            "/v1/poll?channels=events&after=0&token={}",
+            server.key("org_a")
+        ),
+        &[],
+        b"",
+    )
+    .json();
+    assert_eq!(page["messages"].as_array().unwrap().len(), 3, "{page}");
+}
+
+#[test]
+fn a_bad_idempotency_key_refuses_the_request() {
+    let server = Server::start(&["org_a"]);
+    let long = "k".repeat(129);
+    for (key, reason) in [
+        (r#""""#, "idempotency_key must be 1-128"),
+        (
+            &format!(r#""{long}""#) as &str,
+            "idempotency_key must be 1-128",
+        ),
+        (r#""a b""#, "idempotency_key must be 1-128"),
+        ("7", "idempotency_key must be a string"),
+    ] {
+        let body = format!(
+            r#"[{},{{"org_id":"org_a","type":"issue","idempotency_key":{key},"data":{{}}}}]"#,
+            issue("org_a", "i0")
+        );
+        let response = server.publish(&body);
+        assert_eq!(response.status, 400, "{key}: {}", response.text());
+        let error = response.json();
+        assert_eq!(error["index"], 1, "{error}");
+        assert!(
+            error["reason"].as_str().unwrap().starts_with(reason),
+            "{key}: {error}"
+        );
+    }
+    // Nothing of those requests was published.
+    assert_eq!(server.publish_ok(&issue("org_a", "i1")), vec![1]);
+}

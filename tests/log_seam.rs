@@ -153,6 +153,7 @@ fn message(kind: MessageKind, route: &str, n: u32) -> Message {
         kind,
         route_id: Some(route.to_string()),
         data: format!("{{\"n\":{n}}}").into(),
+        idempotency_key: None,
     }
 }
 

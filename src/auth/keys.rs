@@ -262,6 +262,37 @@ impl KeyStore {
         Ok(true)
     }
 
+    /// Merges key records from another node (cluster mode): unknown ids
+    /// are added, and a revocation is taken over (a revoked key stays
+    /// revoked whatever the other side says); names, hashes and last-used
+    /// times of known records stay as they are. One locked write, only
+    /// when something changed; returns whether it did.
+    pub fn merge(&self, records: &[KeyRecord]) -> Result<bool, KeyStoreError> {
+        let _lock = self.lock()?;
+        let mut file = self.load()?;
+        let mut changed = false;
+        for incoming in records {
+            match file.keys.iter_mut().find(|r| r.id == incoming.id) {
+                Some(known) => {
+                    if known.revoked_at.is_none() && incoming.revoked_at.is_some() {
+                        known.revoked_at = incoming.revoked_at.clone();
+                        changed = true;
+                    }
+                }
+                None => {
+                    let mut record = incoming.clone();
+                    record.last_used_at = None;
+                    file.keys.push(record);
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            self.store(&file)?;
+        }
+        Ok(changed)
+    }
+
     /// Records last-used times for the given key ids, in one write.
     pub fn touch(&self, used: &HashMap<String, String>) -> Result<(), KeyStoreError> {
         if used.is_empty() {

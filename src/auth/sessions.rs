@@ -122,6 +122,35 @@ impl SessionSigner {
         }
     }
 
+    /// The secret as stored (base64url), for cluster mode, where every node
+    /// must sign with the same one.
+    pub fn secret_text(&self) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.secret)
+    }
+
+    /// Cluster mode: takes the cluster's secret `text` in place of this
+    /// node's, writing it to `<data-dir>/session-secret` (atomically, 0600)
+    /// so a restart keeps it.
+    pub fn adopt(data_dir: &Path, text: &str) -> Result<SessionSigner, String> {
+        let path = data_dir.join(SECRET_FILE);
+        let signer = Self::decode(Path::new("the cluster's session secret"), text)?;
+        let temp = data_dir.join(format!("{SECRET_FILE}.{}.tmp", std::process::id()));
+        {
+            let mut out = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(&temp)
+                .map_err(|e| format!("{}: {e}", temp.display()))?;
+            out.write_all(text.as_bytes())
+                .and_then(|()| out.sync_all())
+                .map_err(|e| format!("{}: {e}", temp.display()))?;
+        }
+        fs::rename(&temp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(signer)
+    }
+
     fn decode(path: &Path, text: &str) -> Result<SessionSigner, String> {
         if let Ok(meta) = fs::metadata(path) {
             if meta.permissions().mode() & 0o077 != 0 {

@@ -112,4 +112,14 @@ pub trait Log {
 
     /// What the log did so far.
     fn counters(&self) -> LogCounters;
+
+    /// Messages other writers put in the log (the other nodes of a
+    /// cluster, which publish to the shared stream), in seq order: indexes
+    /// those it had not seen (seq above [`Log::last_seq`]) and returns
+    /// them with their seqs, so that the caller stages them in the same
+    /// synchronous step, as a round of its own. A log only its shard
+    /// writes has none.
+    fn index_arrived(&self, _batch: Vec<crate::cluster::Arrival>) -> Vec<(Appending, u64)> {
+        Vec::new()
+    }
 }

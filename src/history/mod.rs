@@ -25,6 +25,7 @@
 //! written (crash before the write) was never shown to anyone, so its reuse
 //! after a restart is invisible.
 
+mod jetstream;
 pub mod log;
 pub mod query;
 mod record;
@@ -37,6 +38,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use self::jetstream::JetStreamLog;
 pub use self::log::{Appending, Log, LogCounters};
 pub use self::record::{crc32c, RecordError};
 pub use self::segmented::SegmentedLog;
@@ -45,9 +47,106 @@ use crate::message::{Message, MessageKind};
 use crate::notify::Notify;
 use crate::shutdown::Shutdown;
 
-/// The log the shards keep their history in: the one line a clustered
-/// backend changes.
-pub type Backend = SegmentedLog;
+/// The log the shards keep their history in: the local segmented log
+/// (the embedded default), or JetStream in cluster mode (`--nats-url`).
+pub enum Backend {
+    /// Segments on local disk.
+    Local(SegmentedLog),
+    /// One JetStream stream per org, shared by every node.
+    Cluster(JetStreamLog),
+}
+
+impl Backend {
+    /// The JetStream log in cluster mode.
+    pub fn cluster(&self) -> Option<&JetStreamLog> {
+        match self {
+            Backend::Local(_) => None,
+            Backend::Cluster(log) => Some(log),
+        }
+    }
+}
+
+impl Log for Backend {
+    async fn append(&self, round: &[Appending]) -> Result<Vec<u64>, String> {
+        match self {
+            Backend::Local(log) => log.append(round).await,
+            Backend::Cluster(log) => log.append(round).await,
+        }
+    }
+    fn last_seq(&self, org_id: &str) -> u64 {
+        match self {
+            Backend::Local(log) => log.last_seq(org_id),
+            Backend::Cluster(log) => log.last_seq(org_id),
+        }
+    }
+    fn trimmed_through(&self, org_id: &str) -> u64 {
+        match self {
+            Backend::Local(log) => log.trimmed_through(org_id),
+            Backend::Cluster(log) => log.trimmed_through(org_id),
+        }
+    }
+    fn read_cached(
+        &self,
+        org_id: &str,
+        after: u64,
+        upto: u64,
+        channels: &[String],
+    ) -> Option<Vec<Retained>> {
+        match self {
+            Backend::Local(log) => log.read_cached(org_id, after, upto, channels),
+            Backend::Cluster(log) => log.read_cached(org_id, after, upto, channels),
+        }
+    }
+    async fn read_forward(
+        &self,
+        org_id: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+        channels: &[String],
+    ) -> (Vec<Retained>, u64) {
+        match self {
+            Backend::Local(log) => log.read_forward(org_id, after, upto, limit, channels).await,
+            Backend::Cluster(log) => log.read_forward(org_id, after, upto, limit, channels).await,
+        }
+    }
+    async fn read_backward(
+        &self,
+        org_id: &str,
+        before: Option<u64>,
+        limit: usize,
+        channels: &[String],
+    ) -> (Vec<Retained>, bool) {
+        match self {
+            Backend::Local(log) => log.read_backward(org_id, before, limit, channels).await,
+            Backend::Cluster(log) => log.read_backward(org_id, before, limit, channels).await,
+        }
+    }
+    async fn retain(&self, now_ms: u64) {
+        match self {
+            Backend::Local(log) => log.retain(now_ms).await,
+            Backend::Cluster(log) => log.retain(now_ms).await,
+        }
+    }
+    fn last_seqs(&self) -> Vec<(String, u64)> {
+        match self {
+            Backend::Local(log) => log.last_seqs(),
+            Backend::Cluster(log) => log.last_seqs(),
+        }
+    }
+    fn counters(&self) -> LogCounters {
+        match self {
+            Backend::Local(log) => log.counters(),
+            Backend::Cluster(log) => log.counters(),
+        }
+    }
+    fn index_arrived(&self, batch: Vec<crate::cluster::Arrival>) -> Vec<(Appending, u64)> {
+        match self {
+            Backend::Local(log) => log.index_arrived(batch),
+            Backend::Cluster(log) => log.index_arrived(batch),
+        }
+    }
+}
 
 /// When a publish is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,9 +236,14 @@ struct Pending {
 /// One commit round: the messages the committer took in one go, how the
 /// commit went (their seqs, or why not), and the publishers waiting for it.
 pub struct Round {
+    /// The messages committed in this round (to stage), with their seqs
+    /// in `outcome` (retries of an idempotency key are not among them).
     records: Vec<Appending>,
     waiters: Vec<Waiter>,
     outcome: Result<Vec<u64>, String>,
+    /// The seq of each publisher's message, by its position in the
+    /// publishers' queue (a retry's is the original seq).
+    answers: Result<Vec<u64>, String>,
 }
 
 impl Round {
@@ -162,7 +266,7 @@ impl Round {
     /// Tells each publisher of the round how its commit went.
     pub fn answer(&mut self) {
         for waiter in self.waiters.drain(..) {
-            let answer = match &self.outcome {
+            let answer = match &self.answers {
                 Ok(seqs) => Ok(seqs[waiter.range].to_vec()),
                 Err(e) => Err(e.clone()),
             };
@@ -187,6 +291,40 @@ pub struct History<L: Log = Backend> {
     /// Set when a hot upgrade handed the log to a new process: nothing is
     /// appended any more (a publish is answered 503).
     released: std::cell::Cell<bool>,
+    /// Messages other nodes put in the log (cluster mode), for the
+    /// committer.
+    arrived: RefCell<Vec<crate::cluster::Arrival>>,
+    /// Recent idempotency keys of local publishes.
+    dedupe: RefCell<Dedupe>,
+}
+
+/// How long a local publish's `idempotency_key` is remembered (the same
+/// window as JetStream's duplicate window in cluster mode).
+pub const IDEMPOTENCY_WINDOW_MS: u64 = 120_000;
+/// Most idempotency keys a shard remembers; past it the oldest are
+/// forgotten before their window ends.
+pub const IDEMPOTENCY_KEYS_MAX: usize = 100_000;
+
+/// The idempotency keys of recent local publishes: (org, key) → seq.
+#[derive(Default)]
+struct Dedupe {
+    seqs: std::collections::HashMap<(String, Box<str>), u64>,
+    /// Keys oldest first, with when they were committed.
+    order: std::collections::VecDeque<(u64, String, Box<str>)>,
+}
+
+impl Dedupe {
+    fn expire(&mut self, now_ms: u64) {
+        while let Some((time, _, _)) = self.order.front() {
+            if now_ms.saturating_sub(*time) < IDEMPOTENCY_WINDOW_MS
+                && self.order.len() <= IDEMPOTENCY_KEYS_MAX
+            {
+                break;
+            }
+            let (_, org, key) = self.order.pop_front().expect("front exists");
+            self.seqs.remove(&(org, key));
+        }
+    }
 }
 
 impl History<Backend> {
@@ -199,7 +337,7 @@ impl History<Backend> {
         shutdown: Shutdown,
     ) -> Result<History, String> {
         let log = SegmentedLog::open(config, shard, shards).await?;
-        Ok(History::new(log, shutdown))
+        Ok(History::new(Backend::Local(log), shutdown))
     }
 }
 
@@ -214,7 +352,21 @@ impl<L: Log> History<L> {
             committed_notify: Notify::default(),
             shutdown,
             released: std::cell::Cell::new(false),
+            arrived: RefCell::new(Vec::new()),
+            dedupe: RefCell::new(Dedupe::default()),
         }
+    }
+
+    /// The log.
+    pub fn log(&self) -> &L {
+        &self.log
+    }
+
+    /// Messages another node put in the log (cluster mode), for the
+    /// committer: it indexes and stages them as a round.
+    pub fn arrive(&self, batch: Vec<crate::cluster::Arrival>) {
+        self.arrived.borrow_mut().extend(batch);
+        self.pending_notify.notify();
     }
 
     /// Queues messages for the committer and waits until it made them
@@ -258,26 +410,111 @@ impl<L: Log> History<L> {
     pub async fn commit_next(&self) -> Round {
         loop {
             let seen = self.pending_notify.generation();
+            let arrived = std::mem::take(&mut *self.arrived.borrow_mut());
+            if !arrived.is_empty() {
+                // Indexed here and staged by the caller in the same
+                // synchronous step, as a local round is.
+                let (records, seqs): (Vec<Appending>, Vec<u64>) =
+                    self.log.index_arrived(arrived).into_iter().unzip();
+                if records.is_empty() {
+                    continue;
+                }
+                self.committed_notify.notify();
+                return Round {
+                    records,
+                    waiters: Vec::new(),
+                    outcome: Ok(seqs.clone()),
+                    answers: Ok(seqs),
+                };
+            }
             let batch = std::mem::take(&mut *self.pending.borrow_mut());
             if batch.records.is_empty() {
                 self.pending_notify.wait(seen).await;
                 continue;
             }
-            let outcome = if self.released.get() {
-                Err("the log was handed to a new process".to_string())
-            } else {
-                self.log.append(&batch.records).await
-            };
-            if outcome.is_ok() {
-                // Readers waiting for new commits (long-polls, SSE) run
-                // after the caller's synchronous step.
-                self.committed_notify.notify();
+            return self.commit_local(batch).await;
+        }
+    }
+
+    /// Appends a batch of local publishes: messages whose idempotency key
+    /// was committed within the window (or earlier in the same batch) are
+    /// answered with that seq and not appended again.
+    async fn commit_local(&self, batch: Pending) -> Round {
+        let now = now_ms();
+        let count = batch.records.len();
+        // Per position: the seq of an earlier commit, or the position of
+        // the first message of this batch with the same key.
+        let mut known: Vec<Option<Result<u64, usize>>> = vec![None; count];
+        let mut fresh = Vec::with_capacity(count);
+        let mut fresh_positions = Vec::with_capacity(count);
+        {
+            let mut dedupe = self.dedupe.borrow_mut();
+            dedupe.expire(now);
+            let mut in_batch: std::collections::HashMap<(&str, &str), usize> =
+                std::collections::HashMap::new();
+            for (i, record) in batch.records.iter().enumerate() {
+                let Some(key) = record.message.idempotency_key.as_deref() else {
+                    continue;
+                };
+                let org = record.message.org_id.as_str();
+                if let Some(seq) = dedupe.seqs.get(&(org.to_string(), Box::from(key))) {
+                    known[i] = Some(Ok(*seq));
+                } else if let Some(first) = in_batch.get(&(org, key)) {
+                    known[i] = Some(Err(*first));
+                } else {
+                    in_batch.insert((org, key), i);
+                }
             }
-            return Round {
-                records: batch.records,
-                waiters: batch.waiters,
-                outcome,
-            };
+        }
+        for (i, record) in batch.records.into_iter().enumerate() {
+            if known[i].is_none() {
+                fresh_positions.push(i);
+                fresh.push(record);
+            }
+        }
+        let outcome = if self.released.get() {
+            Err("the log was handed to a new process".to_string())
+        } else if fresh.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.log.append(&fresh).await
+        };
+        let answers = match &outcome {
+            Err(e) => Err(e.clone()),
+            Ok(seqs) => {
+                let mut by_position = vec![0u64; count];
+                for (position, seq) in fresh_positions.iter().zip(seqs) {
+                    by_position[*position] = *seq;
+                }
+                for i in 0..count {
+                    match known[i] {
+                        Some(Ok(seq)) => by_position[i] = seq,
+                        Some(Err(first)) => by_position[i] = by_position[first],
+                        None => {}
+                    }
+                }
+                let mut dedupe = self.dedupe.borrow_mut();
+                for (record, seq) in fresh.iter().zip(seqs) {
+                    if let Some(key) = &record.message.idempotency_key {
+                        let org = record.message.org_id.clone();
+                        dedupe.seqs.insert((org.clone(), key.clone()), *seq);
+                        dedupe.order.push_back((now, org, key.clone()));
+                    }
+                }
+                dedupe.expire(now);
+                Ok(by_position)
+            }
+        };
+        if outcome.is_ok() {
+            // Readers waiting for new commits (long-polls, SSE) run
+            // after the caller's synchronous step.
+            self.committed_notify.notify();
+        }
+        Round {
+            records: fresh,
+            waiters: batch.waiters,
+            outcome,
+            answers,
         }
     }
 

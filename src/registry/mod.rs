@@ -230,6 +230,14 @@ impl Registry {
         index
     }
 
+    /// The org's open connections on this shard.
+    pub fn org_connection_count(&self, org_id: &str) -> usize {
+        self.org_by_id.get(org_id).map_or(0, |i| {
+            let org = &self.orgs[*i as usize];
+            org.connections.len() - org.vacant.len()
+        })
+    }
+
     /// The org's latest seq (0 when it never published).
     pub fn org_seq(&self, org_id: &str) -> u64 {
         self.org_by_id

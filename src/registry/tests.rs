@@ -77,6 +77,7 @@ fn event(org: &str, source: &str) -> Message {
         kind: MessageKind::Event,
         route_id: Some(source.to_string()),
         data: format!("{{\"source_id\":\"{source}\"}}").into(),
+        idempotency_key: None,
     }
 }
 

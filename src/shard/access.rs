@@ -461,6 +461,22 @@ pub async fn sessions_route(shard: &Shard, request: &Request, stream: &mut TcpSt
                     ));
                     return respond_error(stream, 500, &[("Set-Cookie", &clear), NO_STORE]).await;
                 }
+                // Cluster mode: every other node takes it from JetStream.
+                if let Some(cluster) = &shard.cluster {
+                    let sent = cluster
+                        .bridge
+                        .sign_out(
+                            revoked::session_id(cookie),
+                            &session.key_id,
+                            session.expires_unix_secs,
+                        )
+                        .await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        eprintln!(
+                            "hookstream: cluster: a sign-out reached only this node (NATS did not acknowledge it)"
+                        );
+                    }
+                }
             }
             respond(stream, 204, "", &[("Set-Cookie", &clear), NO_STORE], b"").await
         }

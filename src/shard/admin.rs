@@ -397,6 +397,18 @@ pub fn write_probe(shard: &Shard, method: &str, path: &str, out: &mut Vec<u8>) -
                     &[],
                     br#"{"error":"unavailable","status":"stopping"}"#,
                 )
+            } else if shard
+                .cluster
+                .as_ref()
+                .is_some_and(|c| !c.bridge.connected())
+            {
+                http::write_response(
+                    out,
+                    503,
+                    JSON,
+                    &[("Retry-After", "1")],
+                    br#"{"error":"unavailable","status":"nats_unreachable"}"#,
+                )
             } else {
                 http::write_response(out, 200, JSON, &[], br#"{"status":"ready"}"#)
             }
@@ -442,6 +454,9 @@ async fn respond(shard: &Shard, request: &Request, body: &[u8], out: &mut Vec<u8
                         }
                         json.extend_from_slice(b"]}");
                         http::write_response(out, 202, JSON, &[], &json)
+                    }
+                    Err(_) if shard.cluster.is_some() => {
+                        http::write_error(out, 503, &[("Retry-After", "1")])
                     }
                     Err(_) => http::write_error(out, 503, &[]),
                 }

@@ -163,7 +163,7 @@ fn channels_of(shard: &Shard, request: &Request) -> Result<Vec<String>, String> 
 async fn ask(shard: &Rc<Shard>, query: Query) -> Option<Answer> {
     let owner = shard_for(&query.org_id, shard.count);
     if owner == shard.id {
-        return Some(crate::history::query::run(&shard.history, query).await);
+        return run_query(shard, query).await;
     }
     let (reply, answer) = futures_channel::oneshot::channel();
     let mesh = shard.mesh.as_ref()?;
@@ -575,6 +575,18 @@ async fn list(
         &body,
     )
     .await
+}
+
+/// Runs a history query on the org's owner shard; in cluster mode, once
+/// the org is followed here (its seq known), or answers 503.
+pub async fn run_query(
+    shard: &Shard,
+    query: crate::history::query::Query,
+) -> Option<crate::history::query::Answer> {
+    if shard.cluster.is_some() && !super::cluster::ensure_followed(shard, &query.org_id).await {
+        return None;
+    }
+    Some(crate::history::query::run(&shard.history, query).await)
 }
 
 #[cfg(test)]

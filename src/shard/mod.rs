@@ -19,6 +19,7 @@
 
 pub mod access;
 mod admin;
+mod cluster;
 mod connection;
 mod fault;
 mod heartbeat;
@@ -60,6 +61,7 @@ pub const READ_BUFFER_BYTES: usize = crate::limits::HEAD_BYTES_MAX;
 const POOL_BUFFERS_MAX: usize = 32;
 
 pub use self::run::run;
+pub use self::startup::lock_data_dir;
 pub use self::upgrade_process::{read_pid, OUTCOME_FILE, PID_FILE};
 pub use self::writer::{flush_one, send_vectored, wire};
 pub use crate::placement::shard_for;
@@ -97,6 +99,9 @@ pub enum ShardMessage {
         /// Answered once the log is released.
         reply: std::sync::mpsc::Sender<(usize, ())>,
     },
+    /// From the NATS bridge (cluster mode): a followed org's follow
+    /// started, its new messages, its retention.
+    Cluster(crate::cluster::FollowEvent),
     /// A history read (poll, SSE, lists) for an org this shard owns.
     History {
         /// What to read.
@@ -194,6 +199,8 @@ pub struct Shard {
     pub tls: Option<Arc<tls::Tls>>,
     /// Where the shard is in a hot upgrade.
     pub handover: upgrade::Handover,
+    /// Cluster mode (`--nats-url`): the bridge and the orgs followed.
+    pub cluster: Option<cluster::ShardCluster>,
 }
 
 impl Shard {
@@ -258,8 +265,16 @@ impl Shard {
         self.history.append(messages).await
     }
 
-    /// Routes messages to their owner shards; seqs come back in input order.
+    /// Routes messages to their owner shards (in cluster mode: to their
+    /// orgs' JetStream streams); seqs come back in input order.
     pub async fn publish(&self, messages: Vec<Message>) -> Result<Vec<u64>, String> {
+        if let Some(cluster) = &self.cluster {
+            return match cluster.bridge.publish(messages).await {
+                Ok(Ok(seqs)) => Ok(seqs),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("the NATS bridge stopped".to_string()),
+            };
+        }
         let mut by_shard: Vec<Vec<(usize, Message)>> =
             (0..self.count).map(|_| Vec::new()).collect();
         for (index, message) in messages.into_iter().enumerate() {

@@ -720,8 +720,18 @@ pub(super) fn route(
 pub fn adopt(shard: &Shard, handoff: Handoff) {
     // Frozen by a hot upgrade: kept for the thaw (or refused with 503 if
     // the new process takes over).
-    let Err(mut handoff) = shard.handover.defer(handoff) else {
+    let Err(handoff) = shard.handover.defer(handoff) else {
         return;
+    };
+    // Cluster mode: the welcome's seq is the org's seq on this node, known
+    // once the org is followed; the upgrade waits for that.
+    let mut handoff = if shard.cluster.is_some() && !shard.shutdown.is_stopping() {
+        match super::cluster::adopt_or_wait(shard, handoff) {
+            Some(handoff) => handoff,
+            None => return,
+        }
+    } else {
+        handoff
     };
     let fd = std::mem::replace(&mut handoff.fd, -1);
     if shard.handover.phase() == super::upgrade::Phase::Retiring {
@@ -779,7 +789,7 @@ pub fn adopt(shard: &Shard, handoff: Handoff) {
 
 /// Sends a small answer on a socket we own and closes it. Best effort: a
 /// fresh socket's buffer takes a small answer.
-fn send_and_close(fd: RawFd, out: &[u8]) {
+pub(super) fn send_and_close(fd: RawFd, out: &[u8]) {
     // SAFETY: send on and close of a descriptor we own.
     unsafe {
         libc::send(

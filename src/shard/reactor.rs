@@ -610,12 +610,19 @@ pub fn remove_now(shard: &Shard, key: ConnKey) {
     registry.remove(key);
 }
 
-/// Longest welcome frame: its fixed text, an org id, the connection id's
-/// three numbers, a seq and the heartbeat (a 4-byte frame header: the
-/// payload is over 125 bytes only for long org ids).
+/// Longest node id in a connection id (cluster mode; `config` takes
+/// `--node-id`, at most 128 bytes, or makes it from at most 100 bytes of
+/// the host name and the port).
+const NODE_ID_BYTES_MAX: usize = 128;
+
+/// Longest welcome frame: its fixed text, an org id, a node id and its
+/// `_`, the connection id's three numbers, a seq and the heartbeat (a
+/// 4-byte frame header: the payload is over 125 bytes only for long ids).
 const WELCOME_FRAME_BYTES_MAX: usize = 4
     + r#"{"type":"welcome","org_id":"","connection_id":"c___","seq":,"heartbeat_ms":}"#.len()
     + crate::limits::ORG_ID_BYTES_MAX
+    + NODE_ID_BYTES_MAX
+    + 1
     + 5 * 20;
 
 /// The 101 (with a permessage-deflate line) and the welcome.
@@ -626,6 +633,7 @@ const FIRST_ANSWER_BYTES_MAX: usize =
 fn write_welcome(
     out: &mut [u8],
     org_id: &str,
+    node: &str,
     shard_id: usize,
     key: ConnKey,
     seq: u64,
@@ -637,8 +645,15 @@ fn write_welcome(
     let mut cursor = std::io::Cursor::new(&mut payload[..]);
     write!(
         cursor,
-        r#"{{"type":"welcome","org_id":"{}","connection_id":"c_{}_{}_{}","seq":{},"heartbeat_ms":{}}}"#,
-        org_id, shard_id, key.index, key.generation, seq, heartbeat_ms
+        r#"{{"type":"welcome","org_id":"{}","connection_id":"c_{}{}{}_{}_{}","seq":{},"heartbeat_ms":{}}}"#,
+        org_id,
+        node,
+        if node.is_empty() { "" } else { "_" },
+        shard_id,
+        key.index,
+        key.generation,
+        seq,
+        heartbeat_ms
     )
     .expect("WELCOME_FRAME_BYTES_MAX holds every welcome");
     let payload_len = cursor.position() as usize;
@@ -699,13 +714,16 @@ pub fn adopt(
         handoff.ws_key.as_bytes(),
         &extension[..extension_len],
     );
-    // The 101 and the welcome leave in one write, built on the stack.
+    // The 101 and the welcome leave in one write, built on the stack. In
+    // cluster mode the node id keeps connection ids unique across nodes.
+    let node = shard.cluster.as_ref().map_or("", |c| c.node_id.as_str());
     let mut first = [0u8; FIRST_ANSWER_BYTES_MAX];
     first[..answer_len].copy_from_slice(&answer[..answer_len]);
     let len = answer_len
         + write_welcome(
             &mut first[answer_len..],
             org_id,
+            node,
             shard.id,
             key,
             seq,

@@ -48,6 +48,8 @@ struct Shared {
     /// Connections handed over by the previous process (hot upgrade), per
     /// owner shard, taken by each shard as it starts.
     adopted: std::sync::Mutex<Vec<Vec<(std::os::unix::io::RawFd, crate::handoff::ConnRecord)>>>,
+    /// The NATS bridge in cluster mode.
+    bridge: Option<Arc<crate::cluster::Bridge>>,
 }
 
 /// Counts a shard's end, also when it panics, so the main thread notices.
@@ -150,7 +152,7 @@ fn serve(
         tls,
         admin_token,
         keys,
-        signer,
+        mut signer,
     } = match prepared {
         Some(prepared) => prepared,
         None => prepare(&mut config)?,
@@ -238,6 +240,43 @@ fn serve(
         }
         None => (None, None),
     };
+    let mesh =
+        mesh::Mesh::new(shards).map_err(|e| format!("cannot create the shard inboxes: {e}"))?;
+    // Cluster mode: the NATS thread starts before the shards; a NATS that
+    // is not reachable yet leaves the node up and not ready.
+    let bridge = match &config.cluster {
+        None => None,
+        Some(cluster) => {
+            let bridge = crate::cluster::Bridge::start(
+                &cluster.urls,
+                crate::cluster::StreamLimits {
+                    messages_max: config.history_messages,
+                    age_ms: config.history_age_ms,
+                    replicas: cluster.replicas,
+                },
+                config.session_ttl_secs,
+            )?;
+            bridge.sync_signouts(revoked.clone());
+            bridge.sync_keys(config.data_dir.clone());
+            // Every node signs session cookies with the cluster's secret.
+            let local = signer.secret_text();
+            match bridge.shared_session_secret(&local) {
+                Some(shared) if shared != local => {
+                    signer =
+                        crate::auth::sessions::SessionSigner::adopt(&config.data_dir, &shared)?;
+                }
+                Some(_) => {}
+                None => eprintln!(
+                    "hookstream: cluster: NATS not reachable at startup: this node signs session cookies with its own secret until it restarts"
+                ),
+            }
+            let inboxes = mesh.clone();
+            bridge.set_deliver(Arc::new(move |shard, event| {
+                let _ = inboxes.send_to(shard, ShardMessage::Cluster(event));
+            }));
+            Some(bridge)
+        }
+    };
     let config = Arc::new(config);
     let shared = Arc::new(Shared {
         config: config.clone(),
@@ -255,9 +294,8 @@ fn serve(
         tls: tls.clone(),
         listeners,
         adopted: std::sync::Mutex::new(adopted),
+        bridge,
     });
-    let mesh =
-        mesh::Mesh::new(shards).map_err(|e| format!("cannot create the shard inboxes: {e}"))?;
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -488,16 +526,26 @@ async fn shard_main(
         age_ms: config.history_age_ms,
     };
     let shutdown = crate::shutdown::Shutdown::new();
-    let history =
-        match crate::history::History::open(history_config, id, config.shards, shutdown.clone())
-            .await
-        {
-            Ok(history) => history,
-            Err(e) => {
-                let _ = ready.send(Err(format!("cannot open the message history: {e}")));
-                return;
+    let history = match &shared.bridge {
+        Some(bridge) => crate::history::History::new(
+            crate::history::Backend::Cluster(crate::history::JetStreamLog::new(
+                bridge.clone(),
+                config.history_messages,
+            )),
+            shutdown.clone(),
+        ),
+        None => {
+            match crate::history::History::open(history_config, id, config.shards, shutdown.clone())
+                .await
+            {
+                Ok(history) => history,
+                Err(e) => {
+                    let _ = ready.send(Err(format!("cannot open the message history: {e}")));
+                    return;
+                }
             }
-        };
+        }
+    };
     let mut registry = Registry::new(limits);
     if config.compression {
         registry.enable_compression(config.compression_min_bytes);
@@ -529,6 +577,13 @@ async fn shard_main(
         access: access::AccessState::new(&config, shared.signer.clone(), shared.revoked.clone()),
         tls: shared.tls.clone(),
         handover: upgrade::Handover::default(),
+        cluster: match (&shared.bridge, &config.cluster) {
+            (Some(bridge), Some(cluster)) => Some(super::cluster::ShardCluster::new(
+                bridge.clone(),
+                cluster.node_id.clone(),
+            )),
+            _ => None,
+        },
     });
     let (public_listener, admin_listener) = shared.listeners[id];
     // Connections handed over by the previous process (hot upgrade).
@@ -572,6 +627,7 @@ async fn shard_main(
                             })
                             .detach();
                         }
+                        ShardMessage::Cluster(event) => super::cluster::on_event(&shard, event),
                         ShardMessage::Publish { messages, reply } => {
                             let shard = shard.clone();
                             glommio::spawn_local(async move {
@@ -587,11 +643,7 @@ async fn shard_main(
                                 // key was revoked, its client left) stops
                                 // waiting here too.
                                 let answer = futures_lite::future::or(
-                                    async {
-                                        Some(
-                                            crate::history::query::run(&shard.history, query).await,
-                                        )
-                                    },
+                                    async { super::history_routes::run_query(&shard, query).await },
                                     async {
                                         reply.cancellation().await;
                                         None
@@ -636,6 +688,14 @@ async fn shard_main(
             async move { crate::history::retention_loop(&shard.history).await }
         }),
         glommio::spawn_local(replay::worker(shard.clone())),
+        glommio::spawn_local({
+            let shard = shard.clone();
+            async move {
+                if shard.cluster.is_some() {
+                    super::cluster::sweep_loop(shard).await;
+                }
+            }
+        }),
     ];
     let reactor_task = glommio::spawn_local(reactor::run(shard.clone()));
     // Writes the keys used until the shutdown, then once more.

@@ -167,6 +167,9 @@ pub fn hookstream_command_at(exe: &Path) -> Command {
 pub struct ServerBuilder {
     args: Vec<String>,
     orgs: Vec<String>,
+    /// Another server's data directory and keys, whose key file, admin
+    /// token and session secret this one starts with (cluster nodes).
+    shared: Option<(PathBuf, HashMap<String, String>)>,
 }
 
 impl ServerBuilder {
@@ -189,6 +192,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Starts with `server`'s keys, admin token and session secret (copies
+    /// of its files): another node of the same cluster.
+    pub fn share_keys_with(mut self, server: &Server) -> ServerBuilder {
+        self.shared = Some((server.data_dir().to_path_buf(), server.keys.clone()));
+        self
+    }
+
     /// Starts `hookstream serve` and waits for its listening line; panics
     /// with the server's stderr if it exits or stays silent instead.
     pub fn start(self) -> Server {
@@ -203,11 +213,20 @@ impl ServerBuilder {
 
     fn try_start(&self) -> Result<Server, StartError> {
         let dir = TestDir::new();
-        let keys: HashMap<String, String> = self
-            .orgs
-            .iter()
-            .map(|org| (org.clone(), create_key(dir.path(), org)))
-            .collect();
+        let mut keys: HashMap<String, String> = HashMap::new();
+        if let Some((from, shared)) = &self.shared {
+            for file in ["keys.json", "admin-token", "session-secret"] {
+                if from.join(file).exists() {
+                    std::fs::copy(from.join(file), dir.path().join(file)).expect("copy a key file");
+                }
+            }
+            keys.extend(shared.clone());
+        }
+        keys.extend(
+            self.orgs
+                .iter()
+                .map(|org| (org.clone(), create_key(dir.path(), org))),
+        );
         let mut args: Vec<String> = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
             .iter()
             .map(|a| a.to_string())

@@ -1,0 +1,915 @@
+//! Cluster mode (`--nats-url`) through real sockets: a real `nats-server`
+//! (Debian's, installed by tools/setup-nats-tests) with JetStream on a free
+//! loopback port and a temporary store, and two or three hookstream nodes
+//! sharing it. Each org's history is one stream; a message published on any
+//! node reaches the subscribers of every node with one seq, and every read
+//! (resume with `after`, poll, SSE, lists) works on every node.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use common::{array, event, http_request, issue, HttpResponse, Server, ServerBuilder, TestDir};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A `nats-server -js` on a loopback port with its store in a temporary
+/// directory, killed when dropped (and with the test process).
+struct Nats {
+    child: Option<Child>,
+    port: u16,
+    dir: TestDir,
+    /// Flags beyond the port and store (a clustered server's name, cluster
+    /// port and routes).
+    extra: Vec<String>,
+}
+
+fn nats_binary() -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let path = PathBuf::from(dir).join("nats-server");
+        if path.exists() {
+            return path;
+        }
+    }
+    let sbin = PathBuf::from("/usr/sbin/nats-server");
+    assert!(
+        sbin.exists(),
+        "nats-server is not installed: run tools/setup-nats-tests (tools/test does)"
+    );
+    sbin
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Nats {
+    fn start() -> Nats {
+        let mut nats = Nats {
+            child: None,
+            port: free_port(),
+            dir: TestDir::new(),
+            extra: Vec::new(),
+        };
+        nats.restart();
+        nats
+    }
+
+    /// `n` servers clustered with JetStream (routes on loopback).
+    fn cluster(n: usize) -> Vec<Nats> {
+        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut servers: Vec<Nats> = (0..n)
+            .map(|i| Nats {
+                child: None,
+                port: free_port(),
+                dir: TestDir::new(),
+                extra: vec![
+                    "-n".into(),
+                    format!("nats-{i}"),
+                    "--cluster_name".into(),
+                    "hs".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{}", cluster_ports[i]),
+                    "--routes".into(),
+                    routes.clone(),
+                ],
+            })
+            .collect();
+        for server in &mut servers {
+            server.restart();
+        }
+        servers
+    }
+
+    /// Starts (again) on the same port and store.
+    fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let mut command = Command::new(nats_binary());
+        command
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.dir.path())
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe and touches only the child.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().expect("spawn nats-server");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("Server is ready") {
+                    let _ = tx.send(Ok(()));
+                }
+                lines.push(line);
+            }
+            let _ = tx.send(Err(lines.join("\n")));
+        });
+        match rx.recv_timeout(WAIT) {
+            Ok(Ok(())) => {}
+            Ok(Err(log)) => panic!("nats-server exited:\n{log}"),
+            Err(_) => panic!("nats-server not ready within {WAIT:?}"),
+        }
+        self.child = Some(child);
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A gateway node on `url`, with `peer`'s keys and admin token when given
+/// (else a key for `org_a`); waits until it is ready (connected to NATS).
+fn node_on(url: &str, peer: Option<&Server>, id: &str, extra: &[(&str, &str)]) -> Server {
+    let mut builder = ServerBuilder::new()
+        .arg("--nats-url", url)
+        .arg("--node-id", id)
+        .arg("--shards", 2);
+    builder = match peer {
+        Some(peer) => builder.share_keys_with(peer),
+        None => builder.org("org_a"),
+    };
+    for (flag, value) in extra {
+        builder = builder.arg(flag, value);
+    }
+    let server = builder.start();
+    wait_ready(&server);
+    server
+}
+
+fn node(nats: &Nats, peer: Option<&Server>, id: &str) -> Server {
+    node_on(&nats.url(), peer, id, &[])
+}
+
+fn readyz(server: &Server) -> HttpResponse {
+    http_request(server.admin_addr, "GET", "/readyz", &[], b"")
+}
+
+fn wait_ready(server: &Server) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let response = readyz(server);
+        if response.status == 200 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node not ready within {WAIT:?}: {} {}\n{}",
+            response.status,
+            response.text(),
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn get_json(addr: SocketAddr, path: &str) -> Value {
+    let response = http_request(addr, "GET", path, &[], b"");
+    assert_eq!(response.status, 200, "GET {path}: {}", response.text());
+    response.json()
+}
+
+/// The next `n` messages of a client: (seq, data.id).
+fn take(client: &mut common::Client, n: usize) -> Vec<(u64, String)> {
+    (0..n)
+        .map(|_| {
+            let m = client.next_json(WAIT);
+            assert!(m["seq"].is_u64(), "not a message: {m}");
+            (
+                m["seq"].as_u64().unwrap(),
+                m["data"]["id"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn events(from: usize, to: usize) -> String {
+    let bodies: Vec<String> = (from..to)
+        .map(|i| event("org_a", &format!("e{i}"), "src_1"))
+        .collect();
+    array(&bodies)
+}
+
+#[test]
+fn a_message_published_on_one_node_reaches_every_node_with_one_seq() {
+    let nats = Nats::start();
+    let a = node(&nats, None, "a");
+    let b = node(&nats, Some(&a), "b");
+    let c = node(&nats, Some(&a), "c");
+    let mut on_a = a.connect("org_a");
+    let mut on_b = b.connect("org_a");
+    let mut on_c = c.connect("org_a");
+    on_c.subscribe("events");
+    assert_eq!(on_a.welcome["seq"], 0, "{}", on_a.welcome);
+    assert!(
+        on_b.welcome["connection_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("c_b_"),
+        "the node id is in connection ids: {}",
+        on_b.welcome
+    );
+    on_a.subscribe("events");
+    on_b.subscribe("events:src_1");
+
+    let seqs = a.publish_ok(&events(0, 3));
+    assert_eq!(seqs, vec![1, 2, 3]);
+    let expected: Vec<(u64, String)> = (0..3).map(|i| (i + 1, format!("e{i}"))).collect();
+    assert_eq!(take(&mut on_a, 3), expected);
+    assert_eq!(take(&mut on_b, 3), expected);
+    assert_eq!(take(&mut on_c, 3), expected);
+
+    // Published on the other node: the same stream, the next seq.
+    assert_eq!(b.publish_ok(&events(3, 4)), vec![4]);
+    assert_eq!(take(&mut on_a, 1), vec![(4, "e3".to_string())]);
+    assert_eq!(take(&mut on_b, 1), vec![(4, "e3".to_string())]);
+    assert_eq!(take(&mut on_c, 1), vec![(4, "e3".to_string())]);
+    on_a.ping_pong();
+    on_b.ping_pong();
+    on_c.ping_pong();
+
+    // A new connection on either node is welcomed with the org's seq.
+    assert_eq!(b.connect("org_a").welcome["seq"], 4);
+    assert_eq!(a.connect("org_a").welcome["seq"], 4);
+}
+
+#[test]
+fn a_subscriber_moves_from_b_to_c_with_after_while_a_publishes() {
+    let nats = Nats::start();
+    let a = node(&nats, None, "a");
+    let b = node(&nats, Some(&a), "b");
+    let c = node(&nats, Some(&a), "c");
+    const TOTAL: usize = 300;
+    let mut first = b.connect("org_a");
+    first.subscribe("events");
+    // A publisher on node A all along, 10 messages a request.
+    let admin = a.admin_addr;
+    let token = a.admin_token.clone();
+    let publisher = std::thread::spawn(move || {
+        for batch in 0..TOTAL / 10 {
+            let body = events(batch * 10, batch * 10 + 10);
+            let response = http_request(
+                admin,
+                "POST",
+                "/v1/publish",
+                &[
+                    ("Authorization", format!("Bearer {token}")),
+                    ("Content-Type", "application/json".to_string()),
+                ],
+                body.as_bytes(),
+            );
+            assert_eq!(response.status, 202, "{}", response.text());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    // Some messages on B, then the client moves to C with `after`.
+    let got = take(&mut first, 40);
+    drop(first);
+    let last = got.last().unwrap().0;
+    let mut second = c.connect("org_a");
+    let ack = second.subscribe_after("events", last);
+    assert_eq!(ack["recovered"], true, "{ack}");
+    let rest = take(&mut second, TOTAL - 40);
+    publisher.join().unwrap();
+    let all: Vec<(u64, String)> = got.into_iter().chain(rest).collect();
+    let expected: Vec<(u64, String)> = (0..TOTAL)
+        .map(|i| (i as u64 + 1, format!("e{i}")))
+        .collect();
+    assert_eq!(all, expected, "every message once, in order, across nodes");
+    second.ping_pong();
+}
+
+#[test]
+fn poll_sse_and_lists_read_the_stream_on_every_node() {
+    let nats = Nats::start();
+    let a = node(&nats, None, "a");
+    let b = node(&nats, Some(&a), "b");
+    let key = a.key("org_a").to_string();
+    let mut bodies: Vec<String> = (0..5)
+        .map(|i| event("org_a", &format!("e{i}"), "src_1"))
+        .collect();
+    bodies.push(issue("org_a", "i0"));
+    assert_eq!(a.publish_ok(&array(&bodies)), vec![1, 2, 3, 4, 5, 6]);
+    for server in [&a, &b] {
+        let page = get_json(
+            server.ws_addr,
+            &format!("/v1/poll?channels=events&after=2&token={key}"),
+        );
+        let seqs: Vec<u64> = page["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, vec![3, 4, 5], "{page}");
+        assert_eq!(page["next_after"], 6, "{page}");
+        assert!(page.get("recovered").is_none(), "{page}");
+
+        let list = get_json(server.ws_addr, &format!("/v1/events?limit=2&token={key}"));
+        let ids: Vec<&str> = list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, vec!["e4", "e3"], "{list}");
+        assert_eq!(list["has_more"], true, "{list}");
+        let before = list["next_before"].as_u64().unwrap();
+        let older = get_json(
+            server.ws_addr,
+            &format!("/v1/events?limit=10&before={before}&token={key}"),
+        );
+        let ids: Vec<&str> = older["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, vec!["e2", "e1", "e0"], "{older}");
+        assert_eq!(older["has_more"], false, "{older}");
+    }
+
+    // A long-poll on B is answered by a publish on A.
+    let addr = b.ws_addr;
+    let poll_key = key.clone();
+    let waiting = std::thread::spawn(move || {
+        get_json(
+            addr,
+            &format!("/v1/poll?channels=issues&after=6&wait_ms=10000&token={poll_key}"),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(a.publish_ok(&issue("org_a", "i1")), vec![7]);
+    let page = waiting.join().unwrap();
+    assert_eq!(page["messages"][0]["seq"], 7, "{page}");
+
+    // SSE on B resumes from Last-Event-ID.
+    let mut stream = TcpStream::connect(b.ws_addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        stream,
+        "GET /v1/sse?channels=events,issues&token={key} HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 4\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    let mut buffer = [0u8; 4096];
+    let deadline = Instant::now() + WAIT;
+    while text.matches("\nid: ").count() < 3 && Instant::now() < deadline {
+        let n = stream.read(&mut buffer).unwrap();
+        assert!(n > 0, "SSE ended: {text}");
+        text.push_str(&String::from_utf8_lossy(&buffer[..n]));
+    }
+    let ids: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .collect();
+    assert_eq!(ids, vec!["5", "6", "7"], "{text}");
+}
+
+#[test]
+fn a_retried_publish_with_an_idempotency_key_is_not_duplicated() {
+    let nats = Nats::start();
+    let a = node(&nats, None, "a");
+    let b = node(&nats, Some(&a), "b");
+    let mut watcher = b.connect("org_a");
+    watcher.subscribe("events");
+    let keyed = |id: &str, key: &str| {
+        format!(
+            r#"{{"org_id":"org_a","type":"event","idempotency_key":"{key}","data":{{"id":"{id}","source_id":"src_1"}}}}"#
+        )
+    };
+    assert_eq!(a.publish_ok(&keyed("e0", "k-0")), vec![1]);
+    // The retry, on the same node and on the other one: the original seq.
+    assert_eq!(a.publish_ok(&keyed("e0", "k-0")), vec![1]);
+    assert_eq!(b.publish_ok(&keyed("e0", "k-0")), vec![1]);
+    assert_eq!(
+        b.publish_ok(&array(&[keyed("e1", "k-1"), keyed("e0", "k-0")])),
+        vec![2, 1]
+    );
+    assert_eq!(
+        take(&mut watcher, 2),
+        vec![(1, "e0".to_string()), (2, "e1".to_string())]
+    );
+    // Nothing else was delivered.
+    watcher.ping_pong();
+}
+
+#[test]
+fn clients_of_a_killed_node_resume_on_the_other_with_nothing_lost() {
+    let nats = Nats::start();
+    let mut a = node(&nats, None, "a");
+    let b = node(&nats, Some(&a), "b");
+    let mut on_a = a.connect("org_a");
+    on_a.subscribe("events");
+    // Publishing through B goes on while A is killed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let admin = b.admin_addr;
+    let token = b.admin_token.clone();
+    let publisher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut acknowledged = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let response = http_request(
+                    admin,
+                    "POST",
+                    "/v1/publish",
+                    &[("Authorization", format!("Bearer {token}"))],
+                    event("org_a", &format!("e{i}"), "src_1").as_bytes(),
+                );
+                assert_eq!(response.status, 202, "{}", response.text());
+                acknowledged.push((
+                    response.json()["seqs"][0].as_u64().unwrap(),
+                    format!("e{i}"),
+                ));
+                i += 1;
+                std::thread::sleep(Duration::from_millis(3));
+            }
+            acknowledged
+        })
+    };
+    let got = take(&mut on_a, 20);
+    a.signal(libc::SIGKILL);
+    assert!(a.wait_exit(WAIT).is_some());
+    drop(on_a);
+    let last = got.last().unwrap().0;
+    let mut moved = b.connect("org_a");
+    moved.subscribe_after("events", last);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let acknowledged = publisher.join().unwrap();
+    let rest = take(&mut moved, acknowledged.len() - got.len());
+    let all: Vec<(u64, String)> = got.into_iter().chain(rest).collect();
+    assert_eq!(
+        all, acknowledged,
+        "every acknowledged message, once, in order"
+    );
+    moved.ping_pong();
+}
+
+#[test]
+fn without_nats_the_node_is_not_ready_and_publish_answers_503_until_it_comes() {
+    // A port where no NATS listens yet.
+    let mut nats = Nats {
+        child: None,
+        port: free_port(),
+        dir: TestDir::new(),
+        extra: Vec::new(),
+    };
+    let server = ServerBuilder::new()
+        .org("org_a")
+        .arg("--nats-url", nats.url())
+        .arg("--node-id", "lonely")
+        .start();
+    let response = readyz(&server);
+    assert_eq!(response.status, 503, "{}", response.text());
+    assert_eq!(response.json()["error"], "unavailable");
+    let response = server.publish(&events(0, 1));
+    assert_eq!(response.status, 503, "{}", response.text());
+    assert_eq!(response.json(), serde_json::json!({"error":"unavailable"}));
+    assert!(
+        response.header("Retry-After").is_some(),
+        "{:?}",
+        response.headers
+    );
+
+    nats.restart();
+    wait_ready(&server);
+    assert_eq!(server.publish_ok(&events(0, 1)), vec![1]);
+
+    // NATS lost while running: open connections stay, publishes get 503,
+    // and after NATS is back the subscriber gets what is published.
+    let mut client = server.connect("org_a");
+    assert_eq!(client.welcome["seq"], 1);
+    client.subscribe("events");
+    assert_eq!(server.publish_ok(&events(1, 2)), vec![2]);
+    assert_eq!(take(&mut client, 1), vec![(2, "e1".to_string())]);
+    nats.stop();
+    let deadline = Instant::now() + WAIT;
+    while readyz(&server).status != 503 {
+        assert!(Instant::now() < deadline, "still ready without NATS");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let response = server.publish(&events(2, 3));
+    assert_eq!(response.status, 503, "{}", response.text());
+    client.ping_pong();
+    nats.restart();
+    wait_ready(&server);
+    assert_eq!(server.publish_ok(&events(3, 4)), vec![3]);
+    assert_eq!(take(&mut client, 1), vec![(3, "e3".to_string())]);
+    client.ping_pong();
+}
+
+/// The id of the (first) key of `org` in `data_dir`, from `api-keys list --json`.
+fn key_id_of(data_dir: &std::path::Path, org: &str) -> String {
+    let listed: Value =
+        serde_json::from_str(&common::cli(&["api-keys", "list", "--json"], data_dir)).unwrap();
+    listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["org_id"] == org)
+        .unwrap_or_else(|| panic!("no key of {org}: {listed}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn keys_created_or_revoked_on_one_node_act_on_every_node_within_2_s() {
+    let nats = Nats::start();
+    let a = node(&nats, None, "a");
+    // B starts with no key file of its own: A's keys come through NATS.
+    let b = ServerBuilder::new()
+        .arg("--nats-url", nats.url())
+        .arg("--node-id", "b")
+        .start();
+    wait_ready(&b);
+    // An upgrade with `key`, its welcome read.
+    let admitted = |server: &Server, key: &str| {
+        let mut client =
+            common::Client::try_upgrade(server.ws_addr, &format!("/v1/ws?token={key}")).ok()?;
+        client.welcome = client.next_json(WAIT);
+        assert_eq!(client.welcome["type"], "welcome", "{}", client.welcome);
+        Some(client)
+    };
+    let deadline = Instant::now() + WAIT;
+    let mut on_b = loop {
+        if let Some(client) = admitted(&b, a.key("org_a")) {
+            break client;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A's key never reached B:\n{}\n{}",
+            a.stderr(),
+            b.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    on_b.subscribe("events");
+
+    // Created on A while both run: accepted on B within 2 s.
+    let created = common::create_key(a.data_dir(), "org_c");
+    let created_at = Instant::now();
+    let mut late = loop {
+        if let Some(client) = admitted(&b, &created) {
+            break client;
+        }
+        assert!(
+            created_at.elapsed() < Duration::from_secs(2),
+            "a key created on A is not accepted on B after 2 s"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    assert_eq!(late.welcome["org_id"], "org_c");
+    late.ping_pong();
+
+    // Revoked on A: its connection on B is closed with 4003 within 2 s,
+    // and B refuses the key.
+    let id = key_id_of(a.data_dir(), "org_a");
+    common::cli(&["api-keys", "revoke", &id], a.data_dir());
+    let revoked_at = Instant::now();
+    assert_eq!(on_b.expect_close(Duration::from_secs(2)), Some(4003));
+    assert!(revoked_at.elapsed() < Duration::from_secs(2));
+    assert!(admitted(&b, a.key("org_a")).is_none());
+    late.ping_pong();
+}
+
+#[test]
+fn history_limits_are_the_stream_limits_and_older_after_is_not_recovered() {
+    let nats = Nats::start();
+    let a = node_on(&nats.url(), None, "a", &[("--history-messages", "5")]);
+    let b = node_on(&nats.url(), Some(&a), "b", &[("--history-messages", "5")]);
+    let key = a.key("org_a").to_string();
+    assert_eq!(a.publish_ok(&events(0, 10)), (1..=10).collect::<Vec<u64>>());
+    let page = get_json(
+        b.ws_addr,
+        &format!("/v1/poll?channels=events&after=2&token={key}"),
+    );
+    let seqs: Vec<u64> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![6, 7, 8, 9, 10], "{page}");
+    assert_eq!(page["recovered"], false, "{page}");
+    let mut client = b.connect("org_a");
+    assert_eq!(client.welcome["seq"], 10);
+    let ack = client.subscribe_after("events", 1);
+    assert_eq!(ack["recovered"], false, "{ack}");
+    assert_eq!(
+        take(&mut client, 5).iter().map(|m| m.0).collect::<Vec<_>>(),
+        vec![6, 7, 8, 9, 10]
+    );
+    let ack = client.subscribe_after("events:src_1", 7);
+    assert_eq!(ack["recovered"], true, "{ack}");
+    assert_eq!(
+        take(&mut client, 3).iter().map(|m| m.0).collect::<Vec<_>>(),
+        vec![8, 9, 10]
+    );
+}
+
+/// Publishes one event with an idempotency key, retrying on 503 (with the
+/// same key, so a message stored before a 503 is not stored twice) for up
+/// to 30 s; returns its seq.
+fn publish_with_retries(server: &Server, i: usize) -> u64 {
+    let body = format!(
+        r#"{{"org_id":"org_a","type":"event","idempotency_key":"key-{i}","data":{{"id":"e{i}","source_id":"src_1"}}}}"#
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = server.publish(&body);
+        if response.status == 202 {
+            return response.json()["seqs"][0].as_u64().unwrap();
+        }
+        assert_eq!(response.status, 503, "{}", response.text());
+        assert!(response.header("Retry-After").is_some());
+        assert!(
+            Instant::now() < deadline,
+            "publish {i} still refused after 30 s:\n{}",
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn with_three_replicas_stopping_one_nats_server_loses_nothing_and_publishing_goes_on() {
+    let mut servers = Nats::cluster(3);
+    let urls = servers.iter().map(Nats::url).collect::<Vec<_>>().join(",");
+    let replicas = [("--nats-replicas", "3")];
+    let a = node_on(&urls, None, "a", &replicas);
+    let b = node_on(&urls, Some(&a), "b", &replicas);
+    // The first publish waits for the JetStream cluster to elect its leaders.
+    assert_eq!(publish_with_retries(&a, 0), 1);
+    let mut subscriber = b.connect("org_a");
+    subscriber.subscribe_after("events", 0);
+    for i in 1..20 {
+        assert_eq!(publish_with_retries(&a, i), i as u64 + 1);
+    }
+    servers[0].stop();
+    for i in 20..40 {
+        assert_eq!(publish_with_retries(&a, i), i as u64 + 1);
+    }
+    // B's NATS client may have been on the stopped server: it reconnects
+    // to another (with its backoff) and its follower goes on from its last
+    // seq.
+    let expected: Vec<(u64, String)> = (0..40).map(|i| (i as u64 + 1, format!("e{i}"))).collect();
+    let got: Vec<(u64, String)> = (0..40)
+        .map(|_| {
+            let m = subscriber.next_json(Duration::from_secs(30));
+            (
+                m["seq"].as_u64().unwrap(),
+                m["data"]["id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(got, expected);
+    subscriber.ping_pong();
+}
+
+/// A client of `key` on `server` once the node accepts the key (keys reach
+/// a node through NATS), its welcome read.
+fn connect_when_admitted(server: &Server, key: &str) -> common::Client {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(mut client) =
+            common::Client::try_upgrade(server.ws_addr, &format!("/v1/ws?token={key}"))
+        {
+            client.welcome = client.next_json(WAIT);
+            assert_eq!(client.welcome["type"], "welcome", "{}", client.welcome);
+            return client;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "key not accepted:\n{}",
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn cluster_import_keeps_every_seq_and_key_so_clients_resume_across_the_switch() {
+    // A single node (no NATS) with history, some of it dropped by retention.
+    let mut single = ServerBuilder::new()
+        .org("org_a")
+        .arg("--history-messages", "6")
+        .start();
+    let key = single.key("org_a").to_string();
+    let mut bodies: Vec<String> = (0..10)
+        .map(|i| event("org_a", &format!("e{i}"), "src_1"))
+        .collect();
+    bodies.push(common::sync("org_a", "col_1", "c0"));
+    assert_eq!(
+        single.publish_ok(&array(&bodies)),
+        (1..=11).collect::<Vec<u64>>()
+    );
+    let poll = format!("/v1/poll?channels=events,collections:col_1&after=0&token={key}");
+    let before = get_json(single.ws_addr, &poll);
+    assert_eq!(
+        before["recovered"], false,
+        "retention dropped some: {before}"
+    );
+    single.signal(libc::SIGTERM);
+    assert!(single.wait_exit(WAIT).is_some());
+
+    let nats = Nats::start();
+    let import = common::hookstream_command()
+        .args(["cluster", "import", "--history-messages", "6"])
+        .args(["--nats-url", &nats.url(), "--data-dir"])
+        .arg(single.data_dir())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&import.stderr).to_string();
+    assert!(import.status.success(), "{said}");
+    assert!(said.contains("messages of 1 org(s)"), "{said}");
+    // Again: nothing is imported twice.
+    let again = common::hookstream_command()
+        .args(["cluster", "import", "--history-messages", "6"])
+        .args(["--nats-url", &nats.url(), "--data-dir"])
+        .arg(single.data_dir())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&again.stderr).to_string();
+    assert!(again.status.success(), "{said}");
+    assert!(said.contains("already in JetStream up to seq 11"), "{said}");
+
+    // A fresh node: the key and every seq came through JetStream.
+    let b = ServerBuilder::new()
+        .arg("--nats-url", nats.url())
+        .arg("--node-id", "b")
+        .arg("--history-messages", "6")
+        .start();
+    wait_ready(&b);
+    let mut client = connect_when_admitted(&b, &key);
+    assert_eq!(client.welcome["seq"], 11);
+    let after = get_json(b.ws_addr, &poll);
+    assert_eq!(after, before, "the same page before and after the import");
+    let ack = client.subscribe_after("events", 8);
+    assert_eq!(ack["recovered"], true, "{ack}");
+    assert_eq!(
+        take(&mut client, 2),
+        vec![(9, "e8".to_string()), (10, "e9".to_string())]
+    );
+    assert_eq!(b.publish_ok(&events(10, 11)), vec![12]);
+    assert_eq!(take(&mut client, 1), vec![(12, "e10".to_string())]);
+}
+
+#[test]
+fn a_node_that_loses_its_nats_server_gets_what_others_published_meanwhile() {
+    let mut servers = Nats::cluster(3);
+    let replicas = [("--nats-replicas", "3")];
+    // A knows only the first NATS server, B only the second.
+    let a = node_on(&servers[0].url(), None, "a", &replicas);
+    let b = node_on(&servers[1].url(), Some(&a), "b", &replicas);
+    assert_eq!(publish_with_retries(&b, 0), 1);
+    let mut on_a = a.connect("org_a");
+    on_a.subscribe_after("events", 0);
+    assert_eq!(take(&mut on_a, 1), vec![(1, "e0".to_string())]);
+    // A's NATS server goes away while B publishes.
+    servers[0].stop();
+    for i in 1..30 {
+        assert_eq!(publish_with_retries(&b, i), i as u64 + 1);
+    }
+    servers[0].restart();
+    for i in 30..40 {
+        assert_eq!(publish_with_retries(&b, i), i as u64 + 1);
+    }
+    // Every message once, in order, on A's connection, which stayed open.
+    let expected: Vec<(u64, String)> = (1..40).map(|i| (i as u64 + 1, format!("e{i}"))).collect();
+    // A's client reconnects to another NATS server (with its backoff),
+    // then its follower starts a new consumer from its last seq.
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        match on_a.recv(Duration::from_secs(30)) {
+            common::Received::Json { value, .. } => got.push((
+                value["seq"].as_u64().unwrap(),
+                value["data"]["id"].as_str().unwrap().to_string(),
+            )),
+            other => panic!(
+                "after {got:?}: {other:?}\nA:\n{}\nB:\n{}",
+                a.stderr(),
+                b.stderr()
+            ),
+        }
+    }
+    assert_eq!(got, expected);
+    on_a.ping_pong();
+}
+
+#[test]
+fn a_session_cookie_signed_on_one_node_works_on_every_node() {
+    let nats = Nats::start();
+    let a = node(&nats, None, "a");
+    // B's own secret differs until it adopts the cluster's at startup.
+    let b = node(&nats, Some(&a), "b");
+    let c = ServerBuilder::new()
+        .arg("--nats-url", nats.url())
+        .arg("--node-id", "c")
+        .start();
+    wait_ready(&c);
+    let cookie = common::sign_in(a.ws_addr, a.key("org_a"));
+    for server in [&a, &b, &c] {
+        // Keys reach C through NATS; the cookie needs its key.
+        drop(connect_when_admitted(server, a.key("org_a")));
+        let response = http_request(
+            server.ws_addr,
+            "GET",
+            "/v1/sessions",
+            &[("Cookie", format!("hs_session={cookie}"))],
+            b"",
+        );
+        assert_eq!(response.status, 200, "{}", response.text());
+        assert_eq!(response.json()["org_id"], "org_a", "{}", response.text());
+    }
+    let secret = |s: &Server| std::fs::read_to_string(s.data_dir().join("session-secret")).unwrap();
+    assert_eq!(
+        secret(&a),
+        secret(&c),
+        "the adopted secret is kept for restarts"
+    );
+}
+
+#[test]
+fn a_sign_out_on_one_node_closes_that_session_on_every_node_within_2_s() {
+    let nats = Nats::start();
+    let a = node(&nats, None, "a");
+    let b = node(&nats, Some(&a), "b");
+    let cookie = common::sign_in(a.ws_addr, a.key("org_a"));
+    let origin = format!("http://{}", b.ws_addr);
+    let mut on_b = common::Client::connect_with(
+        b.ws_addr,
+        "/v1/ws",
+        &[
+            ("Cookie", &format!("hs_session={cookie}")),
+            ("Origin", &origin),
+        ],
+    );
+    on_b.subscribe("events");
+    let signed_out = http_request(
+        a.ws_addr,
+        "DELETE",
+        "/v1/sessions",
+        &[("Cookie", format!("hs_session={cookie}"))],
+        b"",
+    );
+    assert_eq!(signed_out.status, 204, "{}", signed_out.text());
+    let at = Instant::now();
+    assert_eq!(on_b.expect_close(Duration::from_secs(2)), Some(4003));
+    assert!(at.elapsed() < Duration::from_secs(2));
+    let refused = http_request(
+        b.ws_addr,
+        "GET",
+        "/v1/events",
+        &[("Cookie", format!("hs_session={cookie}"))],
+        b"",
+    );
+    assert_eq!(refused.status, 401, "{}", refused.text());
+}
