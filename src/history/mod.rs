@@ -518,9 +518,10 @@ impl<L: Log> History<L> {
         }
     }
 
-    /// True while publishes wait for the committer.
+    /// True while publishes (or, in cluster mode, messages other nodes
+    /// published) wait for the committer.
     pub fn has_pending(&self) -> bool {
-        !self.pending.borrow().records.is_empty()
+        !self.pending.borrow().records.is_empty() || !self.arrived.borrow().is_empty()
     }
 
     /// Resolves once a publish was queued after generation `seen` (see
