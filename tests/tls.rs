@@ -1116,3 +1116,98 @@ fn wss_over_tls12() {
     let seqs = server.publish_ok(&event("org_w", "evt_1", "s"));
     assert_eq!(next_json(&mut ws)["seq"].as_u64(), Some(seqs[0]));
 }
+
+/// `hookstream publish` to the admin listener of `server` with `args`
+/// (and `env`); returns (success, stdout, stderr).
+fn publish_cli(server: &Server, args: &[&str], env: &[(&str, &Path)]) -> (bool, String, String) {
+    let mut command = common::hookstream_command();
+    command
+        .args(["publish", "--org", "org_a", "--type", "event", "--data"])
+        .arg(r#"{"id":"evt_cli","source_id":"src_1"}"#)
+        .arg("--data-dir")
+        .arg(server.data_dir())
+        .args(args);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = command.output().expect("run hookstream publish");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `hookstream publish` reaches an admin listener under `--admin-tls`:
+/// https:// with `--admin-tls` and `--ca` (or `HOOKSTREAM_CA`), or with
+/// `--admin-url https://localhost:PORT` (the certificate's name). Without
+/// the private CA the certificate is refused, and plain HTTP to the TLS
+/// port is answered 400 `tls_required`; each says so in one line and
+/// publishes nothing.
+#[test]
+fn publish_command_over_https_with_a_private_ca() {
+    let ca = Ca::new();
+    let pair = ca.leaf("a", 1);
+    let server = tls_server(&pair, &["org_a"], &[("--admin-tls", "true")]);
+    let key = server.key("org_a").to_string();
+    let (mut events, _) = wss(&ca, &server, &format!("token={key}"));
+    send_json(&mut events, r#"{"type":"subscribe","channel":"events"}"#);
+    assert_eq!(next_json(&mut events)["type"], "subscribed");
+    let admin = server.admin_addr.to_string();
+    let ca_file = ca.ca_file();
+    let ca_arg = ca_file.to_str().unwrap();
+    let admin_url = format!("https://localhost:{}", server.admin_addr.port());
+
+    // Refused: no private CA (the built-in roots do not know it), and
+    // plain HTTP to the TLS port.
+    let (ok, _, stderr) = publish_cli(&server, &["--admin-listen", &admin, "--admin-tls"], &[]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("cannot reach the admin listener at https://")
+            && stderr.to_lowercase().contains("certificate"),
+        "{stderr}"
+    );
+    let (ok, stdout, stderr) = publish_cli(&server, &["--admin-listen", &admin], &[]);
+    assert!(!ok);
+    assert!(stdout.contains(r#""tls_required""#), "{stdout}");
+    assert!(
+        stderr.contains("speaks TLS; publish with --admin-tls"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = publish_cli(
+        &server,
+        &["--admin-url", "ftp://localhost:1", "--ca", ca_arg],
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("must start with http:// or https://"),
+        "{stderr}"
+    );
+
+    // Accepted three ways; each message arrives once, in order.
+    type Way<'a> = (Vec<&'a str>, Vec<(&'a str, &'a Path)>);
+    let ways: [Way; 3] = [
+        (
+            vec!["--admin-listen", &admin, "--admin-tls", "--ca", ca_arg],
+            vec![],
+        ),
+        (
+            vec!["--admin-listen", &admin, "--admin-tls"],
+            vec![("HOOKSTREAM_CA", ca_file.as_path())],
+        ),
+        (vec!["--admin-url", &admin_url, "--ca", ca_arg], vec![]),
+    ];
+    let mut seqs = Vec::new();
+    for (args, env) in &ways {
+        let (ok, stdout, stderr) = publish_cli(&server, args, env);
+        assert!(ok, "{args:?}: {stderr}");
+        let answer: Value = serde_json::from_str(stdout.trim()).expect("the 202 body");
+        let seq = answer["seqs"][0].as_u64().expect("a seq");
+        let got = next_json(&mut events);
+        assert_eq!(got["seq"].as_u64(), Some(seq), "{got}");
+        assert_eq!(got["data"]["id"], "evt_cli", "{got}");
+        seqs.push(seq);
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+}
