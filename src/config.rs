@@ -141,6 +141,21 @@ pub struct PublishArgs {
     /// Admin listener address of the running server.
     #[arg(long, env = "HOOKSTREAM_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
+    /// The admin listener speaks TLS (a server run with --admin-tls):
+    /// publish over https:// to the --admin-listen address, whose
+    /// certificate must name that IP address (else use --admin-url).
+    #[arg(long, env = "HOOKSTREAM_ADMIN_TLS", value_parser = clap::builder::BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
+    pub admin_tls: Option<bool>,
+    /// The admin listener's URL, `http://HOST:PORT` or `https://HOST:PORT`
+    /// (a host name the certificate names), instead of --admin-listen and
+    /// --admin-tls.
+    #[arg(long, env = "HOOKSTREAM_ADMIN_URL")]
+    pub admin_url: Option<String>,
+    /// PEM file of the certificates to trust for https:// (a private CA,
+    /// or the server's own self-signed certificate). Default: the Mozilla
+    /// roots built in (webpki-roots).
+    #[arg(long, env = "HOOKSTREAM_CA")]
+    pub ca: Option<PathBuf>,
     #[command(flatten)]
     pub common: DataDirArgs,
 }
@@ -465,15 +480,32 @@ pub fn data_dir_of(args: &DataDirArgs) -> Result<PathBuf, String> {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)))
 }
 
-/// The admin address for `hookstream publish`.
-pub fn admin_listen_of(args: &PublishArgs) -> Result<SocketAddr, String> {
+/// The admin listener's base URL for `hookstream publish` (no trailing
+/// `/`): `--admin-url`, or `http(s)://` + the admin address, https when
+/// `--admin-tls` (flag, environment or the file's `admin_tls`) says so.
+pub fn admin_url_of(args: &PublishArgs) -> Result<String, String> {
+    if let Some(url) = &args.admin_url {
+        let rest = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"))
+            .ok_or_else(|| format!("--admin-url {url:?} must start with http:// or https://"))?;
+        let authority = rest.trim_end_matches('/');
+        if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+            return Err(format!(
+                "--admin-url {url:?} must be a scheme, a host and a port only (e.g. https://admin.example.com:8081)"
+            ));
+        }
+        return Ok(url.trim_end_matches('/').to_string());
+    }
     let file = read_file_config(args.common.config.as_deref())?;
     let value = args
         .admin_listen
         .clone()
         .or(file.admin_listen)
         .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.to_string());
-    parse_addr("admin-listen", &value)
+    let addr = parse_addr("admin-listen", &value)?;
+    let tls = args.admin_tls.or(file.admin_tls).unwrap_or(false);
+    Ok(format!("{}://{addr}", if tls { "https" } else { "http" }))
 }
 
 impl Config {

@@ -233,8 +233,33 @@ struct PublishBody<'a> {
 /// publish is answered once durable: with fsync, milliseconds).
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The TLS side of `hookstream publish`: rustls with ring, trusting the
+/// certificates of `ca` (PEM) when given, else the Mozilla roots.
+fn publish_tls(ca: Option<&std::path::Path>) -> Result<ureq::tls::TlsConfig, String> {
+    #[allow(deprecated)]
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut builder = ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .unversioned_rustls_crypto_provider(provider);
+    if let Some(path) = ca {
+        let pem = std::fs::read(path).map_err(|e| format!("--ca {}: {e}", path.display()))?;
+        let mut certs = Vec::new();
+        for item in ureq::tls::parse_pem(&pem) {
+            match item.map_err(|e| format!("--ca {}: {e}", path.display()))? {
+                ureq::tls::PemItem::Certificate(cert) => certs.push(cert),
+                _ => continue,
+            }
+        }
+        if certs.is_empty() {
+            return Err(format!("--ca {}: no PEM certificate in it", path.display()));
+        }
+        builder = builder.root_certs(ureq::tls::RootCerts::from(certs));
+    }
+    Ok(builder.build())
+}
+
 fn publish(args: PublishArgs) -> Result<(), String> {
-    let addr = config::admin_listen_of(&args)?;
+    let base = config::admin_url_of(&args)?;
     let data_dir = config::data_dir_of(&args.common)?;
     let token = hookstream::auth::keys::existing_admin_token(&data_dir)
         .map_err(|e| e.to_string())?
@@ -257,19 +282,21 @@ fn publish(args: PublishArgs) -> Result<(), String> {
         data: &data,
     })
     .map_err(|e| e.to_string())?;
-    // A plain-HTTP client from a well-kept crate (the admin listener is
-    // plain HTTP); every status is an answer to show, not a transport error.
+    // An HTTP client from a well-kept crate (https:// with rustls and the
+    // ring provider the server uses); every status is an answer to show,
+    // not a transport error.
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(PUBLISH_TIMEOUT))
+        .tls_config(publish_tls(args.ca.as_deref())?)
         .build()
         .into();
     let mut response = agent
-        .post(&format!("http://{addr}/v1/publish"))
+        .post(&format!("{base}/v1/publish"))
         .header("Authorization", &format!("Bearer {token}"))
         .content_type("application/json")
         .send(&body)
-        .map_err(|e| format!("cannot reach the admin listener at {addr}: {e}"))?;
+        .map_err(|e| format!("cannot reach the admin listener at {base}: {e}"))?;
     let status = response.status();
     let answer = response
         .body_mut()
@@ -278,6 +305,12 @@ fn publish(args: PublishArgs) -> Result<(), String> {
     println!("{answer}");
     if status == ureq::http::StatusCode::ACCEPTED {
         Ok(())
+    } else if base.starts_with("http://") && answer.contains("\"tls_required\"") {
+        Err(format!(
+            "HTTP/1.1 {}: the admin listener at {base} speaks TLS; publish with --admin-tls \
+             (and --ca FILE for a private CA) or an https:// --admin-url",
+            status.as_u16()
+        ))
     } else {
         Err(format!(
             "HTTP/1.1 {} {}",

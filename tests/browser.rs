@@ -1,7 +1,9 @@
 //! The dashboard page and `/v1/client.js` in a real headless Chromium
 //! (PROTOCOL.md §5): sign in and see a published message; reconnect by
 //! itself after the server restarts and show what was missed once (resume
-//! by seq); fall back to polling when WebSockets are blocked; refuse a
+//! by seq), over plain ws and over wss (the same after a restart on the
+//! same port, data directory and TLS pair); the dashboard over https/wss;
+//! fall back to polling when WebSockets are blocked; refuse a
 //! cookie-authenticated socket to a page of another origin; sign out one
 //! browser of two signed in with one key (the other goes on; a second tab
 //! says it was signed out, not revoked).
@@ -230,30 +232,10 @@ fn server() -> Server {
     ServerBuilder::new().org(ORG).start()
 }
 
-#[test]
-fn signs_in_subscribes_and_shows_a_published_message() {
-    require_setup();
-    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let server = server();
-    let pass = run_scenario("live", &Target::of(&server), no_control);
-    println!("{pass}");
-    // The README's screenshot: refreshed when missing or when asked to.
-    let shot = screenshots_dir().join("dashboard.png");
-    let docs = repo().join("docs/dashboard.png");
-    if !docs.exists() || std::env::var_os("HOOKSTREAM_UPDATE_SCREENSHOT").is_some() {
-        std::fs::copy(&shot, &docs).expect("copy the screenshot to docs/dashboard.png");
-    }
-}
-
-/// The same dashboard over TLS: https:// page and client.js, the session
-/// cookie (Secure) and wss:// with compression, Chromium told to accept the
-/// test's self-signed certificate.
-#[test]
-fn the_dashboard_over_https_and_wss() {
-    require_setup();
-    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = TestDir::new();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+/// A self-signed P-256 pair for `localhost` in `dir` (certificate, key):
+/// Chromium is told to accept it (`HS_IGNORE_CERTIFICATE_ERRORS`).
+fn self_signed_pair(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let status = Command::new("openssl")
         .args([
             "req",
@@ -277,7 +259,34 @@ fn the_dashboard_over_https_and_wss() {
         .stderr(Stdio::null())
         .status()
         .expect("openssl");
-    assert!(status.success());
+    assert!(status.success(), "openssl req made no pair");
+    (cert, key)
+}
+
+#[test]
+fn signs_in_subscribes_and_shows_a_published_message() {
+    require_setup();
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = server();
+    let pass = run_scenario("live", &Target::of(&server), no_control);
+    println!("{pass}");
+    // The README's screenshot: refreshed when missing or when asked to.
+    let shot = screenshots_dir().join("dashboard.png");
+    let docs = repo().join("docs/dashboard.png");
+    if !docs.exists() || std::env::var_os("HOOKSTREAM_UPDATE_SCREENSHOT").is_some() {
+        std::fs::copy(&shot, &docs).expect("copy the screenshot to docs/dashboard.png");
+    }
+}
+
+/// The same dashboard over TLS: https:// page and client.js, the session
+/// cookie (Secure) and wss:// with compression, Chromium told to accept the
+/// test's self-signed certificate.
+#[test]
+fn the_dashboard_over_https_and_wss() {
+    require_setup();
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TestDir::new();
+    let (cert, key) = self_signed_pair(dir.path());
     let server = ServerBuilder::new()
         .org(ORG)
         .arg("--tls-cert", cert.display())
@@ -454,12 +463,13 @@ struct Run {
 }
 
 impl Run {
-    /// Starts on `listen` (`127.0.0.1:0` for any port); retried when a
-    /// start hangs before listening (see `ServerBuilder::start`).
-    fn start(dir: &Path, listen: &str) -> Run {
+    /// Starts on `listen` (`127.0.0.1:0` for any port) with `extra`
+    /// flags (the TLS pair); retried when a start hangs before listening
+    /// (see `ServerBuilder::start`).
+    fn start(dir: &Path, listen: &str, extra: &[String]) -> Run {
         let mut hung = Vec::new();
         for _ in 0..3 {
-            match Run::try_start(dir, listen) {
+            match Run::try_start(dir, listen, extra) {
                 Ok(run) => return run,
                 Err(stderr) => hung.push(stderr),
             }
@@ -467,11 +477,12 @@ impl Run {
         panic!("hookstream serve --listen {listen} did not start: {hung:?}");
     }
 
-    fn try_start(dir: &Path, listen: &str) -> Result<Run, String> {
-        let args: Vec<String> = ["--listen", listen, "--admin-listen", "127.0.0.1:0"]
+    fn try_start(dir: &Path, listen: &str, extra: &[String]) -> Result<Run, String> {
+        let mut args: Vec<String> = ["--listen", listen, "--admin-listen", "127.0.0.1:0"]
             .iter()
             .map(|a| a.to_string())
             .collect();
+        args.extend_from_slice(extra);
         match common::spawn_serve(dir, &args, START_TIMEOUT) {
             Ok(spawned) => Ok(Run {
                 child: spawned.child,
@@ -482,6 +493,25 @@ impl Run {
             Err(common::StartError::Hung(stderr)) => Err(stderr),
             Err(common::StartError::Exited(message)) => panic!("{message}"),
         }
+    }
+
+    /// The sum of a metric's samples whose line contains `label` (`""` for
+    /// all), from the admin listener's `/metrics`.
+    fn metric_sum(&self, name: &str, label: &str, admin_token: &str) -> u64 {
+        let response = common::http_request(
+            self.admin,
+            "GET",
+            "/metrics",
+            &[("Authorization", format!("Bearer {admin_token}"))],
+            b"",
+        );
+        assert_eq!(response.status, 200);
+        response
+            .text()
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
     }
 
     /// SIGTERM (the graceful drain: sockets closed with 1001), then wait.
@@ -515,22 +545,22 @@ impl Drop for Run {
     }
 }
 
-#[test]
-fn reconnects_after_a_restart_and_shows_missed_messages_once() {
-    require_setup();
-    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = TestDir::new();
-    let key = create_key(dir.path(), ORG);
-    let first = Run::start(dir.path(), "127.0.0.1:0");
+/// The `resume` scenario against servers over one data directory, with
+/// `extra` flags on every start and the page at `scheme://host:PORT`.
+/// Returns the `PASS` line, the page's (restarted) server and the admin
+/// token.
+fn restart_scenario(dir: &Path, extra: &[String], scheme_host: &str) -> (String, Run, String) {
+    let key = create_key(dir, ORG);
+    let first = Run::start(dir, "127.0.0.1:0", extra);
     let public = first.public;
     let admin_token = || {
-        std::fs::read_to_string(dir.path().join("admin-token"))
+        std::fs::read_to_string(dir.join("admin-token"))
             .expect("admin-token")
             .trim()
             .to_string()
     };
     let target = Target {
-        public_url: format!("http://{public}"),
+        public_url: format!("{scheme_host}:{}", public.port()),
         admin: first.admin,
         admin_token: admin_token(),
         key,
@@ -544,7 +574,7 @@ fn reconnects_after_a_restart_and_shows_missed_messages_once() {
             Ok(String::new())
         }
         "start" => {
-            let run = Run::start(dir.path(), &public.to_string());
+            let run = Run::start(dir, &public.to_string(), extra);
             assert_eq!(run.public, public, "restarted on the same port");
             let json =
                 serde_json::json!({"url": format!("http://{}", run.admin), "token": admin_token()});
@@ -552,7 +582,7 @@ fn reconnects_after_a_restart_and_shows_missed_messages_once() {
             Ok(json.to_string())
         }
         "start-aside" => {
-            let run = Run::start(dir.path(), "127.0.0.1:0");
+            let run = Run::start(dir, "127.0.0.1:0", extra);
             let json =
                 serde_json::json!({"url": format!("http://{}", run.admin), "token": admin_token()});
             aside = Some(run);
@@ -564,5 +594,47 @@ fn reconnects_after_a_restart_and_shows_missed_messages_once() {
         }
         other => Err(format!("unknown CONTROL {other}")),
     });
+    let main = main.expect("the scenario ends with the page's server running");
+    (pass, main, admin_token())
+}
+
+#[test]
+fn reconnects_after_a_restart_and_shows_missed_messages_once() {
+    require_setup();
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TestDir::new();
+    let (pass, _main, _token) = restart_scenario(dir.path(), &[], "http://127.0.0.1");
     println!("{pass}");
+}
+
+/// The same over TLS: the page (https://) loses its wss:// socket when the
+/// server stops, and reconnects by itself over wss:// to the server
+/// restarted on the same port, data directory and pair; it resumes with
+/// `after` and shows the messages published meanwhile (through a run on
+/// another port) once each, then a live one.
+#[test]
+fn reconnects_over_wss_after_a_restart_and_shows_missed_messages_once() {
+    require_setup();
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TestDir::new();
+    let pair_dir = TestDir::new();
+    let (cert, key) = self_signed_pair(pair_dir.path());
+    let extra = vec![
+        "--tls-cert".to_string(),
+        cert.display().to_string(),
+        "--tls-key".to_string(),
+        key.display().to_string(),
+    ];
+    let (pass, main, token) = restart_scenario(dir.path(), &extra, "https://localhost");
+    println!("{pass}");
+    // The restarted server served the page's reconnect over TLS: a TLS
+    // handshake and a WebSocket upgrade on the TLS listener.
+    assert!(
+        main.metric_sum("hookstream_tls_handshakes_total", "", &token) > 0,
+        "the reconnect spoke TLS"
+    );
+    assert!(
+        main.metric_sum("hookstream_upgrades_total", "", &token) > 0,
+        "and upgraded over wss"
+    );
 }

@@ -1093,7 +1093,7 @@ fn wss_key_update_forged_record_and_close_notify_after_the_upgrade() {
     assert_eq!(next_json(&mut other)["type"], "pong");
 }
 
-/// A TLS 1.2 client's wss works too (through the terminator).
+/// A TLS 1.2 client's wss works too (hibernated, sealed by `tls_wire`).
 #[test]
 fn wss_over_tls12() {
     let ca = Ca::new();
@@ -1115,4 +1115,274 @@ fn wss_over_tls12() {
     assert_eq!(next_json(&mut ws)["type"], "subscribed");
     let seqs = server.publish_ok(&event("org_w", "evt_1", "s"));
     assert_eq!(next_json(&mut ws)["seq"].as_u64(), Some(seqs[0]));
+}
+
+/// `hookstream publish` to the admin listener of `server` with `args`
+/// (and `env`); returns (success, stdout, stderr).
+fn publish_cli(server: &Server, args: &[&str], env: &[(&str, &Path)]) -> (bool, String, String) {
+    let mut command = common::hookstream_command();
+    command
+        .args(["publish", "--org", "org_a", "--type", "event", "--data"])
+        .arg(r#"{"id":"evt_cli","source_id":"src_1"}"#)
+        .arg("--data-dir")
+        .arg(server.data_dir())
+        .args(args);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = command.output().expect("run hookstream publish");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `hookstream publish` reaches an admin listener under `--admin-tls`:
+/// https:// with `--admin-tls` and `--ca` (or `HOOKSTREAM_CA`), or with
+/// `--admin-url https://localhost:PORT` (the certificate's name). Without
+/// the private CA the certificate is refused, and plain HTTP to the TLS
+/// port is answered 400 `tls_required`; each says so in one line and
+/// publishes nothing.
+#[test]
+fn publish_command_over_https_with_a_private_ca() {
+    let ca = Ca::new();
+    let pair = ca.leaf("a", 1);
+    let server = tls_server(&pair, &["org_a"], &[("--admin-tls", "true")]);
+    let key = server.key("org_a").to_string();
+    let (mut events, _) = wss(&ca, &server, &format!("token={key}"));
+    send_json(&mut events, r#"{"type":"subscribe","channel":"events"}"#);
+    assert_eq!(next_json(&mut events)["type"], "subscribed");
+    let admin = server.admin_addr.to_string();
+    let ca_file = ca.ca_file();
+    let ca_arg = ca_file.to_str().unwrap();
+    let admin_url = format!("https://localhost:{}", server.admin_addr.port());
+
+    // Refused: no private CA (the built-in roots do not know it), and
+    // plain HTTP to the TLS port.
+    let (ok, _, stderr) = publish_cli(&server, &["--admin-listen", &admin, "--admin-tls"], &[]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("cannot reach the admin listener at https://")
+            && stderr.to_lowercase().contains("certificate"),
+        "{stderr}"
+    );
+    let (ok, stdout, stderr) = publish_cli(&server, &["--admin-listen", &admin], &[]);
+    assert!(!ok);
+    assert!(stdout.contains(r#""tls_required""#), "{stdout}");
+    assert!(
+        stderr.contains("speaks TLS; publish with --admin-tls"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = publish_cli(
+        &server,
+        &["--admin-url", "ftp://localhost:1", "--ca", ca_arg],
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("must start with http:// or https://"),
+        "{stderr}"
+    );
+
+    // Accepted three ways; each message arrives once, in order.
+    type Way<'a> = (Vec<&'a str>, Vec<(&'a str, &'a Path)>);
+    let ways: [Way; 3] = [
+        (
+            vec!["--admin-listen", &admin, "--admin-tls", "--ca", ca_arg],
+            vec![],
+        ),
+        (
+            vec!["--admin-listen", &admin, "--admin-tls"],
+            vec![("HOOKSTREAM_CA", ca_file.as_path())],
+        ),
+        (vec!["--admin-url", &admin_url, "--ca", ca_arg], vec![]),
+    ];
+    let mut seqs = Vec::new();
+    for (args, env) in &ways {
+        let (ok, stdout, stderr) = publish_cli(&server, args, env);
+        assert!(ok, "{args:?}: {stderr}");
+        let answer: Value = serde_json::from_str(stdout.trim()).expect("the 202 body");
+        let seq = answer["seqs"][0].as_u64().expect("a seq");
+        let got = next_json(&mut events);
+        assert_eq!(got["seq"].as_u64(), Some(seq), "{got}");
+        assert_eq!(got["data"]["id"], "evt_cli", "{got}");
+        seqs.push(seq);
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+}
+
+/// A rustls client limited to TLS 1.2 and one cipher suite.
+fn tls12_config(ca: &Ca, suite: rustls::SupportedCipherSuite) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert.der().clone()).unwrap();
+    #[allow(deprecated)]
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = vec![suite];
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// TLS 1.2 wss connections hibernate like TLS 1.3 ones, with each AEAD
+/// suite (AES-128-GCM and AES-256-GCM with their explicit nonces,
+/// ChaCha20-Poly1305): one descriptor each (no socketpair, no task), a
+/// client message over several records reassembled, a published message
+/// larger than a record and a small one sealed to each; a forged record
+/// closes its connection and is counted, a close_notify ends one, and the
+/// others are served throughout.
+#[test]
+fn wss_over_tls12_hibernates_with_each_aead_suite() {
+    use rustls::crypto::ring::cipher_suite;
+    let ca = Ca::new();
+    let pair = ca.leaf("a", 1);
+    let server = tls_server(&pair, &["org_t"], &[("--upgrades-per-ip-per-sec", "0")]);
+    let key = server.key("org_t").to_string();
+    let query = format!("token={key}");
+    let suites = [
+        cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        cipher_suite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    ];
+    // Settle pools and lazily made state with a first connection.
+    let mut first = wss_with(&ca, tls12_config(&ca, suites[0]), &server, &query);
+    send_json(&mut first, r#"{"type":"subscribe","channel":"events"}"#);
+    assert_eq!(next_json(&mut first)["type"], "subscribed");
+    let before = open_fds(&server);
+    let mut clients = Vec::new();
+    for round in 0..10 {
+        for suite in suites {
+            let mut ws = wss_with(&ca, tls12_config(&ca, suite), &server, &query);
+            let negotiated = ws.get_ref().conn.negotiated_cipher_suite().unwrap();
+            assert_eq!(negotiated.suite(), suite.suite());
+            assert_eq!(
+                ws.get_ref().conn.protocol_version(),
+                Some(rustls::ProtocolVersion::TLSv1_2)
+            );
+            // Three records' worth from the client (every tenth: 40 KB).
+            let pad = "p".repeat(if round == 0 { 40_000 } else { 10 });
+            send_json(
+                &mut ws,
+                &format!(r#"{{"type":"subscribe","channel":"events","pad":"{pad}"}}"#),
+            );
+            assert_eq!(next_json(&mut ws)["type"], "subscribed");
+            clients.push(ws);
+        }
+    }
+    let grown = open_fds(&server) - before;
+    assert!(
+        grown <= 32,
+        "30 TLS 1.2 wss connections hold {grown} more descriptors: one each expected (no socketpair)"
+    );
+    let big = "b".repeat(100_000);
+    let seqs = server.publish_ok(&format!(
+        r#"{{"org_id":"org_t","type":"event","data":{{"id":"evt_big","source_id":"s","pad":"{big}"}}}}"#
+    ));
+    let small = server.publish_ok(&event("org_t", "evt_small", "s"));
+    for ws in clients.iter_mut().chain(std::iter::once(&mut first)) {
+        let got = next_json(ws);
+        assert_eq!(got["seq"].as_u64(), Some(seqs[0]));
+        assert_eq!(got["data"]["pad"].as_str().map(str::len), Some(100_000));
+        assert_eq!(next_json(ws)["seq"].as_u64(), Some(small[0]));
+        // And the client's messages still open after the fan-out.
+        send_json(ws, r#"{"type":"ping"}"#);
+        assert_eq!(next_json(ws)["type"], "pong");
+    }
+
+    // A forged application-data record (GCM and ChaCha framing alike).
+    for suite in [suites[0], suites[2]] {
+        let mut forging = wss_with(&ca, tls12_config(&ca, suite), &server, &query);
+        let mut forged = vec![0x17, 0x03, 0x03, 0x00, 0x30];
+        forged.extend((0..0x30).map(|i| (i * 13) as u8));
+        forging.get_mut().sock.write_all(&forged).unwrap();
+        let mut rest = Vec::new();
+        let _ = forging.get_mut().sock.read_to_end(&mut rest);
+    }
+    wait_for_tls_failures(&server, "bad_record", 2);
+
+    // close_notify ends a connection; the others stay.
+    let connections = clients.len() + 1;
+    let mut leaving = wss_with(&ca, tls12_config(&ca, suites[1]), &server, &query);
+    leaving.get_mut().conn.send_close_notify();
+    let stream = leaving.get_mut();
+    stream.conn.complete_io(&mut stream.sock).unwrap();
+    let mut rest = Vec::new();
+    let _ = stream.sock.read_to_end(&mut rest);
+    server.wait_for_metric("hookstream_connections", connections as u64);
+    for ws in clients.iter_mut().take(3) {
+        send_json(ws, r#"{"type":"ping"}"#);
+        assert_eq!(next_json(ws)["type"], "pong");
+    }
+    // SIGTERM: each gets a close frame 1001 sealed the TLS 1.2 way.
+    server.signal(libc::SIGTERM);
+    for ws in clients.iter_mut().step_by(7) {
+        assert_eq!(close_code(ws), 1001);
+    }
+}
+
+/// OpenSSL's TLS 1.2 (Python `ssl` capped at 1.2, `websockets`) against a
+/// hibernating TLS 1.2 connection: another implementation than the rustls
+/// the server's handshake used, so a framing mistake in the sealing code
+/// would not cancel out. It sends a message over several records, gets
+/// the big and the small message, and closes.
+#[test]
+fn openssl_tls12_client_over_a_hibernating_connection() {
+    use std::io::BufRead;
+    let ca = Ca::new();
+    let pair = ca.leaf("a", 1);
+    let server = tls_server(&pair, &["org_o"], &[]);
+    let url = format!(
+        "wss://localhost:{}/v1/ws?token={}",
+        server.ws_addr.port(),
+        server.key("org_o")
+    );
+    let script = r#"
+import json, ssl, sys
+from websockets.sync.client import connect
+url, cafile = sys.argv[1], sys.argv[2]
+context = ssl.create_default_context(cafile=cafile)
+context.maximum_version = ssl.TLSVersion.TLSv1_2
+with connect(url, ssl=context, open_timeout=10, close_timeout=5, max_size=None) as ws:
+    assert json.loads(ws.recv(timeout=10))["type"] == "welcome"
+    ws.send(json.dumps({"type": "subscribe", "channel": "events", "pad": "p" * 40000}))
+    assert json.loads(ws.recv(timeout=10))["type"] == "subscribed"
+    print("ready", ws.socket.version(), ws.socket.cipher()[0], flush=True)
+    for _ in range(2):
+        message = json.loads(ws.recv(timeout=10))
+        print("got", message["seq"], len(message["data"].get("pad", "")), flush=True)
+print("closed", flush=True)
+"#;
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&url)
+        .arg(ca.ca_file())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("python3");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = lines.next().expect("a ready line").unwrap();
+    assert!(ready.starts_with("ready TLSv1.2 "), "{ready}");
+    let big = "b".repeat(100_000);
+    let seqs = server.publish_ok(&format!(
+        r#"{{"org_id":"org_o","type":"event","data":{{"id":"evt_big","source_id":"s","pad":"{big}"}}}}"#
+    ));
+    let small = server.publish_ok(&event("org_o", "evt_small", "s"));
+    let got: Vec<String> = lines.by_ref().take(3).map(|l| l.unwrap()).collect();
+    assert_eq!(
+        got,
+        vec![
+            format!("got {} 100000", seqs[0]),
+            format!("got {} 0", small[0]),
+            "closed".to_string()
+        ]
+    );
+    assert!(child.wait().unwrap().success());
+    server.wait_for_metric("hookstream_connections", 0);
+    assert_eq!(tls_failures(&server, "bad_record"), 0);
 }

@@ -1,8 +1,8 @@
 //! TLS termination in the process (rustls, ring provider): the pair from
 //! `--tls-cert`/`--tls-key`, reloaded for new handshakes on SIGHUP or when a
-//! file changes; the handshake; a TLS 1.3 upgrade handed to the reactor
-//! with its traffic secrets (`tls_wire` seals and opens its records from
-//! then on); and, for everything else (plain-HTTP routes, TLS 1.2, the
+//! file changes; the handshake; a wss upgrade (TLS 1.3 or 1.2) handed to
+//! the reactor with its traffic secrets (`tls_wire` seals and opens its
+//! records from then on); and, for everything else (plain-HTTP routes, the
 //! admin listener), the terminator that pumps plaintext to the ordinary
 //! code over a socketpair (docs/ARCHITECTURE.md, TLS).
 
@@ -303,12 +303,12 @@ pub async fn terminate(
         .tls_handshake_done(conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed));
     drop(in_flight);
 
-    // The first request, within the head's deadline: an upgrade on TLS 1.3
-    // hibernates (the secrets go to the reactor with the socket); anything
-    // else is pumped to the plaintext side.
+    // The first request, within the head's deadline: an upgrade (TLS 1.3
+    // or 1.2) hibernates (the secrets go to the reactor with the socket);
+    // anything else is pumped to the plaintext side.
     let mut plain: Vec<u8> = Vec::new();
-    let tls13 = conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
-    if side == Side::Public && tls13 {
+    let tls12 = conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_2);
+    if side == Side::Public {
         loop {
             if drain_plaintext(&mut conn, &mut plain) {
                 // close_notify before a whole request: answer it and go
@@ -332,7 +332,7 @@ pub async fn terminate(
                     Ok(Some(head)) if head.path == "/v1/ws" => {
                         match super::public::route(&shard, &head, peer) {
                             Ok(accepted) => {
-                                hibernate(&shard, conn, tcp, accepted, plain, raw).await;
+                                hibernate(&shard, conn, tcp, accepted, plain, raw, tls12).await;
                                 return;
                             }
                             // Refused: answered on the plaintext side, like
@@ -494,8 +494,8 @@ fn drain_plaintext(conn: &mut ServerConnection, plain: &mut Vec<u8>) -> bool {
     }
 }
 
-/// An accepted wss upgrade on TLS 1.3: rustls' last handshake bytes (the
-/// session tickets) are written, the traffic secrets taken, and the socket
+/// An accepted wss upgrade (TLS 1.3, or 1.2 when `tls12`): rustls' last
+/// handshake bytes (TLS 1.3's session tickets) are written, the traffic secrets taken, and the socket
 /// goes to the owner's reactor with them, like a plain upgrade; from then on
 /// `tls_wire` seals and opens its records and no TLS buffer is held.
 async fn hibernate(
@@ -505,13 +505,14 @@ async fn hibernate(
     accepted: super::public::Accepted,
     plain: Vec<u8>,
     raw: Vec<u8>,
+    tls12: bool,
 ) {
     if flush(&mut conn, &mut tcp).await.is_err() {
         return;
     }
     let leftover = plain[accepted.head_len..].to_vec();
     let session = match conn.dangerous_extract_secrets() {
-        Ok(secrets) => super::tls_wire::Session::new(secrets),
+        Ok(secrets) => super::tls_wire::Session::new(secrets, tls12),
         Err(_) => None,
     };
     let Some(mut session) = session else {

@@ -185,8 +185,9 @@ pub struct Common {
     #[serde(default)]
     pub deflate: bool,
     /// Connect with TLS (wss; implied by a `wss://` --url): a full
-    /// handshake per connection, then the same upgrade and frames over the
-    /// decrypted bytes. Every mode then uses the hand-written client.
+    /// handshake per connection (no session resumption unless
+    /// --tls-resume), then the same upgrade and frames over the decrypted
+    /// bytes. Every mode then uses the hand-written client.
     #[arg(long)]
     #[serde(default)]
     pub tls: bool,
@@ -195,6 +196,15 @@ pub struct Common {
     #[arg(long)]
     #[serde(default)]
     pub ca: Option<std::path::PathBuf>,
+    /// Resume TLS sessions: each worker process first makes as many full
+    /// handshakes as it has connections in flight (not counted; their
+    /// connections are closed) to fill one session store its connections
+    /// share, then every counted connection resumes with a ticket of it
+    /// (TLS 1.3 PSK; each ticket used once, and each handshake brings new
+    /// ones). Results count `tls_resumed` and `tls_full` handshakes.
+    #[arg(long)]
+    #[serde(default)]
+    pub tls_resume: bool,
 }
 
 impl Common {
@@ -374,6 +384,24 @@ impl Workers {
         Ok(out.into_iter().map(Option::unwrap).collect())
     }
 
+    /// With `--tls-resume`: waits until every worker has filled its session
+    /// pool (their `primed` lines), returning how many full handshakes that
+    /// took; the workers then wait for [`Workers::go`]. Without it: 0.
+    fn primed(&self, common: &Common) -> Result<u64, String> {
+        if !common.tls_resume {
+            return Ok(0);
+        }
+        let primed = self.collect("primed", setup_timeout(common))?;
+        Ok(sum_u64(&primed, "primed"))
+    }
+
+    /// Lets primed workers open their counted connections.
+    fn go(&mut self, common: &Common) {
+        if common.tls_resume {
+            self.tell(&json!({"cmd": "go"}));
+        }
+    }
+
     /// Sends one command line to every worker.
     fn tell(&mut self, command: &Value) {
         let line = format!("{command}\n");
@@ -453,9 +481,19 @@ fn setup_timeout(common: &Common) -> Duration {
 }
 
 fn idle(common: Common, conns: usize, settle_ms: u64) -> Result<String, String> {
-    let before = MemorySample::take(&common.server_pids());
-    let server_cpu_before = process_cpu_seconds(&common.server_pids());
-    let workers = Workers::spawn(&common, Mode::Idle, conns)?;
+    let mut before = MemorySample::take(&common.server_pids());
+    let mut server_cpu_before = process_cpu_seconds(&common.server_pids());
+    let mut workers = Workers::spawn(&common, Mode::Idle, conns)?;
+    if let Err(e) = workers.primed(&common) {
+        workers.stop();
+        return Err(e);
+    }
+    if common.tls_resume {
+        // After the priming connections (closed), before the counted ones.
+        before = MemorySample::take(&common.server_pids());
+        server_cpu_before = process_cpu_seconds(&common.server_pids());
+    }
+    workers.go(&common);
     let ready = match workers.collect("ready", setup_timeout(&common)) {
         Ok(ready) => ready,
         Err(e) => {
@@ -499,8 +537,20 @@ fn idle(common: Common, conns: usize, settle_ms: u64) -> Result<String, String> 
 }
 
 fn storm(common: Common, conns: usize) -> Result<String, String> {
-    let server_cpu_before = process_cpu_seconds(&common.server_pids());
-    let workers = Workers::spawn(&common, Mode::Storm, conns)?;
+    let mut server_cpu_before = process_cpu_seconds(&common.server_pids());
+    let mut workers = Workers::spawn(&common, Mode::Storm, conns)?;
+    let primed = match workers.primed(&common) {
+        Ok(primed) => primed,
+        Err(e) => {
+            workers.stop();
+            return Err(e);
+        }
+    };
+    if common.tls_resume {
+        // The priming handshakes are not counted, nor their server CPU.
+        server_cpu_before = process_cpu_seconds(&common.server_pids());
+    }
+    workers.go(&common);
     let ready = match workers.collect("ready", setup_timeout(&common)) {
         Ok(ready) => ready,
         Err(e) => {
@@ -531,6 +581,9 @@ fn storm(common: Common, conns: usize) -> Result<String, String> {
         "first_error": first_error(&ready),
         "procs": ready.len(),
         "upgrades_per_s": opened as f64 / (elapsed_ns.max(1) as f64 / 1e9),
+        "tls_resumed": sum_u64(&ready, "tls_resumed"),
+        "tls_full": sum_u64(&ready, "tls_full"),
+        "tls_primed": primed,
         "connect_to_welcome_us": latency.summary(),
         "client_cpu_s": cpu_s,
         "client_cpu_util": cpu_s / (elapsed_ns.max(1) as f64 / 1e9),
@@ -556,6 +609,11 @@ fn fanout(common: Common, publish: PublishArgs, plan: FanoutPlan) -> Result<Stri
         return Err("--rate and --duration must be positive".to_string());
     }
     let mut workers = Workers::spawn(&common, Mode::Fanout, plan.subs)?;
+    if let Err(e) = workers.primed(&common) {
+        workers.stop();
+        return Err(e);
+    }
+    workers.go(&common);
     let ready = match workers.collect("ready", setup_timeout(&common)) {
         Ok(ready) => ready,
         Err(e) => {

@@ -428,8 +428,17 @@ pub struct RawConn {
 }
 
 impl RawConn {
+    /// Whether the TLS handshake resumed a session (TLS 1.3 PSK from a
+    /// ticket, or a TLS 1.2 session); `None` on plain ws.
+    pub fn tls_resumed(&self) -> Option<bool> {
+        self.tls
+            .as_ref()
+            .map(|session| session.handshake_kind() == Some(rustls::HandshakeKind::Resumed))
+    }
+
     /// Upgrades `stream`: `GET target` with `Host: host`; with `tls`
-    /// (wss), after a full TLS handshake with that configuration, the
+    /// (wss), after a TLS handshake with that configuration (full, or
+    /// resumed when it has a session store holding a ticket), the
     /// server's name being `host` without its port.
     pub async fn upgrade(
         mut stream: TcpStream,
@@ -674,7 +683,7 @@ async fn tls_flush(stream: &TcpStream, session: &mut rustls::ClientConnection) -
     Ok(())
 }
 
-/// A full TLS handshake on `stream`.
+/// A TLS handshake on `stream`.
 async fn tls_handshake(
     stream: &TcpStream,
     session: &mut rustls::ClientConnection,

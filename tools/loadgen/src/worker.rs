@@ -3,10 +3,11 @@
 //! takes commands (`finish`, `stop`) as JSON lines on stdin.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::os::unix::io::AsRawFd;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -21,7 +22,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use memchr::memmem::Finder;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, ServerName};
 
 use crate::raw::{End, RawConn, ReadError};
 use crate::stats::{cpu_seconds, monotonic_ns, Latency};
@@ -85,6 +86,16 @@ enum Conn {
     Raw(RawConn),
 }
 
+impl Conn {
+    /// Whether its TLS handshake resumed a session (`None`: not TLS).
+    fn tls_resumed(&self) -> Option<bool> {
+        match self {
+            Conn::Tungstenite(_) => None,
+            Conn::Raw(conn) => conn.tls_resumed(),
+        }
+    }
+}
+
 /// What every connection task of a worker shares.
 struct Shared {
     deliveries: RefCell<Deliveries>,
@@ -130,10 +141,106 @@ fn without_scheme(url: &str) -> Result<&str, String> {
         .ok_or_else(|| "--url must start with ws:// or wss://".to_string())
 }
 
+/// TLS 1.3 tickets a worker's [`TicketPool`] keeps at most (the oldest go
+/// first): each counted connection takes one and the server sends two or
+/// more, so the pool only grows; this bounds it (each holds the session's
+/// secret and certificate chain, a few hundred bytes).
+const TICKETS_MAX: usize = 4096;
+
+/// The client session store of `--tls-resume`, shared by every connection
+/// of a worker process (one server name). rustls' own memory cache keeps at
+/// most 8 TLS 1.3 tickets per server, fewer than the handshakes in flight
+/// in a storm, so most of those would fall back to full handshakes; this
+/// one keeps up to [`TICKETS_MAX`]. Each ticket is used at most once, as
+/// the trait requires (RFC 8446 §C.4). Everything else (the key-exchange
+/// hint, the TLS 1.2 session) is rustls' cache.
+struct TicketPool {
+    other: rustls::client::ClientSessionMemoryCache,
+    tls13: Mutex<VecDeque<rustls::client::Tls13ClientSessionValue>>,
+}
+
+impl std::fmt::Debug for TicketPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held = self.tls13.lock().map_or(0, |pool| pool.len());
+        f.debug_struct("TicketPool")
+            .field("tls13_tickets", &held)
+            .finish()
+    }
+}
+
+impl TicketPool {
+    fn new() -> TicketPool {
+        TicketPool {
+            other: rustls::client::ClientSessionMemoryCache::new(16),
+            tls13: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// TLS 1.3 tickets held now.
+    fn len(&self) -> usize {
+        self.tls13.lock().expect("ticket pool lock").len()
+    }
+}
+
+impl rustls::client::ClientSessionStore for TicketPool {
+    fn set_kx_hint(&self, name: ServerName<'static>, group: rustls::NamedGroup) {
+        self.other.set_kx_hint(name, group)
+    }
+
+    fn kx_hint(&self, name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.other.kx_hint(name)
+    }
+
+    fn set_tls12_session(
+        &self,
+        name: ServerName<'static>,
+        value: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.other.set_tls12_session(name, value)
+    }
+
+    fn tls12_session(
+        &self,
+        name: &ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.other.tls12_session(name)
+    }
+
+    fn remove_tls12_session(&self, name: &ServerName<'static>) {
+        self.other.remove_tls12_session(name)
+    }
+
+    fn insert_tls13_ticket(
+        &self,
+        _name: ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        let mut pool = self.tls13.lock().expect("ticket pool lock");
+        if pool.len() == TICKETS_MAX {
+            pool.pop_front();
+        }
+        pool.push_back(value);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        _name: &ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        // The newest: the freshest ticket, furthest from its lifetime.
+        self.tls13.lock().expect("ticket pool lock").pop_back()
+    }
+}
+
 /// The client TLS configuration of `--tls`/`wss://`: rustls with the ring
-/// provider, trusting exactly the certificates of `--ca`.
-pub fn tls_config(common: &Common) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+/// provider, trusting exactly the certificates of `--ca`. Without
+/// `--tls-resume` every handshake is full (rustls' default in-memory
+/// session cache is turned off); with it, the worker's connections share a
+/// [`TicketPool`], returned too.
+pub fn tls_config(common: &Common) -> Result<Option<TlsClient>, String> {
     if !(common.tls || common.url.starts_with("wss://")) {
+        if common.tls_resume {
+            return Err("--tls-resume needs TLS (--tls or a wss:// --url)".to_string());
+        }
         return Ok(None);
     }
     let path = common.ca.as_ref().ok_or("TLS needs --ca FILE")?;
@@ -152,13 +259,36 @@ pub fn tls_config(common: &Common) -> Result<Option<Arc<rustls::ClientConfig>>, 
     // ring, as the server uses: its deprecation is only that it offers no
     // post-quantum key exchange.
     #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut provider = rustls::crypto::ring::default_provider();
+    // X25519 first, as browsers, curl and OpenSSL offer it (the key share
+    // a ClientHello carries): ring's list starts with P-384, whose key
+    // exchange costs the server (which follows the client's order) about
+    // ten times as much CPU with ring's generic big-number code.
+    use rustls::crypto::ring::kx_group;
+    provider.kx_groups = vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1];
+    let provider = Arc::new(provider);
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("tls: {e}"))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(Some(Arc::new(config)))
+    let mut config = config;
+    let pool = common.tls_resume.then(|| Arc::new(TicketPool::new()));
+    config.resumption = match &pool {
+        Some(pool) => rustls::client::Resumption::store(pool.clone()),
+        None => rustls::client::Resumption::disabled(),
+    };
+    Ok(Some(TlsClient {
+        config: Arc::new(config),
+        pool,
+    }))
+}
+
+/// A worker's TLS client side.
+pub struct TlsClient {
+    config: Arc<rustls::ClientConfig>,
+    /// The shared session store with `--tls-resume`.
+    pool: Option<Arc<TicketPool>>,
 }
 
 /// `ws://host:port/path` → the socket address.
@@ -174,7 +304,8 @@ fn server_addr(url: &str) -> Result<SocketAddr, String> {
 
 async fn main(spec: WorkerSpec) -> Result<(), String> {
     let server = server_addr(&spec.common.url)?;
-    let tls = tls_config(&spec.common)?;
+    let tls_client = tls_config(&spec.common)?;
+    let tls = tls_client.as_ref().map(|client| client.config.clone());
     let separator = if spec.common.url.contains('?') {
         '&'
     } else {
@@ -213,12 +344,50 @@ async fn main(spec: WorkerSpec) -> Result<(), String> {
         t: Finder::new(b"\"t\":"),
     });
     let gate = Rc::new(Semaphore::new(spec.inflight));
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Result<u64, String>>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Result<(u64, Option<bool>), String>>();
     let source_ips = spec.common.source_ips.clamp(1, 253) as usize;
+    let source_of = |global: usize| Ipv4Addr::new(127, 0, 0, 2 + (global % source_ips) as u8);
+    let mut commands = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    if let (Some(config), Some(pool)) = (&tls, tls_client.as_ref().and_then(|c| c.pool.clone())) {
+        // --tls-resume: full handshakes to fill the pool, one per
+        // connection in flight (not counted), then wait for `go` so the
+        // server's CPU is read after them.
+        let count = spec.inflight.min(spec.conns).max(1);
+        let primers = (0..count).map(|i| {
+            let (host, target, shared) = (&host, &target, &shared);
+            let source = source_of(spec.offset + i);
+            async move {
+                open_raw(
+                    host,
+                    target,
+                    source,
+                    server,
+                    None,
+                    shared,
+                    false,
+                    Some(config),
+                )
+                .await
+            }
+        });
+        let primed = futures_util::future::join_all(primers).await;
+        let opened: Vec<RawConn> = primed
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("priming the TLS session pool: {e}"))?;
+        println!(
+            "{}",
+            json!({"event": "primed", "worker": spec.index, "primed": opened.len(), "tickets": pool.len()})
+        );
+        drop(opened);
+        match commands.next_line().await {
+            Ok(Some(line)) if line.contains("\"go\"") => {}
+            _ => return Ok(()),
+        }
+    }
     let start_ns = monotonic_ns();
     for i in 0..spec.conns {
-        let global = spec.offset + i;
-        let source = Ipv4Addr::new(127, 0, 0, 2 + (global % source_ips) as u8);
+        let source = source_of(spec.offset + i);
         let url = url.clone();
         let (host, target) = (host.clone(), target.clone());
         let subscribe = subscribe.clone();
@@ -276,7 +445,7 @@ async fn main(spec: WorkerSpec) -> Result<(), String> {
             drop(permit);
             let conn = match opened {
                 Ok(conn) => {
-                    let _ = done.send(Ok((monotonic_ns() - began) / 1000));
+                    let _ = done.send(Ok(((monotonic_ns() - began) / 1000, conn.tls_resumed())));
                     conn
                 }
                 Err(e) => {
@@ -295,14 +464,20 @@ async fn main(spec: WorkerSpec) -> Result<(), String> {
 
     let mut opened = 0u64;
     let mut failed = 0u64;
+    let (mut tls_resumed, mut tls_full) = (0u64, 0u64);
     let mut first_error: Option<String> = None;
     let mut latency = Latency::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(spec.common.setup_timeout_s);
     while opened + failed < spec.conns as u64 {
         match tokio::time::timeout_at(deadline, done_rx.recv()).await {
-            Ok(Some(Ok(micros))) => {
+            Ok(Some(Ok((micros, resumed)))) => {
                 opened += 1;
                 latency.record(micros);
+                match resumed {
+                    Some(true) => tls_resumed += 1,
+                    Some(false) => tls_full += 1,
+                    None => {}
+                }
             }
             Ok(Some(Err(e))) => {
                 failed += 1;
@@ -329,6 +504,8 @@ async fn main(spec: WorkerSpec) -> Result<(), String> {
             "opened": opened,
             "failed": failed,
             "first_error": first_error,
+            "tls_resumed": tls_resumed,
+            "tls_full": tls_full,
             "start_ns": start_ns,
             "done_ns": done_ns,
             "latency_us": latency.to_json(),
@@ -336,8 +513,7 @@ async fn main(spec: WorkerSpec) -> Result<(), String> {
         })
     );
 
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    while let Ok(Some(line)) = commands.next_line().await {
         let command: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
         match command["cmd"].as_str() {
             Some("finish") => {
