@@ -205,6 +205,10 @@ pub struct Common {
     #[arg(long)]
     #[serde(default)]
     pub tls_resume: bool,
+    /// Offer TLS 1.2 only (default: TLS 1.3 and 1.2, so 1.3).
+    #[arg(long)]
+    #[serde(default)]
+    pub tls12: bool,
 }
 
 impl Common {

@@ -267,8 +267,13 @@ pub fn tls_config(common: &Common) -> Result<Option<TlsClient>, String> {
     use rustls::crypto::ring::kx_group;
     provider.kx_groups = vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1];
     let provider = Arc::new(provider);
+    let versions: &[&rustls::SupportedProtocolVersion] = if common.tls12 {
+        &[&rustls::version::TLS12]
+    } else {
+        rustls::DEFAULT_VERSIONS
+    };
     let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .map_err(|e| format!("tls: {e}"))?
         .with_root_certificates(roots)
         .with_no_client_auth();
