@@ -219,6 +219,9 @@ fn connections_waiting_for_their_head_count_against_the_address_and_are_given_ba
         let stream = tcp_connect(addr);
         drop(stream);
     }
+    // Each is a failed handshake once the server has seen it leave (till
+    // then it holds its place, as it would in the handshake task).
+    server.wait_for_metric("hookstream_handshake_failures_total", 30);
     // Three silent connections hold the address's three places.
     let silent: Vec<TcpStream> = (0..3).map(|_| tcp_connect(addr)).collect();
     std::thread::sleep(Duration::from_millis(200));
