@@ -42,24 +42,40 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: socket2::Socket) {
         let round = accept_round(&shard, fd);
         serve_parked(&shard);
         match round {
-            Round::Drained if registered => {
-                let timeout = async {
-                    match shard.parked.next_deadline() {
-                        Some(deadline) => {
-                            glommio::timer::sleep(
-                                deadline.saturating_duration_since(Instant::now()),
-                            )
-                            .await
-                        }
-                        None => std::future::pending::<()>().await,
-                    }
-                };
-                futures_lite::future::or(shard.accept_wake.wait(seen), timeout).await;
-            }
+            // No timer here: arming and cancelling one per wake-up cost
+            // more than the accept (io_uring timeout + cancel); the parked
+            // connections' deadlines are watched by `expire_parked`.
+            Round::Drained if registered => shard.accept_wake.wait(seen).await,
             Round::Drained => super::reactor::wait_readable(fd).await,
             Round::More => glommio::yield_if_needed().await,
             Round::OutOfFiles => glommio::timer::sleep(Duration::from_millis(50)).await,
             Round::Failed => glommio::timer::sleep(Duration::from_millis(1)).await,
+        }
+    }
+}
+
+/// Wakes the accept task when the earliest parked connection's head
+/// timeout passes (it closes the expired ones), looking at least once a
+/// second: one timer a second at most, not one per accept wake-up.
+pub async fn expire_parked(shard: Rc<Shard>) {
+    loop {
+        let wait = shard
+            .parked
+            .next_deadline()
+            .map_or(Duration::from_secs(1), |deadline| {
+                // At least 1 ms: an expired deadline waits for the accept
+                // task to run, not in a loop here.
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .clamp(Duration::from_millis(1), Duration::from_secs(1))
+            });
+        glommio::timer::sleep(wait).await;
+        if shard
+            .parked
+            .next_deadline()
+            .is_some_and(|deadline| deadline <= Instant::now())
+        {
+            shard.accept_wake.notify();
         }
     }
 }

@@ -408,6 +408,7 @@ async fn shard_main(
             &shutdown,
             public::accept_loop(shard.clone(), public_listener),
         ),
+        spawn_until(&shutdown, public::expire_parked(shard.clone())),
         spawn_until(&shutdown, admin::accept_loop(shard.clone(), admin_listener)),
         spawn_until(&shutdown, heartbeat_loop(shard.clone())),
         spawn_until(&shutdown, key_reload_loop(shard.clone())),
