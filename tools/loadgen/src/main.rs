@@ -303,6 +303,8 @@ fn main() {
         } => stats::sendcost(sockets, bytes, rounds, reader_cpu),
     };
     match result {
+        // Empty: the mode printed its line itself.
+        Ok(line) if line.is_empty() => {}
         Ok(line) => println!("{line}"),
         Err(message) => {
             println!("{}", json!({"error": message}));
@@ -578,8 +580,7 @@ fn storm(common: Common, conns: usize) -> Result<String, String> {
         "client_cpu_s": cpu_s,
         "client_cpu_util": cpu_s / (elapsed_ns.max(1) as f64 / 1e9),
     });
-    workers.stop();
-    Ok(line.to_string())
+    print_before_stopping(&line, workers)
 }
 
 fn resume(
@@ -640,8 +641,17 @@ fn resume(
         "client_cpu_s": cpu_s,
         "client_cpu_util": cpu_s / (elapsed_ns.max(1) as f64 / 1e9),
     });
+    print_before_stopping(&line, workers)
+}
+
+/// Prints the result line, then closes the connections: a profiler of the
+/// server stopped at the line (`perf stat`, `perf record`) then leaves
+/// their teardown out.
+fn print_before_stopping(line: &Value, workers: Workers) -> Result<String, String> {
+    println!("{line}");
+    let _ = std::io::stdout().flush();
     workers.stop();
-    Ok(line.to_string())
+    Ok(String::new())
 }
 
 /// What a fan-out run offers.
