@@ -414,7 +414,10 @@ fn serve_parked(shard: &Rc<Shard>) {
         };
         let counted = shard.access.http_connections.enter_kept(conn.counted);
         if let Some(counted) = upgrade_if_read(shard, conn.fd, conn.peer, counted, conn.deadline) {
-            // Nothing to read after all: back to waiting.
+            // Nothing to read after all (an event of the slot's previous
+            // connection): back to waiting, under its own deadline. Its
+            // queue entry now sits behind later deadlines, so it may be
+            // closed late, by about one head timeout at most.
             let key = counted.keep();
             if !shard
                 .parked
