@@ -219,6 +219,9 @@ fn connections_waiting_for_their_head_count_against_the_address_and_are_given_ba
         let stream = tcp_connect(addr);
         drop(stream);
     }
+    // Each is a failed handshake once the server has seen it leave (till
+    // then it holds its place, as it would in the handshake task).
+    server.wait_for_metric("hookstream_handshake_failures_total", 30);
     // Three silent connections hold the address's three places.
     let silent: Vec<TcpStream> = (0..3).map(|_| tcp_connect(addr)).collect();
     std::thread::sleep(Duration::from_millis(200));
@@ -284,4 +287,44 @@ fn the_head_timeout_counts_from_the_accept_for_silent_and_late_partial_heads() {
         waited >= Duration::from_millis(9_500) && waited < Duration::from_secs(14),
         "silent connection closed after {waited:?}"
     );
+}
+
+#[test]
+fn a_pipelined_resume_gets_subscribed_then_its_messages_then_live_ones() {
+    let server = ServerBuilder::new().org("org_s").start();
+    let key = server.key("org_s").to_string();
+    let events: Vec<String> = (0..12)
+        .map(|i| common::event("org_s", &format!("e{i}"), "s1"))
+        .collect();
+    let seqs = server.publish_ok(&common::array(&events));
+    // Ten messages behind: the replay comes from the log's memory.
+    let after = seqs[1];
+    let mut stream = tcp_connect(server.ws_addr);
+    let mut bytes =
+        upgrade_request(server.ws_addr, &format!("/v1/ws?token={key}"), &[]).into_bytes();
+    let subscribe = format!(r#"{{"type":"subscribe","channel":"events","after":{after}}}"#);
+    bytes.extend(encode_frame(true, 1, subscribe.as_bytes(), MASK));
+    stream.write_all(&bytes).unwrap();
+    let mut buffer = Vec::new();
+    let head_len = read_head(&mut stream, &mut buffer);
+    assert_upgraded(&buffer[..head_len]);
+    buffer.drain(..head_len);
+    let messages = read_messages(&mut stream, &mut buffer, 12);
+    assert_eq!(messages[0]["type"], "welcome");
+    assert_eq!(messages[0]["seq"], seqs[11]);
+    assert_eq!(messages[1]["type"], "subscribed");
+    assert_eq!(messages[1]["recovered"], true);
+    let replayed: Vec<u64> = messages[2..]
+        .iter()
+        .map(|m| m["seq"].as_u64().expect("a seq"))
+        .collect();
+    assert_eq!(
+        replayed,
+        seqs[2..].to_vec(),
+        "every message after `after`, in order"
+    );
+    // Live from there, no gap and no duplicate.
+    let live = server.publish_ok(&common::array(&[common::event("org_s", "e12", "s1")]));
+    let message = &read_messages(&mut stream, &mut buffer, 1)[0];
+    assert_eq!(message["seq"], live[0]);
 }

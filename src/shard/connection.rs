@@ -259,6 +259,15 @@ fn looks_like_object(text: &str) -> bool {
 fn handle_text(shard: &Shard, key: ConnKey, text: &str) -> Option<Outcome> {
     let answer =
         parse_client_message(text).and_then(|message| client_message(shard, key, &message));
+    let outcome = answer_with(shard, key, answer);
+    // A `subscribe` with `after` a few messages back: its replay is queued
+    // behind the reply now, so both leave in one write.
+    super::replay::run_cached(shard);
+    outcome
+}
+
+/// Queues the answer to a client message (counting bad ones in a row).
+fn answer_with(shard: &Shard, key: ConnKey, answer: Result<Frame, Frame>) -> Option<Outcome> {
     let mut registry = shard.registry.borrow_mut();
     let conn = registry.get_mut(key)?;
     let frame = match answer {

@@ -54,20 +54,12 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: RawFd) {
         let round = accept_round(&shard, fd);
         serve_parked(&shard);
         match round {
+            // No timer here: arming and cancelling one per wake-up cost
+            // more than the accept (io_uring timeout + cancel); the parked
+            // connections' deadlines are watched by `expire_parked`.
             Round::Drained if registered => {
-                let timeout = async {
-                    match shard.parked.next_deadline() {
-                        Some(deadline) => {
-                            glommio::timer::sleep(
-                                deadline.saturating_duration_since(Instant::now()),
-                            )
-                            .await
-                        }
-                        None => std::future::pending::<()>().await,
-                    }
-                };
-                let woken = futures_lite::future::or(shard.accept_wake.wait(seen), timeout);
-                futures_lite::future::or(woken, shard.handover.wait_change()).await;
+                futures_lite::future::or(shard.accept_wake.wait(seen), shard.handover.wait_change())
+                    .await
             }
             Round::Drained => {
                 futures_lite::future::or(
@@ -79,6 +71,32 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: RawFd) {
             Round::More => glommio::yield_if_needed().await,
             Round::OutOfFiles => glommio::timer::sleep(Duration::from_millis(50)).await,
             Round::Failed => glommio::timer::sleep(Duration::from_millis(1)).await,
+        }
+    }
+}
+
+/// Wakes the accept task when the earliest parked connection's head
+/// timeout passes (it closes the expired ones), looking at least once a
+/// second: one timer a second at most, not one per accept wake-up.
+pub async fn expire_parked(shard: Rc<Shard>) {
+    loop {
+        let wait = shard
+            .parked
+            .next_deadline()
+            .map_or(Duration::from_secs(1), |deadline| {
+                // At least 1 ms: an expired deadline waits for the accept
+                // task to run, not in a loop here.
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .clamp(Duration::from_millis(1), Duration::from_secs(1))
+            });
+        glommio::timer::sleep(wait).await;
+        if shard
+            .parked
+            .next_deadline()
+            .is_some_and(|deadline| deadline <= Instant::now())
+        {
+            shard.accept_wake.notify();
         }
     }
 }
@@ -418,7 +436,10 @@ fn serve_parked(shard: &Rc<Shard>) {
         };
         let counted = shard.access.http_connections.enter_kept(conn.counted);
         if let Some(counted) = upgrade_if_read(shard, conn.fd, conn.peer, counted, conn.deadline) {
-            // Nothing to read after all: back to waiting.
+            // Nothing to read after all (an event of the slot's previous
+            // connection): back to waiting, under its own deadline. Its
+            // queue entry now sits behind later deadlines, so it may be
+            // closed late, by about one head timeout at most.
             let key = counted.keep();
             if !shard
                 .parked

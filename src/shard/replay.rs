@@ -206,6 +206,63 @@ pub fn subscribe(
     Ok(subscribed(channel, Some(recovered)))
 }
 
+/// Queues what is left of `job` — `rest`, all of it in the log's
+/// in-memory tail — and switches the connection to live, in one synchronous
+/// step, when it fits in half the room left in its send queue; false (and
+/// nothing done) otherwise. Ends the replay.
+fn switch_to_live(shard: &Shard, job: &ReplayJob, rest: &[Retained]) -> bool {
+    let queued: usize = rest.iter().map(|i| i.data.len() + 64).sum();
+    let mut registry = shard.registry.borrow_mut();
+    let limit = registry.limits.send_queue_bytes;
+    let room = registry
+        .queued_bytes_of(job.key)
+        .map_or(0, |queued| limit.saturating_sub(queued));
+    if !rest.is_empty() && queued > room / 2 {
+        return false;
+    }
+    // The switch to live: no await from here to the subscription.
+    shard.replays.end(job);
+    for item in rest {
+        registry.enqueue(job.key, &frame_of(job, item));
+    }
+    if let Err(SubscribeError::TooMany) = registry.subscribe(job.key, &job.channel) {
+        let max = registry.limits.subscriptions_max;
+        registry.enqueue(job.key, &too_many(&job.channel, max));
+    }
+    true
+}
+
+/// Carries out at once the queued replays that need nothing but the log's
+/// in-memory tail (a client a few messages behind, the common resume):
+/// their messages are queued right behind the `subscribed` reply and leave
+/// with it in one write, instead of a task's write a turn later. Called
+/// after a client message was answered; the others stay for the worker.
+pub fn run_cached(shard: &Shard) {
+    if shard.replays.jobs.borrow().is_empty() {
+        return;
+    }
+    let jobs = std::mem::take(&mut *shard.replays.jobs.borrow_mut());
+    let mut left = VecDeque::new();
+    for job in jobs {
+        let done = wanted(shard, &job)
+            && !shard.registry.borrow().is_delivering(&job.org_id)
+            && shard
+                .history
+                .read_cached(
+                    &job.org_id,
+                    job.after,
+                    shard.history.committed(&job.org_id),
+                    std::slice::from_ref(&job.channel),
+                )
+                .is_some_and(|rest| switch_to_live(shard, &job, &rest));
+        if !done {
+            left.push_back(job);
+        }
+    }
+    // Nothing was queued meanwhile (all of this is synchronous).
+    *shard.replays.jobs.borrow_mut() = left;
+}
+
 /// Starts a task per replay request, for the life of the shard.
 pub async fn worker(shard: Rc<Shard>) {
     loop {
@@ -310,28 +367,7 @@ async fn run(shard: Rc<Shard>, job: ReplayJob) {
         let committed = history.committed(&job.org_id);
         let rest = history.read_cached(&job.org_id, last, committed, channels);
         if let Some(rest) = rest {
-            let queued: usize = rest.iter().map(|i| i.data.len() + 64).sum();
-            let room = {
-                let registry = shard.registry.borrow();
-                let limit = registry.limits.send_queue_bytes;
-                registry
-                    .queued_bytes_of(job.key)
-                    .map_or(0, |queued| limit.saturating_sub(queued))
-            };
-            if rest.is_empty() || queued <= room / 2 {
-                // The switch to live: no await from here to the subscription.
-                {
-                    let mut registry = shard.registry.borrow_mut();
-                    shard.replays.end(&job);
-                    for item in &rest {
-                        registry.enqueue(job.key, &frame_of(&job, item));
-                    }
-                    if let Err(SubscribeError::TooMany) = registry.subscribe(job.key, &job.channel)
-                    {
-                        let max = registry.limits.subscriptions_max;
-                        registry.enqueue(job.key, &too_many(&job.channel, max));
-                    }
-                }
+            if switch_to_live(&shard, &job, &rest) {
                 shard.flush_dirty().await;
                 return;
             }

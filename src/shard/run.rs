@@ -669,6 +669,7 @@ async fn shard_main(
             &shutdown,
             public::accept_loop(shard.clone(), public_listener),
         ),
+        spawn_until(&shutdown, public::expire_parked(shard.clone())),
         spawn_until(
             &shutdown,
             upgrade::accept_loop(shard.clone(), admin_listener, admin::on_accept),

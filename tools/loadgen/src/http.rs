@@ -81,6 +81,53 @@ pub fn publish_for(
     Ok(total)
 }
 
+/// Publishes `count` messages in one request; returns their seqs.
+pub fn publish_once(
+    admin_url: &str,
+    admin_token: &str,
+    org: &str,
+    count: usize,
+    payload: usize,
+) -> Result<Vec<u64>, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let host = admin_url
+            .strip_prefix("http://")
+            .ok_or("--admin-url must start with http://")?
+            .trim_end_matches('/')
+            .to_string();
+        let mut client = Client::connect(&host, admin_token).await?;
+        let mut body = vec![b'['];
+        for i in 0..count {
+            if i > 0 {
+                body.push(b',');
+            }
+            message(&mut body, org, monotonic_ns(), payload);
+        }
+        body.push(b']');
+        match client.post(&body).await? {
+            (202, answer) => {
+                let value: Value = serde_json::from_slice(&answer).map_err(|e| e.to_string())?;
+                let seqs: Vec<u64> = value["seqs"]
+                    .as_array()
+                    .map(|seqs| seqs.iter().filter_map(Value::as_u64).collect())
+                    .unwrap_or_default();
+                if seqs.len() != count {
+                    return Err(format!("publish answered {value}"));
+                }
+                Ok(seqs)
+            }
+            (status, answer) => Err(format!(
+                "publish: status {status}: {}",
+                String::from_utf8_lossy(&answer)
+            )),
+        }
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run(
     admin_url: &str,

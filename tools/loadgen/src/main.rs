@@ -13,6 +13,9 @@
 //!   publisher at R messages/s carrying its send time; delivered messages/s,
 //!   expected vs received, publish→receive latency percentiles;
 //! - `storm --conns N`: upgrades per second and connect→welcome latency;
+//! - `resume --conns N --behind K`: the same storm with every client
+//!   subscribing with `after` K messages back (published first): server
+//!   CPU per resumed client, time until every client has its messages;
 //! - `sendcost`: the kernel cost of one small loopback send, the floor the
 //!   fan-out latency target is measured against.
 //!
@@ -110,6 +113,25 @@ enum Command {
         /// Connections to open.
         #[arg(long)]
         conns: usize,
+    },
+    /// Publish `behind` messages, then open N connections that each
+    /// subscribe with `after` that many messages back: a reconnect storm
+    /// that resumes. Reports server CPU per resumed client and the time
+    /// until every client has its messages.
+    Resume {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        publish: PublishArgs,
+        /// Connections to open.
+        #[arg(long)]
+        conns: usize,
+        /// Messages every client is behind.
+        #[arg(long, default_value_t = 10)]
+        behind: u64,
+        /// Bytes of each message's `data` JSON.
+        #[arg(long, default_value_t = 256)]
+        payload: usize,
     },
     /// Measure the kernel cost of one small loopback TCP send.
     Sendcost {
@@ -255,6 +277,13 @@ fn main() {
             settle_ms,
         } => idle(common, conns, settle_ms),
         Command::Storm { common, conns } => storm(common, conns),
+        Command::Resume {
+            common,
+            publish,
+            conns,
+            behind,
+            payload,
+        } => resume(common, publish, conns, behind, payload),
         Command::Fanout {
             common,
             publish,
@@ -288,6 +317,8 @@ fn main() {
         } => stats::sendcost(sockets, bytes, rounds, reader_cpu),
     };
     match result {
+        // Empty: the mode printed its line itself.
+        Ok(line) if line.is_empty() => {}
         Ok(line) => println!("{line}"),
         Err(message) => {
             println!("{}", json!({"error": message}));
@@ -306,6 +337,18 @@ struct Workers {
 impl Workers {
     /// Splits `conns` over enough processes and starts them.
     fn spawn(common: &Common, mode: Mode, conns: usize) -> Result<Workers, String> {
+        Workers::spawn_resuming(common, mode, conns, None, 0)
+    }
+
+    /// [`Workers::spawn`] whose connections subscribe with `after` and
+    /// wait for `replayed` messages (resume mode).
+    fn spawn_resuming(
+        common: &Common,
+        mode: Mode,
+        conns: usize,
+        after: Option<u64>,
+        replayed: u64,
+    ) -> Result<Workers, String> {
         let procs = common
             .procs
             .max(conns.div_ceil(CONNECTIONS_PER_PROCESS_MAX))
@@ -324,6 +367,8 @@ impl Workers {
                 offset,
                 conns: share,
                 inflight: common.inflight.div_ceil(procs).max(1),
+                after,
+                replayed,
             };
             offset += share;
             let mut child = Process::new(&exe)
@@ -592,8 +637,78 @@ fn storm(common: Common, conns: usize) -> Result<String, String> {
         "client_cpu_s": cpu_s,
         "client_cpu_util": cpu_s / (elapsed_ns.max(1) as f64 / 1e9),
     });
+    print_before_stopping(&line, workers)
+}
+
+fn resume(
+    common: Common,
+    publish: PublishArgs,
+    conns: usize,
+    behind: u64,
+    payload: usize,
+) -> Result<String, String> {
+    if behind == 0 {
+        return Err("--behind must be at least 1".to_string());
+    }
+    let seqs = http::publish_once(
+        &publish.admin_url,
+        &publish.admin_token,
+        &publish.org,
+        behind as usize,
+        payload,
+    )?;
+    let last = *seqs.last().ok_or("the publish returned no seqs")?;
+    let after = last - behind;
+    let server_cpu_before = process_cpu_seconds(&common.server_pids());
+    let workers = Workers::spawn_resuming(&common, Mode::Resume, conns, Some(after), behind)?;
+    let ready = match workers.collect("ready", setup_timeout(&common)) {
+        Ok(ready) => ready,
+        Err(e) => {
+            workers.stop();
+            return Err(e);
+        }
+    };
+    let server_cpu_s = server_cpu_delta(
+        server_cpu_before,
+        process_cpu_seconds(&common.server_pids()),
+    );
+    let opened = sum_u64(&ready, "opened");
+    let elapsed_ns = max_u64(&ready, "done_ns").saturating_sub(min_u64(&ready, "start_ns"));
+    let mut latency = Latency::new();
+    for value in &ready {
+        latency.merge_json(&value["latency_us"]);
+    }
+    let cpu_s = sum_f64(&ready, "cpu_s");
+    let line = json!({
+        "mode": "resume",
+        "target": common.label,
+        "conns": conns,
+        "behind": behind,
+        "after": after,
+        "inflight": common.inflight,
+        "opened": opened,
+        "failed": sum_u64(&ready, "failed"),
+        "first_error": first_error(&ready),
+        "procs": ready.len(),
+        "server_cpu_s": server_cpu_s,
+        "server_cpu_us_per_client": server_cpu_s.map(|s| s * 1e6 / opened.max(1) as f64),
+        "resumes_per_s": opened as f64 / (elapsed_ns.max(1) as f64 / 1e9),
+        "all_resumed_s": elapsed_ns as f64 / 1e9,
+        "connect_to_replayed_us": latency.summary(),
+        "client_cpu_s": cpu_s,
+        "client_cpu_util": cpu_s / (elapsed_ns.max(1) as f64 / 1e9),
+    });
+    print_before_stopping(&line, workers)
+}
+
+/// Prints the result line, then closes the connections: a profiler of the
+/// server stopped at the line (`perf stat`, `perf record`) then leaves
+/// their teardown out.
+fn print_before_stopping(line: &Value, workers: Workers) -> Result<String, String> {
+    println!("{line}");
+    let _ = std::io::stdout().flush();
     workers.stop();
-    Ok(line.to_string())
+    Ok(String::new())
 }
 
 /// What a fan-out run offers.

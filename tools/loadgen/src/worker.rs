@@ -38,6 +38,9 @@ pub enum Mode {
     Storm,
     /// Subscribe, then count and time every event.
     Fanout,
+    /// Subscribe with `after` and stop once `replayed` messages and
+    /// `subscribed` arrived (a reconnect storm that resumes).
+    Resume,
 }
 
 /// A worker's share of a run.
@@ -53,6 +56,12 @@ pub struct WorkerSpec {
     pub conns: usize,
     /// Connection attempts in flight at once in this worker.
     pub inflight: usize,
+    /// Resume: the `after` of every subscribe.
+    #[serde(default)]
+    pub after: Option<u64>,
+    /// Resume: messages each connection must get (seq > after).
+    #[serde(default)]
+    pub replayed: u64,
 }
 
 /// Delivery counters of one worker, shared by its connection tasks.
@@ -319,16 +328,22 @@ async fn main(spec: WorkerSpec) -> Result<(), String> {
     let url: Rc<str> = format!("{}{separator}token={}", spec.common.url, spec.common.token).into();
     let read_buffer = spec.common.read_buffer.unwrap_or(match spec.mode {
         Mode::Fanout => 256 * 1024,
-        Mode::Idle | Mode::Storm => 4 * 1024,
+        Mode::Idle | Mode::Storm | Mode::Resume => 4 * 1024,
     });
     let mut config = WebSocketConfig::default();
     config.read_buffer_size = read_buffer;
     config.write_buffer_size = 0;
     let (host, target) = split_url(&url)?;
     let (host, target): (Rc<str>, Rc<str>) = (host.into(), target.into());
-    let subscribe: Rc<str> = json!({"type": "subscribe", "channel": spec.common.channel})
-        .to_string()
-        .into();
+    let subscribe: Rc<str> = match spec.after {
+        Some(after) => {
+            json!({"type": "subscribe", "channel": spec.common.channel, "after": after})
+        }
+        None => json!({"type": "subscribe", "channel": spec.common.channel}),
+    }
+    .to_string()
+    .into();
+    let resume = (spec.after.unwrap_or(0), spec.replayed);
     let shared = Rc::new(Shared {
         deliveries: RefCell::new(Deliveries {
             latency: Latency::new(),
@@ -443,9 +458,11 @@ async fn main(spec: WorkerSpec) -> Result<(), String> {
                 )
                 .await
                 .map(Conn::Raw),
-                Mode::Idle | Mode::Storm => open(&url, source, server, config, mode, &subscribe)
-                    .await
-                    .map(|ws| Conn::Tungstenite(Box::new(ws))),
+                Mode::Idle | Mode::Storm | Mode::Resume => {
+                    open(&url, source, server, config, mode, &subscribe, resume)
+                        .await
+                        .map(|ws| Conn::Tungstenite(Box::new(ws)))
+                }
             };
             drop(permit);
             let conn = match opened {
@@ -556,7 +573,8 @@ async fn main(spec: WorkerSpec) -> Result<(), String> {
 }
 
 /// Connects from `source`, upgrades, waits for the welcome and (except in
-/// storm mode) subscribes and waits for `subscribed`.
+/// storm mode) subscribes and waits for `subscribed`; in resume mode also
+/// for `resume.1` messages with a seq above `resume.0`.
 async fn open(
     url: &str,
     source: Ipv4Addr,
@@ -564,6 +582,7 @@ async fn open(
     config: WebSocketConfig,
     mode: Mode,
     subscribe: &str,
+    resume: (u64, u64),
 ) -> Result<Ws, String> {
     let stream = connect(source, server).await?;
     let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
@@ -576,8 +595,48 @@ async fn open(
     ws.send(Message::text(subscribe))
         .await
         .map_err(|e| format!("send subscribe: {e}"))?;
+    if mode == Mode::Resume {
+        expect_replay(&mut ws, resume.0, resume.1).await?;
+        return Ok(ws);
+    }
     expect(&mut ws, "subscribed").await?;
     Ok(ws)
+}
+
+/// Reads until `subscribed` and `count` messages with a seq above `after`
+/// (in order, no duplicate) arrived.
+async fn expect_replay(ws: &mut Ws, after: u64, count: u64) -> Result<(), String> {
+    let mut subscribed = false;
+    let mut got = 0u64;
+    let mut last = after;
+    while !subscribed || got < count {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => {
+                let value: Value = serde_json::from_str(text.as_str())
+                    .map_err(|e| format!("bad JSON while resuming: {e}"))?;
+                match value["type"].as_str() {
+                    Some("subscribed") => subscribed = true,
+                    Some("error") => return Err(format!("server error while resuming: {text}")),
+                    _ => {
+                        if let Some(seq) = value["seq"].as_u64() {
+                            if seq <= last {
+                                return Err(format!("seq {seq} after {last} while resuming"));
+                            }
+                            last = seq;
+                            got += 1;
+                        }
+                    }
+                }
+            }
+            Some(Ok(Message::Close(frame))) => {
+                return Err(format!("closed while resuming: {frame:?}"))
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(format!("while resuming: {e}")),
+            None => return Err("eof while resuming".to_string()),
+        }
+    }
+    Ok(())
 }
 
 /// A TCP connection from `source` (port chosen at connect time) to `server`,
