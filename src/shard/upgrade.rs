@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::{reactor, Handoff, Shard};
 use crate::handoff::{ConnRecord, OpenMessage};
+use crate::message::render_frame;
 use crate::notify::Notify;
 use crate::protocol::ws::CloseCode;
 use crate::registry::{ConnKey, ConnState, Frame, Partial};
@@ -287,16 +288,33 @@ pub fn adopt_record(shard: &Shard, fd: RawFd, record: ConnRecord) {
     let org_id: Rc<str> = record.org_id.as_str().into();
     let committed = shard.history.committed(&org_id);
     for (channel, seq) in record.channels {
-        if committed > seq {
-            shard.replays.start(super::replay::ReplayJob {
+        let gap = if committed > seq {
+            shard
+                .history
+                .read_cached(&org_id, seq, committed, std::slice::from_ref(&channel))
+        } else {
+            Some(Vec::new())
+        };
+        match gap {
+            // What the old process committed after the freeze is in
+            // memory: no broadcast is being walked yet (the committer has
+            // not started), so queueing it and going live in this step
+            // leaves no gap and no duplicate, like a replay's switch.
+            Some(items) => {
+                let mut registry = shard.registry.borrow_mut();
+                for item in &items {
+                    let frame = render_frame(item.kind, &channel, item.seq, &item.data);
+                    registry.enqueue(key, &frame);
+                }
+                let _ = registry.subscribe(key, &channel);
+            }
+            None => shard.replays.start(super::replay::ReplayJob {
                 key,
                 org_id: org_id.clone(),
                 channel,
                 after: seq,
                 id: 0,
-            });
-        } else {
-            let _ = shard.registry.borrow_mut().subscribe(key, &channel);
+            }),
         }
     }
     let has_input = !record.partial.is_empty() || record.open_message.is_some();
