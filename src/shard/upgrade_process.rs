@@ -357,10 +357,16 @@ pub struct Received {
 /// binary reads and take the state. Every failure is told to the old
 /// process (which serves on) and ends this one.
 pub fn receive(channel: Channel) -> Result<Received, String> {
+    let fault = super::fault::handoff_fault();
+    let hello = match fault.as_deref() {
+        Some("reads-9") => 9u16.to_le_bytes().to_vec(),
+        _ => handoff::hello_body(),
+    };
     channel
-        .send(kind::HELLO, &handoff::hello_body(), &[])
+        .send(kind::HELLO, &hello, &[])
         .map_err(|e| format!("handoff: cannot reach the old process: {e}"))?;
     match receive_state(&channel) {
+        Ok(_) if fault.as_deref() == Some("exit-after-state") => std::process::exit(3),
         Ok((listeners, connections)) => Ok(Received {
             channel,
             listeners,
