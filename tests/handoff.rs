@@ -1097,3 +1097,86 @@ fn a_new_binary_that_cannot_read_the_state_or_dies_holding_the_sockets_changes_n
         );
     }
 }
+
+/// SSE streams and waiting long-polls are not handed over: at an upgrade
+/// they are answered as at SIGTERM — the long-poll with what it has and
+/// `next_after`, the SSE stream ended — and their clients carry on against
+/// the new process from there.
+#[test]
+fn long_polls_are_answered_and_sse_streams_end_at_an_upgrade() {
+    let installed = Installed::new();
+    let running = start(&installed, 1);
+    let addr = running.spawned.ws_addr;
+    let key = running.key.clone();
+    let (status, answer) = post_publish(
+        running.spawned.admin_addr,
+        &running.token,
+        &event("org_a", "e_0", "s"),
+    );
+    assert_eq!(status, 202, "{answer}");
+
+    let poll = {
+        let key = key.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let answer = http_request(
+                addr,
+                "GET",
+                &format!("/v1/poll?channels=events&after=1&wait_ms=30000&token={key}"),
+                &[],
+                b"",
+            );
+            (answer, started.elapsed())
+        })
+    };
+    let mut sse = TcpStream::connect(addr).unwrap();
+    sse.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    sse.write_all(
+        format!("GET /v1/sse?channels=events&token={key} HTTP/1.1\r\nHost: {addr}\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut head = [0u8; 1024];
+    let n = sse.read(&mut head).unwrap();
+    assert!(
+        head[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head[..n])
+    );
+    std::thread::sleep(Duration::from_millis(300));
+
+    installed.replace_with(Path::new(binary()));
+    let upgrading = Instant::now();
+    let (ok, stderr) = run_upgrade(running.data.path());
+    assert!(ok, "{stderr}");
+
+    // The long-poll was answered at once, empty, with where to go on.
+    let (answer, waited) = poll.join().unwrap();
+    assert_eq!(answer.status, 200);
+    assert!(waited < Duration::from_secs(15), "waited {waited:?}");
+    let page: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+    assert_eq!(page["messages"], serde_json::json!([]), "{page}");
+    assert_eq!(page["next_after"], 1, "{page}");
+    // The SSE stream ended (EOF), without waiting for a message.
+    let mut rest = Vec::new();
+    let _ = sse.read_to_end(&mut rest);
+    assert!(upgrading.elapsed() < Duration::from_secs(15));
+
+    // The new process answers the next poll with what came after.
+    let (status, answer) = post_publish(
+        running.spawned.admin_addr,
+        &running.token,
+        &event("org_a", "e_1", "s"),
+    );
+    assert_eq!(status, 202, "{answer}");
+    let answer = http_request(
+        addr,
+        "GET",
+        &format!("/v1/poll?channels=events&after=1&wait_ms=5000&token={key}"),
+        &[],
+        b"",
+    );
+    assert_eq!(answer.status, 200);
+    let page: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+    assert_eq!(page["messages"][0]["data"]["id"], "e_1", "{page}");
+}
