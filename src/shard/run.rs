@@ -644,6 +644,7 @@ async fn shard_main(
     let _ = ready.send(Ok(()));
 
     shutdown.wait().await;
+    upgrade::close_let_go(&shard);
 
     // Drain: the accept loops, heartbeat and key reload end; waiting
     // long-polls answer and SSE streams end (they hold the signal too);

@@ -47,6 +47,12 @@ pub struct Handover {
     pub admin_requests: Cell<usize>,
     /// Upgrades authenticated while frozen, adopted at the thaw.
     deferred: RefCell<Vec<Handoff>>,
+    /// This process's descriptors of the connections the new process
+    /// took: out of the registry and the epoll set at the retirement, but
+    /// closed only at the drain, so ten thousand `close` calls are not on
+    /// the pause's path. (They send nothing: the new process holds the
+    /// sockets.)
+    let_go: RefCell<Vec<RawFd>>,
 }
 
 impl Handover {
@@ -198,10 +204,10 @@ pub async fn retire(shard: &Shard) {
                 continue;
             };
             let fd = conn.fd;
+            // Out of the epoll set explicitly: a registration lives as long
+            // as the open file, which the new process holds too.
             shard.reactor.remove(fd);
-            // SAFETY: the record owns its socket; the new process holds its
-            // own descriptor of it, so this sends nothing to the client.
-            unsafe { libc::close(fd) };
+            shard.handover.let_go.borrow_mut().push(fd);
             registry.remove(key);
         }
     }
@@ -233,6 +239,15 @@ pub async fn retire(shard: &Shard) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while shard.handover.admin_requests.get() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Closes the descriptors the retirement let go of (at the drain).
+pub fn close_let_go(shard: &Shard) {
+    for fd in std::mem::take(&mut *shard.handover.let_go.borrow_mut()) {
+        // SAFETY: descriptors of removed records, owned by the handover
+        // since; the new process holds the sockets, so this sends nothing.
+        unsafe { libc::close(fd) };
     }
 }
 
