@@ -395,7 +395,18 @@ fn start_server(
     shards: usize,
     conns: usize,
 ) -> Server {
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    // SAFETY: prctl only touches the child: a bench that panics takes
+    // its server with it (an upgraded server is not its child; the bench
+    // kills that one itself).
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = command
         .args(["serve", "--data-dir"])
         .arg(data)
         .args([
