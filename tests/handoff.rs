@@ -495,6 +495,18 @@ fn publisher(
     per_sec: u64,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<(u64, Vec<String>)> {
+    publisher_counting(admin, token, per_sec, stop, Arc::new(AtomicU64::new(0)))
+}
+
+/// [`publisher`], counting in `started` the messages whose request was
+/// sent.
+fn publisher_counting(
+    admin: SocketAddr,
+    token: String,
+    per_sec: u64,
+    stop: Arc<AtomicBool>,
+    started: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<(u64, Vec<String>)> {
     std::thread::spawn(move || {
         let batch = (per_sec / 10).max(1);
         let mut n = 0u64;
@@ -507,6 +519,7 @@ fn publisher(
                 .collect();
             let body = array(&messages);
             let sent = Instant::now();
+            started.store(n + batch, Ordering::SeqCst);
             let (status, answer) = post_publish(admin, &token, &body);
             slowest = slowest.max(sent.elapsed());
             if status != 202 {
@@ -720,11 +733,13 @@ fn an_upgrade_hands_every_connection_to_the_new_binary_and_no_client_notices() {
     let fleet = Fleet::start(subscribers);
 
     let stop = Arc::new(AtomicBool::new(false));
-    let publishing = publisher(
+    let started = Arc::new(AtomicU64::new(0));
+    let publishing = publisher_counting(
         running.spawned.admin_addr,
         running.token.clone(),
         50,
         stop.clone(),
+        started.clone(),
     );
     std::thread::sleep(Duration::from_millis(1500));
 
@@ -732,8 +747,14 @@ fn an_upgrade_hands_every_connection_to_the_new_binary_and_no_client_notices() {
     installed.replace_with(Path::new(binary()));
     let new_inode = inode(&installed.path());
     let upgrading = Instant::now();
+    let before = started.load(Ordering::SeqCst);
     let (ok, stderr) = run_upgrade(running.data.path());
-    eprintln!("hookstream upgrade took {:?}", upgrading.elapsed());
+    let after = started.load(Ordering::SeqCst);
+    eprintln!(
+        "hookstream upgrade took {:?}; {} messages published meanwhile",
+        upgrading.elapsed(),
+        after - before
+    );
     assert!(
         ok,
         "hookstream upgrade failed: {stderr}\nserver:\n{}",
@@ -763,8 +784,12 @@ fn an_upgrade_hands_every_connection_to_the_new_binary_and_no_client_notices() {
     assert!(status.success(), "old process: {status}");
     assert!(alive(new_pid));
 
-    // Publishing goes on against the new process, then stops.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Publishing goes on against the new process (50 messages more), then
+    // stops.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while started.load(Ordering::SeqCst) < after + 50 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     stop.store(true, Ordering::SeqCst);
     let (published, failures) = publishing.join().unwrap();
     assert!(
@@ -778,7 +803,11 @@ fn an_upgrade_hands_every_connection_to_the_new_binary_and_no_client_notices() {
     let pings_sent = pings.load(Ordering::SeqCst);
     let pongs = check_fleet(&subscribers, published);
     assert_eq!(pongs, pings_sent, "every ping answered");
-    assert!(published >= 100, "published {published}");
+    assert!(
+        after > before,
+        "no publish was sent while the upgrade ran ({before} before, {after} after)"
+    );
+    assert!(published >= after + 50, "published {published}");
     let lines = running.spawned.stderr.lock().unwrap().join("\n");
     assert!(
         lines.contains(&format!("took over {count} connection(s)")),
@@ -980,4 +1009,174 @@ fn the_pid_file_names_the_serving_process_and_goes_with_it() {
     );
     let _ = bystander.kill();
     let _ = bystander.wait();
+}
+
+/// Starts a server whose next upgrade's new process plays `fault` (debug
+/// builds: `HOOKSTREAM_DEBUG_HANDOFF`).
+fn start_with_fault(installed: &Installed, fault: &str) -> Running {
+    let data = TestDir::new();
+    let key = create_key(data.path(), "org_a");
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--shards",
+        "2",
+        "--upgrades-per-ip-per-sec",
+        "0",
+        "--heartbeat-ms",
+        "10000",
+        "--durability",
+        "none",
+    ];
+    let mut command = serve_command_at(&installed.path(), data.path(), &args);
+    command.env("HOOKSTREAM_DEBUG_HANDOFF", fault);
+    let spawned = spawn_command(command, Duration::from_secs(30)).expect("server starts");
+    let token = std::fs::read_to_string(data.path().join("admin-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let reaper = Reaper {
+        pid_file: data.path().join("hookstream.pid"),
+    };
+    Running {
+        spawned,
+        _reaper: reaper,
+        data,
+        key,
+        token,
+    }
+}
+
+#[test]
+fn a_new_binary_that_cannot_read_the_state_or_dies_holding_the_sockets_changes_nothing() {
+    for (fault, reason) in [
+        (
+            "reads-9",
+            "the new binary reads state versions [9], this process writes version 1",
+        ),
+        (
+            "exit-after-state",
+            "the new binary exited (exit status: 3) before it read the state",
+        ),
+    ] {
+        let installed = Installed::new();
+        let running = start_with_fault(&installed, fault);
+        let old_pid = running.spawned.child.id();
+        let fleet = Fleet::start(open_fleet(&running, 200));
+        let stop = Arc::new(AtomicBool::new(false));
+        let publishing = publisher(
+            running.spawned.admin_addr,
+            running.token.clone(),
+            50,
+            stop.clone(),
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        installed.replace_with(Path::new(binary()));
+        let (ok, stderr) = run_upgrade(running.data.path());
+        assert!(!ok, "{fault}: the upgrade succeeded");
+        assert!(stderr.contains(reason), "{fault}: {stderr}");
+        assert_eq!(read_pid(running.data.path()), old_pid);
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::SeqCst);
+        let (published, failures) = publishing.join().unwrap();
+        assert!(failures.is_empty(), "{fault}: {failures:?}");
+        fleet.wait_for(published * 200);
+        let pings = fleet.pings_sent.clone();
+        let subscribers = fleet.finish();
+        let pongs = check_fleet(&subscribers, published);
+        assert_eq!(pongs, pings.load(Ordering::SeqCst), "{fault}");
+        let lines = running.spawned.stderr.lock().unwrap().join("\n");
+        assert_eq!(
+            lines
+                .matches("upgrade failed, this process serves on")
+                .count(),
+            1,
+            "{fault}: {lines}"
+        );
+    }
+}
+
+/// SSE streams and waiting long-polls are not handed over: at an upgrade
+/// they are answered as at SIGTERM — the long-poll with what it has and
+/// `next_after`, the SSE stream ended — and their clients carry on against
+/// the new process from there.
+#[test]
+fn long_polls_are_answered_and_sse_streams_end_at_an_upgrade() {
+    let installed = Installed::new();
+    let running = start(&installed, 1);
+    let addr = running.spawned.ws_addr;
+    let key = running.key.clone();
+    let (status, answer) = post_publish(
+        running.spawned.admin_addr,
+        &running.token,
+        &event("org_a", "e_0", "s"),
+    );
+    assert_eq!(status, 202, "{answer}");
+
+    let poll = {
+        let key = key.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let answer = http_request(
+                addr,
+                "GET",
+                &format!("/v1/poll?channels=events&after=1&wait_ms=30000&token={key}"),
+                &[],
+                b"",
+            );
+            (answer, started.elapsed())
+        })
+    };
+    let mut sse = TcpStream::connect(addr).unwrap();
+    sse.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    sse.write_all(
+        format!("GET /v1/sse?channels=events&token={key} HTTP/1.1\r\nHost: {addr}\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut head = [0u8; 1024];
+    let n = sse.read(&mut head).unwrap();
+    assert!(
+        head[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head[..n])
+    );
+    std::thread::sleep(Duration::from_millis(300));
+
+    installed.replace_with(Path::new(binary()));
+    let upgrading = Instant::now();
+    let (ok, stderr) = run_upgrade(running.data.path());
+    assert!(ok, "{stderr}");
+
+    // The long-poll was answered at once, empty, with where to go on.
+    let (answer, waited) = poll.join().unwrap();
+    assert_eq!(answer.status, 200);
+    assert!(waited < Duration::from_secs(15), "waited {waited:?}");
+    let page: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+    assert_eq!(page["messages"], serde_json::json!([]), "{page}");
+    assert_eq!(page["next_after"], 1, "{page}");
+    // The SSE stream ended (EOF), without waiting for a message.
+    let mut rest = Vec::new();
+    let _ = sse.read_to_end(&mut rest);
+    assert!(upgrading.elapsed() < Duration::from_secs(15));
+
+    // The new process answers the next poll with what came after.
+    let (status, answer) = post_publish(
+        running.spawned.admin_addr,
+        &running.token,
+        &event("org_a", "e_1", "s"),
+    );
+    assert_eq!(status, 202, "{answer}");
+    let answer = http_request(
+        addr,
+        "GET",
+        &format!("/v1/poll?channels=events&after=1&wait_ms=5000&token={key}"),
+        &[],
+        b"",
+    );
+    assert_eq!(answer.status, 200);
+    let page: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+    assert_eq!(page["messages"][0]["data"]["id"], "e_1", "{page}");
 }

@@ -1386,3 +1386,59 @@ print("closed", flush=True)
     server.wait_for_metric("hookstream_connections", 0);
     assert_eq!(tls_failures(&server, "bad_record"), 0);
 }
+
+/// A hot upgrade cannot carry a wss connection's record state yet: the
+/// connection is closed with 1012 (service restart), and the client
+/// resumes on the new process with `after`.
+#[test]
+fn wss_hot_upgrade_closes_1012_and_the_client_resumes() {
+    let ca = Ca::new();
+    let pair = ca.leaf("a", 1);
+    let mut server = tls_server(&pair, &["org_t"], &[]);
+    let key = server.key("org_t").to_string();
+    let (mut ws, welcome) = wss(&ca, &server, &format!("token={key}"));
+    send_json(&mut ws, r#"{"type":"subscribe","channel":"events"}"#);
+    assert_eq!(next_json(&mut ws)["type"], "subscribed");
+    let output = common::hookstream_command()
+        .args(["upgrade", "--timeout-secs", "60", "--data-dir"])
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
+    let pid_file = server.data_dir().join("hookstream.pid");
+    let new_pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // The new process is not this test's child: stop it at the end.
+    struct Kill(i32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) of the server this test upgraded.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let _kill = Kill(new_pid);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_ne!(new_pid as u32, server.pid());
+    assert_eq!(close_code(&mut ws), 1012);
+    let status = server
+        .wait_exit(Duration::from_secs(15))
+        .expect("the old process exits");
+    assert!(status.success(), "{status}");
+    // The same listener, now the new process's: resume from the welcome.
+    server.publish_ok(&common::event("org_t", "e_after", "s"));
+    let (mut again, _) = wss(&ca, &server, &format!("token={key}"));
+    let after = welcome["seq"].as_u64().unwrap();
+    send_json(
+        &mut again,
+        &format!(r#"{{"type":"subscribe","channel":"events","after":{after}}}"#),
+    );
+    assert_eq!(next_json(&mut again)["type"], "subscribed");
+    let event = next_json(&mut again);
+    assert_eq!(event["data"]["id"], "e_after", "{event}");
+}

@@ -32,6 +32,8 @@ struct Options {
     rate: u64,
     shards: usize,
     mode: String,
+    /// Print the servers' log lines at the end.
+    server_log: bool,
 }
 
 fn parse_options() -> Options {
@@ -40,8 +42,11 @@ fn parse_options() -> Options {
         conns: 10_000,
         probes: 20,
         rate: 200,
-        shards: 2,
+        // One org lives on one shard, whose share of the open-files
+        // budget must hold every connection.
+        shards: 1,
         mode: "upgrade".to_string(),
+        server_log: false,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -54,6 +59,11 @@ fn parse_options() -> Options {
             "--rate" => options.rate = value.parse().expect("--rate MSGS_PER_SEC"),
             "--shards" => options.shards = value.parse().expect("--shards N"),
             "--mode" => options.mode = value,
+            "--server-log" => {
+                options.server_log = true;
+                i += 1;
+                continue;
+            }
             other => panic!("unknown option {other}"),
         }
         i += 2;
@@ -309,6 +319,14 @@ fn reader(
                         9 => {
                             let _ = conn.stream.write_all(&client_frame(10, &payload));
                         }
+                        8 => {
+                            // Answer the close (a well-behaved client), so
+                            // a draining server need not wait out its
+                            // linger.
+                            let _ = conn
+                                .stream
+                                .write_all(&client_frame(8, &payload[..payload.len().min(2)]));
+                        }
                         _ => {}
                     }
                 }
@@ -377,7 +395,18 @@ fn start_server(
     shards: usize,
     conns: usize,
 ) -> Server {
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    // SAFETY: prctl only touches the child: a bench that panics takes
+    // its server with it (an upgraded server is not its child; the bench
+    // kills that one itself).
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = command
         .args(["serve", "--data-dir"])
         .arg(data)
         .args([
@@ -581,6 +610,17 @@ fn main() {
                 cpu_new
             );
             let _ = server.child.wait();
+            let frozen = server
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find_map(|l| {
+                    let (_, rest) = l.split_once("frozen for ")?;
+                    Some(rest.split_once(" ms")?.0.to_string())
+                })
+                .unwrap_or_else(|| "?".to_string());
+            println!("upgrade: the old process reports the shards frozen for {frozen} ms (freeze to the new process serving)");
             std::thread::sleep(Duration::from_secs(2));
             stop_publishing.store(true, Ordering::SeqCst);
             let (sent, failed) = publishing.join().unwrap();
@@ -597,6 +637,11 @@ fn main() {
             );
             // SAFETY: stop the new server.
             unsafe { libc::kill(new_pid as i32, libc::SIGKILL) };
+            if options.server_log {
+                for line in server.lines.lock().unwrap().iter() {
+                    println!("server: {line}");
+                }
+            }
         }
         _ => {
             let listen = server.ws.to_string();

@@ -185,6 +185,16 @@ impl Revocations {
     /// what has not expired at `now`, and rewrites it compacted. Lines that
     /// do not parse (a write cut short by a crash) are skipped.
     pub fn load(data_dir: &Path, now: u64) -> Result<Revocations, String> {
+        let revocations = Revocations::load_only(data_dir, now)?;
+        revocations.compact(now)?;
+        Ok(revocations)
+    }
+
+    /// [`Revocations::load`] without rewriting the file (a hot upgrade's
+    /// new process: the rewrite, two fsyncs, would lengthen the pause; the
+    /// old process did it at its start, and the next one comes after 4,096
+    /// appends).
+    pub fn load_only(data_dir: &Path, now: u64) -> Result<Revocations, String> {
         let path = data_dir.join(REVOKED_FILE);
         let mut table = Table::default();
         match File::open(&path) {
@@ -211,7 +221,6 @@ impl Revocations {
             table: Mutex::new(table),
             generation: AtomicU64::new(0),
         };
-        revocations.compact(now)?;
         Ok(revocations)
     }
 

@@ -17,3 +17,19 @@ pub fn panic_if_asked(path: &str) {
 #[cfg(not(debug_assertions))]
 #[inline(always)]
 pub fn panic_if_asked(_path: &str) {}
+
+/// The failure a hot upgrade's new process is asked to play, in debug
+/// builds only (`HOOKSTREAM_DEBUG_HANDOFF`): `reads-9` (its HELLO says it
+/// reads state version 9 only), `exit-after-state` (it exits with status
+/// 3 once it holds the sockets and records, before READY).
+#[cfg(debug_assertions)]
+pub fn handoff_fault() -> Option<String> {
+    std::env::var("HOOKSTREAM_DEBUG_HANDOFF").ok()
+}
+
+/// Release builds: none.
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn handoff_fault() -> Option<String> {
+    None
+}

@@ -74,24 +74,25 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
     // what can be loaded beside it, and only then confirm (the old process
     // then lets go of the data directory's lock and the log): whatever
     // fails before the confirmation leaves the old process serving.
-    let received = match crate::handoff::Channel::from_env() {
-        Some(channel) => Some(upgrade_process::receive(channel?)?),
-        None => None,
-    };
-    if let Some(received) = received {
-        return match prepare(&mut config) {
-            Ok(prepared) => {
-                let inherited = received.confirm()?;
-                serve(
-                    config,
-                    Some(inherited),
-                    Some(prepared),
-                    connections_max,
-                    on_ready,
-                )
+    // (Loaded before the HELLO, which is when the old process freezes:
+    // none of it lengthens the pause.)
+    if let Some(channel) = crate::handoff::Channel::from_env() {
+        let channel = channel?;
+        let prepared = match prepare(&mut config) {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                let _ = channel.send(crate::handoff::kind::FAILED, e.as_bytes(), &[]);
+                return Err(e);
             }
-            Err(e) => Err(received.refuse(e)),
         };
+        let inherited = upgrade_process::receive(channel)?.confirm()?;
+        return serve(
+            config,
+            Some(inherited),
+            Some(prepared),
+            connections_max,
+            on_ready,
+        );
     }
     serve(config, None, None, connections_max, on_ready)
 }
@@ -206,13 +207,13 @@ fn serve(
             libc::close(admin);
         }
     }
-    let revoked = Arc::new(
-        crate::auth::revoked::Revocations::load(
-            &config.data_dir,
-            crate::auth::sessions::now_unix_secs(),
-        )
-        .map_err(|e| format!("signed-out sessions: {e}"))?,
-    );
+    let now = crate::auth::sessions::now_unix_secs();
+    let revoked = if inherited.is_some() {
+        crate::auth::revoked::Revocations::load_only(&config.data_dir, now)
+    } else {
+        crate::auth::revoked::Revocations::load(&config.data_dir, now)
+    };
+    let revoked = Arc::new(revoked.map_err(|e| format!("signed-out sessions: {e}"))?);
 
     // Signals are taken synchronously by the main thread: block them here,
     // before any executor thread exists, so every thread inherits the mask.
@@ -414,8 +415,15 @@ fn serve(
                 lock: &mut lock,
             });
             match outcome {
-                Outcome::Serving(new_pid) => {
-                    crate::log::info(format_args!("hookstream: upgrade: process {new_pid} serves every connection now; process {pid} exits"));
+                Outcome::Serving {
+                    pid: new_pid,
+                    connections,
+                    frozen,
+                } => {
+                    crate::log::info(format_args!(
+                        "hookstream: upgrade: process {new_pid} serves every connection now ({connections} handed over, frozen for {} ms); process {pid} exits",
+                        frozen.as_millis()
+                    ));
                     upgrade_process::write_outcome(
                         &config.data_dir,
                         &format!("ok {pid} {new_pid}"),
@@ -704,6 +712,7 @@ async fn shard_main(
     let _ = ready.send(Ok(()));
 
     shutdown.wait().await;
+    upgrade::close_let_go(&shard);
 
     // Drain: the accept loops, heartbeat and key reload end; waiting
     // long-polls answer and SSE streams end (they hold the signal too);

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::{reactor, Handoff, Shard};
 use crate::handoff::{ConnRecord, OpenMessage};
+use crate::message::render_frame;
 use crate::notify::Notify;
 use crate::protocol::ws::CloseCode;
 use crate::registry::{ConnKey, ConnState, Frame, Partial};
@@ -46,6 +47,12 @@ pub struct Handover {
     pub admin_requests: Cell<usize>,
     /// Upgrades authenticated while frozen, adopted at the thaw.
     deferred: RefCell<Vec<Handoff>>,
+    /// This process's descriptors of the connections the new process
+    /// took: out of the registry and the epoll set at the retirement, but
+    /// closed only at the drain, so ten thousand `close` calls are not on
+    /// the pause's path. (They send nothing: the new process holds the
+    /// sockets.)
+    let_go: RefCell<Vec<RawFd>>,
 }
 
 impl Handover {
@@ -197,10 +204,10 @@ pub async fn retire(shard: &Shard) {
                 continue;
             };
             let fd = conn.fd;
+            // Out of the epoll set explicitly: a registration lives as long
+            // as the open file, which the new process holds too.
             shard.reactor.remove(fd);
-            // SAFETY: the record owns its socket; the new process holds its
-            // own descriptor of it, so this sends nothing to the client.
-            unsafe { libc::close(fd) };
+            shard.handover.let_go.borrow_mut().push(fd);
             registry.remove(key);
         }
     }
@@ -232,6 +239,15 @@ pub async fn retire(shard: &Shard) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while shard.handover.admin_requests.get() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Closes the descriptors the retirement let go of (at the drain).
+pub fn close_let_go(shard: &Shard) {
+    for fd in std::mem::take(&mut *shard.handover.let_go.borrow_mut()) {
+        // SAFETY: descriptors of removed records, owned by the handover
+        // since; the new process holds the sockets, so this sends nothing.
+        unsafe { libc::close(fd) };
     }
 }
 
@@ -287,16 +303,33 @@ pub fn adopt_record(shard: &Shard, fd: RawFd, record: ConnRecord) {
     let org_id: Rc<str> = record.org_id.as_str().into();
     let committed = shard.history.committed(&org_id);
     for (channel, seq) in record.channels {
-        if committed > seq {
-            shard.replays.start(super::replay::ReplayJob {
+        let gap = if committed > seq {
+            shard
+                .history
+                .read_cached(&org_id, seq, committed, std::slice::from_ref(&channel))
+        } else {
+            Some(Vec::new())
+        };
+        match gap {
+            // What the old process committed after the freeze is in
+            // memory: no broadcast is being walked yet (the committer has
+            // not started), so queueing it and going live in this step
+            // leaves no gap and no duplicate, like a replay's switch.
+            Some(items) => {
+                let mut registry = shard.registry.borrow_mut();
+                for item in &items {
+                    let frame = render_frame(item.kind, &channel, item.seq, &item.data);
+                    registry.enqueue(key, &frame);
+                }
+                let _ = registry.subscribe(key, &channel);
+            }
+            None => shard.replays.start(super::replay::ReplayJob {
                 key,
                 org_id: org_id.clone(),
                 channel,
                 after: seq,
                 id: 0,
-            });
-        } else {
-            let _ = shard.registry.borrow_mut().subscribe(key, &channel);
+            }),
         }
     }
     let has_input = !record.partial.is_empty() || record.open_message.is_some();

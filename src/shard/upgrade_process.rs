@@ -34,8 +34,16 @@ pub const OUTCOME_FILE: &str = "hookstream.upgrade";
 
 /// How an upgrade ended, for the old process.
 pub enum Outcome {
-    /// The new process (this pid) serves; this one drains and exits.
-    Serving(u32),
+    /// The new process serves; this one drains and exits.
+    Serving {
+        /// The new process.
+        pid: u32,
+        /// Connections handed over.
+        connections: usize,
+        /// From the freeze to the new process's SERVING: how long no
+        /// client was served.
+        frozen: Duration,
+    },
     /// Nothing was handed over: this process serves on, unchanged.
     Failed(String),
     /// The new process failed after this one let go of the connections
@@ -236,6 +244,7 @@ pub fn perform(old: Old<'_>) -> Outcome {
 
     // Freeze: from here until the thaw or the retirement, no shard
     // accepts, reads, writes or commits.
+    let frozen_at = Instant::now();
     let snapshots: Vec<Snapshot> = match ask_shards(&old, |reply| ShardMessage::Freeze { reply }) {
         Ok(snapshots) => snapshots,
         Err(e) => {
@@ -284,10 +293,14 @@ pub fn perform(old: Old<'_>) -> Outcome {
         ("served", "serve"),
         SERVING_TIMEOUT,
     ) {
-        Ok(body) if body.len() >= 4 => {
-            Outcome::Serving(u32::from_le_bytes(body[..4].try_into().expect("4 bytes")))
-        }
-        Ok(_) => Outcome::Serving(child.id()),
+        Ok(body) => Outcome::Serving {
+            pid: match body.get(..4) {
+                Some(bytes) => u32::from_le_bytes(bytes.try_into().expect("4 bytes")),
+                None => child.id(),
+            },
+            connections: snapshots.iter().map(|s| s.fds.len()).sum(),
+            frozen: frozen_at.elapsed(),
+        },
         Err(e) => {
             stop_child(&mut child);
             Outcome::Lost(e)
@@ -344,10 +357,16 @@ pub struct Received {
 /// binary reads and take the state. Every failure is told to the old
 /// process (which serves on) and ends this one.
 pub fn receive(channel: Channel) -> Result<Received, String> {
+    let fault = super::fault::handoff_fault();
+    let hello = match fault.as_deref() {
+        Some("reads-9") => 9u16.to_le_bytes().to_vec(),
+        _ => handoff::hello_body(),
+    };
     channel
-        .send(kind::HELLO, &handoff::hello_body(), &[])
+        .send(kind::HELLO, &hello, &[])
         .map_err(|e| format!("handoff: cannot reach the old process: {e}"))?;
     match receive_state(&channel) {
+        Ok(_) if fault.as_deref() == Some("exit-after-state") => std::process::exit(3),
         Ok((listeners, connections)) => Ok(Received {
             channel,
             listeners,
@@ -361,14 +380,6 @@ pub fn receive(channel: Channel) -> Result<Received, String> {
 }
 
 impl Received {
-    /// Something this process needs failed before it confirmed: the old
-    /// process serves on; the reason goes to it and to the caller.
-    pub fn refuse(self, reason: String) -> String {
-        let _ = self.channel.send(kind::FAILED, reason.as_bytes(), &[]);
-        self.give_back();
-        reason
-    }
-
     fn give_back(&self) {
         for (a, b) in &self.listeners {
             close_all(&[*a, *b]);
