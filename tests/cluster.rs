@@ -701,15 +701,20 @@ fn with_three_replicas_stopping_one_nats_server_loses_nothing_and_publishing_goe
     // to another (with its backoff) and its follower goes on from its last
     // seq.
     let expected: Vec<(u64, String)> = (0..40).map(|i| (i as u64 + 1, format!("e{i}"))).collect();
-    let got: Vec<(u64, String)> = (0..40)
-        .map(|_| {
-            let m = subscriber.next_json(Duration::from_secs(30));
-            (
-                m["seq"].as_u64().unwrap(),
-                m["data"]["id"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        match subscriber.recv(Duration::from_secs(30)) {
+            common::Received::Json { value, .. } => got.push((
+                value["seq"].as_u64().unwrap(),
+                value["data"]["id"].as_str().unwrap().to_string(),
+            )),
+            other => panic!(
+                "after {got:?}: {other:?}\nA:\n{}\nB:\n{}",
+                a.stderr(),
+                b.stderr()
+            ),
+        }
+    }
     assert_eq!(got, expected);
     subscriber.ping_pong();
 }

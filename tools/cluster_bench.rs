@@ -437,4 +437,11 @@ fn main() {
         o.batch,
         cluster_tp / bare * 100.0
     );
+    drop((a, b, _nats));
+    for name in ["single", "nats", "a", "b"] {
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!(
+            "hookstream-cluster-bench-{}-{name}",
+            std::process::id()
+        )));
+    }
 }

@@ -54,6 +54,13 @@ const FETCH_BATCH: usize = 256;
 /// Most messages handed to a shard in one event.
 const ARRIVAL_BATCH: usize = 512;
 
+/// A follower's watchdog: the last seq it handed over, and the signal to
+/// start its consumer again.
+struct Liveness {
+    progress: Arc<AtomicU64>,
+    kick: Arc<tokio::sync::Notify>,
+}
+
 /// A message read from an org's stream (live or history).
 #[derive(Debug)]
 pub struct Arrival {
@@ -583,16 +590,38 @@ impl Bridge {
                 result: Ok((first, last)),
             },
         );
-        // Retention moves the first seq: looked at every 2 s.
+        // The last seq handed to the shard, and a way to make the consumer
+        // start again.
+        let progress = Arc::new(AtomicU64::new(last));
+        let kick = Arc::new(tokio::sync::Notify::new());
+        // Every 2 s: retention moves the first seq, and a consumer that
+        // fell silent while the stream grew (its server went away and the
+        // consumer with it, unnoticed) is started again.
         let trim = {
             let bridge = self.clone();
             let org = org.clone();
             let stream = stream.clone();
+            let progress = progress.clone();
+            let kick = kick.clone();
             self.runtime.spawn(async move {
                 let mut trimmed = first.saturating_sub(1);
+                let mut behind_at: Option<u64> = None;
                 loop {
                     tokio::time::sleep(Duration::from_secs(2)).await;
                     if let Ok(info) = stream.get_info().await {
+                        let delivered = progress.load(Ordering::Relaxed);
+                        if info.state.last_sequence > delivered {
+                            if behind_at == Some(delivered) {
+                                // No progress for a whole interval.
+                                eprintln!("hookstream: cluster: following {org}: no message after {delivered} while the stream holds {}; starting a new consumer", info.state.last_sequence);
+                                kick.notify_one();
+                                behind_at = None;
+                            } else {
+                                behind_at = Some(delivered);
+                            }
+                        } else {
+                            behind_at = None;
+                        }
                         let through = if info.state.messages == 0 {
                             info.state.last_sequence
                         } else {
@@ -625,9 +654,10 @@ impl Bridge {
                 trim.abort();
             }
         }
+        let liveness = Liveness { progress, kick };
         loop {
             if let Err(e) = self
-                .consume(&stream, shard, &org, generation, &mut last)
+                .consume(&stream, shard, &org, generation, &mut last, &liveness)
                 .await
             {
                 if self.connected() {
@@ -648,7 +678,9 @@ impl Bridge {
         org: &str,
         generation: u64,
         last: &mut u64,
+        liveness: &Liveness,
     ) -> Result<(), String> {
+        let Liveness { progress, kick } = liveness;
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
                 deliver_policy: consumer::DeliverPolicy::ByStartSequence {
@@ -662,13 +694,27 @@ impl Bridge {
         let mut connections = self.connections.clone();
         connections.mark_unchanged();
         loop {
-            let next = futures_lite::future::or(async { Some(messages.next().await) }, async {
-                let _ = connections.changed().await;
-                None
-            })
+            let next = futures_lite::future::or(
+                async { Some(messages.next().await) },
+                futures_lite::future::or(
+                    async {
+                        let _ = connections.changed().await;
+                        None
+                    },
+                    async {
+                        kick.notified().await;
+                        None
+                    },
+                ),
+            )
             .await;
             let Some(first) = next else {
-                // Reconnected: a new consumer from `last + 1` at once.
+                // Reconnected, or silent while the stream grew (seen when
+                // the consumer was placed on a NATS server that is gone):
+                // catch up by direct gets, which any server holding the
+                // stream answers, then a new consumer from `last + 1`.
+                self.catch_up_direct(stream, shard, org, generation, last, progress)
+                    .await;
                 return Ok(());
             };
             let Some(first) = first else {
@@ -712,6 +758,7 @@ impl Bridge {
                     .flatten();
             }
             if !batch.is_empty() {
+                progress.store(*last, Ordering::Relaxed);
                 self.send(
                     shard,
                     FollowEvent::Arrived {
@@ -721,6 +768,68 @@ impl Bridge {
                     },
                 );
             }
+        }
+    }
+
+    /// Hands the shard every message after `last` up to the stream's last
+    /// seq, read one by one with direct gets (no consumer), in batches.
+    async fn catch_up_direct(
+        &self,
+        stream: &stream::Stream,
+        shard: usize,
+        org: &str,
+        generation: u64,
+        last: &mut u64,
+        progress: &AtomicU64,
+    ) {
+        let Ok(info) = stream.get_info().await else {
+            return;
+        };
+        let upto = info.state.last_sequence.min(*last + SCAN_MAX);
+        // What retention dropped is skipped (a jump the shard records).
+        let from = (*last + 1).max(info.state.first_sequence);
+        let mut batch = Vec::new();
+        for seq in from..=upto {
+            match stream.direct_get(seq).await {
+                Ok(message) => {
+                    let time_ms = (message.time.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+                    if let Some(message) =
+                        message_of(org, message.subject.as_str(), &message.payload)
+                    {
+                        batch.push(Arrival {
+                            seq,
+                            time_ms,
+                            message,
+                        });
+                    }
+                }
+                // Not found may be a replica that has not applied it yet:
+                // stop here, never skip (the next consumer goes on).
+                Err(_) => break,
+            }
+            *last = seq;
+            if batch.len() >= ARRIVAL_BATCH || seq == upto {
+                progress.store(*last, Ordering::Relaxed);
+                self.send(
+                    shard,
+                    FollowEvent::Arrived {
+                        org: org.to_string(),
+                        generation,
+                        batch: std::mem::take(&mut batch),
+                    },
+                );
+            }
+        }
+        if !batch.is_empty() {
+            progress.store(*last, Ordering::Relaxed);
+            self.send(
+                shard,
+                FollowEvent::Arrived {
+                    org: org.to_string(),
+                    generation,
+                    batch,
+                },
+            );
         }
     }
 
