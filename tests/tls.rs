@@ -1043,16 +1043,9 @@ fn wss_connections_hibernate_and_receive_sealed_fan_out() {
         grown <= 42,
         "40 wss connections hold {grown} more descriptors: one each expected (no socketpair)"
     );
-    let big = "b".repeat(100_000);
-    let seqs = server.publish_ok(&format!(
-        r#"{{"org_id":"org_z","type":"event","data":{{"id":"evt_big","source_id":"s","pad":"{big}"}}}}"#
-    ));
-    let small = server.publish_ok(&event("org_z", "evt_small", "s"));
+    let (big, small) = publish_big_then_small(&server, "org_z");
     for ws in clients.iter_mut().chain(std::iter::once(&mut first)) {
-        let got = next_json(ws);
-        assert_eq!(got["seq"].as_u64(), Some(seqs[0]));
-        assert_eq!(got["data"]["pad"].as_str().map(str::len), Some(100_000));
-        assert_eq!(next_json(ws)["seq"].as_u64(), Some(small[0]));
+        expect_big_then_small(ws, big, small);
     }
 }
 
@@ -1278,16 +1271,9 @@ fn wss_over_tls12_hibernates_with_each_aead_suite() {
         grown <= 32,
         "30 TLS 1.2 wss connections hold {grown} more descriptors: one each expected (no socketpair)"
     );
-    let big = "b".repeat(100_000);
-    let seqs = server.publish_ok(&format!(
-        r#"{{"org_id":"org_t","type":"event","data":{{"id":"evt_big","source_id":"s","pad":"{big}"}}}}"#
-    ));
-    let small = server.publish_ok(&event("org_t", "evt_small", "s"));
+    let (big, small) = publish_big_then_small(&server, "org_t");
     for ws in clients.iter_mut().chain(std::iter::once(&mut first)) {
-        let got = next_json(ws);
-        assert_eq!(got["seq"].as_u64(), Some(seqs[0]));
-        assert_eq!(got["data"]["pad"].as_str().map(str::len), Some(100_000));
-        assert_eq!(next_json(ws)["seq"].as_u64(), Some(small[0]));
+        expect_big_then_small(ws, big, small);
         // And the client's messages still open after the fan-out.
         send_json(ws, r#"{"type":"ping"}"#);
         assert_eq!(next_json(ws)["type"], "pong");
@@ -1441,4 +1427,24 @@ fn wss_hot_upgrade_closes_1012_and_the_client_resumes() {
     assert_eq!(next_json(&mut again)["type"], "subscribed");
     let event = next_json(&mut again);
     assert_eq!(event["data"]["id"], "e_after", "{event}");
+}
+
+/// Publishes a 100 KB event (several TLS records when sealed) and then a
+/// small one to `org`'s `events`; returns their seqs.
+fn publish_big_then_small(server: &Server, org: &str) -> (u64, u64) {
+    let pad = "b".repeat(100_000);
+    let big = server.publish_ok(&format!(
+        r#"{{"org_id":"{org}","type":"event","data":{{"id":"evt_big","source_id":"s","pad":"{pad}"}}}}"#
+    ));
+    let small = server.publish_ok(&event(org, "evt_small", "s"));
+    (big[0], small[0])
+}
+
+/// The two messages of [`publish_big_then_small`] arrive whole, once, in
+/// order.
+fn expect_big_then_small(ws: &mut Wss, big: u64, small: u64) {
+    let got = next_json(ws);
+    assert_eq!(got["seq"].as_u64(), Some(big));
+    assert_eq!(got["data"]["pad"].as_str().map(str::len), Some(100_000));
+    assert_eq!(next_json(ws)["seq"].as_u64(), Some(small));
 }
