@@ -620,6 +620,133 @@ fn keys_created_or_revoked_on_one_node_act_on_every_node_within_2_s() {
     late.ping_pong();
 }
 
+/// `hookstream api-keys ARGS --nats-url URL` run in an empty directory with
+/// no data directory given: (exit success, stdout, stderr).
+fn keys_cli_in_nats(args: &[&str], url: &str, cwd: &std::path::Path) -> (bool, String, String) {
+    let output = common::hookstream_command()
+        .args(args)
+        .args(["--nats-url", url])
+        .env_remove("HOOKSTREAM_DATA_DIR")
+        .env_remove("HOOKSTREAM_CONFIG")
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run hookstream");
+    (
+        output.status.success(),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn api_keys_with_nats_url_need_no_data_dir_and_act_on_running_nodes() {
+    let nats = Nats::start();
+    // A node with no key of its own: every key comes through NATS.
+    let node = ServerBuilder::new()
+        .arg("--nats-url", nats.url())
+        .arg("--node-id", "a")
+        .start();
+    wait_ready(&node);
+    // Another machine: an empty working directory, no data directory.
+    let elsewhere = TestDir::new();
+    let (ok, out, err) = keys_cli_in_nats(
+        &[
+            "api-keys", "create", "--name", "ops", "--org", "org_k", "--json",
+        ],
+        &nats.url(),
+        elsewhere.path(),
+    );
+    assert!(ok, "create failed: {err}");
+    let created: Value = serde_json::from_str(&out).unwrap();
+    let key = created["key"].as_str().unwrap().to_string();
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(created["org_id"], "org_k");
+    let mut client = connect_when_admitted(&node, &key);
+    assert_eq!(client.welcome["org_id"], "org_k");
+    client.subscribe("events");
+
+    let (ok, out, err) = keys_cli_in_nats(
+        &["api-keys", "list", "--json"],
+        &nats.url(),
+        elsewhere.path(),
+    );
+    assert!(ok, "list failed: {err}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    let row = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == id.as_str())
+        .unwrap_or_else(|| panic!("{id} not listed: {listed}"))
+        .clone();
+    assert_eq!(row["org_id"], "org_k");
+    assert!(row["revoked_at"].is_null(), "{row}");
+    assert!(!out.contains(&key), "list shows the key itself");
+
+    // Revoked from elsewhere: the node closes the key's connection with
+    // 4003 within 2 s and refuses the key.
+    let (ok, _, err) =
+        keys_cli_in_nats(&["api-keys", "revoke", &id], &nats.url(), elsewhere.path());
+    assert!(ok, "revoke failed: {err}");
+    let revoked_at = Instant::now();
+    assert_eq!(
+        client.expect_close(Duration::from_secs(2)),
+        Some(4003),
+        "{}",
+        node.stderr()
+    );
+    assert!(revoked_at.elapsed() < Duration::from_secs(2));
+    assert!(
+        common::Client::try_upgrade(node.ws_addr, &format!("/v1/ws?token={key}")).is_err(),
+        "a revoked key is still admitted"
+    );
+    let (ok, out, _) = keys_cli_in_nats(
+        &["api-keys", "list", "--json"],
+        &nats.url(),
+        elsewhere.path(),
+    );
+    assert!(ok);
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["id"] == id.as_str() && k["revoked_at"].is_string()),
+        "{listed}"
+    );
+    // An unknown id: an error, non-zero exit.
+    let (ok, _, err) = keys_cli_in_nats(
+        &["api-keys", "revoke", "key_nope"],
+        &nats.url(),
+        elsewhere.path(),
+    );
+    assert!(!ok);
+    assert!(err.contains("no key with id key_nope"), "{err}");
+    // Nothing was written where the commands ran.
+    assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+
+    // NATS not reachable: a non-zero exit and one line saying so.
+    let closed = format!("nats://127.0.0.1:{}", free_port());
+    for args in [
+        &["api-keys", "create", "--name", "x", "--org", "org_k"][..],
+        &["api-keys", "list"][..],
+        &["api-keys", "revoke", &id][..],
+    ] {
+        let started = Instant::now();
+        let (ok, out, err) = keys_cli_in_nats(args, &closed, elsewhere.path());
+        assert!(!ok, "{args:?} succeeded without NATS: {out}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains("not reachable"), "{args:?}: {err}");
+        assert!(
+            started.elapsed() < WAIT,
+            "{args:?} took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
 #[test]
 fn history_limits_are_the_stream_limits_and_older_after_is_not_recovered() {
     let nats = Nats::start();
