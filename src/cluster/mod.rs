@@ -722,8 +722,18 @@ impl Bridge {
             };
             let mut batch = Vec::new();
             let mut next = Some(first);
+            // A failure after some messages of the batch were taken: `last`
+            // already counts them, so they are handed over before it is
+            // returned (else the next consumer would start after them).
+            let mut failed = None;
             while let Some(item) = next.take() {
-                let message = item.map_err(|e| e.to_string())?;
+                let message = match item {
+                    Ok(message) => message,
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                };
                 let Some(arrival) = arrival_of(org, &message) else {
                     continue;
                 };
@@ -732,7 +742,7 @@ impl Bridge {
                 }
                 if arrival.seq > *last + 1 {
                     // A jump: backfill what is still in the stream.
-                    let read = self
+                    let read = match self
                         .read_now(
                             org,
                             *last + 1,
@@ -741,7 +751,14 @@ impl Bridge {
                             None,
                             usize::MAX,
                         )
-                        .await?;
+                        .await
+                    {
+                        Ok(read) => read,
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    };
                     for missing in read.messages {
                         *last = missing.seq;
                         batch.push(missing);
@@ -767,6 +784,9 @@ impl Bridge {
                         batch,
                     },
                 );
+            }
+            if let Some(e) = failed {
+                return Err(e);
             }
         }
     }
