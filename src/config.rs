@@ -78,6 +78,20 @@ pub enum ClusterCommand {
     },
 }
 
+/// Where `hookstream api-keys …` keeps the keys in cluster mode.
+#[derive(Debug, Args, Clone)]
+pub struct KeysNatsArgs {
+    /// NATS server URL(s), comma-separated: read and write the cluster's
+    /// key bucket instead of a data directory (from any machine; every
+    /// node takes the change within a second or two).
+    #[arg(long, env = "HOOKSTREAM_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// JetStream replicas of the key stream if this creates it (as the
+    /// nodes' flag).
+    #[arg(long, env = "HOOKSTREAM_NATS_REPLICAS", default_value_t = 1)]
+    pub nats_replicas: usize,
+}
+
 /// `hookstream api-keys …`
 #[derive(Debug, Subcommand)]
 pub enum ApiKeysCommand {
@@ -94,6 +108,8 @@ pub enum ApiKeysCommand {
         json: bool,
         #[command(flatten)]
         common: DataDirArgs,
+        #[command(flatten)]
+        nats: KeysNatsArgs,
     },
     /// List keys (never the key itself).
     List {
@@ -102,6 +118,8 @@ pub enum ApiKeysCommand {
         json: bool,
         #[command(flatten)]
         common: DataDirArgs,
+        #[command(flatten)]
+        nats: KeysNatsArgs,
     },
     /// Revoke a key by id.
     Revoke {
@@ -109,6 +127,8 @@ pub enum ApiKeysCommand {
         id: String,
         #[command(flatten)]
         common: DataDirArgs,
+        #[command(flatten)]
+        nats: KeysNatsArgs,
     },
 }
 

@@ -126,73 +126,34 @@ fn serve(args: config::ServeArgs) -> Result<(), String> {
 }
 
 fn api_keys(command: ApiKeysCommand) -> Result<(), String> {
+    let nats = match &command {
+        ApiKeysCommand::Create { nats, .. }
+        | ApiKeysCommand::List { nats, .. }
+        | ApiKeysCommand::Revoke { nats, .. } => nats.clone(),
+    };
+    if let Some(url) = &nats.nats_url {
+        return api_keys_in_nats(command, url, nats.nats_replicas);
+    }
     match command {
         ApiKeysCommand::Create {
             name,
             org,
             json,
             common,
+            ..
         } => {
             let store = KeyStore::new(&config::data_dir_of(&common)?);
             let created = store.create(&name, &org).map_err(|e| e.to_string())?;
-            if json {
-                let value = serde_json::json!({
-                    "id": created.record.id,
-                    "name": created.record.name,
-                    "org_id": created.record.org_id,
-                    "key": created.key,
-                    "created_at": created.record.created_at,
-                });
-                println!("{value}");
-            } else {
-                eprintln!(
-                    "created key {} for org {} (shown once; only its hash is stored)",
-                    created.record.id, created.record.org_id
-                );
-                println!("{}", created.key);
-            }
+            print_created(&created, json);
             Ok(())
         }
-        ApiKeysCommand::List { json, common } => {
+        ApiKeysCommand::List { json, common, .. } => {
             let store = KeyStore::new(&existing_data_dir(&common)?);
             let file = store.load().map_err(|e| e.to_string())?;
-            if json {
-                let rows: Vec<_> = file
-                    .keys
-                    .iter()
-                    .map(|k| {
-                        serde_json::json!({
-                            "id": k.id, "name": k.name, "org_id": k.org_id,
-                            "created_at": k.created_at, "last_used_at": k.last_used_at,
-                            "revoked_at": k.revoked_at,
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::Value::from(rows));
-            } else {
-                println!(
-                    "{:<22} {:<20} {:<20} {:<22} {:<22} status",
-                    "id", "name", "org", "created", "last used"
-                );
-                for k in &file.keys {
-                    println!(
-                        "{:<22} {:<20} {:<20} {:<22} {:<22} {}",
-                        k.id,
-                        k.name,
-                        k.org_id,
-                        k.created_at,
-                        k.last_used_at.as_deref().unwrap_or("-"),
-                        if k.revoked_at.is_some() {
-                            "revoked"
-                        } else {
-                            "active"
-                        }
-                    );
-                }
-            }
+            print_keys(&file.keys, json);
             Ok(())
         }
-        ApiKeysCommand::Revoke { id, common } => {
+        ApiKeysCommand::Revoke { id, common, .. } => {
             let store = KeyStore::new(&existing_data_dir(&common)?);
             if store.revoke(&id).map_err(|e| e.to_string())? {
                 eprintln!("revoked {id}");
@@ -200,6 +161,104 @@ fn api_keys(command: ApiKeysCommand) -> Result<(), String> {
             } else {
                 Err(format!("no key with id {id}"))
             }
+        }
+    }
+}
+
+/// `hookstream api-keys … --nats-url URL`: the same commands on the
+/// cluster's key bucket in JetStream, no data directory read or written.
+fn api_keys_in_nats(command: ApiKeysCommand, url: &str, replicas: usize) -> Result<(), String> {
+    let urls: Vec<String> = url
+        .split(',')
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Err("--nats-url is empty".to_string());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async move {
+        let admin = hookstream::cluster::KeyAdmin::connect(&urls, replicas).await?;
+        match command {
+            ApiKeysCommand::Create {
+                name, org, json, ..
+            } => {
+                let created =
+                    hookstream::auth::keys::new_key(&name, &org).map_err(|e| e.to_string())?;
+                admin.create(&created.record).await?;
+                print_created(&created, json);
+                Ok(())
+            }
+            ApiKeysCommand::List { json, .. } => {
+                print_keys(&admin.list().await?, json);
+                Ok(())
+            }
+            ApiKeysCommand::Revoke { id, .. } => {
+                if admin.revoke(&id).await? {
+                    eprintln!("revoked {id} (every node closes its connections within 2 s)");
+                    Ok(())
+                } else {
+                    Err(format!("no key with id {id} in NATS"))
+                }
+            }
+        }
+    })
+}
+
+fn print_created(created: &hookstream::auth::keys::CreatedKey, json: bool) {
+    if json {
+        let value = serde_json::json!({
+            "id": created.record.id,
+            "name": created.record.name,
+            "org_id": created.record.org_id,
+            "key": created.key,
+            "created_at": created.record.created_at,
+        });
+        println!("{value}");
+    } else {
+        eprintln!(
+            "created key {} for org {} (shown once; only its hash is stored)",
+            created.record.id, created.record.org_id
+        );
+        println!("{}", created.key);
+    }
+}
+
+fn print_keys(keys: &[hookstream::auth::keys::KeyRecord], json: bool) {
+    if json {
+        let rows: Vec<_> = keys
+            .iter()
+            .map(|k| {
+                serde_json::json!({
+                    "id": k.id, "name": k.name, "org_id": k.org_id,
+                    "created_at": k.created_at, "last_used_at": k.last_used_at,
+                    "revoked_at": k.revoked_at,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::from(rows));
+    } else {
+        println!(
+            "{:<22} {:<20} {:<20} {:<22} {:<22} status",
+            "id", "name", "org", "created", "last used"
+        );
+        for k in keys {
+            println!(
+                "{:<22} {:<20} {:<20} {:<22} {:<22} {}",
+                k.id,
+                k.name,
+                k.org_id,
+                k.created_at,
+                k.last_used_at.as_deref().unwrap_or("-"),
+                if k.revoked_at.is_some() {
+                    "revoked"
+                } else {
+                    "active"
+                }
+            );
         }
     }
 }

@@ -69,6 +69,13 @@ impl Nats {
 
     /// `n` servers clustered with JetStream (routes on loopback).
     fn cluster(n: usize) -> Vec<Nats> {
+        Nats::cluster_tagged(n, false)
+    }
+
+    /// [`Nats::cluster`], with `tagged`: server `i` carries the server tag
+    /// `s<i>` (set in a configuration file), so a stream can be placed on
+    /// it (`placement.tags`).
+    fn cluster_tagged(n: usize, tagged: bool) -> Vec<Nats> {
         let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let routes = cluster_ports
             .iter()
@@ -92,6 +99,14 @@ impl Nats {
                 ],
             })
             .collect();
+        if tagged {
+            for (i, server) in servers.iter_mut().enumerate() {
+                let config = server.dir.path().join("tags.conf");
+                std::fs::write(&config, format!("server_tags: [\"s{i}\"]\n")).unwrap();
+                server.extra.push("-c".into());
+                server.extra.push(config.to_str().unwrap().into());
+            }
+        }
         for server in &mut servers {
             server.restart();
         }
@@ -620,6 +635,133 @@ fn keys_created_or_revoked_on_one_node_act_on_every_node_within_2_s() {
     late.ping_pong();
 }
 
+/// `hookstream api-keys ARGS --nats-url URL` run in an empty directory with
+/// no data directory given: (exit success, stdout, stderr).
+fn keys_cli_in_nats(args: &[&str], url: &str, cwd: &std::path::Path) -> (bool, String, String) {
+    let output = common::hookstream_command()
+        .args(args)
+        .args(["--nats-url", url])
+        .env_remove("HOOKSTREAM_DATA_DIR")
+        .env_remove("HOOKSTREAM_CONFIG")
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run hookstream");
+    (
+        output.status.success(),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn api_keys_with_nats_url_need_no_data_dir_and_act_on_running_nodes() {
+    let nats = Nats::start();
+    // A node with no key of its own: every key comes through NATS.
+    let node = ServerBuilder::new()
+        .arg("--nats-url", nats.url())
+        .arg("--node-id", "a")
+        .start();
+    wait_ready(&node);
+    // Another machine: an empty working directory, no data directory.
+    let elsewhere = TestDir::new();
+    let (ok, out, err) = keys_cli_in_nats(
+        &[
+            "api-keys", "create", "--name", "ops", "--org", "org_k", "--json",
+        ],
+        &nats.url(),
+        elsewhere.path(),
+    );
+    assert!(ok, "create failed: {err}");
+    let created: Value = serde_json::from_str(&out).unwrap();
+    let key = created["key"].as_str().unwrap().to_string();
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(created["org_id"], "org_k");
+    let mut client = connect_when_admitted(&node, &key);
+    assert_eq!(client.welcome["org_id"], "org_k");
+    client.subscribe("events");
+
+    let (ok, out, err) = keys_cli_in_nats(
+        &["api-keys", "list", "--json"],
+        &nats.url(),
+        elsewhere.path(),
+    );
+    assert!(ok, "list failed: {err}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    let row = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == id.as_str())
+        .unwrap_or_else(|| panic!("{id} not listed: {listed}"))
+        .clone();
+    assert_eq!(row["org_id"], "org_k");
+    assert!(row["revoked_at"].is_null(), "{row}");
+    assert!(!out.contains(&key), "list shows the key itself");
+
+    // Revoked from elsewhere: the node closes the key's connection with
+    // 4003 within 2 s and refuses the key.
+    let (ok, _, err) =
+        keys_cli_in_nats(&["api-keys", "revoke", &id], &nats.url(), elsewhere.path());
+    assert!(ok, "revoke failed: {err}");
+    let revoked_at = Instant::now();
+    assert_eq!(
+        client.expect_close(Duration::from_secs(2)),
+        Some(4003),
+        "{}",
+        node.stderr()
+    );
+    assert!(revoked_at.elapsed() < Duration::from_secs(2));
+    assert!(
+        common::Client::try_upgrade(node.ws_addr, &format!("/v1/ws?token={key}")).is_err(),
+        "a revoked key is still admitted"
+    );
+    let (ok, out, _) = keys_cli_in_nats(
+        &["api-keys", "list", "--json"],
+        &nats.url(),
+        elsewhere.path(),
+    );
+    assert!(ok);
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["id"] == id.as_str() && k["revoked_at"].is_string()),
+        "{listed}"
+    );
+    // An unknown id: an error, non-zero exit.
+    let (ok, _, err) = keys_cli_in_nats(
+        &["api-keys", "revoke", "key_nope"],
+        &nats.url(),
+        elsewhere.path(),
+    );
+    assert!(!ok);
+    assert!(err.contains("no key with id key_nope"), "{err}");
+    // Nothing was written where the commands ran.
+    assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+
+    // NATS not reachable: a non-zero exit and one line saying so.
+    let closed = format!("nats://127.0.0.1:{}", free_port());
+    for args in [
+        &["api-keys", "create", "--name", "x", "--org", "org_k"][..],
+        &["api-keys", "list"][..],
+        &["api-keys", "revoke", &id][..],
+    ] {
+        let started = Instant::now();
+        let (ok, out, err) = keys_cli_in_nats(args, &closed, elsewhere.path());
+        assert!(!ok, "{args:?} succeeded without NATS: {out}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains("not reachable"), "{args:?}: {err}");
+        assert!(
+            started.elapsed() < WAIT,
+            "{args:?} took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
 #[test]
 fn history_limits_are_the_stream_limits_and_older_after_is_not_recovered() {
     let nats = Nats::start();
@@ -917,4 +1059,175 @@ fn a_sign_out_on_one_node_closes_that_session_on_every_node_within_2_s() {
         b"",
     );
     assert_eq!(refused.status, 401, "{}", refused.text());
+}
+
+/// Publishes one event of `org` with an idempotency key, retrying on 503
+/// for up to 30 s (the first publish of a JetStream cluster waits for its
+/// leaders); returns its seq.
+fn publish_org_with_retries(server: &Server, org: &str, id: &str) -> u64 {
+    let body = format!(
+        r#"{{"org_id":"{org}","type":"event","idempotency_key":"{org}-{id}","data":{{"id":"{id}","source_id":"src_1"}}}}"#
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = server.publish(&body);
+        if response.status == 202 {
+            return response.json()["seqs"][0].as_u64().unwrap();
+        }
+        assert_eq!(response.status, 503, "{}", response.text());
+        assert!(
+            Instant::now() < deadline,
+            "publish {org} {id} still refused after 30 s: {}\n{}",
+            response.text(),
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Creates `org`'s stream as a node would (one replica, the nodes'
+/// default limits), placed on the NATS server tagged `tag`, named
+/// `server`: what an operator does to spread orgs over NATS servers (a
+/// node takes a stream that exists as it is). Retries while the JetStream
+/// cluster elects its leader.
+fn create_placed_stream(url: &str, org: &str, tag: &str, server: &str) {
+    use async_nats::jetstream::stream;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = async_nats::connect(url).await.expect("connect to NATS");
+        let js = async_nats::jetstream::new(client);
+        let config = stream::Config {
+            name: format!("HS_{org}"),
+            subjects: vec![format!("hs.{org}.>")],
+            max_messages: 100_000,
+            max_age: Duration::from_secs(24 * 3600),
+            num_replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            storage: stream::StorageType::File,
+            discard: stream::DiscardPolicy::Old,
+            allow_direct: true,
+            placement: Some(stream::Placement {
+                tags: vec![tag.to_string()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let info = loop {
+            match js.create_stream(config.clone()).await {
+                Ok(mut stream) => break stream.info().await.expect("stream info").clone(),
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "stream of {org}: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        let leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
+        assert_eq!(leader.as_deref(), Some(server), "{info:?}");
+    })
+}
+
+/// `GET /v1/poll?channels=events&after=0` of `key`'s org on `node`,
+/// asked again (for up to 30 s) while the node answers 503 or not within
+/// 10 s (a NATS server that just came back may take a few seconds to
+/// answer the follow and the read it needs).
+fn poll_when_answered(node: &Server, key: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = (|| -> std::io::Result<String> {
+            let mut stream = TcpStream::connect(node.ws_addr)?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(
+                stream,
+                "GET /v1/poll?channels=events&after=0&token={key} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut text = String::new();
+            stream.read_to_string(&mut text)?;
+            Ok(text)
+        })();
+        if let Ok(text) = &answer {
+            if text.starts_with("HTTP/1.1 200") {
+                let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+                return serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"));
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no poll answer within 30 s: {answer:?}\n{}",
+            node.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_stream_without_quorum_answers_503_for_its_org_only() {
+    // Three clustered NATS servers, tagged s0..s2, and single-replica
+    // streams: each org's stream lives on one server, X's on the second
+    // and Y's on the third. The node talks to the first only, so stopping
+    // the second leaves its NATS connection alone.
+    let mut servers = Nats::cluster_tagged(3, true);
+    let (org_x, org_y) = ("org_x", "org_y");
+    create_placed_stream(&servers[0].url(), org_x, "s1", "nats-1");
+    create_placed_stream(&servers[0].url(), org_y, "s2", "nats-2");
+    let node = ServerBuilder::new()
+        .arg("--nats-url", servers[0].url())
+        .arg("--node-id", "a")
+        .arg("--nats-replicas", 1)
+        .org(org_x)
+        .org(org_y)
+        .start();
+    wait_ready(&node);
+    for org in [org_x, org_y] {
+        for i in 0..3 {
+            assert_eq!(
+                publish_org_with_retries(&node, org, &format!("e{i}")),
+                i + 1
+            );
+        }
+    }
+    assert_eq!(publish_org_with_retries(&node, org_y, "e3"), 4);
+    let mut subscriber = node.connect(org_y);
+    subscriber.subscribe_after("events", 4);
+
+    servers[1].stop();
+    // X's stream has no server left: 503 unavailable with Retry-After.
+    let response = node.publish(&format!(
+        r#"{{"org_id":"{org_x}","type":"event","data":{{"id":"lost","source_id":"src_1"}}}}"#
+    ));
+    assert_eq!(response.status, 503, "{}", response.text());
+    assert_eq!(response.json()["error"], "unavailable");
+    assert!(response.header("Retry-After").is_some());
+    // Y publishes and delivers on as before, with no 503.
+    for i in 4..9 {
+        let body = format!(
+            r#"{{"org_id":"{org_y}","type":"event","data":{{"id":"e{i}","source_id":"src_1"}}}}"#
+        );
+        assert_eq!(node.publish_ok(&body), vec![i + 1]);
+    }
+    let expected: Vec<(u64, String)> = (4..9).map(|i| (i + 1, format!("e{i}"))).collect();
+    assert_eq!(take(&mut subscriber, 5), expected);
+    // X's server back: X publishes again, after everything acknowledged
+    // before (nothing lost, the refused message not stored).
+    servers[1].restart();
+    assert_eq!(publish_org_with_retries(&node, org_x, "e3"), 4);
+    let key = node.key(org_x).to_string();
+    let page = poll_when_answered(&node, &key);
+    let kept: Vec<(u64, String)> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["seq"].as_u64().unwrap(),
+                m["data"]["id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expected: Vec<(u64, String)> = (0..4).map(|i| (i + 1, format!("e{i}"))).collect();
+    assert_eq!(kept, expected, "{page}");
+    subscriber.ping_pong();
 }

@@ -11,6 +11,11 @@
 //! cargo build --release --bin hookstream --example cluster_bench
 //! target/release/examples/cluster_bench --messages 2000 --rate 200 --seconds 5
 //! ```
+//!
+//! `--throughput-only` skips the latency runs (`tools/bench --only cluster`
+//! measures latency at 1,000 and 10,000 subscribers with tools/loadgen and
+//! takes the throughput pair from here). The last line of the output is
+//! every figure as one JSON object.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -27,6 +32,7 @@ struct Options {
     seconds: u64,
     publishers: usize,
     batch: usize,
+    throughput_only: bool,
 }
 
 fn options() -> Options {
@@ -37,11 +43,17 @@ fn options() -> Options {
         seconds: 5,
         publishers: 8,
         batch: 50,
+        throughput_only: false,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {
         let v = args.get(i + 1).cloned().unwrap_or_default();
+        if args[i] == "--throughput-only" {
+            o.throughput_only = true;
+            i += 1;
+            continue;
+        }
         match args[i].as_str() {
             "--binary" => o.binary = v.into(),
             "--messages" => o.messages = v.parse().expect("--messages N"),
@@ -403,7 +415,11 @@ fn main() {
     let single = start_node(&o, "single", None, token);
     let key = create_key(&o, &single.dir);
     std::thread::sleep(Duration::from_millis(1200));
-    let single_lat = latency(&o, &single, &[&single], &key, token);
+    let single_lat = if o.throughput_only {
+        vec![Vec::new()]
+    } else {
+        latency(&o, &single, &[&single], &key, token)
+    };
     let (single_tp, single_p99) = throughput(&o, &single, token);
     drop(single);
 
@@ -414,17 +430,23 @@ fn main() {
     let b = start_node(&o, "b", Some(port), token);
     // B gets A's key through NATS.
     std::thread::sleep(Duration::from_millis(1500));
-    let cluster_lat = latency(&o, &a, &[&a, &b], &key, token);
+    let cluster_lat = if o.throughput_only {
+        vec![Vec::new(), Vec::new()]
+    } else {
+        latency(&o, &a, &[&a, &b], &key, token)
+    };
     let (cluster_tp, cluster_p99) = throughput(&o, &a, token);
     let bare = bare_publisher(&o, port);
 
-    println!("publish -> receive latency, 1 subscriber per node:");
-    report("single node", &single_lat[0]);
-    report(
-        "cluster, subscriber on the publishing node",
-        &cluster_lat[0],
-    );
-    report("cluster, subscriber on the other node", &cluster_lat[1]);
+    if !o.throughput_only {
+        println!("publish -> receive latency, 1 subscriber per node:");
+        report("single node", &single_lat[0]);
+        report(
+            "cluster, subscriber on the publishing node",
+            &cluster_lat[0],
+        );
+        report("cluster, subscriber on the other node", &cluster_lat[1]);
+    }
     println!("publish throughput:");
     println!(
         "  single node (fsync)      {single_tp:>9.0} messages/s, p99 request {single_p99:.2} ms"
@@ -436,6 +458,25 @@ fn main() {
         "  bare async-nats publisher {bare:>8.0} messages/s (batches of {}); cluster = {:.0}% of it",
         o.batch,
         cluster_tp / bare * 100.0
+    );
+    let ms = |v: &[u64], p| percentile(v, p) as f64 / 1000.0;
+    println!(
+        "{}",
+        serde_json::json!({
+            "publishers": o.publishers,
+            "batch": o.batch,
+            "seconds": o.seconds,
+            "single_publish_per_s": single_tp,
+            "single_publish_request_p99_ms": single_p99,
+            "cluster_publish_per_s": cluster_tp,
+            "cluster_publish_request_p99_ms": cluster_p99,
+            "bare_publish_per_s": bare,
+            "cluster_over_bare": cluster_tp / bare,
+            "latency_single_p50_ms": ms(&single_lat[0], 0.5),
+            "latency_single_p99_ms": ms(&single_lat[0], 0.99),
+            "latency_same_node_p99_ms": ms(&cluster_lat[0], 0.99),
+            "latency_other_node_p99_ms": ms(&cluster_lat[1], 0.99),
+        })
     );
     drop((a, b, _nats));
     for name in ["single", "nats", "a", "b"] {

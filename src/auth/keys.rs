@@ -152,6 +152,32 @@ fn generate_id() -> String {
     id
 }
 
+/// A new key for `org` and its record, stored nowhere yet (the key store
+/// of a data directory, or the cluster's key bucket, stores the record).
+pub fn new_key(name: &str, org: &str) -> Result<CreatedKey, KeyStoreError> {
+    if !is_valid_org_id(org) {
+        return Err(KeyStoreError::Invalid(format!(
+            "org id {org:?} must match [A-Za-z0-9_-]{{1,64}}"
+        )));
+    }
+    if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
+        return Err(KeyStoreError::Invalid(
+            "--name must be 1 to 256 printable characters".to_string(),
+        ));
+    }
+    let key = generate_key();
+    let record = KeyRecord {
+        id: generate_id(),
+        name: name.to_string(),
+        org_id: org.to_string(),
+        hash: hash_key(&key),
+        created_at: now_rfc3339(),
+        last_used_at: None,
+        revoked_at: None,
+    };
+    Ok(CreatedKey { record, key })
+}
+
 /// The key store of one data directory.
 #[derive(Debug, Clone)]
 pub struct KeyStore {
@@ -221,31 +247,12 @@ impl KeyStore {
 
     /// Creates a key for `org`.
     pub fn create(&self, name: &str, org: &str) -> Result<CreatedKey, KeyStoreError> {
-        if !is_valid_org_id(org) {
-            return Err(KeyStoreError::Invalid(format!(
-                "org id {org:?} must match [A-Za-z0-9_-]{{1,64}}"
-            )));
-        }
-        if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
-            return Err(KeyStoreError::Invalid(
-                "--name must be 1 to 256 printable characters".to_string(),
-            ));
-        }
+        let created = new_key(name, org)?;
         let _lock = self.lock()?;
         let mut file = self.load()?;
-        let key = generate_key();
-        let record = KeyRecord {
-            id: generate_id(),
-            name: name.to_string(),
-            org_id: org.to_string(),
-            hash: hash_key(&key),
-            created_at: now_rfc3339(),
-            last_used_at: None,
-            revoked_at: None,
-        };
-        file.keys.push(record.clone());
+        file.keys.push(created.record.clone());
         self.store(&file)?;
-        Ok(CreatedKey { record, key })
+        Ok(created)
     }
 
     /// Revokes the key with `id`; false if there is none.

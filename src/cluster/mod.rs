@@ -722,8 +722,18 @@ impl Bridge {
             };
             let mut batch = Vec::new();
             let mut next = Some(first);
+            // A failure after some messages of the batch were taken: `last`
+            // already counts them, so they are handed over before it is
+            // returned (else the next consumer would start after them).
+            let mut failed = None;
             while let Some(item) = next.take() {
-                let message = item.map_err(|e| e.to_string())?;
+                let message = match item {
+                    Ok(message) => message,
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                };
                 let Some(arrival) = arrival_of(org, &message) else {
                     continue;
                 };
@@ -732,7 +742,7 @@ impl Bridge {
                 }
                 if arrival.seq > *last + 1 {
                     // A jump: backfill what is still in the stream.
-                    let read = self
+                    let read = match self
                         .read_now(
                             org,
                             *last + 1,
@@ -741,7 +751,14 @@ impl Bridge {
                             None,
                             usize::MAX,
                         )
-                        .await?;
+                        .await
+                    {
+                        Ok(read) => read,
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    };
                     for missing in read.messages {
                         *last = missing.seq;
                         batch.push(missing);
@@ -767,6 +784,9 @@ impl Bridge {
                         batch,
                     },
                 );
+            }
+            if let Some(e) = failed {
+                return Err(e);
             }
         }
     }
@@ -1440,6 +1460,147 @@ impl Bridge {
                     .map_err(|e| e.to_string())?;
             }
         }
+    }
+}
+
+/// How long `hookstream api-keys … --nats-url` waits for NATS to answer
+/// one step (connect, a stream lookup, an acknowledgement).
+const KEY_ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `hookstream api-keys create|list|revoke --nats-url URL`: the cluster's
+/// key bucket ([`KEYS_STREAM`]) read and written from any machine, no data
+/// directory needed. Every node takes what is put there into its own key
+/// file within a second ([`Bridge::sync_keys`]), where its shards act on
+/// it (a revoked key's connections are closed with 4003).
+pub struct KeyAdmin {
+    js: jetstream::Context,
+    replicas: usize,
+}
+
+/// `what` within [`KEY_ADMIN_TIMEOUT`], or why not.
+async fn in_time<T, E: std::fmt::Display>(
+    what: &str,
+    step: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(KEY_ADMIN_TIMEOUT, step).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!(
+            "{what}: no answer from NATS within {} s",
+            KEY_ADMIN_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+impl KeyAdmin {
+    /// Connects to `urls`, failing at once when no NATS server answers.
+    /// `replicas`: of the key stream when this creates it (as the nodes'
+    /// `--nats-replicas`).
+    pub async fn connect(urls: &[String], replicas: usize) -> Result<KeyAdmin, String> {
+        let client = async_nats::ConnectOptions::new()
+            .name("hookstream-api-keys")
+            .connection_timeout(KEY_ADMIN_TIMEOUT)
+            .connect(urls)
+            .await
+            .map_err(|e| format!("NATS {} is not reachable: {e}", urls.join(",")))?;
+        let mut js = jetstream::new(client);
+        js.set_timeout(KEY_ADMIN_TIMEOUT);
+        Ok(KeyAdmin { js, replicas })
+    }
+
+    async fn stream(&self) -> Result<stream::Stream, String> {
+        in_time(
+            "the key stream",
+            self.js
+                .get_or_create_stream(keys_stream_config(self.replicas.max(1))),
+        )
+        .await
+    }
+
+    async fn put(&self, record: &crate::auth::keys::KeyRecord) -> Result<(), String> {
+        let json = serde_json::to_vec(record).expect("records serialize");
+        let ack = in_time(
+            "put the key record",
+            self.js
+                .publish(format!("{KEYS_SUBJECT}.{}", token(&record.id)), json.into()),
+        )
+        .await?;
+        in_time(
+            "put the key record",
+            std::future::IntoFuture::into_future(ack),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Puts a new record (made by `auth::keys::new_key`) into the bucket.
+    pub async fn create(&self, record: &crate::auth::keys::KeyRecord) -> Result<(), String> {
+        self.stream().await?;
+        self.put(record).await
+    }
+
+    /// Every key record of the bucket, in creation order.
+    pub async fn list(&self) -> Result<Vec<crate::auth::keys::KeyRecord>, String> {
+        let stream = self.stream().await?;
+        let consumer = in_time(
+            "read the key stream",
+            stream.create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                filter_subject: format!("{KEYS_SUBJECT}.*"),
+                ..Default::default()
+            }),
+        )
+        .await?;
+        let pending = consumer.cached_info().num_pending;
+        let mut records = Vec::new();
+        if pending > 0 {
+            let mut messages = in_time("read the key stream", consumer.messages()).await?;
+            loop {
+                let next = in_time("read the key stream", async {
+                    match messages.next().await {
+                        Some(next) => next.map_err(|e| e.to_string()),
+                        None => Err("the key stream ended".to_string()),
+                    }
+                })
+                .await?;
+                if let Ok(record) =
+                    serde_json::from_slice::<crate::auth::keys::KeyRecord>(&next.payload)
+                {
+                    records.push(record);
+                }
+                if next.info().map(|i| i.pending).unwrap_or(0) == 0 {
+                    break;
+                }
+            }
+        }
+        records.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        Ok(records)
+    }
+
+    /// Marks the key `id` revoked in the bucket: false if there is none.
+    pub async fn revoke(&self, id: &str) -> Result<bool, String> {
+        let stream = self.stream().await?;
+        let subject = format!("{KEYS_SUBJECT}.{}", token(id));
+        let last = match tokio::time::timeout(
+            KEY_ADMIN_TIMEOUT,
+            stream.get_last_raw_message_by_subject(&subject),
+        )
+        .await
+        {
+            Err(_) => return Err("read the key record: no answer from NATS".to_string()),
+            Ok(Err(e)) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(false)
+            }
+            Ok(Err(e)) => return Err(format!("read the key record: {e}")),
+            Ok(Ok(message)) => message,
+        };
+        let mut record: crate::auth::keys::KeyRecord = serde_json::from_slice(&last.payload)
+            .map_err(|e| format!("the key record of {id} in NATS is not readable: {e}"))?;
+        if record.revoked_at.is_none() {
+            record.revoked_at = Some(crate::auth::keys::now_rfc3339());
+            self.put(&record).await?;
+        }
+        Ok(true)
     }
 }
 

@@ -164,6 +164,13 @@ pub struct Common {
     /// WebSocket URL; `?token=` is appended.
     #[arg(long, default_value = "ws://127.0.0.1:8080/v1/ws")]
     pub url: String,
+    /// More WebSocket URLs of the same service (other gateway nodes of a
+    /// cluster), repeatable: the worker processes are spread over `--url`
+    /// and these in turn (at least one process per URL), so the
+    /// connections split evenly between them.
+    #[arg(long)]
+    #[serde(default)]
+    pub also_url: Vec<String>,
     /// API key for `?token=`.
     #[arg(long)]
     pub token: String,
@@ -349,10 +356,13 @@ impl Workers {
         after: Option<u64>,
         replayed: u64,
     ) -> Result<Workers, String> {
+        let urls: Vec<&String> = std::iter::once(&common.url)
+            .chain(&common.also_url)
+            .collect();
         let procs = common
             .procs
             .max(conns.div_ceil(CONNECTIONS_PER_PROCESS_MAX))
-            .max(1);
+            .max(urls.len());
         let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
         let (tx, lines) = mpsc::channel();
         let mut children = Vec::new();
@@ -360,9 +370,11 @@ impl Workers {
         let mut offset = 0;
         for index in 0..procs {
             let share = conns / procs + usize::from(index < conns % procs);
+            let mut worker_common = common.clone();
+            worker_common.url = urls[index % urls.len()].clone();
             let spec = WorkerSpec {
                 mode,
-                common: common.clone(),
+                common: worker_common,
                 index,
                 offset,
                 conns: share,
