@@ -226,9 +226,21 @@ pub mod kind {
     pub const END: u8 = b'E';
     /// New → old: the state was read; nothing is served yet.
     pub const READY: u8 = b'R';
-    /// Old → new: the old process let go of the log and the data
-    /// directory's lock; serve.
+    /// Old → new: the old process stopped appending to the log (it still
+    /// holds it, and every connection, until [`COMMIT`]). Carries the
+    /// descriptor of the data directory's lock file, whose `flock` the
+    /// two processes then share; a process from before the commit
+    /// handshake sent none and had let go of the lock and the
+    /// connections already (the new process then serves at once).
     pub const RELEASED: u8 = b'G';
+    /// New → old: the log is open, the executors run, the connections
+    /// are registered — and not a byte was read from or written to any of
+    /// them. Only [`COMMIT`] lets it serve.
+    pub const PREPARED: u8 = b'P';
+    /// Old → new: the commit point. The old process lets go of every
+    /// connection; serve. Until it is sent, the old process can take
+    /// everything back (it kills the new process first).
+    pub const COMMIT: u8 = b'C';
     /// New → old: serving (pid u32).
     pub const SERVING: u8 = b'K';
     /// Either way: giving up, with the reason as text.

@@ -48,6 +48,11 @@ struct Shared {
     /// Connections handed over by the previous process (hot upgrade), per
     /// owner shard, taken by each shard as it starts.
     adopted: std::sync::Mutex<Vec<Vec<(std::os::unix::io::RawFd, crate::handoff::ConnRecord)>>>,
+    /// Hot upgrade: the old process still holds every connection until it
+    /// commits the handover; each shard starts up (log, registry, adopted
+    /// connections registered), reports ready and then waits for
+    /// `ShardMessage::Go` before it reads, writes or accepts anything.
+    gated: bool,
     /// The NATS bridge in cluster mode.
     bridge: Option<Arc<crate::cluster::Bridge>>,
 }
@@ -139,12 +144,21 @@ fn prepare(config: &mut Config) -> Result<Prepared, String> {
 /// Startup from the lock on, then serving until a signal.
 fn serve(
     mut config: Config,
-    inherited: Option<upgrade_process::Inherited>,
+    mut inherited: Option<upgrade_process::Inherited>,
     prepared: Option<Prepared>,
     connections_max: usize,
     on_ready: impl FnOnce(&Config, &str),
 ) -> Result<(), String> {
-    let mut lock = Some(lock_data_dir(&config.data_dir)?);
+    // A hot upgrade's old process shares its lock (the same open file,
+    // whose flock then holds as long as either process does) and keeps
+    // every connection until it commits; an old process from before the
+    // commit handshake let go of both already.
+    let shared_lock = inherited.as_mut().and_then(|i| i.lock.take());
+    let gated = shared_lock.is_some();
+    let mut lock = Some(match shared_lock {
+        Some(lock) => lock,
+        None => lock_data_dir(&config.data_dir)?,
+    });
     // glommio opens history directories with openat(-1, path), which only
     // works for absolute paths: `prepare` resolves `./hookstream-data`
     // (the default) once, for every file API alike. A TLS pair that does
@@ -295,6 +309,7 @@ fn serve(
         tls: tls.clone(),
         listeners,
         adopted: std::sync::Mutex::new(adopted),
+        gated,
         bridge,
     });
     let cpus = std::thread::available_parallelism()
@@ -326,6 +341,14 @@ fn serve(
         let left = startup_deadline.saturating_duration_since(Instant::now());
         match ready_rx.recv_timeout(left) {
             Ok(Ok(())) => {}
+            Ok(Err(message)) if gated => {
+                // The old process serves on (it sees this one exit): no
+                // shard may drain, which would close its connections.
+                if let Some(control) = &control {
+                    let _ = control.send(crate::handoff::kind::FAILED, message.as_bytes(), &[]);
+                }
+                return Err(message);
+            }
             Ok(Err(message)) => {
                 stop_shards(&mesh, shards);
                 return Err(message);
@@ -339,6 +362,12 @@ fn serve(
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 return Err(glommio_error("a shard stopped during startup"));
             }
+        }
+    }
+    if let (true, Some(control)) = (gated, &control) {
+        await_commit(control)?;
+        for id in 0..shards {
+            let _ = mesh.send_to(id, ShardMessage::Go);
         }
     }
     // Every shard listens: the port is theirs now.
@@ -495,6 +524,52 @@ fn serve(
     Ok(())
 }
 
+/// In a hot upgrade's new process, once every shard is ready (and none has
+/// read or written a byte of a connection): says PREPARED and waits
+/// (bounded) for the old process to commit the handover. An error ends
+/// this process without a drain (the old process serves on); an old
+/// process that went away cannot serve any more, so this one serves.
+fn await_commit(control: &crate::handoff::Channel) -> Result<(), String> {
+    use crate::handoff::kind;
+    match super::fault::handoff_fault().as_deref() {
+        Some("exit-when-prepared") => std::process::exit(5),
+        Some("hang-when-prepared") => loop {
+            std::thread::sleep(Duration::from_secs(1));
+        },
+        _ => {}
+    }
+    control
+        .send(kind::PREPARED, b"", &[])
+        .map_err(|e| format!("handoff: the old process went away before the commit: {e}"))?;
+    match control.receive(upgrade_process::COMMIT_TIMEOUT) {
+        Ok(Some((kind::COMMIT, _, _))) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            crate::log::warn(
+                "hookstream: handoff: the old process went away before it committed; serving its connections",
+            );
+            Ok(())
+        }
+        Ok(Some((kind::FAILED, body, _))) => Err(format!(
+            "handoff: the old process gave up: {}",
+            String::from_utf8_lossy(&body)
+        )),
+        Ok(Some((other, _, fds))) => {
+            for fd in fds {
+                // SAFETY: received descriptors we own.
+                unsafe { libc::close(fd) };
+            }
+            Err(format!(
+                "handoff: unexpected message {other} before the commit"
+            ))
+        }
+        Ok(None) => Err(format!(
+            "handoff: the old process did not commit within {} s",
+            upgrade_process::COMMIT_TIMEOUT.as_secs()
+        )),
+        Err(e) => Err(format!("handoff: {e}")),
+    }
+}
+
 /// Triggers every shard's shutdown signal, through its inbox (a shard that
 /// already stopped refuses the message; nothing else to do for it).
 fn stop_shards(mesh: &mesh::Mesh, shards: usize) {
@@ -594,16 +669,20 @@ async fn shard_main(
         },
     });
     let (public_listener, admin_listener) = shared.listeners[id];
-    // Connections handed over by the previous process (hot upgrade).
-    let adopted = std::mem::take(&mut shared.adopted.lock().expect("not poisoned")[id]);
-    for (fd, record) in adopted {
-        upgrade::adopt_record(&shard, fd, record);
-    }
+    // Connections handed over by the previous process (hot upgrade):
+    // registered now, read and written once it committed (`Go`).
+    let adopted: Vec<upgrade::Adopted> =
+        std::mem::take(&mut shared.adopted.lock().expect("not poisoned")[id])
+            .into_iter()
+            .map(|(fd, record)| upgrade::adopt_record(&shard, fd, record))
+            .collect();
+    let go = Rc::new(crate::notify::Notify::default());
 
     // Messages from the other shards.
     let mesh_task = {
         let shard = shard.clone();
         let mesh = mesh.clone();
+        let go = go.clone();
         glommio::spawn_local(async move {
             loop {
                 for message in mesh.receive(shard.id).await {
@@ -619,6 +698,15 @@ async fn shard_main(
                             .detach();
                         }
                         ShardMessage::Thaw => upgrade::thaw(&shard),
+                        ShardMessage::Go => go.notify(),
+                        ShardMessage::Hand { reply } => {
+                            let shard = shard.clone();
+                            glommio::spawn_local(async move {
+                                upgrade::hand(&shard).await;
+                                let _ = reply.send((shard.id, ()));
+                            })
+                            .detach();
+                        }
                         ShardMessage::Retire { reply } => {
                             let shard = shard.clone();
                             glommio::spawn_local(async move {
@@ -670,6 +758,17 @@ async fn shard_main(
         })
     };
 
+    if shared.gated {
+        // Ready, and nothing touched: the main thread tells the old
+        // process, which commits the handover (or gives up and ends this
+        // process).
+        let _ = ready.send(Ok(()));
+        if go.generation() == 0 {
+            go.wait(0).await;
+        }
+    }
+    upgrade::start_adopted(&shard, adopted);
+
     // Tasks that end when the shutdown starts: the accept loops (closing
     // their listeners), the heartbeat, the key reload, the demo traffic.
     let stopping_tasks = [
@@ -709,7 +808,9 @@ async fn shard_main(
     let reactor_task = glommio::spawn_local(reactor::run(shard.clone()));
     // Writes the keys used until the shutdown, then once more.
     let last_used = glommio::spawn_local(access::last_used_loop(shard.clone()));
-    let _ = ready.send(Ok(()));
+    if !shared.gated {
+        let _ = ready.send(Ok(()));
+    }
 
     shutdown.wait().await;
     upgrade::close_let_go(&shard);

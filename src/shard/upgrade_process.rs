@@ -1,12 +1,14 @@
 //! The hot upgrade, the process's part (docs/ARCHITECTURE.md, "Hot
 //! upgrade"): in the serving process, on SIGUSR2, start the binary now at
 //! its own path with one end of a control channel, freeze the shards, pass
-//! the listeners and the connections, and either retire (the new process
-//! serves) or thaw (it failed; nothing noticed); in the new process, take
+//! the listeners and the connections, hand the log over, and either commit
+//! (once the new process is ready to serve: this one retires) or thaw (it
+//! failed, died or went silent before: it is stopped, this process takes
+//! the log back and serves on; nothing noticed); in the new process, take
 //! the state before anything else. The outcome is written to
 //! `<data-dir>/hookstream.upgrade` for `hookstream upgrade`.
 
-use std::os::unix::io::RawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -22,8 +24,18 @@ use crate::handoff::{self, kind, Channel, ConnRecord};
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the new binary has to read the state.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the new binary has, once the log is released, to serve.
-const SERVING_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the new binary has, once the log is released, to open it,
+/// start its shards and register the connections (PREPARED). Past it, it
+/// is stopped and this process serves on.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the new binary waits, once PREPARED, for the commit.
+pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the new binary has, once committed, to say it serves (it
+/// serves already: this only bounds the wait for its pid).
+const SERVING_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the new binary of the previous handshake (no commit) has,
+/// once the log is released, to serve.
+const RELEASED_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a shard has to answer a step.
 const SHARD_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -44,11 +56,12 @@ pub enum Outcome {
         /// client was served.
         frozen: Duration,
     },
-    /// Nothing was handed over: this process serves on, unchanged.
+    /// Nothing was handed over: this process serves on, unchanged (a new
+    /// process that had been handed the log was stopped first).
     Failed(String),
-    /// The new process failed after this one let go of the connections
-    /// and the log: this process cannot serve them any more and exits
-    /// (a supervisor restarts it; clients reconnect and resume).
+    /// The new process failed after the commit: this process let go of
+    /// the connections and cannot serve them any more, and exits (a
+    /// supervisor restarts it; clients reconnect and resume).
     Lost(String),
 }
 
@@ -114,18 +127,21 @@ fn expect(
 ) -> Result<Vec<u8>, String> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("the new binary exited ({status}) before it {what}"));
-        }
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(format!(
-                "the new binary did not {to_do} within {} s",
-                timeout.as_secs()
-            ));
-        }
+        // What it sent before it exited is read first: a message already
+        // sent counts, whatever the process did next.
         match channel.receive(left.min(Duration::from_millis(100))) {
-            Ok(None) => continue,
+            Ok(None) => {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(format!("the new binary exited ({status}) before it {what}"));
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "the new binary did not {to_do} within {} s",
+                        timeout.as_secs()
+                    ));
+                }
+            }
             Ok(Some((kind, body, fds))) => {
                 close_all(&fds);
                 if kind == want {
@@ -142,20 +158,27 @@ fn expect(
                 ));
             }
             Err(_) => {
-                // Gone: report its exit status when it has one.
-                let deadline = Instant::now() + Duration::from_millis(500);
-                while Instant::now() < deadline {
-                    if let Ok(Some(status)) = child.try_wait() {
-                        return Err(format!("the new binary exited ({status}) before it {what}"));
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                return Err(format!(
-                    "the new binary closed the channel before it {what}"
-                ));
+                return Err(gone(
+                    child,
+                    what,
+                    format!("the new binary closed the channel before it {what}"),
+                ))
             }
         }
     }
+}
+
+/// Why the new binary is gone: its exit status when it has one (within
+/// half a second), else `otherwise`.
+fn gone(child: &mut Child, what: &str, otherwise: String) -> String {
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return format!("the new binary exited ({status}) before it {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    otherwise
 }
 
 fn close_all(fds: &[RawFd]) {
@@ -201,6 +224,22 @@ fn thaw_all(old: &Old<'_>) {
     for id in 0..old.shards {
         let _ = old.mesh.send_to(id, ShardMessage::Thaw);
     }
+}
+
+/// The new process did not get to serve: it is stopped (and reaped, so
+/// that no copy of a socket or of the log is left with it) before this
+/// process takes the log back and serves on.
+fn fail_back(old: &Old<'_>, child: &mut Child, reason: String) -> Outcome {
+    stop_child(child);
+    thaw_all(old);
+    Outcome::Failed(reason)
+}
+
+/// How long to wait for PREPARED: [`PREPARE_TIMEOUT`], or in debug builds
+/// what `HOOKSTREAM_DEBUG_HANDOFF_WAIT_MS` says (tests of a silent new
+/// process).
+fn prepare_timeout() -> Duration {
+    super::fault::handoff_wait().unwrap_or(PREPARE_TIMEOUT)
 }
 
 /// The upgrade, in the old process's main thread (see the module doc).
@@ -272,20 +311,54 @@ pub fn perform(old: Old<'_>) -> Outcome {
         return Outcome::Failed(e);
     }
 
-    // The commit point: the connections are the new process's.
-    if let Err(e) = ask_shards(&old, |reply| ShardMessage::Retire { reply }) {
-        stop_child(&mut child);
-        return Outcome::Lost(format!("a shard did not retire: {e}"));
+    // Hand over: every shard commits what waits (queued to its frozen
+    // connections), closes its admin connections once answered, and stops
+    // appending. It still holds every connection, and the data
+    // directory's lock, which the new process shares from here.
+    if let Err(e) = ask_shards(&old, |reply| ShardMessage::Hand { reply }) {
+        return fail_back(&old, &mut child, format!("a shard did not hand over: {e}"));
     }
     if let Err(e) = ask_shards(&old, |reply| ShardMessage::Release { reply }) {
-        stop_child(&mut child);
-        return Outcome::Lost(format!("a shard did not release the log: {e}"));
+        return fail_back(
+            &old,
+            &mut child,
+            format!("a shard did not release the log: {e}"),
+        );
+    }
+    let lock_fd: Vec<RawFd> = old.lock.iter().map(|file| file.as_raw_fd()).collect();
+    if let Err(e) = ours.send(kind::RELEASED, b"", &lock_fd) {
+        let reason = gone(
+            &mut child,
+            "was ready to serve",
+            format!("cannot hand the log over to the new binary: {e}"),
+        );
+        return fail_back(&old, &mut child, reason);
+    }
+    if let Err(e) = expect(
+        &ours,
+        &mut child,
+        kind::PREPARED,
+        ("was ready to serve", "get ready to serve"),
+        prepare_timeout(),
+    ) {
+        return fail_back(&old, &mut child, e);
+    }
+
+    // The commit point: from the COMMIT on, the connections are the new
+    // process's (a send that fails never reached it: it is gone).
+    if let Err(e) = ours.send(kind::COMMIT, b"", &[]) {
+        let reason = gone(
+            &mut child,
+            "was ready to serve",
+            format!("the new binary went away before the commit: {e}"),
+        );
+        return fail_back(&old, &mut child, reason);
+    }
+    if let Err(e) = ask_shards(&old, |reply| ShardMessage::Retire { reply }) {
+        return Outcome::Lost(format!("a shard did not retire: {e}"));
     }
     drop(old.lock.take());
-    if let Err(e) = ours.send(kind::RELEASED, b"", &[]) {
-        stop_child(&mut child);
-        return Outcome::Lost(format!("cannot tell the new process to serve: {e}"));
-    }
+    let connections = snapshots.iter().map(|s| s.fds.len()).sum();
     match expect(
         &ours,
         &mut child,
@@ -298,13 +371,10 @@ pub fn perform(old: Old<'_>) -> Outcome {
                 Some(bytes) => u32::from_le_bytes(bytes.try_into().expect("4 bytes")),
                 None => child.id(),
             },
-            connections: snapshots.iter().map(|s| s.fds.len()).sum(),
+            connections,
             frozen: frozen_at.elapsed(),
         },
-        Err(e) => {
-            stop_child(&mut child);
-            Outcome::Lost(e)
-        }
+        Err(e) => Outcome::Lost(e),
     }
 }
 
@@ -337,8 +407,12 @@ fn send_state(channel: &Channel, old: &Old<'_>, snapshots: &[Snapshot]) -> Resul
 
 /// What the new process was handed.
 pub struct Inherited {
-    /// The control channel, to say SERVING on.
+    /// The control channel, to say PREPARED and SERVING on.
     pub channel: Channel,
+    /// The data directory's lock, shared with the old process until it
+    /// commits; `None` from an old process of the previous handshake,
+    /// which let go of it (and of the connections) already.
+    pub lock: Option<std::fs::File>,
     /// (public, admin) listeners, one pair per shard of the old process.
     pub listeners: Vec<(RawFd, RawFd)>,
     /// The connections: their sockets (owned) and records.
@@ -389,20 +463,33 @@ impl Received {
         }
     }
 
-    /// Says READY (from here the connections are this process's) and
-    /// waits until the old process let go of the log and the data
-    /// directory's lock.
+    /// Says READY and waits until the old process stopped appending to
+    /// the log. The connections are not this process's yet: the old one
+    /// still holds them (and the data directory's lock, whose descriptor
+    /// comes with RELEASED) until it commits (see `run::await_commit`).
     pub fn confirm(self) -> Result<Inherited, String> {
         if let Err(e) = self.channel.send(kind::READY, b"", &[]) {
             self.give_back();
             return Err(format!("handoff: the old process went away: {e}"));
         }
-        match self.channel.receive(SERVING_TIMEOUT) {
-            Ok(Some((kind::RELEASED, _, _))) => Ok(Inherited {
-                channel: self.channel,
-                listeners: self.listeners,
-                connections: self.connections,
-            }),
+        if super::fault::handoff_fault().as_deref() == Some("exit-after-ready") {
+            std::process::exit(4);
+        }
+        match self.channel.receive(RELEASED_TIMEOUT) {
+            Ok(Some((kind::RELEASED, _, mut fds))) => {
+                use std::os::unix::io::FromRawFd;
+                let lock = fds.pop().map(|fd| {
+                    // SAFETY: a received descriptor we own.
+                    unsafe { std::fs::File::from_raw_fd(fd) }
+                });
+                close_all(&fds);
+                Ok(Inherited {
+                    channel: self.channel,
+                    lock,
+                    listeners: self.listeners,
+                    connections: self.connections,
+                })
+            }
             other => {
                 self.give_back();
                 Err(match other {
