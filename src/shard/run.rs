@@ -669,13 +669,6 @@ async fn shard_main(
         },
     });
     let (public_listener, admin_listener) = shared.listeners[id];
-    // Connections handed over by the previous process (hot upgrade):
-    // registered now, read and written once it committed (`Go`).
-    let adopted: Vec<upgrade::Adopted> =
-        std::mem::take(&mut shared.adopted.lock().expect("not poisoned")[id])
-            .into_iter()
-            .map(|(fd, record)| upgrade::adopt_record(&shard, fd, record))
-            .collect();
     let go = Rc::new(crate::notify::Notify::default());
 
     // Messages from the other shards.
@@ -758,6 +751,25 @@ async fn shard_main(
         })
     };
 
+    // Connections handed over by the previous process (hot upgrade):
+    // registered now, read and written once it committed (`Go`). In
+    // cluster mode their orgs are followed first (the inbox runs: the
+    // follow's start comes through it), so that each channel's gap is
+    // known; an org that cannot be followed fails the startup, and the old
+    // process serves on.
+    let records = std::mem::take(&mut shared.adopted.lock().expect("not poisoned")[id]);
+    if shard.cluster.is_some() && !records.is_empty() {
+        let orgs: std::collections::BTreeSet<&str> =
+            records.iter().map(|(_, r)| r.org_id.as_str()).collect();
+        if let Err(e) = super::cluster::follow_all(&shard, orgs).await {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    }
+    let adopted: Vec<upgrade::Adopted> = records
+        .into_iter()
+        .map(|(fd, record)| upgrade::adopt_record(&shard, fd, record))
+        .collect();
     if shared.gated {
         // Ready, and nothing touched: the main thread tells the old
         // process, which commits the handover (or gives up and ends this
