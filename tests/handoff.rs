@@ -1134,8 +1134,9 @@ fn children_of(pid: u32) -> Vec<u32> {
 #[test]
 fn a_new_binary_that_dies_or_goes_silent_before_it_serves_changes_nothing() {
     let installed = Installed::new();
-    // The old process gives a silent new one 3 s (debug builds).
-    let mut running = start_with_env(&installed, &[("HOOKSTREAM_DEBUG_HANDOFF_WAIT_MS", "3000")]);
+    // The old process gives a silent new one 8 s (debug builds): time
+    // enough for a debug build to get ready on a loaded machine.
+    let mut running = start_with_env(&installed, &[("HOOKSTREAM_DEBUG_HANDOFF_WAIT_MS", "8000")]);
     let old_pid = running.spawned.child.id();
     let count = 200;
     let fleet = Fleet::start(open_fleet(&running, count));
@@ -1158,7 +1159,7 @@ fn a_new_binary_that_dies_or_goes_silent_before_it_serves_changes_nothing() {
         ),
         (
             "hang-when-prepared",
-            "the new binary did not get ready to serve within 3 s",
+            "the new binary did not get ready to serve within 8 s",
         ),
     ] {
         // The real binary, asked to fail at that step.

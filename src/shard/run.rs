@@ -82,6 +82,7 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
     // (Loaded before the HELLO, which is when the old process freezes:
     // none of it lengthens the pause.)
     if let Some(channel) = crate::handoff::Channel::from_env() {
+        crate::handoff::trace("new: started");
         let channel = channel?;
         let prepared = match prepare(&mut config) {
             Ok(prepared) => prepared,
@@ -312,6 +313,7 @@ fn serve(
         gated,
         bridge,
     });
+    crate::handoff::trace("new: starting the shards");
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -365,7 +367,9 @@ fn serve(
         }
     }
     if let (true, Some(control)) = (gated, &control) {
+        crate::handoff::trace("new: every shard ready, sending PREPARED");
         await_commit(control)?;
+        crate::handoff::trace("new: COMMIT received");
         for id in 0..shards {
             let _ = mesh.send_to(id, ShardMessage::Go);
         }
@@ -407,11 +411,10 @@ fn serve(
             "hookstream: took over {count} connection(s) from the previous process (hot upgrade)"
         ));
         upgrade_process::notify_systemd(&format!("MAINPID={}\nREADY=1", std::process::id()));
-        let _ = control.send(
-            crate::handoff::kind::SERVING,
-            &std::process::id().to_le_bytes(),
-            &[],
-        );
+        let mut serving = std::process::id().to_le_bytes().to_vec();
+        serving.extend_from_slice(&crate::handoff::monotonic_ns().to_le_bytes());
+        let _ = control.send(crate::handoff::kind::SERVING, &serving, &[]);
+        crate::handoff::trace("new: SERVING sent");
     } else {
         upgrade_process::notify_systemd("READY=1");
     }
@@ -532,7 +535,9 @@ fn serve(
 fn await_commit(control: &crate::handoff::Channel) -> Result<(), String> {
     use crate::handoff::kind;
     match super::fault::handoff_fault().as_deref() {
-        Some("exit-when-prepared") => std::process::exit(5),
+        // SAFETY: _exit ends the process at once (no exit handlers racing
+        // the running shards: the status is the one asked for).
+        Some("exit-when-prepared") => unsafe { libc::_exit(5) },
         Some("hang-when-prepared") => loop {
             std::thread::sleep(Duration::from_secs(1));
         },
@@ -609,6 +614,9 @@ async fn shard_main(
         age_ms: config.history_age_ms,
     };
     let shutdown = crate::shutdown::Shutdown::new();
+    if shared.gated {
+        crate::handoff::trace(&format!("new: shard {id} opening the log"));
+    }
     let history = match &shared.bridge {
         Some(bridge) => crate::history::History::new(
             crate::history::Backend::Cluster(crate::history::JetStreamLog::new(
@@ -766,10 +774,16 @@ async fn shard_main(
             return;
         }
     }
+    if shared.gated {
+        crate::handoff::trace(&format!("new: shard {id} log open, adopting"));
+    }
     let adopted: Vec<upgrade::Adopted> = records
         .into_iter()
         .map(|(fd, record)| upgrade::adopt_record(&shard, fd, record))
         .collect();
+    if shared.gated {
+        crate::handoff::trace(&format!("new: shard {id} adopted"));
+    }
     if shared.gated {
         // Ready, and nothing touched: the main thread tells the old
         // process, which commits the handover (or gives up and ends this
@@ -780,6 +794,9 @@ async fn shard_main(
         }
     }
     upgrade::start_adopted(&shard, adopted);
+    if shared.gated {
+        crate::handoff::trace(&format!("new: shard {id} serves"));
+    }
 
     // Tasks that end when the shutdown starts: the accept loops (closing
     // their listeners), the heartbeat, the key reload, the demo traffic.

@@ -244,6 +244,7 @@ fn prepare_timeout() -> Duration {
 
 /// The upgrade, in the old process's main thread (see the module doc).
 pub fn perform(old: Old<'_>) -> Outcome {
+    handoff::trace("old: upgrade starts");
     let exe = match own_exe() {
         Ok(exe) => exe,
         Err(e) => return Outcome::Failed(e),
@@ -283,7 +284,8 @@ pub fn perform(old: Old<'_>) -> Outcome {
 
     // Freeze: from here until the thaw or the retirement, no shard
     // accepts, reads, writes or commits.
-    let frozen_at = Instant::now();
+    handoff::trace("old: HELLO received, freezing");
+    let frozen_at = handoff::monotonic_ns();
     let snapshots: Vec<Snapshot> = match ask_shards(&old, |reply| ShardMessage::Freeze { reply }) {
         Ok(snapshots) => snapshots,
         Err(e) => {
@@ -292,7 +294,9 @@ pub fn perform(old: Old<'_>) -> Outcome {
             return Outcome::Failed(format!("cannot freeze the shards: {e}"));
         }
     };
+    handoff::trace("old: frozen, records written out");
     let sent = send_state(&ours, &old, &snapshots);
+    handoff::trace("old: state sent");
     let ready = sent.and_then(|()| {
         expect(
             &ours,
@@ -315,6 +319,7 @@ pub fn perform(old: Old<'_>) -> Outcome {
     // connections), closes its admin connections once answered, and stops
     // appending. It still holds every connection, and the data
     // directory's lock, which the new process shares from here.
+    handoff::trace("old: READY received");
     if let Err(e) = ask_shards(&old, |reply| ShardMessage::Hand { reply }) {
         return fail_back(&old, &mut child, format!("a shard did not hand over: {e}"));
     }
@@ -325,6 +330,7 @@ pub fn perform(old: Old<'_>) -> Outcome {
             format!("a shard did not release the log: {e}"),
         );
     }
+    handoff::trace("old: log released");
     let lock_fd: Vec<RawFd> = old.lock.iter().map(|file| file.as_raw_fd()).collect();
     if let Err(e) = ours.send(kind::RELEASED, b"", &lock_fd) {
         let reason = gone(
@@ -346,6 +352,7 @@ pub fn perform(old: Old<'_>) -> Outcome {
 
     // The commit point: from the COMMIT on, the connections are the new
     // process's (a send that fails never reached it: it is gone).
+    handoff::trace("old: PREPARED received");
     if let Err(e) = ours.send(kind::COMMIT, b"", &[]) {
         let reason = gone(
             &mut child,
@@ -354,27 +361,40 @@ pub fn perform(old: Old<'_>) -> Outcome {
         );
         return fail_back(&old, &mut child, reason);
     }
-    if let Err(e) = ask_shards(&old, |reply| ShardMessage::Retire { reply }) {
-        return Outcome::Lost(format!("a shard did not retire: {e}"));
-    }
-    drop(old.lock.take());
-    let connections = snapshots.iter().map(|s| s.fds.len()).sum();
-    match expect(
+    handoff::trace("old: COMMIT sent");
+    // The shards stay in `Phase::Handing` (touching no connection) while
+    // the new process starts serving; their retirement (ten thousand
+    // records and epoll registrations dropped) would only compete with it
+    // for a core.
+    let serving = expect(
         &ours,
         &mut child,
         kind::SERVING,
         ("served", "serve"),
         SERVING_TIMEOUT,
-    ) {
-        Ok(body) => Outcome::Serving {
+    );
+    handoff::trace("old: SERVING received");
+    let retired = ask_shards(&old, |reply| ShardMessage::Retire { reply });
+    handoff::trace("old: retired");
+    drop(old.lock.take());
+    let connections = snapshots.iter().map(|s| s.fds.len()).sum();
+    match (serving, retired) {
+        (Ok(body), Ok(_)) => Outcome::Serving {
             pid: match body.get(..4) {
                 Some(bytes) => u32::from_le_bytes(bytes.try_into().expect("4 bytes")),
                 None => child.id(),
             },
             connections,
-            frozen: frozen_at.elapsed(),
+            frozen: Duration::from_nanos(
+                match body.get(4..12) {
+                    Some(bytes) => u64::from_le_bytes(bytes.try_into().expect("8 bytes")),
+                    None => handoff::monotonic_ns(),
+                }
+                .saturating_sub(frozen_at),
+            ),
         },
-        Err(e) => Outcome::Lost(e),
+        (Err(e), _) => Outcome::Lost(e),
+        (_, Err(e)) => Outcome::Lost(format!("a shard did not retire: {e}")),
     }
 }
 
@@ -432,6 +452,7 @@ pub struct Received {
 /// process (which serves on) and ends this one.
 pub fn receive(channel: Channel) -> Result<Received, String> {
     let fault = super::fault::handoff_fault();
+    handoff::trace("new: sending HELLO");
     let hello = match fault.as_deref() {
         Some("reads-9") => 9u16.to_le_bytes().to_vec(),
         _ => handoff::hello_body(),
@@ -439,7 +460,9 @@ pub fn receive(channel: Channel) -> Result<Received, String> {
     channel
         .send(kind::HELLO, &hello, &[])
         .map_err(|e| format!("handoff: cannot reach the old process: {e}"))?;
-    match receive_state(&channel) {
+    let state = receive_state(&channel);
+    handoff::trace("new: state received");
+    match state {
         Ok(_) if fault.as_deref() == Some("exit-after-state") => std::process::exit(3),
         Ok((listeners, connections)) => Ok(Received {
             channel,
@@ -473,10 +496,12 @@ impl Received {
             return Err(format!("handoff: the old process went away: {e}"));
         }
         if super::fault::handoff_fault().as_deref() == Some("exit-after-ready") {
-            std::process::exit(4);
+            // SAFETY: _exit ends the process at once.
+            unsafe { libc::_exit(4) };
         }
         match self.channel.receive(RELEASED_TIMEOUT) {
             Ok(Some((kind::RELEASED, _, mut fds))) => {
+                handoff::trace("new: RELEASED received");
                 use std::os::unix::io::FromRawFd;
                 let lock = fds.pop().map(|fd| {
                     // SAFETY: a received descriptor we own.
