@@ -373,6 +373,15 @@ fn serve(
         for id in 0..shards {
             let _ = mesh.send_to(id, ShardMessage::Go);
         }
+        // SERVING (and the old process's "frozen for") once every shard
+        // took its connections up; bounded, the commit is made anyway.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for _ in 0..shards {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if ready_rx.recv_timeout(left).is_err() {
+                break;
+            }
+        }
     }
     // Every shard listens: the port is theirs now.
     drop(holds);
@@ -796,6 +805,8 @@ async fn shard_main(
     upgrade::start_adopted(&shard, adopted);
     if shared.gated {
         crate::handoff::trace(&format!("new: shard {id} serves"));
+        // Once more: the main thread says SERVING when every shard serves.
+        let _ = ready.send(Ok(()));
     }
 
     // Tasks that end when the shutdown starts: the accept loops (closing
