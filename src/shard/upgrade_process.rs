@@ -378,8 +378,15 @@ pub fn perform(old: Old<'_>) -> Outcome {
     handoff::trace("old: retired");
     drop(old.lock.take());
     let connections = snapshots.iter().map(|s| s.fds.len()).sum();
-    match (serving, retired) {
-        (Ok(body), Ok(_)) => Outcome::Serving {
+    if let Err(e) = &retired {
+        // The new process serves: only this one's cleanup is cut short
+        // (it exits anyway).
+        crate::log::warn(format_args!(
+            "hookstream: upgrade: a shard did not retire: {e}"
+        ));
+    }
+    match serving {
+        Ok(body) => Outcome::Serving {
             pid: match body.get(..4) {
                 Some(bytes) => u32::from_le_bytes(bytes.try_into().expect("4 bytes")),
                 None => child.id(),
@@ -393,8 +400,7 @@ pub fn perform(old: Old<'_>) -> Outcome {
                 .saturating_sub(frozen_at),
             ),
         },
-        (Err(e), _) => Outcome::Lost(e),
-        (_, Err(e)) => Outcome::Lost(format!("a shard did not retire: {e}")),
+        Err(e) => Outcome::Lost(e),
     }
 }
 
