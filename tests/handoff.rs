@@ -1123,13 +1123,38 @@ fn children_of(pid: u32) -> Vec<u32> {
     children
 }
 
+/// The processes (other than `hookstream upgrade`) whose command line
+/// names `data_dir`.
+fn processes_serving(data_dir: &Path) -> Vec<u32> {
+    let needle = data_dir.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == "serve") && args.contains(&needle) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
 /// The commit point: a new process that confirmed the handoff (READY) and
 /// then dies, or dies or goes silent once its shards opened the log and
 /// registered every connection (nothing served yet), is stopped, and the
 /// old process takes the log back and serves on — one line in its log,
 /// `hookstream upgrade` fails naming the reason, no client notices (every
 /// message once and in order, no close, every ping answered, every publish
-/// 202, also those the old process committed while handing over). A real
+/// 202, also those the old process committed while handing over). One
+/// behind a wrapper that does not exec, slow to get ready, outlives the
+/// wrapper the old process stops and exits without serving. A real
 /// upgrade afterwards hands everything over as usual.
 #[test]
 fn a_new_binary_that_dies_or_goes_silent_before_it_serves_changes_nothing() {
@@ -1181,6 +1206,36 @@ fn a_new_binary_that_dies_or_goes_silent_before_it_serves_changes_nothing() {
         std::thread::sleep(Duration::from_millis(500));
     }
 
+    // Behind a wrapper that does not exec, a new process that is slow to
+    // get ready outlives the wrapper the old process stops, and then finds
+    // the handoff ended: it exits without serving anything.
+    installed.replace_with_script(&format!(
+        "#!/bin/sh\nHOOKSTREAM_DEBUG_HANDOFF=slow-when-prepared '{}' \"$@\"\n",
+        binary()
+    ));
+    let (ok, stderr) = run_upgrade(running.data.path());
+    assert!(!ok, "slow behind a wrapper: the upgrade succeeded");
+    assert!(
+        stderr.contains("the new binary did not get ready to serve within 8 s"),
+        "{stderr}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let others: Vec<u32> = processes_serving(running.data.path())
+            .into_iter()
+            .filter(|pid| *pid != old_pid)
+            .collect();
+        if others.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the orphaned new process {others:?} is still there"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(read_pid(running.data.path()), old_pid);
+
     // Now a real upgrade.
     installed.replace_with(Path::new(binary()));
     let (ok, stderr) = run_upgrade(running.data.path());
@@ -1209,7 +1264,7 @@ fn a_new_binary_that_dies_or_goes_silent_before_it_serves_changes_nothing() {
         lines
             .matches("upgrade failed, this process serves on")
             .count(),
-        3,
+        4,
         "{lines}"
     );
 }

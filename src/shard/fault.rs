@@ -25,7 +25,8 @@ pub fn panic_if_asked(_path: &str) {}
 /// `exit-after-ready` (status 4 right after READY: it confirmed the
 /// handoff), `exit-when-prepared` (status 5 once its shards opened the log
 /// and registered the connections, before PREPARED),
-/// `hang-when-prepared` (it sleeps there for ever).
+/// `hang-when-prepared` (it sleeps there for ever), `slow-when-prepared`
+/// (it sleeps there 12 s, then goes on).
 #[cfg(debug_assertions)]
 pub fn handoff_fault() -> Option<String> {
     std::env::var("HOOKSTREAM_DEBUG_HANDOFF").ok()

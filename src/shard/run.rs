@@ -538,9 +538,8 @@ fn serve(
 
 /// In a hot upgrade's new process, once every shard is ready (and none has
 /// read or written a byte of a connection): says PREPARED and waits
-/// (bounded) for the old process to commit the handover. An error ends
-/// this process without a drain (the old process serves on); an old
-/// process that went away cannot serve any more, so this one serves.
+/// (bounded) for the old process to commit the handover. Anything else
+/// ends this process without a drain (the old process serves on).
 fn await_commit(control: &crate::handoff::Channel) -> Result<(), String> {
     use crate::handoff::kind;
     match super::fault::handoff_fault().as_deref() {
@@ -550,6 +549,7 @@ fn await_commit(control: &crate::handoff::Channel) -> Result<(), String> {
         Some("hang-when-prepared") => loop {
             std::thread::sleep(Duration::from_secs(1));
         },
+        Some("slow-when-prepared") => std::thread::sleep(Duration::from_secs(12)),
         _ => {}
     }
     control
@@ -557,11 +557,11 @@ fn await_commit(control: &crate::handoff::Channel) -> Result<(), String> {
         .map_err(|e| format!("handoff: the old process went away before the commit: {e}"))?;
     match control.receive(upgrade_process::COMMIT_TIMEOUT) {
         Ok(Some((kind::COMMIT, _, _))) => Ok(()),
+        // Never served without the commit: the end of the channel may be
+        // the old process serving on (it stopped this process's parent, a
+        // wrapper that did not exec, say) as well as its death.
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            crate::log::warn(
-                "hookstream: handoff: the old process went away before it committed; serving its connections",
-            );
-            Ok(())
+            Err("handoff: the old process ended the handoff before it committed".to_string())
         }
         Ok(Some((kind::FAILED, body, _))) => Err(format!(
             "handoff: the old process gave up: {}",

@@ -111,9 +111,19 @@ fn spawn(exe: &Path, theirs: &Channel) -> Result<Child, String> {
             Ok(())
         });
     }
-    command
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", exe.display()))
+    // A file being installed is "busy" until the last writer closes it
+    // (or a process forked meanwhile by the installer execs): try again
+    // for up to a second.
+    let mut tries = 0;
+    loop {
+        match command.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            spawned => return spawned.map_err(|e| format!("cannot start {}: {e}", exe.display())),
+        }
+    }
 }
 
 /// Waits for a message of kind `want` from the new process; `what` is
@@ -229,7 +239,10 @@ fn thaw_all(old: &Old<'_>) {
 /// The new process did not get to serve: it is stopped (and reaped, so
 /// that no copy of a socket or of the log is left with it) before this
 /// process takes the log back and serves on.
-fn fail_back(old: &Old<'_>, child: &mut Child, reason: String) -> Outcome {
+fn fail_back(old: &Old<'_>, channel: &Channel, child: &mut Child, reason: String) -> Outcome {
+    // Said first, for a process that outlives its stopped parent (a
+    // wrapper that did not exec): it exits without serving.
+    let _ = channel.send(kind::FAILED, reason.as_bytes(), &[]);
     stop_child(child);
     thaw_all(old);
     Outcome::Failed(reason)
@@ -321,11 +334,17 @@ pub fn perform(old: Old<'_>) -> Outcome {
     // directory's lock, which the new process shares from here.
     handoff::trace("old: READY received");
     if let Err(e) = ask_shards(&old, |reply| ShardMessage::Hand { reply }) {
-        return fail_back(&old, &mut child, format!("a shard did not hand over: {e}"));
+        return fail_back(
+            &old,
+            &ours,
+            &mut child,
+            format!("a shard did not hand over: {e}"),
+        );
     }
     if let Err(e) = ask_shards(&old, |reply| ShardMessage::Release { reply }) {
         return fail_back(
             &old,
+            &ours,
             &mut child,
             format!("a shard did not release the log: {e}"),
         );
@@ -338,7 +357,7 @@ pub fn perform(old: Old<'_>) -> Outcome {
             "was ready to serve",
             format!("cannot hand the log over to the new binary: {e}"),
         );
-        return fail_back(&old, &mut child, reason);
+        return fail_back(&old, &ours, &mut child, reason);
     }
     if let Err(e) = expect(
         &ours,
@@ -347,7 +366,7 @@ pub fn perform(old: Old<'_>) -> Outcome {
         ("was ready to serve", "get ready to serve"),
         prepare_timeout(),
     ) {
-        return fail_back(&old, &mut child, e);
+        return fail_back(&old, &ours, &mut child, e);
     }
 
     // The commit point: from the COMMIT on, the connections are the new
@@ -359,7 +378,7 @@ pub fn perform(old: Old<'_>) -> Outcome {
             "was ready to serve",
             format!("the new binary went away before the commit: {e}"),
         );
-        return fail_back(&old, &mut child, reason);
+        return fail_back(&old, &ours, &mut child, reason);
     }
     handoff::trace("old: COMMIT sent");
     // The shards stay in `Phase::Handing` (touching no connection) while
