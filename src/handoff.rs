@@ -226,10 +226,23 @@ pub mod kind {
     pub const END: u8 = b'E';
     /// New → old: the state was read; nothing is served yet.
     pub const READY: u8 = b'R';
-    /// Old → new: the old process let go of the log and the data
-    /// directory's lock; serve.
+    /// Old → new: the old process stopped appending to the log (it still
+    /// holds it, and every connection, until [`COMMIT`]). Carries the
+    /// descriptor of the data directory's lock file, whose `flock` the
+    /// two processes then share; a process from before the commit
+    /// handshake sent none and had let go of the lock and the
+    /// connections already (the new process then serves at once).
     pub const RELEASED: u8 = b'G';
-    /// New → old: serving (pid u32).
+    /// New → old: the log is open, the executors run, the connections
+    /// are registered — and not a byte was read from or written to any of
+    /// them. Only [`COMMIT`] lets it serve.
+    pub const PREPARED: u8 = b'P';
+    /// Old → new: the commit point. The old process lets go of every
+    /// connection; serve. Until it is sent, the old process can take
+    /// everything back (it kills the new process first).
+    pub const COMMIT: u8 = b'C';
+    /// New → old: serving (pid u32, then when it started serving,
+    /// [`monotonic_ns`] u64).
     pub const SERVING: u8 = b'K';
     /// Either way: giving up, with the reason as text.
     pub const FAILED: u8 = b'X';
@@ -414,6 +427,35 @@ impl Channel {
             Ok((kind, buffer, fds))
         }
     }
+}
+
+/// The system's monotonic clock in nanoseconds: the same clock in every
+/// process, so the old process can tell how long after its freeze the new
+/// one served (SERVING carries it).
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime into a stack value.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// With `HOOKSTREAM_UPGRADE_TRACE=1` in the environment (inherited by the
+/// new process), logs `step` with the system's monotonic clock in
+/// milliseconds, which both processes share: where a hot upgrade's pause
+/// goes (docs/benchmarks.md, "Hot upgrade"). Otherwise nothing.
+pub fn trace(step: &str) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*ON.get_or_init(|| std::env::var_os("HOOKSTREAM_UPGRADE_TRACE").is_some_and(|v| v == "1")) {
+        return;
+    }
+    let ms = monotonic_ns() as f64 / 1e6;
+    crate::log::info(format_args!(
+        "hookstream: upgrade trace: {ms:.3} ms, process {}: {step}",
+        std::process::id()
+    ));
 }
 
 /// The versions a HELLO body names.

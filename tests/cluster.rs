@@ -1231,3 +1231,142 @@ fn a_stream_without_quorum_answers_503_for_its_org_only() {
     assert_eq!(kept, expected, "{page}");
     subscriber.ping_pong();
 }
+
+/// Kills the process `<data-dir>/hookstream.pid` names when the test ends:
+/// after a hot upgrade the node is no longer the test's child.
+struct Reaper(PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(pid) = std::fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok())
+        {
+            // SAFETY: kill(2) of the node this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Publishes `prefix0`, `prefix1`, … one a request through `admin` until
+/// stopped; returns the acknowledged (seq, id) pairs. Every answer must be
+/// 202.
+fn publishing(
+    admin: SocketAddr,
+    token: String,
+    prefix: &'static str,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<(u64, String)>> {
+    std::thread::spawn(move || {
+        let mut acknowledged = Vec::new();
+        let mut i = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let id = format!("{prefix}{i}");
+            let response = http_request(
+                admin,
+                "POST",
+                "/v1/publish",
+                &[("Authorization", format!("Bearer {token}"))],
+                event("org_a", &id, "src_1").as_bytes(),
+            );
+            assert_eq!(response.status, 202, "{id}: {}", response.text());
+            acknowledged.push((response.json()["seqs"][0].as_u64().unwrap(), id));
+            i += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        acknowledged
+    })
+}
+
+/// Issue 15 in cluster mode: a node hot-upgrades while its subscribers
+/// receive what is published through it and through another node; each
+/// subscriber gets every message once, in seq order, with no close and no
+/// second welcome, and answers a ping on the new process.
+#[test]
+fn a_node_hot_upgrades_while_both_nodes_publish_and_its_subscribers_miss_nothing() {
+    let nats = Nats::start();
+    let mut a = node(&nats, None, "a");
+    let _reaper = Reaper(a.data_dir().join("hookstream.pid"));
+    let b = node(&nats, Some(&a), "b");
+    let mut subscribers: Vec<common::Client> = (0..20)
+        .map(|_| {
+            let mut client = a.connect("org_a");
+            client.subscribe("events");
+            client
+        })
+        .collect();
+    let mut on_b = b.connect("org_a");
+    on_b.subscribe("events");
+    let stop = Arc::new(AtomicBool::new(false));
+    let through_a = publishing(a.admin_addr, a.admin_token.clone(), "a", stop.clone());
+    let through_b = publishing(b.admin_addr, b.admin_token.clone(), "b", stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
+
+    let old_pid = a.pid();
+    let output = common::hookstream_command()
+        .args(["upgrade", "--timeout-secs", "60", "--data-dir"])
+        .arg(a.data_dir())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run hookstream upgrade");
+    assert!(
+        output.status.success(),
+        "upgrade failed: {}\nnode a:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        a.stderr()
+    );
+    let new_pid: u32 = std::fs::read_to_string(a.data_dir().join("hookstream.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_ne!(new_pid, old_pid);
+    let status = a.wait_exit(WAIT).expect("the old process exits");
+    assert!(status.success(), "old process: {status}");
+
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let mut expected: Vec<(u64, String)> = through_a.join().unwrap();
+    let from_b = through_b.join().unwrap();
+    assert!(!expected.is_empty() && !from_b.is_empty());
+    expected.extend(from_b);
+    expected.sort();
+    let seqs: Vec<u64> = expected.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=expected.len() as u64).collect::<Vec<_>>(),
+        "one seq per acknowledged message"
+    );
+    for (i, client) in subscribers.iter_mut().chain([&mut on_b]).enumerate() {
+        // Everything it receives (until quiet for 2 s), the welcome or a
+        // close included, so that a difference shows.
+        let mut got = Vec::new();
+        while got.len() < expected.len() {
+            match client.recv(Duration::from_secs(2)) {
+                common::Received::Json { value, .. } => got.push((
+                    value["seq"].as_u64().unwrap_or(0),
+                    format!(
+                        "{}{}",
+                        value["data"]["id"].as_str().unwrap_or_default(),
+                        if value["type"] == "event" {
+                            String::new()
+                        } else {
+                            format!(" {value}")
+                        }
+                    ),
+                )),
+                other => {
+                    got.push((0, format!("{other:?}")));
+                    break;
+                }
+            }
+        }
+        assert_eq!(
+            got, expected,
+            "subscriber {i}: every message once, in order"
+        );
+        client.ping_pong();
+    }
+    let lines = a.stderr();
+    assert!(lines.contains("took over 20 connection(s)"), "{lines}");
+}

@@ -1014,6 +1014,11 @@ fn the_pid_file_names_the_serving_process_and_goes_with_it() {
 /// Starts a server whose next upgrade's new process plays `fault` (debug
 /// builds: `HOOKSTREAM_DEBUG_HANDOFF`).
 fn start_with_fault(installed: &Installed, fault: &str) -> Running {
+    start_with_env(installed, &[("HOOKSTREAM_DEBUG_HANDOFF", fault)])
+}
+
+/// Starts a 2-shard server with extra environment variables.
+fn start_with_env(installed: &Installed, env: &[(&str, &str)]) -> Running {
     let data = TestDir::new();
     let key = create_key(data.path(), "org_a");
     let args = [
@@ -1031,7 +1036,7 @@ fn start_with_fault(installed: &Installed, fault: &str) -> Running {
         "none",
     ];
     let mut command = serve_command_at(&installed.path(), data.path(), &args);
-    command.env("HOOKSTREAM_DEBUG_HANDOFF", fault);
+    command.envs(env.iter().copied());
     let spawned = spawn_command(command, Duration::from_secs(30)).expect("server starts");
     let token = std::fs::read_to_string(data.path().join("admin-token"))
         .unwrap()
@@ -1096,6 +1101,172 @@ fn a_new_binary_that_cannot_read_the_state_or_dies_holding_the_sockets_changes_n
             "{fault}: {lines}"
         );
     }
+}
+
+/// The processes whose parent is `pid` (from /proc/*/stat).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": the comm may hold spaces.
+        let after = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+        let parent = after.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+        if parent == Some(pid) {
+            children.push(child);
+        }
+    }
+    children
+}
+
+/// The processes (other than `hookstream upgrade`) whose command line
+/// names `data_dir`.
+fn processes_serving(data_dir: &Path) -> Vec<u32> {
+    let needle = data_dir.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == "serve") && args.contains(&needle) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// The commit point: a new process that confirmed the handoff (READY) and
+/// then dies, or dies or goes silent once its shards opened the log and
+/// registered every connection (nothing served yet), is stopped, and the
+/// old process takes the log back and serves on — one line in its log,
+/// `hookstream upgrade` fails naming the reason, no client notices (every
+/// message once and in order, no close, every ping answered, every publish
+/// 202, also those the old process committed while handing over). One
+/// behind a wrapper that does not exec, slow to get ready, outlives the
+/// wrapper the old process stops and exits without serving. A real
+/// upgrade afterwards hands everything over as usual.
+#[test]
+fn a_new_binary_that_dies_or_goes_silent_before_it_serves_changes_nothing() {
+    let installed = Installed::new();
+    // The old process gives a silent new one 8 s (debug builds): time
+    // enough for a debug build to get ready on a loaded machine.
+    let mut running = start_with_env(&installed, &[("HOOKSTREAM_DEBUG_HANDOFF_WAIT_MS", "8000")]);
+    let old_pid = running.spawned.child.id();
+    let count = 200;
+    let fleet = Fleet::start(open_fleet(&running, count));
+    let stop = Arc::new(AtomicBool::new(false));
+    let publishing = publisher(
+        running.spawned.admin_addr,
+        running.token.clone(),
+        50,
+        stop.clone(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    for (fault, reason) in [
+        (
+            "exit-after-ready",
+            "the new binary exited (exit status: 4) before it was ready to serve",
+        ),
+        (
+            "exit-when-prepared",
+            "the new binary exited (exit status: 5) before it was ready to serve",
+        ),
+        (
+            "hang-when-prepared",
+            "the new binary did not get ready to serve within 8 s",
+        ),
+    ] {
+        // The real binary, asked to fail at that step.
+        installed.replace_with_script(&format!(
+            "#!/bin/sh\nHOOKSTREAM_DEBUG_HANDOFF={fault} exec '{}' \"$@\"\n",
+            binary()
+        ));
+        let (ok, stderr) = run_upgrade(running.data.path());
+        assert!(!ok, "{fault}: the upgrade succeeded");
+        assert!(stderr.contains(reason), "{fault}: {stderr}");
+        assert_eq!(read_pid(running.data.path()), old_pid, "{fault}");
+        assert!(alive(old_pid), "{fault}");
+        assert_eq!(
+            children_of(old_pid),
+            Vec::<u32>::new(),
+            "{fault}: the new process was not stopped"
+        );
+        // Served on: messages keep arriving between the attempts.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // Behind a wrapper that does not exec, a new process that is slow to
+    // get ready outlives the wrapper the old process stops, and then finds
+    // the handoff ended: it exits without serving anything.
+    installed.replace_with_script(&format!(
+        "#!/bin/sh\nHOOKSTREAM_DEBUG_HANDOFF=slow-when-prepared '{}' \"$@\"\n",
+        binary()
+    ));
+    let (ok, stderr) = run_upgrade(running.data.path());
+    assert!(!ok, "slow behind a wrapper: the upgrade succeeded");
+    assert!(
+        stderr.contains("the new binary did not get ready to serve within 8 s"),
+        "{stderr}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let others: Vec<u32> = processes_serving(running.data.path())
+            .into_iter()
+            .filter(|pid| *pid != old_pid)
+            .collect();
+        if others.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the orphaned new process {others:?} is still there"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(read_pid(running.data.path()), old_pid);
+
+    // Now a real upgrade.
+    installed.replace_with(Path::new(binary()));
+    let (ok, stderr) = run_upgrade(running.data.path());
+    assert!(ok, "the upgrade after the failures failed: {stderr}");
+    let new_pid = read_pid(running.data.path());
+    assert_ne!(new_pid, old_pid);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while running.spawned.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the old process did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    let (published, failures) = publishing.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "publishes not answered 202: {failures:?}"
+    );
+    fleet.wait_for(published * count as u64);
+    let pings = fleet.pings_sent.clone();
+    let subscribers = fleet.finish();
+    let pongs = check_fleet(&subscribers, published);
+    assert_eq!(pongs, pings.load(Ordering::SeqCst), "every ping answered");
+    let lines = running.spawned.stderr.lock().unwrap().join("\n");
+    assert_eq!(
+        lines
+            .matches("upgrade failed, this process serves on")
+            .count(),
+        4,
+        "{lines}"
+    );
 }
 
 /// SSE streams and waiting long-polls are not handed over: at an upgrade

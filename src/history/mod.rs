@@ -288,9 +288,15 @@ pub struct History<L: Log = Backend> {
     /// The shard's shutdown signal: once it is triggered, long-polls stop
     /// waiting and answer with what they have.
     shutdown: Shutdown,
-    /// Set when a hot upgrade handed the log to a new process: nothing is
-    /// appended any more (a publish is answered 503).
+    /// Set when a hot upgrade hands the log to a new process: nothing is
+    /// appended; a publish waits until the upgrade failed (the log is
+    /// taken back) or committed (`handed_off`: it is answered 503).
     released: std::cell::Cell<bool>,
+    /// Set when the hot upgrade committed: the log is the new process's
+    /// for good.
+    handed_off: std::cell::Cell<bool>,
+    /// Notified when `released` or `handed_off` changes.
+    release_changed: Notify,
     /// Messages other nodes put in the log (cluster mode), for the
     /// committer.
     arrived: RefCell<Vec<crate::cluster::Arrival>>,
@@ -352,6 +358,8 @@ impl<L: Log> History<L> {
             committed_notify: Notify::default(),
             shutdown,
             released: std::cell::Cell::new(false),
+            handed_off: std::cell::Cell::new(false),
+            release_changed: Notify::default(),
             arrived: RefCell::new(Vec::new()),
             dedupe: RefCell::new(Dedupe::default()),
         }
@@ -376,8 +384,12 @@ impl<L: Log> History<L> {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
-        if self.released.get() {
-            return Err("the log was handed to a new process".to_string());
+        while self.released.get() {
+            if self.handed_off.get() {
+                return Err("the log was handed to a new process".to_string());
+            }
+            let seen = self.release_changed.generation();
+            self.release_changed.wait(seen).await;
         }
         let time_ms = now_ms();
         let answer = {
@@ -535,11 +547,29 @@ impl<L: Log> History<L> {
         self.pending_notify.generation()
     }
 
-    /// Hands the log over (hot upgrade): later publishes are refused, and
-    /// whatever still waits is answered with that error by the committer.
+    /// Hands the log over (hot upgrade): later publishes wait (see
+    /// `released`), and whatever still waits for the committer is answered
+    /// with an error by it (the upgrade waits for none to be left first).
     pub fn release(&self) {
         self.released.set(true);
         self.pending_notify.notify();
+        self.release_changed.notify();
+    }
+
+    /// The hot upgrade committed: publishes waiting for the log are
+    /// answered with an error (503), and so are later ones.
+    pub fn hand_off(&self) {
+        self.handed_off.set(true);
+        self.release_changed.notify();
+    }
+
+    /// Takes the log back after [`History::release`]: the new process that
+    /// was handed it died or gave up before it served (and wrote nothing
+    /// to it), so this process appends again from where it stopped.
+    pub fn unrelease(&self) {
+        self.released.set(false);
+        self.pending_notify.notify();
+        self.release_changed.notify();
     }
 
     /// True once the log was handed to a new process.
@@ -617,8 +647,11 @@ impl<L: Log> History<L> {
 pub async fn retention_loop<L: Log>(history: &History<L>) {
     loop {
         glommio::timer::sleep(Duration::from_millis(RETENTION_INTERVAL_MS)).await;
+        // Not while a hot upgrade has handed the log over: the new
+        // process trims it, or, when the upgrade fails, this one does
+        // again once it took the log back.
         if history.released.get() {
-            return;
+            continue;
         }
         history.log.retain(now_ms()).await;
     }

@@ -254,8 +254,12 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     loop {
         // Head: idle keep-alive connections get longer than a started head.
         let mut deadline = Instant::now() + Duration::from_millis(KEEP_ALIVE_IDLE_MS);
+        // A request is in progress from its first byte: a hot upgrade
+        // hands the log over only once none is (`upgrade::hand`).
+        let mut started: Option<InFlight<'_>> = None;
         let request = loop {
             if !buffer.is_empty() {
+                started.get_or_insert_with(|| InFlight::enter(&shard));
                 match parse_request(&shard, &buffer) {
                     Ok(Some(request)) => break request,
                     Ok(None) => {}
@@ -268,11 +272,12 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 deadline = deadline.min(Instant::now() + Duration::from_millis(HEAD_TIMEOUT_MS));
             }
             if buffer.is_empty() {
-                // Between requests: a retiring shard (hot upgrade) closes
+                // Between requests: a shard handing over or retiring (hot
+                // upgrade) closes
                 // the connection rather than take a publish it could no
                 // longer commit; the client's next request goes to the
                 // listener, which the new process accepts on.
-                if shard.handover.phase() == super::upgrade::Phase::Retiring {
+                if shard.handover.closing_admin() {
                     return;
                 }
                 let read = futures_lite::future::or(
@@ -280,7 +285,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                     async {
                         loop {
                             shard.handover.wait_change().await;
-                            if shard.handover.phase() == super::upgrade::Phase::Retiring {
+                            if shard.handover.closing_admin() {
                                 return None;
                             }
                         }
@@ -309,13 +314,12 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         };
         buffer.drain(..request.head_len);
         out.clear();
-        let _in_flight = InFlight::enter(&shard);
+        let _in_flight = started.take().unwrap_or_else(|| InFlight::enter(&shard));
         // The body is read only for an authorized publish: anything else
         // is answered from its head alone (an unauthorized publish gets its
         // 401 before a byte of its body is read) and, if it announced a
         // body, its connection is closed unread.
-        let mut closing =
-            request.close || shard.handover.phase() == super::upgrade::Phase::Retiring;
+        let mut closing = request.close || shard.handover.closing_admin();
         if request.body_wanted() {
             let body = match read_body(&shard, &mut stream, &mut buffer, &request).await {
                 Ok(body) => body,
@@ -346,7 +350,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 out.truncate(end + 4);
             }
         }
-        closing |= shard.handover.phase() == super::upgrade::Phase::Retiring;
+        closing |= shard.handover.closing_admin();
         if closing {
             http::mark_closing(&mut out);
             let _ = stream.write_all(&out).await;

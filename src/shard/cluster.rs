@@ -150,6 +150,27 @@ pub async fn ensure_followed(shard: &Shard, org: &str) -> bool {
     }
 }
 
+/// Follows every org of `orgs` (hot upgrade: the orgs of the connections
+/// handed over), all started at once; an error names one that could not
+/// start in time.
+pub async fn follow_all<'a>(
+    shard: &Shard,
+    orgs: impl IntoIterator<Item = &'a str> + Clone,
+) -> Result<(), String> {
+    for org in orgs.clone() {
+        request(shard, org);
+    }
+    for org in orgs {
+        if !ensure_followed(shard, org).await {
+            return Err(format!(
+                "cluster: cannot follow org {org} within {} s",
+                FOLLOW_WAIT.as_secs()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// What the bridge sent this shard.
 pub fn on_event(shard: &Shard, event: FollowEvent) {
     let c = cluster(shard);

@@ -21,7 +21,12 @@ pub fn panic_if_asked(_path: &str) {}
 /// The failure a hot upgrade's new process is asked to play, in debug
 /// builds only (`HOOKSTREAM_DEBUG_HANDOFF`): `reads-9` (its HELLO says it
 /// reads state version 9 only), `exit-after-state` (it exits with status
-/// 3 once it holds the sockets and records, before READY).
+/// 3 once it holds the sockets and records, before READY),
+/// `exit-after-ready` (status 4 right after READY: it confirmed the
+/// handoff), `exit-when-prepared` (status 5 once its shards opened the log
+/// and registered the connections, before PREPARED),
+/// `hang-when-prepared` (it sleeps there for ever), `slow-when-prepared`
+/// (it sleeps there 12 s, then goes on).
 #[cfg(debug_assertions)]
 pub fn handoff_fault() -> Option<String> {
     std::env::var("HOOKSTREAM_DEBUG_HANDOFF").ok()
@@ -31,5 +36,23 @@ pub fn handoff_fault() -> Option<String> {
 #[cfg(not(debug_assertions))]
 #[inline(always)]
 pub fn handoff_fault() -> Option<String> {
+    None
+}
+
+/// How long a hot upgrade's old process waits for the new one to be ready
+/// to serve, in debug builds when `HOOKSTREAM_DEBUG_HANDOFF_WAIT_MS` says
+/// (tests of a new process that goes silent).
+#[cfg(debug_assertions)]
+pub fn handoff_wait() -> Option<std::time::Duration> {
+    std::env::var("HOOKSTREAM_DEBUG_HANDOFF_WAIT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(std::time::Duration::from_millis)
+}
+
+/// Release builds: the built-in bound.
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn handoff_wait() -> Option<std::time::Duration> {
     None
 }

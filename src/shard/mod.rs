@@ -86,14 +86,24 @@ pub enum ShardMessage {
         /// Where the snapshot goes.
         reply: std::sync::mpsc::Sender<(usize, upgrade::Snapshot)>,
     },
-    /// The upgrade failed: serve again (`upgrade::thaw`).
+    /// The upgrade failed: take the log back if it was handed over and
+    /// serve again (`upgrade::thaw`).
     Thaw,
+    /// The new process read the state: commit what waits, close the admin
+    /// connections once answered (`upgrade::hand`).
+    Hand {
+        /// Answered once no admin request is in progress.
+        reply: std::sync::mpsc::Sender<(usize, ())>,
+    },
     /// The new process took over: let go (`upgrade::retire`).
     Retire {
         /// Answered once no admin request is in progress.
         reply: std::sync::mpsc::Sender<(usize, ())>,
     },
-    /// Every shard retired: commit what is queued and hand the log over
+    /// In the new process: the old one committed the handover; start
+    /// serving (the shard waits for it after its startup).
+    Go,
+    /// Every shard hands over: commit what is queued and hand the log over
     /// (`upgrade::release`).
     Release {
         /// Answered once the log is released.

@@ -44,7 +44,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: RawFd) {
     loop {
         match shard.handover.phase() {
             Phase::Retiring => return,
-            Phase::Frozen => {
+            Phase::Frozen | Phase::Handing => {
                 shard.handover.wait_change().await;
                 continue;
             }

@@ -193,7 +193,7 @@ async fn close_requested(shard: &Shard) {
 pub async fn run(shard: Rc<Shard>) {
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_MAX];
     loop {
-        if shard.handover.phase() == super::upgrade::Phase::Frozen {
+        if shard.handover.frozen() {
             // A hot upgrade froze the shard: nothing is read (what the
             // clients send stays in the sockets for whichever process
             // serves next) and nothing is closed.
@@ -233,7 +233,7 @@ pub async fn run(shard: Rc<Shard>) {
 /// one a turn later, so a ping arriving mid-walk would otherwise wait two
 /// or three preemption periods (10-15 ms) instead of one part (about 2 ms).
 pub fn serve_ready(shard: &Shard, events: &mut [libc::epoll_event]) -> usize {
-    if shard.handover.phase() == super::upgrade::Phase::Frozen {
+    if shard.handover.frozen() {
         return 0;
     }
     // SAFETY: epoll_wait into the caller's buffer, without blocking.

@@ -48,6 +48,11 @@ struct Shared {
     /// Connections handed over by the previous process (hot upgrade), per
     /// owner shard, taken by each shard as it starts.
     adopted: std::sync::Mutex<Vec<Vec<(std::os::unix::io::RawFd, crate::handoff::ConnRecord)>>>,
+    /// Hot upgrade: the old process still holds every connection until it
+    /// commits the handover; each shard starts up (log, registry, adopted
+    /// connections registered), reports ready and then waits for
+    /// `ShardMessage::Go` before it reads, writes or accepts anything.
+    gated: bool,
     /// The NATS bridge in cluster mode.
     bridge: Option<Arc<crate::cluster::Bridge>>,
 }
@@ -77,6 +82,7 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
     // (Loaded before the HELLO, which is when the old process freezes:
     // none of it lengthens the pause.)
     if let Some(channel) = crate::handoff::Channel::from_env() {
+        crate::handoff::trace("new: started");
         let channel = channel?;
         let prepared = match prepare(&mut config) {
             Ok(prepared) => prepared,
@@ -139,12 +145,21 @@ fn prepare(config: &mut Config) -> Result<Prepared, String> {
 /// Startup from the lock on, then serving until a signal.
 fn serve(
     mut config: Config,
-    inherited: Option<upgrade_process::Inherited>,
+    mut inherited: Option<upgrade_process::Inherited>,
     prepared: Option<Prepared>,
     connections_max: usize,
     on_ready: impl FnOnce(&Config, &str),
 ) -> Result<(), String> {
-    let mut lock = Some(lock_data_dir(&config.data_dir)?);
+    // A hot upgrade's old process shares its lock (the same open file,
+    // whose flock then holds as long as either process does) and keeps
+    // every connection until it commits; an old process from before the
+    // commit handshake let go of both already.
+    let shared_lock = inherited.as_mut().and_then(|i| i.lock.take());
+    let gated = shared_lock.is_some();
+    let mut lock = Some(match shared_lock {
+        Some(lock) => lock,
+        None => lock_data_dir(&config.data_dir)?,
+    });
     // glommio opens history directories with openat(-1, path), which only
     // works for absolute paths: `prepare` resolves `./hookstream-data`
     // (the default) once, for every file API alike. A TLS pair that does
@@ -295,8 +310,10 @@ fn serve(
         tls: tls.clone(),
         listeners,
         adopted: std::sync::Mutex::new(adopted),
+        gated,
         bridge,
     });
+    crate::handoff::trace("new: starting the shards");
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -326,6 +343,14 @@ fn serve(
         let left = startup_deadline.saturating_duration_since(Instant::now());
         match ready_rx.recv_timeout(left) {
             Ok(Ok(())) => {}
+            Ok(Err(message)) if gated => {
+                // The old process serves on (it sees this one exit): no
+                // shard may drain, which would close its connections.
+                if let Some(control) = &control {
+                    let _ = control.send(crate::handoff::kind::FAILED, message.as_bytes(), &[]);
+                }
+                return Err(message);
+            }
             Ok(Err(message)) => {
                 stop_shards(&mesh, shards);
                 return Err(message);
@@ -338,6 +363,23 @@ fn serve(
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 return Err(glommio_error("a shard stopped during startup"));
+            }
+        }
+    }
+    if let (true, Some(control)) = (gated, &control) {
+        crate::handoff::trace("new: every shard ready, sending PREPARED");
+        await_commit(control)?;
+        crate::handoff::trace("new: COMMIT received");
+        for id in 0..shards {
+            let _ = mesh.send_to(id, ShardMessage::Go);
+        }
+        // SERVING (and the old process's "frozen for") once every shard
+        // took its connections up; bounded, the commit is made anyway.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for _ in 0..shards {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if ready_rx.recv_timeout(left).is_err() {
+                break;
             }
         }
     }
@@ -378,11 +420,10 @@ fn serve(
             "hookstream: took over {count} connection(s) from the previous process (hot upgrade)"
         ));
         upgrade_process::notify_systemd(&format!("MAINPID={}\nREADY=1", std::process::id()));
-        let _ = control.send(
-            crate::handoff::kind::SERVING,
-            &std::process::id().to_le_bytes(),
-            &[],
-        );
+        let mut serving = std::process::id().to_le_bytes().to_vec();
+        serving.extend_from_slice(&crate::handoff::monotonic_ns().to_le_bytes());
+        let _ = control.send(crate::handoff::kind::SERVING, &serving, &[]);
+        crate::handoff::trace("new: SERVING sent");
     } else {
         upgrade_process::notify_systemd("READY=1");
     }
@@ -495,6 +536,54 @@ fn serve(
     Ok(())
 }
 
+/// In a hot upgrade's new process, once every shard is ready (and none has
+/// read or written a byte of a connection): says PREPARED and waits
+/// (bounded) for the old process to commit the handover. Anything else
+/// ends this process without a drain (the old process serves on).
+fn await_commit(control: &crate::handoff::Channel) -> Result<(), String> {
+    use crate::handoff::kind;
+    match super::fault::handoff_fault().as_deref() {
+        // SAFETY: _exit ends the process at once (no exit handlers racing
+        // the running shards: the status is the one asked for).
+        Some("exit-when-prepared") => unsafe { libc::_exit(5) },
+        Some("hang-when-prepared") => loop {
+            std::thread::sleep(Duration::from_secs(1));
+        },
+        Some("slow-when-prepared") => std::thread::sleep(Duration::from_secs(12)),
+        _ => {}
+    }
+    control
+        .send(kind::PREPARED, b"", &[])
+        .map_err(|e| format!("handoff: the old process went away before the commit: {e}"))?;
+    match control.receive(upgrade_process::COMMIT_TIMEOUT) {
+        Ok(Some((kind::COMMIT, _, _))) => Ok(()),
+        // Never served without the commit: the end of the channel may be
+        // the old process serving on (it stopped this process's parent, a
+        // wrapper that did not exec, say) as well as its death.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err("handoff: the old process ended the handoff before it committed".to_string())
+        }
+        Ok(Some((kind::FAILED, body, _))) => Err(format!(
+            "handoff: the old process gave up: {}",
+            String::from_utf8_lossy(&body)
+        )),
+        Ok(Some((other, _, fds))) => {
+            for fd in fds {
+                // SAFETY: received descriptors we own.
+                unsafe { libc::close(fd) };
+            }
+            Err(format!(
+                "handoff: unexpected message {other} before the commit"
+            ))
+        }
+        Ok(None) => Err(format!(
+            "handoff: the old process did not commit within {} s",
+            upgrade_process::COMMIT_TIMEOUT.as_secs()
+        )),
+        Err(e) => Err(format!("handoff: {e}")),
+    }
+}
+
 /// Triggers every shard's shutdown signal, through its inbox (a shard that
 /// already stopped refuses the message; nothing else to do for it).
 fn stop_shards(mesh: &mesh::Mesh, shards: usize) {
@@ -534,6 +623,9 @@ async fn shard_main(
         age_ms: config.history_age_ms,
     };
     let shutdown = crate::shutdown::Shutdown::new();
+    if shared.gated {
+        crate::handoff::trace(&format!("new: shard {id} opening the log"));
+    }
     let history = match &shared.bridge {
         Some(bridge) => crate::history::History::new(
             crate::history::Backend::Cluster(crate::history::JetStreamLog::new(
@@ -594,16 +686,13 @@ async fn shard_main(
         },
     });
     let (public_listener, admin_listener) = shared.listeners[id];
-    // Connections handed over by the previous process (hot upgrade).
-    let adopted = std::mem::take(&mut shared.adopted.lock().expect("not poisoned")[id]);
-    for (fd, record) in adopted {
-        upgrade::adopt_record(&shard, fd, record);
-    }
+    let go = Rc::new(crate::notify::Notify::default());
 
     // Messages from the other shards.
     let mesh_task = {
         let shard = shard.clone();
         let mesh = mesh.clone();
+        let go = go.clone();
         glommio::spawn_local(async move {
             loop {
                 for message in mesh.receive(shard.id).await {
@@ -619,6 +708,15 @@ async fn shard_main(
                             .detach();
                         }
                         ShardMessage::Thaw => upgrade::thaw(&shard),
+                        ShardMessage::Go => go.notify(),
+                        ShardMessage::Hand { reply } => {
+                            let shard = shard.clone();
+                            glommio::spawn_local(async move {
+                                upgrade::hand(&shard).await;
+                                let _ = reply.send((shard.id, ()));
+                            })
+                            .detach();
+                        }
                         ShardMessage::Retire { reply } => {
                             let shard = shard.clone();
                             glommio::spawn_local(async move {
@@ -670,6 +768,47 @@ async fn shard_main(
         })
     };
 
+    // Connections handed over by the previous process (hot upgrade):
+    // registered now, read and written once it committed (`Go`). In
+    // cluster mode their orgs are followed first (the inbox runs: the
+    // follow's start comes through it), so that each channel's gap is
+    // known; an org that cannot be followed fails the startup, and the old
+    // process serves on.
+    let records = std::mem::take(&mut shared.adopted.lock().expect("not poisoned")[id]);
+    if shard.cluster.is_some() && !records.is_empty() {
+        let orgs: std::collections::BTreeSet<&str> =
+            records.iter().map(|(_, r)| r.org_id.as_str()).collect();
+        if let Err(e) = super::cluster::follow_all(&shard, orgs).await {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    }
+    if shared.gated {
+        crate::handoff::trace(&format!("new: shard {id} log open, adopting"));
+    }
+    let adopted: Vec<upgrade::Adopted> = records
+        .into_iter()
+        .map(|(fd, record)| upgrade::adopt_record(&shard, fd, record))
+        .collect();
+    if shared.gated {
+        crate::handoff::trace(&format!("new: shard {id} adopted"));
+    }
+    if shared.gated {
+        // Ready, and nothing touched: the main thread tells the old
+        // process, which commits the handover (or gives up and ends this
+        // process).
+        let _ = ready.send(Ok(()));
+        if go.generation() == 0 {
+            go.wait(0).await;
+        }
+    }
+    upgrade::start_adopted(&shard, adopted);
+    if shared.gated {
+        crate::handoff::trace(&format!("new: shard {id} serves"));
+        // Once more: the main thread says SERVING when every shard serves.
+        let _ = ready.send(Ok(()));
+    }
+
     // Tasks that end when the shutdown starts: the accept loops (closing
     // their listeners), the heartbeat, the key reload, the demo traffic.
     let stopping_tasks = [
@@ -709,7 +848,9 @@ async fn shard_main(
     let reactor_task = glommio::spawn_local(reactor::run(shard.clone()));
     // Writes the keys used until the shutdown, then once more.
     let last_used = glommio::spawn_local(access::last_used_loop(shard.clone()));
-    let _ = ready.send(Ok(()));
+    if !shared.gated {
+        let _ = ready.send(Ok(()));
+    }
 
     shutdown.wait().await;
     upgrade::close_let_go(&shard);

@@ -28,6 +28,12 @@ pub enum Phase {
     /// Frozen: no accept, no read, no write, no commit; the connections
     /// were written out for a new process, which may still fail.
     Frozen,
+    /// The new process read the state: still no accept, read or write on
+    /// a WebSocket connection, but the committer commits what publishes
+    /// wait (their frames are queued to the frozen connections, for a
+    /// thaw) and the admin connections close once answered, so that the
+    /// log can be handed over. Everything can still be taken back.
+    Handing,
     /// The new process took the connections: this shard lets go of its
     /// listeners, commits what publishes it has, and drains.
     Retiring,
@@ -43,7 +49,7 @@ pub struct Handover {
     pub committer_at_rest: Cell<bool>,
     /// The connections written out at the freeze.
     handed: RefCell<Vec<ConnKey>>,
-    /// Admin requests between their complete head and their answer.
+    /// Admin requests between their first byte and their answer.
     pub admin_requests: Cell<usize>,
     /// Upgrades authenticated while frozen, adopted at the thaw.
     deferred: RefCell<Vec<Handoff>>,
@@ -66,9 +72,21 @@ impl Handover {
         self.phase.get() == Phase::Serving
     }
 
+    /// True while no WebSocket connection is read from or written to
+    /// (frozen or handing over).
+    pub fn frozen(&self) -> bool {
+        matches!(self.phase.get(), Phase::Frozen | Phase::Handing)
+    }
+
+    /// True while admin connections close once answered (handing over or
+    /// retiring): a publish is taken only when it can be committed.
+    pub fn closing_admin(&self) -> bool {
+        matches!(self.phase.get(), Phase::Handing | Phase::Retiring)
+    }
+
     fn set(&self, phase: Phase) {
         self.phase.set(phase);
-        super::writer::hold_writes(phase == Phase::Frozen);
+        super::writer::hold_writes(matches!(phase, Phase::Frozen | Phase::Handing));
         self.changed.notify();
     }
 
@@ -81,7 +99,7 @@ impl Handover {
     /// Keeps an upgrade that arrived while frozen for the thaw; false when
     /// not frozen.
     pub fn defer(&self, handoff: Handoff) -> Result<(), Handoff> {
-        if self.phase.get() == Phase::Frozen {
+        if self.frozen() {
             self.deferred.borrow_mut().push(handoff);
             Ok(())
         } else {
@@ -179,9 +197,26 @@ pub async fn freeze(shard: &Shard) -> Snapshot {
     snapshot
 }
 
+/// The new process read the state: commit what publishes wait (queued to
+/// the frozen connections, written only after a thaw) and wait (bounded)
+/// until no admin request is in progress, every admin connection closing
+/// once answered. Every WebSocket connection stays this shard's, frozen.
+pub async fn hand(shard: &Shard) {
+    shard.handover.set(Phase::Handing);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while shard.handover.admin_requests.get() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// The upgrade failed: serve everything again as if nothing happened
-/// (the written-out connections were never touched by anyone else).
+/// (the written-out connections were never touched by anyone else; a new
+/// process that was handed the log was stopped before it wrote to it).
+/// Frames the committer queued while handing over are written now: a
+/// socket that refused them while writes were held waits for
+/// writability, which the reactor sees at once.
 pub fn thaw(shard: &Shard) {
+    shard.history.unrelease();
     shard.handover.handed.borrow_mut().clear();
     shard.handover.set(Phase::Serving);
     let deferred = std::mem::take(&mut *shard.handover.deferred.borrow_mut());
@@ -196,6 +231,7 @@ pub fn thaw(shard: &Shard) {
 /// are queued, and wait (bounded) until no admin request is in progress,
 /// so every publish this process took is answered.
 pub async fn retire(shard: &Shard) {
+    shard.history.hand_off();
     let handed = std::mem::take(&mut *shard.handover.handed.borrow_mut());
     {
         let mut registry = shard.registry.borrow_mut();
@@ -264,21 +300,39 @@ pub async fn release(shard: &Shard) {
     shard.history.release();
 }
 
+/// A connection adopted from the old process, registered and not yet
+/// touched: [`start_adopted`] reads and writes it once the old process
+/// committed the handover.
+pub enum Adopted {
+    /// Registered; `has_input`: partial input waits (complete frames may
+    /// already be behind it in the socket).
+    Registered {
+        /// The connection.
+        key: ConnKey,
+        /// A partial frame or an open message was restored.
+        has_input: bool,
+    },
+    /// Over a limit this process was started with: closed with 1012 at
+    /// the start (the client resumes).
+    Refused(RawFd),
+    /// Gone already (its registration failed).
+    Gone,
+}
+
 /// In the new process: registers a connection written out by the old one
 /// (owned `fd`), with no 101 and no welcome (it had those), its queued
 /// bytes first, its partial input restored; its subscriptions go live at
 /// once when the log holds nothing above their position, else through a
 /// replay from it (the publishes the old process committed after it
-/// froze).
-pub fn adopt_record(shard: &Shard, fd: RawFd, record: ConnRecord) {
+/// froze). Reads and writes nothing: until the old process commits the
+/// handover it may still serve the connection itself.
+pub fn adopt_record(shard: &Shard, fd: RawFd, record: ConnRecord) -> Adopted {
     let added = shard
         .registry
         .borrow_mut()
         .add(&record.org_id, &record.key_id, fd);
     let Ok((key, _)) = added else {
-        // Over a limit this process was started with: the client resumes.
-        send_close(fd, CloseCode::SERVICE_RESTART);
-        return;
+        return Adopted::Refused(fd);
     };
     {
         let mut registry = shard.registry.borrow_mut();
@@ -298,7 +352,7 @@ pub fn adopt_record(shard: &Shard, fd: RawFd, record: ConnRecord) {
     }
     if shard.reactor.add(fd, key).is_err() {
         reactor::remove_now(shard, key);
-        return;
+        return Adopted::Gone;
     }
     let org_id: Rc<str> = record.org_id.as_str().into();
     let committed = shard.history.committed(&org_id);
@@ -351,10 +405,26 @@ pub fn adopt_record(shard: &Shard, fd: RawFd, record: ConnRecord) {
             .borrow_mut()
             .request_close(key, CloseCode::KEY_REVOKED);
     }
-    super::flush_one(&mut shard.registry.borrow_mut(), &shard.reactor, key);
-    if has_input {
-        // Complete frames may already wait behind the partial bytes.
-        reactor::read_ready(shard, key, false);
+    Adopted::Registered { key, has_input }
+}
+
+/// In the new process, once the old one committed the handover: writes
+/// what the adopted connections have queued, reads what waits behind a
+/// partial frame, closes the refused ones with 1012.
+pub fn start_adopted(shard: &Shard, adopted: Vec<Adopted>) {
+    for adoption in adopted {
+        match adoption {
+            Adopted::Registered { key, has_input } => {
+                super::flush_one(&mut shard.registry.borrow_mut(), &shard.reactor, key);
+                if has_input {
+                    // Complete frames may already wait behind the partial
+                    // bytes.
+                    reactor::read_ready(shard, key, false);
+                }
+            }
+            Adopted::Refused(fd) => send_close(fd, CloseCode::SERVICE_RESTART),
+            Adopted::Gone => {}
+        }
     }
 }
 
@@ -390,7 +460,7 @@ pub async fn accept_loop(
     loop {
         match shard.handover.phase() {
             Phase::Retiring => return,
-            Phase::Frozen => {
+            Phase::Frozen | Phase::Handing => {
                 shard.handover.wait_change().await;
                 continue;
             }

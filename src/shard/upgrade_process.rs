@@ -1,12 +1,14 @@
 //! The hot upgrade, the process's part (docs/ARCHITECTURE.md, "Hot
 //! upgrade"): in the serving process, on SIGUSR2, start the binary now at
 //! its own path with one end of a control channel, freeze the shards, pass
-//! the listeners and the connections, and either retire (the new process
-//! serves) or thaw (it failed; nothing noticed); in the new process, take
+//! the listeners and the connections, hand the log over, and either commit
+//! (once the new process is ready to serve: this one retires) or thaw (it
+//! failed, died or went silent before: it is stopped, this process takes
+//! the log back and serves on; nothing noticed); in the new process, take
 //! the state before anything else. The outcome is written to
 //! `<data-dir>/hookstream.upgrade` for `hookstream upgrade`.
 
-use std::os::unix::io::RawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -22,8 +24,18 @@ use crate::handoff::{self, kind, Channel, ConnRecord};
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the new binary has to read the state.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the new binary has, once the log is released, to serve.
-const SERVING_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the new binary has, once the log is released, to open it,
+/// start its shards and register the connections (PREPARED). Past it, it
+/// is stopped and this process serves on.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the new binary waits, once PREPARED, for the commit.
+pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the new binary has, once committed, to say it serves (it
+/// serves already: this only bounds the wait for its pid).
+const SERVING_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the new binary of the previous handshake (no commit) has,
+/// once the log is released, to serve.
+const RELEASED_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a shard has to answer a step.
 const SHARD_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -44,11 +56,12 @@ pub enum Outcome {
         /// client was served.
         frozen: Duration,
     },
-    /// Nothing was handed over: this process serves on, unchanged.
+    /// Nothing was handed over: this process serves on, unchanged (a new
+    /// process that had been handed the log was stopped first).
     Failed(String),
-    /// The new process failed after this one let go of the connections
-    /// and the log: this process cannot serve them any more and exits
-    /// (a supervisor restarts it; clients reconnect and resume).
+    /// The new process failed after the commit: this process let go of
+    /// the connections and cannot serve them any more, and exits (a
+    /// supervisor restarts it; clients reconnect and resume).
     Lost(String),
 }
 
@@ -98,9 +111,19 @@ fn spawn(exe: &Path, theirs: &Channel) -> Result<Child, String> {
             Ok(())
         });
     }
-    command
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", exe.display()))
+    // A file being installed is "busy" until the last writer closes it
+    // (or a process forked meanwhile by the installer execs): try again
+    // for up to a second.
+    let mut tries = 0;
+    loop {
+        match command.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            spawned => return spawned.map_err(|e| format!("cannot start {}: {e}", exe.display())),
+        }
+    }
 }
 
 /// Waits for a message of kind `want` from the new process; `what` is
@@ -114,18 +137,21 @@ fn expect(
 ) -> Result<Vec<u8>, String> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("the new binary exited ({status}) before it {what}"));
-        }
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(format!(
-                "the new binary did not {to_do} within {} s",
-                timeout.as_secs()
-            ));
-        }
+        // What it sent before it exited is read first: a message already
+        // sent counts, whatever the process did next.
         match channel.receive(left.min(Duration::from_millis(100))) {
-            Ok(None) => continue,
+            Ok(None) => {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(format!("the new binary exited ({status}) before it {what}"));
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "the new binary did not {to_do} within {} s",
+                        timeout.as_secs()
+                    ));
+                }
+            }
             Ok(Some((kind, body, fds))) => {
                 close_all(&fds);
                 if kind == want {
@@ -142,20 +168,27 @@ fn expect(
                 ));
             }
             Err(_) => {
-                // Gone: report its exit status when it has one.
-                let deadline = Instant::now() + Duration::from_millis(500);
-                while Instant::now() < deadline {
-                    if let Ok(Some(status)) = child.try_wait() {
-                        return Err(format!("the new binary exited ({status}) before it {what}"));
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                return Err(format!(
-                    "the new binary closed the channel before it {what}"
-                ));
+                return Err(gone(
+                    child,
+                    what,
+                    format!("the new binary closed the channel before it {what}"),
+                ))
             }
         }
     }
+}
+
+/// Why the new binary is gone: its exit status when it has one (within
+/// half a second), else `otherwise`.
+fn gone(child: &mut Child, what: &str, otherwise: String) -> String {
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return format!("the new binary exited ({status}) before it {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    otherwise
 }
 
 fn close_all(fds: &[RawFd]) {
@@ -203,8 +236,28 @@ fn thaw_all(old: &Old<'_>) {
     }
 }
 
+/// The new process did not get to serve: it is stopped (and reaped, so
+/// that no copy of a socket or of the log is left with it) before this
+/// process takes the log back and serves on.
+fn fail_back(old: &Old<'_>, channel: &Channel, child: &mut Child, reason: String) -> Outcome {
+    // Said first, for a process that outlives its stopped parent (a
+    // wrapper that did not exec): it exits without serving.
+    let _ = channel.send(kind::FAILED, reason.as_bytes(), &[]);
+    stop_child(child);
+    thaw_all(old);
+    Outcome::Failed(reason)
+}
+
+/// How long to wait for PREPARED: [`PREPARE_TIMEOUT`], or in debug builds
+/// what `HOOKSTREAM_DEBUG_HANDOFF_WAIT_MS` says (tests of a silent new
+/// process).
+fn prepare_timeout() -> Duration {
+    super::fault::handoff_wait().unwrap_or(PREPARE_TIMEOUT)
+}
+
 /// The upgrade, in the old process's main thread (see the module doc).
 pub fn perform(old: Old<'_>) -> Outcome {
+    handoff::trace("old: upgrade starts");
     let exe = match own_exe() {
         Ok(exe) => exe,
         Err(e) => return Outcome::Failed(e),
@@ -244,7 +297,8 @@ pub fn perform(old: Old<'_>) -> Outcome {
 
     // Freeze: from here until the thaw or the retirement, no shard
     // accepts, reads, writes or commits.
-    let frozen_at = Instant::now();
+    handoff::trace("old: HELLO received, freezing");
+    let frozen_at = handoff::monotonic_ns();
     let snapshots: Vec<Snapshot> = match ask_shards(&old, |reply| ShardMessage::Freeze { reply }) {
         Ok(snapshots) => snapshots,
         Err(e) => {
@@ -253,7 +307,9 @@ pub fn perform(old: Old<'_>) -> Outcome {
             return Outcome::Failed(format!("cannot freeze the shards: {e}"));
         }
     };
+    handoff::trace("old: frozen, records written out");
     let sent = send_state(&ours, &old, &snapshots);
+    handoff::trace("old: state sent");
     let ready = sent.and_then(|()| {
         expect(
             &ours,
@@ -272,39 +328,98 @@ pub fn perform(old: Old<'_>) -> Outcome {
         return Outcome::Failed(e);
     }
 
-    // The commit point: the connections are the new process's.
-    if let Err(e) = ask_shards(&old, |reply| ShardMessage::Retire { reply }) {
-        stop_child(&mut child);
-        return Outcome::Lost(format!("a shard did not retire: {e}"));
+    // Hand over: every shard commits what waits (queued to its frozen
+    // connections), closes its admin connections once answered, and stops
+    // appending. It still holds every connection, and the data
+    // directory's lock, which the new process shares from here.
+    handoff::trace("old: READY received");
+    if let Err(e) = ask_shards(&old, |reply| ShardMessage::Hand { reply }) {
+        return fail_back(
+            &old,
+            &ours,
+            &mut child,
+            format!("a shard did not hand over: {e}"),
+        );
     }
     if let Err(e) = ask_shards(&old, |reply| ShardMessage::Release { reply }) {
-        stop_child(&mut child);
-        return Outcome::Lost(format!("a shard did not release the log: {e}"));
+        return fail_back(
+            &old,
+            &ours,
+            &mut child,
+            format!("a shard did not release the log: {e}"),
+        );
     }
-    drop(old.lock.take());
-    if let Err(e) = ours.send(kind::RELEASED, b"", &[]) {
-        stop_child(&mut child);
-        return Outcome::Lost(format!("cannot tell the new process to serve: {e}"));
+    handoff::trace("old: log released");
+    let lock_fd: Vec<RawFd> = old.lock.iter().map(|file| file.as_raw_fd()).collect();
+    if let Err(e) = ours.send(kind::RELEASED, b"", &lock_fd) {
+        let reason = gone(
+            &mut child,
+            "was ready to serve",
+            format!("cannot hand the log over to the new binary: {e}"),
+        );
+        return fail_back(&old, &ours, &mut child, reason);
     }
-    match expect(
+    if let Err(e) = expect(
+        &ours,
+        &mut child,
+        kind::PREPARED,
+        ("was ready to serve", "get ready to serve"),
+        prepare_timeout(),
+    ) {
+        return fail_back(&old, &ours, &mut child, e);
+    }
+
+    // The commit point: from the COMMIT on, the connections are the new
+    // process's (a send that fails never reached it: it is gone).
+    handoff::trace("old: PREPARED received");
+    if let Err(e) = ours.send(kind::COMMIT, b"", &[]) {
+        let reason = gone(
+            &mut child,
+            "was ready to serve",
+            format!("the new binary went away before the commit: {e}"),
+        );
+        return fail_back(&old, &ours, &mut child, reason);
+    }
+    handoff::trace("old: COMMIT sent");
+    // The shards stay in `Phase::Handing` (touching no connection) while
+    // the new process starts serving; their retirement (ten thousand
+    // records and epoll registrations dropped) would only compete with it
+    // for a core.
+    let serving = expect(
         &ours,
         &mut child,
         kind::SERVING,
         ("served", "serve"),
         SERVING_TIMEOUT,
-    ) {
+    );
+    handoff::trace("old: SERVING received");
+    let retired = ask_shards(&old, |reply| ShardMessage::Retire { reply });
+    handoff::trace("old: retired");
+    drop(old.lock.take());
+    let connections = snapshots.iter().map(|s| s.fds.len()).sum();
+    if let Err(e) = &retired {
+        // The new process serves: only this one's cleanup is cut short
+        // (it exits anyway).
+        crate::log::warn(format_args!(
+            "hookstream: upgrade: a shard did not retire: {e}"
+        ));
+    }
+    match serving {
         Ok(body) => Outcome::Serving {
             pid: match body.get(..4) {
                 Some(bytes) => u32::from_le_bytes(bytes.try_into().expect("4 bytes")),
                 None => child.id(),
             },
-            connections: snapshots.iter().map(|s| s.fds.len()).sum(),
-            frozen: frozen_at.elapsed(),
+            connections,
+            frozen: Duration::from_nanos(
+                match body.get(4..12) {
+                    Some(bytes) => u64::from_le_bytes(bytes.try_into().expect("8 bytes")),
+                    None => handoff::monotonic_ns(),
+                }
+                .saturating_sub(frozen_at),
+            ),
         },
-        Err(e) => {
-            stop_child(&mut child);
-            Outcome::Lost(e)
-        }
+        Err(e) => Outcome::Lost(e),
     }
 }
 
@@ -337,8 +452,12 @@ fn send_state(channel: &Channel, old: &Old<'_>, snapshots: &[Snapshot]) -> Resul
 
 /// What the new process was handed.
 pub struct Inherited {
-    /// The control channel, to say SERVING on.
+    /// The control channel, to say PREPARED and SERVING on.
     pub channel: Channel,
+    /// The data directory's lock, shared with the old process until it
+    /// commits; `None` from an old process of the previous handshake,
+    /// which let go of it (and of the connections) already.
+    pub lock: Option<std::fs::File>,
     /// (public, admin) listeners, one pair per shard of the old process.
     pub listeners: Vec<(RawFd, RawFd)>,
     /// The connections: their sockets (owned) and records.
@@ -358,6 +477,7 @@ pub struct Received {
 /// process (which serves on) and ends this one.
 pub fn receive(channel: Channel) -> Result<Received, String> {
     let fault = super::fault::handoff_fault();
+    handoff::trace("new: sending HELLO");
     let hello = match fault.as_deref() {
         Some("reads-9") => 9u16.to_le_bytes().to_vec(),
         _ => handoff::hello_body(),
@@ -365,7 +485,9 @@ pub fn receive(channel: Channel) -> Result<Received, String> {
     channel
         .send(kind::HELLO, &hello, &[])
         .map_err(|e| format!("handoff: cannot reach the old process: {e}"))?;
-    match receive_state(&channel) {
+    let state = receive_state(&channel);
+    handoff::trace("new: state received");
+    match state {
         Ok(_) if fault.as_deref() == Some("exit-after-state") => std::process::exit(3),
         Ok((listeners, connections)) => Ok(Received {
             channel,
@@ -389,20 +511,35 @@ impl Received {
         }
     }
 
-    /// Says READY (from here the connections are this process's) and
-    /// waits until the old process let go of the log and the data
-    /// directory's lock.
+    /// Says READY and waits until the old process stopped appending to
+    /// the log. The connections are not this process's yet: the old one
+    /// still holds them (and the data directory's lock, whose descriptor
+    /// comes with RELEASED) until it commits (see `run::await_commit`).
     pub fn confirm(self) -> Result<Inherited, String> {
         if let Err(e) = self.channel.send(kind::READY, b"", &[]) {
             self.give_back();
             return Err(format!("handoff: the old process went away: {e}"));
         }
-        match self.channel.receive(SERVING_TIMEOUT) {
-            Ok(Some((kind::RELEASED, _, _))) => Ok(Inherited {
-                channel: self.channel,
-                listeners: self.listeners,
-                connections: self.connections,
-            }),
+        if super::fault::handoff_fault().as_deref() == Some("exit-after-ready") {
+            // SAFETY: _exit ends the process at once.
+            unsafe { libc::_exit(4) };
+        }
+        match self.channel.receive(RELEASED_TIMEOUT) {
+            Ok(Some((kind::RELEASED, _, mut fds))) => {
+                handoff::trace("new: RELEASED received");
+                use std::os::unix::io::FromRawFd;
+                let lock = fds.pop().map(|fd| {
+                    // SAFETY: a received descriptor we own.
+                    unsafe { std::fs::File::from_raw_fd(fd) }
+                });
+                close_all(&fds);
+                Ok(Inherited {
+                    channel: self.channel,
+                    lock,
+                    listeners: self.listeners,
+                    connections: self.connections,
+                })
+            }
             other => {
                 self.give_back();
                 Err(match other {

@@ -330,7 +330,19 @@ pub fn spawn_serve_with_env(
 /// up to `timeout` for its listening line.
 pub fn spawn_command(mut command: Command, timeout: Duration) -> Result<Spawned, StartError> {
     command.stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut child = command.spawn().expect("spawn hookstream serve");
+    // A binary copied a moment ago (a test's own copy) is "busy" while a
+    // process another test thread forked meanwhile still holds the copy's
+    // descriptor, until that process execs: try again shortly.
+    let mut tries = 0;
+    let mut child = loop {
+        match command.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            spawned => break spawned.expect("spawn hookstream serve"),
+        }
+    };
     let stderr = child.stderr.take().expect("stderr is piped");
     let lines = Arc::new(Mutex::new(Vec::new()));
     let (ready_tx, ready_rx) = mpsc::channel();
