@@ -11,17 +11,13 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-/// Replaces the file at `path` with `bytes` by way of `temp`: written with
-/// mode 0600 and fsynced, then renamed over `path`, so a reader sees the
-/// old file or the new one, never part of either. (Making the rename
-/// durable, by syncing the directory, is the caller's choice.) An error
-/// names the file it happened on.
-pub(crate) fn replace_private_file(
+/// Writes `bytes` to a new file at `temp` with mode 0600 and fsyncs it. An
+/// error names the file.
+pub(crate) fn write_private_file(
     temp: &Path,
-    path: &Path,
     bytes: &[u8],
 ) -> Result<(), (PathBuf, std::io::Error)> {
-    let written = OpenOptions::new()
+    OpenOptions::new()
         .create(true)
         .truncate(true)
         .write(true)
@@ -30,7 +26,20 @@ pub(crate) fn replace_private_file(
         .and_then(|mut out| {
             out.write_all(bytes)?;
             out.sync_all()
-        });
-    written.map_err(|e| (temp.to_path_buf(), e))?;
+        })
+        .map_err(|e| (temp.to_path_buf(), e))
+}
+
+/// Replaces the file at `path` with `bytes` by way of `temp`
+/// ([`write_private_file`], then renamed over `path`), so a reader sees the
+/// old file or the new one, never part of either. (Making the rename
+/// durable, by syncing the directory, is the caller's choice.) An error
+/// names the file it happened on.
+pub(crate) fn replace_private_file(
+    temp: &Path,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(), (PathBuf, std::io::Error)> {
+    write_private_file(temp, bytes)?;
     fs::rename(temp, path).map_err(|e| (path.to_path_buf(), e))
 }

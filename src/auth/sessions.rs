@@ -15,9 +15,8 @@
 //! dot, so the split is unambiguous; every character is a cookie-octet
 //! (RFC 6265 §4.1.1), so the value needs no quoting.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use base64::Engine;
@@ -98,18 +97,8 @@ impl SessionSigner {
         // reader never sees a half-written secret and the loser of a race
         // reads the winner's.
         let temp = data_dir.join(format!("{SECRET_FILE}.{}.tmp", std::process::id()));
-        {
-            let mut out = OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .mode(0o600)
-                .open(&temp)
-                .map_err(|e| format!("{}: {e}", temp.display()))?;
-            out.write_all(text.as_bytes())
-                .and_then(|()| out.sync_all())
-                .map_err(|e| format!("{}: {e}", temp.display()))?;
-        }
+        super::write_private_file(&temp, text.as_bytes())
+            .map_err(|(file, e)| format!("{}: {e}", file.display()))?;
         let linked = fs::hard_link(&temp, &path);
         let _ = fs::remove_file(&temp);
         match linked {
@@ -135,19 +124,8 @@ impl SessionSigner {
         let path = data_dir.join(SECRET_FILE);
         let signer = Self::decode(Path::new("the cluster's session secret"), text)?;
         let temp = data_dir.join(format!("{SECRET_FILE}.{}.tmp", std::process::id()));
-        {
-            let mut out = OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .mode(0o600)
-                .open(&temp)
-                .map_err(|e| format!("{}: {e}", temp.display()))?;
-            out.write_all(text.as_bytes())
-                .and_then(|()| out.sync_all())
-                .map_err(|e| format!("{}: {e}", temp.display()))?;
-        }
-        fs::rename(&temp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+        super::replace_private_file(&temp, &path, text.as_bytes())
+            .map_err(|(file, e)| format!("{}: {e}", file.display()))?;
         Ok(signer)
     }
 
