@@ -670,6 +670,38 @@ fn subscribers_count() -> usize {
         .unwrap_or(2000)
 }
 
+/// Stops `publishing` and returns how many messages it published; each
+/// must have been answered 202.
+fn stop_publishing(
+    stop: &AtomicBool,
+    publishing: std::thread::JoinHandle<(u64, Vec<String>)>,
+    context: &str,
+) -> u64 {
+    stop.store(true, Ordering::SeqCst);
+    let (published, failures) = publishing.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{context}: publishes not answered 202: {failures:?}"
+    );
+    published
+}
+
+/// Waits until each of `count` subscribers had all `published` messages,
+/// stops the fleet and checks it ([`check_fleet`]) and that every ping was
+/// answered; returns how long the last messages took to arrive.
+fn finish_fleet(fleet: Fleet, published: u64, count: u64, context: &str) -> Duration {
+    let caught_up = fleet.wait_for(published * count);
+    let pings = fleet.pings_sent.clone();
+    let subscribers = fleet.finish();
+    let pongs = check_fleet(&subscribers, published);
+    assert_eq!(
+        pongs,
+        pings.load(Ordering::SeqCst),
+        "{context}: every ping answered"
+    );
+    caught_up
+}
+
 /// Checks every subscriber got `e_0 … e_{n-1}`, each once, in order, and
 /// nothing it should not have; returns the pongs counted.
 fn check_fleet(subscribers: &[Subscriber], published: u64) -> u64 {
@@ -790,19 +822,9 @@ fn an_upgrade_hands_every_connection_to_the_new_binary_and_no_client_notices() {
     while started.load(Ordering::SeqCst) < after + 50 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    stop.store(true, Ordering::SeqCst);
-    let (published, failures) = publishing.join().unwrap();
-    assert!(
-        failures.is_empty(),
-        "publishes not answered 202: {failures:?}"
-    );
-    let caught_up = fleet.wait_for(published * count as u64);
+    let published = stop_publishing(&stop, publishing, "upgrade");
+    let caught_up = finish_fleet(fleet, published, count as u64, "upgrade");
     eprintln!("the last messages arrived {caught_up:?} after the last publish was answered");
-    let pings = fleet.pings_sent.clone();
-    let subscribers = fleet.finish();
-    let pings_sent = pings.load(Ordering::SeqCst);
-    let pongs = check_fleet(&subscribers, published);
-    assert_eq!(pongs, pings_sent, "every ping answered");
     assert!(
         after > before,
         "no publish was sent while the upgrade ran ({before} before, {after} after)"
@@ -849,18 +871,8 @@ fn a_new_binary_that_fails_changes_nothing_for_the_clients() {
     assert_eq!(read_pid(running.data.path()), old_pid);
 
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::SeqCst);
-    let (published, failures) = publishing.join().unwrap();
-    assert!(
-        failures.is_empty(),
-        "publishes not answered 202: {failures:?}"
-    );
-    fleet.wait_for(published * 200);
-    let pings = fleet.pings_sent.clone();
-    let subscribers = fleet.finish();
-    let pings_sent = pings.load(Ordering::SeqCst);
-    let pongs = check_fleet(&subscribers, published);
-    assert_eq!(pongs, pings_sent);
+    let published = stop_publishing(&stop, publishing, "failing binaries");
+    finish_fleet(fleet, published, 200, "failing binaries");
     let lines = running.spawned.stderr.lock().unwrap().join("\n");
     assert_eq!(
         lines
@@ -1084,14 +1096,8 @@ fn a_new_binary_that_cannot_read_the_state_or_dies_holding_the_sockets_changes_n
         assert!(stderr.contains(reason), "{fault}: {stderr}");
         assert_eq!(read_pid(running.data.path()), old_pid);
         std::thread::sleep(Duration::from_millis(500));
-        stop.store(true, Ordering::SeqCst);
-        let (published, failures) = publishing.join().unwrap();
-        assert!(failures.is_empty(), "{fault}: {failures:?}");
-        fleet.wait_for(published * 200);
-        let pings = fleet.pings_sent.clone();
-        let subscribers = fleet.finish();
-        let pongs = check_fleet(&subscribers, published);
-        assert_eq!(pongs, pings.load(Ordering::SeqCst), "{fault}");
+        let published = stop_publishing(&stop, publishing, fault);
+        finish_fleet(fleet, published, 200, fault);
         let lines = running.spawned.stderr.lock().unwrap().join("\n");
         assert_eq!(
             lines
@@ -1248,17 +1254,8 @@ fn a_new_binary_that_dies_or_goes_silent_before_it_serves_changes_nothing() {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::SeqCst);
-    let (published, failures) = publishing.join().unwrap();
-    assert!(
-        failures.is_empty(),
-        "publishes not answered 202: {failures:?}"
-    );
-    fleet.wait_for(published * count as u64);
-    let pings = fleet.pings_sent.clone();
-    let subscribers = fleet.finish();
-    let pongs = check_fleet(&subscribers, published);
-    assert_eq!(pongs, pings.load(Ordering::SeqCst), "every ping answered");
+    let published = stop_publishing(&stop, publishing, "dies before serving");
+    finish_fleet(fleet, published, count as u64, "dies before serving");
     let lines = running.spawned.stderr.lock().unwrap().join("\n");
     assert_eq!(
         lines
