@@ -797,12 +797,20 @@ fn history_limits_are_the_stream_limits_and_older_after_is_not_recovered() {
     );
 }
 
-/// Publishes one event with an idempotency key, retrying on 503 (with the
-/// same key, so a message stored before a 503 is not stored twice) for up
-/// to 30 s; returns its seq.
+/// Publishes one event of org_a with an idempotency key, retrying on 503
+/// (with the same key, so a message stored before a 503 is not stored
+/// twice) for up to 30 s; returns its seq.
 fn publish_with_retries(server: &Server, i: usize) -> u64 {
+    publish_until_accepted(server, "org_a", &format!("key-{i}"), &format!("e{i}"))
+}
+
+/// Publishes event `id` of `org` with idempotency key `key` until it is
+/// accepted: every refusal meanwhile must be a 503 with Retry-After, for
+/// at most 30 s (the first publish of a JetStream cluster waits for its
+/// leaders). Returns its seq.
+fn publish_until_accepted(server: &Server, org: &str, key: &str, id: &str) -> u64 {
     let body = format!(
-        r#"{{"org_id":"org_a","type":"event","idempotency_key":"key-{i}","data":{{"id":"e{i}","source_id":"src_1"}}}}"#
+        r#"{{"org_id":"{org}","type":"event","idempotency_key":"{key}","data":{{"id":"{id}","source_id":"src_1"}}}}"#
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -814,7 +822,8 @@ fn publish_with_retries(server: &Server, i: usize) -> u64 {
         assert!(response.header("Retry-After").is_some());
         assert!(
             Instant::now() < deadline,
-            "publish {i} still refused after 30 s:\n{}",
+            "publish {org} {id} still refused after 30 s: {}\n{}",
+            response.text(),
             server.stderr()
         );
         std::thread::sleep(Duration::from_millis(100));
@@ -1061,28 +1070,10 @@ fn a_sign_out_on_one_node_closes_that_session_on_every_node_within_2_s() {
     assert_eq!(refused.status, 401, "{}", refused.text());
 }
 
-/// Publishes one event of `org` with an idempotency key, retrying on 503
-/// for up to 30 s (the first publish of a JetStream cluster waits for its
-/// leaders); returns its seq.
+/// Publishes event `id` of `org` (idempotency key `org-id`), retrying on
+/// 503 ([`publish_until_accepted`]); returns its seq.
 fn publish_org_with_retries(server: &Server, org: &str, id: &str) -> u64 {
-    let body = format!(
-        r#"{{"org_id":"{org}","type":"event","idempotency_key":"{org}-{id}","data":{{"id":"{id}","source_id":"src_1"}}}}"#
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let response = server.publish(&body);
-        if response.status == 202 {
-            return response.json()["seqs"][0].as_u64().unwrap();
-        }
-        assert_eq!(response.status, 503, "{}", response.text());
-        assert!(
-            Instant::now() < deadline,
-            "publish {org} {id} still refused after 30 s: {}\n{}",
-            response.text(),
-            server.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    publish_until_accepted(server, org, &format!("{org}-{id}"), id)
 }
 
 /// Creates `org`'s stream as a node would (one replica, the nodes'
