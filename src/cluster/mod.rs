@@ -825,7 +825,12 @@ impl Bridge {
                 }
                 // Not found may be a replica that has not applied it yet:
                 // stop here, never skip (the next consumer goes on).
-                Err(_) => break,
+                Err(e) => {
+                    eprintln!(
+                        "hookstream: cluster: following {org}: catching up: seq {seq}: {e}; a new consumer goes on after {last}"
+                    );
+                    break;
+                }
             }
             *last = seq;
             if batch.len() >= ARRIVAL_BATCH || seq == upto {
