@@ -810,7 +810,16 @@ impl Bridge {
         let from = (*last + 1).max(info.state.first_sequence);
         let mut batch = Vec::new();
         for seq in from..=upto {
-            match stream.direct_get(seq).await {
+            // A replica's direct-get service may not answer yet after a NATS
+            // server went away; the stream leader answers the plain get.
+            let got = match stream.direct_get(seq).await {
+                Ok(message) => Ok(message),
+                Err(direct) => stream
+                    .get_raw_message(seq)
+                    .await
+                    .map_err(|e| format!("direct get: {direct}; get: {e}")),
+            };
+            match got {
                 Ok(message) => {
                     let time_ms = (message.time.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
                     if let Some(message) =
