@@ -511,7 +511,27 @@ fn pipeline_without_reading(
     request: String,
     count: usize,
 ) -> (TcpStream, std::thread::JoinHandle<()>) {
-    let stream = common::tcp_connect(addr);
+    // A fixed receive buffer (setting it turns autotuning off): loopback's
+    // tcp_rmem maximum is 32 MiB on some machines (this one), as large as
+    // the answers asked for, and an autotuned buffer that grew to hold them
+    // all would let the server finish instead of stalling (seen once in CI).
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .unwrap();
+    socket.set_recv_buffer_size(256 << 10).unwrap();
+    socket
+        .connect_timeout(&addr.into(), common::STEP_TIMEOUT)
+        .expect("TCP connect");
+    let stream: TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    stream
+        .set_write_timeout(Some(common::STEP_TIMEOUT))
+        .unwrap();
     let mut writer = stream.try_clone().unwrap();
     let thread = std::thread::spawn(move || {
         use std::io::Write;
