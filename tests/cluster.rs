@@ -242,6 +242,25 @@ fn take(client: &mut common::Client, n: usize) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// [`take`], saying on a timeout or anything but a message what each of
+/// `nodes` logged.
+fn take_from(client: &mut common::Client, n: usize, nodes: &[&Server]) -> Vec<(u64, String)> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match client.recv(WAIT) {
+            common::Received::Json { value, .. } if value["seq"].is_u64() => got.push((
+                value["seq"].as_u64().unwrap(),
+                value["data"]["id"].as_str().unwrap_or_default().to_string(),
+            )),
+            other => {
+                let logs: Vec<String> = nodes.iter().map(|node| node.stderr()).collect();
+                panic!("after {got:?}: {other:?}\n{}", logs.join("\n--\n"));
+            }
+        }
+    }
+    got
+}
+
 fn events(from: usize, to: usize) -> String {
     let bodies: Vec<String> = (from..to)
         .map(|i| event("org_a", &format!("e{i}"), "src_1"))
@@ -1200,7 +1219,7 @@ fn a_stream_without_quorum_answers_503_for_its_org_only() {
         assert_eq!(node.publish_ok(&body), vec![i + 1]);
     }
     let expected: Vec<(u64, String)> = (4..9).map(|i| (i + 1, format!("e{i}"))).collect();
-    assert_eq!(take(&mut subscriber, 5), expected);
+    assert_eq!(take_from(&mut subscriber, 5, &[&node]), expected);
     // X's server back: X publishes again, after everything acknowledged
     // before (nothing lost, the refused message not stored).
     servers[1].restart();
