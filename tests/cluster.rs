@@ -1242,6 +1242,44 @@ fn a_stream_without_quorum_answers_503_for_its_org_only() {
     subscriber.ping_pong();
 }
 
+#[test]
+fn a_follow_started_while_jetstream_has_no_meta_leader_still_delivers_live() {
+    // Y's single-replica stream lives on the third NATS server, which the
+    // node talks to. Stopping the other two leaves JetStream without a
+    // meta leader (no consumer can be created) while Y's stream, its
+    // leader alive, still stores and answers reads.
+    let mut servers = Nats::cluster_tagged(3, true);
+    let org_y = "org_y";
+    create_placed_stream(&servers[0].url(), org_y, "s2", "nats-2");
+    let node = ServerBuilder::new()
+        .arg("--nats-url", servers[2].url())
+        .arg("--node-id", "a")
+        .arg("--nats-replicas", 1)
+        .org(org_y)
+        .start();
+    wait_ready(&node);
+    for i in 0..3 {
+        assert_eq!(
+            publish_org_with_retries(&node, org_y, &format!("e{i}")),
+            i + 1
+        );
+    }
+    servers[0].stop();
+    servers[1].stop();
+    // The org's first connection on the node: its follow starts now.
+    let mut subscriber = node.connect(org_y);
+    subscriber.subscribe_after("events", 3);
+    for i in 3..8 {
+        assert_eq!(
+            publish_org_with_retries(&node, org_y, &format!("e{i}")),
+            i + 1
+        );
+    }
+    let expected: Vec<(u64, String)> = (3..8).map(|i| (i + 1, format!("e{i}"))).collect();
+    assert_eq!(take_from(&mut subscriber, 5, &[&node]), expected);
+    subscriber.ping_pong();
+}
+
 /// Kills the process `<data-dir>/hookstream.pid` names when the test ends:
 /// after a hot upgrade the node is no longer the test's child.
 struct Reaper(PathBuf);

@@ -54,6 +54,11 @@ const FETCH_BATCH: usize = 256;
 /// Most messages handed to a shard in one event.
 const ARRIVAL_BATCH: usize = 512;
 
+/// While a follower's consumer is being created (which waits for the
+/// JetStream meta leader), what was published is read by direct gets this
+/// often.
+const CREATE_CATCH_UP: Duration = Duration::from_secs(1);
+
 /// A follower's watchdog: the last seq it handed over, and the signal to
 /// start its consumer again.
 struct Liveness {
@@ -681,16 +686,36 @@ impl Bridge {
         liveness: &Liveness,
     ) -> Result<(), String> {
         let Liveness { progress, kick } = liveness;
-        let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: *last + 1,
-                },
-                ..Default::default()
+        let start_sequence = *last + 1;
+        let mut create = std::pin::pin!(async {
+            let consumer = stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence },
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            consumer.messages().await.map_err(|e| e.to_string())
+        });
+        // Creating a consumer needs the JetStream meta leader, which a lost
+        // NATS server may have been: until one is elected again (seconds)
+        // the stream's own servers still answer direct gets, so what is
+        // published meanwhile is read that way, every second. The consumer
+        // then skips what was read (`seq <= last`).
+        let mut messages = loop {
+            let created = futures_lite::future::or(async { Some(create.as_mut().await) }, async {
+                tokio::time::sleep(CREATE_CATCH_UP).await;
+                None
             })
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+            .await;
+            match created {
+                Some(messages) => break messages?,
+                None => {
+                    self.catch_up_direct(stream, shard, org, generation, last, progress)
+                        .await
+                }
+            }
+        };
         let mut connections = self.connections.clone();
         connections.mark_unchanged();
         loop {
@@ -802,8 +827,14 @@ impl Bridge {
         last: &mut u64,
         progress: &AtomicU64,
     ) {
-        let Ok(info) = stream.get_info().await else {
-            return;
+        let info = match stream.get_info().await {
+            Ok(info) => info,
+            Err(e) => {
+                eprintln!(
+                    "hookstream: cluster: following {org}: catching up: stream info: {e}; a new consumer goes on after {last}"
+                );
+                return;
+            }
         };
         let upto = info.state.last_sequence.min(*last + SCAN_MAX);
         // What retention dropped is skipped (a jump the shard records).
