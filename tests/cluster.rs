@@ -1052,6 +1052,88 @@ fn a_session_cookie_signed_on_one_node_works_on_every_node() {
     );
 }
 
+/// The cluster's session secret as stored in JetStream, once there is one
+/// (asked for up to 30 s while the JetStream cluster elects its leaders).
+fn stored_session_secret(url: &str) -> String {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = async_nats::connect(url).await.expect("connect to NATS");
+        let js = async_nats::jetstream::new(client);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(stream) = js.get_stream("HSKEYS").await {
+                if let Ok(message) = stream
+                    .get_last_raw_message_by_subject("hs_session_secret")
+                    .await
+                {
+                    return String::from_utf8(message.payload.to_vec()).unwrap();
+                }
+            }
+            assert!(Instant::now() < deadline, "no session secret in HSKEYS");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
+/// Waits up to 30 s for `server` to log a line containing `text`.
+fn wait_for_log(server: &Server, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !server.stderr().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "no \"{text}\" within 30 s:\n{}",
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn session_of(server: &Server, cookie: &str) -> HttpResponse {
+    http_request(
+        server.ws_addr,
+        "GET",
+        "/v1/sessions",
+        &[("Cookie", format!("hs_session={cookie}"))],
+        b"",
+    )
+}
+
+#[test]
+fn a_node_that_cannot_read_the_session_secret_at_startup_adopts_it_once_it_can() {
+    let mut nats = Nats::start();
+    let b = node(&nats, None, "b");
+    let secret = stored_session_secret(&nats.url());
+    // NATS gone while A starts: A cannot read the cluster's secret.
+    nats.stop();
+    let a = ServerBuilder::new()
+        .arg("--nats-url", nats.url())
+        .arg("--node-id", "a")
+        .arg("--shards", 2)
+        .org("org_a")
+        .start();
+    wait_for_log(&a, "session secret could not be read at startup");
+    let early = common::sign_in(a.ws_addr, a.key("org_a"));
+    nats.restart();
+    wait_for_log(&a, "signing session cookies with the cluster's secret now");
+    let file = |s: &Server| std::fs::read_to_string(s.data_dir().join("session-secret")).unwrap();
+    assert_eq!(file(&a), secret, "the adopted secret is kept for restarts");
+    // A cookie A signed with its own secret still works on A; one it signs
+    // now works on B too.
+    let response = session_of(&a, &early);
+    assert_eq!(response.status, 200, "{}", response.text());
+    let cookie = common::sign_in(a.ws_addr, a.key("org_a"));
+    // A's own key reaches B through NATS; the cookie needs it.
+    drop(connect_when_admitted(&b, a.key("org_a")));
+    for server in [&a, &b] {
+        let response = session_of(server, &cookie);
+        assert_eq!(response.status, 200, "{}", response.text());
+        assert_eq!(response.json()["org_id"], "org_a", "{}", response.text());
+    }
+}
+
 #[test]
 fn a_sign_out_on_one_node_closes_that_session_on_every_node_within_2_s() {
     let nats = Nats::start();

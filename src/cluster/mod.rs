@@ -1303,7 +1303,23 @@ impl Bridge {
             .await
             .map_err(|e| e.to_string())?;
         let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-        while let Some(message) = messages.next().await {
+        let mut connections = self.connections.clone();
+        connections.mark_unchanged();
+        loop {
+            // Reconnected: a new consumer from `seen` at once (the old one
+            // may be gone with a restarted server, and would be noticed only
+            // after its heartbeats failed, seconds later).
+            let next = futures_lite::future::or(async { Some(messages.next().await) }, async {
+                let _ = connections.changed().await;
+                None
+            })
+            .await;
+            let Some(next) = next else {
+                return Ok(());
+            };
+            let Some(message) = next else {
+                break;
+            };
             let message = message.map_err(|e| e.to_string())?;
             if let Ok(info) = message.info() {
                 *seen = (*seen).max(info.stream_sequence);
@@ -1364,6 +1380,32 @@ impl Bridge {
             }
             Err(_) => None,
         }
+    }
+
+    /// After [`Bridge::shared_session_secret`] found no answer: asks again
+    /// every 2 s until the cluster's secret is known (stored from `local`
+    /// when there is still none), then calls `adopt` with it once, unless
+    /// it is `local` itself.
+    pub fn agree_session_secret_later(
+        self: &Arc<Self>,
+        local: String,
+        adopt: impl FnOnce(String) + Send + 'static,
+    ) {
+        let bridge = self.clone();
+        self.runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                if !bridge.connected() {
+                    continue;
+                }
+                if let Ok(shared) = bridge.session_secret_now(&local).await {
+                    if shared != local {
+                        adopt(shared);
+                    }
+                    return;
+                }
+            }
+        });
     }
 
     async fn session_secret_now(&self, local: &str) -> Result<String, String> {
@@ -1442,7 +1484,15 @@ impl Bridge {
         let mut bucket: HashMap<String, KeyRecord> = HashMap::new();
         let mut stamp = None;
         let mut first = true;
+        let mut connections = self.connections.clone();
+        connections.mark_unchanged();
         loop {
+            // Reconnected: a new watch at once (the old consumer may be gone
+            // with a restarted server, and would be noticed only after its
+            // heartbeats failed, seconds later).
+            if connections.has_changed().unwrap_or(true) {
+                return Ok(());
+            }
             // This node's file → the bucket, when the file changed.
             let now = store.stamp();
             if first || now != stamp {

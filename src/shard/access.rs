@@ -54,7 +54,7 @@ pub struct Principal {
 /// One shard's access-control state.
 pub struct AccessState {
     /// Signs and checks session cookies; the same secret on every shard.
-    signer: SessionSigner,
+    signers: RefCell<Signers>,
     /// Signed-out sessions; one list shared by every shard.
     pub revoked: Arc<Revocations>,
     /// Upgrades per source address (PROTOCOL.md §6: 429 past it).
@@ -76,7 +76,41 @@ pub struct AccessState {
     used_keys: RefCell<HashMap<String, SystemTime>>,
 }
 
+/// The secret cookies are signed with, and the one before it: a cluster
+/// node that could not read the cluster's secret at startup signs with its
+/// own until it can, and its cookies of that time still verify here.
+struct Signers {
+    current: SessionSigner,
+    previous: Option<SessionSigner>,
+}
+
 impl AccessState {
+    /// A cookie for a new sign-in to `session`, signed with the current
+    /// secret.
+    pub fn issue_cookie(&self, session: &Session) -> String {
+        self.signers.borrow().current.issue(session)
+    }
+
+    /// The session a cookie names, if it is signed with the current secret
+    /// or the one before it and has not expired at `now_unix_secs`.
+    pub fn verify_cookie(&self, cookie: &str, now_unix_secs: u64) -> Option<Session> {
+        let signers = self.signers.borrow();
+        signers.current.verify(cookie, now_unix_secs).or_else(|| {
+            signers
+                .previous
+                .as_ref()
+                .and_then(|previous| previous.verify(cookie, now_unix_secs))
+        })
+    }
+
+    /// Signs with `signer` from now on; the secret it replaces still
+    /// verifies (cluster mode: the cluster's secret, read late).
+    pub fn adopt_signer(&self, signer: SessionSigner) {
+        let mut signers = self.signers.borrow_mut();
+        let old = std::mem::replace(&mut signers.current, signer);
+        signers.previous = Some(old);
+    }
+
     /// This shard's state: its share of the per-address limits of `config`
     /// (see `ratelimit`) and the session signer.
     pub fn new(config: &Config, signer: SessionSigner, revoked: Arc<Revocations>) -> AccessState {
@@ -92,7 +126,10 @@ impl AccessState {
             Bucket::per_shard(per_min / 60.0, per_min, config.shards)
         });
         AccessState {
-            signer,
+            signers: RefCell::new(Signers {
+                current: signer,
+                previous: None,
+            }),
             revoked,
             upgrades: RefCell::new(IpBuckets::new(upgrades, RATE_LIMIT_ADDRESSES_MAX)),
             auth_failures: RefCell::new(IpBuckets::new(auth_failures, RATE_LIMIT_ADDRESSES_MAX)),
@@ -192,8 +229,7 @@ fn check_cookie(shard: &Shard, cookie: &str) -> Result<Principal, u16> {
         expires_unix_secs,
     } = shard
         .access
-        .signer
-        .verify(cookie, sessions::now_unix_secs())
+        .verify_cookie(cookie, sessions::now_unix_secs())
         .ok_or(401u16)?;
     // A signed-out session is refused like any bad credential, on every
     // shard (the list is shared) and after a restart (it is on disk).
@@ -400,7 +436,7 @@ pub async fn sessions_route(shard: &Shard, request: &Request, stream: &mut TcpSt
             };
             let ttl_secs = shard.config.session_ttl_secs;
             let expires_unix_secs = sessions::now_unix_secs().saturating_add(ttl_secs);
-            let cookie = shard.access.signer.issue(&Session {
+            let cookie = shard.access.issue_cookie(&Session {
                 org_id: principal.org_id.clone(),
                 key_id: principal.key_id.clone(),
                 expires_unix_secs,
@@ -441,7 +477,7 @@ pub async fn sessions_route(shard: &Shard, request: &Request, stream: &mut TcpSt
             // answer. Anything else has nothing to sign out.
             let now = sessions::now_unix_secs();
             let session = request_cookie(request)
-                .and_then(|cookie| Some((cookie, shard.access.signer.verify(cookie, now)?)));
+                .and_then(|cookie| Some((cookie, shard.access.verify_cookie(cookie, now)?)));
             if let Some((cookie, session)) = session {
                 let revocations = shard.access.revoked.clone();
                 let pending = revocations.revoke(

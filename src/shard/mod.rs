@@ -100,6 +100,9 @@ pub enum ShardMessage {
         /// Answered once no admin request is in progress.
         reply: std::sync::mpsc::Sender<(usize, ())>,
     },
+    /// Cluster mode: the cluster's session secret, read after startup;
+    /// sign with it from now on (`AccessState::adopt_signer`).
+    SessionSigner(crate::auth::sessions::SessionSigner),
     /// In the new process: the old one committed the handover; start
     /// serving (the shard waits for it after its startup).
     Go,

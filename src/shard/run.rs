@@ -282,9 +282,29 @@ fn serve(
                         crate::auth::sessions::SessionSigner::adopt(&config.data_dir, &shared)?;
                 }
                 Some(_) => {}
-                None => eprintln!(
-                    "hookstream: cluster: NATS not reachable at startup: this node signs session cookies with its own secret until it restarts"
-                ),
+                None => {
+                    eprintln!(
+                        "hookstream: cluster: the cluster's session secret could not be read at startup: this node signs session cookies with its own secret until it can (it keeps trying)"
+                    );
+                    let data_dir = config.data_dir.clone();
+                    let inboxes = mesh.clone();
+                    bridge.agree_session_secret_later(local, move |shared| {
+                        match crate::auth::sessions::SessionSigner::adopt(&data_dir, &shared) {
+                            Ok(signer) => {
+                                eprintln!(
+                                    "hookstream: cluster: signing session cookies with the cluster's secret now (cookies this node signed before still work here)"
+                                );
+                                for shard in 0..shards {
+                                    let _ = inboxes
+                                        .send_to(shard, ShardMessage::SessionSigner(signer.clone()));
+                                }
+                            }
+                            Err(e) => eprintln!(
+                                "hookstream: cluster: the cluster's session secret was not adopted: {e}"
+                            ),
+                        }
+                    });
+                }
             }
             let inboxes = mesh.clone();
             bridge.set_deliver(Arc::new(move |shard, event| {
@@ -709,6 +729,7 @@ async fn shard_main(
                         }
                         ShardMessage::Thaw => upgrade::thaw(&shard),
                         ShardMessage::Go => go.notify(),
+                        ShardMessage::SessionSigner(signer) => shard.access.adopt_signer(signer),
                         ShardMessage::Hand { reply } => {
                             let shard = shard.clone();
                             glommio::spawn_local(async move {
