@@ -266,6 +266,22 @@ fn arrival_of(org: &str, message: &jetstream::Message) -> Option<Arrival> {
 
 /// True when the error says the stream does not exist (the org never
 /// published).
+/// An ordered consumer of `stream` from seq `start_sequence` on, and its
+/// messages.
+async fn ordered_from(
+    stream: &stream::Stream,
+    start_sequence: u64,
+) -> Result<consumer::pull::Ordered, String> {
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    consumer.messages().await.map_err(|e| e.to_string())
+}
+
 fn no_stream(error: &jetstream::context::GetStreamError) -> bool {
     matches!(
         error.kind(),
@@ -687,16 +703,7 @@ impl Bridge {
     ) -> Result<(), String> {
         let Liveness { progress, kick } = liveness;
         let start_sequence = *last + 1;
-        let mut create = std::pin::pin!(async {
-            let consumer = stream
-                .create_consumer(consumer::pull::OrderedConfig {
-                    deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence },
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string())?;
-            consumer.messages().await.map_err(|e| e.to_string())
-        });
+        let mut create = std::pin::pin!(ordered_from(stream, start_sequence));
         // Creating a consumer needs the JetStream meta leader, which a lost
         // NATS server may have been: until one is elected again (seconds)
         // the stream's own servers still answer direct gets, so what is
@@ -1293,16 +1300,7 @@ impl Bridge {
             .get_or_create_stream(self.signouts_config())
             .await
             .map_err(|e| e.to_string())?;
-        let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: *seen + 1,
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+        let mut messages = ordered_from(&stream, *seen + 1).await?;
         let mut connections = self.connections.clone();
         connections.mark_unchanged();
         loop {
