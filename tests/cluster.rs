@@ -30,6 +30,8 @@ struct Nats {
     /// Flags beyond the port and store (a clustered server's name, cluster
     /// port and routes).
     extra: Vec<String>,
+    /// Its monitoring port (`/healthz`).
+    monitor: u16,
 }
 
 fn nats_binary() -> PathBuf {
@@ -62,6 +64,7 @@ impl Nats {
             port: free_port(),
             dir: TestDir::new(),
             extra: Vec::new(),
+            monitor: free_port(),
         };
         nats.restart();
         nats
@@ -86,6 +89,7 @@ impl Nats {
             .map(|i| Nats {
                 child: None,
                 port: free_port(),
+                monitor: free_port(),
                 dir: TestDir::new(),
                 extra: vec![
                     "-n".into(),
@@ -124,6 +128,8 @@ impl Nats {
                 "127.0.0.1",
                 "-p",
                 &self.port.to_string(),
+                "-m",
+                &self.monitor.to_string(),
                 "-sd",
             ])
             .arg(self.dir.path())
@@ -161,6 +167,34 @@ impl Nats {
 
     fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Waits (up to 30 s) until the server's `/healthz` says ok: in a
+    /// cluster, its routes are up and its JetStream assets are current.
+    fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let answer = (|| -> std::io::Result<String> {
+                let mut stream = TcpStream::connect(("127.0.0.1", self.monitor))?;
+                stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+                write!(
+                    stream,
+                    "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                )?;
+                let mut text = String::new();
+                stream.read_to_string(&mut text)?;
+                Ok(text)
+            })();
+            if matches!(&answer, Ok(text) if text.starts_with("HTTP/1.1 200")) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats-server on {} not healthy within 30 s: {answer:?}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn stop(&mut self) {
@@ -534,6 +568,7 @@ fn without_nats_the_node_is_not_ready_and_publish_answers_503_until_it_comes() {
         port: free_port(),
         dir: TestDir::new(),
         extra: Vec::new(),
+        monitor: free_port(),
     };
     let server = ServerBuilder::new()
         .org("org_a")
@@ -1091,6 +1126,20 @@ fn wait_for_log(server: &Server, text: &str) {
     }
 }
 
+/// Waits up to 10 s until the number of `server`'s log lines containing
+/// `text` satisfies `enough`.
+fn wait_for_log_count(server: &Server, text: &str, enough: impl Fn(usize) -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !enough(server.stderr().matches(text).count()) {
+        assert!(
+            Instant::now() < deadline,
+            "not enough \"{text}\" within {WAIT:?}:\n{}",
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn session_of(server: &Server, cookie: &str) -> HttpResponse {
     http_request(
         server.ws_addr,
@@ -1499,4 +1548,58 @@ fn a_node_hot_upgrades_while_both_nodes_publish_and_its_subscribers_miss_nothing
     }
     let lines = a.stderr();
     assert!(lines.contains("took over 20 connection(s)"), "{lines}");
+}
+
+#[test]
+fn a_key_revoked_while_any_one_of_three_nats_servers_is_down_is_refused_everywhere_within_2_s() {
+    // Each of the three NATS servers in turn is down while a key is
+    // revoked on A: whichever held the key stream's leader, a consumer or
+    // a node's connection, B closes the key's connection within 2 s (the
+    // stored record may wait seconds for JetStream to elect a leader).
+    let mut servers = Nats::cluster(3);
+    let urls = servers.iter().map(Nats::url).collect::<Vec<_>>().join(",");
+    let replicas = [("--nats-replicas", "3")];
+    let a = node_on(&urls, None, "a", &replicas);
+    let b = node_on(&urls, Some(&a), "b", &replicas);
+    let orgs = ["org_k0", "org_k1", "org_k2"];
+    let mut clients: Vec<common::Client> = orgs
+        .iter()
+        .map(|org| {
+            let key = common::create_key(a.data_dir(), org);
+            let mut on_b = connect_when_admitted(&b, &key);
+            on_b.subscribe("events");
+            on_b
+        })
+        .collect();
+    for (k, (org, on_b)) in orgs.iter().zip(&mut clients).enumerate() {
+        servers[k].stop();
+        // The nodes that talked to it are back on another (a node cut off
+        // from NATS learns of nothing).
+        std::thread::sleep(Duration::from_millis(200));
+        for node in [&a, &b] {
+            wait_for_log_count(node, "cluster: connected to NATS", |connected| {
+                connected > node.stderr().matches("NATS connection lost").count()
+            });
+        }
+        let id = key_id_of(a.data_dir(), org);
+        common::cli(&["api-keys", "revoke", &id], a.data_dir());
+        let revoked_at = Instant::now();
+        let closed = loop {
+            match on_b.recv(Duration::from_secs(2)) {
+                common::Received::Json { .. } => continue,
+                other => break other,
+            }
+        };
+        assert!(
+            matches!(closed, common::Received::Close(4003))
+                && revoked_at.elapsed() < Duration::from_secs(2),
+            "nats-{k} down: {closed:?} after {:?}\nA:\n{}\nB:\n{}",
+            revoked_at.elapsed(),
+            a.stderr(),
+            b.stderr()
+        );
+        servers[k].restart();
+        // Back in the cluster before the next one goes.
+        servers.iter().for_each(Nats::wait_healthy);
+    }
 }

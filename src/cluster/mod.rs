@@ -266,6 +266,95 @@ fn arrival_of(org: &str, message: &jetstream::Message) -> Option<Arrival> {
 
 /// True when the error says the stream does not exist (the org never
 /// published).
+/// How often the key and sign-out watches ask for what is new.
+const WATCH_POLL: Duration = Duration::from_millis(250);
+
+/// Core NATS subjects (no JetStream) on which a key revocation and a
+/// sign-out are also announced as they are made: every node acts on them
+/// at once, also while JetStream elects a stream leader (seconds after a
+/// NATS server is lost), when the record itself cannot be stored yet. The
+/// stored record stays the truth (a node that missed the announcement
+/// takes it from the stream); an announcement only ever takes access away.
+const NOW_REVOKED: &str = "hs_now.revoked_key";
+/// How often a node's key file is looked at for revocations to announce.
+const ANNOUNCE_POLL: Duration = Duration::from_millis(100);
+const NOW_SIGNED_OUT: &str = "hs_now.signed_out";
+
+/// The first message of `stream` with seq `from` or above on `subject`
+/// (wildcards allowed), as (seq, payload); `None` when there is none yet.
+/// A direct get: any server holding the stream answers it, with no
+/// consumer (whose creation waits for the JetStream meta leader, and which
+/// may go silent with a lost NATS server). A replica that lags answers
+/// "none yet"; the next ask goes on.
+async fn next_on(
+    stream: &stream::Stream,
+    subject: &str,
+    from: u64,
+) -> Result<Option<(u64, bytes::Bytes)>, String> {
+    let asked = tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        stream.direct_get_next_for_subject(subject, Some(from)),
+    )
+    .await
+    .map_err(|_| format!("no answer within {REQUEST_TIMEOUT:?}"))?;
+    match asked {
+        Ok(message) => {
+            // Parsed as a direct get by seq is (Nats-Sequence and the rest).
+            let message = jetstream::message::StreamMessage::try_from(message.message)
+                .map_err(|e| format!("a direct get's answer: {e}"))?;
+            Ok(Some((message.sequence, message.payload)))
+        }
+        Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Records a sign-out (a [`SignOut`] as JSON) of another node in this
+/// node's list, unless it is known already.
+async fn take_sign_out(revoked: &Arc<crate::auth::revoked::Revocations>, payload: &[u8]) {
+    let Ok(sign_out) = serde_json::from_slice::<SignOut>(payload) else {
+        return;
+    };
+    let Ok(id) = u128::from_str_radix(&sign_out.id, 16) else {
+        return;
+    };
+    if revoked.is_revoked(id, &sign_out.key_id, sign_out.expires) {
+        return;
+    }
+    let now = crate::auth::sessions::now_unix_secs();
+    let pending = revoked.revoke(id, &sign_out.key_id, sign_out.expires, now);
+    let revoked = revoked.clone();
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || revoked.persist(pending, now)).await {
+        eprintln!("hookstream: cluster: a sign-out of another node was not saved: {e}");
+    }
+}
+
+/// Announces `payload` on the core NATS subject `subject` (see
+/// [`NOW_REVOKED`]); a failure is left to the stored record.
+async fn announce(client: &async_nats::Client, subject: &'static str, payload: Vec<u8>) {
+    if client.publish(subject, payload.into()).await.is_ok() {
+        let _ = tokio::time::timeout(REQUEST_TIMEOUT, client.flush()).await;
+    }
+}
+
+/// Takes the announcements on `subject` for the life of the process,
+/// handing each payload to `take`.
+async fn listen<F, Fut>(client: async_nats::Client, subject: &'static str, take: F)
+where
+    F: Fn(bytes::Bytes) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    loop {
+        // Subscribed again by the client after a reconnect.
+        if let Ok(mut announcements) = client.subscribe(subject).await {
+            while let Some(message) = announcements.next().await {
+                take(message.payload).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// An ordered consumer of `stream` from seq `start_sequence` on, and its
 /// messages.
 async fn ordered_from(
@@ -1193,6 +1282,7 @@ fn keys_stream_config(replicas: usize) -> stream::Config {
         num_replicas: replicas,
         storage: stream::StorageType::File,
         discard: stream::DiscardPolicy::Old,
+        allow_direct: true,
         ..Default::default()
     }
 }
@@ -1232,6 +1322,7 @@ impl Bridge {
         })
         .expect("a sign-out serializes");
         self.runtime.spawn(async move {
+            announce(&bridge.client, NOW_SIGNED_OUT, json.clone()).await;
             let sent = async {
                 bridge
                     .js
@@ -1264,14 +1355,49 @@ impl Bridge {
             num_replicas: self.limits.replicas,
             storage: stream::StorageType::File,
             discard: stream::DiscardPolicy::Old,
+            allow_direct: true,
             ..Default::default()
         }
+    }
+
+    /// The stream `config` names, created with it when missing; direct
+    /// gets are turned on when it was created without them (by an older
+    /// build).
+    async fn direct_stream(&self, config: stream::Config) -> Result<stream::Stream, String> {
+        let mut stream = self
+            .js
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !stream.cached_info().config.allow_direct {
+            let mut config = stream.cached_info().config.clone();
+            config.allow_direct = true;
+            self.js
+                .update_stream(config)
+                .await
+                .map_err(|e| e.to_string())?;
+            stream = self
+                .js
+                .get_stream(&stream.cached_info().config.name)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(stream)
     }
 
     /// Takes every node's sign-outs into this node's list, for the life
     /// of the process: its shards then refuse the cookie and close its
     /// connections with 4003, as for a sign-out taken here.
     pub fn sync_signouts(self: &Arc<Self>, revoked: Arc<crate::auth::revoked::Revocations>) {
+        let listener = revoked.clone();
+        self.runtime.spawn(listen(
+            self.client.clone(),
+            NOW_SIGNED_OUT,
+            move |payload| {
+                let revoked = listener.clone();
+                async move { take_sign_out(&revoked, &payload).await }
+            },
+        ));
         let bridge = self.clone();
         self.runtime.spawn(async move {
             let mut failing = false;
@@ -1295,52 +1421,32 @@ impl Bridge {
         revoked: &Arc<crate::auth::revoked::Revocations>,
         seen: &mut u64,
     ) -> Result<(), String> {
-        let stream = self
-            .js
-            .get_or_create_stream(self.signouts_config())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut messages = ordered_from(&stream, *seen + 1).await?;
-        let mut connections = self.connections.clone();
-        connections.mark_unchanged();
+        let stream = self.direct_stream(self.signouts_config()).await?;
+        let mut failing = false;
         loop {
-            // Reconnected: a new consumer from `seen` at once (the old one
-            // may be gone with a restarted server, and would be noticed only
-            // after its heartbeats failed, seconds later).
-            let next = futures_lite::future::or(async { Some(messages.next().await) }, async {
-                let _ = connections.changed().await;
-                None
-            })
-            .await;
-            let Some(next) = next else {
-                return Ok(());
+            let (seq, payload) = match next_on(&stream, SIGNOUTS_SUBJECT, *seen + 1).await {
+                Ok(Some(next)) => {
+                    failing = false;
+                    next
+                }
+                Ok(None) => {
+                    failing = false;
+                    tokio::time::sleep(WATCH_POLL).await;
+                    continue;
+                }
+                // Said once per spell; asked again at the next turn.
+                Err(e) => {
+                    if !failing && self.connected() {
+                        eprintln!("hookstream: cluster: sign-out sync: {e}; retrying");
+                        failing = true;
+                    }
+                    tokio::time::sleep(WATCH_POLL).await;
+                    continue;
+                }
             };
-            let Some(message) = next else {
-                break;
-            };
-            let message = message.map_err(|e| e.to_string())?;
-            if let Ok(info) = message.info() {
-                *seen = (*seen).max(info.stream_sequence);
-            }
-            let Ok(sign_out) = serde_json::from_slice::<SignOut>(&message.payload) else {
-                continue;
-            };
-            let Ok(id) = u128::from_str_radix(&sign_out.id, 16) else {
-                continue;
-            };
-            if revoked.is_revoked(id, &sign_out.key_id, sign_out.expires) {
-                continue;
-            }
-            let now = crate::auth::sessions::now_unix_secs();
-            let pending = revoked.revoke(id, &sign_out.key_id, sign_out.expires, now);
-            let revoked = revoked.clone();
-            if let Ok(Err(e)) =
-                tokio::task::spawn_blocking(move || revoked.persist(pending, now)).await
-            {
-                eprintln!("hookstream: cluster: a sign-out of another node was not saved: {e}");
-            }
+            *seen = seq;
+            take_sign_out(revoked, &payload).await;
         }
-        Err("sign-out consumer ended".to_string())
     }
 }
 
@@ -1441,6 +1547,67 @@ impl Bridge {
     /// added, revocations taken over), where the key reload of every shard
     /// acts on it within 0.5 s (4003 for a revoked key's connections).
     pub fn sync_keys(self: &Arc<Self>, data_dir: std::path::PathBuf) {
+        let dir = data_dir.clone();
+        self.runtime
+            .spawn(listen(self.client.clone(), NOW_REVOKED, move |payload| {
+                let dir = dir.clone();
+                async move {
+                    use crate::auth::keys::{KeyRecord, KeyStore};
+                    // Only a revocation is taken this way.
+                    let Ok(record) = serde_json::from_slice::<KeyRecord>(&payload) else {
+                        return;
+                    };
+                    if record.revoked_at.is_none() {
+                        return;
+                    }
+                    if let Ok(Err(e)) =
+                        tokio::task::spawn_blocking(move || KeyStore::new(&dir).merge(&[record]))
+                            .await
+                    {
+                        eprintln!(
+                            "hookstream: cluster: an announced revocation was not saved: {e}"
+                        );
+                    }
+                }
+            }));
+        // A revocation made in this node's file is announced at once, by a
+        // task of its own: nothing that waits for JetStream delays it.
+        let dir = data_dir.clone();
+        let client = self.client.clone();
+        self.runtime.spawn(async move {
+            use crate::auth::keys::KeyStore;
+            let store = KeyStore::new(&dir);
+            let revoked_ids = |store: &KeyStore| -> HashSet<String> {
+                store
+                    .load()
+                    .map(|file| {
+                        file.keys
+                            .into_iter()
+                            .filter(|record| record.revoked_at.is_some())
+                            .map(|record| record.id)
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            // Revoked when this began, or announced since.
+            let mut announced = revoked_ids(&store);
+            let mut stamp = store.stamp();
+            loop {
+                tokio::time::sleep(ANNOUNCE_POLL).await;
+                let now = store.stamp();
+                if now == stamp {
+                    continue;
+                }
+                stamp = now;
+                let Ok(file) = store.load() else { continue };
+                for record in file.keys {
+                    if record.revoked_at.is_some() && announced.insert(record.id.clone()) {
+                        let json = serde_json::to_vec(&record).expect("records serialize");
+                        announce(&client, NOW_REVOKED, json).await;
+                    }
+                }
+            }
+        });
         let bridge = self.clone();
         self.runtime.spawn(async move {
             let mut failing = false;
@@ -1462,89 +1629,53 @@ impl Bridge {
         use crate::auth::keys::{KeyRecord, KeyStore};
         // A key-value bucket in all but name: one subject per key id,
         // the last record of each kept (the KV API of async-nats does not
-        // decode NATS 2.9's answers).
+        // decode NATS 2.9's answers), read by direct gets.
         let stream = self
-            .js
-            .get_or_create_stream(keys_stream_config(self.limits.replicas))
-            .await
-            .map_err(|e| e.to_string())?;
-        let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-                filter_subject: format!("{KEYS_SUBJECT}.*"),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut watch = consumer.messages().await.map_err(|e| e.to_string())?;
+            .direct_stream(keys_stream_config(self.limits.replicas))
+            .await?;
+        let records = format!("{KEYS_SUBJECT}.*");
+        // The last seq read.
+        let mut seen = 0u64;
         let store = KeyStore::new(data_dir);
         // What the bucket holds, as far as this node knows.
         let mut bucket: HashMap<String, KeyRecord> = HashMap::new();
         let mut stamp = None;
-        let mut first = true;
-        let mut connections = self.connections.clone();
-        connections.mark_unchanged();
+        let mut upload = true;
+        let mut failing = false;
         loop {
-            // Reconnected: a new watch at once (the old consumer may be gone
-            // with a restarted server, and would be noticed only after its
-            // heartbeats failed, seconds later).
-            if connections.has_changed().unwrap_or(true) {
-                return Ok(());
-            }
-            // This node's file → the bucket, when the file changed.
-            let now = store.stamp();
-            if first || now != stamp {
-                first = false;
-                stamp = now;
-                let file = store.load().map_err(|e| e.to_string())?;
-                for mut record in file.keys {
-                    record.last_used_at = None;
-                    let known = bucket.get(&record.id);
-                    let newer = match known {
-                        None => true,
-                        // Only a revocation is news for a known record.
-                        Some(known) => known.revoked_at.is_none() && record.revoked_at.is_some(),
-                    };
-                    if newer {
-                        let json = serde_json::to_vec(&record).expect("records serialize");
-                        self.js
-                            .publish(format!("{KEYS_SUBJECT}.{}", token(&record.id)), json.into())
-                            .await
-                            .map_err(|e| e.to_string())?
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        bucket.insert(record.id.clone(), record);
-                    }
-                }
-            }
-            // The bucket → this node's file: what arrived within 250 ms.
+            // The bucket → this node's file: what is new in it. Read before
+            // anything of the file is put, so a node that starts with a
+            // file from before a revocation takes the revocation instead of
+            // putting the key back.
             let mut arrived = Vec::new();
-            let deadline = tokio::time::Instant::now() + Duration::from_millis(250);
-            loop {
-                let next = tokio::time::timeout_at(deadline, watch.next()).await;
-                let Ok(next) = next else { break };
-                let Some(entry) = next else {
-                    return Err("key watch ended".to_string());
-                };
-                let entry = entry.map_err(|e| e.to_string())?;
-                if let Ok(record) = serde_json::from_slice::<KeyRecord>(&entry.payload) {
-                    match bucket.get_mut(&record.id) {
-                        Some(known) if known.revoked_at.is_some() => {
-                            if record.revoked_at.is_none() {
-                                // Another node put the key back unrevoked
-                                // before it saw the revocation: put it again.
-                                bucket.remove(&record.id);
-                                first = true;
+            let read = loop {
+                match next_on(&stream, &records, seen + 1).await {
+                    Ok(Some((seq, payload))) => {
+                        seen = seq;
+                        let Ok(record) = serde_json::from_slice::<KeyRecord>(&payload) else {
+                            continue;
+                        };
+                        match bucket.get_mut(&record.id) {
+                            Some(known) if known.revoked_at.is_some() => {
+                                if record.revoked_at.is_none() {
+                                    // Another node put the key back unrevoked
+                                    // before it saw the revocation: put it
+                                    // again.
+                                    bucket.remove(&record.id);
+                                    upload = true;
+                                }
+                            }
+                            Some(known) => *known = record.clone(),
+                            None => {
+                                bucket.insert(record.id.clone(), record.clone());
                             }
                         }
-                        Some(known) => *known = record.clone(),
-                        None => {
-                            bucket.insert(record.id.clone(), record.clone());
-                        }
+                        arrived.push(record);
                     }
-                    arrived.push(record);
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
                 }
-            }
+            };
             if !arrived.is_empty() {
                 let dir = data_dir.to_path_buf();
                 tokio::task::spawn_blocking(move || KeyStore::new(&dir).merge(&arrived))
@@ -1552,6 +1683,59 @@ impl Bridge {
                     .map_err(|e| e.to_string())?
                     .map_err(|e| e.to_string())?;
             }
+            // This node's file → the bucket, when the file changed (once
+            // the bucket was read through).
+            let now = store.stamp();
+            let put = if read.is_ok() && (upload || now != stamp) {
+                stamp = now;
+                upload = false;
+                let file = store.load().map_err(|e| e.to_string())?;
+                let mut put = Ok(());
+                for mut record in file.keys {
+                    record.last_used_at = None;
+                    let newer = match bucket.get(&record.id) {
+                        None => true,
+                        // Only a revocation is news for a known record.
+                        Some(known) => known.revoked_at.is_none() && record.revoked_at.is_some(),
+                    };
+                    if !newer {
+                        continue;
+                    }
+                    let json = serde_json::to_vec(&record).expect("records serialize");
+                    let subject = format!("{KEYS_SUBJECT}.{}", token(&record.id));
+                    let acked = async {
+                        self.js
+                            .publish(subject, json.into())
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                    .await;
+                    if let Err(e) = acked {
+                        // Put again at the next turn.
+                        upload = true;
+                        put = Err(e);
+                        break;
+                    }
+                    bucket.insert(record.id.clone(), record);
+                }
+                put
+            } else {
+                Ok(())
+            };
+            // A failure (NATS or JetStream not answering) is said once per
+            // spell and tried again at the next turn; nothing read or put
+            // is lost.
+            match read.and(put) {
+                Err(e) if !failing && self.connected() => {
+                    eprintln!("hookstream: cluster: key sync: {e}; retrying");
+                    failing = true;
+                }
+                Err(_) => {}
+                Ok(()) => failing = false,
+            }
+            tokio::time::sleep(WATCH_POLL).await;
         }
     }
 }
@@ -1566,6 +1750,7 @@ const KEY_ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// file within a second ([`Bridge::sync_keys`]), where its shards act on
 /// it (a revoked key's connections are closed with 4003).
 pub struct KeyAdmin {
+    client: async_nats::Client,
     js: jetstream::Context,
     replicas: usize,
 }
@@ -1596,9 +1781,13 @@ impl KeyAdmin {
             .connect(urls)
             .await
             .map_err(|e| format!("NATS {} is not reachable: {e}", urls.join(",")))?;
-        let mut js = jetstream::new(client);
+        let mut js = jetstream::new(client.clone());
         js.set_timeout(KEY_ADMIN_TIMEOUT);
-        Ok(KeyAdmin { js, replicas })
+        Ok(KeyAdmin {
+            client,
+            js,
+            replicas,
+        })
     }
 
     async fn stream(&self) -> Result<stream::Stream, String> {
@@ -1691,6 +1880,8 @@ impl KeyAdmin {
             .map_err(|e| format!("the key record of {id} in NATS is not readable: {e}"))?;
         if record.revoked_at.is_none() {
             record.revoked_at = Some(crate::auth::keys::now_rfc3339());
+            let json = serde_json::to_vec(&record).expect("records serialize");
+            announce(&self.client, NOW_REVOKED, json).await;
             self.put(&record).await?;
         }
         Ok(true)
