@@ -817,6 +817,51 @@ fn api_keys_with_nats_url_need_no_data_dir_and_act_on_running_nodes() {
 }
 
 #[test]
+fn a_node_starting_with_a_key_file_from_before_a_revocation_does_not_put_the_key_back() {
+    let nats = Nats::start();
+    let a = node(&nats, None, "a");
+    let key = a.key("org_a").to_string();
+    let id = key_id_of(a.data_dir(), "org_a");
+    let stale = std::fs::read_to_string(a.data_dir().join("keys.json")).unwrap();
+    let admin_token = std::fs::read_to_string(a.data_dir().join("admin-token")).unwrap();
+    // The key's record is in JetStream (A put it at startup).
+    drop(connect_when_admitted(&a, &key));
+    drop(a);
+    // Revoked from another machine while no node runs.
+    let cwd = TestDir::new();
+    let (ok, _, said) = keys_cli_in_nats(&["api-keys", "revoke", &id], &nats.url(), cwd.path());
+    assert!(ok, "{said}");
+    // A node that starts with the file from before the revocation.
+    let c = ServerBuilder::new()
+        .arg("--nats-url", nats.url())
+        .arg("--node-id", "c")
+        .file("keys.json", &stale)
+        .file("admin-token", &admin_token)
+        .start();
+    wait_ready(&c);
+    // It takes the revocation (its reload acts within 0.5 s), and the
+    // stream keeps it: the key stays refused.
+    std::thread::sleep(Duration::from_secs(2));
+    let refused = common::Client::try_upgrade(c.ws_addr, &format!("/v1/ws?token={key}"));
+    assert!(
+        refused.is_err(),
+        "the revoked key is accepted again:\n{}",
+        c.stderr()
+    );
+    let (ok, listed, said) =
+        keys_cli_in_nats(&["api-keys", "list", "--json"], &nats.url(), cwd.path());
+    assert!(ok, "{said}");
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    let record = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == id.as_str())
+        .unwrap_or_else(|| panic!("no record of {id}: {listed}"));
+    assert!(!record["revoked_at"].is_null(), "{record}");
+}
+
+#[test]
 fn history_limits_are_the_stream_limits_and_older_after_is_not_recovered() {
     let nats = Nats::start();
     let a = node_on(&nats.url(), None, "a", &[("--history-messages", "5")]);

@@ -170,6 +170,8 @@ pub struct ServerBuilder {
     /// Another server's data directory and keys, whose key file, admin
     /// token and session secret this one starts with (cluster nodes).
     shared: Option<(PathBuf, HashMap<String, String>)>,
+    /// Files written into the data directory last, before the start.
+    files: Vec<(String, String)>,
 }
 
 impl ServerBuilder {
@@ -196,6 +198,13 @@ impl ServerBuilder {
     /// of its files): another node of the same cluster.
     pub fn share_keys_with(mut self, server: &Server) -> ServerBuilder {
         self.shared = Some((server.data_dir().to_path_buf(), server.keys.clone()));
+        self
+    }
+
+    /// Writes `contents` to `<data-dir>/name` before the server starts
+    /// (after the shared files and keys: it replaces them).
+    pub fn file(mut self, name: &str, contents: &str) -> ServerBuilder {
+        self.files.push((name.to_string(), contents.to_string()));
         self
     }
 
@@ -227,6 +236,9 @@ impl ServerBuilder {
                 .iter()
                 .map(|org| (org.clone(), create_key(dir.path(), org))),
         );
+        for (name, contents) in &self.files {
+            std::fs::write(dir.path().join(name), contents).expect("write a data-dir file");
+        }
         let mut args: Vec<String> = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
             .iter()
             .map(|a| a.to_string())
