@@ -279,9 +279,20 @@ fn take(client: &mut common::Client, n: usize) -> Vec<(u64, String)> {
 /// [`take`], saying on a timeout or anything but a message what each of
 /// `nodes` logged.
 fn take_from(client: &mut common::Client, n: usize, nodes: &[&Server]) -> Vec<(u64, String)> {
+    take_within(client, n, WAIT, nodes)
+}
+
+/// [`take_from`], waiting up to `wait` for each message (a node that lost
+/// its NATS server reconnects with a backoff first).
+fn take_within(
+    client: &mut common::Client,
+    n: usize,
+    wait: Duration,
+    nodes: &[&Server],
+) -> Vec<(u64, String)> {
     let mut got = Vec::new();
     while got.len() < n {
-        match client.recv(WAIT) {
+        match client.recv(wait) {
             common::Received::Json { value, .. } if value["seq"].is_u64() => got.push((
                 value["seq"].as_u64().unwrap(),
                 value["data"]["id"].as_str().unwrap_or_default().to_string(),
@@ -951,20 +962,12 @@ fn with_three_replicas_stopping_one_nats_server_loses_nothing_and_publishing_goe
     // to another (with its backoff) and its follower goes on from its last
     // seq.
     let expected: Vec<(u64, String)> = (0..40).map(|i| (i as u64 + 1, format!("e{i}"))).collect();
-    let mut got = Vec::new();
-    while got.len() < expected.len() {
-        match subscriber.recv(Duration::from_secs(30)) {
-            common::Received::Json { value, .. } => got.push((
-                value["seq"].as_u64().unwrap(),
-                value["data"]["id"].as_str().unwrap().to_string(),
-            )),
-            other => panic!(
-                "after {got:?}: {other:?}\nA:\n{}\nB:\n{}",
-                a.stderr(),
-                b.stderr()
-            ),
-        }
-    }
+    let got = take_within(
+        &mut subscriber,
+        expected.len(),
+        Duration::from_secs(30),
+        &[&a, &b],
+    );
     assert_eq!(got, expected);
     subscriber.ping_pong();
 }
@@ -1081,20 +1084,12 @@ fn a_node_that_loses_its_nats_server_gets_what_others_published_meanwhile() {
     let expected: Vec<(u64, String)> = (1..40).map(|i| (i as u64 + 1, format!("e{i}"))).collect();
     // A's client reconnects to another NATS server (with its backoff),
     // then its follower starts a new consumer from its last seq.
-    let mut got = Vec::new();
-    while got.len() < expected.len() {
-        match on_a.recv(Duration::from_secs(30)) {
-            common::Received::Json { value, .. } => got.push((
-                value["seq"].as_u64().unwrap(),
-                value["data"]["id"].as_str().unwrap().to_string(),
-            )),
-            other => panic!(
-                "after {got:?}: {other:?}\nA:\n{}\nB:\n{}",
-                a.stderr(),
-                b.stderr()
-            ),
-        }
-    }
+    let got = take_within(
+        &mut on_a,
+        expected.len(),
+        Duration::from_secs(30),
+        &[&a, &b],
+    );
     assert_eq!(got, expected);
     on_a.ping_pong();
 }
