@@ -49,6 +49,21 @@ fn nats_binary() -> PathBuf {
     sbin
 }
 
+/// `GET path` on a connection of its own, read to its end (at most `wait`
+/// per read): the whole answer as text, or the error (nothing listens yet,
+/// no answer in time).
+fn get_raw(at: SocketAddr, path: &str, wait: Duration) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(at)?;
+    stream.set_read_timeout(Some(wait))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text)
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .expect("bind a free port")
@@ -174,17 +189,8 @@ impl Nats {
     fn wait_healthy(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let answer = (|| -> std::io::Result<String> {
-                let mut stream = TcpStream::connect(("127.0.0.1", self.monitor))?;
-                stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-                write!(
-                    stream,
-                    "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-                )?;
-                let mut text = String::new();
-                stream.read_to_string(&mut text)?;
-                Ok(text)
-            })();
+            let at = SocketAddr::from(([127, 0, 0, 1], self.monitor));
+            let answer = get_raw(at, "/healthz", Duration::from_secs(2));
             if matches!(&answer, Ok(text) if text.starts_with("HTTP/1.1 200")) {
                 return;
             }
@@ -719,6 +725,22 @@ fn keys_cli_in_nats(args: &[&str], url: &str, cwd: &std::path::Path) -> (bool, S
     )
 }
 
+/// Key `id`'s row in `api-keys list --json --nats-url url`, run in `cwd`,
+/// and the whole list as printed.
+fn listed_in_nats(url: &str, id: &str, cwd: &std::path::Path) -> (Value, String) {
+    let (ok, out, err) = keys_cli_in_nats(&["api-keys", "list", "--json"], url, cwd);
+    assert!(ok, "list failed: {err}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    let row = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == id)
+        .unwrap_or_else(|| panic!("{id} not listed: {listed}"))
+        .clone();
+    (row, out)
+}
+
 #[test]
 fn api_keys_with_nats_url_need_no_data_dir_and_act_on_running_nodes() {
     let nats = Nats::start();
@@ -746,20 +768,7 @@ fn api_keys_with_nats_url_need_no_data_dir_and_act_on_running_nodes() {
     assert_eq!(client.welcome["org_id"], "org_k");
     client.subscribe("events");
 
-    let (ok, out, err) = keys_cli_in_nats(
-        &["api-keys", "list", "--json"],
-        &nats.url(),
-        elsewhere.path(),
-    );
-    assert!(ok, "list failed: {err}");
-    let listed: Value = serde_json::from_str(&out).unwrap();
-    let row = listed
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["id"] == id.as_str())
-        .unwrap_or_else(|| panic!("{id} not listed: {listed}"))
-        .clone();
+    let (row, out) = listed_in_nats(&nats.url(), &id, elsewhere.path());
     assert_eq!(row["org_id"], "org_k");
     assert!(row["revoked_at"].is_null(), "{row}");
     assert!(!out.contains(&key), "list shows the key itself");
@@ -859,16 +868,7 @@ fn a_node_starting_with_a_key_file_from_before_a_revocation_does_not_put_the_key
         "the revoked key is accepted again:\n{}",
         c.stderr()
     );
-    let (ok, listed, said) =
-        keys_cli_in_nats(&["api-keys", "list", "--json"], &nats.url(), cwd.path());
-    assert!(ok, "{said}");
-    let listed: Value = serde_json::from_str(&listed).unwrap();
-    let record = listed
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["id"] == id.as_str())
-        .unwrap_or_else(|| panic!("no record of {id}: {listed}"));
+    let (record, _) = listed_in_nats(&nats.url(), &id, cwd.path());
     assert!(!record["revoked_at"].is_null(), "{record}");
 }
 
@@ -940,13 +940,20 @@ fn publish_until_accepted(server: &Server, org: &str, key: &str, id: &str) -> u6
     }
 }
 
-#[test]
-fn with_three_replicas_stopping_one_nats_server_loses_nothing_and_publishing_goes_on() {
-    let mut servers = Nats::cluster(3);
+/// Three clustered NATS servers and two nodes A and B (A's keys) that know
+/// all three, with `--nats-replicas 3`.
+fn two_nodes_on_three_replicas() -> (Vec<Nats>, Server, Server) {
+    let servers = Nats::cluster(3);
     let urls = servers.iter().map(Nats::url).collect::<Vec<_>>().join(",");
     let replicas = [("--nats-replicas", "3")];
     let a = node_on(&urls, None, "a", &replicas);
     let b = node_on(&urls, Some(&a), "b", &replicas);
+    (servers, a, b)
+}
+
+#[test]
+fn with_three_replicas_stopping_one_nats_server_loses_nothing_and_publishing_goes_on() {
+    let (mut servers, a, b) = two_nodes_on_three_replicas();
     // The first publish waits for the JetStream cluster to elect its leaders.
     assert_eq!(publish_with_retries(&a, 0), 1);
     let mut subscriber = b.connect("org_a");
@@ -1127,16 +1134,25 @@ fn a_session_cookie_signed_on_one_node_works_on_every_node() {
     );
 }
 
-/// The cluster's session secret as stored in JetStream, once there is one
-/// (asked for up to 30 s while the JetStream cluster elects its leaders).
-fn stored_session_secret(url: &str) -> String {
+/// Runs `work` with a JetStream context on `url`, on a runtime of its own.
+fn with_jetstream<T, F: std::future::Future<Output = T>>(
+    url: &str,
+    work: impl FnOnce(async_nats::jetstream::Context) -> F,
+) -> T {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(async {
         let client = async_nats::connect(url).await.expect("connect to NATS");
-        let js = async_nats::jetstream::new(client);
+        work(async_nats::jetstream::new(client)).await
+    })
+}
+
+/// The cluster's session secret as stored in JetStream, once there is one
+/// (asked for up to 30 s while the JetStream cluster elects its leaders).
+fn stored_session_secret(url: &str) -> String {
+    with_jetstream(url, |js| async move {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(stream) = js.get_stream("HSKEYS").await {
@@ -1273,13 +1289,7 @@ fn publish_org_with_retries(server: &Server, org: &str, id: &str) -> u64 {
 /// cluster elects its leader.
 fn create_placed_stream(url: &str, org: &str, tag: &str, server: &str) {
     use async_nats::jetstream::stream;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let client = async_nats::connect(url).await.expect("connect to NATS");
-        let js = async_nats::jetstream::new(client);
+    with_jetstream(url, |js| async move {
         let config = stream::Config {
             name: format!("HS_{org}"),
             subjects: vec![format!("hs.{org}.>")],
@@ -1318,17 +1328,8 @@ fn create_placed_stream(url: &str, org: &str, tag: &str, server: &str) {
 fn poll_when_answered(node: &Server, key: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let answer = (|| -> std::io::Result<String> {
-            let mut stream = TcpStream::connect(node.ws_addr)?;
-            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-            write!(
-                stream,
-                "GET /v1/poll?channels=events&after=0&token={key} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut text = String::new();
-            stream.read_to_string(&mut text)?;
-            Ok(text)
-        })();
+        let path = format!("/v1/poll?channels=events&after=0&token={key}");
+        let answer = get_raw(node.ws_addr, &path, Duration::from_secs(10));
         if let Ok(text) = &answer {
             if text.starts_with("HTTP/1.1 200") {
                 let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
@@ -1596,11 +1597,7 @@ fn a_key_revoked_while_any_one_of_three_nats_servers_is_down_is_refused_everywhe
     // revoked on A: whichever held the key stream's leader, a consumer or
     // a node's connection, B closes the key's connection within 2 s (the
     // stored record may wait seconds for JetStream to elect a leader).
-    let mut servers = Nats::cluster(3);
-    let urls = servers.iter().map(Nats::url).collect::<Vec<_>>().join(",");
-    let replicas = [("--nats-replicas", "3")];
-    let a = node_on(&urls, None, "a", &replicas);
-    let b = node_on(&urls, Some(&a), "b", &replicas);
+    let (mut servers, a, b) = two_nodes_on_three_replicas();
     let orgs = ["org_k0", "org_k1", "org_k2"];
     let mut clients: Vec<common::Client> = orgs
         .iter()
