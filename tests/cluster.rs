@@ -64,12 +64,26 @@ fn get_raw(at: SocketAddr, path: &str, wait: Duration) -> std::io::Result<String
     Ok(text)
 }
 
+/// A port nothing listens on, for a `nats-server` to take. Taken below
+/// the kernel's ephemeral range (32768 and up here), where every `:0`
+/// listener and client socket of the tests gets its port: a port picked
+/// there could be taken by one of those before the NATS server binds it.
+/// Each test process walks its own stretch (from its pid), skipping ports
+/// in use.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind a free port")
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = (std::process::id() % 64) * 343;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < SPAN, "no free port below the ephemeral range");
+        let port = (FIRST + (start + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 impl Nats {
