@@ -1323,25 +1323,39 @@ impl Bridge {
         .expect("a sign-out serializes");
         self.runtime.spawn(async move {
             announce(&bridge.client, NOW_SIGNED_OUT, json.clone()).await;
-            let sent = async {
-                bridge
-                    .js
-                    .get_or_create_stream(bridge.signouts_config())
+            // Stored for nodes that start later or were cut off: tried
+            // again every second (JetStream may be electing a leader) for as
+            // long as the cookie could be used, the answer given after the
+            // first try.
+            let mut reply = Some(reply);
+            loop {
+                let sent = async {
+                    bridge
+                        .js
+                        .get_or_create_stream(bridge.signouts_config())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    bridge
+                        .js
+                        .publish(SIGNOUTS_SUBJECT, json.clone().into())
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok::<(), String>(())
+                };
+                let outcome = tokio::time::timeout(PUBLISH_TIMEOUT, sent)
                     .await
-                    .map_err(|e| e.to_string())?;
-                bridge
-                    .js
-                    .publish(SIGNOUTS_SUBJECT, json.into())
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok::<(), String>(())
-            };
-            let outcome = tokio::time::timeout(PUBLISH_TIMEOUT, sent)
-                .await
-                .unwrap_or_else(|_| Err("no JetStream acknowledgement".to_string()));
-            let _ = reply.send(outcome);
+                    .unwrap_or_else(|_| Err("no JetStream acknowledgement".to_string()));
+                let stored = outcome.is_ok();
+                if let Some(reply) = reply.take() {
+                    let _ = reply.send(outcome);
+                }
+                if stored || crate::auth::sessions::now_unix_secs() >= expires {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         });
         answer
     }

@@ -509,7 +509,7 @@ pub async fn sessions_route(shard: &Shard, request: &Request, stream: &mut TcpSt
                         .await;
                     if !matches!(sent, Ok(Ok(()))) {
                         eprintln!(
-                            "hookstream: cluster: a sign-out reached only this node (NATS did not acknowledge it)"
+                            "hookstream: cluster: a sign-out is not stored in JetStream yet (announced to the connected nodes; stored once JetStream answers)"
                         );
                     }
                 }
