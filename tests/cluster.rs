@@ -1623,6 +1623,9 @@ fn a_key_revoked_or_a_session_signed_out_while_any_one_of_three_nats_servers_is_
             let mut by_key = connect_when_admitted(&b, &key);
             by_key.subscribe("events");
             let session_key = common::create_key(a.data_dir(), &format!("org_s{k}"));
+            // Each node takes a new key on its own clock (A's reload, B's
+            // watch).
+            drop(connect_when_admitted(&a, &session_key));
             drop(connect_when_admitted(&b, &session_key));
             let cookie = common::sign_in(a.ws_addr, &session_key);
             let mut by_cookie = common::Client::connect_with(
