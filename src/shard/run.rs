@@ -323,14 +323,22 @@ fn serve(
         let shared = shared.clone();
         let mesh = mesh.clone();
         let ready = ready_tx.clone();
-        let builder = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
+        // Pinned to its core from the start — except in a hot upgrade's new
+        // process, whose shards run unbound until they took their
+        // connections up (see `pin_to`).
+        let placement = if gated {
+            Placement::Unbound
+        } else {
+            Placement::Fixed(id % cpus)
+        };
+        let builder = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{id}"))
             .ring_depth(1024)
             .io_memory(2 << 20)
             .preempt_timer(Duration::from_millis(5))
             .spin_before_park(Duration::from_micros(0));
         let handle = builder
-            .spawn(move || async move { shard_main(id, shared, mesh, ready).await })
+            .spawn(move || async move { shard_main(id, id % cpus, shared, mesh, ready).await })
             .map_err(|e| glommio_error(&e.to_string()))?;
         handles.push(handle);
     }
@@ -597,6 +605,7 @@ fn stop_shards(mesh: &mesh::Mesh, shards: usize) {
 /// signal and drain (see `docs/ARCHITECTURE.md`, Shape).
 async fn shard_main(
     id: usize,
+    cpu: usize,
     shared: Arc<Shared>,
     mesh: mesh::Mesh,
     ready: mpsc::Sender<Result<(), String>>,
@@ -805,6 +814,13 @@ async fn shard_main(
     upgrade::start_adopted(&shard, adopted);
     if shared.gated {
         crate::handoff::trace(&format!("new: shard {id} serves"));
+        // Pinned once the handover is over (the old process has retired):
+        // moving to a busy core now would delay the first deliveries.
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(Duration::from_secs(1)).await;
+            pin_to(cpu);
+        })
+        .detach();
         // Once more: the main thread says SERVING when every shard serves.
         let _ = ready.send(Ok(()));
     }
@@ -918,5 +934,28 @@ async fn demo_loop(shard: Rc<Shard>, enabled: bool) {
         if let Err(e) = shard.publish(crate::demo::messages(tick)).await {
             crate::log::warn(format_args!("hookstream: demo publish failed: {e}"));
         }
+    }
+}
+
+/// Pins the calling thread (a shard of a hot upgrade's new process, which
+/// started unbound) to `cpu`, as every shard of a process started plainly
+/// is from its start (`Placement::Fixed`). Until its connections are taken
+/// up, an unbound shard runs on whichever core is free: pinned, it waited
+/// for its own core at every wake-up during the pause, up to 7-11 ms when
+/// another thread ran there (the scheduler does not preempt that thread for
+/// one that just ran a long burst, such as registering ten thousand
+/// connections), the longest single wait of the pause.
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t on the stack, for this thread only.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        crate::log::warn(format_args!(
+            "hookstream: cannot pin a shard to core {cpu}: {}",
+            std::io::Error::last_os_error()
+        ));
     }
 }
