@@ -1071,11 +1071,17 @@ fn a_new_binary_that_cannot_read_the_state_or_dies_holding_the_sockets_changes_n
     for (fault, reason) in [
         (
             "reads-9",
-            "the new binary reads state versions [9], this process writes version 1",
+            "the new binary reads state versions [9], this process writes versions [2, 1]",
         ),
         (
             "exit-after-state",
             "the new binary exited (exit status: 3) before it read the state",
+        ),
+        // Once it holds every socket passed ahead of the freeze, each in its
+        // shards' epoll sets, before the old process froze anything.
+        (
+            "exit-after-early",
+            "the new binary exited (exit status: 6) before it registered the connections",
         ),
     ] {
         let installed = Installed::new();
@@ -1107,6 +1113,54 @@ fn a_new_binary_that_cannot_read_the_state_or_dies_holding_the_sockets_changes_n
             "{fault}: {lines}"
         );
     }
+}
+
+/// A new binary that reads only the previous state version (1: every
+/// socket and record at the freeze, no early pass) is written that version
+/// and takes over like any other; this binary reads it (debug-build fault
+/// injection: its HELLO says it reads version 1 only).
+#[test]
+fn the_previous_state_version_is_written_and_read() {
+    let installed = Installed::new();
+    let mut running = start_with_env(
+        &installed,
+        &[
+            ("HOOKSTREAM_DEBUG_HANDOFF", "reads-1"),
+            ("HOOKSTREAM_UPGRADE_TRACE", "1"),
+        ],
+    );
+    let old_pid = running.spawned.child.id();
+    let fleet = Fleet::start(open_fleet(&running, 200));
+    let stop = Arc::new(AtomicBool::new(false));
+    let publishing = publisher(
+        running.spawned.admin_addr,
+        running.token.clone(),
+        50,
+        stop.clone(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    installed.replace_with(Path::new(binary()));
+    let (ok, stderr) = run_upgrade(running.data.path());
+    assert!(
+        ok,
+        "hookstream upgrade failed: {stderr}\nserver:\n{}",
+        running.spawned.stderr.lock().unwrap().join("\n")
+    );
+    let new_pid = read_pid(running.data.path());
+    assert_ne!(new_pid, old_pid);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while running.spawned.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the old process did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let published = stop_publishing(&stop, publishing, "version 1");
+    finish_fleet(fleet, published, 200, "version 1");
+    let lines = running.spawned.stderr.lock().unwrap().join("\n");
+    assert!(lines.contains("took over 200 connection(s)"), "{lines}");
+    // Traced: it froze, and passed nothing ahead of the freeze.
+    assert!(lines.contains("old: freezing"), "{lines}");
+    assert!(!lines.contains("passed ahead of the freeze"), "{lines}");
 }
 
 /// The processes whose parent is `pid` (from /proc/*/stat).

@@ -4,6 +4,7 @@
 //! history, bind, start its tasks, wait for the shutdown signal, drain.
 
 use std::cell::{Cell, RefCell};
+use std::os::unix::io::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
@@ -22,9 +23,13 @@ use super::writer::commit_loop;
 use super::{access, admin, mesh, public, reactor, replay, upgrade, Shard, ShardMessage};
 use crate::auth::keys::{KeyIndex, KeyStore};
 use crate::config::Config;
+use crate::handoff::ConnRecord;
 use crate::metrics::ShardMetrics;
 use crate::protocol::ws::CloseCode;
 use crate::registry::{Registry, RegistryLimits};
+
+/// One list per shard.
+type PerShard<T> = Vec<Vec<T>>;
 
 /// Everything the shards share at startup.
 struct Shared {
@@ -46,8 +51,18 @@ struct Shared {
     /// pair).
     listeners: Vec<(std::os::unix::io::RawFd, std::os::unix::io::RawFd)>,
     /// Connections handed over by the previous process (hot upgrade), per
-    /// owner shard, taken by each shard as it starts.
-    adopted: std::sync::Mutex<Vec<Vec<(std::os::unix::io::RawFd, crate::handoff::ConnRecord)>>>,
+    /// owner shard, taken by each shard as it starts (state version 2: once
+    /// told `ShardMessage::Prepare`); a socket passed ahead of the freeze
+    /// is `None` here, found by the record's id among [`Shared::early`]'s.
+    adopted: std::sync::Mutex<PerShard<(Option<RawFd>, ConnRecord)>>,
+    /// State version 2: connections passed ahead of the freeze, per owner
+    /// shard, registered by each shard as it starts, before the log is
+    /// open (see `upgrade::register_early`).
+    early: std::sync::Mutex<PerShard<(RawFd, ConnRecord)>>,
+    /// State version 2: the shards start before the freeze, register the
+    /// connections passed early, and wait for `ShardMessage::Prepare`
+    /// before they open the log.
+    early_pass: bool,
     /// Hot upgrade: the old process still holds every connection until it
     /// commits the handover; each shard starts up (log, registry, adopted
     /// connections registered), reports ready and then waits for
@@ -65,6 +80,10 @@ impl Drop for ExitGuard {
         self.0.exited.fetch_add(1, Ordering::SeqCst);
     }
 }
+
+/// How many connections passed ahead of a hot upgrade's freeze a shard
+/// registers in one go.
+const EARLY_SLICE: usize = 1000;
 
 /// How long the shards may take to open history and bind before startup is
 /// declared stuck.
@@ -91,7 +110,14 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
                 return Err(e);
             }
         };
-        let inherited = upgrade_process::receive(channel)?.confirm()?;
+        // State version 2: the shards start and register the connections
+        // passed ahead of the freeze before the old process freezes (the
+        // rest of the handover is `serve`'s); version 1: every connection
+        // came at the freeze.
+        let inherited = match upgrade_process::receive(channel)?.early() {
+            Ok(early) => early,
+            Err(received) => received.confirm()?,
+        };
         return serve(
             config,
             Some(inherited),
@@ -155,11 +181,14 @@ fn serve(
     // every connection until it commits; an old process from before the
     // commit handshake let go of both already.
     let shared_lock = inherited.as_mut().and_then(|i| i.lock.take());
-    let gated = shared_lock.is_some();
-    let mut lock = Some(match shared_lock {
-        Some(lock) => lock,
-        None => lock_data_dir(&config.data_dir)?,
-    });
+    // State version 2: the lock comes once the freeze's state was read.
+    let early_pass = inherited.as_ref().is_some_and(|i| i.early.is_some());
+    let gated = shared_lock.is_some() || early_pass;
+    let mut lock = match shared_lock {
+        Some(lock) => Some(lock),
+        None if early_pass => None,
+        None => Some(lock_data_dir(&config.data_dir)?),
+    };
     // glommio opens history directories with openat(-1, path), which only
     // works for absolute paths: `prepare` resolves `./hookstream-data`
     // (the default) once, for every file API alike. A TLS pair that does
@@ -246,11 +275,17 @@ fn serve(
 
     let shards = config.shards;
     let mut adopted: Vec<Vec<_>> = (0..shards).map(|_| Vec::new()).collect();
-    let (control, handed_count) = match inherited {
+    let mut early: Vec<Vec<_>> = (0..shards).map(|_| Vec::new()).collect();
+    let mut early_ids = std::collections::HashSet::new();
+    let (control, mut handed_count) = match inherited {
         Some(inherited) => {
             let count = inherited.connections.len();
             for (fd, record) in inherited.connections {
                 adopted[super::shard_for(&record.org_id, shards)].push((fd, record));
+            }
+            for (fd, record) in inherited.early.into_iter().flatten() {
+                early_ids.insert(record.id);
+                early[super::shard_for(&record.org_id, shards)].push((fd, record));
             }
             (Some(inherited.channel), Some(count))
         }
@@ -310,6 +345,8 @@ fn serve(
         tls: tls.clone(),
         listeners,
         adopted: std::sync::Mutex::new(adopted),
+        early: std::sync::Mutex::new(early),
+        early_pass,
         gated,
         bridge,
     });
@@ -346,33 +383,59 @@ fn serve(
     // Opening history scans segments, so a large data directory may take a
     // while; a shard that says nothing for this long is stuck, and the
     // process ends with a line instead of hanging.
-    let startup_deadline = Instant::now() + STARTUP_TIMEOUT;
-    for _ in 0..shards {
-        let left = startup_deadline.saturating_duration_since(Instant::now());
-        match ready_rx.recv_timeout(left) {
-            Ok(Ok(())) => {}
-            Ok(Err(message)) if gated => {
-                // The old process serves on (it sees this one exit): no
-                // shard may drain, which would close its connections.
-                if let Some(control) = &control {
-                    let _ = control.send(crate::handoff::kind::FAILED, message.as_bytes(), &[]);
+    let wait_shards = || -> Result<(), String> {
+        let startup_deadline = Instant::now() + STARTUP_TIMEOUT;
+        for _ in 0..shards {
+            let left = startup_deadline.saturating_duration_since(Instant::now());
+            match ready_rx.recv_timeout(left) {
+                Ok(Ok(())) => {}
+                Ok(Err(message)) if gated => {
+                    // The old process serves on (it sees this one exit): no
+                    // shard may drain, which would close its connections.
+                    if let Some(control) = &control {
+                        let _ = control.send(crate::handoff::kind::FAILED, message.as_bytes(), &[]);
+                    }
+                    return Err(message);
                 }
-                return Err(message);
-            }
-            Ok(Err(message)) => {
-                stop_shards(&mesh, shards);
-                return Err(message);
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                return Err(format!(
-                    "the shards did not start within {} s; see the lines above",
-                    STARTUP_TIMEOUT.as_secs()
-                ));
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(glommio_error("a shard stopped during startup"));
+                Ok(Err(message)) => {
+                    stop_shards(&mesh, shards);
+                    return Err(message);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(format!(
+                        "the shards did not start within {} s; see the lines above",
+                        STARTUP_TIMEOUT.as_secs()
+                    ));
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(glommio_error("a shard stopped during startup"));
+                }
             }
         }
+        Ok(())
+    };
+    wait_shards()?;
+    if let (true, Some(control)) = (early_pass, &control) {
+        // State version 2: every connection passed early is registered;
+        // the old process freezes now. Then the records (and the sockets
+        // of the connections accepted since), READY, and the log.
+        crate::handoff::trace("new: early connections registered, sending EARLY_READY");
+        let connections = upgrade_process::receive_freeze(control, &early_ids)?;
+        lock = Some(
+            upgrade_process::confirm_freeze(control)?
+                .ok_or("handoff: the old process passed no lock")?,
+        );
+        handed_count = Some(connections.len());
+        {
+            let mut adopted = shared.adopted.lock().expect("not poisoned");
+            for (fd, record) in connections {
+                adopted[super::shard_for(&record.org_id, shards)].push((fd, record));
+            }
+        }
+        for id in 0..shards {
+            let _ = mesh.send_to(id, ShardMessage::Prepare);
+        }
+        wait_shards()?;
     }
     if let (true, Some(control)) = (gated, &control) {
         crate::handoff::trace("new: every shard ready, sending PREPARED");
@@ -625,6 +688,50 @@ async fn shard_main(
             return;
         }
     };
+    let mut registry = Registry::new(limits);
+    if config.compression {
+        registry.enable_compression(config.compression_min_bytes);
+    }
+    // State version 2 of a hot upgrade: the connections passed ahead of
+    // the freeze are registered now, while the old process serves them
+    // (nothing here reads, writes or dispatches); then the old process
+    // freezes, and this shard waits to be told the log is its to open.
+    // Messages that arrive meanwhile are handled once the inbox task runs.
+    let mut early: std::collections::HashMap<u64, upgrade::Early> =
+        std::collections::HashMap::new();
+    let mut held = Vec::new();
+    if shared.early_pass {
+        let passed = std::mem::take(&mut shared.early.lock().expect("not poisoned")[id]);
+        crate::handoff::trace(&format!(
+            "new: shard {id} registering {} connections passed early",
+            passed.len()
+        ));
+        // In slices with a pause between them: one long burst would leave
+        // this thread owing the scheduler its share, and the next wake-up
+        // (`Prepare`, inside the pause) would wait for it.
+        let mut passed = passed.into_iter().peekable();
+        while passed.peek().is_some() {
+            for (fd, record) in passed.by_ref().take(EARLY_SLICE) {
+                let registered = upgrade::register_early(&mut registry, &reactor, fd, &record);
+                early.insert(record.id, registered);
+            }
+            if passed.peek().is_some() {
+                glommio::timer::sleep(Duration::from_micros(500)).await;
+            }
+        }
+        crate::handoff::trace(&format!("new: shard {id} registered them"));
+        let _ = ready.send(Ok(()));
+        let mut prepare = false;
+        while !prepare {
+            for message in mesh.receive(id).await {
+                match message {
+                    ShardMessage::Prepare => prepare = true,
+                    other => held.push(other),
+                }
+            }
+        }
+        crate::handoff::trace(&format!("new: shard {id} told to prepare"));
+    }
     let history_config = crate::history::HistoryConfig {
         dir: config.data_dir.join("history"),
         durability: config.durability,
@@ -655,10 +762,6 @@ async fn shard_main(
             }
         }
     };
-    let mut registry = Registry::new(limits);
-    if config.compression {
-        registry.enable_compression(config.compression_min_bytes);
-    }
     for (org_id, seq) in &history.last_seqs() {
         registry.set_org_seq(org_id, *seq);
     }
@@ -702,20 +805,31 @@ async fn shard_main(
         let shard = shard.clone();
         let mesh = mesh.clone();
         let go = go.clone();
+        let mut batch = std::collections::VecDeque::from(held);
         glommio::spawn_local(async move {
             loop {
-                for message in mesh.receive(shard.id).await {
+                for message in std::mem::take(&mut batch) {
                     match message {
                         ShardMessage::Adopt(handoff) => public::adopt(&shard, handoff),
                         ShardMessage::Stop => shard.shutdown.trigger(),
-                        ShardMessage::Freeze { reply } => {
+                        ShardMessage::Freeze { version, reply } => {
                             let shard = shard.clone();
                             glommio::spawn_local(async move {
-                                let snapshot = upgrade::freeze(&shard).await;
+                                let snapshot = upgrade::freeze(&shard, version).await;
                                 let _ = reply.send((shard.id, snapshot));
                             })
                             .detach();
                         }
+                        ShardMessage::PassEarly { channel, reply } => {
+                            let shard = shard.clone();
+                            glommio::spawn_local(async move {
+                                let passed = upgrade::pass_early(&shard, channel).await;
+                                let _ = reply.send((shard.id, passed));
+                            })
+                            .detach();
+                        }
+                        // Only awaited before this task starts.
+                        ShardMessage::Prepare => {}
                         ShardMessage::Thaw => upgrade::thaw(&shard),
                         ShardMessage::Go => go.notify(),
                         ShardMessage::Hand { reply } => {
@@ -773,6 +887,7 @@ async fn shard_main(
                         }
                     }
                 }
+                batch = mesh.receive(shard.id).await;
             }
         })
     };
@@ -795,10 +910,23 @@ async fn shard_main(
     if shared.gated {
         crate::handoff::trace(&format!("new: shard {id} log open, adopting"));
     }
-    let adopted: Vec<upgrade::Adopted> = records
-        .into_iter()
-        .map(|(fd, record)| upgrade::adopt_record(&shard, fd, record))
-        .collect();
+    let mut gaps = upgrade::Gaps::default();
+    let mut adopted: Vec<upgrade::Adopted> = Vec::with_capacity(records.len());
+    for (fd, record) in records {
+        adopted.push(match fd {
+            Some(fd) => upgrade::adopt_record(&shard, fd, record, &mut gaps),
+            None => match early.remove(&record.id) {
+                Some(registered) => upgrade::adopt_early(&shard, registered, record, &mut gaps),
+                // The main thread checked every id against the early pass,
+                // and a connection's org (so its shard) never changes.
+                None => upgrade::Adopted::Gone,
+            },
+        });
+    }
+    // Passed early, closed or not carried since.
+    for (_, registered) in early.drain() {
+        upgrade::discard_early(&shard, registered);
+    }
     if shared.gated {
         crate::handoff::trace(&format!("new: shard {id} adopted"));
     }
