@@ -83,6 +83,16 @@ pub struct ConnRecord {
     /// Version 2 on, at the freeze: the socket was passed ahead of the
     /// freeze (named by `id`) rather than with this record.
     pub early: bool,
+    /// Version 2 on, at the freeze: passed early, and nothing of it but
+    /// its position and counters changed since (same channels, nothing
+    /// queued, no partial input). The record is then short — id,
+    /// `position`, `missed_pongs`, `bad_messages_in_row` — and the rest is
+    /// the early pass's record (`org_id`, `key_id`, `channels`… are empty
+    /// here).
+    pub same_as_early: bool,
+    /// With `same_as_early`: the seq of the last message of the org
+    /// delivered (sent or queued) to it, on every channel.
+    pub position: u64,
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -142,6 +152,19 @@ impl ConnRecord {
     pub fn encode_version(&self, version: u16, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&[0; 4]);
+        if version >= 2 {
+            // The form: 1 short (the early record's rest), 0 whole.
+            if self.same_as_early {
+                out.push(1);
+                out.extend_from_slice(&self.id.to_le_bytes());
+                out.extend_from_slice(&self.position.to_le_bytes());
+                out.extend_from_slice(&[self.missed_pongs, self.bad_messages_in_row]);
+                let len = (out.len() - start - 4) as u32;
+                out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+                return;
+            }
+            out.push(0);
+        }
         put_bytes(out, self.org_id.as_bytes());
         put_bytes(out, self.key_id.as_bytes());
         match self.session {
@@ -192,6 +215,27 @@ impl ConnRecord {
         let len = outer.u32()? as usize;
         let body = outer.take(len)?;
         let mut r = Reader { bytes: body };
+        if version >= 2 {
+            match r.u8()? {
+                0 => {}
+                1 => {
+                    let record = ConnRecord {
+                        id: r.u64()?,
+                        position: r.u64()?,
+                        missed_pongs: r.u8()?,
+                        bad_messages_in_row: r.u8()?,
+                        early: true,
+                        same_as_early: true,
+                        ..ConnRecord::default()
+                    };
+                    if !r.bytes.is_empty() {
+                        return Err("connection record: trailing bytes".to_string());
+                    }
+                    return Ok((record, 4 + len));
+                }
+                other => return Err(format!("connection record: unknown form {other}")),
+            }
+        }
         let org_id = r.string()?;
         let key_id = r.string()?;
         let session = match r.u8()? {
@@ -240,6 +284,8 @@ impl ConnRecord {
                 deflate_window_bits,
                 id,
                 early,
+                same_as_early: false,
+                position: 0,
             },
             4 + len,
         ))
@@ -513,9 +559,19 @@ pub fn trace(step: &str) {
         return;
     }
     let ms = monotonic_ns() as f64 / 1e6;
+    let mut usage = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime into a stack value.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut usage) };
+    let cpu = usage.tv_sec as f64 * 1e3 + usage.tv_nsec as f64 / 1e6;
+    // SAFETY: getrusage into a zeroed stack value.
+    let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut rusage) };
     crate::log::info(format_args!(
-        "hookstream: upgrade trace: {ms:.3} ms, process {}: {step}",
-        std::process::id()
+        "hookstream: upgrade trace: {ms:.3} ms, process {}: {step} (thread CPU {cpu:.3} ms, {} minor faults, sys {:.3} ms)",
+        std::process::id(), rusage.ru_minflt, rusage.ru_stime.tv_sec as f64 * 1e3 + rusage.ru_stime.tv_usec as f64 / 1e3
     ));
 }
 
@@ -553,6 +609,8 @@ mod tests {
             deflate_window_bits: 15,
             id: 7 << 32 | 41,
             early: true,
+            same_as_early: false,
+            position: 0,
         }
     }
 
@@ -580,6 +638,30 @@ mod tests {
         assert_eq!(choose(&[1]), Some(1));
         assert_eq!(choose(&[3, 2]), Some(2));
         assert_eq!(choose(&[9]), None);
+    }
+
+    #[test]
+    fn a_connection_unchanged_since_the_early_pass_travels_short() {
+        let short = ConnRecord {
+            id: 3 << 32 | 9,
+            early: true,
+            same_as_early: true,
+            position: 77,
+            missed_pongs: 1,
+            bad_messages_in_row: 2,
+            ..ConnRecord::default()
+        };
+        let mut out = Vec::new();
+        short.encode_version(2, &mut out);
+        assert_eq!(out.len(), 4 + 1 + 8 + 8 + 2);
+        sample().encode_version(2, &mut out);
+        let (first, used) = ConnRecord::decode(2, &out).unwrap();
+        assert_eq!(first, short);
+        let (second, _) = ConnRecord::decode(2, &out[used..]).unwrap();
+        assert_eq!(second, sample());
+        for cut in 0..used {
+            assert!(ConnRecord::decode(2, &out[..cut]).is_err(), "cut {cut}");
+        }
     }
 
     #[test]

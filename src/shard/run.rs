@@ -276,7 +276,8 @@ fn serve(
     let shards = config.shards;
     let mut adopted: Vec<Vec<_>> = (0..shards).map(|_| Vec::new()).collect();
     let mut early: Vec<Vec<_>> = (0..shards).map(|_| Vec::new()).collect();
-    let mut early_ids = std::collections::HashSet::new();
+    // Each early connection's id and shard.
+    let mut early_ids = std::collections::HashMap::new();
     let (control, mut handed_count) = match inherited {
         Some(inherited) => {
             let count = inherited.connections.len();
@@ -284,8 +285,9 @@ fn serve(
                 adopted[super::shard_for(&record.org_id, shards)].push((fd, record));
             }
             for (fd, record) in inherited.early.into_iter().flatten() {
-                early_ids.insert(record.id);
-                early[super::shard_for(&record.org_id, shards)].push((fd, record));
+                let shard = super::shard_for(&record.org_id, shards);
+                early_ids.insert(record.id, shard);
+                early[shard].push((fd, record));
             }
             (Some(inherited.channel), Some(count))
         }
@@ -420,18 +422,15 @@ fn serve(
         // the old process freezes now. Then the records (and the sockets
         // of the connections accepted since), READY, and the log.
         crate::handoff::trace("new: early connections registered, sending EARLY_READY");
-        let connections = upgrade_process::receive_freeze(control, &early_ids)?;
+        // Read straight into each shard's list (no copy on the pause's
+        // path).
+        let connections = upgrade_process::receive_freeze(control, &early_ids, shards)?;
         lock = Some(
             upgrade_process::confirm_freeze(control)?
                 .ok_or("handoff: the old process passed no lock")?,
         );
-        handed_count = Some(connections.len());
-        {
-            let mut adopted = shared.adopted.lock().expect("not poisoned");
-            for (fd, record) in connections {
-                adopted[super::shard_for(&record.org_id, shards)].push((fd, record));
-            }
-        }
+        handed_count = Some(connections.iter().map(Vec::len).sum());
+        *shared.adopted.lock().expect("not poisoned") = connections;
         for id in 0..shards {
             let _ = mesh.send_to(id, ShardMessage::Prepare);
         }
@@ -712,8 +711,9 @@ async fn shard_main(
         let mut passed = passed.into_iter().peekable();
         while passed.peek().is_some() {
             for (fd, record) in passed.by_ref().take(EARLY_SLICE) {
-                let registered = upgrade::register_early(&mut registry, &reactor, fd, &record);
-                early.insert(record.id, registered);
+                let id = record.id;
+                let registered = upgrade::register_early(&mut registry, &reactor, fd, record);
+                early.insert(id, registered);
             }
             if passed.peek().is_some() {
                 glommio::timer::sleep(Duration::from_micros(500)).await;
@@ -900,8 +900,17 @@ async fn shard_main(
     // process serves on.
     let records = std::mem::take(&mut shared.adopted.lock().expect("not poisoned")[id]);
     if shard.cluster.is_some() && !records.is_empty() {
-        let orgs: std::collections::BTreeSet<&str> =
-            records.iter().map(|(_, r)| r.org_id.as_str()).collect();
+        // A short record's org is its early record's.
+        let orgs: std::collections::BTreeSet<&str> = records
+            .iter()
+            .filter_map(|(_, r)| match (r.same_as_early, early.get(&r.id)) {
+                (false, _) => Some(r.org_id.as_str()),
+                (true, Some(upgrade::Early::Registered { record, .. })) => {
+                    Some(record.org_id.as_str())
+                }
+                (true, _) => None,
+            })
+            .collect();
         if let Err(e) = super::cluster::follow_all(&shard, orgs).await {
             let _ = ready.send(Err(e));
             return;

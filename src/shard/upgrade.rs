@@ -52,7 +52,9 @@ pub struct Handover {
     /// The connections whose sockets the new process was given ahead of
     /// the freeze (state version 2): closing one of them meanwhile shuts
     /// the socket down first, since the new process's copy keeps it open.
-    early: RefCell<std::collections::HashSet<ConnKey>>,
+    /// Each with its channels as passed (a connection still subscribed
+    /// to exactly those travels short at the freeze).
+    early: RefCell<std::collections::HashMap<ConnKey, Vec<String>>>,
     /// Admin requests between their first byte and their answer.
     pub admin_requests: Cell<usize>,
     /// Upgrades authenticated while frozen, adopted at the thaw.
@@ -104,7 +106,7 @@ impl Handover {
     /// (passed ahead of the freeze) and the upgrade is not over.
     pub fn passed_early(&self, key: ConnKey) -> bool {
         let early = self.early.borrow();
-        !early.is_empty() && early.contains(&key)
+        !early.is_empty() && early.contains_key(&key)
     }
 
     /// The upgrade failed or is over: no new process holds an early copy.
@@ -175,6 +177,7 @@ pub async fn pass_early(shard: &Shard, channel: RawFd) -> Result<usize, String> 
                     continue;
                 };
                 let before = body.len();
+                let names = registry.channel_names_of(key);
                 let record = ConnRecord {
                     org_id: registry
                         .org_id_of(key)
@@ -182,11 +185,7 @@ pub async fn pass_early(shard: &Shard, channel: RawFd) -> Result<usize, String> 
                         .unwrap_or_default(),
                     key_id: registry.key_id_of(key).unwrap_or_default().to_string(),
                     session: registry.session_of(key),
-                    channels: registry
-                        .channel_names_of(key)
-                        .into_iter()
-                        .map(|name| (name, 0))
-                        .collect(),
+                    channels: names.iter().map(|name| (name.clone(), 0)).collect(),
                     deflate_window_bits: conn.deflate_window_bits,
                     id: conn_id(key),
                     ..ConnRecord::default()
@@ -202,7 +201,7 @@ pub async fn pass_early(shard: &Shard, channel: RawFd) -> Result<usize, String> 
                     break;
                 }
                 fds.push(conn.fd);
-                taken.push(key);
+                taken.push((key, names));
                 next += 1;
             }
         }
@@ -264,6 +263,33 @@ pub async fn freeze(shard: &Shard, version: u16) -> Snapshot {
             continue;
         }
         let seq = registry.org_seq_of(key);
+        let early = version >= 2 && shard.handover.passed_early(key);
+        if early
+            && conn.queue_is_empty()
+            && conn.partial.is_none()
+            && shard
+                .handover
+                .early
+                .borrow()
+                .get(&key)
+                .is_some_and(|names| registry.subscribed_to_exactly(key, names))
+        {
+            // Nothing but its position and counters changed since it was
+            // passed: it travels short.
+            ConnRecord {
+                id: conn_id(key),
+                early: true,
+                same_as_early: true,
+                position: seq,
+                missed_pongs: conn.missed_pongs,
+                bad_messages_in_row: conn.bad_messages_in_row,
+                ..ConnRecord::default()
+            }
+            .encode_version(version, &mut snapshot.records);
+            snapshot.count += 1;
+            handed.push(key);
+            continue;
+        }
         let mut queued = Vec::new();
         if let Some(queue) = &conn.send {
             for (i, frame) in queue.frames.iter().enumerate() {
@@ -304,7 +330,9 @@ pub async fn freeze(shard: &Shard, version: u16) -> Snapshot {
             bad_messages_in_row: conn.bad_messages_in_row,
             deflate_window_bits: conn.deflate_window_bits,
             id: conn_id(key),
-            early: version >= 2 && shard.handover.passed_early(key),
+            early,
+            same_as_early: false,
+            position: 0,
         };
         record.encode_version(version, &mut snapshot.records);
         if !record.early {
@@ -313,6 +341,10 @@ pub async fn freeze(shard: &Shard, version: u16) -> Snapshot {
         snapshot.count += 1;
         handed.push(key);
     }
+    crate::handoff::trace(&format!(
+        "old: shard {} wrote {} records",
+        shard.id, snapshot.count
+    ));
     snapshot
 }
 
@@ -496,8 +528,10 @@ pub enum Early {
     Registered {
         /// The connection.
         key: ConnKey,
-        /// The channels it was subscribed to when passed.
+        /// The channels it is subscribed to here.
         channels: Vec<String>,
+        /// Its record as passed (the rest of a short one at the freeze).
+        record: Box<ConnRecord>,
     },
     /// Over a limit this process was started with, or not registered.
     Refused(RawFd),
@@ -513,7 +547,7 @@ pub fn register_early(
     registry: &mut Registry,
     reactor: &reactor::Reactor,
     fd: RawFd,
-    record: &ConnRecord,
+    record: ConnRecord,
 ) -> Early {
     let Ok((key, _)) = registry.add(&record.org_id, &record.key_id, fd) else {
         return Early::Refused(fd);
@@ -534,7 +568,11 @@ pub fn register_early(
             channels.push(channel.clone());
         }
     }
-    Early::Registered { key, channels }
+    Early::Registered {
+        key,
+        channels,
+        record: Box::new(record),
+    }
 }
 
 /// In the new process: a connection passed early that the freeze's state
@@ -580,9 +618,34 @@ pub fn adopt_record(shard: &Shard, fd: RawFd, record: ConnRecord, gaps: &mut Gap
 
 /// In the new process: a connection passed early and registered
 /// ([`register_early`]) takes its state at the freeze ([`adopt_state`]).
-pub fn adopt_early(shard: &Shard, early: Early, record: ConnRecord, gaps: &mut Gaps) -> Adopted {
+/// A short record (`same_as_early`) is the early record with the
+/// position and counters it carries.
+pub fn adopt_early(
+    shard: &Shard,
+    early: Early,
+    mut record: ConnRecord,
+    gaps: &mut Gaps,
+) -> Adopted {
     match early {
-        Early::Registered { key, channels } => adopt_state(shard, key, record, &channels, gaps),
+        Early::Registered {
+            key,
+            channels,
+            record: passed,
+        } => {
+            if !record.same_as_early {
+                return adopt_state(shard, key, record, &channels, gaps);
+            }
+            // Subscribed here to what it still has (a channel over a limit
+            // of this process stays out, as in a whole record).
+            record.channels = channels
+                .into_iter()
+                .map(|name| (name, record.position))
+                .collect();
+            record.org_id = passed.org_id;
+            record.key_id = passed.key_id;
+            record.session = passed.session;
+            adopt_state(shard, key, record, &[], gaps)
+        }
         Early::Refused(fd) => Adopted::Refused(fd),
     }
 }

@@ -8,7 +8,7 @@
 //! the state before anything else. The outcome is written to
 //! `<data-dir>/hookstream.upgrade` for `hookstream upgrade`.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -576,8 +576,11 @@ pub fn receive(channel: Channel) -> Result<Received, String> {
             receive_early(&channel, first)
                 .map(|(listeners, early)| (listeners, Vec::new(), Some(early)))
         } else {
-            receive_state(&channel, first, &HashSet::new())
-                .map(|(listeners, connections)| (listeners, connections, None))
+            receive_state(&channel, first, &HashMap::new(), 1).map(
+                |(listeners, mut connections)| {
+                    (listeners, connections.pop().unwrap_or_default(), None)
+                },
+            )
         }
     });
     handoff::trace("new: state received");
@@ -684,8 +687,9 @@ pub fn confirm_freeze(channel: &Channel) -> Result<Option<std::fs::File>, String
 /// process.
 pub fn receive_freeze(
     channel: &Channel,
-    early_ids: &HashSet<u64>,
-) -> Result<Vec<(Option<RawFd>, ConnRecord)>, String> {
+    early_ids: &HashMap<u64, usize>,
+    shards: usize,
+) -> Result<PerShard, String> {
     let fault = super::fault::handoff_fault();
     if fault.as_deref() == Some("exit-after-early") {
         std::process::exit(6);
@@ -697,7 +701,7 @@ pub fn receive_freeze(
         .receive(READY_TIMEOUT)
         .map_err(|e| format!("reading the state: {e}"))
         .and_then(|m| m.ok_or_else(|| "the old process sent no state".to_string()))
-        .and_then(|first| receive_state(channel, first, early_ids));
+        .and_then(|first| receive_state(channel, first, early_ids, shards));
     handoff::trace("new: freeze state received");
     match state {
         Ok(_) if fault.as_deref() == Some("exit-after-state") => std::process::exit(3),
@@ -706,7 +710,7 @@ pub fn receive_freeze(
             for (a, b) in listeners {
                 close_all(&[a, b]);
             }
-            for (fd, _) in connections {
+            for (fd, _) in connections.into_iter().flatten() {
                 close_all(fd.as_slice());
             }
             let e = "listeners passed twice".to_string();
@@ -803,15 +807,20 @@ fn receive_early(channel: &Channel, first: handoff::Message) -> Result<Early, St
     Ok((listeners, connections))
 }
 
-type State = (Vec<(RawFd, RawFd)>, Vec<(Option<RawFd>, ConnRecord)>);
+/// Connections with their records, one list per shard of this process.
+pub type PerShard = Vec<Vec<(Option<RawFd>, ConnRecord)>>;
+
+type State = (Vec<(RawFd, RawFd)>, PerShard);
 
 /// The freeze's state, `first` being its first message (START): the
 /// listeners (version 1), the records, and the sockets of every record not
-/// passed early (version 2: an early one names one of `early_ids`).
+/// passed early (version 2: an early one names one of `early_ids`, which
+/// says its shard), each in the list of its org's shard of `shards`.
 fn receive_state(
     channel: &Channel,
     first: handoff::Message,
-    early_ids: &HashSet<u64>,
+    early_ids: &HashMap<u64, usize>,
+    shards: usize,
 ) -> Result<State, String> {
     let mut fds: Vec<RawFd> = Vec::new();
     let mut data = Vec::new();
@@ -873,24 +882,29 @@ fn receive_state(
             &fds,
         );
     }
-    let mut connections = Vec::with_capacity(record_count);
+    let mut connections: PerShard = (0..shards)
+        .map(|_| Vec::with_capacity(record_count / shards + 16))
+        .collect();
+    let mut read = 0;
     let mut sockets = fds[listener_count..].iter().copied();
     let mut at = 0;
     while at < data.len() {
         match ConnRecord::decode(version, &data[at..]) {
             Ok((record, used)) => {
                 at += used;
+                read += 1;
                 if record.early {
-                    if !early_ids.contains(&record.id) {
+                    let Some(&shard) = early_ids.get(&record.id).filter(|s| **s < shards) else {
                         return fail(
                             format!("connection {} was not passed early", record.id),
                             &fds,
                         );
-                    }
-                    connections.push((None, record));
+                    };
+                    connections[shard].push((None, record));
                 } else {
+                    let shard = super::shard_for(&record.org_id, shards);
                     match sockets.next() {
-                        Some(fd) => connections.push((Some(fd), record)),
+                        Some(fd) => connections[shard].push((Some(fd), record)),
                         None => return fail("a record without its socket".to_string(), &fds),
                     }
                 }
@@ -898,11 +912,10 @@ fn receive_state(
             Err(e) => return fail(e, &fds),
         }
     }
-    if connections.len() != record_count || sockets.next().is_some() {
+    if read != record_count || sockets.next().is_some() {
         return fail(
             format!(
-                "expected {record_count} records and {socket_count} sockets, got {} records",
-                connections.len()
+                "expected {record_count} records and {socket_count} sockets, got {read} records"
             ),
             &fds,
         );
