@@ -691,8 +691,12 @@ pub fn receive_freeze(
     shards: usize,
 ) -> Result<PerShard, String> {
     let fault = super::fault::handoff_fault();
-    if fault.as_deref() == Some("exit-after-early") {
-        std::process::exit(6);
+    match fault.as_deref() {
+        Some("exit-after-early") => std::process::exit(6),
+        // The old process serves on meanwhile: connections close, change
+        // and arrive between the early pass and the freeze.
+        Some("slow-early") => std::thread::sleep(std::time::Duration::from_millis(1500)),
+        _ => {}
     }
     channel
         .send(kind::EARLY_READY, b"", &[])
