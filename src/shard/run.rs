@@ -429,6 +429,16 @@ fn serve(
             upgrade_process::confirm_freeze(control)?
                 .ok_or("handoff: the old process passed no lock")?,
         );
+        // Sign-outs the old process wrote since this one loaded the file
+        // (before the freeze) count too.
+        if let Err(e) = shared
+            .revoked
+            .reload_only(&config.data_dir, crate::auth::sessions::now_unix_secs())
+        {
+            let e = format!("signed-out sessions: {e}");
+            let _ = control.send(crate::handoff::kind::FAILED, e.as_bytes(), &[]);
+            return Err(e);
+        }
         handed_count = Some(connections.iter().map(Vec::len).sum());
         *shared.adopted.lock().expect("not poisoned") = connections;
         for id in 0..shards {
