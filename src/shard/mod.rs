@@ -92,9 +92,9 @@ pub enum ShardMessage {
     /// the freeze: pass the sockets of the live connections to the new
     /// process on the control channel (`upgrade::pass_early`).
     PassEarly {
-        /// The control channel's descriptor (the main thread keeps it open
-        /// until every shard answered).
-        channel: RawFd,
+        /// A copy of the control channel's descriptor, the shard's to
+        /// close (a shard that answers late writes to a live socket).
+        channel: std::os::fd::OwnedFd,
         /// How many were passed, or why it failed.
         reply: std::sync::mpsc::Sender<(usize, Result<usize, String>)>,
     },

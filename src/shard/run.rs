@@ -833,7 +833,7 @@ async fn shard_main(
                         ShardMessage::PassEarly { channel, reply } => {
                             let shard = shard.clone();
                             glommio::spawn_local(async move {
-                                let passed = upgrade::pass_early(&shard, channel).await;
+                                let passed = upgrade::pass_early(&shard, &channel).await;
                                 let _ = reply.send((shard.id, passed));
                             })
                             .detach();

@@ -157,8 +157,11 @@ fn carriable(conn: &crate::registry::Connection, key: ConnKey) -> bool {
 /// connection its record names (none closes, and no number is reused, in
 /// between); the shard serves on between messages. A full channel is tried
 /// again shortly (a shard never blocks); returns how many were passed.
-pub async fn pass_early(shard: &Shard, channel: RawFd) -> Result<usize, String> {
+pub async fn pass_early(shard: &Shard, channel: &std::os::fd::OwnedFd) -> Result<usize, String> {
     use crate::handoff::{self, kind};
+    use std::os::fd::AsRawFd;
+    let channel = channel.as_raw_fd();
+    shard.handover.forget_early();
     let keys = shard.registry.borrow().keys();
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut at = 0;

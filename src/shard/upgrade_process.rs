@@ -451,9 +451,19 @@ fn pass_early(old: &Old<'_>, channel: &Channel, child: &mut Child) -> Result<(),
             )
             .map_err(failed)?;
     }
-    let raw = channel.raw();
+    // SAFETY: the channel's descriptor stays open for this borrow.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(channel.raw()) };
+    let copies = (0..old.shards)
+        .map(|_| borrowed.try_clone_to_owned())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("cannot pass the state to the new binary: {e}"))?;
+    let copies = std::sync::Mutex::new(copies);
     let passed = ask_shards(old, |reply| ShardMessage::PassEarly {
-        channel: raw,
+        channel: copies
+            .lock()
+            .expect("not poisoned")
+            .pop()
+            .expect("one copy per shard"),
         reply,
     })?;
     let mut total = 0;
