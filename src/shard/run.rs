@@ -709,6 +709,7 @@ async fn shard_main(
     let mut early: std::collections::HashMap<u64, upgrade::Early> =
         std::collections::HashMap::new();
     let mut held = Vec::new();
+    let mut room: Vec<upgrade::Adopted> = Vec::new();
     if shared.early_pass {
         let passed = std::mem::take(&mut shared.early.lock().expect("not poisoned")[id]);
         crate::handoff::trace(&format!(
@@ -730,6 +731,10 @@ async fn shard_main(
             }
         }
         crate::handoff::trace(&format!("new: shard {id} registered them"));
+        // The list of adopted connections, touched before the pause.
+        room = upgrade_process::touched(early.len() + early.len() / 8 + 64, || {
+            upgrade::Adopted::Gone
+        });
         let _ = ready.send(Ok(()));
         let mut prepare = false;
         while !prepare {
@@ -930,7 +935,8 @@ async fn shard_main(
         crate::handoff::trace(&format!("new: shard {id} log open, adopting"));
     }
     let mut gaps = upgrade::Gaps::default();
-    let mut adopted: Vec<upgrade::Adopted> = Vec::with_capacity(records.len());
+    let mut adopted = room;
+    adopted.reserve(records.len());
     for (fd, record) in records {
         adopted.push(match fd {
             Some(fd) => upgrade::adopt_record(&shard, fd, record, &mut gaps),

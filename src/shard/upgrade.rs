@@ -55,6 +55,9 @@ pub struct Handover {
     /// Each with its channels as passed (a connection still subscribed
     /// to exactly those travels short at the freeze).
     early: RefCell<std::collections::HashMap<ConnKey, Vec<String>>>,
+    /// Room for the freeze's records and list of handed connections,
+    /// taken and touched after the early pass (not inside the pause).
+    room: RefCell<(Vec<u8>, Vec<ConnKey>)>,
     /// Admin requests between their first byte and their answer.
     pub admin_requests: Cell<usize>,
     /// Upgrades authenticated while frozen, adopted at the thaw.
@@ -112,6 +115,7 @@ impl Handover {
     /// The upgrade failed or is over: no new process holds an early copy.
     pub fn forget_early(&self) {
         self.early.borrow_mut().clear();
+        *self.room.borrow_mut() = Default::default();
     }
 
     /// Keeps an upgrade that arrived while frozen for the thaw; false when
@@ -229,6 +233,14 @@ pub async fn pass_early(shard: &Shard, channel: &std::os::fd::OwnedFd) -> Result
         }
         glommio::yield_if_needed().await;
     }
+    let count = shard.registry.borrow().len();
+    *shard.handover.room.borrow_mut() = (
+        super::upgrade_process::touched(count * 32 + 4096, || 0u8),
+        super::upgrade_process::touched(count + 64, || ConnKey {
+            index: 0,
+            generation: 0,
+        }),
+    );
     Ok(passed)
 }
 
@@ -249,9 +261,14 @@ pub async fn freeze(shard: &Shard, version: u16) -> Snapshot {
     }
     crate::handoff::trace(&format!("old: shard {} committer at rest", shard.id));
     let registry = shard.registry.borrow();
-    let mut snapshot = Snapshot::default();
+    let (records, mut room) = std::mem::take(&mut *shard.handover.room.borrow_mut());
+    let mut snapshot = Snapshot {
+        records,
+        ..Snapshot::default()
+    };
     let mut handed = shard.handover.handed.borrow_mut();
-    handed.clear();
+    room.clear();
+    *handed = room;
     if !shard.handover.committer_at_rest.get() {
         // A round that does not end in 5 s (a disk that stalls): nothing is
         // carried over; the connections are closed with 1012 if the

@@ -586,7 +586,11 @@ pub fn receive(channel: Channel) -> Result<Received, String> {
             receive_early(&channel, first)
                 .map(|(listeners, early)| (listeners, Vec::new(), Some(early)))
         } else {
-            receive_state(&channel, first, &HashMap::new(), 1).map(
+            let buffers = Buffers {
+                lists: vec![Vec::new()],
+                data: Vec::new(),
+            };
+            receive_state(&channel, first, &HashMap::new(), 1, buffers).map(
                 |(listeners, mut connections)| {
                     (listeners, connections.pop().unwrap_or_default(), None)
                 },
@@ -700,6 +704,22 @@ pub fn receive_freeze(
     early_ids: &HashMap<u64, usize>,
     shards: usize,
 ) -> Result<PerShard, String> {
+    // The memory the freeze's state is read into, taken (and touched)
+    // now, before the old process freezes: memory a process touches the
+    // first time can cost milliseconds per megabyte on a busy host (page
+    // clearing, the hypervisor's own faults), and these are megabytes at
+    // tens of thousands of connections.
+    let mut per_shard = vec![0usize; shards];
+    for &shard in early_ids.values() {
+        per_shard[shard.min(shards - 1)] += 1;
+    }
+    let buffers = Buffers {
+        lists: per_shard
+            .iter()
+            .map(|&n| touched(n + n / 8 + 64, || (None, ConnRecord::default())))
+            .collect(),
+        data: touched(early_ids.len() * 32 + 64 * 1024, || 0u8),
+    };
     let fault = super::fault::handoff_fault();
     match fault.as_deref() {
         Some("exit-after-early") => std::process::exit(6),
@@ -715,7 +735,7 @@ pub fn receive_freeze(
         .receive(READY_TIMEOUT)
         .map_err(|e| format!("reading the state: {e}"))
         .and_then(|m| m.ok_or_else(|| "the old process sent no state".to_string()))
-        .and_then(|first| receive_state(channel, first, early_ids, shards));
+        .and_then(|first| receive_state(channel, first, early_ids, shards, buffers));
     handoff::trace("new: freeze state received");
     match state {
         Ok(_) if fault.as_deref() == Some("exit-after-state") => std::process::exit(3),
@@ -824,6 +844,25 @@ fn receive_early(channel: &Channel, first: handoff::Message) -> Result<Early, St
 /// Connections with their records, one list per shard of this process.
 pub type PerShard = Vec<Vec<(Option<RawFd>, ConnRecord)>>;
 
+/// Where the freeze's state is read into: one list per shard and the
+/// records' bytes (empty, with room).
+struct Buffers {
+    lists: PerShard,
+    data: Vec<u8>,
+}
+
+/// An empty vector with room for `n`, every byte of which was written once
+/// (so that filling it later takes no page fault).
+pub fn touched<T>(n: usize, fill: impl Fn() -> T) -> Vec<T> {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        v.push(fill());
+    }
+    std::hint::black_box(v.as_ptr());
+    v.clear();
+    v
+}
+
 type State = (Vec<(RawFd, RawFd)>, PerShard);
 
 /// The freeze's state, `first` being its first message (START): the
@@ -835,9 +874,13 @@ fn receive_state(
     first: handoff::Message,
     early_ids: &HashMap<u64, usize>,
     shards: usize,
+    buffers: Buffers,
 ) -> Result<State, String> {
     let mut fds: Vec<RawFd> = Vec::new();
-    let mut data = Vec::new();
+    let Buffers {
+        lists: mut connections,
+        mut data,
+    } = buffers;
     let mut start: Option<(u16, usize, usize, usize)> = None;
     let mut next = Some(first);
     let result = (|| loop {
@@ -896,9 +939,7 @@ fn receive_state(
             &fds,
         );
     }
-    let mut connections: PerShard = (0..shards)
-        .map(|_| Vec::with_capacity(record_count / shards + 16))
-        .collect();
+    connections.resize_with(shards, Vec::new);
     let mut read = 0;
     let mut sockets = fds[listener_count..].iter().copied();
     let mut at = 0;
