@@ -13,11 +13,21 @@
 use std::os::unix::io::RawFd;
 use std::time::{Duration, Instant};
 
-/// The version of the connection record this binary writes.
-pub const VERSION: u16 = 1;
-/// The versions this binary reads: its own and the previous one (there is
-/// none before 1).
-pub const READS: &[u16] = &[1];
+/// The version of the state this binary writes. Version 2 passes the
+/// sockets (and what a connection is that does not change) ahead of the
+/// freeze, each connection named by its id, and at the freeze only the
+/// records, with the sockets of the connections accepted since; version 1
+/// passed every socket and record at the freeze. An old process writes the
+/// newest version the new binary reads ([`choose`]).
+pub const VERSION: u16 = 2;
+/// The versions this binary reads: its own and the previous one.
+pub const READS: &[u16] = &[2, 1];
+
+/// The version an old process writes for a new binary that reads `reads`:
+/// the newest this binary writes too, if any.
+pub fn choose(reads: &[u16]) -> Option<u16> {
+    READS.iter().copied().find(|v| reads.contains(v))
+}
 
 /// The environment variable naming the inherited control socket.
 pub const FD_ENV: &str = "HOOKSTREAM_HANDOFF_FD";
@@ -66,6 +76,23 @@ pub struct ConnRecord {
     pub bad_messages_in_row: u8,
     /// permessage-deflate window bits (0: not negotiated).
     pub deflate_window_bits: u8,
+    /// Version 2 on: the connection's id in the old process (the same
+    /// connection has the same id in the early pass and at the freeze; no
+    /// other connection of that process ever has it).
+    pub id: u64,
+    /// Version 2 on, at the freeze: the socket was passed ahead of the
+    /// freeze (named by `id`) rather than with this record.
+    pub early: bool,
+    /// Version 2 on, at the freeze: passed early, and nothing of it but
+    /// its position and counters changed since (same channels, nothing
+    /// queued, no partial input). The record is then short — id,
+    /// `position`, `missed_pongs`, `bad_messages_in_row` — and the rest is
+    /// the early pass's record (`org_id`, `key_id`, `channels`… are empty
+    /// here).
+    pub same_as_early: bool,
+    /// With `same_as_early`: the seq of the last message of the org
+    /// delivered (sent or queued) to it, on every channel.
+    pub position: u64,
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -117,8 +144,27 @@ impl<'a> Reader<'a> {
 impl ConnRecord {
     /// Appends the record (length-prefixed) in format [`VERSION`].
     pub fn encode(&self, out: &mut Vec<u8>) {
+        self.encode_version(VERSION, out);
+    }
+
+    /// Appends the record (length-prefixed) in format `version` (one of
+    /// [`READS`]).
+    pub fn encode_version(&self, version: u16, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&[0; 4]);
+        if version >= 2 {
+            // The form: 1 short (the early record's rest), 0 whole.
+            if self.same_as_early {
+                out.push(1);
+                out.extend_from_slice(&self.id.to_le_bytes());
+                out.extend_from_slice(&self.position.to_le_bytes());
+                out.extend_from_slice(&[self.missed_pongs, self.bad_messages_in_row]);
+                let len = (out.len() - start - 4) as u32;
+                out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+                return;
+            }
+            out.push(0);
+        }
         put_bytes(out, self.org_id.as_bytes());
         put_bytes(out, self.key_id.as_bytes());
         match self.session {
@@ -149,6 +195,10 @@ impl ConnRecord {
             self.bad_messages_in_row,
             self.deflate_window_bits,
         ]);
+        if version >= 2 {
+            out.extend_from_slice(&self.id.to_le_bytes());
+            out.push(u8::from(self.early));
+        }
         let len = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     }
@@ -165,6 +215,27 @@ impl ConnRecord {
         let len = outer.u32()? as usize;
         let body = outer.take(len)?;
         let mut r = Reader { bytes: body };
+        if version >= 2 {
+            match r.u8()? {
+                0 => {}
+                1 => {
+                    let record = ConnRecord {
+                        id: r.u64()?,
+                        position: r.u64()?,
+                        missed_pongs: r.u8()?,
+                        bad_messages_in_row: r.u8()?,
+                        early: true,
+                        same_as_early: true,
+                        ..ConnRecord::default()
+                    };
+                    if !r.bytes.is_empty() {
+                        return Err("connection record: trailing bytes".to_string());
+                    }
+                    return Ok((record, 4 + len));
+                }
+                other => return Err(format!("connection record: unknown form {other}")),
+            }
+        }
         let org_id = r.string()?;
         let key_id = r.string()?;
         let session = match r.u8()? {
@@ -191,6 +262,11 @@ impl ConnRecord {
         let missed_pongs = r.u8()?;
         let bad_messages_in_row = r.u8()?;
         let deflate_window_bits = r.u8()?;
+        let (id, early) = if version >= 2 {
+            (r.u64()?, r.u8()? != 0)
+        } else {
+            (0, false)
+        };
         if !r.bytes.is_empty() {
             return Err("connection record: trailing bytes".to_string());
         }
@@ -206,6 +282,10 @@ impl ConnRecord {
                 missed_pongs,
                 bad_messages_in_row,
                 deflate_window_bits,
+                id,
+                early,
+                same_as_early: false,
+                position: 0,
             },
             4 + len,
         ))
@@ -216,7 +296,26 @@ impl ConnRecord {
 pub mod kind {
     /// New → old: the versions it reads (u16 each).
     pub const HELLO: u8 = b'H';
-    /// Old → new: version u16, listener count u32, connection count u32.
+    /// Old → new (version 2 on), right after HELLO, before anything is
+    /// frozen: the listeners (u32 count; the descriptors, public and admin
+    /// of each shard).
+    pub const LISTENERS: u8 = b'L';
+    /// Old → new (version 2 on), before the freeze, from each shard in one
+    /// synchronous step (so no descriptor number is reused under it): up to
+    /// [`FDS_PER_MESSAGE`] live connections, their sockets and, in the same
+    /// order, their records as they are now (`id` set; nothing queued or
+    /// partial: only what does not change is used).
+    pub const EARLY: u8 = b'A';
+    /// Old → new (version 2 on): every shard passed its sockets (u32
+    /// count).
+    pub const EARLY_END: u8 = b'B';
+    /// New → old (version 2 on): the early connections are registered in
+    /// the new process's shards (nothing read, written or dispatched); the
+    /// old process freezes.
+    pub const EARLY_READY: u8 = b'Q';
+    /// Old → new: version u16, listener count u32, descriptor count u32;
+    /// version 2 on, record count u32 (a record whose socket was passed
+    /// early has no descriptor here).
     pub const START: u8 = b'S';
     /// Old → new: descriptors (listeners first, then connections in order).
     pub const FDS: u8 = b'F';
@@ -306,47 +405,7 @@ impl Channel {
     /// Sends one message: `kind`, `body`, and descriptors (`SCM_RIGHTS`;
     /// the caller keeps its own).
     pub fn send(&self, kind: u8, body: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
-        assert!(fds.len() <= FDS_PER_MESSAGE);
-        let mut message = Vec::with_capacity(1 + body.len());
-        message.push(kind);
-        message.extend_from_slice(body);
-        let mut iov = libc::iovec {
-            iov_base: message.as_mut_ptr().cast(),
-            iov_len: message.len(),
-        };
-        // SAFETY: CMSG_SPACE is a pure computation.
-        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of_val(fds) as u32) } as usize;
-        let mut control = vec![0u8; space.max(1)];
-        // SAFETY: msghdr over stack and heap buffers that outlive the call;
-        // the control buffer is CMSG_SPACE bytes for `fds`.
-        unsafe {
-            let mut header: libc::msghdr = std::mem::zeroed();
-            header.msg_iov = &mut iov;
-            header.msg_iovlen = 1;
-            if !fds.is_empty() {
-                header.msg_control = control.as_mut_ptr().cast();
-                header.msg_controllen = space as _;
-                let cmsg = libc::CMSG_FIRSTHDR(&header);
-                (*cmsg).cmsg_level = libc::SOL_SOCKET;
-                (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-                (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as _;
-                std::ptr::copy_nonoverlapping(
-                    fds.as_ptr(),
-                    libc::CMSG_DATA(cmsg).cast::<RawFd>(),
-                    fds.len(),
-                );
-            }
-            loop {
-                let sent = libc::sendmsg(self.fd, &header, libc::MSG_NOSIGNAL);
-                if sent >= 0 {
-                    return Ok(());
-                }
-                let error = std::io::Error::last_os_error();
-                if error.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(error);
-                }
-            }
-        }
+        send_on(self.fd, kind, body, fds, 0)
     }
 
     /// Waits up to `timeout` for the next message; `Ok(None)` on timeout,
@@ -429,6 +488,54 @@ impl Channel {
     }
 }
 
+/// Sends one message on the channel descriptor `fd`: `kind`, `body`, and
+/// descriptors (`SCM_RIGHTS`; the caller keeps its own). `flags` adds to
+/// `MSG_NOSIGNAL` (`MSG_DONTWAIT` for a shard, which must not block: it
+/// gets `WouldBlock` and tries again later).
+pub fn send_on(fd: RawFd, kind: u8, body: &[u8], fds: &[RawFd], flags: i32) -> std::io::Result<()> {
+    assert!(fds.len() <= FDS_PER_MESSAGE);
+    let mut message = Vec::with_capacity(1 + body.len());
+    message.push(kind);
+    message.extend_from_slice(body);
+    let mut iov = libc::iovec {
+        iov_base: message.as_mut_ptr().cast(),
+        iov_len: message.len(),
+    };
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of_val(fds) as u32) } as usize;
+    let mut control = vec![0u8; space.max(1)];
+    // SAFETY: msghdr over stack and heap buffers that outlive the call;
+    // the control buffer is CMSG_SPACE bytes for `fds`.
+    unsafe {
+        let mut header: libc::msghdr = std::mem::zeroed();
+        header.msg_iov = &mut iov;
+        header.msg_iovlen = 1;
+        if !fds.is_empty() {
+            header.msg_control = control.as_mut_ptr().cast();
+            header.msg_controllen = space as _;
+            let cmsg = libc::CMSG_FIRSTHDR(&header);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as _;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr(),
+                libc::CMSG_DATA(cmsg).cast::<RawFd>(),
+                fds.len(),
+            );
+        }
+        loop {
+            let sent = libc::sendmsg(fd, &header, libc::MSG_NOSIGNAL | flags);
+            if sent >= 0 {
+                return Ok(());
+            }
+            let error = std::io::Error::last_os_error();
+            if error.kind() != std::io::ErrorKind::Interrupted {
+                return Err(error);
+            }
+        }
+    }
+}
+
 /// The system's monotonic clock in nanoseconds: the same clock in every
 /// process, so the old process can tell how long after its freeze the new
 /// one served (SERVING carries it).
@@ -452,9 +559,19 @@ pub fn trace(step: &str) {
         return;
     }
     let ms = monotonic_ns() as f64 / 1e6;
+    let mut usage = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime into a stack value.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut usage) };
+    let cpu = usage.tv_sec as f64 * 1e3 + usage.tv_nsec as f64 / 1e6;
+    // SAFETY: getrusage into a zeroed stack value.
+    let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut rusage) };
     crate::log::info(format_args!(
-        "hookstream: upgrade trace: {ms:.3} ms, process {}: {step}",
-        std::process::id()
+        "hookstream: upgrade trace: {ms:.3} ms, process {}: {step} (thread CPU {cpu:.3} ms, {} minor faults, sys {:.3} ms)",
+        std::process::id(), rusage.ru_minflt, rusage.ru_stime.tv_sec as f64 * 1e3 + rusage.ru_stime.tv_usec as f64 / 1e3
     ));
 }
 
@@ -490,6 +607,60 @@ mod tests {
             missed_pongs: 1,
             bad_messages_in_row: 2,
             deflate_window_bits: 15,
+            id: 7 << 32 | 41,
+            early: true,
+            same_as_early: false,
+            position: 0,
+        }
+    }
+
+    #[test]
+    fn the_previous_version_is_read_and_written_without_the_id() {
+        let mut out = Vec::new();
+        sample().encode_version(1, &mut out);
+        let (read, used) = ConnRecord::decode(1, &out).unwrap();
+        assert_eq!(used, out.len());
+        assert_eq!(
+            read,
+            ConnRecord {
+                id: 0,
+                early: false,
+                ..sample()
+            }
+        );
+        // A version-1 record is not a version-2 one, nor the other way.
+        assert!(ConnRecord::decode(2, &out).is_err());
+        let mut newer = Vec::new();
+        sample().encode_version(2, &mut newer);
+        assert!(ConnRecord::decode(1, &newer).is_err());
+        // The newest version both sides know is written.
+        assert_eq!(choose(&[1, 2]), Some(2));
+        assert_eq!(choose(&[1]), Some(1));
+        assert_eq!(choose(&[3, 2]), Some(2));
+        assert_eq!(choose(&[9]), None);
+    }
+
+    #[test]
+    fn a_connection_unchanged_since_the_early_pass_travels_short() {
+        let short = ConnRecord {
+            id: 3 << 32 | 9,
+            early: true,
+            same_as_early: true,
+            position: 77,
+            missed_pongs: 1,
+            bad_messages_in_row: 2,
+            ..ConnRecord::default()
+        };
+        let mut out = Vec::new();
+        short.encode_version(2, &mut out);
+        assert_eq!(out.len(), 4 + 1 + 8 + 8 + 2);
+        sample().encode_version(2, &mut out);
+        let (first, used) = ConnRecord::decode(2, &out).unwrap();
+        assert_eq!(first, short);
+        let (second, _) = ConnRecord::decode(2, &out[used..]).unwrap();
+        assert_eq!(second, sample());
+        for cut in 0..used {
+            assert!(ConnRecord::decode(2, &out[..cut]).is_err(), "cut {cut}");
         }
     }
 

@@ -1071,11 +1071,17 @@ fn a_new_binary_that_cannot_read_the_state_or_dies_holding_the_sockets_changes_n
     for (fault, reason) in [
         (
             "reads-9",
-            "the new binary reads state versions [9], this process writes version 1",
+            "the new binary reads state versions [9], this process writes versions [2, 1]",
         ),
         (
             "exit-after-state",
             "the new binary exited (exit status: 3) before it read the state",
+        ),
+        // Once it holds every socket passed ahead of the freeze, each in its
+        // shards' epoll sets, before the old process froze anything.
+        (
+            "exit-after-early",
+            "the new binary exited (exit status: 6) before it registered the connections",
         ),
     ] {
         let installed = Installed::new();
@@ -1107,6 +1113,187 @@ fn a_new_binary_that_cannot_read_the_state_or_dies_holding_the_sockets_changes_n
             "{fault}: {lines}"
         );
     }
+}
+
+/// Reads text messages until one of type `kind` (blocking, bounded).
+fn next_of_type(s: &mut Subscriber, kind: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let message = s.next_text();
+        if message["type"] == kind {
+            return message;
+        }
+        assert!(Instant::now() < deadline, "no {kind} message");
+    }
+}
+
+/// Between the early pass (every socket already in the new process) and
+/// the freeze, the old process serves on: a connection that closes there
+/// sees its close answered and the connection end at once (not when the
+/// new process lets go of its copy of the socket), one that changes its
+/// subscriptions keeps exactly the new ones, and one that arrives there is
+/// carried over with the others (debug-build fault injection: the new
+/// process waits 1.5 s before it says the early connections are
+/// registered).
+#[test]
+fn connections_that_close_change_or_arrive_after_the_early_pass_are_carried_right() {
+    let installed = Installed::new();
+    let mut running = start_with_env(
+        &installed,
+        &[
+            ("HOOKSTREAM_DEBUG_HANDOFF", "slow-early"),
+            ("HOOKSTREAM_UPGRADE_TRACE", "1"),
+        ],
+    );
+    let addr = running.spawned.ws_addr;
+    let fleet = Fleet::start(open_fleet(&running, 100));
+    let mut leaving = Subscriber::open_with([127, 0, 3, 1], addr, &running.key, None, "issues");
+    let mut moving =
+        Subscriber::open_with([127, 0, 3, 2], addr, &running.key, None, "deliveries:d_old");
+    let stop = Arc::new(AtomicBool::new(false));
+    let publishing = publisher(
+        running.spawned.admin_addr,
+        running.token.clone(),
+        50,
+        stop.clone(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    installed.replace_with(Path::new(binary()));
+    let data = running.data.path().to_path_buf();
+    let upgrading = std::thread::spawn(move || run_upgrade(&data));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !running
+        .spawned
+        .stderr
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("sockets passed ahead of the freeze"))
+    {
+        assert!(Instant::now() < deadline, "no early pass");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let window = Instant::now();
+
+    // Closes: its close is answered and the connection ends while the
+    // new process still holds a copy of the socket.
+    leaving.stream.set_nonblocking(false).unwrap();
+    leaving
+        .stream
+        .write_all(&client_frame(8, &1000u16.to_be_bytes()))
+        .unwrap();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match leaving.stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => leaving.buffer.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!("the closing connection did not end: {e}"),
+        }
+    }
+    let ended_after = window.elapsed();
+    assert!(
+        !upgrading.is_finished(),
+        "the upgrade ended before the check"
+    );
+    assert!(
+        ended_after < Duration::from_millis(1000),
+        "the connection ended {ended_after:?} after the early pass"
+    );
+    assert_eq!(next_frame(&mut leaving.buffer).map(|f| f.0), Some(8));
+
+    // Changes its subscriptions.
+    moving.stream.set_nonblocking(false).unwrap();
+    for message in [
+        r#"{"type":"unsubscribe","channel":"deliveries:d_old"}"#,
+        r#"{"type":"subscribe","channel":"deliveries:d_new"}"#,
+    ] {
+        moving
+            .stream
+            .write_all(&client_frame(1, message.as_bytes()))
+            .unwrap();
+    }
+    next_of_type(&mut moving, "subscribed");
+
+    // Arrives.
+    let mut joining = Subscriber::open_with([127, 0, 3, 3], addr, &running.key, None, "events");
+
+    let (ok, stderr) = upgrading.join().unwrap();
+    assert!(
+        ok,
+        "hookstream upgrade failed: {stderr}\nserver:\n{}",
+        running.spawned.stderr.lock().unwrap().join("\n")
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while running.spawned.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the old process did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The new process serves each as it was at the freeze.
+    for (destination, id) in [("d_old", "x_old"), ("d_new", "x_new")] {
+        let body = array(&[delivery("org_a", id, destination)]);
+        let (status, answer) = post_publish(running.spawned.admin_addr, &running.token, &body);
+        assert_eq!(status, 202, "{answer}");
+    }
+    let first = next_of_type(&mut moving, "delivery");
+    assert_eq!(first["data"]["id"], "x_new", "{first}");
+    let (events, others) = read_events(&mut joining, 3, Duration::from_secs(10));
+    assert!(events.len() >= 3, "{events:?} {others:?}");
+    assert!(others.is_empty(), "{others:?}");
+
+    std::thread::sleep(Duration::from_millis(300));
+    let published = stop_publishing(&stop, publishing, "early window");
+    finish_fleet(fleet, published, 100, "early window");
+    let lines = running.spawned.stderr.lock().unwrap().join("\n");
+    assert!(lines.contains("took over 102 connection(s)"), "{lines}");
+}
+
+/// A new binary that reads only the previous state version (1: every
+/// socket and record at the freeze, no early pass) is written that version
+/// and takes over like any other; this binary reads it (debug-build fault
+/// injection: its HELLO says it reads version 1 only).
+#[test]
+fn the_previous_state_version_is_written_and_read() {
+    let installed = Installed::new();
+    let mut running = start_with_env(
+        &installed,
+        &[
+            ("HOOKSTREAM_DEBUG_HANDOFF", "reads-1"),
+            ("HOOKSTREAM_UPGRADE_TRACE", "1"),
+        ],
+    );
+    let old_pid = running.spawned.child.id();
+    let fleet = Fleet::start(open_fleet(&running, 200));
+    let stop = Arc::new(AtomicBool::new(false));
+    let publishing = publisher(
+        running.spawned.admin_addr,
+        running.token.clone(),
+        50,
+        stop.clone(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    installed.replace_with(Path::new(binary()));
+    let (ok, stderr) = run_upgrade(running.data.path());
+    assert!(
+        ok,
+        "hookstream upgrade failed: {stderr}\nserver:\n{}",
+        running.spawned.stderr.lock().unwrap().join("\n")
+    );
+    let new_pid = read_pid(running.data.path());
+    assert_ne!(new_pid, old_pid);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while running.spawned.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the old process did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let published = stop_publishing(&stop, publishing, "version 1");
+    finish_fleet(fleet, published, 200, "version 1");
+    let lines = running.spawned.stderr.lock().unwrap().join("\n");
+    assert!(lines.contains("took over 200 connection(s)"), "{lines}");
+    // Traced: it froze, and passed nothing ahead of the freeze.
+    assert!(lines.contains("old: freezing"), "{lines}");
+    assert!(!lines.contains("passed ahead of the freeze"), "{lines}");
 }
 
 /// The processes whose parent is `pid` (from /proc/*/stat).

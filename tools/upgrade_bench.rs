@@ -481,6 +481,18 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
+/// Major page faults (pages read from disk, the binary's code among them)
+/// process `pid` took so far: field 12 of `/proc/PID/stat`.
+fn major_faults(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    after
+        .split_whitespace()
+        .nth(9)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Longest gap between two consecutive arrivals at any probe within
 /// `window`, and whether every probe got consecutive seqs (once each).
 fn longest_pause(
@@ -583,6 +595,7 @@ fn main() {
             std::fs::copy(&options.binary, &temporary).unwrap();
             std::fs::rename(&temporary, &exe).unwrap();
             let cpu_before = cpu_seconds(old_pid);
+            let faults_before = major_faults(old_pid);
             let started = Instant::now();
             let status = Command::new(&exe)
                 .args(["upgrade", "--data-dir"])
@@ -591,6 +604,7 @@ fn main() {
                 .expect("run hookstream upgrade");
             end = Instant::now();
             let cpu_old = cpu_seconds(old_pid) - cpu_before;
+            let faults_old = major_faults(old_pid).saturating_sub(faults_before);
             assert!(
                 status.success(),
                 "upgrade failed: {:?}",
@@ -602,6 +616,10 @@ fn main() {
                 .parse()
                 .unwrap();
             let cpu_new = cpu_seconds(new_pid);
+            println!(
+                "upgrade: major page faults (pages read from disk): old process {faults_old} during it, new process {} from its start",
+                major_faults(new_pid)
+            );
             println!(
                 "upgrade: {} connections handed over; `hookstream upgrade` took {:?}; CPU: old process {:.3} s during it (until it exited or was sampled), new process {:.3} s from its start",
                 options.conns + options.probes,

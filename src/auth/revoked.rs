@@ -164,6 +164,31 @@ impl Table {
     }
 }
 
+/// Adds what the file at `path` holds (not expired at `now`) to `table`;
+/// a missing file holds nothing.
+fn read_into(path: &Path, table: &mut Table, now: u64) -> Result<(), String> {
+    match File::open(path) {
+        Ok(file) => {
+            for line in BufReader::new(file).lines() {
+                let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
+                match Line::parse(&line) {
+                    Some(Line::Session(id, key_id, expires)) if expires > now => {
+                        table.revoke(id, &key_id, expires, now);
+                    }
+                    Some(Line::Watermark(key_id, expires)) if expires > now => {
+                        let mark = table.watermarks.entry(key_id).or_insert(0);
+                        *mark = (*mark).max(expires);
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
 /// The process-wide list of signed-out sessions.
 #[derive(Debug)]
 pub struct Revocations {
@@ -197,31 +222,24 @@ impl Revocations {
     pub fn load_only(data_dir: &Path, now: u64) -> Result<Revocations, String> {
         let path = data_dir.join(REVOKED_FILE);
         let mut table = Table::default();
-        match File::open(&path) {
-            Ok(file) => {
-                for line in BufReader::new(file).lines() {
-                    let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
-                    match Line::parse(&line) {
-                        Some(Line::Session(id, key_id, expires)) if expires > now => {
-                            table.revoke(id, &key_id, expires, now);
-                        }
-                        Some(Line::Watermark(key_id, expires)) if expires > now => {
-                            let mark = table.watermarks.entry(key_id).or_insert(0);
-                            *mark = (*mark).max(expires);
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("{}: {e}", path.display())),
-        }
+        read_into(&path, &mut table, now)?;
         let revocations = Revocations {
             file: Mutex::new(FileState { path, appended: 0 }),
             table: Mutex::new(table),
             generation: AtomicU64::new(0),
         };
         Ok(revocations)
+    }
+
+    /// Reads the file again and adds what it holds (a hot upgrade's new
+    /// process, which loaded it before the old process froze: sign-outs
+    /// the old one wrote since are taken too). Nothing is rewritten.
+    pub fn reload_only(&self, data_dir: &Path, now: u64) -> Result<(), String> {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        read_into(&data_dir.join(REVOKED_FILE), &mut table, now)?;
+        drop(table);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 
     /// An empty list kept in memory only (tests).
@@ -371,6 +389,30 @@ mod tests {
         assert!(!table.is_revoked(1 << 102, "key_a", 5_000));
         assert!(table.is_revoked(1 << 100, "key_b", 5_000));
         assert!(!table.is_revoked(1 << 103, "key_b", 4_000));
+    }
+
+    #[test]
+    fn a_reload_adds_what_another_process_wrote_since() {
+        let dir = std::env::temp_dir().join(format!(
+            "hookstream-revoked-reload-{}-{}",
+            std::process::id(),
+            crate::auth::sessions::now_unix_secs()
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        let old = Revocations::load(&dir, 10).unwrap();
+        let p = old.revoke(session_id("a"), "key_a", 100, 10);
+        old.persist(p, 10).unwrap();
+        let new = Revocations::load_only(&dir, 10).unwrap();
+        let p = old.revoke(session_id("b"), "key_a", 100, 10);
+        old.persist(p, 10).unwrap();
+        assert!(!new.is_revoked(session_id("b"), "key_a", 100));
+        let seen = new.generation();
+        new.reload_only(&dir, 10).unwrap();
+        assert!(new.is_revoked(session_id("a"), "key_a", 100));
+        assert!(new.is_revoked(session_id("b"), "key_a", 100));
+        assert_eq!(new.len(), 2);
+        assert!(new.generation() > seen);
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -537,6 +537,23 @@ impl Registry {
         self.sessions.get(&key).copied()
     }
 
+    /// True when connection `key` is subscribed to `names` and nothing
+    /// else, in the order [`Registry::channel_names_of`] lists them.
+    pub fn subscribed_to_exactly(&self, key: ConnKey, names: &[String]) -> bool {
+        let Some(conn) = self.get(key) else {
+            return false;
+        };
+        let table = &self.orgs[conn.org as usize].channels;
+        let mut bits = conn.subscriptions.bits();
+        for name in names {
+            match bits.next().and_then(|bit| table.name(bit)) {
+                Some(have) if have == name => {}
+                _ => return false,
+            }
+        }
+        bits.next().is_none()
+    }
+
     /// The names of the channels connection `key` is subscribed to (live).
     pub fn channel_names_of(&self, key: ConnKey) -> Vec<String> {
         let Some(conn) = self.get(key) else {

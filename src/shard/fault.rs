@@ -20,7 +20,11 @@ pub fn panic_if_asked(_path: &str) {}
 
 /// The failure a hot upgrade's new process is asked to play, in debug
 /// builds only (`HOOKSTREAM_DEBUG_HANDOFF`): `reads-9` (its HELLO says it
-/// reads state version 9 only), `exit-after-state` (it exits with status
+/// reads state version 9 only), `reads-1` (version 1 only: the previous
+/// one, which it does read), `exit-after-early` (it exits with status
+/// 6 once its shards registered the connections passed ahead of the
+/// freeze, before EARLY_READY), `slow-early` (it waits 1.5 s there, then
+/// goes on), `exit-after-state` (it exits with status
 /// 3 once it holds the sockets and records, before READY),
 /// `exit-after-ready` (status 4 right after READY: it confirmed the
 /// handoff), `exit-when-prepared` (status 5 once its shards opened the log

@@ -83,9 +83,26 @@ pub enum ShardMessage {
     /// From the main thread, in a hot upgrade: freeze and write out the
     /// connections (`upgrade::freeze`); the reply carries the shard's id.
     Freeze {
+        /// The state version to write.
+        version: u16,
         /// Where the snapshot goes.
         reply: std::sync::mpsc::Sender<(usize, upgrade::Snapshot)>,
     },
+    /// From the main thread, in a hot upgrade (state version 2), before
+    /// the freeze: pass the sockets of the live connections to the new
+    /// process on the control channel (`upgrade::pass_early`).
+    PassEarly {
+        /// A copy of the control channel's descriptor, the shard's to
+        /// close (a shard that answers late writes to a live socket).
+        channel: std::os::fd::OwnedFd,
+        /// How many were passed, or why it failed.
+        reply: std::sync::mpsc::Sender<(usize, Result<usize, String>)>,
+    },
+    /// In the new process (state version 2): the log is the new process's
+    /// to open; the connections' records from the freeze are in
+    /// `Shared::adopted` (the shard waits for it once it registered the
+    /// connections passed early).
+    Prepare,
     /// The upgrade failed: take the log back if it was handed over and
     /// serve again (`upgrade::thaw`).
     Thaw,

@@ -605,6 +605,13 @@ pub fn remove_now(shard: &Shard, key: ConnKey) {
     let fd = conn.fd;
     shard.reactor.remove(fd);
     super::tls_wire::detach(key, fd);
+    if shard.handover.passed_early(key) {
+        // A hot upgrade's new process holds a copy of the socket (passed
+        // ahead of the freeze): without this the client would see its end
+        // only once that copy is closed.
+        // SAFETY: shutdown of a socket the record owns.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
     // SAFETY: the record owns its socket; it is removed right after.
     unsafe { libc::close(fd) };
     registry.remove(key);

@@ -4,6 +4,7 @@
 //! history, bind, start its tasks, wait for the shutdown signal, drain.
 
 use std::cell::{Cell, RefCell};
+use std::os::unix::io::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
@@ -22,9 +23,13 @@ use super::writer::commit_loop;
 use super::{access, admin, mesh, public, reactor, replay, upgrade, Shard, ShardMessage};
 use crate::auth::keys::{KeyIndex, KeyStore};
 use crate::config::Config;
+use crate::handoff::ConnRecord;
 use crate::metrics::ShardMetrics;
 use crate::protocol::ws::CloseCode;
 use crate::registry::{Registry, RegistryLimits};
+
+/// One list per shard.
+type PerShard<T> = Vec<Vec<T>>;
 
 /// Everything the shards share at startup.
 struct Shared {
@@ -46,8 +51,18 @@ struct Shared {
     /// pair).
     listeners: Vec<(std::os::unix::io::RawFd, std::os::unix::io::RawFd)>,
     /// Connections handed over by the previous process (hot upgrade), per
-    /// owner shard, taken by each shard as it starts.
-    adopted: std::sync::Mutex<Vec<Vec<(std::os::unix::io::RawFd, crate::handoff::ConnRecord)>>>,
+    /// owner shard, taken by each shard as it starts (state version 2: once
+    /// told `ShardMessage::Prepare`); a socket passed ahead of the freeze
+    /// is `None` here, found by the record's id among [`Shared::early`]'s.
+    adopted: std::sync::Mutex<PerShard<(Option<RawFd>, ConnRecord)>>,
+    /// State version 2: connections passed ahead of the freeze, per owner
+    /// shard, registered by each shard as it starts, before the log is
+    /// open (see `upgrade::register_early`).
+    early: std::sync::Mutex<PerShard<(RawFd, ConnRecord)>>,
+    /// State version 2: the shards start before the freeze, register the
+    /// connections passed early, and wait for `ShardMessage::Prepare`
+    /// before they open the log.
+    early_pass: bool,
     /// Hot upgrade: the old process still holds every connection until it
     /// commits the handover; each shard starts up (log, registry, adopted
     /// connections registered), reports ready and then waits for
@@ -65,6 +80,10 @@ impl Drop for ExitGuard {
         self.0.exited.fetch_add(1, Ordering::SeqCst);
     }
 }
+
+/// How many connections passed ahead of a hot upgrade's freeze a shard
+/// registers in one go.
+const EARLY_SLICE: usize = 1000;
 
 /// How long the shards may take to open history and bind before startup is
 /// declared stuck.
@@ -91,7 +110,14 @@ pub fn run(mut config: Config, on_ready: impl FnOnce(&Config, &str)) -> Result<(
                 return Err(e);
             }
         };
-        let inherited = upgrade_process::receive(channel)?.confirm()?;
+        // State version 2: the shards start and register the connections
+        // passed ahead of the freeze before the old process freezes (the
+        // rest of the handover is `serve`'s); version 1: every connection
+        // came at the freeze.
+        let inherited = match upgrade_process::receive(channel)?.early() {
+            Ok(early) => early,
+            Err(received) => received.confirm()?,
+        };
         return serve(
             config,
             Some(inherited),
@@ -155,11 +181,14 @@ fn serve(
     // every connection until it commits; an old process from before the
     // commit handshake let go of both already.
     let shared_lock = inherited.as_mut().and_then(|i| i.lock.take());
-    let gated = shared_lock.is_some();
-    let mut lock = Some(match shared_lock {
-        Some(lock) => lock,
-        None => lock_data_dir(&config.data_dir)?,
-    });
+    // State version 2: the lock comes once the freeze's state was read.
+    let early_pass = inherited.as_ref().is_some_and(|i| i.early.is_some());
+    let gated = shared_lock.is_some() || early_pass;
+    let mut lock = match shared_lock {
+        Some(lock) => Some(lock),
+        None if early_pass => None,
+        None => Some(lock_data_dir(&config.data_dir)?),
+    };
     // glommio opens history directories with openat(-1, path), which only
     // works for absolute paths: `prepare` resolves `./hookstream-data`
     // (the default) once, for every file API alike. A TLS pair that does
@@ -246,11 +275,19 @@ fn serve(
 
     let shards = config.shards;
     let mut adopted: Vec<Vec<_>> = (0..shards).map(|_| Vec::new()).collect();
-    let (control, handed_count) = match inherited {
+    let mut early: Vec<Vec<_>> = (0..shards).map(|_| Vec::new()).collect();
+    // Each early connection's id and shard.
+    let mut early_ids = std::collections::HashMap::new();
+    let (control, mut handed_count) = match inherited {
         Some(inherited) => {
             let count = inherited.connections.len();
             for (fd, record) in inherited.connections {
                 adopted[super::shard_for(&record.org_id, shards)].push((fd, record));
+            }
+            for (fd, record) in inherited.early.into_iter().flatten() {
+                let shard = super::shard_for(&record.org_id, shards);
+                early_ids.insert(record.id, shard);
+                early[shard].push((fd, record));
             }
             (Some(inherited.channel), Some(count))
         }
@@ -330,6 +367,8 @@ fn serve(
         tls: tls.clone(),
         listeners,
         adopted: std::sync::Mutex::new(adopted),
+        early: std::sync::Mutex::new(early),
+        early_pass,
         gated,
         bridge,
     });
@@ -343,14 +382,22 @@ fn serve(
         let shared = shared.clone();
         let mesh = mesh.clone();
         let ready = ready_tx.clone();
-        let builder = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
+        // Pinned to its core from the start — except in a hot upgrade's new
+        // process, whose shards run unbound until they took their
+        // connections up (see `pin_to`).
+        let placement = if gated {
+            Placement::Unbound
+        } else {
+            Placement::Fixed(id % cpus)
+        };
+        let builder = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{id}"))
             .ring_depth(1024)
             .io_memory(2 << 20)
             .preempt_timer(Duration::from_millis(5))
             .spin_before_park(Duration::from_micros(0));
         let handle = builder
-            .spawn(move || async move { shard_main(id, shared, mesh, ready).await })
+            .spawn(move || async move { shard_main(id, id % cpus, shared, mesh, ready).await })
             .map_err(|e| glommio_error(&e.to_string()))?;
         handles.push(handle);
     }
@@ -358,33 +405,66 @@ fn serve(
     // Opening history scans segments, so a large data directory may take a
     // while; a shard that says nothing for this long is stuck, and the
     // process ends with a line instead of hanging.
-    let startup_deadline = Instant::now() + STARTUP_TIMEOUT;
-    for _ in 0..shards {
-        let left = startup_deadline.saturating_duration_since(Instant::now());
-        match ready_rx.recv_timeout(left) {
-            Ok(Ok(())) => {}
-            Ok(Err(message)) if gated => {
-                // The old process serves on (it sees this one exit): no
-                // shard may drain, which would close its connections.
-                if let Some(control) = &control {
-                    let _ = control.send(crate::handoff::kind::FAILED, message.as_bytes(), &[]);
+    let wait_shards = || -> Result<(), String> {
+        let startup_deadline = Instant::now() + STARTUP_TIMEOUT;
+        for _ in 0..shards {
+            let left = startup_deadline.saturating_duration_since(Instant::now());
+            match ready_rx.recv_timeout(left) {
+                Ok(Ok(())) => {}
+                Ok(Err(message)) if gated => {
+                    // The old process serves on (it sees this one exit): no
+                    // shard may drain, which would close its connections.
+                    if let Some(control) = &control {
+                        let _ = control.send(crate::handoff::kind::FAILED, message.as_bytes(), &[]);
+                    }
+                    return Err(message);
                 }
-                return Err(message);
-            }
-            Ok(Err(message)) => {
-                stop_shards(&mesh, shards);
-                return Err(message);
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                return Err(format!(
-                    "the shards did not start within {} s; see the lines above",
-                    STARTUP_TIMEOUT.as_secs()
-                ));
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(glommio_error("a shard stopped during startup"));
+                Ok(Err(message)) => {
+                    stop_shards(&mesh, shards);
+                    return Err(message);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(format!(
+                        "the shards did not start within {} s; see the lines above",
+                        STARTUP_TIMEOUT.as_secs()
+                    ));
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(glommio_error("a shard stopped during startup"));
+                }
             }
         }
+        Ok(())
+    };
+    wait_shards()?;
+    if let (true, Some(control)) = (early_pass, &control) {
+        // State version 2: every connection passed early is registered;
+        // the old process freezes now. Then the records (and the sockets
+        // of the connections accepted since), READY, and the log.
+        crate::handoff::trace("new: early connections registered, sending EARLY_READY");
+        // Read straight into each shard's list (no copy on the pause's
+        // path).
+        let connections = upgrade_process::receive_freeze(control, &early_ids, shards)?;
+        lock = Some(
+            upgrade_process::confirm_freeze(control)?
+                .ok_or("handoff: the old process passed no lock")?,
+        );
+        // Sign-outs the old process wrote since this one loaded the file
+        // (before the freeze) count too.
+        if let Err(e) = shared
+            .revoked
+            .reload_only(&config.data_dir, crate::auth::sessions::now_unix_secs())
+        {
+            let e = format!("signed-out sessions: {e}");
+            let _ = control.send(crate::handoff::kind::FAILED, e.as_bytes(), &[]);
+            return Err(e);
+        }
+        handed_count = Some(connections.iter().map(Vec::len).sum());
+        *shared.adopted.lock().expect("not poisoned") = connections;
+        for id in 0..shards {
+            let _ = mesh.send_to(id, ShardMessage::Prepare);
+        }
+        wait_shards()?;
     }
     if let (true, Some(control)) = (gated, &control) {
         crate::handoff::trace("new: every shard ready, sending PREPARED");
@@ -617,6 +697,7 @@ fn stop_shards(mesh: &mesh::Mesh, shards: usize) {
 /// signal and drain (see `docs/ARCHITECTURE.md`, Shape).
 async fn shard_main(
     id: usize,
+    cpu: usize,
     shared: Arc<Shared>,
     mesh: mesh::Mesh,
     ready: mpsc::Sender<Result<(), String>>,
@@ -636,6 +717,56 @@ async fn shard_main(
             return;
         }
     };
+    let mut registry = Registry::new(limits);
+    if config.compression {
+        registry.enable_compression(config.compression_min_bytes);
+    }
+    // State version 2 of a hot upgrade: the connections passed ahead of
+    // the freeze are registered now, while the old process serves them
+    // (nothing here reads, writes or dispatches); then the old process
+    // freezes, and this shard waits to be told the log is its to open.
+    // Messages that arrive meanwhile are handled once the inbox task runs.
+    let mut early: std::collections::HashMap<u64, upgrade::Early> =
+        std::collections::HashMap::new();
+    let mut held = Vec::new();
+    let mut room: Vec<upgrade::Adopted> = Vec::new();
+    if shared.early_pass {
+        let passed = std::mem::take(&mut shared.early.lock().expect("not poisoned")[id]);
+        crate::handoff::trace(&format!(
+            "new: shard {id} registering {} connections passed early",
+            passed.len()
+        ));
+        // In slices with a pause between them: one long burst would leave
+        // this thread owing the scheduler its share, and the next wake-up
+        // (`Prepare`, inside the pause) would wait for it.
+        let mut passed = passed.into_iter().peekable();
+        while passed.peek().is_some() {
+            for (fd, record) in passed.by_ref().take(EARLY_SLICE) {
+                let id = record.id;
+                let registered = upgrade::register_early(&mut registry, &reactor, fd, record);
+                early.insert(id, registered);
+            }
+            if passed.peek().is_some() {
+                glommio::timer::sleep(Duration::from_micros(500)).await;
+            }
+        }
+        crate::handoff::trace(&format!("new: shard {id} registered them"));
+        // The list of adopted connections, touched before the pause.
+        room = upgrade_process::touched(early.len() + early.len() / 8 + 64, || {
+            upgrade::Adopted::Gone
+        });
+        let _ = ready.send(Ok(()));
+        let mut prepare = false;
+        while !prepare {
+            for message in mesh.receive(id).await {
+                match message {
+                    ShardMessage::Prepare => prepare = true,
+                    other => held.push(other),
+                }
+            }
+        }
+        crate::handoff::trace(&format!("new: shard {id} told to prepare"));
+    }
     let history_config = crate::history::HistoryConfig {
         dir: config.data_dir.join("history"),
         durability: config.durability,
@@ -666,10 +797,6 @@ async fn shard_main(
             }
         }
     };
-    let mut registry = Registry::new(limits);
-    if config.compression {
-        registry.enable_compression(config.compression_min_bytes);
-    }
     for (org_id, seq) in &history.last_seqs() {
         registry.set_org_seq(org_id, *seq);
     }
@@ -713,20 +840,31 @@ async fn shard_main(
         let shard = shard.clone();
         let mesh = mesh.clone();
         let go = go.clone();
+        let mut batch = std::collections::VecDeque::from(held);
         glommio::spawn_local(async move {
             loop {
-                for message in mesh.receive(shard.id).await {
+                for message in std::mem::take(&mut batch) {
                     match message {
                         ShardMessage::Adopt(handoff) => public::adopt(&shard, handoff),
                         ShardMessage::Stop => shard.shutdown.trigger(),
-                        ShardMessage::Freeze { reply } => {
+                        ShardMessage::Freeze { version, reply } => {
                             let shard = shard.clone();
                             glommio::spawn_local(async move {
-                                let snapshot = upgrade::freeze(&shard).await;
+                                let snapshot = upgrade::freeze(&shard, version).await;
                                 let _ = reply.send((shard.id, snapshot));
                             })
                             .detach();
                         }
+                        ShardMessage::PassEarly { channel, reply } => {
+                            let shard = shard.clone();
+                            glommio::spawn_local(async move {
+                                let passed = upgrade::pass_early(&shard, &channel).await;
+                                let _ = reply.send((shard.id, passed));
+                            })
+                            .detach();
+                        }
+                        // Only awaited before this task starts.
+                        ShardMessage::Prepare => {}
                         ShardMessage::Thaw => upgrade::thaw(&shard),
                         ShardMessage::Go => go.notify(),
                         ShardMessage::SessionSigner(signer) => shard.access.adopt_signer(signer),
@@ -785,6 +923,7 @@ async fn shard_main(
                         }
                     }
                 }
+                batch = mesh.receive(shard.id).await;
             }
         })
     };
@@ -797,8 +936,17 @@ async fn shard_main(
     // process serves on.
     let records = std::mem::take(&mut shared.adopted.lock().expect("not poisoned")[id]);
     if shard.cluster.is_some() && !records.is_empty() {
-        let orgs: std::collections::BTreeSet<&str> =
-            records.iter().map(|(_, r)| r.org_id.as_str()).collect();
+        // A short record's org is its early record's.
+        let orgs: std::collections::BTreeSet<&str> = records
+            .iter()
+            .filter_map(|(_, r)| match (r.same_as_early, early.get(&r.id)) {
+                (false, _) => Some(r.org_id.as_str()),
+                (true, Some(upgrade::Early::Registered { record, .. })) => {
+                    Some(record.org_id.as_str())
+                }
+                (true, _) => None,
+            })
+            .collect();
         if let Err(e) = super::cluster::follow_all(&shard, orgs).await {
             let _ = ready.send(Err(e));
             return;
@@ -807,10 +955,24 @@ async fn shard_main(
     if shared.gated {
         crate::handoff::trace(&format!("new: shard {id} log open, adopting"));
     }
-    let adopted: Vec<upgrade::Adopted> = records
-        .into_iter()
-        .map(|(fd, record)| upgrade::adopt_record(&shard, fd, record))
-        .collect();
+    let mut gaps = upgrade::Gaps::default();
+    let mut adopted = room;
+    adopted.reserve(records.len());
+    for (fd, record) in records {
+        adopted.push(match fd {
+            Some(fd) => upgrade::adopt_record(&shard, fd, record, &mut gaps),
+            None => match early.remove(&record.id) {
+                Some(registered) => upgrade::adopt_early(&shard, registered, record, &mut gaps),
+                // The main thread checked every id against the early pass,
+                // and a connection's org (so its shard) never changes.
+                None => upgrade::Adopted::Gone,
+            },
+        });
+    }
+    // Passed early, closed or not carried since.
+    for (_, registered) in early.drain() {
+        upgrade::discard_early(&shard, registered);
+    }
     if shared.gated {
         crate::handoff::trace(&format!("new: shard {id} adopted"));
     }
@@ -826,6 +988,13 @@ async fn shard_main(
     upgrade::start_adopted(&shard, adopted);
     if shared.gated {
         crate::handoff::trace(&format!("new: shard {id} serves"));
+        // Pinned once the handover is over (the old process has retired):
+        // moving to a busy core now would delay the first deliveries.
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(Duration::from_secs(1)).await;
+            pin_to(cpu);
+        })
+        .detach();
         // Once more: the main thread says SERVING when every shard serves.
         let _ = ready.send(Ok(()));
     }
@@ -939,5 +1108,28 @@ async fn demo_loop(shard: Rc<Shard>, enabled: bool) {
         if let Err(e) = shard.publish(crate::demo::messages(tick)).await {
             crate::log::warn(format_args!("hookstream: demo publish failed: {e}"));
         }
+    }
+}
+
+/// Pins the calling thread (a shard of a hot upgrade's new process, which
+/// started unbound) to `cpu`, as every shard of a process started plainly
+/// is from its start (`Placement::Fixed`). Until its connections are taken
+/// up, an unbound shard runs on whichever core is free: pinned, it waited
+/// for its own core at every wake-up during the pause, up to 7-11 ms when
+/// another thread ran there (the scheduler does not preempt that thread for
+/// one that just ran a long burst, such as registering ten thousand
+/// connections), the longest single wait of the pause.
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t on the stack, for this thread only.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        crate::log::warn(format_args!(
+            "hookstream: cannot pin a shard to core {cpu}: {}",
+            std::io::Error::last_os_error()
+        ));
     }
 }

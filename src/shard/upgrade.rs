@@ -17,7 +17,7 @@ use crate::handoff::{ConnRecord, OpenMessage};
 use crate::message::render_frame;
 use crate::notify::Notify;
 use crate::protocol::ws::CloseCode;
-use crate::registry::{ConnKey, ConnState, Frame, Partial};
+use crate::registry::{ConnKey, ConnState, Frame, Partial, Registry};
 
 /// Where a shard is in a hot upgrade.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -49,6 +49,15 @@ pub struct Handover {
     pub committer_at_rest: Cell<bool>,
     /// The connections written out at the freeze.
     handed: RefCell<Vec<ConnKey>>,
+    /// The connections whose sockets the new process was given ahead of
+    /// the freeze (state version 2): closing one of them meanwhile shuts
+    /// the socket down first, since the new process's copy keeps it open.
+    /// Each with its channels as passed (a connection still subscribed
+    /// to exactly those travels short at the freeze).
+    early: RefCell<std::collections::HashMap<ConnKey, Vec<String>>>,
+    /// Room for the freeze's records and list of handed connections,
+    /// taken and touched after the early pass (not inside the pause).
+    room: RefCell<(Vec<u8>, Vec<ConnKey>)>,
     /// Admin requests between their first byte and their answer.
     pub admin_requests: Cell<usize>,
     /// Upgrades authenticated while frozen, adopted at the thaw.
@@ -96,6 +105,19 @@ impl Handover {
         self.changed.wait(seen).await;
     }
 
+    /// True when the new process holds a copy of this connection's socket
+    /// (passed ahead of the freeze) and the upgrade is not over.
+    pub fn passed_early(&self, key: ConnKey) -> bool {
+        let early = self.early.borrow();
+        !early.is_empty() && early.contains_key(&key)
+    }
+
+    /// The upgrade failed or is over: no new process holds an early copy.
+    pub fn forget_early(&self) {
+        self.early.borrow_mut().clear();
+        *self.room.borrow_mut() = Default::default();
+    }
+
     /// Keeps an upgrade that arrived while frozen for the thaw; false when
     /// not frozen.
     pub fn defer(&self, handoff: Handoff) -> Result<(), Handoff> {
@@ -112,10 +134,114 @@ impl Handover {
 /// shard) and their records, one after the other.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    /// The sockets, in record order.
+    /// The sockets not passed ahead of the freeze, in record order.
     pub fds: Vec<RawFd>,
-    /// The records ([`ConnRecord::encode`]).
+    /// The records ([`ConnRecord::encode_version`]).
     pub records: Vec<u8>,
+    /// How many records.
+    pub count: usize,
+}
+
+/// A connection's id in this process, which names it to the new process
+/// (state version 2): its slab index and generation, which no other
+/// connection of this process has.
+pub fn conn_id(key: ConnKey) -> u64 {
+    (u64::from(key.generation) << 32) | u64::from(key.index)
+}
+
+/// True for a connection that can be carried over: open and plaintext.
+fn carriable(conn: &crate::registry::Connection, key: ConnKey) -> bool {
+    conn.state == ConnState::Open && !super::tls_wire::is_tls(key)
+}
+
+/// Before the freeze (state version 2): passes every carriable connection's
+/// socket and what it is now to the new process, on the control channel
+/// `channel`, [`handoff::FDS_PER_MESSAGE`] at a time. Each message is built
+/// and sent in one synchronous step, so every descriptor in it is the
+/// connection its record names (none closes, and no number is reused, in
+/// between); the shard serves on between messages. A full channel is tried
+/// again shortly (a shard never blocks); returns how many were passed.
+pub async fn pass_early(shard: &Shard, channel: &std::os::fd::OwnedFd) -> Result<usize, String> {
+    use crate::handoff::{self, kind};
+    use std::os::fd::AsRawFd;
+    let channel = channel.as_raw_fd();
+    shard.handover.forget_early();
+    let keys = shard.registry.borrow().keys();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut at = 0;
+    let mut passed = 0;
+    while at < keys.len() {
+        let mut fds = Vec::new();
+        let mut taken = Vec::new();
+        let mut body = Vec::new();
+        let mut next = at;
+        {
+            let registry = shard.registry.borrow();
+            while next < keys.len() && fds.len() < handoff::FDS_PER_MESSAGE {
+                let key = keys[next];
+                let Some(conn) = registry.get(key).filter(|c| carriable(c, key)) else {
+                    next += 1;
+                    continue;
+                };
+                let before = body.len();
+                let names = registry.channel_names_of(key);
+                let record = ConnRecord {
+                    org_id: registry
+                        .org_id_of(key)
+                        .map(|o| o.to_string())
+                        .unwrap_or_default(),
+                    key_id: registry.key_id_of(key).unwrap_or_default().to_string(),
+                    session: registry.session_of(key),
+                    channels: names.iter().map(|name| (name.clone(), 0)).collect(),
+                    deflate_window_bits: conn.deflate_window_bits,
+                    id: conn_id(key),
+                    ..ConnRecord::default()
+                };
+                record.encode_version(2, &mut body);
+                if body.len() > handoff::DATA_PER_MESSAGE {
+                    body.truncate(before);
+                    if fds.is_empty() {
+                        // Too big alone: its socket travels at the freeze.
+                        next += 1;
+                        continue;
+                    }
+                    break;
+                }
+                fds.push(conn.fd);
+                taken.push((key, names));
+                next += 1;
+            }
+        }
+        if fds.is_empty() {
+            at = next;
+            continue;
+        }
+        match handoff::send_on(channel, kind::EARLY, &body, &fds, libc::MSG_DONTWAIT) {
+            Ok(()) => {
+                passed += taken.len();
+                shard.handover.early.borrow_mut().extend(taken);
+                at = next;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err("the new binary did not take the sockets within 10 s".into());
+                }
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+            Err(e) => return Err(format!("cannot pass the sockets to the new binary: {e}")),
+        }
+        glommio::yield_if_needed().await;
+    }
+    let count = shard.registry.borrow().len();
+    *shard.handover.room.borrow_mut() = (
+        super::upgrade_process::touched(count * 32 + 4096, || 0u8),
+        super::upgrade_process::touched(count + 64, || ConnKey {
+            index: 0,
+            generation: 0,
+        }),
+    );
+    Ok(passed)
 }
 
 /// Freezes the shard and writes out every connection that can be carried
@@ -123,16 +249,26 @@ pub struct Snapshot {
 /// the committer to finish the round it is delivering, so every
 /// connection has been given (sent or queued) every message of its org up
 /// to the org's seq, which is what the record says it has.
-pub async fn freeze(shard: &Shard) -> Snapshot {
+/// `version` is the state version written: from 2 on, each record carries
+/// the connection's id and says whether its socket was passed early (then
+/// it is not passed again).
+pub async fn freeze(shard: &Shard, version: u16) -> Snapshot {
+    crate::handoff::trace(&format!("old: shard {} freezing", shard.id));
     shard.handover.set(Phase::Frozen);
     let deadline = Instant::now() + Duration::from_secs(5);
     while !shard.handover.committer_at_rest.get() && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(1)).await;
     }
+    crate::handoff::trace(&format!("old: shard {} committer at rest", shard.id));
     let registry = shard.registry.borrow();
-    let mut snapshot = Snapshot::default();
+    let (records, mut room) = std::mem::take(&mut *shard.handover.room.borrow_mut());
+    let mut snapshot = Snapshot {
+        records,
+        ..Snapshot::default()
+    };
     let mut handed = shard.handover.handed.borrow_mut();
-    handed.clear();
+    room.clear();
+    *handed = room;
     if !shard.handover.committer_at_rest.get() {
         // A round that does not end in 5 s (a disk that stalls): nothing is
         // carried over; the connections are closed with 1012 if the
@@ -143,13 +279,37 @@ pub async fn freeze(shard: &Shard) -> Snapshot {
         let Some(conn) = registry.get(key) else {
             continue;
         };
-        if conn.state != ConnState::Open
-            || shard.replays.of(key) > 0
-            || super::tls_wire::is_tls(key)
-        {
+        if !carriable(conn, key) || shard.replays.of(key) > 0 {
             continue;
         }
         let seq = registry.org_seq_of(key);
+        let early = version >= 2 && shard.handover.passed_early(key);
+        if early
+            && conn.queue_is_empty()
+            && conn.partial.is_none()
+            && shard
+                .handover
+                .early
+                .borrow()
+                .get(&key)
+                .is_some_and(|names| registry.subscribed_to_exactly(key, names))
+        {
+            // Nothing but its position and counters changed since it was
+            // passed: it travels short.
+            ConnRecord {
+                id: conn_id(key),
+                early: true,
+                same_as_early: true,
+                position: seq,
+                missed_pongs: conn.missed_pongs,
+                bad_messages_in_row: conn.bad_messages_in_row,
+                ..ConnRecord::default()
+            }
+            .encode_version(version, &mut snapshot.records);
+            snapshot.count += 1;
+            handed.push(key);
+            continue;
+        }
         let mut queued = Vec::new();
         if let Some(queue) = &conn.send {
             for (i, frame) in queue.frames.iter().enumerate() {
@@ -189,11 +349,22 @@ pub async fn freeze(shard: &Shard) -> Snapshot {
             missed_pongs: conn.missed_pongs,
             bad_messages_in_row: conn.bad_messages_in_row,
             deflate_window_bits: conn.deflate_window_bits,
+            id: conn_id(key),
+            early,
+            same_as_early: false,
+            position: 0,
         };
-        record.encode(&mut snapshot.records);
-        snapshot.fds.push(conn.fd);
+        record.encode_version(version, &mut snapshot.records);
+        if !record.early {
+            snapshot.fds.push(conn.fd);
+        }
+        snapshot.count += 1;
         handed.push(key);
     }
+    crate::handoff::trace(&format!(
+        "old: shard {} wrote {} records",
+        shard.id, snapshot.count
+    ));
     snapshot
 }
 
@@ -217,6 +388,7 @@ pub async fn hand(shard: &Shard) {
 /// writability, which the reactor sees at once.
 pub fn thaw(shard: &Shard) {
     shard.history.unrelease();
+    shard.handover.forget_early();
     shard.handover.handed.borrow_mut().clear();
     shard.handover.set(Phase::Serving);
     let deferred = std::mem::take(&mut *shard.handover.deferred.borrow_mut());
@@ -232,6 +404,7 @@ pub fn thaw(shard: &Shard) {
 /// so every publish this process took is answered.
 pub async fn retire(shard: &Shard) {
     shard.history.hand_off();
+    shard.handover.forget_early();
     let handed = std::mem::take(&mut *shard.handover.handed.borrow_mut());
     {
         let mut registry = shard.registry.borrow_mut();
@@ -319,14 +492,127 @@ pub enum Adopted {
     Gone,
 }
 
+/// In the new process: what the log holds for a channel above a position,
+/// as frames, read once per (org, position, channel) for every connection
+/// adopted in one step — ten thousand idle subscribers of a channel share
+/// one position (the org's seq at the freeze), so the gap is read once,
+/// not once each. `None`: not in the log's memory (a replay reads it).
+#[derive(Default)]
+pub struct Gaps {
+    /// By the hash of (org, position, channel): those and the frames.
+    read: std::collections::HashMap<u64, Vec<GapEntry>>,
+}
+
+/// One gap read: org, position, channel, and the frames (`None`: not in
+/// memory).
+type GapEntry = (Rc<str>, u64, String, Option<Rc<[Frame]>>);
+
+impl Gaps {
+    fn get(
+        &mut self,
+        shard: &Shard,
+        org_id: &str,
+        after: u64,
+        committed: u64,
+        channel: &str,
+    ) -> Option<Rc<[Frame]>> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        (org_id, after, channel).hash(&mut hasher);
+        let bucket = self.read.entry(hasher.finish()).or_default();
+        if let Some((.., frames)) = bucket
+            .iter()
+            .find(|(o, a, c, _)| &**o == org_id && *a == after && c == channel)
+        {
+            return frames.clone();
+        }
+        let frames: Option<Rc<[Frame]>> = shard
+            .history
+            .read_cached(org_id, after, committed, &[channel.to_string()])
+            .map(|items| {
+                items
+                    .iter()
+                    .map(|item| render_frame(item.kind, channel, item.seq, &item.data))
+                    .collect::<Vec<Frame>>()
+                    .into()
+            });
+        bucket.push((org_id.into(), after, channel.to_string(), frames.clone()));
+        frames
+    }
+}
+
+/// In the new process (state version 2): a connection passed ahead of the
+/// freeze, registered while the old process still served it.
+pub enum Early {
+    /// In the registry and the epoll set, subscribed to `channels`.
+    Registered {
+        /// The connection.
+        key: ConnKey,
+        /// The channels it is subscribed to here.
+        channels: Vec<String>,
+        /// Its record as passed (the rest of a short one at the freeze).
+        record: Box<ConnRecord>,
+    },
+    /// Over a limit this process was started with, or not registered.
+    Refused(RawFd),
+}
+
+/// In the new process, before the old one freezes (state version 2):
+/// registers a connection passed early (owned `fd`) in the registry
+/// (org, key, session, deflate, subscriptions) and the epoll set
+/// (level-triggered: any input that arrives, or is still there, when the
+/// reactor first looks is reported then; until `Go` nothing looks). Reads,
+/// writes and dispatches nothing: the old process serves it meanwhile.
+pub fn register_early(
+    registry: &mut Registry,
+    reactor: &reactor::Reactor,
+    fd: RawFd,
+    record: ConnRecord,
+) -> Early {
+    let Ok((key, _)) = registry.add(&record.org_id, &record.key_id, fd) else {
+        return Early::Refused(fd);
+    };
+    if record.deflate_window_bits != 0 {
+        registry.set_deflate(key, record.deflate_window_bits);
+    }
+    if let Some((id, expires)) = record.session {
+        registry.set_session(key, id, expires);
+    }
+    if reactor.add(fd, key).is_err() {
+        registry.remove(key);
+        return Early::Refused(fd);
+    }
+    let mut channels = Vec::with_capacity(record.channels.len());
+    for (channel, _) in &record.channels {
+        if registry.subscribe(key, channel) == Ok(true) {
+            channels.push(channel.clone());
+        }
+    }
+    Early::Registered {
+        key,
+        channels,
+        record: Box::new(record),
+    }
+}
+
+/// In the new process: a connection passed early that the freeze's state
+/// does not name (closed meanwhile, or not carried): out of the epoll set
+/// (explicitly: the old process may still hold the socket) and closed.
+pub fn discard_early(shard: &Shard, early: Early) {
+    match early {
+        Early::Registered { key, .. } => reactor::remove_now(shard, key),
+        Early::Refused(fd) => {
+            // SAFETY: a received descriptor we own.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
 /// In the new process: registers a connection written out by the old one
-/// (owned `fd`), with no 101 and no welcome (it had those), its queued
-/// bytes first, its partial input restored; its subscriptions go live at
-/// once when the log holds nothing above their position, else through a
-/// replay from it (the publishes the old process committed after it
-/// froze). Reads and writes nothing: until the old process commits the
-/// handover it may still serve the connection itself.
-pub fn adopt_record(shard: &Shard, fd: RawFd, record: ConnRecord) -> Adopted {
+/// (owned `fd`), with no 101 and no welcome (it had those), then
+/// [`adopt_state`]. Reads and writes nothing: until the old process
+/// commits the handover it may still serve the connection itself.
+pub fn adopt_record(shard: &Shard, fd: RawFd, record: ConnRecord, gaps: &mut Gaps) -> Adopted {
     let added = shard
         .registry
         .borrow_mut()
@@ -342,6 +628,64 @@ pub fn adopt_record(shard: &Shard, fd: RawFd, record: ConnRecord) -> Adopted {
         if let Some((id, expires)) = record.session {
             registry.set_session(key, id, expires);
         }
+    }
+    if shard.reactor.add(fd, key).is_err() {
+        reactor::remove_now(shard, key);
+        return Adopted::Gone;
+    }
+    adopt_state(shard, key, record, &[], gaps)
+}
+
+/// In the new process: a connection passed early and registered
+/// ([`register_early`]) takes its state at the freeze ([`adopt_state`]).
+/// A short record (`same_as_early`) is the early record with the
+/// position and counters it carries.
+pub fn adopt_early(
+    shard: &Shard,
+    early: Early,
+    mut record: ConnRecord,
+    gaps: &mut Gaps,
+) -> Adopted {
+    match early {
+        Early::Registered {
+            key,
+            channels,
+            record: passed,
+        } => {
+            if !record.same_as_early {
+                return adopt_state(shard, key, record, &channels, gaps);
+            }
+            // Subscribed here to what it still has (a channel over a limit
+            // of this process stays out, as in a whole record).
+            record.channels = channels
+                .into_iter()
+                .map(|name| (name, record.position))
+                .collect();
+            record.org_id = passed.org_id;
+            record.key_id = passed.key_id;
+            record.session = passed.session;
+            adopt_state(shard, key, record, &[], gaps)
+        }
+        Early::Refused(fd) => Adopted::Refused(fd),
+    }
+}
+
+/// The state of a registered connection at the freeze: its queued bytes
+/// first, its counters, its partial input restored; its subscriptions
+/// (`subscribed`: what it has already, from the early pass) go live at
+/// once when the log holds nothing above their position, else after the
+/// gap is queued — the publishes the old process committed after it
+/// froze, read from the log's memory ([`Gaps`]) — or through a replay from
+/// it when that is not in memory; its credential is checked again.
+fn adopt_state(
+    shard: &Shard,
+    key: ConnKey,
+    record: ConnRecord,
+    subscribed: &[String],
+    gaps: &mut Gaps,
+) -> Adopted {
+    {
+        let mut registry = shard.registry.borrow_mut();
         if let Some(conn) = registry.get_mut(key) {
             conn.missed_pongs = record.missed_pongs;
             conn.bad_messages_in_row = record.bad_messages_in_row;
@@ -349,41 +693,43 @@ pub fn adopt_record(shard: &Shard, fd: RawFd, record: ConnRecord) -> Adopted {
         if !record.queued.is_empty() {
             registry.enqueue(key, &Frame::from(record.queued));
         }
+        for channel in subscribed {
+            if !record.channels.iter().any(|(name, _)| name == channel) {
+                registry.unsubscribe(key, channel);
+            }
+        }
     }
-    if shard.reactor.add(fd, key).is_err() {
-        reactor::remove_now(shard, key);
-        return Adopted::Gone;
-    }
-    let org_id: Rc<str> = record.org_id.as_str().into();
-    let committed = shard.history.committed(&org_id);
+    let committed = shard.history.committed(&record.org_id);
     for (channel, seq) in record.channels {
+        // Nothing above the position: live at once.
         let gap = if committed > seq {
-            shard
-                .history
-                .read_cached(&org_id, seq, committed, std::slice::from_ref(&channel))
+            gaps.get(shard, &record.org_id, seq, committed, &channel)
         } else {
-            Some(Vec::new())
+            Some(Rc::from(Vec::new()))
         };
         match gap {
             // What the old process committed after the freeze is in
             // memory: no broadcast is being walked yet (the committer has
             // not started), so queueing it and going live in this step
             // leaves no gap and no duplicate, like a replay's switch.
-            Some(items) => {
+            Some(frames) => {
                 let mut registry = shard.registry.borrow_mut();
-                for item in &items {
-                    let frame = render_frame(item.kind, &channel, item.seq, &item.data);
-                    registry.enqueue(key, &frame);
+                for frame in frames.iter() {
+                    registry.enqueue(key, frame);
                 }
                 let _ = registry.subscribe(key, &channel);
             }
-            None => shard.replays.start(super::replay::ReplayJob {
-                key,
-                org_id: org_id.clone(),
-                channel,
-                after: seq,
-                id: 0,
-            }),
+            None => {
+                // A replay goes live itself once it caught up.
+                shard.registry.borrow_mut().unsubscribe(key, &channel);
+                shard.replays.start(super::replay::ReplayJob {
+                    key,
+                    org_id: record.org_id.as_str().into(),
+                    channel,
+                    after: seq,
+                    id: 0,
+                })
+            }
         }
     }
     let has_input = !record.partial.is_empty() || record.open_message.is_some();

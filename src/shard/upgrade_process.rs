@@ -8,6 +8,7 @@
 //! the state before anything else. The outcome is written to
 //! `<data-dir>/hookstream.upgrade` for `hookstream upgrade`.
 
+use std::collections::HashMap;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -285,30 +286,40 @@ pub fn perform(old: Old<'_>) -> Outcome {
         }
     };
     let reads = handoff::versions_of(&hello);
-    if !reads.contains(&handoff::VERSION) {
+    let Some(version) = handoff::choose(&reads) else {
         let reason = format!(
-            "the new binary reads state versions {reads:?}, this process writes version {}",
-            handoff::VERSION
+            "the new binary reads state versions {reads:?}, this process writes versions {:?}",
+            handoff::READS
         );
         let _ = ours.send(kind::FAILED, reason.as_bytes(), &[]);
         stop_child(&mut child);
         return Outcome::Failed(reason);
+    };
+    // Version 2: the sockets go ahead of the freeze, and the new process
+    // registers them while this one serves on.
+    if version >= 2 {
+        if let Err(e) = pass_early(&old, &ours, &mut child) {
+            // Nothing is frozen: each shard forgets what it passed once
+            // the new process (and its copies of the sockets) is gone.
+            return fail_back(&old, &ours, &mut child, e);
+        }
     }
 
     // Freeze: from here until the thaw or the retirement, no shard
     // accepts, reads, writes or commits.
-    handoff::trace("old: HELLO received, freezing");
+    handoff::trace("old: freezing");
     let frozen_at = handoff::monotonic_ns();
-    let snapshots: Vec<Snapshot> = match ask_shards(&old, |reply| ShardMessage::Freeze { reply }) {
-        Ok(snapshots) => snapshots,
-        Err(e) => {
-            thaw_all(&old);
-            stop_child(&mut child);
-            return Outcome::Failed(format!("cannot freeze the shards: {e}"));
-        }
-    };
+    let snapshots: Vec<Snapshot> =
+        match ask_shards(&old, |reply| ShardMessage::Freeze { version, reply }) {
+            Ok(snapshots) => snapshots,
+            Err(e) => {
+                thaw_all(&old);
+                stop_child(&mut child);
+                return Outcome::Failed(format!("cannot freeze the shards: {e}"));
+            }
+        };
     handoff::trace("old: frozen, records written out");
-    let sent = send_state(&ours, &old, &snapshots);
+    let sent = send_state(&ours, &old, &snapshots, version);
     handoff::trace("old: state sent");
     let ready = sent.and_then(|()| {
         expect(
@@ -396,7 +407,7 @@ pub fn perform(old: Old<'_>) -> Outcome {
     let retired = ask_shards(&old, |reply| ShardMessage::Retire { reply });
     handoff::trace("old: retired");
     drop(old.lock.take());
-    let connections = snapshots.iter().map(|s| s.fds.len()).sum();
+    let connections = snapshots.iter().map(|s| s.count).sum();
     if let Err(e) = &retired {
         // The new process serves: only this one's cleanup is cut short
         // (it exits anyway).
@@ -423,19 +434,87 @@ pub fn perform(old: Old<'_>) -> Outcome {
     }
 }
 
-fn send_state(channel: &Channel, old: &Old<'_>, snapshots: &[Snapshot]) -> Result<(), String> {
+/// Before the freeze (state version 2): the listeners, then every shard's
+/// live sockets (each shard sends its own, `upgrade::pass_early`), then
+/// EARLY_END; waits for the new process to have registered them
+/// (EARLY_READY).
+fn pass_early(old: &Old<'_>, channel: &Channel, child: &mut Child) -> Result<(), String> {
+    handoff::trace("old: passing the sockets ahead of the freeze");
     let failed = |e: std::io::Error| format!("cannot pass the state to the new binary: {e}");
-    let connections: usize = snapshots.iter().map(|s| s.fds.len()).sum();
-    let mut start = Vec::new();
-    start.extend_from_slice(&handoff::VERSION.to_le_bytes());
-    start.extend_from_slice(&(old.listeners.len() as u32 * 2).to_le_bytes());
-    start.extend_from_slice(&(connections as u32).to_le_bytes());
-    channel.send(kind::START, &start, &[]).map_err(failed)?;
-    let listeners: Vec<RawFd> = old
-        .listeners
+    let listeners = listener_fds(old);
+    for chunk in listeners.chunks(handoff::FDS_PER_MESSAGE) {
+        channel
+            .send(
+                kind::LISTENERS,
+                &(listeners.len() as u32).to_le_bytes(),
+                chunk,
+            )
+            .map_err(failed)?;
+    }
+    // SAFETY: the channel's descriptor stays open for this borrow.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(channel.raw()) };
+    let copies = (0..old.shards)
+        .map(|_| borrowed.try_clone_to_owned())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("cannot pass the state to the new binary: {e}"))?;
+    let copies = std::sync::Mutex::new(copies);
+    let passed = ask_shards(old, |reply| ShardMessage::PassEarly {
+        channel: copies
+            .lock()
+            .expect("not poisoned")
+            .pop()
+            .expect("one copy per shard"),
+        reply,
+    })?;
+    let mut total = 0;
+    for count in passed {
+        total += count?;
+    }
+    channel
+        .send(kind::EARLY_END, &(total as u32).to_le_bytes(), &[])
+        .map_err(failed)?;
+    handoff::trace(&format!("old: {total} sockets passed ahead of the freeze"));
+    expect(
+        channel,
+        child,
+        kind::EARLY_READY,
+        ("registered the connections", "register the connections"),
+        prepare_timeout(),
+    )?;
+    handoff::trace("old: EARLY_READY received");
+    Ok(())
+}
+
+fn listener_fds(old: &Old<'_>) -> Vec<RawFd> {
+    old.listeners
         .iter()
         .flat_map(|(public, admin)| [*public, *admin])
-        .collect();
+        .collect()
+}
+
+fn send_state(
+    channel: &Channel,
+    old: &Old<'_>,
+    snapshots: &[Snapshot],
+    version: u16,
+) -> Result<(), String> {
+    let failed = |e: std::io::Error| format!("cannot pass the state to the new binary: {e}");
+    let fd_count: usize = snapshots.iter().map(|s| s.fds.len()).sum();
+    let records: usize = snapshots.iter().map(|s| s.count).sum();
+    // Version 2 passed the listeners ahead of the freeze.
+    let listeners = if version >= 2 {
+        Vec::new()
+    } else {
+        listener_fds(old)
+    };
+    let mut start = Vec::new();
+    start.extend_from_slice(&version.to_le_bytes());
+    start.extend_from_slice(&(listeners.len() as u32).to_le_bytes());
+    start.extend_from_slice(&(fd_count as u32).to_le_bytes());
+    if version >= 2 {
+        start.extend_from_slice(&(records as u32).to_le_bytes());
+    }
+    channel.send(kind::START, &start, &[]).map_err(failed)?;
     for chunk in listeners.chunks(handoff::FDS_PER_MESSAGE) {
         channel.send(kind::FDS, b"", chunk).map_err(failed)?;
     }
@@ -452,47 +531,81 @@ fn send_state(channel: &Channel, old: &Old<'_>, snapshots: &[Snapshot]) -> Resul
 
 /// What the new process was handed.
 pub struct Inherited {
-    /// The control channel, to say PREPARED and SERVING on.
+    /// The control channel, to say PREPARED and SERVING on (state version
+    /// 2: and to read the freeze's state on, see [`Inherited::early`]).
     pub channel: Channel,
     /// The data directory's lock, shared with the old process until it
     /// commits; `None` from an old process of the previous handshake,
-    /// which let go of it (and of the connections) already.
+    /// which let go of it (and of the connections) already, and, state
+    /// version 2, until the freeze's state was read ([`confirm_freeze`]).
     pub lock: Option<std::fs::File>,
     /// (public, admin) listeners, one pair per shard of the old process.
     pub listeners: Vec<(RawFd, RawFd)>,
-    /// The connections: their sockets (owned) and records.
-    pub connections: Vec<(RawFd, ConnRecord)>,
+    /// The connections: their sockets (owned; `None`: passed ahead of the
+    /// freeze, found by the record's id) and records. State version 2:
+    /// empty until the freeze ([`receive_freeze`]).
+    pub connections: Vec<(Option<RawFd>, ConnRecord)>,
+    /// State version 2: the connections passed ahead of the freeze, their
+    /// sockets (owned) and records as they were then; the old process
+    /// freezes once they are registered (EARLY_READY).
+    pub early: Option<Vec<(RawFd, ConnRecord)>>,
 }
 
 /// The state read from the old process, not confirmed yet: nothing is
-/// served with it until [`Received::confirm`].
+/// served with it until [`Received::confirm`] (version 1) or
+/// [`confirm_freeze`] (version 2).
 pub struct Received {
     channel: Channel,
     listeners: Vec<(RawFd, RawFd)>,
-    connections: Vec<(RawFd, ConnRecord)>,
+    connections: Vec<(Option<RawFd>, ConnRecord)>,
+    early: Option<Vec<(RawFd, ConnRecord)>>,
 }
 
 /// In the new process, before anything else: say which versions this
-/// binary reads and take the state. Every failure is told to the old
-/// process (which serves on) and ends this one.
+/// binary reads and take the state (version 1), or what comes ahead of
+/// the freeze (version 2: the listeners and the live connections). Every
+/// failure is told to the old process (which serves on) and ends this
+/// one.
 pub fn receive(channel: Channel) -> Result<Received, String> {
     let fault = super::fault::handoff_fault();
     handoff::trace("new: sending HELLO");
     let hello = match fault.as_deref() {
         Some("reads-9") => 9u16.to_le_bytes().to_vec(),
+        Some("reads-1") => 1u16.to_le_bytes().to_vec(),
         _ => handoff::hello_body(),
     };
     channel
         .send(kind::HELLO, &hello, &[])
         .map_err(|e| format!("handoff: cannot reach the old process: {e}"))?;
-    let state = receive_state(&channel);
+    let first = channel
+        .receive(READY_TIMEOUT)
+        .map_err(|e| format!("reading the state: {e}"))
+        .and_then(|m| m.ok_or_else(|| "the old process sent no state".to_string()));
+    let state = first.and_then(|first| {
+        if first.0 == kind::LISTENERS {
+            receive_early(&channel, first)
+                .map(|(listeners, early)| (listeners, Vec::new(), Some(early)))
+        } else {
+            let buffers = Buffers {
+                lists: vec![Vec::new()],
+                data: Vec::new(),
+            };
+            receive_state(&channel, first, &HashMap::new(), 1, buffers).map(
+                |(listeners, mut connections)| {
+                    (listeners, connections.pop().unwrap_or_default(), None)
+                },
+            )
+        }
+    });
     handoff::trace("new: state received");
     match state {
-        Ok(_) if fault.as_deref() == Some("exit-after-state") => std::process::exit(3),
-        Ok((listeners, connections)) => Ok(Received {
+        // Version 2 plays it once the freeze's state is read.
+        Ok((_, _, None)) if fault.as_deref() == Some("exit-after-state") => std::process::exit(3),
+        Ok((listeners, connections, early)) => Ok(Received {
             channel,
             listeners,
             connections,
+            early,
         }),
         Err(e) => {
             let _ = channel.send(kind::FAILED, e.as_bytes(), &[]);
@@ -507,8 +620,27 @@ impl Received {
             close_all(&[*a, *b]);
         }
         for (fd, _) in &self.connections {
+            close_all(fd.as_slice());
+        }
+        for (fd, _) in self.early.iter().flatten() {
             close_all(&[*fd]);
         }
+    }
+
+    /// State version 2: what came ahead of the freeze; the rest is read
+    /// once the early connections are registered ([`receive_freeze`]).
+    /// `None` for version 1 (use [`Received::confirm`]).
+    pub fn early(self) -> Result<Inherited, Received> {
+        if self.early.is_none() {
+            return Err(self);
+        }
+        Ok(Inherited {
+            channel: self.channel,
+            lock: None,
+            listeners: self.listeners,
+            connections: self.connections,
+            early: self.early,
+        })
     }
 
     /// Says READY and waits until the old process stopped appending to
@@ -516,55 +648,249 @@ impl Received {
     /// still holds them (and the data directory's lock, whose descriptor
     /// comes with RELEASED) until it commits (see `run::await_commit`).
     pub fn confirm(self) -> Result<Inherited, String> {
-        if let Err(e) = self.channel.send(kind::READY, b"", &[]) {
-            self.give_back();
-            return Err(format!("handoff: the old process went away: {e}"));
-        }
-        if super::fault::handoff_fault().as_deref() == Some("exit-after-ready") {
-            // SAFETY: _exit ends the process at once.
-            unsafe { libc::_exit(4) };
-        }
-        match self.channel.receive(RELEASED_TIMEOUT) {
-            Ok(Some((kind::RELEASED, _, mut fds))) => {
-                handoff::trace("new: RELEASED received");
-                use std::os::unix::io::FromRawFd;
-                let lock = fds.pop().map(|fd| {
-                    // SAFETY: a received descriptor we own.
-                    unsafe { std::fs::File::from_raw_fd(fd) }
-                });
-                close_all(&fds);
-                Ok(Inherited {
-                    channel: self.channel,
-                    lock,
-                    listeners: self.listeners,
-                    connections: self.connections,
-                })
-            }
-            other => {
+        match confirm_freeze(&self.channel) {
+            Ok(lock) => Ok(Inherited {
+                channel: self.channel,
+                lock,
+                listeners: self.listeners,
+                connections: self.connections,
+                early: None,
+            }),
+            Err(e) => {
                 self.give_back();
-                Err(match other {
-                    Ok(Some((kind::FAILED, body, _))) => format!(
-                        "handoff: the old process gave up: {}",
-                        String::from_utf8_lossy(&body)
-                    ),
-                    _ => "handoff: the old process did not release the log".to_string(),
-                })
+                Err(e)
             }
         }
     }
 }
 
-type State = (Vec<(RawFd, RawFd)>, Vec<(RawFd, ConnRecord)>);
+/// Says READY (the freeze's state was read) and waits until the old
+/// process stopped appending to the log: RELEASED, with the descriptor of
+/// the data directory's lock when it has the commit handshake.
+pub fn confirm_freeze(channel: &Channel) -> Result<Option<std::fs::File>, String> {
+    if let Err(e) = channel.send(kind::READY, b"", &[]) {
+        return Err(format!("handoff: the old process went away: {e}"));
+    }
+    if super::fault::handoff_fault().as_deref() == Some("exit-after-ready") {
+        // SAFETY: _exit ends the process at once.
+        unsafe { libc::_exit(4) };
+    }
+    match channel.receive(RELEASED_TIMEOUT) {
+        Ok(Some((kind::RELEASED, _, mut fds))) => {
+            handoff::trace("new: RELEASED received");
+            use std::os::unix::io::FromRawFd;
+            let lock = fds.pop().map(|fd| {
+                // SAFETY: a received descriptor we own.
+                unsafe { std::fs::File::from_raw_fd(fd) }
+            });
+            close_all(&fds);
+            Ok(lock)
+        }
+        Ok(Some((kind::FAILED, body, _))) => Err(format!(
+            "handoff: the old process gave up: {}",
+            String::from_utf8_lossy(&body)
+        )),
+        _ => Err("handoff: the old process did not release the log".to_string()),
+    }
+}
 
-fn receive_state(channel: &Channel) -> Result<State, String> {
-    let mut fds: Vec<RawFd> = Vec::new();
-    let mut data = Vec::new();
-    let mut start: Option<(u16, usize, usize)> = None;
+/// State version 2, once the early connections are registered: says
+/// EARLY_READY and reads the freeze's state — the records (a socket passed
+/// early named by its id, which must be one of `early_ids`) and the
+/// sockets of the connections accepted since. A failure is told to the old
+/// process.
+pub fn receive_freeze(
+    channel: &Channel,
+    early_ids: &HashMap<u64, usize>,
+    shards: usize,
+) -> Result<PerShard, String> {
+    // The memory the freeze's state is read into, taken (and touched)
+    // now, before the old process freezes: memory a process touches the
+    // first time can cost milliseconds per megabyte on a busy host (page
+    // clearing, the hypervisor's own faults), and these are megabytes at
+    // tens of thousands of connections.
+    let mut per_shard = vec![0usize; shards];
+    for &shard in early_ids.values() {
+        per_shard[shard.min(shards - 1)] += 1;
+    }
+    let buffers = Buffers {
+        lists: per_shard
+            .iter()
+            .map(|&n| touched(n + n / 8 + 64, || (None, ConnRecord::default())))
+            .collect(),
+        data: touched(early_ids.len() * 32 + 64 * 1024, || 0u8),
+    };
+    let fault = super::fault::handoff_fault();
+    match fault.as_deref() {
+        Some("exit-after-early") => std::process::exit(6),
+        // The old process serves on meanwhile: connections close, change
+        // and arrive between the early pass and the freeze.
+        Some("slow-early") => std::thread::sleep(std::time::Duration::from_millis(1500)),
+        _ => {}
+    }
+    channel
+        .send(kind::EARLY_READY, b"", &[])
+        .map_err(|e| format!("handoff: the old process went away: {e}"))?;
+    let state = channel
+        .receive(READY_TIMEOUT)
+        .map_err(|e| format!("reading the state: {e}"))
+        .and_then(|m| m.ok_or_else(|| "the old process sent no state".to_string()))
+        .and_then(|first| receive_state(channel, first, early_ids, shards, buffers));
+    handoff::trace("new: freeze state received");
+    match state {
+        Ok(_) if fault.as_deref() == Some("exit-after-state") => std::process::exit(3),
+        Ok((listeners, connections)) if listeners.is_empty() => Ok(connections),
+        Ok((listeners, connections)) => {
+            for (a, b) in listeners {
+                close_all(&[a, b]);
+            }
+            for (fd, _) in connections.into_iter().flatten() {
+                close_all(fd.as_slice());
+            }
+            let e = "listeners passed twice".to_string();
+            let _ = channel.send(kind::FAILED, e.as_bytes(), &[]);
+            Err(format!("handoff: {e}"))
+        }
+        Err(e) => {
+            let _ = channel.send(kind::FAILED, e.as_bytes(), &[]);
+            Err(format!("handoff: {e}"))
+        }
+    }
+}
+
+type Early = (Vec<(RawFd, RawFd)>, Vec<(RawFd, ConnRecord)>);
+
+/// State version 2, ahead of the freeze: the listeners (`first` is the
+/// first LISTENERS message), then EARLY messages until EARLY_END.
+fn receive_early(channel: &Channel, first: handoff::Message) -> Result<Early, String> {
+    let mut listener_fds: Vec<RawFd> = Vec::new();
+    let mut listener_count = None;
+    let mut connections: Vec<(RawFd, ConnRecord)> = Vec::new();
+    let mut next = Some(first);
     let result = (|| loop {
-        let (kind, body, received) = channel
-            .receive(READY_TIMEOUT)
-            .map_err(|e| format!("reading the state: {e}"))?
-            .ok_or("the old process sent no state")?;
+        let (kind, body, received) = match next.take() {
+            Some(message) => message,
+            None => channel
+                .receive(READY_TIMEOUT)
+                .map_err(|e| format!("reading the state: {e}"))?
+                .ok_or("the old process stopped sending the state")?,
+        };
+        match kind {
+            kind::LISTENERS if body.len() >= 4 => {
+                listener_fds.extend(received);
+                listener_count = Some(u32::from_le_bytes(body[..4].try_into().expect("4")));
+            }
+            kind::EARLY => {
+                let mut at = 0;
+                let mut fds = received.into_iter();
+                while at < body.len() {
+                    let (record, used) = match ConnRecord::decode(2, &body[at..]) {
+                        Ok(decoded) => decoded,
+                        Err(e) => {
+                            close_all(&fds.collect::<Vec<_>>());
+                            return Err(e);
+                        }
+                    };
+                    at += used;
+                    let Some(fd) = fds.next() else {
+                        return Err("an early connection without its socket".to_string());
+                    };
+                    connections.push((fd, record));
+                }
+                let extra: Vec<RawFd> = fds.collect();
+                if !extra.is_empty() {
+                    close_all(&extra);
+                    return Err("an early socket without its record".to_string());
+                }
+            }
+            kind::EARLY_END if body.len() >= 4 => {
+                let count = u32::from_le_bytes(body[..4].try_into().expect("4")) as usize;
+                if count != connections.len() {
+                    return Err(format!(
+                        "expected {count} early connections, got {}",
+                        connections.len()
+                    ));
+                }
+                return Ok(());
+            }
+            kind::FAILED => {
+                close_all(&received);
+                return Err(String::from_utf8_lossy(&body).into_owned());
+            }
+            other => {
+                close_all(&received);
+                return Err(format!("unexpected message {other}"));
+            }
+        }
+    })();
+    let count_ok = listener_count.is_some_and(|n| n as usize == listener_fds.len())
+        && listener_fds.len() % 2 == 0;
+    if result.is_err() || !count_ok {
+        close_all(&listener_fds);
+        for (fd, _) in &connections {
+            close_all(&[*fd]);
+        }
+        return Err(result
+            .err()
+            .unwrap_or_else(|| "the listeners came cut short".to_string()));
+    }
+    let listeners = listener_fds
+        .chunks(2)
+        .map(|pair| (pair[0], pair[1]))
+        .collect();
+    Ok((listeners, connections))
+}
+
+/// Connections with their records, one list per shard of this process.
+pub type PerShard = Vec<Vec<(Option<RawFd>, ConnRecord)>>;
+
+/// Where the freeze's state is read into: one list per shard and the
+/// records' bytes (empty, with room).
+struct Buffers {
+    lists: PerShard,
+    data: Vec<u8>,
+}
+
+/// An empty vector with room for `n`, every byte of which was written once
+/// (so that filling it later takes no page fault).
+pub fn touched<T>(n: usize, fill: impl Fn() -> T) -> Vec<T> {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        v.push(fill());
+    }
+    std::hint::black_box(v.as_ptr());
+    v.clear();
+    v
+}
+
+type State = (Vec<(RawFd, RawFd)>, PerShard);
+
+/// The freeze's state, `first` being its first message (START): the
+/// listeners (version 1), the records, and the sockets of every record not
+/// passed early (version 2: an early one names one of `early_ids`, which
+/// says its shard), each in the list of its org's shard of `shards`.
+fn receive_state(
+    channel: &Channel,
+    first: handoff::Message,
+    early_ids: &HashMap<u64, usize>,
+    shards: usize,
+    buffers: Buffers,
+) -> Result<State, String> {
+    let mut fds: Vec<RawFd> = Vec::new();
+    let Buffers {
+        lists: mut connections,
+        mut data,
+    } = buffers;
+    let mut start: Option<(u16, usize, usize, usize)> = None;
+    let mut next = Some(first);
+    let result = (|| loop {
+        let (kind, body, received) = match next.take() {
+            Some(message) => message,
+            None => channel
+                .receive(READY_TIMEOUT)
+                .map_err(|e| format!("reading the state: {e}"))?
+                .ok_or("the old process sent no state")?,
+        };
         fds.extend(received);
         match kind {
             kind::START if body.len() >= 10 => {
@@ -576,8 +902,15 @@ fn receive_state(channel: &Channel) -> Result<State, String> {
                     ));
                 }
                 let listeners = u32::from_le_bytes(body[2..6].try_into().expect("4")) as usize;
-                let connections = u32::from_le_bytes(body[6..10].try_into().expect("4")) as usize;
-                start = Some((version, listeners, connections));
+                let sockets = u32::from_le_bytes(body[6..10].try_into().expect("4")) as usize;
+                let records = match body.get(10..14) {
+                    Some(n) if version >= 2 => {
+                        u32::from_le_bytes(n.try_into().expect("4")) as usize
+                    }
+                    None if version < 2 => sockets,
+                    _ => return Err("the state header was cut short".to_string()),
+                };
+                start = Some((version, listeners, sockets, records));
             }
             kind::FDS => {}
             kind::DATA => data.extend_from_slice(&body),
@@ -593,33 +926,52 @@ fn receive_state(channel: &Channel) -> Result<State, String> {
     if let Err(e) = result {
         return fail(e, &fds);
     }
-    let Some((version, listener_count, connection_count)) = start else {
+    let Some((version, listener_count, socket_count, record_count)) = start else {
         return fail("the state had no header".to_string(), &fds);
     };
-    if fds.len() != listener_count + connection_count || listener_count % 2 != 0 {
+    if fds.len() != listener_count + socket_count || listener_count % 2 != 0 {
         return fail(
             format!(
                 "expected {} descriptors, got {}",
-                listener_count + connection_count,
+                listener_count + socket_count,
                 fds.len()
             ),
             &fds,
         );
     }
-    let mut records = Vec::with_capacity(connection_count);
+    connections.resize_with(shards, Vec::new);
+    let mut read = 0;
+    let mut sockets = fds[listener_count..].iter().copied();
     let mut at = 0;
     while at < data.len() {
         match ConnRecord::decode(version, &data[at..]) {
             Ok((record, used)) => {
-                records.push(record);
                 at += used;
+                read += 1;
+                if record.early {
+                    let Some(&shard) = early_ids.get(&record.id).filter(|s| **s < shards) else {
+                        return fail(
+                            format!("connection {} was not passed early", record.id),
+                            &fds,
+                        );
+                    };
+                    connections[shard].push((None, record));
+                } else {
+                    let shard = super::shard_for(&record.org_id, shards);
+                    match sockets.next() {
+                        Some(fd) => connections[shard].push((Some(fd), record)),
+                        None => return fail("a record without its socket".to_string(), &fds),
+                    }
+                }
             }
             Err(e) => return fail(e, &fds),
         }
     }
-    if records.len() != connection_count {
+    if read != record_count || sockets.next().is_some() {
         return fail(
-            format!("expected {connection_count} records, got {}", records.len()),
+            format!(
+                "expected {record_count} records and {socket_count} sockets, got {read} records"
+            ),
             &fds,
         );
     }
@@ -627,7 +979,6 @@ fn receive_state(channel: &Channel) -> Result<State, String> {
         .chunks(2)
         .map(|pair| (pair[0], pair[1]))
         .collect();
-    let connections = fds[listener_count..].iter().copied().zip(records).collect();
     Ok((listeners, connections))
 }
 
