@@ -1535,3 +1535,34 @@ fn long_polls_are_answered_and_sse_streams_end_at_an_upgrade() {
     let page: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
     assert_eq!(page["messages"][0]["data"]["id"], "e_1", "{page}");
 }
+
+#[test]
+fn systemd_is_told_ready_at_start_and_the_new_main_pid_at_an_upgrade() {
+    // What `Type=notify` + `NotifyAccess=all` in deploy/hookstream.service
+    // rely on, over the same datagram socket systemd gives in
+    // NOTIFY_SOCKET: READY=1 once the server listens, and after a hot
+    // upgrade MAINPID=<the new process> with READY=1, sent by the new
+    // process itself (so systemd keeps tracking the service when the old
+    // main process exits).
+    let installed = Installed::new();
+    let sockets = TestDir::new();
+    let path = sockets.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let running = start_with_env(&installed, &[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    let mut datagram = [0u8; 256];
+    let mut next = || {
+        let n = notify.recv(&mut datagram).expect("a notification");
+        String::from_utf8_lossy(&datagram[..n]).into_owned()
+    };
+    assert_eq!(next(), "READY=1");
+    let old = read_pid(running.data.path());
+    installed.replace_with(Path::new(binary()));
+    let (ok, stderr) = run_upgrade(running.data.path());
+    assert!(ok, "{stderr}");
+    let new = read_pid(running.data.path());
+    assert_ne!(new, old);
+    assert_eq!(next(), format!("MAINPID={new}\nREADY=1"));
+}
