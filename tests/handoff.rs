@@ -1023,6 +1023,39 @@ fn the_pid_file_names_the_serving_process_and_goes_with_it() {
     let _ = bystander.wait();
 }
 
+/// 200 subscribers of `running` and a publisher at 50 msg/s, then the
+/// real binary installed anew and `hookstream upgrade` run: the fleet, the
+/// publisher's stop flag and thread, and the command's outcome.
+fn upgrade_under_load(installed: &Installed, running: &Running) -> UnderLoad {
+    let fleet = Fleet::start(open_fleet(running, 200));
+    let stop = Arc::new(AtomicBool::new(false));
+    let publishing = publisher(
+        running.spawned.admin_addr,
+        running.token.clone(),
+        50,
+        stop.clone(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    installed.replace_with(Path::new(binary()));
+    let (ok, stderr) = run_upgrade(running.data.path());
+    UnderLoad {
+        fleet,
+        stop,
+        publishing,
+        ok,
+        stderr,
+    }
+}
+
+/// What [`upgrade_under_load`] leaves running, and the command's outcome.
+struct UnderLoad {
+    fleet: Fleet,
+    stop: Arc<AtomicBool>,
+    publishing: std::thread::JoinHandle<(u64, Vec<String>)>,
+    ok: bool,
+    stderr: String,
+}
+
 /// Starts a server whose next upgrade's new process plays `fault` (debug
 /// builds: `HOOKSTREAM_DEBUG_HANDOFF`).
 fn start_with_fault(installed: &Installed, fault: &str) -> Running {
@@ -1087,17 +1120,13 @@ fn a_new_binary_that_cannot_read_the_state_or_dies_holding_the_sockets_changes_n
         let installed = Installed::new();
         let running = start_with_fault(&installed, fault);
         let old_pid = running.spawned.child.id();
-        let fleet = Fleet::start(open_fleet(&running, 200));
-        let stop = Arc::new(AtomicBool::new(false));
-        let publishing = publisher(
-            running.spawned.admin_addr,
-            running.token.clone(),
-            50,
-            stop.clone(),
-        );
-        std::thread::sleep(Duration::from_millis(500));
-        installed.replace_with(Path::new(binary()));
-        let (ok, stderr) = run_upgrade(running.data.path());
+        let UnderLoad {
+            fleet,
+            stop,
+            publishing,
+            ok,
+            stderr,
+        } = upgrade_under_load(&installed, &running);
         assert!(!ok, "{fault}: the upgrade succeeded");
         assert!(stderr.contains(reason), "{fault}: {stderr}");
         assert_eq!(read_pid(running.data.path()), old_pid);
@@ -1263,17 +1292,13 @@ fn the_previous_state_version_is_written_and_read() {
         ],
     );
     let old_pid = running.spawned.child.id();
-    let fleet = Fleet::start(open_fleet(&running, 200));
-    let stop = Arc::new(AtomicBool::new(false));
-    let publishing = publisher(
-        running.spawned.admin_addr,
-        running.token.clone(),
-        50,
-        stop.clone(),
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    installed.replace_with(Path::new(binary()));
-    let (ok, stderr) = run_upgrade(running.data.path());
+    let UnderLoad {
+        fleet,
+        stop,
+        publishing,
+        ok,
+        stderr,
+    } = upgrade_under_load(&installed, &running);
     assert!(
         ok,
         "hookstream upgrade failed: {stderr}\nserver:\n{}",
