@@ -329,6 +329,11 @@ async fn take_sign_out(revoked: &Arc<crate::auth::revoked::Revocations>, payload
     }
 }
 
+/// The set behind `known`, also after a panic elsewhere.
+fn lock(known: &Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    known.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Announces `payload` on the core NATS subject `subject` (see
 /// [`NOW_REVOKED`]); a failure is left to the stored record.
 async fn announce(client: &async_nats::Client, subject: &'static str, payload: Vec<u8>) {
@@ -1561,10 +1566,17 @@ impl Bridge {
     /// added, revocations taken over), where the key reload of every shard
     /// acts on it within 0.5 s (4003 for a revoked key's connections).
     pub fn sync_keys(self: &Arc<Self>, data_dir: std::path::PathBuf) {
+        // Revoked keys this node knows of: revoked in its file when it
+        // started, or taken from another node (announced or read from the
+        // stream) before they reach the file. Only a revocation that is
+        // not among them was made here, and is announced.
+        let known = Arc::new(Mutex::new(HashSet::new()));
         let dir = data_dir.clone();
+        let taken = known.clone();
         self.runtime
             .spawn(listen(self.client.clone(), NOW_REVOKED, move |payload| {
                 let dir = dir.clone();
+                let taken = taken.clone();
                 async move {
                     use crate::auth::keys::{KeyRecord, KeyStore};
                     // Only a revocation is taken this way.
@@ -1574,6 +1586,7 @@ impl Bridge {
                     if record.revoked_at.is_none() {
                         return;
                     }
+                    lock(&taken).insert(record.id.clone());
                     if let Ok(Err(e)) =
                         tokio::task::spawn_blocking(move || KeyStore::new(&dir).merge(&[record]))
                             .await
@@ -1588,23 +1601,18 @@ impl Bridge {
         // task of its own: nothing that waits for JetStream delays it.
         let dir = data_dir.clone();
         let client = self.client.clone();
+        let announced = known.clone();
         self.runtime.spawn(async move {
             use crate::auth::keys::KeyStore;
             let store = KeyStore::new(&dir);
-            let revoked_ids = |store: &KeyStore| -> HashSet<String> {
-                store
-                    .load()
-                    .map(|file| {
-                        file.keys
-                            .into_iter()
-                            .filter(|record| record.revoked_at.is_some())
-                            .map(|record| record.id)
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            };
-            // Revoked when this began, or announced since.
-            let mut announced = revoked_ids(&store);
+            if let Ok(file) = store.load() {
+                lock(&announced).extend(
+                    file.keys
+                        .into_iter()
+                        .filter(|record| record.revoked_at.is_some())
+                        .map(|record| record.id),
+                );
+            }
             let mut stamp = store.stamp();
             loop {
                 tokio::time::sleep(ANNOUNCE_POLL).await;
@@ -1615,7 +1623,7 @@ impl Bridge {
                 stamp = now;
                 let Ok(file) = store.load() else { continue };
                 for record in file.keys {
-                    if record.revoked_at.is_some() && announced.insert(record.id.clone()) {
+                    if record.revoked_at.is_some() && lock(&announced).insert(record.id.clone()) {
                         let json = serde_json::to_vec(&record).expect("records serialize");
                         announce(&client, NOW_REVOKED, json).await;
                     }
@@ -1626,7 +1634,7 @@ impl Bridge {
         self.runtime.spawn(async move {
             let mut failing = false;
             loop {
-                match bridge.sync_keys_now(&data_dir).await {
+                match bridge.sync_keys_now(&data_dir, &known).await {
                     Ok(()) => {}
                     Err(e) if !failing && bridge.connected() => {
                         eprintln!("hookstream: cluster: key sync: {e}; retrying");
@@ -1639,7 +1647,11 @@ impl Bridge {
         });
     }
 
-    async fn sync_keys_now(&self, data_dir: &std::path::Path) -> Result<(), String> {
+    async fn sync_keys_now(
+        &self,
+        data_dir: &std::path::Path,
+        known: &Mutex<HashSet<String>>,
+    ) -> Result<(), String> {
         use crate::auth::keys::{KeyRecord, KeyStore};
         // A key-value bucket in all but name: one subject per key id,
         // the last record of each kept (the KV API of async-nats does not
@@ -1691,6 +1703,12 @@ impl Bridge {
                 }
             };
             if !arrived.is_empty() {
+                lock(known).extend(
+                    arrived
+                        .iter()
+                        .filter(|record| record.revoked_at.is_some())
+                        .map(|record| record.id.clone()),
+                );
                 let dir = data_dir.to_path_buf();
                 tokio::task::spawn_blocking(move || KeyStore::new(&dir).merge(&arrived))
                     .await
