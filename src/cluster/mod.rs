@@ -264,8 +264,6 @@ fn arrival_of(org: &str, message: &jetstream::Message) -> Option<Arrival> {
     })
 }
 
-/// True when the error says the stream does not exist (the org never
-/// published).
 /// How often the key and sign-out watches ask for what is new.
 const WATCH_POLL: Duration = Duration::from_millis(250);
 
@@ -276,9 +274,10 @@ const WATCH_POLL: Duration = Duration::from_millis(250);
 /// stored record stays the truth (a node that missed the announcement
 /// takes it from the stream); an announcement only ever takes access away.
 const NOW_REVOKED: &str = "hs_now.revoked_key";
+const NOW_SIGNED_OUT: &str = "hs_now.signed_out";
+
 /// How often a node's key file is looked at for revocations to announce.
 const ANNOUNCE_POLL: Duration = Duration::from_millis(100);
-const NOW_SIGNED_OUT: &str = "hs_now.signed_out";
 
 /// The first message of `stream` with seq `from` or above on `subject`
 /// (wildcards allowed), as (seq, payload); `None` when there is none yet.
@@ -334,6 +333,20 @@ fn lock(known: &Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet<Str
     known.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Merges key records of other nodes into this node's key file
+/// (`KeyStore::merge`), on a blocking thread (it writes and fsyncs).
+async fn merge_keys(
+    data_dir: &std::path::Path,
+    records: Vec<crate::auth::keys::KeyRecord>,
+) -> Result<(), String> {
+    let dir = data_dir.to_path_buf();
+    tokio::task::spawn_blocking(move || crate::auth::keys::KeyStore::new(&dir).merge(&records))
+        .await
+        .map_err(|e| e.to_string())?
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// Announces `payload` on the core NATS subject `subject` (see
 /// [`NOW_REVOKED`]); a failure is left to the stored record.
 async fn announce(client: &async_nats::Client, subject: &'static str, payload: Vec<u8>) {
@@ -376,6 +389,8 @@ async fn ordered_from(
     consumer.messages().await.map_err(|e| e.to_string())
 }
 
+/// True when the error says the stream does not exist (the org never
+/// published).
 fn no_stream(error: &jetstream::context::GetStreamError) -> bool {
     matches!(
         error.kind(),
@@ -1578,7 +1593,7 @@ impl Bridge {
                 let dir = dir.clone();
                 let taken = taken.clone();
                 async move {
-                    use crate::auth::keys::{KeyRecord, KeyStore};
+                    use crate::auth::keys::KeyRecord;
                     // Only a revocation is taken this way.
                     let Ok(record) = serde_json::from_slice::<KeyRecord>(&payload) else {
                         return;
@@ -1587,10 +1602,7 @@ impl Bridge {
                         return;
                     }
                     lock(&taken).insert(record.id.clone());
-                    if let Ok(Err(e)) =
-                        tokio::task::spawn_blocking(move || KeyStore::new(&dir).merge(&[record]))
-                            .await
-                    {
+                    if let Err(e) = merge_keys(&dir, vec![record]).await {
                         eprintln!(
                             "hookstream: cluster: an announced revocation was not saved: {e}"
                         );
@@ -1709,11 +1721,7 @@ impl Bridge {
                         .filter(|record| record.revoked_at.is_some())
                         .map(|record| record.id.clone()),
                 );
-                let dir = data_dir.to_path_buf();
-                tokio::task::spawn_blocking(move || KeyStore::new(&dir).merge(&arrived))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
+                merge_keys(data_dir, arrived).await?;
             }
             // This node's file → the bucket, when the file changed (once
             // the bucket was read through).
