@@ -149,6 +149,27 @@ pub fn conn_id(key: ConnKey) -> u64 {
     (u64::from(key.generation) << 32) | u64::from(key.index)
 }
 
+/// What every record of connection `key` says of it, whatever it carries
+/// besides: its id, its credential (org, key, session) and its deflate
+/// window.
+fn record_of(
+    registry: &crate::registry::Registry,
+    key: ConnKey,
+    conn: &crate::registry::Connection,
+) -> ConnRecord {
+    ConnRecord {
+        org_id: registry
+            .org_id_of(key)
+            .map(|o| o.to_string())
+            .unwrap_or_default(),
+        key_id: registry.key_id_of(key).unwrap_or_default().to_string(),
+        session: registry.session_of(key),
+        deflate_window_bits: conn.deflate_window_bits,
+        id: conn_id(key),
+        ..ConnRecord::default()
+    }
+}
+
 /// True for a connection that can be carried over: open and plaintext.
 fn carriable(conn: &crate::registry::Connection, key: ConnKey) -> bool {
     conn.state == ConnState::Open && !super::tls_wire::is_tls(key)
@@ -186,16 +207,8 @@ pub async fn pass_early(shard: &Shard, channel: &std::os::fd::OwnedFd) -> Result
                 let before = body.len();
                 let names = registry.channel_names_of(key);
                 let record = ConnRecord {
-                    org_id: registry
-                        .org_id_of(key)
-                        .map(|o| o.to_string())
-                        .unwrap_or_default(),
-                    key_id: registry.key_id_of(key).unwrap_or_default().to_string(),
-                    session: registry.session_of(key),
                     channels: names.iter().map(|name| (name.clone(), 0)).collect(),
-                    deflate_window_bits: conn.deflate_window_bits,
-                    id: conn_id(key),
-                    ..ConnRecord::default()
+                    ..record_of(&registry, key, conn)
                 };
                 record.encode_version(2, &mut body);
                 if body.len() > handoff::DATA_PER_MESSAGE {
@@ -332,12 +345,6 @@ pub async fn freeze(shard: &Shard, version: u16) -> Snapshot {
             None => (Vec::new(), None),
         };
         let record = ConnRecord {
-            org_id: registry
-                .org_id_of(key)
-                .map(|o| o.to_string())
-                .unwrap_or_default(),
-            key_id: registry.key_id_of(key).unwrap_or_default().to_string(),
-            session: registry.session_of(key),
             channels: registry
                 .channel_names_of(key)
                 .into_iter()
@@ -348,11 +355,10 @@ pub async fn freeze(shard: &Shard, version: u16) -> Snapshot {
             queued,
             missed_pongs: conn.missed_pongs,
             bad_messages_in_row: conn.bad_messages_in_row,
-            deflate_window_bits: conn.deflate_window_bits,
-            id: conn_id(key),
             early,
             same_as_early: false,
             position: 0,
+            ..record_of(&registry, key, conn)
         };
         record.encode_version(version, &mut snapshot.records);
         if !record.early {

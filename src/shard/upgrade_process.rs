@@ -760,6 +760,23 @@ pub fn receive_freeze(
 
 type Early = (Vec<(RawFd, RawFd)>, Vec<(RawFd, ConnRecord)>);
 
+/// The message in `next` when there is one (already read), else the next
+/// one from the old process within [`READY_TIMEOUT`]; `ended` says that
+/// the channel ended instead.
+fn next_message(
+    channel: &Channel,
+    next: &mut Option<handoff::Message>,
+    ended: &str,
+) -> Result<handoff::Message, String> {
+    match next.take() {
+        Some(message) => Ok(message),
+        None => channel
+            .receive(READY_TIMEOUT)
+            .map_err(|e| format!("reading the state: {e}"))?
+            .ok_or_else(|| ended.to_string()),
+    }
+}
+
 /// State version 2, ahead of the freeze: the listeners (`first` is the
 /// first LISTENERS message), then EARLY messages until EARLY_END.
 fn receive_early(channel: &Channel, first: handoff::Message) -> Result<Early, String> {
@@ -768,13 +785,11 @@ fn receive_early(channel: &Channel, first: handoff::Message) -> Result<Early, St
     let mut connections: Vec<(RawFd, ConnRecord)> = Vec::new();
     let mut next = Some(first);
     let result = (|| loop {
-        let (kind, body, received) = match next.take() {
-            Some(message) => message,
-            None => channel
-                .receive(READY_TIMEOUT)
-                .map_err(|e| format!("reading the state: {e}"))?
-                .ok_or("the old process stopped sending the state")?,
-        };
+        let (kind, body, received) = next_message(
+            channel,
+            &mut next,
+            "the old process stopped sending the state",
+        )?;
         match kind {
             kind::LISTENERS if body.len() >= 4 => {
                 listener_fds.extend(received);
@@ -884,13 +899,8 @@ fn receive_state(
     let mut start: Option<(u16, usize, usize, usize)> = None;
     let mut next = Some(first);
     let result = (|| loop {
-        let (kind, body, received) = match next.take() {
-            Some(message) => message,
-            None => channel
-                .receive(READY_TIMEOUT)
-                .map_err(|e| format!("reading the state: {e}"))?
-                .ok_or("the old process sent no state")?,
-        };
+        let (kind, body, received) =
+            next_message(channel, &mut next, "the old process sent no state")?;
         fds.extend(received);
         match kind {
             kind::START if body.len() >= 10 => {
