@@ -498,6 +498,20 @@ fn publisher(
     publisher_counting(admin, token, per_sec, stop, Arc::new(AtomicU64::new(0)))
 }
 
+/// [`publisher`] to `running` at 50 msg/s: its stop flag and its thread.
+fn publish_50_per_sec(
+    running: &Running,
+) -> (Arc<AtomicBool>, std::thread::JoinHandle<(u64, Vec<String>)>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let publishing = publisher(
+        running.spawned.admin_addr,
+        running.token.clone(),
+        50,
+        stop.clone(),
+    );
+    (stop, publishing)
+}
+
 /// [`publisher`], counting in `started` the messages whose request was
 /// sent.
 fn publisher_counting(
@@ -844,13 +858,7 @@ fn a_new_binary_that_fails_changes_nothing_for_the_clients() {
     let old_pid = running.spawned.child.id();
     let subscribers = open_fleet(&running, 200);
     let fleet = Fleet::start(subscribers);
-    let stop = Arc::new(AtomicBool::new(false));
-    let publishing = publisher(
-        running.spawned.admin_addr,
-        running.token.clone(),
-        50,
-        stop.clone(),
-    );
+    let (stop, publishing) = publish_50_per_sec(&running);
     std::thread::sleep(Duration::from_millis(500));
 
     // A "binary" that exits at once.
@@ -1028,13 +1036,7 @@ fn the_pid_file_names_the_serving_process_and_goes_with_it() {
 /// publisher's stop flag and thread, and the command's outcome.
 fn upgrade_under_load(installed: &Installed, running: &Running) -> UnderLoad {
     let fleet = Fleet::start(open_fleet(running, 200));
-    let stop = Arc::new(AtomicBool::new(false));
-    let publishing = publisher(
-        running.spawned.admin_addr,
-        running.token.clone(),
-        50,
-        stop.clone(),
-    );
+    let (stop, publishing) = publish_50_per_sec(running);
     std::thread::sleep(Duration::from_millis(500));
     installed.replace_with(Path::new(binary()));
     let (ok, stderr) = run_upgrade(running.data.path());
@@ -1179,13 +1181,7 @@ fn connections_that_close_change_or_arrive_after_the_early_pass_are_carried_righ
     let mut leaving = Subscriber::open_with([127, 0, 3, 1], addr, &running.key, None, "issues");
     let mut moving =
         Subscriber::open_with([127, 0, 3, 2], addr, &running.key, None, "deliveries:d_old");
-    let stop = Arc::new(AtomicBool::new(false));
-    let publishing = publisher(
-        running.spawned.admin_addr,
-        running.token.clone(),
-        50,
-        stop.clone(),
-    );
+    let (stop, publishing) = publish_50_per_sec(&running);
     std::thread::sleep(Duration::from_millis(300));
     installed.replace_with(Path::new(binary()));
     let data = running.data.path().to_path_buf();
@@ -1383,13 +1379,7 @@ fn a_new_binary_that_dies_or_goes_silent_before_it_serves_changes_nothing() {
     let old_pid = running.spawned.child.id();
     let count = 200;
     let fleet = Fleet::start(open_fleet(&running, count));
-    let stop = Arc::new(AtomicBool::new(false));
-    let publishing = publisher(
-        running.spawned.admin_addr,
-        running.token.clone(),
-        50,
-        stop.clone(),
-    );
+    let (stop, publishing) = publish_50_per_sec(&running);
     std::thread::sleep(Duration::from_millis(500));
     for (fault, reason) in [
         (
