@@ -599,6 +599,19 @@ fn post_publish(admin: SocketAddr, token: &str, body: &str) -> (u16, String) {
 
 /// Runs `hookstream upgrade` (the current test binary, not the installed
 /// one) for `data_dir`; returns (success, stderr).
+/// Waits (up to 15 s) for the old process, the one the test started, to
+/// exit after an upgrade; its exit status.
+fn wait_for_old_exit(running: &mut Running) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = running.spawned.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the old process did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn run_upgrade(data_dir: &Path) -> (bool, String) {
     let output = hookstream_command()
         .args(["upgrade", "--timeout-secs", "60", "--data-dir"])
@@ -815,18 +828,11 @@ fn an_upgrade_hands_every_connection_to_the_new_binary_and_no_client_notices() {
         "the new process runs the new file"
     );
     // The old process exits by itself.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = running.spawned.child.try_wait().unwrap() {
-            eprintln!(
-                "the old process exited {:?} after the upgrade began",
-                upgrading.elapsed()
-            );
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the old process did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_for_old_exit(&mut running);
+    eprintln!(
+        "the old process exited {:?} after the upgrade began",
+        upgrading.elapsed()
+    );
     assert!(status.success(), "old process: {status}");
     assert!(alive(new_pid));
 
@@ -1248,11 +1254,7 @@ fn connections_that_close_change_or_arrive_after_the_early_pass_are_carried_righ
         "hookstream upgrade failed: {stderr}\nserver:\n{}",
         running.spawned.stderr.lock().unwrap().join("\n")
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while running.spawned.child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the old process did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_old_exit(&mut running);
 
     // The new process serves each as it was at the freeze.
     for (destination, id) in [("d_old", "x_old"), ("d_new", "x_new")] {
@@ -1302,11 +1304,7 @@ fn the_previous_state_version_is_written_and_read() {
     );
     let new_pid = read_pid(running.data.path());
     assert_ne!(new_pid, old_pid);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while running.spawned.child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the old process did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_old_exit(&mut running);
     std::thread::sleep(Duration::from_millis(500));
     let published = stop_publishing(&stop, publishing, "version 1");
     finish_fleet(fleet, published, 200, "version 1");
@@ -1450,11 +1448,7 @@ fn a_new_binary_that_dies_or_goes_silent_before_it_serves_changes_nothing() {
     assert!(ok, "the upgrade after the failures failed: {stderr}");
     let new_pid = read_pid(running.data.path());
     assert_ne!(new_pid, old_pid);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while running.spawned.child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the old process did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_old_exit(&mut running);
     std::thread::sleep(Duration::from_millis(500));
     let published = stop_publishing(&stop, publishing, "dies before serving");
     finish_fleet(fleet, published, count as u64, "dies before serving");
