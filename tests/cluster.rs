@@ -851,6 +851,57 @@ fn api_keys_with_nats_url_need_no_data_dir_and_act_on_running_nodes() {
 }
 
 #[test]
+fn an_announcement_only_takes_access_away_and_bad_ones_change_nothing() {
+    // The core NATS subjects a revocation and a sign-out are announced on
+    // are an input: what is not a revocation grants nothing, and what
+    // does not parse is dropped, the node serving on.
+    let nats = Nats::start();
+    let a = node(&nats, None, "a");
+    drop(connect_when_admitted(&a, a.key("org_a")));
+    // A key A does not know, with its record as a node would announce it
+    // (unrevoked).
+    let elsewhere = TestDir::new();
+    let stranger = common::create_key(elsewhere.path(), "org_x");
+    let file: Value =
+        serde_json::from_str(&std::fs::read_to_string(elsewhere.path().join("keys.json")).unwrap())
+            .unwrap();
+    let record = file["keys"][0].to_string();
+    let stranger_id = file["keys"][0]["id"].as_str().unwrap().to_string();
+    let payloads: [(&str, Vec<u8>); 5] = [
+        ("hs_now.revoked_key", record.into_bytes()),
+        ("hs_now.revoked_key", b"\xff\x00 not json".to_vec()),
+        ("hs_now.revoked_key", br#"{"id":7}"#.to_vec()),
+        ("hs_now.signed_out", b"{".to_vec()),
+        (
+            "hs_now.signed_out",
+            br#"{"id":"zz","key_id":"k","expires":1}"#.to_vec(),
+        ),
+    ];
+    let url = nats.url();
+    with_jetstream(&nats.url(), |_| async move {
+        let client = async_nats::connect(url).await.unwrap();
+        for (subject, payload) in payloads {
+            client.publish(subject, payload.into()).await.unwrap();
+        }
+        client.flush().await.unwrap();
+    });
+    // Past the watches' and the key reload's periods.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        common::Client::try_upgrade(a.ws_addr, &format!("/v1/ws?token={stranger}")).is_err(),
+        "an announced unrevoked record admitted its key"
+    );
+    let kept = std::fs::read_to_string(a.data_dir().join("keys.json")).unwrap();
+    assert!(!kept.contains(&stranger_id), "{kept}");
+    let mut client = connect_when_admitted(&a, a.key("org_a"));
+    client.ping_pong();
+    let cookie = common::sign_in(a.ws_addr, a.key("org_a"));
+    let response = session_of(&a, &cookie);
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert!(!a.stderr().contains("panic"), "{}", a.stderr());
+}
+
+#[test]
 fn a_node_starting_with_a_key_file_from_before_a_revocation_does_not_put_the_key_back() {
     let nats = Nats::start();
     let a = node(&nats, None, "a");
