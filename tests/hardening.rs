@@ -592,6 +592,21 @@ fn a_client_that_never_reads_28_mib_of_answers_is_disconnected_within_the_write_
     public_writer.join().unwrap();
     admin_writer.join().unwrap();
     let sent = Instant::now();
+    // The server has taken both connections and started answering: the
+    // requests fit in the kernel's buffers, so the writers may be done
+    // before it accepted either (in CI the check below then passed at
+    // once and the server went on to answer everything once read).
+    for (name, stream) in [("public", &public), ("admin", &admin)] {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while !matches!(stream.peek(&mut [0u8; 1]), Ok(n) if n > 0) {
+            assert!(Instant::now() < deadline, "{name}: no answer began");
+        }
+    }
+    let held = steady_open_files(pid);
+    assert!(
+        held >= baseline + 2,
+        "{held} descriptors, {baseline} before"
+    );
     // Both sockets are closed by the server while the client still has
     // not read a byte: the answers stalled at once (the socket buffers
     // hold a few MiB), so within the write timeout and a margin.
