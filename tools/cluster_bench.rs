@@ -18,7 +18,7 @@
 //! every figure as one JSON object.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -68,14 +68,6 @@ fn options() -> Options {
     o
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "hookstream-cluster-bench-{}-{name}",
@@ -96,11 +88,13 @@ impl Drop for Proc {
     }
 }
 
+/// A JetStream `nats-server` on a port it picks itself (`-p -1`), read
+/// from its log: no port is picked here and then taken by someone else
+/// before the server binds it.
 fn start_nats() -> (Proc, u16) {
-    let port = free_port();
     let dir = temp_dir("nats");
     let mut child = Command::new("nats-server")
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
         .arg(&dir)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -109,14 +103,23 @@ fn start_nats() -> (Proc, u16) {
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
+        let mut port = None;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some((_, at)) = line.split_once("Listening for client connections on ") {
+                port = at
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.trim().parse::<u16>().ok());
+            }
             if line.contains("Server is ready") {
-                let _ = tx.send(());
+                let _ = tx.send(port);
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(10))
-        .expect("nats-server ready");
+    let port = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("nats-server ready")
+        .expect("nats-server's client port in its log");
     (Proc(child), port)
 }
 
