@@ -115,6 +115,77 @@ pub fn channel_matches(channel: &str, kind: MessageKind, route: Option<&str>) ->
     }
 }
 
+/// A list of channel names compiled for matching: which of them a
+/// message of a kind and route goes to, in time independent of how many
+/// there are (a history read may name 256 channels and look at every one
+/// of 100,000 retained messages; asking each name in turn cost 256
+/// comparisons a message). Matches exactly what [`channel_matches`] says
+/// for each name.
+#[derive(Debug, Default)]
+pub struct ChannelFilter {
+    /// Indexes of `*` in the list (every message).
+    all: smallvec::SmallVec<[u32; 1]>,
+    /// Indexes of each kind's broad channel (`events`, `deliveries`,
+    /// `issues`), by kind.
+    kinds: [smallvec::SmallVec<[u32; 1]>; 4],
+    /// Indexes of each route's channel (`events:<id>`, `deliveries:<id>`,
+    /// `collections:<id>`), by kind and route id.
+    routes: [ahash::AHashMap<Box<str>, smallvec::SmallVec<[u32; 1]>>; 4],
+}
+
+impl ChannelFilter {
+    /// Compiles `channels`.
+    pub fn new<S: AsRef<str>>(channels: &[S]) -> ChannelFilter {
+        let mut filter = ChannelFilter::default();
+        for (index, channel) in channels.iter().enumerate() {
+            let index = u32::try_from(index).unwrap_or(u32::MAX);
+            let channel = channel.as_ref();
+            let slot = match channel {
+                "*" => Some(&mut filter.all),
+                "events" => Some(&mut filter.kinds[MessageKind::Event as usize]),
+                "deliveries" => Some(&mut filter.kinds[MessageKind::Delivery as usize]),
+                "issues" => Some(&mut filter.kinds[MessageKind::Issue as usize]),
+                _ => {
+                    let kind = match channel.split_once(':') {
+                        Some(("events", id)) => Some((MessageKind::Event, id)),
+                        Some(("deliveries", id)) => Some((MessageKind::Delivery, id)),
+                        Some(("collections", id)) => Some((MessageKind::Sync, id)),
+                        _ => None,
+                    };
+                    kind.map(|(kind, id)| {
+                        filter.routes[kind as usize].entry(id.into()).or_default()
+                    })
+                }
+            };
+            if let Some(slot) = slot {
+                slot.push(index);
+            }
+        }
+        filter
+    }
+
+    /// True when a message of `kind` with route id `route` goes to one of
+    /// the channels.
+    pub fn matches(&self, kind: MessageKind, route: Option<&str>) -> bool {
+        !self.all.is_empty()
+            || !self.kinds[kind as usize].is_empty()
+            || route.is_some_and(|route| self.routes[kind as usize].contains_key(route))
+    }
+
+    /// The indexes in the compiled list of the channels a message of
+    /// `kind` with route id `route` goes to, in list order.
+    pub fn matching(&self, kind: MessageKind, route: Option<&str>) -> smallvec::SmallVec<[u32; 4]> {
+        let mut found: smallvec::SmallVec<[u32; 4]> = smallvec::SmallVec::new();
+        found.extend_from_slice(&self.all);
+        found.extend_from_slice(&self.kinds[kind as usize]);
+        if let Some(indexes) = route.and_then(|route| self.routes[kind as usize].get(route)) {
+            found.extend_from_slice(indexes);
+        }
+        found.sort_unstable();
+        found
+    }
+}
+
 /// True when `id` matches `[A-Za-z0-9_.-]{1,128}`.
 pub fn is_valid_id(id: &str) -> bool {
     !id.is_empty()
@@ -298,5 +369,74 @@ mod tests {
                 assert_eq!(&vec[..], &shared[..], "data {data_len}, seq {seq}");
             }
         }
+    }
+
+    /// The compiled filter says what asking each name in turn says, for
+    /// every kind and route against lists built from every kind of name
+    /// (broad, routed, `*`, unknown, repeated).
+    #[test]
+    fn a_channel_filter_matches_exactly_what_channel_matches_says() {
+        use MessageKind::*;
+        let names = [
+            "events",
+            "events:a",
+            "events:b",
+            "deliveries",
+            "deliveries:a",
+            "issues",
+            "collections:a",
+            "collections:b",
+            "*",
+            "nonsense",
+            "events:",
+            "issues:a",
+            "events:a",
+        ];
+        let messages = [
+            (Event, Some("a")),
+            (Event, Some("b")),
+            (Event, Some("c")),
+            (Event, None),
+            (Delivery, Some("a")),
+            (Delivery, None),
+            (Issue, None),
+            (Issue, Some("a")),
+            (Sync, Some("a")),
+            (Sync, Some("b")),
+            (Sync, None),
+        ];
+        // Every list of up to three names (with repeats), in every order.
+        let mut level: Vec<Vec<&str>> = vec![vec![]];
+        let mut lists = level.clone();
+        for _ in 0..3 {
+            level = level
+                .iter()
+                .flat_map(|list| {
+                    names.iter().map(move |&name| {
+                        let mut next = list.clone();
+                        next.push(name);
+                        next
+                    })
+                })
+                .collect();
+            lists.extend(level.iter().cloned());
+        }
+        let mut checked = 0;
+        for list in &lists {
+            let filter = ChannelFilter::new(list);
+            for &(kind, route) in &messages {
+                let expected: Vec<u32> = (0..list.len() as u32)
+                    .filter(|&i| channel_matches(list[i as usize], kind, route))
+                    .collect();
+                assert_eq!(
+                    filter.matches(kind, route),
+                    !expected.is_empty(),
+                    "{list:?} {kind:?} {route:?}"
+                );
+                assert_eq!(filter.matching(kind, route).to_vec(), expected, "{list:?}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 20_000, "{checked}");
     }
 }

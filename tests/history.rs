@@ -592,6 +592,57 @@ fn resource_lists_are_newest_first_with_before_and_filters() {
     );
 }
 
+/// A read with few matches looks at the org's whole index in steps (4,096
+/// entries, the shard's other work running in between): every match is
+/// found on either side of each step's edge, forward (`/v1/poll`) and
+/// backward (the resource lists), with 201 channels named at once.
+#[test]
+fn reads_that_look_at_10000_messages_for_a_few_find_every_one() {
+    let server = ServerBuilder::new().org("org_r").start();
+    let key = server.key("org_r").to_string();
+    let addr = server.ws_addr;
+    let rare: Vec<u64> = vec![1, 4095, 4096, 4097, 8192, 8193, 10_000];
+    for batch in 0..10u64 {
+        let bodies: Vec<String> = (1..=1000)
+            .map(|i| batch * 1000 + i)
+            .map(|seq| {
+                if rare.contains(&seq) {
+                    event("org_r", &format!("e{seq}"), "rare")
+                } else {
+                    issue("org_r", &format!("i{seq}"))
+                }
+            })
+            .collect();
+        server.publish_ok(&common::array(&bodies));
+    }
+    let mut channels: Vec<String> = (0..200).map(|i| format!("events:n{i}")).collect();
+    channels.push("events:rare".to_string());
+    let channels = channels.join(",");
+    assert_eq!(seqs(&poll_all(addr, &key, &channels, 0, 100)), rare);
+    assert_eq!(seqs(&poll_all(addr, &key, &channels, 4096, 2)), rare[3..]);
+    let ids = |path: &str| -> Vec<String> {
+        let page = get_json(addr, &format!("{path}&token={key}"));
+        page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let newest_first: Vec<String> = rare.iter().rev().map(|s| format!("e{s}")).collect();
+    assert_eq!(ids("/v1/events?source_id=rare&limit=100"), newest_first);
+    assert_eq!(
+        ids("/v1/events?source_id=rare&limit=100&before=8193"),
+        newest_first[2..]
+    );
+    let page = get_json(
+        addr,
+        &format!("/v1/events?source_id=rare&limit=3&before=8193&token={key}"),
+    );
+    assert_eq!(page["has_more"], true, "{page}");
+    assert_eq!(page["next_before"], 4096, "{page}");
+}
+
 // ---------------------------------------------------------------------------
 // Server-Sent Events
 // ---------------------------------------------------------------------------

@@ -11,7 +11,16 @@
 //! target/release/examples/history_bench --durability fsync --publishers 16 --seconds 10
 //! target/release/examples/history_bench --durability none --publishers 16 --seconds 10
 //! target/release/examples/history_bench --replay 200000
+//! target/release/examples/history_bench --shards 1 --publishers 0 --scan-stall 4 --seconds 10
 //! ```
+//!
+//! `--scan-stall N` measures what history reads that match little cost
+//! the rest of their shard: with `--replay` messages (default 100,000)
+//! retained in one org, a subscriber of another org on the same shard
+//! takes a message every 10 ms for `--seconds`, first alone, then while
+//! N clients poll the first org over and over with 256 channels that
+//! match nothing (each poll looks at every retained message); it prints
+//! publish→receive latency for both and the polls answered per second.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -32,6 +41,7 @@ struct Options {
     payload: usize,
     orgs: usize,
     replay: usize,
+    scan_stall: usize,
 }
 
 fn parse_options() -> Options {
@@ -46,6 +56,7 @@ fn parse_options() -> Options {
         payload: 200,
         orgs: 8,
         replay: 0,
+        scan_stall: 0,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -62,6 +73,7 @@ fn parse_options() -> Options {
             "--payload" => options.payload = value.parse().expect("--payload BYTES"),
             "--orgs" => options.orgs = value.parse().expect("--orgs N"),
             "--replay" => options.replay = value.parse().expect("--replay N"),
+            "--scan-stall" => options.scan_stall = value.parse().expect("--scan-stall N"),
             other => panic!("unknown option {other}"),
         }
         i += 2;
@@ -332,12 +344,13 @@ fn publish_phase(options: &Options, server: &Server) {
     );
 }
 
-fn replay_phase(options: &Options, server: &Server, key: &str) {
+/// Publishes `total` events to the org `replay`, 1,000 per request.
+fn fill_replay_org(options: &Options, server: &Server, total: usize) {
     let payload = "x".repeat(options.payload);
     let mut http = Http::connect(server.admin);
     let mut n = 0u64;
-    while (n as usize) < options.replay {
-        let count = (options.replay - n as usize).min(1000);
+    while (n as usize) < total {
+        let count = (total - n as usize).min(1000);
         let items: Vec<String> = (0..count as u64)
             .map(|i| message("replay", n + i, &payload))
             .collect();
@@ -350,6 +363,10 @@ fn replay_phase(options: &Options, server: &Server, key: &str) {
         assert_eq!(status, 202);
         n += count as u64;
     }
+}
+
+fn replay_phase(options: &Options, server: &Server, key: &str) {
+    fill_replay_org(options, server, options.replay);
     let total = options.replay;
 
     // WebSocket: subscribe with after=0 and read until the last message.
@@ -420,6 +437,144 @@ fn replay_phase(options: &Options, server: &Server, key: &str) {
     );
 }
 
+/// A key for `org`, created with the running server's data directory (the
+/// server takes it up within its 0.5 s key reload).
+fn create_key(options: &Options, org: &str) -> String {
+    let output = Command::new(&options.binary)
+        .args([
+            "api-keys",
+            "create",
+            "--name",
+            "bench",
+            "--org",
+            org,
+            "--data-dir",
+        ])
+        .arg(&options.dir)
+        .output()
+        .expect("run api-keys create");
+    assert!(output.status.success(), "api-keys create");
+    let key = String::from_utf8(output.stdout).unwrap().trim().to_string();
+    std::thread::sleep(Duration::from_millis(1500));
+    key
+}
+
+/// Publish→receive latencies of an `issues` subscriber of the org `quiet`
+/// taking one message every 10 ms for `seconds`.
+fn quiet_latencies(server: &Server, quiet_key: &str, seconds: u64, round: u64) -> Vec<Duration> {
+    let stream = TcpStream::connect(server.ws).unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (mut ws, _) = tungstenite::client(
+        format!("ws://{}/v1/ws?token={quiet_key}", server.ws),
+        stream,
+    )
+    .expect("upgrade");
+    let _welcome = ws.read().unwrap();
+    ws.send(tungstenite::Message::text(
+        r#"{"type":"subscribe","channel":"issues"}"#,
+    ))
+    .unwrap();
+    let _subscribed = ws.read().unwrap();
+    let (tx, rx) = mpsc::channel::<(u64, Instant)>();
+    let count = seconds * 100;
+    let reader = std::thread::spawn(move || {
+        let mut taken = 0;
+        while taken < count {
+            let Ok(tungstenite::Message::Text(text)) = ws.read() else {
+                break;
+            };
+            let Some(at) = text.as_str().find("\"id\":\"q") else {
+                continue;
+            };
+            let n: u64 = text.as_str()[at + 7..]
+                .split('"')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let _ = tx.send((n, Instant::now()));
+            taken += 1;
+        }
+    });
+    let mut http = Http::connect(server.admin);
+    let mut sent = Vec::new();
+    let start = Instant::now();
+    for n in 0..count {
+        let due = start + Duration::from_millis(10 * n);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let body = format!(
+            r#"{{"org_id":"quiet","type":"issue","data":{{"id":"q{}"}}}}"#,
+            round * 1_000_000 + n
+        );
+        sent.push(Instant::now());
+        let (status, _) = http.request("POST", "/v1/publish", Some(&server.token), body.as_bytes());
+        assert_eq!(status, 202);
+    }
+    reader.join().unwrap();
+    let mut latencies: Vec<Duration> = rx
+        .try_iter()
+        .map(|(n, at)| at - sent[(n - round * 1_000_000) as usize])
+        .collect();
+    assert_eq!(latencies.len() as u64, count, "every message arrived");
+    latencies.sort();
+    latencies
+}
+
+fn scan_stall_phase(options: &Options, server: &Server, key: &str) {
+    let retained = options.replay.max(100_000);
+    fill_replay_org(options, server, retained);
+    let quiet_key = create_key(options, "quiet");
+    let channels: Vec<String> = (0..256).map(|i| format!("events:n{i}")).collect();
+    let path = format!(
+        "/v1/poll?channels={}&after=0&limit=100&token={key}",
+        channels.join(",")
+    );
+    let report = |label: &str, latencies: &[Duration], polls: Option<f64>| {
+        println!(
+            "{label}: quiet org's subscriber p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms{}",
+            percentile(latencies, 0.50).as_secs_f64() * 1e3,
+            percentile(latencies, 0.99).as_secs_f64() * 1e3,
+            latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+            polls.map_or(String::new(), |p| format!("; {p:.0} polls/s answered"))
+        );
+    };
+    println!(
+        "scan stall: {retained} messages retained in one org, shards={}, {} polling clients with 256 channels matching nothing",
+        options.shards, options.scan_stall
+    );
+    let alone = quiet_latencies(server, &quiet_key, options.seconds, 0);
+    report("  alone", &alone, None);
+    let stop = Arc::new(AtomicBool::new(false));
+    let pollers: Vec<_> = (0..options.scan_stall)
+        .map(|_| {
+            let stop = stop.clone();
+            let path = path.clone();
+            let addr = server.ws;
+            std::thread::spawn(move || {
+                let mut http = Http::connect(addr);
+                let mut polls = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let (status, _) = http.request("GET", &path, None, b"");
+                    assert_eq!(status, 200);
+                    polls += 1;
+                }
+                polls
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let loaded = quiet_latencies(server, &quiet_key, options.seconds, 1);
+    stop.store(true, Ordering::Relaxed);
+    let polls: u64 = pollers.into_iter().map(|t| t.join().unwrap()).sum();
+    report(
+        "  while polled",
+        &loaded,
+        Some(polls as f64 / started.elapsed().as_secs_f64()),
+    );
+}
+
 fn main() {
     let options = parse_options();
     assert!(
@@ -430,7 +585,9 @@ fn main() {
     if options.seconds > 0 && options.publishers > 0 {
         publish_phase(&options, &server);
     }
-    if options.replay > 0 {
+    if options.scan_stall > 0 {
+        scan_stall_phase(&options, &server, &key);
+    } else if options.replay > 0 {
         replay_phase(&options, &server, &key);
     }
     drop(server);

@@ -399,13 +399,6 @@ fn no_stream(error: &jetstream::context::GetStreamError) -> bool {
     )
 }
 
-/// True when a message of `message` goes to one of `channels`.
-fn wanted(message: &Message, channels: &[String]) -> bool {
-    channels.iter().any(|channel| {
-        crate::message::channel_matches(channel, message.kind, message.route_id.as_deref())
-    })
-}
-
 impl Bridge {
     /// Starts the `nats` thread and its runtime and begins connecting to
     /// `urls`. Returns at once: a NATS server that is not reachable yet is
@@ -1057,6 +1050,7 @@ impl Bridge {
         if !self.connected() {
             return Err("not connected to NATS".to_string());
         }
+        let filter = channels.map(crate::message::ChannelFilter::new);
         let stream = match self.js.get_stream(stream_name(org)).await {
             Ok(stream) => stream,
             Err(e) if no_stream(&e) => {
@@ -1104,7 +1098,11 @@ impl Bridge {
                     }
                     scanned += 1;
                     let seq = arrival.seq;
-                    if channels.is_none_or(|c| wanted(&arrival.message, c)) {
+                    let message = &arrival.message;
+                    if filter
+                        .as_ref()
+                        .is_none_or(|f| f.matches(message.kind, message.route_id.as_deref()))
+                    {
                         bytes += arrival.message.data.len();
                         read.messages.push(arrival);
                         if read.messages.len() >= limit || bytes >= bytes_max {

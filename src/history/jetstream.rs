@@ -21,7 +21,7 @@ use std::time::Duration;
 use super::log::{Appending, Log, LogCounters};
 use super::{Retained, READ_BYTES_MAX};
 use crate::cluster::{Arrival, Bridge};
-use crate::message::channel_matches;
+use crate::message::ChannelFilter;
 
 /// Newest messages kept in memory per followed org.
 const TAIL_MESSAGES: usize = 512;
@@ -52,12 +52,6 @@ pub struct JetStreamLog {
     messages_max: u64,
     orgs: RefCell<HashMap<String, OrgState>>,
     counters: Cell<LogCounters>,
-}
-
-fn matches(item: &Retained, channels: &[String]) -> bool {
-    channels
-        .iter()
-        .any(|c| channel_matches(c, item.kind, item.route.as_deref()))
 }
 
 fn retained(arrival: &Arrival) -> Retained {
@@ -150,10 +144,14 @@ impl JetStreamLog {
         if after + 1 < first {
             return None;
         }
+        let filter = ChannelFilter::new(channels);
         let mut out = Vec::new();
         let mut bytes = 0;
         for (item, _) in &state.tail {
-            if item.seq <= after || item.seq > upto || !matches(item, channels) {
+            if item.seq <= after
+                || item.seq > upto
+                || !filter.matches(item.kind, item.route.as_deref())
+            {
                 continue;
             }
             bytes += item.data.len();

@@ -4,7 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::{channel_matches, History, Log, Retained};
+use super::{History, Log, Retained};
+use crate::message::ChannelFilter;
 use crate::message::MessageKind;
 
 /// Which messages a query wants.
@@ -72,16 +73,14 @@ pub struct Answer {
 /// yet). Returns the envelopes and the seq of the last message taken, or
 /// `None` when every message was taken.
 fn expand(items: &[Retained], channels: &[String], limit: usize) -> (Vec<Envelope>, Option<u64>) {
+    let filter = ChannelFilter::new(channels);
     let mut out = Vec::new();
     for (i, item) in items.iter().enumerate() {
-        let matching: Vec<&String> = channels
-            .iter()
-            .filter(|c| channel_matches(c, item.kind, item.route.as_deref()))
-            .collect();
+        let matching = filter.matching(item.kind, item.route.as_deref());
         if !out.is_empty() && out.len() + matching.len() > limit {
             return (out, Some(items[i - 1].seq));
         }
-        for channel in matching {
+        for channel in matching.iter().filter_map(|&at| channels.get(at as usize)) {
             out.push(Envelope {
                 seq: item.seq,
                 kind: item.kind,

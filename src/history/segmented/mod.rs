@@ -34,9 +34,13 @@ use self::commit::{commit, Numbered};
 use self::files::{load_org, read_span, Span};
 use self::org::{org_dir_name, org_of_dir_name, IndexEntry, OrgLog};
 use super::log::{Appending, Log, LogCounters};
-use super::{channel_matches, now_ms, record, HistoryConfig, Retained, READ_BYTES_MAX};
+use super::{now_ms, record, HistoryConfig, Retained, READ_BYTES_MAX};
+use crate::message::ChannelFilter;
 use crate::placement::shard_for;
 
+/// Index entries a history read looks at between chances for the shard's
+/// other work to run (when the read has had its time slice).
+const SCAN_STEP: usize = 4096;
 /// Largest single read of a segment when serving history.
 const READ_CHUNK_BYTES: usize = 4 << 20;
 /// An org's open segment is closed after this long without a write, so
@@ -250,8 +254,7 @@ impl Log for SegmentedLog {
         upto: u64,
         channels: &[String],
     ) -> Option<Vec<Retained>> {
-        let filter =
-            |kind, route: Option<&str>| channels.iter().any(|c| channel_matches(c, kind, route));
+        let filter = ChannelFilter::new(channels);
         let orgs = self.orgs.borrow();
         let Some(org) = orgs.get(org_id) else {
             return Some(Vec::new());
@@ -264,7 +267,7 @@ impl Log for SegmentedLog {
             if entry.seq > upto {
                 break;
             }
-            if filter(entry.kind, entry.route.as_deref()) {
+            if filter.matches(entry.kind, entry.route.as_deref()) {
                 items.push(Retained {
                     seq: entry.seq,
                     kind: entry.kind,
@@ -288,19 +291,32 @@ impl Log for SegmentedLog {
         limit: usize,
         channels: &[String],
     ) -> (Vec<Retained>, u64) {
-        let filter =
-            |kind, route: Option<&str>| channels.iter().any(|c| channel_matches(c, kind, route));
+        let filter = ChannelFilter::new(channels);
         let mut selected = Vec::new();
         let mut scanned = upto.max(after);
         let mut bytes = 0usize;
-        {
-            let orgs = self.orgs.borrow();
-            if let Some(org) = orgs.get(org_id) {
-                for entry in org.entries.range(org.first_after(after)..) {
+        // Looked at SCAN_STEP entries at a time, letting the shard's other
+        // work run in between when this read has had its share: with few
+        // matches a read may look at every retained entry.
+        let mut from = after;
+        loop {
+            let mut more = false;
+            {
+                let orgs = self.orgs.borrow();
+                let Some(org) = orgs.get(org_id) else {
+                    break;
+                };
+                let entries = org.entries.range(org.first_after(from)..);
+                for (looked, entry) in entries.enumerate() {
                     if entry.seq > upto {
                         break;
                     }
-                    if filter(entry.kind, entry.route.as_deref()) {
+                    if looked == SCAN_STEP {
+                        more = true;
+                        break;
+                    }
+                    from = entry.seq;
+                    if filter.matches(entry.kind, entry.route.as_deref()) {
                         let full = selected.len() == limit
                             || (!selected.is_empty()
                                 && bytes + entry.len as usize > READ_BYTES_MAX);
@@ -313,6 +329,10 @@ impl Log for SegmentedLog {
                     }
                 }
             }
+            if !more {
+                break;
+            }
+            glommio::yield_if_needed().await;
         }
         (self.load(org_id, selected).await, scanned)
     }
@@ -327,20 +347,30 @@ impl Log for SegmentedLog {
         limit: usize,
         channels: &[String],
     ) -> (Vec<Retained>, bool) {
-        let filter =
-            |kind, route: Option<&str>| channels.iter().any(|c| channel_matches(c, kind, route));
+        let filter = ChannelFilter::new(channels);
         let mut selected = Vec::new();
         let mut has_more = false;
-        {
-            let orgs = self.orgs.borrow();
-            if let Some(org) = orgs.get(org_id) {
-                let end = match before {
-                    Some(before) => org.entries.partition_point(|e| e.seq < before),
+        let mut bytes = 0usize;
+        // SCAN_STEP entries at a time, as in `read_forward`.
+        let mut below = before;
+        loop {
+            let mut more = false;
+            {
+                let orgs = self.orgs.borrow();
+                let Some(org) = orgs.get(org_id) else {
+                    break;
+                };
+                let end = match below {
+                    Some(below) => org.entries.partition_point(|e| e.seq < below),
                     None => org.entries.len(),
                 };
-                let mut bytes = 0usize;
-                for entry in org.entries.range(..end).rev() {
-                    if filter(entry.kind, entry.route.as_deref()) {
+                for (looked, entry) in org.entries.range(..end).rev().enumerate() {
+                    if looked == SCAN_STEP {
+                        more = true;
+                        break;
+                    }
+                    below = Some(entry.seq);
+                    if filter.matches(entry.kind, entry.route.as_deref()) {
                         let full = selected.len() == limit
                             || (!selected.is_empty()
                                 && bytes + entry.len as usize > READ_BYTES_MAX);
@@ -353,6 +383,10 @@ impl Log for SegmentedLog {
                     }
                 }
             }
+            if !more {
+                break;
+            }
+            glommio::yield_if_needed().await;
         }
         let mut items = self
             .load(org_id, selected.iter().rev().cloned().collect())
