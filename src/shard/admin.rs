@@ -346,9 +346,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         }
         if request.method == "HEAD" {
             // The GET answer's head (its Content-Length included), no body.
-            if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
-                out.truncate(end + 4);
-            }
+            http::strip_body(&mut out);
         }
         closing |= shard.handover.closing_admin();
         if closing {

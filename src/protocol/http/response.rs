@@ -34,7 +34,23 @@ pub fn write_error(out: &mut Vec<u8>, status: u16, extra_headers: &[(&str, &str)
 /// request would start is unknown, and PROTOCOL.md §6 closes after 431).
 pub fn write_http_error(out: &mut Vec<u8>, error: HttpError) {
     let closing: &[(&str, &str)] = &[("Connection", "close")];
+    let start = out.len();
     write_error_parts(out, error.status(), &[error.required_headers(), closing]);
+    if error == HttpError::HeadNotAllowed {
+        let mut answer = out.split_off(start);
+        strip_body(&mut answer);
+        out.extend_from_slice(&answer);
+    }
+}
+
+/// Cuts the complete answer at the start of `out` down to its head (its
+/// `Content-Length` kept): the answer to a `HEAD` request, which never
+/// has a body (RFC 9110 §9.3.2); body bytes would be read as the start of
+/// the next answer on a kept-alive connection.
+pub fn strip_body(out: &mut Vec<u8>) {
+    if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+        out.truncate(end + 4);
+    }
 }
 
 /// Adds `Connection: close` to the complete answer at the start of `out`
