@@ -790,3 +790,62 @@ fn head_refusals_on_the_public_listener_have_no_body() {
         "HEAD /v1/ws has a body: {answer:?}"
     );
 }
+
+/// RFC 9110 §11.6.1: a 401 carries a `WWW-Authenticate` challenge. Every
+/// 401 of both listeners names the scheme it takes, `Bearer`, once — on
+/// the WebSocket upgrade, the history routes and sessions as on the admin
+/// listener's publish and metrics.
+#[test]
+fn every_401_carries_a_bearer_challenge() {
+    let server = Server::start(&["org_w"]);
+    let public = server.ws_addr;
+    let admin = server.admin_addr;
+    let cases: Vec<(&str, SocketAddr, String)> = vec![
+        (
+            "upgrade without credentials",
+            public,
+            upgrade_request(public, "/v1/ws", &[]),
+        ),
+        (
+            "upgrade with a wrong key",
+            public,
+            upgrade_request(public, "/v1/ws?token=hsk_wrong", &[]),
+        ),
+        (
+            "poll without credentials",
+            public,
+            "GET /v1/poll?channels=events HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n".into(),
+        ),
+        (
+            "list with a wrong bearer",
+            public,
+            "GET /v1/events HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer hsk_wrong\r\nConnection: close\r\n\r\n".into(),
+        ),
+        (
+            "sign-in without a key",
+            public,
+            "POST /v1/sessions HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(),
+        ),
+        (
+            "publish without a token",
+            admin,
+            "POST /v1/publish HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n{}".into(),
+        ),
+        (
+            "metrics with a wrong token",
+            admin,
+            "GET /metrics HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer wrong\r\n\r\n".into(),
+        ),
+    ];
+    for (what, addr, request) in cases {
+        let response = http_raw(addr, request.as_bytes());
+        assert_json_error(&response, 401, "unauthorized", what);
+        let challenges: Vec<&str> = response
+            .headers
+            .iter()
+            .filter(|(name, _)| name.eq_ignore_ascii_case("www-authenticate"))
+            .map(|(_, value)| value.as_str())
+            .collect();
+        assert_eq!(challenges, ["Bearer"], "{what}: {:?}", response.headers);
+    }
+}
