@@ -355,7 +355,21 @@ fn publish(args: PublishArgs) -> Result<(), String> {
         .header("Authorization", &format!("Bearer {token}"))
         .content_type("application/json")
         .send(&body)
-        .map_err(|e| format!("cannot reach the admin listener at {base}: {e}"))?;
+        .map_err(|e| {
+            let error = e.to_string();
+            // What `openssl req -x509` makes by default: a self-signed
+            // certificate marked as a CA, which no TLS client accepts as a
+            // server's own (RFC 5280 §4.2.1.9).
+            let hint = if error.contains("CaUsedAsEndEntity") {
+                "; the server's certificate is a CA certificate (basicConstraints CA:TRUE, \
+                 what `openssl req -x509` makes unless told otherwise): make a self-signed \
+                 one with `-addext basicConstraints=critical,CA:FALSE`, or sign the server's \
+                 certificate with that CA"
+            } else {
+                ""
+            };
+            format!("cannot reach the admin listener at {base}: {error}{hint}")
+        })?;
     let status = response.status();
     let answer = response
         .body_mut()

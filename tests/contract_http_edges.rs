@@ -717,3 +717,135 @@ fn readyz_while_draining_is_an_error_answer_like_the_others() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Sends `HEAD path` and then `GET /healthz` on one kept-alive connection;
+/// returns the HEAD answer's head and every byte that came after it up to
+/// the close, which must be exactly the `GET`'s answer.
+fn head_then_healthz(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut stream = tcp_connect(addr);
+    write!(
+        stream,
+        "HEAD {path} HTTP/1.1\r\nHost: h\r\n\r\nGET /healthz HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let answer = String::from_utf8_lossy(&read_to_close(&mut stream)).into_owned();
+    let (head, rest) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("HEAD {path}: no complete answer head: {answer:?}"));
+    (head.to_string(), rest.to_string())
+}
+
+/// RFC 9110 §9.3.2: the answer to a HEAD never has a body, whatever its
+/// status — a client reads none, so body bytes would be taken for the
+/// start of the next answer on a kept-alive connection (Node's http client
+/// fails with a parse error). No public route but the probes serves HEAD:
+/// each answers it as it answers any method it does not take (405 with
+/// `Allow`, or 404), head only.
+#[test]
+fn head_refusals_on_the_public_listener_have_no_body() {
+    let server = Server::start(&["org_h"]);
+    let key = server.key("org_h").to_string();
+    let cases = [
+        ("/".to_string(), 405, Some("GET")),
+        ("/v1/client.js".to_string(), 405, Some("GET")),
+        (format!("/v1/events?token={key}"), 405, Some("GET, OPTIONS")),
+        (
+            "/v1/poll?channels=events".to_string(),
+            405,
+            Some("GET, OPTIONS"),
+        ),
+        (
+            "/v1/collections/col_1/sync".to_string(),
+            405,
+            Some("GET, OPTIONS"),
+        ),
+        ("/v1/sessions".to_string(), 405, Some("GET, POST, DELETE")),
+        ("/nowhere".to_string(), 404, None),
+    ];
+    for (path, status, allow) in cases {
+        let (head, rest) = head_then_healthz(server.ws_addr, &path);
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status} ")),
+            "HEAD {path}: {head}"
+        );
+        let allow_line = head.lines().find_map(|line| line.strip_prefix("Allow: "));
+        assert_eq!(allow_line, allow, "HEAD {path}: {head}");
+        assert!(
+            rest.starts_with("HTTP/1.1 200 OK\r\n") && rest.ends_with("{\"status\":\"ok\"}"),
+            "HEAD {path}: the answer after the HEAD's head must be the next request's, got {rest:?}"
+        );
+    }
+    // The upgrade path refuses HEAD and closes: still no body.
+    let answer = raw_until_close(
+        server.ws_addr,
+        format!("HEAD /v1/ws?token={key} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes(),
+    );
+    assert!(answer.starts_with("HTTP/1.1 405 "), "HEAD /v1/ws: {answer}");
+    assert!(
+        answer.contains("\r\nAllow: GET\r\n"),
+        "HEAD /v1/ws: {answer}"
+    );
+    assert!(
+        answer.ends_with("\r\n\r\n"),
+        "HEAD /v1/ws has a body: {answer:?}"
+    );
+}
+
+/// RFC 9110 §11.6.1: a 401 carries a `WWW-Authenticate` challenge. Every
+/// 401 of both listeners names the scheme it takes, `Bearer`, once — on
+/// the WebSocket upgrade, the history routes and sessions as on the admin
+/// listener's publish and metrics.
+#[test]
+fn every_401_carries_a_bearer_challenge() {
+    let server = Server::start(&["org_w"]);
+    let public = server.ws_addr;
+    let admin = server.admin_addr;
+    let cases: Vec<(&str, SocketAddr, String)> = vec![
+        (
+            "upgrade without credentials",
+            public,
+            upgrade_request(public, "/v1/ws", &[]),
+        ),
+        (
+            "upgrade with a wrong key",
+            public,
+            upgrade_request(public, "/v1/ws?token=hsk_wrong", &[]),
+        ),
+        (
+            "poll without credentials",
+            public,
+            "GET /v1/poll?channels=events HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n".into(),
+        ),
+        (
+            "list with a wrong bearer",
+            public,
+            "GET /v1/events HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer hsk_wrong\r\nConnection: close\r\n\r\n".into(),
+        ),
+        (
+            "sign-in without a key",
+            public,
+            "POST /v1/sessions HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(),
+        ),
+        (
+            "publish without a token",
+            admin,
+            "POST /v1/publish HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n{}".into(),
+        ),
+        (
+            "metrics with a wrong token",
+            admin,
+            "GET /metrics HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer wrong\r\n\r\n".into(),
+        ),
+    ];
+    for (what, addr, request) in cases {
+        let response = http_raw(addr, request.as_bytes());
+        assert_json_error(&response, 401, "unauthorized", what);
+        let challenges: Vec<&str> = response
+            .headers
+            .iter()
+            .filter(|(name, _)| name.eq_ignore_ascii_case("www-authenticate"))
+            .map(|(_, value)| value.as_str())
+            .collect();
+        assert_eq!(challenges, ["Bearer"], "{what}: {:?}", response.headers);
+    }
+}

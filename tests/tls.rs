@@ -1448,3 +1448,79 @@ fn expect_big_then_small(ws: &mut Wss, big: u64, small: u64) {
     assert_eq!(got["data"]["pad"].as_str().map(str::len), Some(100_000));
     assert_eq!(next_json(ws)["seq"].as_u64(), Some(small));
 }
+
+/// A self-signed P-256 pair for localhost and 127.0.0.1 made with openssl
+/// in `dir` as `<name>.crt`/`<name>.key`, with `extra` `-addext` values.
+fn openssl_self_signed(dir: &Path, name: &str, extra: &[&str]) -> Pair {
+    let cert = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    let mut command = Command::new("openssl");
+    command.args([
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=DNS:localhost,IP:127.0.0.1",
+    ]);
+    for value in extra {
+        command.args(["-addext", value]);
+    }
+    let status = command
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(status.success());
+    Pair {
+        cert,
+        key,
+        der: Vec::new(),
+    }
+}
+
+/// `--ca` with the server's own self-signed certificate (PROTOCOL.md §1):
+/// the README's openssl command makes one `hookstream publish` trusts. One
+/// made by plain `openssl req -x509` is marked a CA (basicConstraints
+/// CA:TRUE), which a TLS client must not accept as the server's own
+/// certificate; the one line then says how to make one that works.
+#[test]
+fn publish_command_trusts_the_readme_self_signed_certificate() {
+    let dir = TestDir::new();
+    for (name, extra, works) in [
+        ("readme", &["basicConstraints=critical,CA:FALSE"][..], true),
+        ("plain", &[][..], false),
+    ] {
+        let pair = openssl_self_signed(dir.path(), name, extra);
+        let server = tls_server(&pair, &["org_a"], &[("--admin-tls", "true")]);
+        let admin = server.admin_addr.to_string();
+        let ca = pair.cert.to_str().unwrap();
+        let (ok, stdout, stderr) = publish_cli(
+            &server,
+            &["--admin-listen", &admin, "--admin-tls", "--ca", ca],
+            &[],
+        );
+        assert_eq!(ok, works, "{name}: {stdout} {stderr}");
+        if works {
+            assert!(stdout.contains("\"accepted\":1"), "{name}: {stdout}");
+        } else {
+            assert_eq!(stdout, "", "{name}: nothing was answered");
+            assert_eq!(stderr.lines().count(), 1, "{name}: {stderr}");
+            assert!(
+                stderr.contains("cannot reach the admin listener at https://")
+                    && stderr.contains("basicConstraints=critical,CA:FALSE"),
+                "{name}: {stderr}"
+            );
+        }
+    }
+}

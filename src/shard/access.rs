@@ -376,6 +376,9 @@ pub fn authenticate_request(shard: &Shard, request: &Request) -> Result<Principa
     )
 }
 
+/// The methods `/v1/sessions` takes (its 405s' `Allow`).
+pub const SESSIONS_ALLOW: &str = "GET, POST, DELETE";
+
 /// `POST /v1/sessions` (with a key as bearer token) sets the session
 /// cookie; `DELETE /v1/sessions` clears it; `GET /v1/sessions` says who the
 /// credentials of the request (any kind, by the rules of
@@ -516,7 +519,7 @@ pub async fn sessions_route(shard: &Shard, request: &Request, stream: &mut TcpSt
             }
             respond(stream, 204, "", &[("Set-Cookie", &clear), NO_STORE], b"").await
         }
-        _ => respond_error(stream, 405, &[("Allow", "GET, POST, DELETE")]).await,
+        _ => respond_error(stream, 405, &[("Allow", SESSIONS_ALLOW)]).await,
     }
 }
 

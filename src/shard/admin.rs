@@ -346,9 +346,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         }
         if request.method == "HEAD" {
             // The GET answer's head (its Content-Length included), no body.
-            if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
-                out.truncate(end + 4);
-            }
+            http::strip_body(&mut out);
         }
         closing |= shard.handover.closing_admin();
         if closing {
@@ -432,9 +430,7 @@ async fn respond(shard: &Shard, request: &Request, body: &[u8], out: &mut Vec<u8
         (_, "/metrics") if request.method != "GET" => {
             http::write_error(out, 405, &[("Allow", "GET")])
         }
-        (_, "/metrics" | "/v1/publish") if !request.authorized => {
-            http::write_error(out, 401, &[("WWW-Authenticate", "Bearer")])
-        }
+        (_, "/metrics" | "/v1/publish") if !request.authorized => http::write_error(out, 401, &[]),
         ("GET", "/metrics") => {
             shard.sync_metrics();
             let text = crate::metrics::render(&shard.all_metrics);

@@ -38,31 +38,41 @@ const SSE_KEEPALIVE_MS: u64 = 15_000;
 const JSON: &str = "application/json";
 
 /// On every answer of these routes (see the module comment).
-const CORS_ORIGIN: (&str, &str) = ("Access-Control-Allow-Origin", "*");
+pub const CORS_ORIGIN: (&str, &str) = ("Access-Control-Allow-Origin", "*");
+/// The methods these routes take (their 405s' `Allow`).
+pub const ALLOW: &str = "GET, OPTIONS";
 /// How long a browser may cache the preflight (Chromium caps it at 7200).
 const CORS_MAX_AGE_SECS: &str = "7200";
+
+/// The route `path` names: `Some(None)` for `/v1/poll` and `/v1/sse`, the
+/// list's resource for the others, `None` when it is no history route.
+fn route_of(path: &str) -> Option<Option<Resource>> {
+    match path {
+        "/v1/poll" | "/v1/sse" => Some(None),
+        "/v1/events" => Some(Some(Resource::Events)),
+        "/v1/deliveries" => Some(Some(Resource::Deliveries)),
+        "/v1/issues" => Some(Some(Resource::Issues)),
+        _ => path
+            .strip_prefix("/v1/collections/")
+            .and_then(|rest| rest.strip_suffix("/sync"))
+            .map(|id| Some(Resource::Sync(id.to_string()))),
+    }
+}
+
+/// Whether `path` is a history route (whatever its method).
+pub fn is_route(path: &str) -> bool {
+    route_of(path).is_some()
+}
 
 /// Serves the request when its path is a history route; `None` otherwise.
 pub async fn handle(shard: &Rc<Shard>, request: &Request, stream: &mut TcpStream) -> Option<After> {
     let path = request.path.as_str();
-    let resource = match path {
-        "/v1/poll" | "/v1/sse" => None,
-        "/v1/events" => Some(Resource::Events),
-        "/v1/deliveries" => Some(Resource::Deliveries),
-        "/v1/issues" => Some(Resource::Issues),
-        _ => match path
-            .strip_prefix("/v1/collections/")
-            .and_then(|rest| rest.strip_suffix("/sync"))
-        {
-            Some(id) => Some(Resource::Sync(id.to_string())),
-            None => return None,
-        },
-    };
+    let resource = route_of(path)?;
     if request.method == "OPTIONS" {
         return Some(preflight(stream).await);
     }
     if request.method != "GET" {
-        return Some(respond_error(stream, 405, &[("Allow", "GET, OPTIONS"), CORS_ORIGIN]).await);
+        return Some(respond_error(stream, 405, &[("Allow", ALLOW), CORS_ORIGIN]).await);
     }
     let principal = match super::access::authenticate_request(shard, request) {
         Ok(principal) => principal,

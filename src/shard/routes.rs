@@ -271,9 +271,7 @@ async fn dispatch(shard: &Rc<Shard>, request: &Request, stream: &mut TcpStream) 
         // The same probes as on the admin listener, without a token: a load
         // balancer in front of the public port checks them there.
         if request.method == "HEAD" {
-            if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
-                out.truncate(end + 4);
-            }
+            http::strip_body(&mut out);
         }
         if request.close {
             http::mark_closing(&mut out);
@@ -283,6 +281,9 @@ async fn dispatch(shard: &Rc<Shard>, request: &Request, stream: &mut TcpStream) 
             Err(_) => After::Close,
         };
     }
+    if request.method == "HEAD" {
+        return refuse_head(request, stream).await;
+    }
     match request.path.as_str() {
         "/v1/sessions" => super::access::sessions_route(shard, request, stream).await,
         path if super::web::is_asset_path(path) => super::web::serve(request, stream).await,
@@ -290,5 +291,34 @@ async fn dispatch(shard: &Rc<Shard>, request: &Request, stream: &mut TcpStream) 
             Some(after) => after,
             None => respond_error(stream, 404, &[]).await,
         },
+    }
+}
+
+/// The answer to a `HEAD` of any public path but the probes: no other
+/// route serves HEAD, so it is the refusal that route gives any method it
+/// does not take (405 with its `Allow`, or 404 for no route), without the
+/// body (RFC 9110 §9.3.2: a client reads none, so on a kept-alive
+/// connection it would be taken for the start of the next answer).
+async fn refuse_head(request: &Request, stream: &mut TcpStream) -> After {
+    let path = request.path.as_str();
+    let mut out = Vec::with_capacity(256);
+    if path == "/v1/sessions" {
+        http::write_error(&mut out, 405, &[("Allow", super::access::SESSIONS_ALLOW)]);
+    } else if super::web::is_asset_path(path) {
+        http::write_error(&mut out, 405, &[("Allow", super::web::ALLOW)]);
+    } else if super::history_routes::is_route(path) {
+        let cors = super::history_routes::CORS_ORIGIN;
+        http::write_error(
+            &mut out,
+            405,
+            &[("Allow", super::history_routes::ALLOW), cors],
+        );
+    } else {
+        http::write_error(&mut out, 404, &[]);
+    }
+    http::strip_body(&mut out);
+    match stream.write_all(&out).await {
+        Ok(()) => After::KeepAlive,
+        Err(_) => After::Close,
     }
 }

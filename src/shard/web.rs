@@ -62,6 +62,9 @@ const ASSETS: &[Asset] = &[
     },
 ];
 
+/// The methods the files are served to (their 405s' `Allow`).
+pub const ALLOW: &str = "GET";
+
 /// The paths served here, for the router.
 pub fn is_asset_path(path: &str) -> bool {
     ASSETS.iter().any(|asset| asset.path == path)
@@ -80,7 +83,7 @@ pub async fn serve(request: &Request, stream: &mut TcpStream) -> After {
         return respond_error(stream, 404, &[]).await;
     };
     if request.method != "GET" {
-        return respond_error(stream, 405, &[("Allow", "GET")]).await;
+        return respond_error(stream, 405, &[("Allow", ALLOW)]).await;
     }
     // Revalidated on every load (cheap: a few tens of KiB on loopback or a
     // LAN), so an upgraded server never runs against a cached older page.

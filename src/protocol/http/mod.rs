@@ -72,6 +72,10 @@ pub enum HttpError {
     /// An upgrade request with a method other than GET.
     #[error("method not allowed, the WebSocket upgrade needs GET")]
     MethodNotAllowed,
+    /// A `HEAD` of the upgrade path: refused like any method but GET,
+    /// with an answer that has no body (RFC 9110 §9.3.2).
+    #[error("method not allowed, the WebSocket upgrade needs GET")]
+    HeadNotAllowed,
     /// An upgrade request whose `Upgrade` header lacks the token `websocket`.
     #[error("missing Upgrade: websocket")]
     NotAnUpgrade,
@@ -112,7 +116,7 @@ impl HttpError {
             HttpError::LengthRequired => 411,
             HttpError::BadContentLength => 400,
             HttpError::BodyTooLarge => 413,
-            HttpError::MethodNotAllowed => 405,
+            HttpError::MethodNotAllowed | HttpError::HeadNotAllowed => 405,
             HttpError::NotAnUpgrade => 400,
             HttpError::ConnectionNotUpgrade => 400,
             HttpError::BadWebSocketKey => 400,
@@ -128,7 +132,7 @@ impl HttpError {
     /// name the allowed method (RFC 9110 §15.5.6).
     pub fn required_headers(self) -> &'static [(&'static str, &'static str)] {
         match self {
-            HttpError::MethodNotAllowed => &[("Allow", "GET")],
+            HttpError::MethodNotAllowed | HttpError::HeadNotAllowed => &[("Allow", "GET")],
             _ => &[],
         }
     }

@@ -22,8 +22,9 @@ pub fn write_response(
 }
 
 /// Append an error response with the JSON body
-/// `{"error":"<error_code(status)>"}`. A 426 carries
-/// `Sec-WebSocket-Version: 13` by itself (RFC 6455 §4.4).
+/// `{"error":"<error_code(status)>"}`. A 401 carries
+/// `WWW-Authenticate: Bearer` and a 426 `Sec-WebSocket-Version: 13` by
+/// themselves (RFC 9110 §11.6.1, RFC 6455 §4.4).
 pub fn write_error(out: &mut Vec<u8>, status: u16, extra_headers: &[(&str, &str)]) {
     write_error_parts(out, status, &[extra_headers]);
 }
@@ -34,7 +35,23 @@ pub fn write_error(out: &mut Vec<u8>, status: u16, extra_headers: &[(&str, &str)
 /// request would start is unknown, and PROTOCOL.md §6 closes after 431).
 pub fn write_http_error(out: &mut Vec<u8>, error: HttpError) {
     let closing: &[(&str, &str)] = &[("Connection", "close")];
+    let start = out.len();
     write_error_parts(out, error.status(), &[error.required_headers(), closing]);
+    if error == HttpError::HeadNotAllowed {
+        let mut answer = out.split_off(start);
+        strip_body(&mut answer);
+        out.extend_from_slice(&answer);
+    }
+}
+
+/// Cuts the complete answer at the start of `out` down to its head (its
+/// `Content-Length` kept): the answer to a `HEAD` request, which never
+/// has a body (RFC 9110 §9.3.2); body bytes would be read as the start of
+/// the next answer on a kept-alive connection.
+pub fn strip_body(out: &mut Vec<u8>) {
+    if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+        out.truncate(end + 4);
+    }
 }
 
 /// Adds `Connection: close` to the complete answer at the start of `out`
@@ -68,10 +85,13 @@ pub(super) fn write_error_parts(out: &mut Vec<u8>, status: u16, header_lists: &[
         body[body_len..body_len + part.len()].copy_from_slice(part);
         body_len += part.len();
     }
-    // Headers the status itself calls for: the version a 426 asks for, and
+    // Headers the status itself calls for: the challenge of a 401 (RFC
+    // 9110 §11.6.1; every credential here is a bearer token: a key, the
+    // admin token, or a cookie holding one), the version a 426 asks for, and
     // when a rate-limited (429) client may retry (the per-address buckets
     // refill continuously: a second is plenty).
     let required: &[(&str, &str)] = match status {
+        401 => &[("WWW-Authenticate", "Bearer")],
         426 => &[("Sec-WebSocket-Version", WEBSOCKET_VERSION)],
         429 => &[("Retry-After", "1")],
         _ => &[],

@@ -108,6 +108,7 @@ fn every_error_has_a_client_or_version_status() {
         HttpError::BadContentLength,
         HttpError::BodyTooLarge,
         HttpError::MethodNotAllowed,
+        HttpError::HeadNotAllowed,
         HttpError::NotAnUpgrade,
         HttpError::ConnectionNotUpgrade,
         HttpError::BadWebSocketKey,

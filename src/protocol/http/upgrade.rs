@@ -37,7 +37,8 @@ pub const WEBSOCKET_VERSION: &str = "13";
 
 /// Check a parsed head against RFC 6455 §4.2.1 and extract the credentials.
 ///
-/// Order of checks: GET (else `MethodNotAllowed`, 405), `Host` present,
+/// Order of checks: GET (else `MethodNotAllowed`, or `HeadNotAllowed` for
+/// a HEAD, 405), `Host` present,
 /// no body, `Upgrade` lists `websocket`, `Connection` lists `upgrade` (both
 /// case-insensitive token lists, so `keep-alive, Upgrade` is fine),
 /// `Sec-WebSocket-Version` present (else `MissingWebSocketVersion`, 400)
@@ -47,6 +48,9 @@ pub const WEBSOCKET_VERSION: &str = "13";
 /// already guaranteed by [`parse_head`]. Allocates only when the token holds
 /// a percent-escape.
 pub fn validate_upgrade<'b>(head: &Head<'b, '_>) -> Result<Upgrade<'b>, HttpError> {
+    if head.method == "HEAD" {
+        return Err(HttpError::HeadNotAllowed);
+    }
     if head.method != "GET" {
         return Err(HttpError::MethodNotAllowed);
     }
