@@ -1586,13 +1586,25 @@ fn tls_connections_count_against_their_address_from_the_accept() {
                 .unwrap_or_else(|e| panic!("wss {n}: {e}"))
         })
         .collect();
+    // Nor do those upgraded by a later request of a kept-alive connection
+    // (served by the plaintext side, behind the terminator's pump).
+    for n in 0..10 {
+        let tcp = tcp_from(LOCAL, addr);
+        let mut tls = tls_over(config.clone(), tcp).expect("TLS handshake");
+        assert_eq!(https_get(&mut tls, "/healthz"), 200);
+        let url = format!("wss://localhost:{}/v1/ws?token={key}", addr.port());
+        let (mut ws, _) = tungstenite::client(url.as_str(), tls)
+            .unwrap_or_else(|e| panic!("later upgrade {n}: {e}"));
+        assert_eq!(next_json(&mut ws)["type"], "welcome");
+        sockets.push(ws);
+    }
     for ws in &mut sockets {
         send_json(ws, r#"{"type":"ping"}"#);
         assert_eq!(next_json(ws)["type"], "pong");
     }
 }
 
-/// `GET path` on a TLS admin connection that stays open (keep-alive); the
+/// `GET path` on a TLS connection that stays open (keep-alive); the
 /// status.
 fn https_get(stream: &mut TlsStream, path: &str) -> u16 {
     stream
