@@ -1512,8 +1512,8 @@ fn metric_with_reason(server: &Server, name: &str, reason: &str) -> u64 {
 
 /// `--http-connections-per-ip` counts a TLS connection from its accept,
 /// before the handshake, until it is a WebSocket (docs/PROTOCOL.md §6):
-/// idle connections and handshaken ones that send nothing hold their
-/// address's places (8 here); past them a connection is closed at once,
+/// idle connections, half ClientHellos and handshaken ones that send
+/// nothing hold their address's places (8 here); past them a connection is closed at once,
 /// unread; another address is served meanwhile; the server's open files
 /// stay bounded; places come back when their connections close; and wss
 /// connections do not count. TLS connections used to be counted only once
@@ -1534,7 +1534,13 @@ fn tls_connections_count_against_their_address_from_the_accept() {
     let config = ca.client_config(&[b"http/1.1"]);
     let baseline = open_fds(&server);
 
-    let idle: Vec<TcpStream> = (0..4).map(|_| tcp_from(LOCAL, addr)).collect();
+    // Two idle, two that sent the start of a ClientHello, four handshaken
+    // that send nothing.
+    let mut idle: Vec<TcpStream> = (0..4).map(|_| tcp_from(LOCAL, addr)).collect();
+    for tcp in &mut idle[2..] {
+        tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+            .unwrap();
+    }
     let silent: Vec<TlsStream> = (0..4)
         .map(|_| tls_over(config.clone(), tcp_from(LOCAL, addr)).expect("TLS handshake"))
         .collect();
@@ -1744,4 +1750,40 @@ fn a_refused_wss_upgrade_is_authenticated_once() {
     let (mut ws, _) = wss(&ca, &server, &format!("token={}", server.key("org_r")));
     send_json(&mut ws, r#"{"type":"ping"}"#);
     assert_eq!(next_json(&mut ws)["type"], "pong");
+}
+
+/// One address cannot fill a shard's 1,024 handshakes in flight: with the
+/// default 256 connections per address (one shard), 1,100 idle TCP
+/// connections from one address hold 256 places, the rest are closed at
+/// once, none is refused as `busy`, another address completes a wss
+/// handshake, and the server holds about 256 descriptors for them, not
+/// 1,100. (Before, those 1,100 held every handshake place for 10 s and
+/// the other address was closed at accept.)
+#[test]
+fn one_address_cannot_fill_the_handshakes_in_flight() {
+    let ca = Ca::new();
+    let pair = ca.leaf("a", 1);
+    let server = tls_server(&pair, &["org_p"], &[("--shards", "1")]);
+    let key = server.key("org_p").to_string();
+    let baseline = open_fds(&server);
+    let flood: Vec<TcpStream> = (0..1100).map(|_| tcp_from(LOCAL, server.ws_addr)).collect();
+    let mut ws =
+        wss_from(&ca, &server, OTHER, &format!("token={key}")).expect("wss from 127.0.0.2");
+    send_json(&mut ws, r#"{"type":"ping"}"#);
+    assert_eq!(next_json(&mut ws)["type"], "pong");
+    assert_eq!(tls_failures(&server, "busy"), 0);
+    // Every flood connection was accepted before the wss one (one accept
+    // queue): 844 refused, 256 held.
+    let refused = metric_with_reason(
+        &server,
+        "hookstream_handshake_failures_total",
+        "rate_limited",
+    );
+    assert_eq!(refused, 1100 - 256);
+    let open = open_fds(&server);
+    assert!(
+        open <= baseline + 256 + 1 + 3,
+        "{open} open files, {baseline} before 256 places and one wss"
+    );
+    drop(flood);
 }
