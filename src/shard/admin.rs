@@ -26,17 +26,27 @@ const KEEP_ALIVE_IDLE_MS: u64 = 60_000;
 pub fn on_accept(shard: &Rc<Shard>, stream: TcpStream) {
     match (&shard.tls, shard.config.admin_tls) {
         (Some(tls), true) => {
+            // Counted from the accept, before the handshake, under the
+            // client's own address (the plaintext side sees a socketpair);
+            // past the address's share, closed at once and unread.
+            let peer = stream.peer_addr().ok();
+            let side = super::tls::Side::Admin;
+            let Some(place) = super::tls::Place::take(shard, side, peer.map(|p| p.ip())) else {
+                return;
+            };
             let config = tls.server_config();
             glommio::spawn_local(super::tls::terminate(
                 shard.clone(),
                 stream,
-                super::tls::Side::Admin,
+                side,
                 config,
+                peer,
+                place,
             ))
             .detach();
         }
         _ => {
-            glommio::spawn_local(serve(shard.clone(), stream)).detach();
+            glommio::spawn_local(serve(shard.clone(), stream, None)).detach();
         }
     }
 }
@@ -232,8 +242,9 @@ async fn read_body(
 
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
-/// Serves one admin connection (plain, or the plaintext side behind TLS).
-pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+/// Serves one admin connection: plain, or the plaintext side behind TLS,
+/// whose count (`place`) the terminator took at accept.
+pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, place: Option<super::tls::Place>) {
     let _ = stream.set_nodelay(true);
     // An answer the client takes no byte of for this long fails, and the
     // connection is closed (PROTOCOL.md §6).
@@ -243,13 +254,20 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     // Connections per source address, as on the public listener: the
     // token is checked per request, so until then anyone may connect.
     let counting = shard.clone();
-    let peer_ip = stream.peer_addr().ok().map(|peer| peer.ip());
-    let Some(_counted) = counting.access.admin_connections.enter(peer_ip) else {
-        // Past its address's limit: answered and closed at once, with no
-        // linger (that would hold an uncounted descriptor).
-        http::write_error(&mut out, 429, &[("Connection", "close")]);
-        let _ = stream.write_all(&out).await;
-        return;
+    let _counted = match place {
+        // Counted by the TLS terminator for the connection's life.
+        Some(_) => None,
+        None => {
+            let peer_ip = stream.peer_addr().ok().map(|peer| peer.ip());
+            let Some(counted) = counting.access.admin_connections.enter(peer_ip) else {
+                // Past its address's limit: answered and closed at once,
+                // with no linger (that would hold an uncounted descriptor).
+                http::write_error(&mut out, 429, &[("Connection", "close")]);
+                let _ = stream.write_all(&out).await;
+                return;
+            };
+            Some(counted)
+        }
     };
     loop {
         // Head: idle keep-alive connections get longer than a started head.

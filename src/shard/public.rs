@@ -203,14 +203,29 @@ fn take_connection(shard: &Rc<Shard>, fd: RawFd, peer: Option<std::net::SocketAd
         return;
     }
     if let Some(tls) = &shard.tls {
+        // Counted from here, before the handshake, as a plain connection
+        // is before its head; past the address's share it is closed at
+        // once, unread (no 429 can be sent before a handshake, and making
+        // one would cost what the limit saves).
+        let side = super::tls::Side::Public;
+        let Some(place) = super::tls::Place::take(shard, side, peer.map(|p| p.ip())) else {
+            shard
+                .metrics
+                .handshake_failed(HandshakeFailure::RateLimited);
+            // SAFETY: we own `fd`.
+            unsafe { libc::close(fd) };
+            return;
+        };
         let config = tls.server_config();
         // SAFETY: a fresh descriptor we own; the stream owns it from here.
         let stream = unsafe { TcpStream::from_raw_fd(fd) };
         glommio::spawn_local(super::tls::terminate(
             shard.clone(),
             stream,
-            super::tls::Side::Public,
+            side,
             config,
+            peer,
+            place,
         ))
         .detach();
         return;
@@ -332,6 +347,7 @@ fn to_task(
         buffer,
         read.len(),
         deadline,
+        None,
     ))
     .detach();
 }
@@ -540,9 +556,16 @@ async fn read_head(
     }
 }
 
-/// Reads and answers a public connection's first request. `peer` is the
-/// client's address (the stream is a socketpair end behind TLS).
-pub async fn handshake(shard: Rc<Shard>, stream: TcpStream, peer: Option<std::net::SocketAddr>) {
+/// Reads and answers the first request of a public connection behind TLS
+/// (the stream is a socketpair end): `peer` is the client's address, and
+/// `place` its count, taken at accept (ended here if the connection
+/// becomes a WebSocket).
+pub async fn handshake(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    peer: Option<std::net::SocketAddr>,
+    place: super::tls::Place,
+) {
     // Most upgrade requests are a few hundred bytes: start small and grow
     // to the 8 KiB limit only for a long head, so a connect storm does not
     // park 8 KiB per handshake in flight.
@@ -554,13 +577,16 @@ pub async fn handshake(shard: Rc<Shard>, stream: TcpStream, peer: Option<std::ne
         vec![0u8; HANDSHAKE_BUFFER_BYTES],
         0,
         deadline,
+        Some(place),
     )
     .await;
 }
 
 /// [`handshake`] with the first `filled` bytes of the request already in
 /// `buffer` (read by the accept's fast path) and the head timeout's
-/// `deadline` (counted from the accept).
+/// `deadline` (counted from the accept). `place` is the count of a
+/// connection behind TLS (taken at accept); without one, the connection
+/// is counted here.
 async fn handshake_with(
     shard: Rc<Shard>,
     mut stream: TcpStream,
@@ -568,6 +594,7 @@ async fn handshake_with(
     mut buffer: Vec<u8>,
     filled: usize,
     deadline: Instant,
+    place: Option<super::tls::Place>,
 ) {
     if shard.shutdown.is_stopping() {
         return;
@@ -576,10 +603,16 @@ async fn handshake_with(
     // or closed; past the address's share, refused without reading.
     let counting = shard.clone();
     let peer_ip = peer.map(|peer| peer.ip());
-    let Some(_counted) = counting.access.http_connections.enter(peer_ip) else {
-        let _ = stream.set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS)));
-        refuse(&shard, &mut stream, 429, None).await;
-        return;
+    let _counted = match place {
+        Some(_) => None,
+        None => match counting.access.http_connections.enter(peer_ip) {
+            Some(counted) => Some(counted),
+            None => {
+                let _ = stream.set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS)));
+                refuse(&shard, &mut stream, 429, None).await;
+                return;
+            }
+        },
     };
     let _ = stream.set_nodelay(true);
     // Every answer written on this stream (refusals, plain-HTTP routes,
@@ -664,6 +697,11 @@ async fn handshake_with(
                 drop(stream);
                 let leftover = buffer[accepted.head_len..filled].to_vec();
                 hand_off(&shard, fd, accepted, leftover, None);
+                if let Some(place) = &place {
+                    // A WebSocket behind TLS (pumped by the terminator)
+                    // no longer counts either.
+                    place.end();
+                }
             }
         }
     }
@@ -829,7 +867,12 @@ mod tests {
 
     /// The size of the future an async fn returns, without calling it.
     fn future_bytes<Fut>(
-        _: impl FnOnce(Rc<Shard>, TcpStream, Option<std::net::SocketAddr>) -> Fut,
+        _: impl FnOnce(
+            Rc<Shard>,
+            TcpStream,
+            Option<std::net::SocketAddr>,
+            super::super::tls::Place,
+        ) -> Fut,
     ) -> usize {
         std::mem::size_of::<Fut>()
     }

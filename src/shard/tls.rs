@@ -28,8 +28,69 @@ use crate::limits::HEAD_TIMEOUT_MS;
 use crate::metrics::TlsFailure;
 
 /// Handshakes in flight on one shard at most; more are closed at once (a
-/// ClientHello flood costs a refused socket, not a handshake each).
+/// ClientHello flood costs a refused socket, not a handshake each). One
+/// address holds at most its share of `--http-connections-per-ip` of them
+/// (its [`Place`] is taken before): 128 of 1,024 with the default 256 and
+/// two shards.
 pub const HANDSHAKES_IN_FLIGHT_MAX: usize = 1024;
+
+/// A TLS connection's place in its source address's count of connections
+/// that are not WebSockets (`--http-connections-per-ip`, on the listener
+/// of its [`Side`]): taken at accept, before a byte is read (past the
+/// address's share the connection is closed at once: no handshake, no
+/// answer), and held for the TCP connection's life by the terminator and
+/// by the plaintext side it feeds. It ends when the last holder goes, or
+/// earlier by [`Place::end`] when the connection becomes a WebSocket.
+#[derive(Clone)]
+pub struct Place(Rc<PlaceInner>);
+
+struct PlaceInner {
+    shard: Rc<Shard>,
+    side: Side,
+    /// The key the count was kept under, until it ends.
+    key: std::cell::Cell<Option<Option<std::net::IpAddr>>>,
+}
+
+impl Place {
+    /// Counts a connection from `peer` on `side`'s listener; `None` when
+    /// the address has its share (close the connection unread).
+    pub fn take(shard: &Rc<Shard>, side: Side, peer: Option<std::net::IpAddr>) -> Option<Place> {
+        let key = limit(shard, side).enter(peer)?.keep();
+        Some(Place(Rc::new(PlaceInner {
+            shard: shard.clone(),
+            side,
+            key: std::cell::Cell::new(Some(key)),
+        })))
+    }
+
+    /// Ends the count now (the connection became a WebSocket); the
+    /// holders' drops then do nothing.
+    pub fn end(&self) {
+        self.0.end();
+    }
+}
+
+impl PlaceInner {
+    fn end(&self) {
+        if let Some(key) = self.key.take() {
+            limit(&self.shard, self.side).release(key);
+        }
+    }
+}
+
+impl Drop for PlaceInner {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// The per-address connection count of `side`'s listener.
+fn limit(shard: &Shard, side: Side) -> &super::waits::AddressLimit {
+    match side {
+        Side::Public => &shard.access.http_connections,
+        Side::Admin => &shard.access.admin_connections,
+    }
+}
 
 /// The certificate and key files and the pair loaded from them; shared by
 /// every shard, swapped in place by a reload.
@@ -238,14 +299,16 @@ async fn flush(conn: &mut ServerConnection, tcp: &mut TcpStream) -> std::io::Res
 const PLAIN_ON_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n\
 Content-Length: 24\r\nConnection: close\r\n\r\n{\"error\":\"tls_required\"}";
 
-/// Serves one TLS connection: the handshake within the head's 10 s, then
-/// the plaintext side (`Side`) over a socketpair, pumping bytes both ways
-/// until either side ends.
+/// Serves one TLS connection from `peer` (counted in `place`): the
+/// handshake within the head's 10 s, then the plaintext side (`Side`) over
+/// a socketpair, pumping bytes both ways until either side ends.
 pub async fn terminate(
     shard: Rc<Shard>,
     mut tcp: TcpStream,
     side: Side,
     config: Arc<ServerConfig>,
+    peer: Option<std::net::SocketAddr>,
+    place: Place,
 ) {
     if shard.shutdown.is_stopping() {
         return;
@@ -257,7 +320,6 @@ pub async fn terminate(
     IN_FLIGHT.with(|n| n.set(n.get() + 1));
     let in_flight = InFlight;
     let _ = tcp.set_nodelay(true);
-    let peer = tcp.peer_addr().ok();
     let Ok(mut conn) = ServerConnection::new(config) else {
         shard.metrics.tls_failed(TlsFailure::Handshake);
         return;
@@ -320,7 +382,7 @@ pub async fn terminate(
                 let _ = flush(&mut conn, &mut tcp).await;
                 return;
             }
-            let complete = {
+            let next = {
                 let mut headers = [httparse::EMPTY_HEADER; crate::limits::HEADERS_MAX];
                 match crate::protocol::http::parse_head_with(
                     &plain,
@@ -328,23 +390,46 @@ pub async fn terminate(
                     super::routes::PUBLIC_BODY_BYTES_MAX,
                     super::routes::PUBLIC_HEAD_RULES,
                 ) {
-                    Ok(None) => plain.len() >= crate::limits::HEAD_BYTES_MAX,
+                    Ok(None) if plain.len() < crate::limits::HEAD_BYTES_MAX => First::Incomplete,
                     Ok(Some(head)) if head.path == "/v1/ws" => {
                         match super::public::route(&shard, &head, peer) {
-                            Ok(accepted) => {
-                                hibernate(&shard, conn, tcp, accepted, plain, raw, tls12).await;
-                                return;
-                            }
-                            // Refused: answered on the plaintext side, like
-                            // any other request.
-                            Err(_) => true,
+                            Ok(accepted) => First::Upgrade(accepted),
+                            Err((status, error)) => First::Refused(status, error),
                         }
                     }
-                    _ => true,
+                    _ => First::Plain,
                 }
             };
-            if complete {
-                break;
+            match next {
+                First::Incomplete => {}
+                First::Plain => break,
+                First::Upgrade(accepted) => {
+                    // A WebSocket from here: its place ends with this task.
+                    hibernate(&shard, conn, tcp, accepted, plain, raw, tls12).await;
+                    return;
+                }
+                First::Refused(status, error) => {
+                    // Answered here, as the plain path answers it, not by
+                    // the plaintext side, which would authenticate the
+                    // request again (a second upgrade token, a second
+                    // failed authentication).
+                    shard
+                        .metrics
+                        .handshake_failed(crate::metrics::HandshakeFailure::from_status(status));
+                    let mut out = Vec::with_capacity(256);
+                    match error {
+                        Some(error) => crate::protocol::http::write_http_error(&mut out, error),
+                        None => crate::protocol::http::write_error(
+                            &mut out,
+                            status,
+                            &[("Connection", "close")],
+                        ),
+                    }
+                    let _ = conn.writer().write_all(&out);
+                    conn.send_close_notify();
+                    let _ = flush(&mut conn, &mut tcp).await;
+                    return;
+                }
             }
             if flush(&mut conn, &mut tcp).await.is_err() {
                 shard.metrics.tls_failed(TlsFailure::Eof);
@@ -410,13 +495,36 @@ pub async fn terminate(
             TcpStream::from_raw_fd(pair[1]),
         )
     };
+    // The plaintext side holds the connection's place too: it ends it if
+    // the connection becomes a WebSocket (an upgrade as a later request).
     match side {
-        Side::Public => {
-            glommio::spawn_local(super::public::handshake(shard.clone(), other_end, peer)).detach()
-        }
-        Side::Admin => glommio::spawn_local(super::admin::serve(shard.clone(), other_end)).detach(),
+        Side::Public => glommio::spawn_local(super::public::handshake(
+            shard.clone(),
+            other_end,
+            peer,
+            place.clone(),
+        ))
+        .detach(),
+        Side::Admin => glommio::spawn_local(super::admin::serve(
+            shard.clone(),
+            other_end,
+            Some(place.clone()),
+        ))
+        .detach(),
     };
     pump(&shard, &mut conn, &mut tcp, &mut inner, plain).await;
+}
+
+/// What the first request over TLS on the public listener is.
+enum First {
+    /// Not a whole head yet.
+    Incomplete,
+    /// Anything but an upgrade (or a bad head): the plaintext side's.
+    Plain,
+    /// An authenticated upgrade.
+    Upgrade(super::public::Accepted),
+    /// A refused upgrade: its status and error answer.
+    Refused(u16, Option<crate::protocol::http::HttpError>),
 }
 
 /// Whole records at the front of `raw`: their length in bytes.
