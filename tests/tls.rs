@@ -1523,6 +1523,8 @@ fn publish_command_trusts_the_readme_self_signed_certificate() {
             );
         }
     }
+}
+
 /// The client's address in the per-address tests below, and another one.
 const LOCAL: [u8; 4] = [127, 0, 0, 1];
 const OTHER: [u8; 4] = [127, 0, 0, 2];
