@@ -1045,9 +1045,11 @@ fn with_three_replicas_stopping_one_nats_server_loses_nothing_and_publishing_goe
 }
 
 /// A client of `key` on `server` once the node accepts the key (keys reach
-/// a node through NATS), its welcome read.
+/// a node through NATS), its welcome read. Waits up to 30 s: on a JetStream
+/// cluster just started, the first key waits for the keys stream's leader
+/// to be elected, which took over 10 s once on a loaded 2-core machine.
 fn connect_when_admitted(server: &Server, key: &str) -> common::Client {
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + 3 * WAIT;
     loop {
         if let Ok(mut client) =
             common::Client::try_upgrade(server.ws_addr, &format!("/v1/ws?token={key}"))
