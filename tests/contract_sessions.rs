@@ -256,3 +256,59 @@ fn a_sign_out_survives_a_restart() {
     second.kill().unwrap();
     second.wait().unwrap();
 }
+
+/// A session's SSE streams end and its long-polls are answered 401 when
+/// the session expires (as at a sign-out), on every shard; a stream opened
+/// with the key goes on.
+#[test]
+fn an_expired_sessions_sse_streams_and_long_polls_end() {
+    let server = ServerBuilder::new()
+        .org("org_a")
+        .arg("--shards", 2)
+        .arg("--session-ttl-secs", 3)
+        .start();
+    let addr = server.ws_addr;
+    let key = server.key("org_a").to_string();
+    let cookie = common::sign_in(addr, &key);
+    let mut streams: Vec<_> = (0..4).map(|_| sse_with_cookie(addr, &cookie)).collect();
+    let polls: Vec<_> = (0..4)
+        .map(|_| {
+            let request = format!(
+                "GET /v1/poll?channels=events&wait_ms=30000 HTTP/1.1\r\nHost: {addr}\r\nCookie: hs_session={cookie}\r\n\r\n"
+            );
+            std::thread::spawn(move || common::http_raw(addr, request.as_bytes()).status)
+        })
+        .collect();
+    let mut of_key = tcp_connect(addr);
+    of_key
+        .write_all(
+            format!("GET /v1/sse?channels=events&token={key} HTTP/1.1\r\nHost: {addr}\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+    for (i, stream) in streams.iter_mut().enumerate() {
+        assert!(
+            ends_within(stream, STEP_TIMEOUT),
+            "SSE stream {i} of the expired session still open"
+        );
+    }
+    for (i, poll) in polls.into_iter().enumerate() {
+        assert_eq!(poll.join().unwrap(), 401, "long-poll {i}");
+    }
+    // The key's stream goes on: it still gets what is published.
+    server.publish_ok(&common::event("org_a", "evt_1", "src_1"));
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 4096];
+    of_key
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    while !String::from_utf8_lossy(&seen).contains("evt_1") {
+        assert!(Instant::now() < deadline, "the key's stream got nothing");
+        match of_key.read(&mut buffer) {
+            Ok(0) => panic!("the key's stream ended"),
+            Ok(n) => seen.extend_from_slice(&buffer[..n]),
+            Err(_) => {}
+        }
+    }
+}

@@ -173,3 +173,40 @@ fn first_format_cookies_stay_valid_until_they_expire_and_sign_out() {
     assert!(new.starts_with("2.org_b."), "{new}");
     routes_answer(addr, &new, 200);
 }
+
+/// A session's WebSockets are closed when it expires, on every shard:
+/// 4003 with the reason "session expired", never before the expiry. Its
+/// cookie is refused from then on, and the key's own connection stays.
+#[test]
+fn an_expired_sessions_websockets_are_closed_with_4003_session_expired() {
+    let server = ServerBuilder::new()
+        .org("org_a")
+        .arg("--shards", 2)
+        .arg("--session-ttl-secs", 3)
+        .start();
+    let addr = server.ws_addr;
+    let key = server.key("org_a").to_string();
+    let cookie = sign_in(addr, &key);
+    // The expiry has second resolution: 3 s from the second it was signed
+    // in, so about 2 s from now at the least (less the sign-in's answer).
+    let signed_in = Instant::now();
+    let mut sockets: Vec<Client> = (0..ATTEMPTS)
+        .map(|_| ws_with_cookie(addr, &cookie))
+        .collect();
+    let mut of_key = server.connect("org_a");
+    for (i, socket) in sockets.iter_mut().enumerate() {
+        let (code, reason) = close_of(socket);
+        assert_eq!(
+            (code, reason.as_str()),
+            (4003, "session expired"),
+            "socket {i}"
+        );
+        assert!(
+            signed_in.elapsed() >= std::time::Duration::from_secs(1),
+            "socket {i} closed {:?} after the sign-in",
+            signed_in.elapsed()
+        );
+    }
+    routes_answer(addr, &cookie, 401);
+    of_key.ping_pong();
+}

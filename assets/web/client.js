@@ -18,8 +18,9 @@
 // Beyond the contract, for dashboards: `on("reachable", (bool) => …)` (did
 // the last poll get an answer), `on("error", (e) => …)` (server `error`
 // messages, and {code: "unauthorized" | "key_revoked" | "signed_out" |
-// "poll_failed" | "history_gap"}; the socket's close 4003 is "signed_out"
-// when its reason says the session was signed out, "key_revoked" otherwise),
+// "session_expired" | "poll_failed" | "history_gap"}; the socket's close
+// 4003 is "signed_out" or "session_expired" when its reason says the
+// session was signed out or expired, "key_revoked" otherwise),
 // `on("reconnect", ({delayMs, attempt}) => …)`, `on("duplicate", …)`, and
 // the counters in `stream.stats`. Every `on` returns a function that
 // removes the listener.
@@ -65,6 +66,8 @@ const STABLE_MS = 5000;
 const CLOSE_KEY_REVOKED = 4003;
 /** The close reason of 4003 when the session was signed out (the key is still valid). */
 const REASON_SIGNED_OUT = "signed out";
+/** The close reason of 4003 when the session expired (the key is still valid). */
+const REASON_SESSION_EXPIRED = "session expired";
 /** Message types that carry a channel's data. */
 const DATA_TYPES = new Set(["event", "delivery", "issue", "sync"]);
 
@@ -407,6 +410,8 @@ class Stream {
       // tab of this browser), or the key itself revoked.
       if (reason === REASON_SIGNED_OUT) {
         this.emit("error", { code: "signed_out", message: "this session was signed out" });
+      } else if (reason === REASON_SESSION_EXPIRED) {
+        this.emit("error", { code: "session_expired", message: "this session expired" });
       } else {
         this.emit("error", { code: "key_revoked", message: "the API key was revoked" });
       }

@@ -143,6 +143,9 @@ function showLive(who) {
     if (error.code === "signed_out") {
       stopStream();
       showSignIn("You were signed out (here or in another tab). Sign in again.");
+    } else if (error.code === "session_expired") {
+      stopStream();
+      showSignIn("Your session expired. Sign in again.");
     } else if (error.code === "key_revoked") {
       stopStream();
       showSignIn("The API key of this session was revoked. Sign in with another key.");

@@ -143,6 +143,9 @@ pub struct Registry {
     /// cookie (`auth::revoked::session_id`), for closing them on sign-out.
     /// Kept beside the records: key connections pay nothing for it.
     sessions: AHashMap<ConnKey, (u128, u64)>,
+    /// No session in `sessions` expires before this (Unix seconds; it may
+    /// be earlier than the earliest left, never later).
+    first_session_expiry: u64,
     /// Next generation to hand out.
     next_generation: u32,
     /// Connections with newly queued frames, to flush after a batch.
@@ -177,6 +180,7 @@ impl Registry {
             key_ids: Vec::new(),
             key_by_id: AHashMap::new(),
             sessions: AHashMap::new(),
+            first_session_expiry: u64::MAX,
             next_generation: 1,
             dirty: Vec::new(),
             closing: Vec::new(),
@@ -515,7 +519,29 @@ impl Registry {
     pub fn set_session(&mut self, key: ConnKey, id: u128, expires: u64) {
         if self.get(key).is_some() {
             self.sessions.insert(key, (id, expires));
+            self.first_session_expiry = self.first_session_expiry.min(expires);
         }
+    }
+
+    /// The connections whose session has expired at `now` (Unix seconds:
+    /// `now >= expiry`, as a cookie stops verifying). Looks at the
+    /// sessions only once the earliest expiry among them has come, so it
+    /// costs nothing on most calls.
+    pub fn keys_of_expired_sessions(&mut self, now: u64) -> Vec<ConnKey> {
+        if now < self.first_session_expiry {
+            return Vec::new();
+        }
+        let mut expired = Vec::new();
+        let mut first = u64::MAX;
+        for (key, (_, expires)) in &self.sessions {
+            if now >= *expires {
+                expired.push(*key);
+            } else {
+                first = first.min(*expires);
+            }
+        }
+        self.first_session_expiry = first;
+        expired
     }
 
     /// The connections that signed in with a session that `signed_out`

@@ -262,13 +262,17 @@ pub fn still_valid(shard: &Shard, principal: &Principal) -> bool {
 }
 
 /// [`still_valid`] for a key id and, when a cookie was the credential, the
-/// session's id and expiry.
+/// session's id and expiry (an expired session is no longer a credential,
+/// as its cookie no longer verifies).
 pub fn credential_still_valid(shard: &Shard, key_id: &str, session: Option<(u128, u64)>) -> bool {
     if !shard.keys.get().is_active(key_id) {
         return false;
     }
     match session {
-        Some((id, expires)) => !shard.access.revoked.is_revoked(id, key_id, expires),
+        Some((id, expires)) => {
+            sessions::now_unix_secs() < expires
+                && !shard.access.revoked.is_revoked(id, key_id, expires)
+        }
         None => true,
     }
 }

@@ -31,6 +31,10 @@ pub enum Outcome {
 /// "key revoked", [`CloseCode::server_reason`]).
 pub const CLOSE_SIGNED_OUT_REASON: &str = "signed out";
 
+/// The reason sent with 4003 when the session the connection signed in
+/// with has expired (PROTOCOL.md §2).
+pub const CLOSE_SESSION_EXPIRED_REASON: &str = "session expired";
+
 /// The reason text sent with a protocol-error close.
 pub fn error_reason(error: WsError) -> &'static str {
     match error.close_code() {

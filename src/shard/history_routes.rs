@@ -213,7 +213,7 @@ enum Interrupt {
 }
 
 /// Resolves when the credential `principal` came with is no longer
-/// accepted (key revoked, session signed out), or, with `on_stop`, when the
+/// accepted (key revoked, session signed out or expired), or, with `on_stop`, when the
 /// shard starts draining (its shutdown signal). The key reload loop (also
 /// on sign-outs) notifies [`Shard::http_wake`], so this notices a
 /// revocation as fast as the WebSocket path's 4003 close does.
@@ -230,10 +230,23 @@ async fn interrupted(
         if on_stop && shard.shutdown.is_stopping() {
             return Interrupt::Stopping;
         }
+        // A session's wait also ends when the session expires.
+        let woken = async {
+            match principal.session {
+                Some((_, expires)) => {
+                    let left = expires.saturating_sub(crate::auth::sessions::now_unix_secs());
+                    futures_lite::future::or(shard.http_wake.wait(seen), async {
+                        glommio::timer::sleep(std::time::Duration::from_secs(left)).await;
+                    })
+                    .await
+                }
+                None => shard.http_wake.wait(seen).await,
+            }
+        };
         if on_stop {
-            futures_lite::future::or(shard.http_wake.wait(seen), shard.shutdown.wait()).await;
+            futures_lite::future::or(woken, shard.shutdown.wait()).await;
         } else {
-            shard.http_wake.wait(seen).await;
+            woken.await;
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Key reload: each shard re-reads the key file when it changes and acts
-//! on sign-outs, closing the connections whose credential is no longer
-//! accepted (4003) and waking the SSE streams and long-polls served here.
+//! on sign-outs and expired sessions, closing the connections whose
+//! credential is no longer accepted (4003) and waking the SSE streams and
+//! long-polls served here.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -25,6 +26,22 @@ fn close_signed_out(shard: &Shard) {
     }
 }
 
+/// Closes with 4003 the connections of this shard whose session has
+/// expired: an expired cookie is no longer accepted, so neither is a
+/// connection that signed in with it. Wakes the SSE streams and long-polls
+/// too (each wakes at its own session's expiry as well).
+fn close_expired_sessions(shard: &Shard) {
+    let now = crate::auth::sessions::now_unix_secs();
+    let mut registry = shard.registry.borrow_mut();
+    let expired = registry.keys_of_expired_sessions(now);
+    for key in &expired {
+        registry.request_close(*key, CloseCode::KEY_REVOKED);
+    }
+    if !expired.is_empty() {
+        shard.http_wake.notify();
+    }
+}
+
 /// Re-reads the key file when it changes; closes the connections of keys
 /// that were revoked with 4003, and those of sessions signed out since the
 /// last turn; wakes the SSE streams and long-polls served here, which end
@@ -38,6 +55,7 @@ pub async fn key_reload_loop(shard: Rc<Shard>) {
     let mut sign_outs = shard.access.revoked.generation();
     loop {
         glommio::timer::sleep(Duration::from_millis(KEY_RELOAD_MS)).await;
+        close_expired_sessions(&shard);
         let generation = shard.access.revoked.generation();
         if generation != sign_outs {
             sign_outs = generation;

@@ -551,15 +551,30 @@ fn handle_close_requests(shard: &Shard) {
         } else {
             let reason = if code == CloseCode::KEY_REVOKED && key_still_active(shard, key) {
                 // 4003 for a key that is still active: its session was
-                // signed out. The reason tells a client which (PROTOCOL.md
-                // §2), so a page can say "signed out", not "key revoked".
-                connection::CLOSE_SIGNED_OUT_REASON
+                // signed out, or has expired. The reason tells a client
+                // which (PROTOCOL.md §2), so a page can say "signed out",
+                // not "key revoked".
+                if session_expired(shard, key) {
+                    connection::CLOSE_SESSION_EXPIRED_REASON
+                } else {
+                    connection::CLOSE_SIGNED_OUT_REASON
+                }
             } else {
                 code.server_reason()
             };
             start_close(shard, key, code, reason, false);
         }
     }
+}
+
+/// True when connection `key` signed in with a session that has expired.
+fn session_expired(shard: &Shard, key: ConnKey) -> bool {
+    let now = crate::auth::sessions::now_unix_secs();
+    shard
+        .registry
+        .borrow()
+        .session_of(key)
+        .is_some_and(|(_, expires)| now >= expires)
 }
 
 /// True when the API key connection `key` was accepted with is still
