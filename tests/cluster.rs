@@ -867,7 +867,16 @@ fn an_announcement_only_takes_access_away_and_bad_ones_change_nothing() {
             .unwrap();
     let record = file["keys"][0].to_string();
     let stranger_id = file["keys"][0]["id"].as_str().unwrap().to_string();
-    let payloads: [(&str, Vec<u8>); 5] = [
+    // A sign-out whose key id carries a line of the signed-out sessions
+    // file: a watermark signing out every session of A's key.
+    let victim = key_id_of(a.data_dir(), "org_a");
+    let smuggled = serde_json::json!({
+        "id": "1",
+        "key_id": format!("x 1\nk {victim} - 9999999999\ns 2"),
+        "expires": 9_999_999_999u64,
+    })
+    .to_string();
+    let payloads: [(&str, Vec<u8>); 6] = [
         ("hs_now.revoked_key", record.into_bytes()),
         ("hs_now.revoked_key", b"\xff\x00 not json".to_vec()),
         ("hs_now.revoked_key", br#"{"id":7}"#.to_vec()),
@@ -876,6 +885,7 @@ fn an_announcement_only_takes_access_away_and_bad_ones_change_nothing() {
             "hs_now.signed_out",
             br#"{"id":"zz","key_id":"k","expires":1}"#.to_vec(),
         ),
+        ("hs_now.signed_out", smuggled.into_bytes()),
     ];
     let url = nats.url();
     with_jetstream(&nats.url(), |_| async move {
@@ -893,6 +903,9 @@ fn an_announcement_only_takes_access_away_and_bad_ones_change_nothing() {
     );
     let kept = std::fs::read_to_string(a.data_dir().join("keys.json")).unwrap();
     assert!(!kept.contains(&stranger_id), "{kept}");
+    let signed_out =
+        std::fs::read_to_string(a.data_dir().join("revoked-sessions")).unwrap_or_default();
+    assert!(!signed_out.contains(&victim), "{signed_out}");
     let mut client = connect_when_admitted(&a, a.key("org_a"));
     client.ping_pong();
     let cookie = common::sign_in(a.ws_addr, a.key("org_a"));

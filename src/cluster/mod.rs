@@ -317,6 +317,11 @@ async fn take_sign_out(revoked: &Arc<crate::auth::revoked::Revocations>, payload
     let Ok(id) = u128::from_str_radix(&sign_out.id, 16) else {
         return;
     };
+    // A key id is one token of the signed-out sessions file: one that is
+    // not (spaces, line breaks) could write lines of its own there.
+    if !crate::message::is_valid_id(&sign_out.key_id) {
+        return;
+    }
     if revoked.is_revoked(id, &sign_out.key_id, sign_out.expires) {
         return;
     }
