@@ -51,6 +51,10 @@ const SCAN_MAX: u64 = 10_000;
 /// Messages per fetch from a read consumer.
 const FETCH_BATCH: usize = 256;
 
+/// Room in a bounded fetch's byte bound for a message's subject and
+/// headers beside its payload.
+const FETCH_BYTES_SLACK: usize = 64 << 10;
+
 /// Most messages handed to a shard in one event.
 const ARRIVAL_BATCH: usize = 512;
 
@@ -1077,16 +1081,25 @@ impl Bridge {
             .await
             .map_err(|e| e.to_string())?;
         let name = consumer.cached_info().name.clone();
+        // A bounded read also asks NATS for a bounded batch: about the
+        // bytes it may keep and one more message of the largest size NATS
+        // allows (a pull whose next message is larger than its byte bound
+        // gets nothing). Without it a batch of 256 large messages reached
+        // this process to give a list page two of them.
+        let batch_bytes = (bytes_max != usize::MAX).then(|| {
+            bytes_max
+                .saturating_add(self.client.server_info().max_payload)
+                .saturating_add(FETCH_BYTES_SLACK)
+        });
         let result = async {
             let mut bytes = 0usize;
             let mut scanned = 0u64;
             'fetch: loop {
-                let mut batch = consumer
-                    .fetch()
-                    .max_messages(FETCH_BATCH)
-                    .messages()
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let mut fetch = consumer.fetch().max_messages(FETCH_BATCH);
+                if let Some(batch_bytes) = batch_bytes {
+                    fetch = fetch.max_bytes(batch_bytes);
+                }
+                let mut batch = fetch.messages().await.map_err(|e| e.to_string())?;
                 let mut got = 0;
                 while let Some(message) = batch.next().await {
                     let message = message.map_err(|e| e.to_string())?;

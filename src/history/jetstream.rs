@@ -261,18 +261,30 @@ impl Log for JetStreamLog {
         let mut out: Vec<Retained> = Vec::new();
         let mut scanned = 0;
         let mut bytes = 0;
+        // Windows are read oldest first, so a window's matches are loaded
+        // whole (at most READ_BYTES_MAX of them, and one more): one whose
+        // matches are more than that is read again narrower, ending at the
+        // same seq, as wide as the part that fit (so a page of large
+        // messages never loads 256 of them at once).
+        let mut window = BACKWARD_WINDOW;
         loop {
             let floor = self.trimmed_through(org_id) + 1;
             if hi < floor || out.len() > limit || scanned >= BACKWARD_SCAN_MAX {
                 break;
             }
-            let lo = floor.max(hi.saturating_sub(BACKWARD_WINDOW - 1));
+            let lo = floor.max(hi.saturating_sub(window - 1));
             let Some(read) = self
-                .stream_read(org_id, lo, hi, usize::MAX, channels, usize::MAX)
+                .stream_read(org_id, lo, hi, usize::MAX, channels, READ_BYTES_MAX)
                 .await
             else {
                 break;
             };
+            if read.looked_upto < hi {
+                // Cut by the byte bound: strictly narrower, down to one seq
+                // (which is never cut).
+                window = (read.looked_upto.max(lo) - lo + 1).min(hi - lo).max(1);
+                continue;
+            }
             for arrival in read.messages.iter().rev() {
                 out.push(retained(arrival));
                 bytes += arrival.message.data.len();
