@@ -1070,6 +1070,52 @@ fn a_stalled_replay_of_large_messages_does_not_stall_its_shard() {
     drop(stalled);
 }
 
+/// Found by a security review: each `subscribe` with `after` of a
+/// connection held its own step read from disk (up to 1 MiB) while its
+/// reader took nothing, so one connection replaying 20 channels held 20
+/// steps beside its 1 MiB send queue. A connection now holds one step at
+/// a time: 10 connections that replay 20 channels each and read nothing
+/// hold about their queues and one step each (about 20 MiB), not 200 MiB
+/// of steps (measured beyond the RSS the publishes left: 218 MiB before,
+/// nothing after).
+#[test]
+fn a_connection_replaying_many_channels_holds_one_step_at_a_time() {
+    let server = ServerBuilder::new().org("org_m").arg("--shards", 1).start();
+    let key = server.key("org_m").to_string();
+    // 20 sources with 1.5 MiB each (75 messages of 20 KiB).
+    let pad = "z".repeat(20 << 10);
+    for round in 0..15 {
+        let body: Vec<String> = (0..100)
+            .map(|i| {
+                format!(
+                    r#"{{"org_id":"org_m","type":"event","data":{{"id":"evt_{round}_{i}","source_id":"s{}","pad":"{pad}"}}}}"#,
+                    i % 20
+                )
+            })
+            .collect();
+        server.publish_ok(&common::array(&body));
+    }
+    let before = server.rss_kib();
+    let stalled: Vec<Client> = (0..10)
+        .map(|_| {
+            let mut client = Client::connect(server.ws_addr, &format!("/v1/ws?token={key}"));
+            for source in 0..20 {
+                client.send_text(&format!(
+                    r#"{{"type":"subscribe","channel":"events:s{source}","after":0}}"#
+                ));
+            }
+            client
+        })
+        .collect();
+    // Every replay has started and read what it may (the reader takes
+    // nothing: the queues fill, the replays wait).
+    std::thread::sleep(Duration::from_secs(2));
+    let grown = server.rss_kib().saturating_sub(before);
+    assert!(grown < 80 << 10, "the server grew by {} MiB", grown >> 10);
+    drop(stalled);
+    assert_eq!(bearer_status(server.ws_addr, &key), 200);
+}
+
 /// Opens `count` WebSockets with `key`, each subscribed to `channel`
 /// (the `subscribed` reply read).
 fn subscribed_clients(addr: SocketAddr, key: &str, channel: &str, count: usize) -> Vec<Client> {

@@ -56,6 +56,28 @@ pub struct Replays {
     /// Notified each time the committer finished delivering a round: a
     /// replay waiting for its org's broadcast to end looks again.
     pub delivered_notify: Notify,
+    /// Connections one of whose replays holds a step read from disk that
+    /// it has not queued yet: one at a time per connection, so a
+    /// connection replaying many channels to a reader that does not read
+    /// holds one step (up to `READ_BYTES_MAX`) beside its send queue, not
+    /// one per channel.
+    stepping: RefCell<ahash::AHashSet<ConnKey>>,
+    /// Notified when a connection's step was queued or given up.
+    stepped: Notify,
+}
+
+/// A connection's turn to hold a step read from disk (see
+/// [`Replays::stepping`]); the turn ends when this is dropped.
+struct StepTurn<'a> {
+    replays: &'a Replays,
+    key: ConnKey,
+}
+
+impl Drop for StepTurn<'_> {
+    fn drop(&mut self) {
+        self.replays.stepping.borrow_mut().remove(&self.key);
+        self.replays.stepped.notify();
+    }
 }
 
 impl Replays {
@@ -102,6 +124,26 @@ impl Replays {
             .keys()
             .filter(|(k, _)| *k == key)
             .count()
+    }
+
+    /// Waits for `job`'s connection's turn to hold a step read from disk;
+    /// `None` when the replay is no longer wanted meanwhile.
+    async fn step_turn(&self, shard: &Shard, job: &ReplayJob) -> Option<StepTurn<'_>> {
+        loop {
+            if !wanted(shard, job) {
+                return None;
+            }
+            let seen = self.stepped.generation();
+            if self.stepping.borrow_mut().insert(job.key) {
+                return Some(StepTurn {
+                    replays: self,
+                    key: job.key,
+                });
+            }
+            // The other replay's step ends in its queueing, or in its
+            // connection's close (a slow consumer within REPLAY_STALL_MS).
+            self.stepped.wait(seen).await;
+        }
     }
 
     /// Stops a replay (unsubscribe during the replay); true if there was one.
@@ -380,6 +422,10 @@ async fn run(shard: Rc<Shard>, job: ReplayJob) {
             last = rest[part - 1].seq;
             continue;
         }
+        let Some(turn) = shard.replays.step_turn(&shard, &job).await else {
+            shard.replays.end(&job);
+            return;
+        };
         let (items, scanned) = history
             .read_forward(
                 &job.org_id,
@@ -389,7 +435,10 @@ async fn run(shard: Rc<Shard>, job: ReplayJob) {
                 channels,
             )
             .await;
-        if !queue_paced(&shard, &job, &items).await {
+        let queued = queue_paced(&shard, &job, &items).await;
+        drop(items);
+        drop(turn);
+        if !queued {
             shard.replays.end(&job);
             return;
         }
