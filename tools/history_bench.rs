@@ -98,25 +98,7 @@ impl Drop for Server {
 fn start(options: &Options) -> (Server, String) {
     let _ = std::fs::remove_dir_all(&options.dir);
     std::fs::create_dir_all(&options.dir).expect("create data dir");
-    let output = Command::new(&options.binary)
-        .args([
-            "api-keys",
-            "create",
-            "--name",
-            "bench",
-            "--org",
-            "replay",
-            "--data-dir",
-        ])
-        .arg(&options.dir)
-        .output()
-        .expect("run api-keys create");
-    assert!(
-        output.status.success(),
-        "api-keys create: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let key = String::from_utf8(output.stdout).unwrap().trim().to_string();
+    let key = create_key(options, "replay");
     let mut child = Command::new(&options.binary)
         .arg("serve")
         .arg("--data-dir")
@@ -437,8 +419,8 @@ fn replay_phase(options: &Options, server: &Server, key: &str) {
     );
 }
 
-/// A key for `org`, created with the running server's data directory (the
-/// server takes it up within its 0.5 s key reload).
+/// A key for `org` in the bench's data directory (a running server takes
+/// it up within its 0.5 s key reload).
 fn create_key(options: &Options, org: &str) -> String {
     let output = Command::new(&options.binary)
         .args([
@@ -453,10 +435,12 @@ fn create_key(options: &Options, org: &str) -> String {
         .arg(&options.dir)
         .output()
         .expect("run api-keys create");
-    assert!(output.status.success(), "api-keys create");
-    let key = String::from_utf8(output.stdout).unwrap().trim().to_string();
-    std::thread::sleep(Duration::from_millis(1500));
-    key
+    assert!(
+        output.status.success(),
+        "api-keys create: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_string()
 }
 
 /// Publish→receive latencies of an `issues` subscriber of the org `quiet`
@@ -557,6 +541,7 @@ fn scan_stall_phase(options: &Options, server: &Server, key: &str) {
     let retained = options.replay.max(100_000);
     fill_replay_org(options, server, retained);
     let quiet_key = create_key(options, "quiet");
+    std::thread::sleep(Duration::from_millis(1500));
     let channels: Vec<String> = (0..256).map(|i| format!("events:n{i}")).collect();
     let path = format!(
         "/v1/poll?channels={}&after=0&limit=100&token={key}",
