@@ -624,6 +624,9 @@ async fn handshake_with(
         Err(status) => {
             if let Some(status) = status {
                 refuse(&shard, &mut stream, status, None).await;
+                // The client may still be sending (a head past 8 KiB):
+                // closing with unread input would be a reset.
+                super::stall::linger_close(&mut stream).await;
             } else {
                 shard.metrics.handshake_failed(HandshakeFailure::Timeout);
             }
@@ -684,7 +687,14 @@ async fn handshake_with(
         }
     };
     match decision {
-        Err((status, error)) => refuse(&shard, &mut stream, status, error).await,
+        Err((status, error)) => {
+            refuse(&shard, &mut stream, status, error).await;
+            // Its body (a 413's, or an upgrade's) may still be coming: read
+            // and dropped, so the close is no reset that fails the client's
+            // writes or loses the answer (as `routes` does for later
+            // requests).
+            super::stall::linger_close(&mut stream).await;
+        }
         Ok(None) => unreachable!("plain HTTP is served above"),
         Ok(Some(accepted)) => {
             // The connection's life is spent in the owner's reactor on a raw
