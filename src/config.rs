@@ -272,7 +272,7 @@ pub struct ServeArgs {
     #[arg(long, env = "HOOKSTREAM_SESSION_TTL_SECS")]
     pub session_ttl_secs: Option<u64>,
     /// permessage-deflate (RFC 7692) for clients that offer it: on (default) or off.
-    #[arg(long, env = "HOOKSTREAM_COMPRESSION", value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, env = "HOOKSTREAM_COMPRESSION", value_name = "on|off", hide_possible_values = true, value_parser = clap::builder::BoolishValueParser::new())]
     pub compression: Option<bool>,
     /// Smallest message frame in bytes that is compressed; default 256.
     #[arg(long, env = "HOOKSTREAM_COMPRESSION_MIN_BYTES")]
