@@ -861,17 +861,19 @@ fn peak_kib(server: &Server) -> u64 {
 }
 
 /// A list page read from the stream loads at most about 1 MiB of messages
-/// (PROTOCOL.md §6), also when they are large: 100 messages of 900 KB are
+/// (PROTOCOL.md §6), also when they are large: 150 messages of 900 KB are
 /// listed newest first, 2 a page, every one once, and the node's peak
-/// memory grows by far less than the 90 MB they hold (a list read its
-/// window of 256 seqs whole).
+/// memory grows by far less than the 135 MB they hold (a list read its
+/// window of 256 seqs whole: with 100 messages the peak grew by 89 MB;
+/// now by 22-33 MB whatever their number, the pages' copies and the
+/// allocators' own).
 #[test]
 fn a_list_of_large_messages_loads_about_a_page_at_a_time() {
     let nats = Nats::start();
     let a = node(&nats, None, "a");
     let key = a.key("org_a").to_string();
     let pad = "x".repeat(900_000);
-    for i in 0..100 {
+    for i in 0..150 {
         let body = format!(
             r#"{{"org_id":"org_a","type":"event","data":{{"id":"e{i}","source_id":"s","pad":"{pad}"}}}}"#
         );
@@ -901,11 +903,11 @@ fn a_list_of_large_messages_loads_about_a_page_at_a_time() {
         }
         next = format!("&before={}", page["next_before"]);
     }
-    let expected: Vec<String> = (0..100).rev().map(|i| format!("e{i}")).collect();
+    let expected: Vec<String> = (0..150).rev().map(|i| format!("e{i}")).collect();
     assert_eq!(ids, expected);
     let grown = peak_kib(&a).saturating_sub(before);
     assert!(
-        grown < 30_000,
+        grown < 64 << 10,
         "peak memory grew by {grown} KiB over {pages} pages"
     );
 }
