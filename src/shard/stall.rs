@@ -69,8 +69,10 @@ const LINGER_BYTES: usize = 256 * 1024;
 /// write of the rest of the body before it looks. So: FIN after the answer,
 /// then read and drop what keeps arriving — at most [`LINGER_BYTES`] for at
 /// most [`LINGER`] — until the client closes its side. Nothing read is kept:
-/// the cost is one 16 KiB stack buffer for up to a second, and the
-/// descriptor stays counted against its address meanwhile.
+/// the cost is one 16 KiB buffer for up to a second, taken from the heap so
+/// that the tasks that may linger (every public connection's handshake) do
+/// not carry it, and the descriptor stays counted against its address
+/// meanwhile.
 pub async fn linger_close(stream: &mut TcpStream) {
     use futures_lite::AsyncReadExt;
     use futures_lite::AsyncWriteExt;
@@ -79,7 +81,7 @@ pub async fn linger_close(stream: &mut TcpStream) {
         return;
     }
     let deadline = std::time::Instant::now() + LINGER;
-    let mut sink = [0u8; 16 * 1024];
+    let mut sink = vec![0u8; 16 * 1024];
     let mut dropped = 0;
     while dropped < LINGER_BYTES {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
