@@ -41,6 +41,36 @@ use crate::placement::shard_for;
 /// Index entries a history read looks at between chances for the shard's
 /// other work to run (when the read has had its time slice).
 const SCAN_STEP: usize = 4096;
+/// The index entries a read takes: at most `limit`, and at most
+/// `READ_BYTES_MAX` of records by their indexed length (at least one).
+struct Page {
+    selected: Vec<IndexEntry>,
+    bytes: usize,
+    limit: usize,
+}
+
+impl Page {
+    fn new(limit: usize) -> Page {
+        Page {
+            selected: Vec::new(),
+            bytes: 0,
+            limit,
+        }
+    }
+
+    /// Takes `entry`; false when the page is full (it is not taken).
+    fn take(&mut self, entry: &IndexEntry) -> bool {
+        let len = entry.len as usize;
+        let full = self.selected.len() == self.limit
+            || (!self.selected.is_empty() && self.bytes + len > READ_BYTES_MAX);
+        if !full {
+            self.bytes += len;
+            self.selected.push(entry.clone());
+        }
+        !full
+    }
+}
+
 /// Largest single read of a segment when serving history.
 const READ_CHUNK_BYTES: usize = 4 << 20;
 /// An org's open segment is closed after this long without a write, so
@@ -292,9 +322,8 @@ impl Log for SegmentedLog {
         channels: &[String],
     ) -> (Vec<Retained>, u64) {
         let filter = ChannelFilter::new(channels);
-        let mut selected = Vec::new();
+        let mut page = Page::new(limit);
         let mut scanned = upto.max(after);
-        let mut bytes = 0usize;
         // Looked at SCAN_STEP entries at a time, letting the shard's other
         // work run in between when this read has had its share: with few
         // matches a read may look at every retained entry.
@@ -316,16 +345,9 @@ impl Log for SegmentedLog {
                         break;
                     }
                     from = entry.seq;
-                    if filter.matches(entry.kind, entry.route.as_deref()) {
-                        let full = selected.len() == limit
-                            || (!selected.is_empty()
-                                && bytes + entry.len as usize > READ_BYTES_MAX);
-                        if full {
-                            scanned = selected.last().map_or(after, |e: &IndexEntry| e.seq);
-                            break;
-                        }
-                        bytes += entry.len as usize;
-                        selected.push(entry.clone());
+                    if filter.matches(entry.kind, entry.route.as_deref()) && !page.take(entry) {
+                        scanned = page.selected.last().map_or(after, |e| e.seq);
+                        break;
                     }
                 }
             }
@@ -334,7 +356,7 @@ impl Log for SegmentedLog {
             }
             glommio::yield_if_needed().await;
         }
-        (self.load(org_id, selected).await, scanned)
+        (self.load(org_id, page.selected).await, scanned)
     }
 
     /// Retained messages of `org_id` with seq below `before` (all when
@@ -348,9 +370,8 @@ impl Log for SegmentedLog {
         channels: &[String],
     ) -> (Vec<Retained>, bool) {
         let filter = ChannelFilter::new(channels);
-        let mut selected = Vec::new();
+        let mut page = Page::new(limit);
         let mut has_more = false;
-        let mut bytes = 0usize;
         // SCAN_STEP entries at a time, as in `read_forward`.
         let mut below = before;
         loop {
@@ -370,16 +391,9 @@ impl Log for SegmentedLog {
                         break;
                     }
                     below = Some(entry.seq);
-                    if filter.matches(entry.kind, entry.route.as_deref()) {
-                        let full = selected.len() == limit
-                            || (!selected.is_empty()
-                                && bytes + entry.len as usize > READ_BYTES_MAX);
-                        if full {
-                            has_more = true;
-                            break;
-                        }
-                        bytes += entry.len as usize;
-                        selected.push(entry.clone());
+                    if filter.matches(entry.kind, entry.route.as_deref()) && !page.take(entry) {
+                        has_more = true;
+                        break;
                     }
                 }
             }
@@ -388,9 +402,8 @@ impl Log for SegmentedLog {
             }
             glommio::yield_if_needed().await;
         }
-        let mut items = self
-            .load(org_id, selected.iter().rev().cloned().collect())
-            .await;
+        page.selected.reverse();
+        let mut items = self.load(org_id, page.selected).await;
         items.reverse();
         (items, has_more)
     }
